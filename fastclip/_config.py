@@ -1,0 +1,29 @@
+"""Tunables in one place.  Tests patch these small to force multi-chunk paths.
+
+Each value names the measurement behind it; re-measure with
+``python benchmarks/bench_threshold.py`` on a new machine kind.
+"""
+
+from __future__ import annotations
+
+#: Total elements below which the serial kernels run.  A parallel launch costs
+#: about 2 us with the ``omp`` layer (30-50 us with ``workqueue``); on the
+#: 2-core CI machine the parallel sum of squares wins from about 50k-100k
+#: float32 elements (``benchmarks/bench_threshold.py``).
+PARALLEL_MIN_ELEMENTS: int = 65_536
+
+#: Elements per work item of the chunk-parallel kernels (one array may span
+#: many chunks; tiny arrays are one chunk each).  256 KiB of float32: big
+#: enough to amortise scheduling, small enough to balance two to 64 cores.
+CHUNK: int = 65_536
+
+#: Columns per work item when reducing over leading axes (``cols_*`` kernels).
+COL_TILE: int = 1_024
+
+#: Read NumPy array headers in bulk from their C structs for lists of arrays
+#: (self-checked against NumPy's attributes at first use; off = per-array
+#: Python attribute access, about 3 us per array instead of ~40 ns).
+FAST_NUMPY_HEADERS: bool = True
+
+#: Arrays in a list below which the per-array Python path is used anyway.
+FAST_HEADERS_MIN_ARRAYS: int = 8

@@ -1,0 +1,125 @@
+"""Pick the route for an array, or a list of arrays, with one dict lookup per type.
+
+Routes (``fastclip.info()`` prints them for every installed library):
+
+* ``numba-cpu``  NumPy arrays and torch CPU tensors: Numba kernels, zero-copy.
+* ``cupy-gpu``   CuPy arrays and torch CUDA tensors: CuPy kernels (not built yet:
+  these raise ``NotImplementedError`` rather than silently copy to the host).
+* ``array-api``  any other Array API library (array-api-strict, JAX, Dask, ...,
+  and torch tensors on devices other than CPU/CUDA): the generic implementation.
+
+Detection goes through ``array_api_compat.is_*_array``, which looks a type's
+module up in ``sys.modules`` and never imports torch, cupy or jax.  The choice
+is cached per ``type(x)`` (einops does the same), so a list of 2,000 tensors
+costs 2,000 ``type()`` calls, not 2,000 namespace inspections.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import array_api_compat as aac
+
+ROUTE_CPU = "numba-cpu"
+ROUTE_GPU = "cupy-gpu"
+ROUTE_GENERIC = "array-api"
+
+GPU_MESSAGE = (
+    "fastclip's GPU backend (CuPy kernels for CuPy arrays and CUDA tensors) is not "
+    "available yet; fastclip never copies device arrays to the host silently. Move the "
+    "data to the CPU yourself (e.g. tensor.cpu(), cupy.asnumpy(a)) or use an Array API "
+    "library that runs there."
+)
+
+# type -> library key ("numpy", "torch", "cupy", or "xp" for other Array API types)
+_LIBRARY: dict[type, str] = {}
+
+
+def library_of(x: Any) -> str:
+    """'numpy', 'torch', 'cupy' or 'xp'; TypeError for non-arrays."""
+    t = type(x)
+    lib = _LIBRARY.get(t)
+    if lib is None:
+        if aac.is_numpy_array(x):
+            lib = "numpy"
+        elif aac.is_torch_array(x):
+            lib = "torch"
+        elif aac.is_cupy_array(x):
+            lib = "cupy"
+        elif aac.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool)):
+            lib = "xp"
+        else:
+            raise TypeError(
+                f"expected an array (NumPy, torch, CuPy or any Array API array), got "
+                f"{t.__module__}.{t.__qualname__}"
+            )
+        _LIBRARY[t] = lib
+    return lib
+
+
+def route_of(x: Any) -> str:
+    """The route one array takes (see the module docstring)."""
+    lib = library_of(x)
+    if lib == "numpy":
+        return ROUTE_CPU
+    if lib == "torch":
+        kind = x.device.type
+        if kind == "cpu":
+            return ROUTE_CPU
+        if kind == "cuda":
+            return ROUTE_GPU
+        return ROUTE_GENERIC  # mps, xpu, meta, ...: torch's own ops via array-api-compat
+    if lib == "cupy":
+        return ROUTE_GPU
+    return ROUTE_GENERIC
+
+
+def as_array_list(arrays: Any) -> list[Any]:
+    """A list from one array or an iterable of arrays (generators are consumed once)."""
+    if isinstance(arrays, (list, tuple)):
+        return list(arrays)
+    if hasattr(arrays, "shape") and hasattr(arrays, "dtype"):
+        return [arrays]
+    try:
+        return list(arrays)
+    except TypeError:
+        raise TypeError(
+            f"expected an array or an iterable of arrays, got {type(arrays).__name__}"
+        ) from None
+
+
+def route_of_many(arrays: Sequence[Any]) -> str:
+    """The common route of a non-empty list; TypeError if libraries or devices differ.
+
+    Torch CPU lists are checked tensor by tensor (``is_cpu``) by the CPU driver
+    while it gathers addresses, so the common case walks the list once.
+    """
+    first = arrays[0]
+    lib = library_of(first)
+    types_seen = set(map(type, arrays))
+    for t in types_seen:
+        if t is not type(first):
+            other = _LIBRARY.get(t) or library_of(next(a for a in arrays if type(a) is t))
+            if other != lib:
+                raise TypeError(
+                    f"all arrays in one call must come from the same library, got {lib} and {other}"
+                )
+    route = route_of(first)
+    if lib == "torch" and route != ROUTE_CPU:
+        device = first.device
+        for a in arrays:
+            if a.device != device:
+                raise TypeError(
+                    f"all tensors in one call must be on one device, got {device} and {a.device}"
+                )
+    elif lib == "xp":
+        namespace = aac.array_namespace(first)
+        for a in arrays:
+            if aac.array_namespace(a) is not namespace:
+                raise TypeError("all arrays in one call must come from the same Array API library")
+    return route
+
+
+def check_not_gpu(route: str) -> None:
+    if route == ROUTE_GPU:
+        raise NotImplementedError(GPU_MESSAGE)

@@ -1,0 +1,213 @@
+"""The generic route: pure Array API code for every other library.
+
+array-api-strict, JAX, Dask, torch on non-CPU/CUDA devices, ... all come here
+through ``array_api_compat.array_namespace``.  Sums are taken in float64 where
+the namespace has it (so float32 data keeps the same 1e-7 accuracy as the
+Numba route and squares of |x| ~ 1e20 cannot overflow), in float32 otherwise.
+Results are created in the input's namespace and on its device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import array_api_compat as aac
+
+from ._validate import NonFiniteNormError
+
+
+def _xp(x: Any) -> Any:
+    return aac.array_namespace(x)
+
+
+def _is_float(xp: Any, x: Any) -> bool:
+    return bool(xp.isdtype(x.dtype, ("real floating", "complex floating")))
+
+
+def _norm_dtype(xp: Any, x: Any) -> Any:
+    wide = x.dtype in (xp.float64, getattr(xp, "complex128", None))
+    return xp.float64 if wide else xp.float32
+
+
+def _wide(xp: Any) -> Any:
+    """float64 when the namespace really computes in it (not JAX without x64)."""
+    if aac.is_jax_namespace(xp):
+        import jax
+
+        if not jax.config.read("jax_enable_x64"):
+            return xp.float32
+    return xp.float64
+
+
+def _check_float(xp: Any, x: Any, what: str) -> None:
+    if not _is_float(xp, x):
+        raise TypeError(f"{what} needs floating-point arrays, got {x.dtype}")
+
+
+def _pow_sum(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None) -> Any:
+    """sum |x|**p (or max |x|) over ``axes`` in the wide dtype."""
+    a = xp.astype(xp.abs(x), _wide(xp))
+    if pcode == 0:
+        if math.prod(x.shape) == 0:
+            return xp.sum(a, axis=axes)  # zeros of the reduced shape
+        m = xp.max(a, axis=axes)
+        # max() may drop NaN in some libraries: make NaN win explicitly.
+        has_nan = xp.any(xp.isnan(a), axis=axes)
+        return xp.where(has_nan, xp.asarray(math.nan, dtype=m.dtype, device=aac.device(x)), m)
+    if pcode == 2:
+        return xp.sum(a * a, axis=axes)
+    if pcode == 1:
+        return xp.sum(a, axis=axes)
+    return xp.sum(a**p, axis=axes)
+
+
+def _root(xp: Any, total: Any, pcode: int, p: float) -> Any:
+    if pcode in (0, 1):
+        return total
+    if pcode == 2:
+        return xp.sqrt(total)
+    return total ** (1.0 / p)
+
+
+def norm(x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
+    xp = _xp(x)
+    _check_float(xp, x, "norm")
+    red = None if axes is None else axes
+    value = _root(xp, _pow_sum(xp, x, pcode, p, red), pcode, p)
+    if keepdims:
+        shape = tuple(1 if (red is None or i in red) else s for i, s in enumerate(x.shape))
+        value = xp.reshape(value, shape)
+    return xp.astype(value, _norm_dtype(xp, x))
+
+
+def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
+    xp = _xp(arrays[0])
+    for a in arrays:
+        _check_float(xp, a, "norm")
+    parts = [_pow_sum(xp, a, pcode, p, None) for a in arrays]
+    stacked = xp.stack(parts)
+    total = _pow_sum(xp, stacked, 0, p, None) if pcode == 0 else xp.sum(stacked)
+    dtype = xp.float64 if any(_norm_dtype(xp, a) == xp.float64 for a in arrays) else xp.float32
+    return xp.astype(_root(xp, total, pcode, p), dtype)
+
+
+def _coefficient(xp: Any, norms: Any, max_norm: float, eps: float, mode: str) -> Any:
+    if mode == "normalize":
+        return 1.0 / (norms + eps)
+    r = max_norm / (norms + eps)
+    one = xp.asarray(1.0, dtype=r.dtype, device=aac.device(r))
+    return xp.where(r >= one, one, r)  # NaN stays NaN (no branch on the value)
+
+
+def _write(xp: Any, x: Any, value: Any, what: str) -> None:
+    if not aac.is_writeable_array(x):
+        raise TypeError(
+            f"{what}_ cannot modify {type(x).__module__}.{type(x).__name__} arrays in place "
+            f"(they are immutable); use the out-of-place fastclip.{what}() instead"
+        )
+    x[...] = value
+
+
+def _check_writeable(x: Any, what: str) -> None:
+    if not aac.is_writeable_array(x):
+        raise TypeError(
+            f"{what}_ cannot modify {type(x).__module__}.{type(x).__name__} arrays in place "
+            f"(they are immutable or read-only); use the out-of-place fastclip.{what}() instead"
+        )
+
+
+def _scaled(xp: Any, x: Any, coef: Any) -> Any:
+    """x * coef computed in the coefficient's precision, cast back to x's dtype."""
+    if xp.isdtype(x.dtype, "complex floating"):
+        return x * xp.astype(coef, x.dtype)
+    c = xp.astype(coef, xp.float64 if x.dtype == xp.float64 else xp.float32)
+    wide = x if x.dtype in (xp.float32, xp.float64) else xp.astype(x, xp.float32)
+    return xp.astype(wide * c, x.dtype)
+
+
+def rescale(
+    x: Any,
+    pcode: int,
+    p: float,
+    axes: tuple[int, ...] | None,
+    max_norm: float,
+    eps: float,
+    mode: str,
+    inplace: bool,
+) -> tuple[Any, Any]:
+    xp = _xp(x)
+    what = "clip_by_norm" if mode == "clip" else "normalize"
+    _check_float(xp, x, what)
+    if inplace:
+        _check_writeable(x, what)
+    norms = _root(xp, _pow_sum(xp, x, pcode, p, axes), pcode, p)
+    coef = _coefficient(xp, norms, max_norm, eps, mode)
+    if axes is not None:
+        shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+        coef = xp.reshape(coef, shape)
+    out = _scaled(xp, x, coef)
+    if inplace:
+        _write(xp, x, out, what)
+        out = x
+    return out, xp.astype(norms, _norm_dtype(xp, x))
+
+
+def clip_global(
+    arrays: list[Any],
+    max_norm: float,
+    pcode: int,
+    p: float,
+    eps: float,
+    total_norm: float | None,
+    error_if_nonfinite: bool,
+    inplace: bool,
+) -> tuple[list[Any], Any]:
+    xp = _xp(arrays[0])
+    if inplace:
+        for a in arrays:
+            _check_writeable(a, "clip_by_global_norm")
+    norm_value = global_norm(arrays, pcode, p)
+    if total_norm is not None:
+        norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
+    if error_if_nonfinite and not math.isfinite(float(norm_value)):
+        raise NonFiniteNormError(
+            f"the total norm is non-finite ({float(norm_value)}), so the arrays were not "
+            "clipped; pass error_if_nonfinite=False to scale them by it anyway"
+        )
+    coef = _coefficient(xp, xp.astype(norm_value, _wide(xp)), max_norm, eps, "clip")
+    outs = [_scaled(xp, a, coef) for a in arrays]
+    if inplace:
+        for a, o in zip(arrays, outs):
+            a[...] = o
+        outs = arrays
+    return outs, norm_value
+
+
+def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
+    xp = _xp(x)
+    if xp.isdtype(x.dtype, "complex floating"):
+        raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
+    if inplace:
+        _check_writeable(x, "clip_by_value")
+    out = x
+    if xp.isdtype(x.dtype, "integral"):
+        info = xp.iinfo(x.dtype)
+        lo = None if lo is None else min(max(math.ceil(lo), info.min), info.max)
+        hi = None if hi is None else max(min(math.floor(hi), info.max), info.min)
+    if lo is not None:
+        out = xp.where(out < lo, xp.asarray(lo, dtype=x.dtype, device=aac.device(x)), out)
+    if hi is not None:
+        out = xp.where(out > hi, xp.asarray(hi, dtype=x.dtype, device=aac.device(x)), out)
+    if inplace:
+        x[...] = out
+        return x
+    return out
+
+
+def scale_(arrays: list[Any], factor: float) -> None:
+    xp = _xp(arrays[0])
+    for a in arrays:
+        _check_writeable(a, "scale")
+    for a in arrays:
+        a[...] = _scaled(xp, a, xp.asarray(factor, device=aac.device(a)))

@@ -1,0 +1,111 @@
+"""``fastclip.info()``: what this installation will do with each array type."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Any
+
+from . import _dispatch
+from ._version import __version__
+
+_LIBRARIES = {
+    "numpy": ("numpy.ndarray", _dispatch.ROUTE_CPU),
+    "torch": ("torch.Tensor (cpu)", _dispatch.ROUTE_CPU),
+    "cupy": ("cupy.ndarray", _dispatch.ROUTE_GPU),
+    "jax": ("jax.Array", _dispatch.ROUTE_GENERIC),
+    "array-api-strict": ("array_api_strict.Array", _dispatch.ROUTE_GENERIC),
+    "dask": ("dask.array.Array", _dispatch.ROUTE_GENERIC),
+}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpus() -> list[str]:
+    """GPUs visible to torch or CuPy, without importing either if it is not installed."""
+    found: list[str] = []
+    if _version("torch") is not None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                found += [f"torch cuda:{i} {torch.cuda.get_device_name(i)}"
+                          for i in range(torch.cuda.device_count())]
+        except Exception as exc:  # pragma: no cover - broken CUDA installs
+            found.append(f"torch: CUDA query failed ({exc})")
+    for dist in ("cupy", "cupy-cuda13x", "cupy-cuda12x"):
+        if _version(dist) is not None:
+            try:
+                import cupy
+
+                if cupy.is_available():
+                    found += [f"cupy device {i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
+            except Exception as exc:  # pragma: no cover
+                found.append(f"cupy: CUDA query failed ({exc})")
+            break
+    return found
+
+
+def info() -> dict[str, Any]:
+    """Versions, threading, routes per array type and GPUs seen, as a dict.
+
+    ``fastclip info`` prints the same.  Routes: ``numba-cpu`` (Numba kernels,
+    zero-copy), ``cupy-gpu`` (not built yet: raises NotImplementedError),
+    ``array-api`` (the generic Array API implementation).
+
+    Examples
+    --------
+    >>> import fastclip
+    >>> report = fastclip.info()
+    >>> report["routes"]["numpy.ndarray"]
+    'numba-cpu'
+    """
+    import numba
+
+    from ._cpu import _build, _driver
+
+    routes = {}
+    for dist, (label, route) in _LIBRARIES.items():
+        version = _version(dist) or (_version("cupy-cuda13x") if dist == "cupy" else None)
+        if dist == "numpy" or version is not None:
+            routes[label] = route
+        else:
+            routes[label] = f"{route} (not installed)"
+    if _version("torch") is not None:
+        routes["torch.Tensor (cuda)"] = _dispatch.ROUTE_GPU
+        routes["torch.Tensor (other devices)"] = _dispatch.ROUTE_GENERIC
+    return {
+        "fastclip": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": {d: _version(d) for d in ("numpy", "numba", "llvmlite", "array-api-compat",
+                                              "torch", "cupy-cuda13x", "cupy-cuda12x", "jax")},
+        "numba_threading_layer": _driver.threading_layer() or (
+            f"not started yet (configured: {numba.config.THREADING_LAYER})"),
+        "numba_threads": numba.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "numba_cache": "disabled: " + _build.cache_disabled_reason
+        if _build.cache_disabled_reason else "on (numba cache=True)",
+        "routes": routes,
+        "gpus": _gpus(),
+    }
+
+
+def format_info(report: dict[str, Any]) -> str:
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {k:<32} {v if v is not None else '-'}" for k, v in value.items()]
+        elif isinstance(value, list):
+            lines.append(f"{key}: {', '.join(value) if value else 'none'}")
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

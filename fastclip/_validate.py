@@ -1,0 +1,104 @@
+"""Argument checks shared by every route.  All raise before anything is written."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from numpy.exceptions import AxisError
+
+__all__ = ["AxisError", "NonFiniteNormError", "check_ord", "check_max_norm", "check_eps",
+           "check_axis", "check_bounds", "scalar_value"]
+
+
+class NonFiniteNormError(RuntimeError):
+    """The norm is NaN or inf and ``error_if_nonfinite=True`` was asked for.
+
+    A ``RuntimeError``, as ``torch.nn.utils.clip_grad_norm_`` raises.
+    """
+
+
+def scalar_value(value: Any, name: str) -> float:
+    """A Python float from a real number or a 0-d (or size-1) real array.
+
+    Reading a 0-d device array this way synchronises; the GPU backend avoids it.
+    """
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    shape = getattr(value, "shape", None)
+    if shape is not None and math.prod(shape) == 1:
+        dtype = str(getattr(value, "dtype", ""))
+        if "complex" in dtype or "bool" in dtype:
+            raise TypeError(f"{name} must be a real number, got an array of dtype {dtype}")
+        return float(value.reshape(()) if shape != () else value)  # type: ignore[arg-type]
+    raise TypeError(f"{name} must be a real number or a 0-d array, got {type(value).__name__}")
+
+
+def check_ord(ord: Any) -> tuple[int, float]:
+    """Validate ``ord`` -> (pcode, p): pcode 0 = inf, 1 = L1, 2 = L2, 3 = other p > 0."""
+    if isinstance(ord, str) and ord.strip().lower() in ("inf", "+inf", "infinity"):
+        ord = math.inf
+    if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
+        raise ValueError(f"ord must be a real number p > 0 or inf, got {ord!r}")
+    p = float(ord)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"ord must be a real number p > 0 or inf, got {ord!r}")
+    if math.isinf(p):
+        return 0, p
+    if p == 1.0:
+        return 1, p
+    if p == 2.0:
+        return 2, p
+    return 3, p
+
+
+def check_max_norm(max_norm: Any, name: str = "max_norm") -> float:
+    """A non-negative, non-NaN float (inf allowed: no clipping)."""
+    value = scalar_value(max_norm, name)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0 and not NaN, got {max_norm!r}")
+    return value
+
+
+def check_eps(eps: Any) -> float:
+    value = scalar_value(eps, "eps")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    return value
+
+
+def check_axis(axis: Any, ndim: int) -> tuple[int, ...]:
+    """Normalise ``axis`` (int or tuple of ints, the *reduction* axes) to sorted positives."""
+    if axis is None:
+        return tuple(range(ndim))
+    items = (axis,) if isinstance(axis, numbers.Integral) else axis
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}") from None
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise AxisError(int(a), ndim)
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in {axis!r}")
+    return tuple(sorted(out))
+
+
+def check_bounds(min: Any, max: Any) -> tuple[float | None, float | None]:
+    """Validate clip_by_value bounds: real, not NaN, min <= max, at least one given."""
+    if min is None and max is None:
+        raise ValueError("clip_by_value needs at least one of min or max")
+    lo = None if min is None else scalar_value(min, "min")
+    hi = None if max is None else scalar_value(max, "max")
+    if (lo is not None and math.isnan(lo)) or (hi is not None and math.isnan(hi)):
+        raise ValueError("min and max must not be NaN")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min must be <= max, got min={min!r} > max={max!r}")
+    return lo, hi

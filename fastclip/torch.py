@@ -1,0 +1,156 @@
+"""Drop-in replacements for ``torch.nn.utils`` gradient clipping, on fastclip kernels.
+
+Same signatures, defaults and return values as ``torch.nn.utils``:
+
+>>> import torch, fastclip.torch as fct
+>>> model = torch.nn.Linear(3, 2)
+>>> model(torch.ones(4, 3)).sum().backward()
+>>> total = fct.clip_grad_norm_(model.parameters(), max_norm=1.0)
+>>> bool(fct.get_total_norm([p.grad for p in model.parameters()]) <= 1.0 + 1e-5)
+True
+
+Differences from torch, all deliberate and documented:
+
+* norms are accumulated accurately (float32 blocks combined in float64, and
+  in float32 for 16-bit gradients, where torch accumulates in the gradient's
+  own dtype); the returned norm has torch's dtype (the promoted dtype of the
+  gradients);
+* ``foreach`` is accepted for compatibility and ignored on the CPU: fastclip
+  always uses its multi-tensor kernel (one launch per dtype);
+* ``norm_type`` must be a real p > 0 or inf (torch also accepts 0 and -inf).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Iterable, Union
+
+import torch
+
+from . import _api
+from ._validate import NonFiniteNormError
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+
+TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+_EPS = 1e-6  # torch's: clip_coef = max_norm / (total_norm + 1e-6)
+
+
+def _grads(parameters: TensorOrTensors, warn_empty_generator: bool = False) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if warn_empty_generator and is_generator and not parameters:
+            warnings.warn(
+                "`parameters` is an empty generator, no gradient clipping will occur.",
+                stacklevel=3,
+            )
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t.dtype is not dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _nonfinite_error(norm_type: float) -> NonFiniteNormError:
+    return NonFiniteNormError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+        "so it cannot be clipped. To disable this error and scale the gradients by the "
+        "non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
+
+
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Norm of an iterable of tensors, as if they were concatenated into one vector.
+
+    Mirrors ``torch.nn.utils.get_total_norm``; an empty iterable gives ``tensor(0.)``.
+    Raises :class:`fastclip.NonFiniteNormError` (a RuntimeError, with torch's message)
+    when ``error_if_nonfinite`` and the norm is NaN or inf.
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    norm_type = float(norm_type)
+    if not tensors:
+        return torch.tensor(0.0)
+    with torch.no_grad():
+        total = _api.global_norm(tensors, norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise _nonfinite_error(norm_type)
+    return total.to(_result_dtype(tensors))
+
+
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` in place.
+
+    Mirrors ``torch.nn.utils.clip_grads_with_norm_``.
+    """
+    grads = _grads(parameters)
+    max_norm = float(max_norm)
+    if not grads:
+        return
+    total = total_norm.detach() if isinstance(total_norm, torch.Tensor) else torch.tensor(total_norm)
+    coef = torch.clamp(max_norm / (total.to(torch.float64) + _EPS), max=1.0)
+    with torch.no_grad():
+        _api.scale_(grads, float(coef))
+
+
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Clip the global norm of the gradients of ``parameters`` in place; return that norm.
+
+    Mirrors ``torch.nn.utils.clip_grad_norm_``: ``.grad is None`` is skipped,
+    gradients are multiplied by ``min(1, max_norm / (total_norm + 1e-6))``,
+    the total norm (before clipping) is returned in the gradients' dtype.
+    """
+    grads = _grads(parameters, warn_empty_generator=True)
+    norm_type = float(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    try:
+        with torch.no_grad():
+            total = _api.clip_by_global_norm_(
+                grads, max_norm, norm_type, eps=_EPS, error_if_nonfinite=error_if_nonfinite
+            )
+    except NonFiniteNormError:
+        raise _nonfinite_error(norm_type) from None  # torch's wording
+    return total.to(_result_dtype(grads))
+
+
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float,
+    foreach: bool | None = None,
+) -> None:
+    """Clamp every gradient to ``[-clip_value, clip_value]`` in place.
+
+    Mirrors ``torch.nn.utils.clip_grad_value_`` (a negative ``clip_value``
+    raises ValueError instead of clamping everything to it).
+    """
+    clip_value = float(clip_value)
+    if clip_value < 0:
+        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+    grads = _grads(parameters)
+    if grads:
+        _api.clip_values_(grads, -clip_value, clip_value)
