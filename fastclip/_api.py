@@ -18,29 +18,35 @@ Array = Any
 ArrayOrArrays = Any
 
 
-def _cpu() -> Any:
-    from ._cpu import _driver  # numba is imported on first use, never by `import fastclip`
+_DRIVER: Any = None
 
-    return _driver
+
+def _cpu() -> Any:
+    """The CPU driver module, imported on first use (numba is never imported by
+    ``import fastclip``)."""
+    global _DRIVER
+    if _DRIVER is None:
+        from ._cpu import _driver
+
+        _DRIVER = _driver
+    return _DRIVER
 
 
 def _route_one(x: Any) -> tuple[str, Any]:
     route = _dispatch.route_of(x)
-    _dispatch.check_not_gpu(route)
     if route == _dispatch.ROUTE_CPU:
-        from ._cpu._libs import lib_for
-
-        return route, lib_for(_dispatch.library_of(x))
+        return route, _cpu().lib_for(_dispatch.library_of(x))
+    _dispatch.check_not_gpu(route)
     return route, None
 
 
 def _route_many(arrays: list[Any]) -> tuple[str, Any]:
-    route = _dispatch.route_of_many(arrays)
-    _dispatch.check_not_gpu(route)
+    if len(arrays) == 1:
+        return _route_one(arrays[0])
+    route = _dispatch.route_of_many(arrays, defer_numpy=True)
     if route == _dispatch.ROUTE_CPU:
-        from ._cpu._libs import lib_for
-
-        return route, lib_for(_dispatch.library_of(arrays[0]))
+        return route, _cpu().lib_for(_dispatch.library_of(arrays[0]))
+    _dispatch.check_not_gpu(route)
     return route, None
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import array_api_compat as aac
+import numpy as np
 
 ROUTE_CPU = "numba-cpu"
 ROUTE_GPU = "cupy-gpu"
@@ -88,13 +89,17 @@ def as_array_list(arrays: Any) -> list[Any]:
         ) from None
 
 
-def route_of_many(arrays: Sequence[Any]) -> str:
+def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
     """The common route of a non-empty list; TypeError if libraries or devices differ.
 
     Torch CPU lists are checked tensor by tensor (``is_cpu``) by the CPU driver
-    while it gathers addresses, so the common case walks the list once.
+    while it gathers addresses.  With ``defer_numpy``, a list starting with a
+    plain ndarray is not walked here: the CPU driver's bulk header read checks
+    every item's exact type and calls back here for any list it cannot take.
     """
     first = arrays[0]
+    if defer_numpy and type(first) is np.ndarray:
+        return ROUTE_CPU
     lib = library_of(first)
     types_seen = set(map(type, arrays))
     for t in types_seen:

@@ -24,6 +24,8 @@ def scalar_value(value: Any, name: str) -> float:
 
     Reading a 0-d device array this way synchronises; the GPU backend avoids it.
     """
+    if type(value) is float or type(value) is int:  # the common case, fast
+        return float(value)
     if isinstance(value, bool) or value is None:
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if isinstance(value, numbers.Real):
@@ -39,6 +41,9 @@ def scalar_value(value: Any, name: str) -> float:
 
 def check_ord(ord: Any) -> tuple[int, float]:
     """Validate ``ord`` -> (pcode, p): pcode 0 = inf, 1 = L1, 2 = L2, 3 = other p > 0."""
+    known = _KNOWN_ORDS.get(ord) if type(ord) is int or type(ord) is float else None
+    if known is not None:
+        return known
     if isinstance(ord, str) and ord.strip().lower() in ("inf", "+inf", "infinity"):
         ord = math.inf
     if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
@@ -55,17 +60,20 @@ def check_ord(ord: Any) -> tuple[int, float]:
     return 3, p
 
 
+_KNOWN_ORDS = {2: (2, 2.0), 1: (1, 1.0), math.inf: (0, math.inf)}
+
+
 def check_max_norm(max_norm: Any, name: str = "max_norm") -> float:
     """A non-negative, non-NaN float (inf allowed: no clipping)."""
     value = scalar_value(max_norm, name)
-    if math.isnan(value) or value < 0:
+    if not value >= 0.0:  # also catches NaN
         raise ValueError(f"{name} must be >= 0 and not NaN, got {max_norm!r}")
     return value
 
 
 def check_eps(eps: Any) -> float:
     value = scalar_value(eps, "eps")
-    if not math.isfinite(value) or value < 0:
+    if not 0.0 <= value < math.inf:
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     return value
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import _config as cfg
+from .._dispatch import route_of_many
 from .._validate import NonFiniteNormError
 from . import _build
 from ._libs import NumpyLib, float_storage, lib_for, norm_dtype
@@ -127,13 +128,13 @@ class _Plan:
         """Multiply each reduced slice by its coefficient: into ``out_sv`` or in place."""
         x2 = self.x2
         if self.copied_from is not None:
-            run("rows_scale", x2.size, x2, x2, coefs)
+            run("rows_scale", x2.size, x2, x2, coefs, True)
             target = self.copied_from if out_sv is None else out_sv.transpose(self.perm)
             target[...] = x2.reshape(target.shape)
             return
         dst = x2 if out_sv is None else out_sv.reshape(x2.shape)
         if self.kind == "rows":
-            run("rows_scale", x2.size, x2, dst, coefs)
+            run("rows_scale", x2.size, x2, dst, coefs, dst is x2)
         else:
             run("cols_scale", x2.size, x2, dst, coefs, cfg.COL_TILE)
 
@@ -215,11 +216,11 @@ def _clip_whole(
     src = sv.reshape(-1) if sv.flags.c_contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
     if mode == "clip":
-        value = float(run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, cfg.CHUNK))
+        value = float(run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK))
     else:
         value = float(_root(run("arr_pow_sum", src.size, src, pcode, p, cfg.CHUNK), pcode, p))
         coef = float(_coefficients(np.float64(value), max_norm, eps, mode))
-        run("arr_scale", src.size, src, dst, coef, cfg.CHUNK)
+        run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
     if inplace and not sv.flags.c_contiguous:
         sv[...] = src.reshape(sv.shape)  # copy out
     return value
@@ -242,7 +243,7 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
         contiguous = sv.flags.c_contiguous
         src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
         dst = out_sv.reshape(-1) if not inplace else src  # fresh outputs are contiguous
-        run("arr_clamp", src.size, src, dst, vmin, vmax, cfg.CHUNK)
+        run("arr_clamp", src.size, src, dst, vmin, vmax, dst is src, cfg.CHUNK)
         if inplace and not contiguous:
             sv[...] = src.reshape(sv.shape)  # copy out
     if inplace:
@@ -299,12 +300,12 @@ class _Packed:
 
     def scale(self, coef: float) -> None:
         for t in self.tables:
-            run("tab_scale", t.n, t.addrs, t.addrs, t.sizes, t.like, coef, cfg.CHUNK)
+            run("tab_scale", t.n, t.addrs, t.addrs, t.sizes, t.like, coef, True, cfg.CHUNK)
         self.copy_out()
 
     def clamp(self, vmin: float, vmax: float) -> None:
         for t in self.tables:
-            run("tab_clamp", t.n, t.addrs, t.addrs, t.sizes, t.like, vmin, vmax, cfg.CHUNK)
+            run("tab_clamp", t.n, t.addrs, t.addrs, t.sizes, t.like, vmin, vmax, True, cfg.CHUNK)
         self.copy_out()
 
     def copy_out(self) -> None:
@@ -348,6 +349,7 @@ def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> _Packed:
     if lib is NumpyLib:
         if _fast_numpy_pack(arrays, packed, writing):
             return packed
+        route_of_many(arrays)  # the full library check that the API deferred to us
         rows = [_numpy_row(a, what, writing) for a in arrays]
     else:
         rows = _torch_rows(arrays, what, writing)
@@ -452,45 +454,65 @@ def _raise_overlap(i: int, j: int) -> None:
 # NumPy headers in bulk --------------------------------------------------
 
 # PyArrayObject_fields: ob_refcnt, ob_type, data, nd (int, padded), dimensions,
-# strides, base, descr, flags.  Checked against NumPy itself before first use.
-_OFFSETS = np.array([8, 16, 24, 32, 56, 64], np.int64)
+# strides, base, descr, flags; PyListObject: ob_refcnt, ob_type, ob_size, ob_item.
+# Checked against NumPy and CPython themselves before first use.
+_OFFSETS = np.array([8, 16, 24, 32, 56, 64, 24], np.int64)
 _headers_ok: bool | None = None
 
 
+def _read_headers(arrays: list[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return run(  # type: ignore[no-any-return]
+        "numpy_headers", 1, id(arrays), len(arrays), id(np.ndarray), id(dtype), _OFFSETS
+    )
+
+
 def _check_headers() -> bool:
-    probes = [
-        np.zeros((3, 5), np.float32),
-        np.zeros((4, 6), np.float64)[:, ::2],
-        np.zeros(7, np.float32)[1:],
-    ]
-    probes[0].flags.writeable = True
+    """Does reading headers from memory give NumPy's own answers on this build?"""
     ro = np.zeros(4, np.float32)
     ro.flags.writeable = False
+    probes = [
+        np.zeros((3, 5), np.float32),
+        np.zeros((4, 6), np.float32)[:, ::2],
+        np.zeros(7, np.float32)[1:],
+        np.zeros((2, 3, 4), np.float32),
+        np.zeros(0, np.float32),
+        ro,
+        np.zeros(3, np.float64),
+        [1.0],
+    ]
     try:
-        for a in [*probes, ro]:
-            ids = np.array([id(a)], np.int64)
-            addrs, sizes, status = run(
-                "numpy_headers", 1, ids, id(np.ndarray), id(a.dtype), _OFFSETS
+        addrs, sizes, status = _read_headers(probes, np.dtype(np.float32))
+        for i, a in enumerate(probes):
+            ok = (
+                type(a) is np.ndarray
+                and a.dtype == np.float32
+                and a.flags.c_contiguous
+                and a.flags.writeable
+                and a.flags.aligned
             )
-            expected_ok = a.flags.c_contiguous and a.flags.writeable and a.flags.aligned
-            if bool(status[0] == 0) != expected_ok:
+            if bool(status[i] == 0) != ok:
                 return False
-            if expected_ok and (addrs[0] != a.ctypes.data or sizes[0] != a.size):
+            if ok and (sizes[i] != a.size or (a.size and addrs[i] != a.ctypes.data)):
                 return False
         return True
-    except Exception:  # pragma: no cover - an unexpected NumPy ABI: use the slow path
+    except Exception:  # pragma: no cover - an unexpected ABI: use the slow path
         return False
 
 
-def _fast_numpy_pack(arrays: Sequence[Any], packed: _Packed, writing: bool) -> bool:
+def _fast_numpy_pack(arrays: list[Any], packed: _Packed, writing: bool) -> bool:
     """Read all headers in one kernel call when every array is a plain contiguous one.
 
-    ``a.ctypes.data`` alone costs ~3 us per array; this costs ~40 ns.  Any
-    array that is not an exact, aligned, writeable, C-contiguous float32 or
-    float64 ndarray of the first array's dtype sends the call to the slow path.
+    ``a.ctypes.data`` alone costs ~3 us per array; this costs a few ns.  Any
+    array that is not an exact, aligned, writeable, C-contiguous ndarray of the
+    first array's dtype (float32/float64) sends the call to the slow path.
     """
     global _headers_ok
-    if not cfg.FAST_NUMPY_HEADERS or len(arrays) < cfg.FAST_HEADERS_MIN_ARRAYS:
+    if (
+        not cfg.FAST_NUMPY_HEADERS
+        or len(arrays) < cfg.FAST_HEADERS_MIN_ARRAYS
+        or type(arrays) is not list
+        or type(arrays[0]) is not np.ndarray
+    ):
         return False
     dtype = arrays[0].dtype
     if dtype.kind != "f" or dtype.itemsize < 4 or not dtype.isnative:
@@ -499,8 +521,7 @@ def _fast_numpy_pack(arrays: Sequence[Any], packed: _Packed, writing: bool) -> b
         _headers_ok = _check_headers()
     if not _headers_ok:
         return False
-    ids = np.fromiter(map(id, arrays), np.int64, len(arrays))
-    addrs, sizes, status = run("numpy_headers", 1, ids, id(np.ndarray), id(dtype), _OFFSETS)
+    addrs, sizes, status = _read_headers(arrays, dtype)
     if status.any():
         return False
     if writing:
@@ -572,7 +593,7 @@ def clip_global(
 
 def _scale_into(src: _Packed, dst: _Packed, coef: float) -> None:
     for ts, td in zip(src.tables, dst.tables):
-        run("tab_scale", ts.n, ts.addrs, td.addrs, ts.sizes, ts.like, coef, cfg.CHUNK)
+        run("tab_scale", ts.n, ts.addrs, td.addrs, ts.sizes, ts.like, coef, False, cfg.CHUNK)
 
 
 def _raise_if_nonfinite(value: float, error_if_nonfinite: bool) -> None:
