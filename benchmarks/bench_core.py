@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
@@ -31,8 +32,20 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     vocab, ctx, d, layers = 50257, 1024, 768, 12
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
-                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        shapes += [
+            (d,),
+            (d,),
+            (d, 3 * d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (d,),
+            (d,),
+            (d, 4 * d),
+            (4 * d,),
+            (4 * d, d),
+            (d,),
+        ]
     shapes += [(d,), (d,)]
     return shapes
 
@@ -92,14 +105,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--only", default="", help="substring of the workloads to run")
     args = parser.parse_args()
 
     bw = copy_bandwidth(args.repeat)
     print(f"numba {numba.__version__}, threading layer after warm-up: ", end="")
-    print(f"{numba.threading_layer()}, threads {numba.get_num_threads()}; torch {torch.__version__}")
+    print(
+        f"{numba.threading_layer()}, threads {numba.get_num_threads()}; torch {torch.__version__}"
+    )
     print(f"copy bandwidth (parallel in-place scale of 256 MiB): {bw / 1e9:.1f} GB/s read+write\n")
     header = f"{'workload':<30} {'implementation':<28} {'median':>10} {'of floor':>9} {'vs numpy':>9} {'vs torch':>9}"
     print(header)
@@ -126,13 +143,17 @@ def main() -> None:
             "fastclip (numpy arrays)": lambda: fastclip.clip_by_global_norm_(fc_arrays, c),
             "fastclip.torch (tensors)": lambda: fct.clip_grad_norm_(fc_params, c),
             "numpy naive": lambda: numpy_clip(np_arrays, c),
-            "torch clip_grad_norm_ foreach": lambda: torch.nn.utils.clip_grad_norm_(t_params, c, foreach=True),
+            "torch clip_grad_norm_ foreach": lambda: torch.nn.utils.clip_grad_norm_(
+                t_params, c, foreach=True
+            ),
         }
         times = time_interleaved(fns, args.repeat)
         med = {k: statistics.median(v) for k, v in times.items()}
         for k, m in med.items():
-            print(f"{name:<30} {k:<28} {_fmt(m):>10} {floor / m:>8.0%} "
-                  f"{med['numpy naive'] / m:>8.1f}x {med['torch clip_grad_norm_ foreach'] / m:>8.1f}x")
+            print(
+                f"{name:<30} {k:<28} {_fmt(m):>10} {floor / m:>8.0%} "
+                f"{med['numpy naive'] / m:>8.1f}x {med['torch clip_grad_norm_ foreach'] / m:>8.1f}x"
+            )
         print()
 
 

@@ -63,8 +63,9 @@ def _zero_norm() -> Any:
 # ---------------------------------------------------------------- norms
 
 
-def norm(x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None,
-         keepdims: bool = False) -> Array:
+def norm(
+    x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, keepdims: bool = False
+) -> Array:
     r"""Vector p-norm of an array, over all elements or along ``axis``.
 
     .. math:: \|x\|_p = \Big(\sum_i |x_i|^p\Big)^{1/p}, \qquad
@@ -245,7 +246,9 @@ def clip_values_(arrays: ArrayOrArrays, min: float | None = None, max: float | N
 # ------------------------------------------------------------- norm clipping
 
 
-def _rescale(x: Any, max_norm: float, ord: Any, axis: Any, eps: Any, mode: str, inplace: bool) -> Any:
+def _rescale(
+    x: Any, max_norm: float, ord: Any, axis: Any, eps: Any, mode: str, inplace: bool
+) -> Any:
     pcode, p = check_ord(ord)
     eps_v = check_eps(eps)
     route, lib = _route_one(x)
@@ -255,8 +258,14 @@ def _rescale(x: Any, max_norm: float, ord: Any, axis: Any, eps: Any, mode: str, 
     return _generic.rescale(x, pcode, p, axes, max_norm, eps_v, mode, inplace)
 
 
-def clip_by_norm(x: Array, max_norm: float, ord: float = 2, *,
-                 axis: int | tuple[int, ...] | None = None, eps: float = 1e-6) -> Array:
+def clip_by_norm(
+    x: Array,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    eps: float = 1e-6,
+) -> Array:
     r"""Scale ``x`` down so its norm is at most ``max_norm``, into a new array.
 
     .. math:: y = x \cdot \min\Big(1, \frac{c}{\|x\|_p + \varepsilon}\Big)
@@ -300,8 +309,14 @@ def clip_by_norm(x: Array, max_norm: float, ord: float = 2, *,
     return _rescale(x, c, ord, axis, eps, "clip", False)[0]
 
 
-def clip_by_norm_(x: Array, max_norm: float, ord: float = 2, *,
-                  axis: int | tuple[int, ...] | None = None, eps: float = 1e-6) -> Array:
+def clip_by_norm_(
+    x: Array,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    eps: float = 1e-6,
+) -> Array:
     r"""Clip by norm in place; returns the norm(s) *before* clipping.
 
     Same formula and arguments as :func:`clip_by_norm`; ``x`` (a NumPy
@@ -326,8 +341,9 @@ def clip_by_norm_(x: Array, max_norm: float, ord: float = 2, *,
     return _rescale(x, c, ord, axis, eps, "clip", True)[1]
 
 
-def normalize(x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None,
-              eps: float = 1e-6) -> Array:
+def normalize(
+    x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, eps: float = 1e-6
+) -> Array:
     r"""Divide by the norm: ``x / (||x||_p + eps)``, into a new array.
 
     .. math:: y = \frac{x}{\|x\|_p + \varepsilon}
@@ -346,8 +362,9 @@ def normalize(x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = 
     return _rescale(x, 0.0, ord, axis, eps, "normalize", False)[0]
 
 
-def normalize_(x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None,
-               eps: float = 1e-6) -> Array:
+def normalize_(
+    x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, eps: float = 1e-6
+) -> Array:
     r"""Divide by the norm in place; returns the norm(s) before normalising.
 
     Examples
@@ -375,8 +392,15 @@ def _total_norm_value(total_norm: Any) -> float | None:
     return value
 
 
-def _clip_global(arrays: Any, max_norm: Any, ord: Any, eps: Any, total_norm: Any,
-                 error_if_nonfinite: bool, inplace: bool) -> tuple[list[Any], Any]:
+def _clip_global(
+    arrays: Any,
+    max_norm: Any,
+    ord: Any,
+    eps: Any,
+    total_norm: Any,
+    error_if_nonfinite: bool,
+    inplace: bool,
+) -> tuple[list[Any], Any]:
     c = check_max_norm(max_norm)
     pcode, p = check_ord(ord)
     eps_v = check_eps(eps)
@@ -386,13 +410,21 @@ def _clip_global(arrays: Any, max_norm: Any, ord: Any, eps: Any, total_norm: Any
         return [], _zero_norm()
     route, lib = _route_many(items)
     if route == _dispatch.ROUTE_CPU:
-        return _cpu().clip_global(lib, items, c, pcode, p, eps_v, given, bool(error_if_nonfinite), inplace)
+        return _cpu().clip_global(
+            lib, items, c, pcode, p, eps_v, given, bool(error_if_nonfinite), inplace
+        )
     return _generic.clip_global(items, c, pcode, p, eps_v, given, bool(error_if_nonfinite), inplace)
 
 
-def clip_by_global_norm(arrays: ArrayOrArrays, max_norm: float, ord: float = 2, *,
-                        eps: float = 1e-6, total_norm: Any = None,
-                        error_if_nonfinite: bool = False) -> tuple[list[Array], Array]:
+def clip_by_global_norm(
+    arrays: ArrayOrArrays,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    eps: float = 1e-6,
+    total_norm: Any = None,
+    error_if_nonfinite: bool = False,
+) -> tuple[list[Array], Array]:
     r"""Scale many arrays by one coefficient so their global norm is at most ``max_norm``.
 
     .. math:: y_k = x_k \cdot \min\Big(1, \frac{c}{\|(x_1,\ldots,x_n)\|_p + \varepsilon}\Big)
@@ -430,9 +462,15 @@ def clip_by_global_norm(arrays: ArrayOrArrays, max_norm: float, ord: float = 2, 
     return _clip_global(arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, False)
 
 
-def clip_by_global_norm_(arrays: ArrayOrArrays, max_norm: float, ord: float = 2, *,
-                         eps: float = 1e-6, total_norm: Any = None,
-                         error_if_nonfinite: bool = False) -> Array:
+def clip_by_global_norm_(
+    arrays: ArrayOrArrays,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    eps: float = 1e-6,
+    total_norm: Any = None,
+    error_if_nonfinite: bool = False,
+) -> Array:
     r"""Global-norm clipping in place; returns the total norm before clipping.
 
     Same formula and arguments as :func:`clip_by_global_norm`.  All arrays are

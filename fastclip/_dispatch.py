@@ -16,7 +16,8 @@ costs 2,000 ``type()`` calls, not 2,000 namespace inspections.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat as aac
 import numpy as np

@@ -10,7 +10,8 @@ Results are created in the input's namespace and on its device.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat as aac
 

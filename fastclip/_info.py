@@ -36,8 +36,10 @@ def _gpus() -> list[str]:
             import torch
 
             if torch.cuda.is_available():
-                found += [f"torch cuda:{i} {torch.cuda.get_device_name(i)}"
-                          for i in range(torch.cuda.device_count())]
+                found += [
+                    f"torch cuda:{i} {torch.cuda.get_device_name(i)}"
+                    for i in range(torch.cuda.device_count())
+                ]
         except Exception as exc:  # pragma: no cover - broken CUDA installs
             found.append(f"torch: CUDA query failed ({exc})")
     for dist in ("cupy", "cupy-cuda13x", "cupy-cuda12x"):
@@ -71,6 +73,7 @@ def info() -> dict[str, Any]:
 
     from ._cpu import _build, _driver
 
+    configured_layer = getattr(numba.config, "THREADING_LAYER", "default")
     routes = {}
     for dist, (label, route) in _LIBRARIES.items():
         version = _version(dist) or (_version("cupy-cuda13x") if dist == "cupy" else None)
@@ -85,14 +88,26 @@ def info() -> dict[str, Any]:
         "fastclip": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {d: _version(d) for d in ("numpy", "numba", "llvmlite", "array-api-compat",
-                                              "torch", "cupy-cuda13x", "cupy-cuda12x", "jax")},
-        "numba_threading_layer": _driver.threading_layer() or (
-            f"not started yet (configured: {numba.config.THREADING_LAYER})"),
+        "versions": {
+            d: _version(d)
+            for d in (
+                "numpy",
+                "numba",
+                "llvmlite",
+                "array-api-compat",
+                "torch",
+                "cupy-cuda13x",
+                "cupy-cuda12x",
+                "jax",
+            )
+        },
+        "numba_threading_layer": _driver.threading_layer()
+        or f"not started yet (configured: {configured_layer})",
         "numba_threads": numba.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "numba_cache": "disabled: " + _build.cache_disabled_reason
-        if _build.cache_disabled_reason else "on (numba cache=True)",
+        if _build.cache_disabled_reason
+        else "on (numba cache=True)",
         "routes": routes,
         "gpus": _gpus(),
     }

@@ -8,8 +8,16 @@ from typing import Any
 
 from numpy.exceptions import AxisError
 
-__all__ = ["AxisError", "NonFiniteNormError", "check_ord", "check_max_norm", "check_eps",
-           "check_axis", "check_bounds", "scalar_value"]
+__all__ = [
+    "AxisError",
+    "NonFiniteNormError",
+    "check_axis",
+    "check_bounds",
+    "check_eps",
+    "check_max_norm",
+    "check_ord",
+    "scalar_value",
+]
 
 
 class NonFiniteNormError(RuntimeError):
@@ -91,7 +99,7 @@ def check_axis(axis: Any, ndim: int) -> tuple[int, ...]:
     for a in items:
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
             raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
-        if not -ndim <= a < ndim:
+        if not -ndim <= int(a) < ndim:
             raise AxisError(int(a), ndim)
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):

@@ -22,9 +22,11 @@ Differences from torch, all deliberate and documented:
 
 from __future__ import annotations
 
+import operator
 import types
 import warnings
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 import torch
 
@@ -35,6 +37,8 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
 _EPS = 1e-6  # torch's: clip_coef = max_norm / (total_norm + 1e-6)
 
 
@@ -49,14 +53,15 @@ def _grads(parameters: TensorOrTensors, warn_empty_generator: bool = False) -> l
                 "`parameters` is an empty generator, no gradient clipping will occur.",
                 stacklevel=3,
             )
-    return [p.grad for p in parameters if p.grad is not None]
+    return [g for g in map(_GRAD, parameters) if g is not None]
 
 
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t.dtype is not dtype:
-            dtype = torch.promote_types(dtype, t.dtype)
+    """The dtype torch's total norm has: the promoted dtype of the gradients."""
+    dtypes = set(map(_DTYPE, tensors))
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 
@@ -105,7 +110,9 @@ def clip_grads_with_norm_(
     max_norm = float(max_norm)
     if not grads:
         return
-    total = total_norm.detach() if isinstance(total_norm, torch.Tensor) else torch.tensor(total_norm)
+    total = (
+        total_norm.detach() if isinstance(total_norm, torch.Tensor) else torch.tensor(total_norm)
+    )
     coef = torch.clamp(max_norm / (total.to(torch.float64) + _EPS), max=1.0)
     with torch.no_grad():
         _api.scale_(grads, float(coef))

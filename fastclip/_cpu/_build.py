@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from numba import njit
 
@@ -35,10 +36,10 @@ def _clone(func: Callable[..., Any], suffix: str) -> Callable[..., Any]:
 
 def _jit(func: Callable[..., Any], parallel: bool) -> Any:
     global cache_disabled_reason
-    options = dict(fastmath=_kernels.FASTMATH, nogil=True, parallel=parallel)
+    options: dict[str, Any] = dict(fastmath=_kernels.FASTMATH, nogil=True, parallel=parallel)
     if cache_disabled_reason is None:
         try:
-            return njit(cache=True, **options)(func)
+            return njit(cache=True, **options)(func)  # type: ignore[call-overload]
         except RuntimeError as exc:  # "cannot cache function ...: no locator available"
             cache_disabled_reason = str(exc)
             warnings.warn(
@@ -47,7 +48,7 @@ def _jit(func: Callable[..., Any], parallel: bool) -> Any:
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return njit(cache=False, **options)(func)
+    return njit(cache=False, **options)(func)  # type: ignore[call-overload]
 
 
 @functools.cache

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +153,9 @@ def _flat_pow_sum(sv: np.ndarray, pcode: int, p: float) -> float:
     return float(run("arr_pow_sum", flat.size, flat, pcode, p, cfg.CHUNK))
 
 
-def norm(lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
+def norm(
+    lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+) -> Any:
     sv = float_storage(lib, x, "norm")
     dtype = norm_dtype(sv.dtype)
     if axes is None or len(axes) == sv.ndim:
@@ -216,7 +219,9 @@ def _clip_whole(
     src = sv.reshape(-1) if sv.flags.c_contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
     if mode == "clip":
-        value = float(run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK))
+        value = float(
+            run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK)
+        )
     else:
         value = float(_root(run("arr_pow_sum", src.size, src, pcode, p, cfg.CHUNK), pcode, p))
         coef = float(_coefficients(np.float64(value), max_norm, eps, mode))
@@ -228,7 +233,9 @@ def _clip_whole(
 
 def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
     if inplace and not lib.writeable(x):
-        raise ValueError("clip_by_value_ got a read-only array; use the out-of-place clip_by_value()")
+        raise ValueError(
+            "clip_by_value_ got a read-only array; use the out-of-place clip_by_value()"
+        )
     sv = lib.storage(x)
     if sv.dtype.kind == "c":
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
@@ -253,6 +260,8 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
 
 def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: float | None) -> None:
     info = np.iinfo(sv.dtype) if sv.dtype.kind in "iu" else None
+    lo_v: Any
+    hi_v: Any
     if info is None:  # bool
         lo_v = None if lo is None else bool(lo)
         hi_v = None if hi is None else bool(hi)
@@ -268,7 +277,7 @@ def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: flo
 class _Table:
     """One storage dtype's arrays as parallel (address, size) columns."""
 
-    __slots__ = ("like", "addrs", "sizes", "n")
+    __slots__ = ("addrs", "like", "n", "sizes")
 
     def __init__(self, like: np.ndarray, addrs: np.ndarray, sizes: np.ndarray):
         self.like = like
@@ -347,11 +356,13 @@ def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> _Packed:
     """
     packed = _Packed()
     if lib is NumpyLib:
-        if _fast_numpy_pack(arrays, packed, writing):
+        if _fast_numpy_pack(list(arrays), packed, writing):
             return packed
         route_of_many(arrays)  # the full library check that the API deferred to us
         rows = [_numpy_row(a, what, writing) for a in arrays]
     else:
+        if _fast_torch_pack(arrays, packed, writing):
+            return packed
         rows = _torch_rows(arrays, what, writing)
     groups: dict[np.dtype, tuple[list[int], list[int]]] = {}
     for storage_dtype, addr, size, view, copy in rows:
@@ -393,6 +404,7 @@ def _numpy_row(a: Any, what: str, writing: bool) -> tuple[np.dtype, int, int, np
 
 
 def _torch_rows(tensors: Sequence[Any], what: str, writing: bool) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]]
     if not _TORCH_STORAGE:
         _TORCH_STORAGE.update(_torch_storage_dtypes())
     storage_of = _TORCH_STORAGE
@@ -402,7 +414,9 @@ def _torch_rows(tensors: Sequence[Any], what: str, writing: bool) -> list[tuple[
         if storage_dtype is None:
             float_storage(lib_for("torch"), t, what)  # raises the TypeError
         if not t.is_cpu:
-            raise TypeError(f"all tensors in one call must be on one device, got cpu and {t.device}")
+            raise TypeError(
+                f"all tensors in one call must be on one device, got cpu and {t.device}"
+            )
         if t.is_contiguous() and not (t.is_conj() or t.is_neg()):
             rows.append((storage_dtype, t.data_ptr(), t.numel(), t, None))
         else:
@@ -410,6 +424,46 @@ def _torch_rows(tensors: Sequence[Any], what: str, writing: bool) -> list[tuple[
             copy = np.ascontiguousarray(sv)
             rows.append((storage_dtype, copy.ctypes.data, copy.size, sv, copy))
     return rows
+
+
+def _fast_torch_pack(tensors: Sequence[Any], packed: _Packed, writing: bool) -> bool:
+    """One dtype, all contiguous CPU tensors: gather addresses with C-level ``map``.
+
+    A Python loop asking each tensor five questions costs ~0.5 us per tensor;
+    ``map`` over the unbound methods costs ~0.1 us.  Anything unusual (mixed
+    dtypes, strided or lazily negated tensors, other devices) takes ``_torch_rows``.
+    """
+    import operator
+
+    import torch
+
+    if not _TORCH_STORAGE:
+        _TORCH_STORAGE.update(_torch_storage_dtypes())
+    n = len(tensors)
+    T = torch.Tensor
+    dtypes = set(map(operator.attrgetter("dtype"), tensors))
+    if len(dtypes) != 1:
+        return False
+    storage_dtype = _TORCH_STORAGE.get(next(iter(dtypes)))
+    if (
+        storage_dtype is None
+        or not all(map(operator.attrgetter("is_cpu"), tensors))
+        or not all(map(T.is_contiguous, tensors))
+        or any(map(T.is_neg, tensors))
+        or any(map(T.is_conj, tensors))
+    ):
+        return False
+    addrs = np.fromiter(map(T.data_ptr, tensors), np.int64, n)
+    sizes = np.fromiter(map(T.numel, tensors), np.int64, n)
+    if writing:
+        nonempty = sizes > 0
+        ends = addrs + sizes * storage_dtype.itemsize
+        index = np.nonzero(nonempty)[0]
+        for i, j in _overlapping_extents(addrs[nonempty], ends[nonempty]):
+            _raise_overlap(int(index[i]), int(index[j]))
+    packed.tables.append(_Table(_like(storage_dtype), addrs, sizes))
+    packed.dtype = norm_dtype(storage_dtype)
+    return True
 
 
 def _check_no_overlap(extents: list[tuple[int, int, Any]]) -> None:
@@ -470,7 +524,7 @@ def _check_headers() -> bool:
     """Does reading headers from memory give NumPy's own answers on this build?"""
     ro = np.zeros(4, np.float32)
     ro.flags.writeable = False
-    probes = [
+    probes: list[Any] = [
         np.zeros((3, 5), np.float32),
         np.zeros((4, 6), np.float32)[:, ::2],
         np.zeros(7, np.float32)[1:],
@@ -583,7 +637,9 @@ def clip_global(
         args = (t.addrs, t.sizes, t.like, pcode, p, max_norm, eps, cfg.CHUNK)
         value = float(run("tab_clip", t.n, *args))
     else:
-        value = _root(packed.total_pow_sum(pcode, p), pcode, p) if total_norm is None else total_norm
+        value = (
+            _root(packed.total_pow_sum(pcode, p), pcode, p) if total_norm is None else total_norm
+        )
         _raise_if_nonfinite(value, error_if_nonfinite)
         packed.scale(float(_coefficients(np.float64(value), max_norm, eps, "clip")))
     lib.touched(arrays)

@@ -1,3 +1,5 @@
+# mypy: ignore-errors
+# (numba kernel code: typed by numba at compile time, not by mypy)
 """Per-element helpers shared by every CPU kernel, specialised by storage dtype.
 
 Kernels are written once, as scalar loops over a storage array; these

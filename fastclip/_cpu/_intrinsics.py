@@ -1,3 +1,5 @@
+# mypy: ignore-errors
+# (numba kernel code: typed by numba at compile time, not by mypy)
 """Low-level numba intrinsics: 16-bit float bit conversions and raw pointers.
 
 numba cannot read float16 arrays on the CPU (numba issue 4402) and knows no

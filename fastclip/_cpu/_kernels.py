@@ -1,3 +1,5 @@
+# mypy: ignore-errors
+# (numba kernel code: typed by numba at compile time, not by mypy)
 """Numba CPU kernels: tiny scalar loops, no validation (the driver validates).
 
 Every reduction returns a float64 "power sum": sum |x|**p for finite p, or

@@ -1,0 +1,22 @@
+"""``fastclip bench``: time clipping on this machine against the tools people use today.
+
+Small modules, one job each:
+
+* ``workloads``  what is clipped: single-array size sweep, GPT-2 parameter shapes,
+  many tiny tensors, per-row clipping, value clipping, norms;
+* ``data``       the arrays (one base pool, one work pool), the float64 reference
+  and the correctness check;
+* ``backends``   fastclip (CPU, GPU) and the peers (NumPy, torch, CuPy, optax);
+* ``timing``     interleaved repeated timing, CUDA events, the measured bandwidth floor;
+* ``machine``    CPU model, cores, GPUs, library versions;
+* ``report``     the table, ``--compare``, JSON; ``plot`` draws ``--plot``;
+* ``runner``     puts it together; ``progress`` is the stderr progress bar.
+
+Nothing here is imported by ``import fastclip``.
+"""
+
+from __future__ import annotations
+
+from .runner import BenchConfig, run
+
+__all__ = ["BenchConfig", "run"]

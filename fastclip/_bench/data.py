@@ -1,0 +1,234 @@
+"""The arrays of one case, the float64 reference and the correctness check.
+
+All arrays of a case are views into one contiguous *pool*; the base pool keeps
+the original values and each storage (host NumPy/torch-CPU memory, a CUDA
+tensor, a CuPy array) has one work pool that is reset from it before every
+correctness check.  NumPy arrays and torch CPU tensors share the host pool
+(``torch.from_numpy``), so the CPU backends clip the same memory.
+
+The reference is computed in float64 from the exact base values, chunk by
+chunk (no float64 copy of the data is ever held).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .workloads import Case
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+#: Largest relative error (per element, against float64) still counted as a
+#: correct result.  fastclip backends are held to fastclip's documented accuracy
+#: (norm within ~1e-7 relative, so outputs within a few units of the dtype's
+#: rounding); peers only to "not wrong" (their norms accumulate in the
+#: input dtype: torch's float32 norm is off by ~1e-2 at 1e8 elements).  The
+#: measured error of every result is reported either way.
+TOLERANCE = {
+    "fastclip": {"float64": 1e-10, "float32": 2e-6, "float16": 1.5e-3, "bfloat16": 1e-2},
+    "peer": {"float64": 1e-8, "float32": 5e-2, "float16": 1e-1, "bfloat16": 1e-1},
+}
+
+_CHUNK = 1 << 22
+#: Magnitude added to |reference| when forming a relative error, so values
+#: rounded into the subnormal range do not count as wrong.
+_TINY = {"float64": 1e-300, "float32": 1e-37, "float16": 1.3e-4, "bfloat16": 1e-37}
+
+MAX_NORM_FRACTION = 0.5  # clip to half the norm, so clipping really happens
+CLIP_VALUE = 1.0  # value workload: clamp standard normals to [-1, 1]
+
+
+class Unsupported(Exception):
+    """This backend cannot run this case (reported as n/a with the reason)."""
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise Unsupported("torch is not installed") from exc
+    return torch
+
+
+class CaseData:
+    """Base values, work pools per storage, and the reference of one case."""
+
+    def __init__(self, case: Case, dtype: str, seed: int = 0) -> None:
+        self.case = case
+        self.dtype = dtype
+        sizes = [math.prod(s) for s in case.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        n = int(self.offsets[-1])
+        rng = np.random.default_rng(seed)
+        if dtype == "float64":
+            pool = rng.standard_normal(n)
+        else:
+            pool = rng.standard_normal(n, dtype=np.float32)
+        self.torch_base: Any = None
+        if dtype == "bfloat16":
+            torch = _torch()
+            self.torch_base = torch.from_numpy(pool).to(torch.bfloat16)
+            # exact float32 image of the bf16 values, for the reference
+            self.ref_pool = self.torch_base.to(torch.float32).numpy()
+            self.np_base: np.ndarray | None = None
+        else:
+            self.np_base = pool.astype(dtype, copy=False)
+            self.ref_pool = self.np_base
+        self.nbytes = n * (2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize)
+        self._pools: dict[str, Any] = {}
+        self._reference()
+
+    # ------------------------------------------------------------ reference
+
+    def _chunks(self, k: int) -> Any:
+        lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
+        for a in range(lo, hi, _CHUNK):
+            yield a - lo, self.ref_pool[a : min(hi, a + _CHUNK)].astype(np.float64)
+
+    def _reference(self) -> None:
+        case = self.case
+        if case.kind in ("clip", "norm"):
+            total = 0.0
+            for k in range(len(case.shapes)):
+                for _, c in self._chunks(k):
+                    total += float(np.dot(c, c))
+            self.ref_norm = math.sqrt(total)
+            self.max_norm = MAX_NORM_FRACTION * self.ref_norm
+            self.coef = min(1.0, self.max_norm / (self.ref_norm + 1e-6))
+        elif case.kind == "rows":
+            b, d = case.shapes[0]
+            x = self.ref_pool.reshape(b, d).astype(np.float64)
+            self.row_norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+            self.max_norm = float(np.median(self.row_norms))  # half the rows are clipped
+            self.row_coef = np.minimum(1.0, self.max_norm / (self.row_norms + 1e-6))
+        elif case.kind == "value":
+            self.clip_value = CLIP_VALUE
+
+    # ------------------------------------------------------------ storage
+
+    def pool(self, storage: str) -> Any:
+        """The work pool of ``storage`` ("host", "torch-cuda", "cupy"), created on first use."""
+        if storage not in self._pools:
+            if storage == "host":
+                if self.np_base is not None:
+                    self._pools[storage] = self.np_base.copy()
+                else:
+                    self._pools[storage] = self.torch_base.clone()
+            elif storage == "torch-cuda":
+                torch = _torch()
+                src = self.torch_base if self.np_base is None else torch.from_numpy(self.np_base)
+                self._pools[storage] = src.to("cuda")
+            elif storage == "cupy":
+                import cupy
+
+                if self.np_base is None:
+                    raise Unsupported("CuPy has no bfloat16")
+                self._pools[storage] = cupy.asarray(self.np_base)
+            else:  # pragma: no cover
+                raise KeyError(storage)
+        return self._pools[storage]
+
+    def reset(self, storage: str) -> None:
+        pool = self.pool(storage)
+        if storage == "host" and self.np_base is not None:
+            np.copyto(pool, self.np_base)
+        elif storage == "cupy":
+            pool.set(self.np_base)
+        else:
+            torch = _torch()
+            src = self.torch_base if self.np_base is None else torch.from_numpy(self.np_base)
+            pool.copy_(src)
+
+    def _views(self, pool: Any) -> list[Any]:
+        o = self.offsets
+        return [pool[int(o[k]) : int(o[k + 1])].reshape(s) for k, s in enumerate(self.case.shapes)]
+
+    def numpy_arrays(self) -> list[np.ndarray]:
+        if self.np_base is None:
+            raise Unsupported("NumPy has no bfloat16")
+        return self._views(self.pool("host"))
+
+    def torch_tensors(self, device: str = "cpu") -> list[Any]:
+        torch = _torch()
+        if device == "cpu":
+            pool = self.pool("host")
+            if isinstance(pool, np.ndarray):
+                pool = torch.from_numpy(pool)
+        else:
+            pool = self.pool("torch-cuda")
+        return self._views(pool)
+
+    def torch_params(self, device: str = "cpu") -> list[Any]:
+        """Parameters whose ``.grad`` are the work tensors (the data itself takes no memory)."""
+        torch = _torch()
+        params = []
+        for g in self.torch_tensors(device):
+            p = torch.nn.Parameter(torch.zeros(1, dtype=g.dtype, device=g.device).expand(g.shape))
+            p.grad = g
+            params.append(p)
+        return params
+
+    def cupy_arrays(self) -> list[Any]:
+        return self._views(self.pool("cupy"))
+
+    def release(self) -> None:
+        self._pools.clear()
+
+    # ------------------------------------------------------------ checking
+
+    def check(self, output: Any, role: str) -> tuple[float, bool]:
+        """(max relative error, within tolerance) of ``output`` against float64.
+
+        ``output`` is the list of clipped arrays (clip, rows, value) in any
+        library, or the norm (norm kind).
+        """
+        tol = TOLERANCE[role][self.dtype]
+        if self.case.kind == "norm":
+            got = float(to_f64(output).reshape(()))
+            err = abs(got - self.ref_norm) / max(self.ref_norm, 1e-300)
+            return _nan_is_inf(err), err <= tol
+        outs = list(output)
+        if len(outs) != len(self.case.shapes):
+            return math.inf, False
+        tiny = _TINY[self.dtype]
+        worst = 0.0
+        for k, (o, shape) in enumerate(zip(outs, self.case.shapes)):
+            if tuple(o.shape) != tuple(shape):
+                return math.inf, False
+            flat = _flat(o)
+            for start, ref in self._chunks(k):
+                got = to_f64(flat[start : start + ref.size])
+                if self.case.kind == "clip":
+                    exp = ref * self.coef
+                elif self.case.kind == "rows":
+                    d = shape[1]
+                    rows = (start + np.arange(ref.size)) // d
+                    exp = ref * self.row_coef[rows]
+                else:
+                    exp = np.clip(ref, -self.clip_value, self.clip_value)
+                e = np.abs(got - exp) / (np.abs(exp) + tiny)
+                worst = max(worst, _nan_is_inf(float(np.max(e, initial=0.0))))
+        return worst, worst <= tol
+
+
+def _nan_is_inf(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def _flat(x: Any) -> Any:
+    return x.reshape(-1)
+
+
+def to_f64(x: Any) -> np.ndarray:
+    """Any array (NumPy, torch CPU/CUDA incl. bf16, CuPy, JAX) as a float64 NumPy array."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64)
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return x.detach().to("cpu", dtype=_torch().float64).numpy()
+    if mod.startswith("cupy"):
+        return x.get().astype(np.float64)
+    return np.asarray(x, dtype=np.float64)

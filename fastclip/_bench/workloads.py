@@ -1,0 +1,170 @@
+"""What is clipped.  A *workload* is a named family; a *case* is one concrete
+instance of it (one size, one list of shapes) and one dtype.
+
+Operation kinds, with the memory traffic their bandwidth floor assumes:
+
+* ``clip``   norm-based clipping (global over a list, or of one array):
+  read (norm) + read and write (scale) = 3 passes over the data;
+* ``rows``   per-row clipping of a ``[B, D]`` batch (``clip_by_norm(x, c, axis=1)``):
+  3 passes;
+* ``value``  clamp to ``[-v, v]``: read + write = 2 passes;
+* ``norm``   (global) norm only: 1 read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1}
+
+#: Batch size of the ``rows`` workload; ``--sizes`` sets B * D.
+ROWS_BATCH = 256
+
+
+def gpt2_shapes(
+    n_embd: int, n_layer: int, vocab: int = 50257, n_positions: int = 1024
+) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2 model (Hugging Face layout, Conv1D weights [in, out]).
+
+    >>> s = gpt2_shapes(768, 12)
+    >>> len(s), sum(math.prod(x) for x in s)
+    (148, 124439808)
+    """
+    d = n_embd
+    shapes: list[tuple[int, ...]] = [(vocab, d), (n_positions, d)]  # wte, wpe
+    for _ in range(n_layer):
+        shapes += [
+            (d,),
+            (d,),  # ln_1 weight, bias
+            (d, 3 * d),
+            (3 * d,),  # attn.c_attn weight, bias
+            (d, d),
+            (d,),  # attn.c_proj weight, bias
+            (d,),
+            (d,),  # ln_2 weight, bias
+            (d, 4 * d),
+            (4 * d,),  # mlp.c_fc weight, bias
+            (4 * d, d),
+            (d,),  # mlp.c_proj weight, bias
+        ]
+    shapes += [(d,), (d,)]  # ln_f weight, bias
+    return shapes
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str
+    help: str
+    quick_sizes: tuple[int, ...] = ()  # empty: fixed shapes, --sizes does not apply
+    full_sizes: tuple[int, ...] = ()
+    in_quick: bool = True  # part of the default suite
+    large: bool = False  # CPU only with --large (GPU backends always)
+
+    @property
+    def sized(self) -> bool:
+        return bool(self.full_sizes)
+
+
+@dataclass(frozen=True)
+class Case:
+    workload: str
+    kind: str
+    label: str  # e.g. "single 1e7", "gpt2-small"
+    shapes: tuple[tuple[int, ...], ...]
+    size: int  # total elements
+    large: bool = False
+    extra: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def passes(self) -> int:
+        return PASSES[self.kind]
+
+
+def _pow10(lo: int, hi: int) -> tuple[int, ...]:
+    return tuple(10**k for k in range(lo, hi + 1))
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload(
+            "single",
+            "clip",
+            "one array, clip by norm (size sweep 1e3..1e8)",
+            quick_sizes=(10**3, 10**5, 10**7),
+            full_sizes=_pow10(3, 8),
+        ),
+        Workload(
+            "gpt2-small",
+            "clip",
+            "global-norm clip of GPT-2 small's 148 parameter tensors (124M values)",
+        ),
+        Workload(
+            "gpt2-xl",
+            "clip",
+            "global-norm clip of GPT-2 XL's 580 parameter tensors (1.56B values); "
+            "GPU backends, or the CPU with --large",
+            in_quick=False,
+            large=True,
+        ),
+        Workload("tiny", "clip", "global-norm clip of 2,000 tensors of 1,000 values"),
+        Workload(
+            "rows",
+            "rows",
+            f"per-row clip of a [{ROWS_BATCH}, D] batch (per-sample clipping, axis=1)",
+            quick_sizes=(ROWS_BATCH * 16384,),
+            full_sizes=(ROWS_BATCH * 1024, ROWS_BATCH * 16384, ROWS_BATCH * 262144),
+        ),
+        Workload(
+            "value",
+            "value",
+            "one array, clip by value to [-1, 1]",
+            quick_sizes=(10**7,),
+            full_sizes=(10**5, 10**7, 10**8),
+        ),
+        Workload(
+            "norm",
+            "norm",
+            "one array, L2 norm only (no write)",
+            quick_sizes=(10**7,),
+            full_sizes=(10**5, 10**7, 10**8),
+            in_quick=False,
+        ),
+    ]
+}
+
+
+def _fmt_size(n: int) -> str:
+    if n >= 1000 and n == 10 ** round(math.log10(n)):
+        return f"1e{round(math.log10(n))}"
+    return f"{n:,}"
+
+
+def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case]:
+    """The cases of workload ``name``; ``sizes`` overrides its size list (sized ones)."""
+    w = WORKLOADS[name]
+    if w.sized:
+        chosen = sizes if sizes is not None else (w.full_sizes if full else w.quick_sizes)
+        out = []
+        for n in chosen:
+            if w.kind == "rows":
+                d = max(1, n // ROWS_BATCH)
+                shape: tuple[int, ...] = (ROWS_BATCH, d)
+                label = f"rows {ROWS_BATCH}x{d}"
+            else:
+                shape = (n,)
+                label = f"{name} {_fmt_size(n)}"
+            out.append(Case(name, w.kind, label, (shape,), math.prod(shape), w.large))
+        return out
+    if name == "gpt2-small":
+        shapes = gpt2_shapes(768, 12)
+    elif name == "gpt2-xl":
+        shapes = gpt2_shapes(1600, 48)
+    elif name == "tiny":
+        shapes = [(1000,)] * 2000
+    else:  # pragma: no cover - every fixed workload is listed above
+        raise KeyError(name)
+    label = f"{name} ({len(shapes)})" if name != "tiny" else "tiny 2000x1000"
+    return [Case(name, w.kind, label, tuple(shapes), sum(math.prod(s) for s in shapes), w.large)]
