@@ -77,12 +77,14 @@ def info() -> dict[str, Any]:
     routes = {}
     for dist, (label, route) in _LIBRARIES.items():
         version = _version(dist) or (_version("cupy-cuda13x") if dist == "cupy" else None)
+        if route == _dispatch.ROUTE_GPU:
+            route = f"{route} (GPU backend not built yet: raises NotImplementedError)"
         if dist == "numpy" or version is not None:
             routes[label] = route
         else:
             routes[label] = f"{route} (not installed)"
     if _version("torch") is not None:
-        routes["torch.Tensor (cuda)"] = _dispatch.ROUTE_GPU
+        routes["torch.Tensor (cuda)"] = routes["cupy.ndarray"].replace(" (not installed)", "")
         routes["torch.Tensor (other devices)"] = _dispatch.ROUTE_GENERIC
     return {
         "fastclip": __version__,

@@ -1,0 +1,347 @@
+"""The implementations compared: fastclip (CPU and GPU) and the peers.
+
+A backend turns a :class:`~fastclip._bench.data.CaseData` into a zero-argument
+callable that does one clipping call and returns what the correctness check
+reads (the clipped arrays, or the norm).  In-place callables clip the shared
+work pool and return its views.  ``Unsupported`` means "n/a for this case".
+
+Peers are what people use today:
+
+* ``numpy``         ``np.linalg.norm`` per array, the norm of the norms, then
+  multiply in place (``np.clip`` / vectorised row norms for the other kinds);
+* ``torch-foreach`` ``torch.nn.utils.clip_grad_norm_(..., foreach=True)``,
+  ``clip_grad_value_``, ``get_total_norm`` (vectorised ops for per-row);
+* ``torch-loop``    the same with ``foreach=False`` (one op per tensor);
+* ``torch-cuda-*``  both on a CUDA device; ``cupy`` the NumPy recipe on CuPy;
+* ``optax``         ``optax.clip_by_global_norm`` / ``optax.clip`` under
+  ``jax.jit`` (in-place mode donates the input buffers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import CaseData, Unsupported
+
+Op = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    role: str            # "fastclip" or "peer"
+    device: str          # "cpu" or "cuda"
+    timer: str           # "cpu", "torch-cuda", "cupy" (how calls are timed)
+    help: str
+    probe: Callable[[], str | None]                 # None = usable, else why not
+    make: Callable[[CaseData, bool], Op]             # (data, inplace) -> op
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _installed(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _probe_torch() -> str | None:
+    return None if _installed("torch") else "torch is not installed"
+
+
+def _probe_torch_cuda() -> str | None:
+    if not _installed("torch"):
+        return "torch is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _probe_cupy() -> str | None:
+    if not _installed("cupy"):
+        return "cupy is not installed"
+    try:
+        import cupy
+
+        if not cupy.is_available():
+            return "no CUDA device usable by CuPy (cupy.is_available() is False)"
+    except Exception as exc:  # broken CUDA installs
+        return f"cupy unusable: {exc}"
+    return None
+
+
+def _gpu_storage() -> str | None:
+    if _probe_torch_cuda() is None:
+        return "torch-cuda"
+    if _probe_cupy() is None:
+        return "cupy"
+    return None
+
+
+def _probe_fastclip_gpu() -> str | None:
+    if _gpu_storage() is None:
+        return (f"no usable CUDA GPU ({_probe_torch_cuda()}; {_probe_cupy()})")
+    return None
+
+
+def _probe_optax() -> str | None:
+    missing = [m for m in ("jax", "optax") if not _installed(m)]
+    return f"{' and '.join(missing)} not installed" if missing else None
+
+
+# ---------------------------------------------------------------- fastclip
+
+
+def _fastclip_ops(arrays: list[Any], d: CaseData, inplace: bool,
+                  drop_in: Any = None, params: list[Any] | None = None) -> Op:
+    """fastclip's public API on ``arrays`` (NumPy, torch, CuPy); ``drop_in`` is
+    ``fastclip.torch``, used where the torch peers use ``torch.nn.utils``."""
+    import fastclip as fc
+
+    kind = d.case.kind
+    x = arrays[0]
+    if kind == "clip":
+        c = d.max_norm
+        if inplace and drop_in is not None and params is not None:
+            return lambda: (drop_in.clip_grad_norm_(params, c), arrays)[1]
+        if len(arrays) == 1:
+            if inplace:
+                return lambda: (fc.clip_by_norm_(x, c), arrays)[1]
+            return lambda: [fc.clip_by_norm(x, c)]
+        if inplace:
+            return lambda: (fc.clip_by_global_norm_(arrays, c), arrays)[1]
+        return lambda: fc.clip_by_global_norm(arrays, c)[0]
+    if kind == "rows":
+        c = d.max_norm
+        if inplace:
+            return lambda: (fc.clip_by_norm_(x, c, axis=1), arrays)[1]
+        return lambda: [fc.clip_by_norm(x, c, axis=1)]
+    if kind == "value":
+        v = d.clip_value
+        if inplace and drop_in is not None and params is not None:
+            return lambda: (drop_in.clip_grad_value_(params, v), arrays)[1]
+        if inplace:
+            return lambda: (fc.clip_by_value_(x, -v, v), arrays)[1]
+        return lambda: [fc.clip_by_value(x, -v, v)]
+    if drop_in is not None:
+        return lambda: drop_in.get_total_norm(arrays)
+    if len(arrays) == 1:
+        return lambda: fc.norm(x)
+    return lambda: fc.global_norm(arrays)
+
+
+def _make_fastclip(d: CaseData, inplace: bool) -> Op:
+    return _fastclip_ops(d.numpy_arrays(), d, inplace)
+
+
+def _make_fastclip_torch(d: CaseData, inplace: bool) -> Op:
+    import fastclip.torch as fct
+
+    params = d.torch_params("cpu")
+    return _fastclip_ops([p.grad for p in params], d, inplace, fct, params)
+
+
+def _make_fastclip_gpu(d: CaseData, inplace: bool) -> Op:
+    if _gpu_storage() == "torch-cuda":
+        arrays = d.torch_tensors("cuda")
+    else:
+        arrays = d.cupy_arrays()
+    return _fastclip_ops(arrays, d, inplace)
+
+
+# ---------------------------------------------------------------- numpy / cupy naive
+
+
+def _naive_ops(xp: Any, arrays: list[Any], d: CaseData, inplace: bool) -> Op:
+    """The textbook recipe: per-array norm, norm of norms, multiply."""
+    kind = d.case.kind
+    x = arrays[0]
+    dt = x.dtype.type if xp is np else x.dtype
+    if kind in ("clip", "norm"):
+        c = d.max_norm if kind == "clip" else 0.0
+
+        def total() -> Any:
+            if len(arrays) == 1:
+                return xp.linalg.norm(x)
+            return xp.linalg.norm(xp.asarray([xp.linalg.norm(a) for a in arrays]))
+
+        if kind == "norm":
+            return total
+
+        def clip() -> list[Any]:
+            coef = xp.minimum(1.0, c / (total() + 1e-6))
+            coef = dt(coef) if xp is np else coef.astype(dt)
+            if inplace:
+                for a in arrays:
+                    a *= coef
+                return arrays
+            return [a * coef for a in arrays]
+
+        return clip
+    if kind == "rows":
+        c = d.max_norm
+
+        def rows() -> list[Any]:
+            f = xp.minimum(1.0, c / (xp.linalg.norm(x, axis=1, keepdims=True) + 1e-6))
+            f = f.astype(x.dtype)
+            if inplace:
+                x *= f
+                return arrays
+            return [x * f]
+
+        return rows
+    v = d.clip_value
+    if inplace:
+        return lambda: (xp.clip(x, -v, v, out=x), arrays)[1]
+    return lambda: [xp.clip(x, -v, v)]
+
+
+def _make_numpy(d: CaseData, inplace: bool) -> Op:
+    return _naive_ops(np, d.numpy_arrays(), d, inplace)
+
+
+def _make_cupy(d: CaseData, inplace: bool) -> Op:
+    import cupy
+
+    return _naive_ops(cupy, d.cupy_arrays(), d, inplace)
+
+
+# ---------------------------------------------------------------- torch
+
+
+def _torch_ops(d: CaseData, inplace: bool, foreach: bool, device: str) -> Op:
+    import torch
+
+    utils = torch.nn.utils
+    params = d.torch_params(device)
+    grads = [p.grad for p in params]
+    kind = d.case.kind
+    if kind == "clip":
+        c = d.max_norm
+        if inplace:
+            return lambda: (utils.clip_grad_norm_(params, c, foreach=foreach), grads)[1]
+
+        def clip() -> list[Any]:
+            total = utils.get_total_norm(grads, foreach=foreach)
+            coef = torch.clamp(c / (total + 1e-6), max=1.0)
+            if foreach:
+                return list(torch._foreach_mul(grads, coef))
+            return [g * coef for g in grads]
+
+        return clip
+    if kind == "rows":
+        if not foreach:
+            raise Unsupported("per-row clipping has one torch form: vectorised (torch-foreach)")
+        c = d.max_norm
+        x = grads[0]
+
+        def rows() -> list[Any]:
+            f = (c / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + 1e-6)).clamp_(max=1.0)
+            if inplace:
+                x.mul_(f)
+                return grads
+            return [x * f]
+
+        return rows
+    if kind == "value":
+        v = d.clip_value
+        if inplace:
+            return lambda: (utils.clip_grad_value_(params, v, foreach=foreach), grads)[1]
+        if foreach:
+            return lambda: list(torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -v), v))
+        return lambda: [torch.clamp(g, -v, v) for g in grads]
+    return lambda: utils.get_total_norm(grads, foreach=foreach)
+
+
+def _torch_backend(foreach: bool, device: str) -> Callable[[CaseData, bool], Op]:
+    return lambda d, inplace: _torch_ops(d, inplace, foreach, device)
+
+
+# ---------------------------------------------------------------- optax / JAX
+
+
+def _make_optax(d: CaseData, inplace: bool) -> Op:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    kind = d.case.kind
+    if kind == "rows":
+        raise Unsupported("optax has no per-row clip that keeps the rows")
+    dtype = jnp.bfloat16 if d.dtype == "bfloat16" else d.dtype
+    o = d.offsets
+    grads = [jnp.asarray(d.ref_pool[int(o[k]):int(o[k + 1])].reshape(s)).astype(dtype)
+             for k, s in enumerate(d.case.shapes)]
+    if kind == "norm":
+        f = jax.jit(optax.global_norm)
+        return lambda: f(grads).block_until_ready()
+    tx = optax.clip_by_global_norm(d.max_norm) if kind == "clip" else optax.clip(d.clip_value)
+    state = tx.init(grads)
+
+    def update(g: Any) -> Any:
+        return tx.update(g, state)[0]
+
+    if not inplace:
+        f = jax.jit(update)
+        return lambda: jax.block_until_ready(f(grads))
+    fd = jax.jit(update, donate_argnums=0)  # the input buffers are reused: "in place"
+    box = [grads]
+
+    def donated() -> Any:
+        box[0] = jax.block_until_ready(fd(box[0]))
+        return box[0]
+
+    return donated
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _cuda_timer() -> str:
+    return "torch-cuda" if _gpu_storage() == "torch-cuda" else "cupy"
+
+
+def _lazy_probe(fn: Callable[[], str | None]) -> Callable[[], str | None]:
+    return fn
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in [
+    Backend("fastclip", "fastclip", "cpu", "cpu",
+            "fastclip on NumPy arrays (Numba CPU kernels)", lambda: None, _make_fastclip),
+    Backend("fastclip-torch", "fastclip", "cpu", "cpu",
+            "fastclip.torch drop-ins / fastclip API on torch CPU tensors",
+            _probe_torch, _make_fastclip_torch),
+    Backend("fastclip-gpu", "fastclip", "cuda", "cuda",
+            "fastclip on CUDA tensors (or CuPy arrays)", _probe_fastclip_gpu, _make_fastclip_gpu),
+    Backend("numpy", "peer", "cpu", "cpu",
+            "np.linalg.norm per array, then multiply in place", lambda: None, _make_numpy),
+    Backend("torch-foreach", "peer", "cpu", "cpu",
+            "torch.nn.utils.clip_grad_norm_(foreach=True) on CPU", _probe_torch,
+            _torch_backend(True, "cpu")),
+    Backend("torch-loop", "peer", "cpu", "cpu",
+            "torch.nn.utils.clip_grad_norm_(foreach=False) on CPU", _probe_torch,
+            _torch_backend(False, "cpu")),
+    Backend("torch-cuda-foreach", "peer", "cuda", "torch-cuda",
+            "clip_grad_norm_(foreach=True) on CUDA", _probe_torch_cuda,
+            _torch_backend(True, "cuda")),
+    Backend("torch-cuda-loop", "peer", "cuda", "torch-cuda",
+            "clip_grad_norm_(foreach=False) on CUDA", _probe_torch_cuda,
+            _torch_backend(False, "cuda")),
+    Backend("cupy", "peer", "cuda", "cupy", "the NumPy recipe on CuPy arrays",
+            _probe_cupy, _make_cupy),
+    Backend("optax", "peer", "cpu", "cpu", "optax.clip_by_global_norm / optax.clip under jax.jit",
+            _probe_optax, _make_optax),
+]}
+
+
+def timer_of(b: Backend) -> str:
+    """How ``b``'s calls are timed: CUDA events on GPUs, perf_counter on the host."""
+    return _cuda_timer() if b.timer == "cuda" else b.timer
