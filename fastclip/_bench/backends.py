@@ -20,8 +20,9 @@ Peers are what people use today:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,12 +34,14 @@ Op = Callable[[], Any]
 @dataclass(frozen=True)
 class Backend:
     name: str
-    role: str            # "fastclip" or "peer"
-    device: str          # "cpu" or "cuda"
-    timer: str           # "cpu", "torch-cuda", "cupy" (how calls are timed)
+    role: str  # "fastclip" or "peer"
+    device: str  # "cpu" or "cuda"
+    timer: str  # "cpu", "torch-cuda", "cupy", "cuda" = whichever GPU library
+    storage: str  # work pool reset before the check: "host", "torch-cuda", "cupy",
+    # "gpu" (whichever GPU library), "own" (the op copies its data)
     help: str
-    probe: Callable[[], str | None]                 # None = usable, else why not
-    make: Callable[[CaseData, bool], Op]             # (data, inplace) -> op
+    probe: Callable[[], str | None]  # None = usable, else why not
+    make: Callable[[CaseData, bool], Op]  # (data, inplace) -> op
 
 
 # ---------------------------------------------------------------- probes
@@ -88,7 +91,7 @@ def _gpu_storage() -> str | None:
 
 def _probe_fastclip_gpu() -> str | None:
     if _gpu_storage() is None:
-        return (f"no usable CUDA GPU ({_probe_torch_cuda()}; {_probe_cupy()})")
+        return f"no usable CUDA GPU ({_probe_torch_cuda()}; {_probe_cupy()})"
     return None
 
 
@@ -100,8 +103,13 @@ def _probe_optax() -> str | None:
 # ---------------------------------------------------------------- fastclip
 
 
-def _fastclip_ops(arrays: list[Any], d: CaseData, inplace: bool,
-                  drop_in: Any = None, params: list[Any] | None = None) -> Op:
+def _fastclip_ops(
+    arrays: list[Any],
+    d: CaseData,
+    inplace: bool,
+    drop_in: Any = None,
+    params: list[Any] | None = None,
+) -> Op:
     """fastclip's public API on ``arrays`` (NumPy, torch, CuPy); ``drop_in`` is
     ``fastclip.torch``, used where the torch peers use ``torch.nn.utils``."""
     import fastclip as fc
@@ -193,7 +201,7 @@ def _naive_ops(xp: Any, arrays: list[Any], d: CaseData, inplace: bool) -> Op:
             f = xp.minimum(1.0, c / (xp.linalg.norm(x, axis=1, keepdims=True) + 1e-6))
             f = f.astype(x.dtype)
             if inplace:
-                x *= f
+                xp.multiply(x, f, out=x)
                 return arrays
             return [x * f]
 
@@ -278,8 +286,10 @@ def _make_optax(d: CaseData, inplace: bool) -> Op:
         raise Unsupported("optax has no per-row clip that keeps the rows")
     dtype = jnp.bfloat16 if d.dtype == "bfloat16" else d.dtype
     o = d.offsets
-    grads = [jnp.asarray(d.ref_pool[int(o[k]):int(o[k + 1])].reshape(s)).astype(dtype)
-             for k, s in enumerate(d.case.shapes)]
+    grads = [
+        jnp.asarray(d.ref_pool[int(o[k]) : int(o[k + 1])].reshape(s)).astype(dtype)
+        for k, s in enumerate(d.case.shapes)
+    ]
     if kind == "norm":
         f = jax.jit(optax.global_norm)
         return lambda: f(grads).block_until_ready()
@@ -309,39 +319,127 @@ def _cuda_timer() -> str:
     return "torch-cuda" if _gpu_storage() == "torch-cuda" else "cupy"
 
 
-def _lazy_probe(fn: Callable[[], str | None]) -> Callable[[], str | None]:
-    return fn
-
-
-BACKENDS: dict[str, Backend] = {b.name: b for b in [
-    Backend("fastclip", "fastclip", "cpu", "cpu",
-            "fastclip on NumPy arrays (Numba CPU kernels)", lambda: None, _make_fastclip),
-    Backend("fastclip-torch", "fastclip", "cpu", "cpu",
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in [
+        Backend(
+            "fastclip",
+            "fastclip",
+            "cpu",
+            "cpu",
+            "host",
+            "fastclip on NumPy arrays (Numba CPU kernels)",
+            lambda: None,
+            _make_fastclip,
+        ),
+        Backend(
+            "fastclip-torch",
+            "fastclip",
+            "cpu",
+            "cpu",
+            "host",
             "fastclip.torch drop-ins / fastclip API on torch CPU tensors",
-            _probe_torch, _make_fastclip_torch),
-    Backend("fastclip-gpu", "fastclip", "cuda", "cuda",
-            "fastclip on CUDA tensors (or CuPy arrays)", _probe_fastclip_gpu, _make_fastclip_gpu),
-    Backend("numpy", "peer", "cpu", "cpu",
-            "np.linalg.norm per array, then multiply in place", lambda: None, _make_numpy),
-    Backend("torch-foreach", "peer", "cpu", "cpu",
-            "torch.nn.utils.clip_grad_norm_(foreach=True) on CPU", _probe_torch,
-            _torch_backend(True, "cpu")),
-    Backend("torch-loop", "peer", "cpu", "cpu",
-            "torch.nn.utils.clip_grad_norm_(foreach=False) on CPU", _probe_torch,
-            _torch_backend(False, "cpu")),
-    Backend("torch-cuda-foreach", "peer", "cuda", "torch-cuda",
-            "clip_grad_norm_(foreach=True) on CUDA", _probe_torch_cuda,
-            _torch_backend(True, "cuda")),
-    Backend("torch-cuda-loop", "peer", "cuda", "torch-cuda",
-            "clip_grad_norm_(foreach=False) on CUDA", _probe_torch_cuda,
-            _torch_backend(False, "cuda")),
-    Backend("cupy", "peer", "cuda", "cupy", "the NumPy recipe on CuPy arrays",
-            _probe_cupy, _make_cupy),
-    Backend("optax", "peer", "cpu", "cpu", "optax.clip_by_global_norm / optax.clip under jax.jit",
-            _probe_optax, _make_optax),
-]}
+            _probe_torch,
+            _make_fastclip_torch,
+        ),
+        Backend(
+            "fastclip-gpu",
+            "fastclip",
+            "cuda",
+            "cuda",
+            "gpu",
+            "fastclip on CUDA tensors (or CuPy arrays)",
+            _probe_fastclip_gpu,
+            _make_fastclip_gpu,
+        ),
+        Backend(
+            "numpy",
+            "peer",
+            "cpu",
+            "cpu",
+            "host",
+            "np.linalg.norm per array, then multiply in place",
+            lambda: None,
+            _make_numpy,
+        ),
+        Backend(
+            "torch-foreach",
+            "peer",
+            "cpu",
+            "cpu",
+            "host",
+            "torch.nn.utils.clip_grad_norm_(foreach=True) on CPU",
+            _probe_torch,
+            _torch_backend(True, "cpu"),
+        ),
+        Backend(
+            "torch-loop",
+            "peer",
+            "cpu",
+            "cpu",
+            "host",
+            "torch.nn.utils.clip_grad_norm_(foreach=False) on CPU",
+            _probe_torch,
+            _torch_backend(False, "cpu"),
+        ),
+        Backend(
+            "torch-cuda-foreach",
+            "peer",
+            "cuda",
+            "torch-cuda",
+            "torch-cuda",
+            "clip_grad_norm_(foreach=True) on CUDA",
+            _probe_torch_cuda,
+            _torch_backend(True, "cuda"),
+        ),
+        Backend(
+            "torch-cuda-loop",
+            "peer",
+            "cuda",
+            "torch-cuda",
+            "torch-cuda",
+            "clip_grad_norm_(foreach=False) on CUDA",
+            _probe_torch_cuda,
+            _torch_backend(False, "cuda"),
+        ),
+        Backend(
+            "cupy",
+            "peer",
+            "cuda",
+            "cupy",
+            "cupy",
+            "the NumPy recipe on CuPy arrays",
+            _probe_cupy,
+            _make_cupy,
+        ),
+        Backend(
+            "optax",
+            "peer",
+            "cpu",
+            "cpu",
+            "own",
+            "optax.clip_by_global_norm / optax.clip under jax.jit",
+            _probe_optax,
+            _make_optax,
+        ),
+    ]
+}
 
 
 def timer_of(b: Backend) -> str:
-    """How ``b``'s calls are timed: CUDA events on GPUs, perf_counter on the host."""
+    """How ``b``'s calls are timed: CUDA events on GPUs, perf_counter on the host
+    (JAX calls block until ready inside the op)."""
     return _cuda_timer() if b.timer == "cuda" else b.timer
+
+
+def storage_of(b: Backend) -> str:
+    return (_gpu_storage() or "none") if b.storage == "gpu" else b.storage
+
+
+def device_of(b: Backend) -> str:
+    """ "cpu" or "cuda" (JAX runs where its default backend is)."""
+    if b.name == "optax":
+        import jax
+
+        return "cuda" if jax.default_backend() == "gpu" else "cpu"
+    return b.device

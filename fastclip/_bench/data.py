@@ -63,6 +63,7 @@ class CaseData:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         n = int(self.offsets[-1])
         rng = np.random.default_rng(seed)
+        pool: np.ndarray
         if dtype == "float64":
             pool = rng.standard_normal(n)
         else:
@@ -187,8 +188,8 @@ class CaseData:
         """
         tol = TOLERANCE[role][self.dtype]
         if self.case.kind == "norm":
-            got = float(to_f64(output).reshape(()))
-            err = abs(got - self.ref_norm) / max(self.ref_norm, 1e-300)
+            value = float(to_f64(output).reshape(()))
+            err = abs(value - self.ref_norm) / max(self.ref_norm, 1e-300)
             return _nan_is_inf(err), err <= tol
         outs = list(output)
         if len(outs) != len(self.case.shapes):
@@ -201,6 +202,7 @@ class CaseData:
             flat = _flat(o)
             for start, ref in self._chunks(k):
                 got = to_f64(flat[start : start + ref.size])
+                exp: np.ndarray
                 if self.case.kind == "clip":
                     exp = ref * self.coef
                 elif self.case.kind == "rows":

@@ -93,7 +93,7 @@ WORKLOADS: dict[str, Workload] = {
             "single",
             "clip",
             "one array, clip by norm (size sweep 1e3..1e8)",
-            quick_sizes=(10**3, 10**5, 10**7),
+            quick_sizes=_pow10(3, 7),
             full_sizes=_pow10(3, 8),
         ),
         Workload(

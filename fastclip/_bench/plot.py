@@ -1,0 +1,116 @@
+"""``--plot``: throughput against size, one line per backend (matplotlib, optional)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .workloads import PASSES, WORKLOADS
+
+INSTALL_HINT = "--plot needs matplotlib: pip install 'fastclip[plot]'"
+
+
+def check_available() -> None:
+    """ImportError with the install hint when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    check_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r.get("median_s")]
+    sized = [r for r in ok if WORKLOADS.get(r["workload"]) and WORKLOADS[r["workload"]].sized]
+    sweep_wl = (
+        "single"
+        if any(r["workload"] == "single" for r in sized)
+        else (sized[0]["workload"] if sized else None)
+    )
+    sweep = [r for r in sized if r["workload"] == sweep_wl]
+    in_sweep = {id(r) for r in sweep}
+    fixed = [r for r in ok if id(r) not in in_sweep]
+    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    colors = {b: f"C{i % 10}" for i, b in enumerate(backends)}
+    dtypes = list(dict.fromkeys(r["dtype"] for r in ok))
+    styles = dict(zip(dtypes, ["-", "--", ":", "-."]))
+
+    ncols = (1 if sweep else 0) + (1 if fixed else 0)
+    fig, axes = plt.subplots(1, max(ncols, 1), figsize=(6.5 * max(ncols, 1), 4.8), squeeze=False)
+    ax_list = list(axes[0])
+    cfg = report.get("config", {})
+    mode = "in place" if cfg.get("inplace", True) else "out of place"
+    if sweep:
+        ax = ax_list.pop(0)
+        for b in backends:
+            for dt in dtypes:
+                pts = sorted(
+                    (r["size"], r["gbps"]) for r in sweep if r["backend"] == b and r["dtype"] == dt
+                )
+                if pts:
+                    sx, sy = zip(*pts)
+                    label = b if len(dtypes) == 1 else f"{b} {dt}"
+                    ax.plot(sx, sy, styles[dt], marker="o", color=colors[b], label=label)
+        kind = WORKLOADS[str(sweep_wl)].kind
+        for dev, probe in report.get("bandwidth", {}).items():
+            if probe:
+                ax.axhline(
+                    probe["bytes_per_s"] / PASSES[kind] / 1e9,
+                    color="grey",
+                    linestyle="--",
+                    linewidth=1,
+                )
+                ax.annotate(
+                    f"{dev} bandwidth floor",
+                    (sweep[0]["size"], probe["bytes_per_s"] / PASSES[kind] / 1e9),
+                    textcoords="offset points",
+                    xytext=(2, 3),
+                    fontsize=8,
+                    color="grey",
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("elements in the array")
+        ax.set_ylabel("GB/s of data clipped (higher is better)")
+        ax.set_title(f"{WORKLOADS[str(sweep_wl)].help.split('(')[0].strip()}, {mode}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if fixed:
+        ax = ax_list.pop(0)
+        groups = list(dict.fromkeys((r["case"], r["dtype"]) for r in fixed))
+        width = 0.8 / max(1, len(backends))
+        for i, b in enumerate(backends):
+            xs: list[float] = []
+            ys: list[float] = []
+            for g, (case, dt) in enumerate(groups):
+                for r in fixed:
+                    if (r["case"], r["dtype"], r["backend"]) == (case, dt, b):
+                        xs.append(g + (i - (len(backends) - 1) / 2) * width)
+                        ys.append(r["gbps"])
+            if xs:
+                ax.bar(xs, ys, width, color=colors[b], label=b)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(
+            [c if len(dtypes) == 1 else f"{c}\n{d}" for c, d in groups],
+            rotation=20,
+            ha="right",
+            fontsize=8,
+        )
+        ax.set_yscale("log")
+        ax.set_ylabel("GB/s of data (higher is better)")
+        ax.set_title(f"other workloads, {mode}")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    m = report.get("machine", {})
+    fig.suptitle(
+        f"fastclip bench on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores"
+        f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

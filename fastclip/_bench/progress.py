@@ -1,0 +1,56 @@
+"""A dependency-free progress bar on stderr.
+
+On a terminal it redraws one line; otherwise (logs, CI, tests) it prints one
+line per finished step so the output stays readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    def __init__(
+        self, total: int, stream: TextIO | None = None, enabled: bool = True, width: int = 24
+    ) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self._last = 0
+
+    def _line(self, msg: str) -> str:
+        filled = round(self.width * self.done / self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        el = time.perf_counter() - self.t0
+        return f"[{bar}] {self.done}/{self.total} {el:5.1f}s {msg}"
+
+    def update(self, msg: str) -> None:
+        """Show ``msg`` for the step in progress (terminal only)."""
+        if self.enabled and self.tty:
+            line = self._line(msg)[:120]
+            pad = max(0, self._last - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self.stream.flush()
+            self._last = len(line)
+
+    def step(self, msg: str) -> None:
+        """One step finished."""
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.tty:
+            self.update(msg)
+        else:
+            self.stream.write(self._line(msg) + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r" + " " * self._last + "\r")
+            self.stream.flush()

@@ -1,0 +1,231 @@
+"""The table, ``--compare`` and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .workloads import PASSES
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _peers(results: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for r in results:
+        for p in r.get("speedup", {}):
+            if p not in seen:
+                seen.append(p)
+    return seen
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One table: every case, dtype and backend, with speedups against each peer."""
+    results = report["results"]
+    peers = _peers(results)
+    cols = [
+        ("workload", 24, "<"),
+        ("dtype", 8, "<"),
+        ("backend", 18, "<"),
+        ("median", 10, ">"),
+        ("iqr", 5, ">"),
+        ("1st call", 9, ">"),
+        ("GB/s", 6, ">"),
+        ("floor", 6, ">"),
+        ("max err", 8, ">"),
+    ]
+    cols += [(f"x {p}", max(8, len(p) + 2), ">") for p in peers]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols)).rstrip()
+
+    out = [_header(report), "", line([c[0] for c in cols]), "  ".join("-" * w for _, w, _ in cols)]
+    last_case = None
+    for r in results:
+        if r["status"] in ("n/a", "skipped"):
+            continue
+        if last_case is not None and r["case"] != last_case:
+            out.append("")
+        last_case = r["case"]
+        cells = [r["case"], r["dtype"], r["backend"]]
+        if r["status"] == "ok":
+            iqr = (r["q75_s"] - r["q25_s"]) / r["median_s"]
+            cells += [
+                fmt_time(r["median_s"]),
+                f"{iqr:.0%}",
+                fmt_time(r.get("first_call_s")),
+                f"{r['gbps']:.1f}",
+                _pct(r.get("floor_fraction")),
+                f"{r['max_rel_err']:.0e}",
+            ]
+            cells += [f"{r['speedup'][p]:.2f}x" if p in r.get("speedup", {}) else "" for p in peers]
+        else:
+            cells += [
+                r["status"],
+                "",
+                fmt_time(r.get("first_call_s")),
+                "",
+                "",
+                f"{r['max_rel_err']:.0e}" if "max_rel_err" in r else "",
+            ]
+        out.append(line(cells))
+    notes = _notes(report)
+    if notes:
+        out += ["", *notes]
+    return "\n".join(out)
+
+
+def _header(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    bw = report["bandwidth"]
+    parts = [
+        f"fastclip bench: {'in place' if cfg['inplace'] else 'out of place'}, "
+        f"median of {cfg['repeat']} interleaved rounds; iqr = interquartile range / median."
+    ]
+    for dev, probe in bw.items():
+        if probe:
+            parts.append(
+                f"{dev} floor: {probe['bytes_per_s'] / 1e9:.1f} GB/s read+write "
+                f"({probe['method']}, measured in this run)."
+            )
+    parts.append(
+        "floor = time to move the data at that bandwidth "
+        f"({PASSES['clip']} passes for norm clipping, {PASSES['value']} for value "
+        f"clipping, {PASSES['norm']} for a norm) / median; in-cache sizes can exceed 100%."
+    )
+    parts.append(
+        "GB/s = data clipped per second; x PEER = PEER's median / this median "
+        "(>1: faster than PEER); max err = relative to a float64 reference."
+    )
+    load = (report.get("load_average") or {}).get("start")
+    cpus = (report.get("machine") or {}).get("cpu_count") or 1
+    if load and load[0] > 0.25 * cpus:
+        parts.append(
+            f"Warning: load average {load[0]:.2f} at the start: other processes were "
+            "busy, and parallel code (fastclip, torch) suffers most from that; "
+            "compare ratios within this run, or run again on an idle machine."
+        )
+    m = report.get("machine", {})
+    if m:
+        parts.append(
+            f"machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, "
+            f"numba {m.get('numba_threads')} threads ({m.get('numba_threading_layer')}); "
+            f"GPUs: {', '.join(m.get('gpus') or []) or 'none'}."
+        )
+    return "\n".join(parts)
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, why in report.get("skipped_backends", {}).items():
+        lines.append(f"  {name}: {why}")
+    by_reason: dict[tuple[str, str, str], list[str]] = {}
+    for r in report["results"]:
+        if r["status"] in ("n/a", "skipped", "error", "FAILED"):
+            key = (r["backend"], r["status"], r.get("reason", ""))
+            by_reason.setdefault(key, []).append(f"{r['case']} {r['dtype']}")
+    for (name, status, why), where in by_reason.items():
+        shown = ", ".join(where[:4]) + (f", ... ({len(where)} cases)" if len(where) > 4 else "")
+        lines.append(f"  {name} {status} on {shown}: {why}")
+    return ["Not run / not counted:", *lines] if lines else []
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def _clean(x: Any) -> Any:
+    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(
+        json.dumps(_clean(report), indent=1, allow_nan=False) + "\n", encoding="utf-8"
+    )
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    """A saved report; ValueError if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("fastclip-bench/"):
+        raise ValueError(f"{path} is not a fastclip bench JSON file (no 'schema' field)")
+    return data
+
+
+def _key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["case"], r["dtype"], r["inplace"], r["backend"])
+
+
+def compare(
+    new: dict[str, Any], old: dict[str, Any], old_name: str = "old"
+) -> tuple[str, list[dict[str, Any]]]:
+    """Table of old median / new median for every result present in both runs."""
+    old_by = {_key(r): r for r in old["results"] if r.get("median_s")}
+    rows = []
+    for r in new["results"]:
+        o = old_by.get(_key(r))
+        if o is None or not r.get("median_s"):
+            continue
+        rows.append(
+            {
+                "case": r["case"],
+                "dtype": r["dtype"],
+                "backend": r["backend"],
+                "old_s": o["median_s"],
+                "new_s": r["median_s"],
+                "ratio": o["median_s"] / r["median_s"],
+                "old_floor": o.get("floor_fraction"),
+                "new_floor": r.get("floor_fraction"),
+            }
+        )
+    head = [
+        f"Compared with {old_name} (created {old.get('created', '?')}): "
+        "ratio = old median / new median (>1: faster now)."
+    ]
+    om, nm = old.get("machine", {}), new.get("machine", {})
+    if om.get("cpu_model") != nm.get("cpu_model") or om.get("cpu_count") != nm.get("cpu_count"):
+        head.append(
+            f"Warning: different machines: old {om.get('cpu_model')} "
+            f"({om.get('cpu_count')} cores), new {nm.get('cpu_model')} "
+            f"({nm.get('cpu_count')} cores)."
+        )
+    if not rows:
+        return "\n".join([*head, "No result in common (case, dtype, in place, backend)."]), rows
+    w = ("<24", "<8", "<18", ">10", ">10", ">7", ">12")
+    names = ("workload", "dtype", "backend", "old", "new", "ratio", "floor")
+    lines = [*head, "", "  ".join(f"{n:{a}}" for n, a in zip(names, w))]
+    for c in rows:
+        cells = (
+            c["case"],
+            c["dtype"],
+            c["backend"],
+            fmt_time(c["old_s"]),
+            fmt_time(c["new_s"]),
+            f"{c['ratio']:.2f}",
+            f"{_pct(c['old_floor'])}->{_pct(c['new_floor'])}",
+        )
+        lines.append("  ".join(f"{v:{a}}" for v, a in zip(cells, w)))
+    return "\n".join(lines), rows

@@ -1,0 +1,248 @@
+"""Run a benchmark: resolve the selection, measure the floor, time every case."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import backends as _backends
+from . import timing
+from .data import DTYPES, CaseData, Unsupported
+from .machine import describe
+from .progress import Progress
+from .workloads import WORKLOADS, Case, cases_for
+
+SCHEMA = "fastclip-bench/1"
+
+
+@dataclass
+class BenchConfig:
+    workloads: tuple[str, ...] | None = None  # None: the default (quick or full) suite
+    backends: tuple[str, ...] | None = None  # None: every backend (missing ones skipped)
+    dtypes: tuple[str, ...] = ("float32",)
+    sizes: tuple[int, ...] | None = None  # overrides the sized workloads' sizes
+    repeat: int = 7
+    inplace: bool = True
+    large: bool = False
+    full: bool = False
+    progress: bool = True
+    seed: int = 0
+    argv: list[str] = field(default_factory=list)
+
+
+def default_workloads(full: bool, large: bool, gpu: bool) -> tuple[str, ...]:
+    return tuple(
+        n for n, w in WORKLOADS.items() if (full or w.in_quick) and (not w.large or large or gpu)
+    )
+
+
+def _cases(cfg: BenchConfig, gpu: bool) -> list[Case]:
+    names = cfg.workloads or default_workloads(cfg.full, cfg.large, gpu)
+    out: list[Case] = []
+    for n in names:
+        out += cases_for(n, cfg.sizes, cfg.full)
+    return out
+
+
+def run(cfg: BenchConfig, stderr: TextIO | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; returns the JSON-ready report."""
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    stderr = stderr if stderr is not None else sys.stderr
+    registry = _backends.BACKENDS
+    names = list(cfg.backends or registry)
+    for d in cfg.dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}")
+    usable: list[_backends.Backend] = []
+    skipped: dict[str, str] = {}
+    for n in names:
+        b = registry[n]
+        why = b.probe()
+        if why is None:
+            usable.append(b)
+        else:
+            skipped[n] = why
+    gpu = any(_backends.device_of(b) == "cuda" for b in usable)
+    cases = _cases(cfg, gpu)
+
+    progress = Progress(len(cases) * len(cfg.dtypes) + 1, stderr, cfg.progress)
+    progress.update("measuring the bandwidth floor")
+    bw: dict[str, Any] = {}
+    if any(_backends.device_of(b) == "cpu" for b in usable):
+        bw["cpu"] = timing.host_bandwidth()
+    if gpu:
+        bw["cuda"] = timing.cuda_bandwidth()
+    progress.step("bandwidth floor measured")
+
+    results: list[dict[str, Any]] = []
+    for case in cases:
+        for dtype in cfg.dtypes:
+            msg = f"{case.label} {dtype}"
+            progress.update(msg)
+            results += run_case(case, dtype, usable, cfg, bw, _ticker(progress, msg))
+            progress.step(msg)
+    if "cpu" in bw:  # measure again at the end; the floor uses every sample
+        progress.update("measuring the bandwidth floor again")
+        again = timing.host_bandwidth()
+        bw["cpu"]["samples_s"] += again["samples_s"]
+        import statistics
+
+        med = statistics.median(bw["cpu"]["samples_s"])
+        bw["cpu"]["median_s"] = med
+        bw["cpu"]["bytes_per_s"] = 2 * timing.HOST_PROBE_BYTES / med
+        _refloor(results, bw)
+    progress.close()
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": ["fastclip", *cfg.argv],
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("argv", "progress")},
+        "machine": describe([b.name for b in usable]),
+        "bandwidth": bw,
+        "load_average": {"start": load_start, "end": _loadavg()},
+        "skipped_backends": skipped,
+        "results": results,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other processes running skew parallel timings."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _ticker(progress: Progress, prefix: str) -> Callable[[str], None]:
+    return lambda s: progress.update(f"{prefix}: {s}")
+
+
+def _record(
+    case: Case, dtype: str, b: _backends.Backend, nbytes: int, inplace: bool, status: str, **kw: Any
+) -> dict[str, Any]:
+    return {
+        "workload": case.workload,
+        "case": case.label,
+        "kind": case.kind,
+        "size": case.size,
+        "n_arrays": len(case.shapes),
+        "dtype": dtype,
+        "nbytes": nbytes,
+        "inplace": inplace,
+        "backend": b.name,
+        "role": b.role,
+        "device": _backends.device_of(b),
+        "status": status,
+        **kw,
+    }
+
+
+def run_case(
+    case: Case,
+    dtype: str,
+    usable: list[_backends.Backend],
+    cfg: BenchConfig,
+    bw: dict[str, Any],
+    tick: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Check and time every usable backend on one case and dtype."""
+    try:
+        data = CaseData(case, dtype, cfg.seed)
+    except Unsupported as exc:
+        return [_record(case, dtype, b, 0, cfg.inplace, "n/a", reason=str(exc)) for b in usable]
+    rows: dict[str, dict[str, Any]] = {}
+    ops: dict[str, tuple[str, Any]] = {}
+    for b in usable:
+        device = _backends.device_of(b)
+        base = _record(case, dtype, b, data.nbytes, cfg.inplace, "ok")
+        if case.large and device == "cpu" and not cfg.large:
+            rows[b.name] = {**base, "status": "n/a", "reason": "CPU runs of GPT-2 XL need --large"}
+            continue
+        tick(b.name)
+        timer = _backends.timer_of(b)
+        try:
+            storage = _backends.storage_of(b)
+            if storage not in ("own", "none"):
+                data.reset(storage)
+            op = _quiet(b.make(data, cfg.inplace))
+            first_s, out = timing.first_call(timer, op)
+            err, ok = data.check(out, b.role)
+            del out
+        except Unsupported as exc:
+            rows[b.name] = {**base, "status": "n/a", "reason": str(exc)}
+            continue
+        except NotImplementedError as exc:
+            rows[b.name] = {**base, "status": "skipped", "reason": f"NotImplementedError: {exc}"}
+            continue
+        except Exception as exc:
+            rows[b.name] = {**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            continue
+        base.update(first_call_s=first_s, max_rel_err=err, tolerance=_tol(b.role, dtype))
+        if not ok:
+            rows[b.name] = {
+                **base,
+                "status": "FAILED",
+                "reason": f"max relative error {err:.3g} > tolerance {base['tolerance']:.3g}",
+            }
+            continue
+        rows[b.name] = base
+        ops[b.name] = (timer, op)
+    try:
+        stats = timing.interleaved(ops, cfg.repeat, tick) if ops else {}
+    finally:
+        data.release()
+        del ops
+        gc.collect()
+    for name, st in stats.items():
+        r = rows[name]
+        r.update(st)
+        r["gbps"] = r["nbytes"] / st["median_s"] / 1e9
+    out = list(rows.values())
+    _refloor(out, bw)
+    return out
+
+
+def _quiet(op: Callable[[], Any]) -> Callable[[], Any]:
+    """``op`` with NumPy's floating-point warnings off: a peer that overflows (NumPy's
+    float16 norm does) is reported FAILED by the check, not as a warning."""
+
+    def run() -> Any:
+        with np.errstate(all="ignore"):
+            return op()
+
+    return run
+
+
+def _tol(role: str, dtype: str) -> float:
+    from .data import TOLERANCE
+
+    return TOLERANCE[role][dtype]
+
+
+def _refloor(results: list[dict[str, Any]], bw: dict[str, Any]) -> None:
+    """(Re)compute floors, fractions of the floor and speedups against every peer."""
+    from .workloads import PASSES
+
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["case"], r["dtype"], r["inplace"]), []).append(r)
+        probe = bw.get(r["device"])
+        if r.get("median_s") and probe:
+            r["floor_s"] = PASSES[r["kind"]] * r["nbytes"] / probe["bytes_per_s"]
+            r["floor_fraction"] = r["floor_s"] / r["median_s"]
+    for group in groups.values():
+        peers = {
+            r["backend"]: r["median_s"] for r in group if r["role"] == "peer" and r.get("median_s")
+        }
+        for r in group:
+            if r.get("median_s"):
+                r["speedup"] = {p: m / r["median_s"] for p, m in peers.items()}

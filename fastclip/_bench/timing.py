@@ -1,0 +1,185 @@
+"""Timing: interleaved rounds, medians and spread, CUDA events, the bandwidth floor.
+
+The machine is shared and noisy, so the implementations of one case are timed
+in rounds: every round runs each of them once (a block of ``inner`` calls,
+enough to last about ``TARGET_BLOCK_S``), in an order rotated from round to
+round.  Reported: the median per-call time over rounds and the interquartile
+range.  The first call of each implementation (compilation, cache loading,
+allocator warm-up) is timed on its own and kept out of the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+#: A timed block lasts at least this long (timer resolution, loop overhead).
+TARGET_BLOCK_S = 2e-3
+#: ... and runs at most this many calls.
+MAX_INNER = 10_000
+
+#: The host bandwidth probe: in-place scale of 256 MiB of float32.
+HOST_PROBE_BYTES = 256 * 2**20
+HOST_PROBE_METHOD = "numba prange in-place scale (x *= 1) of a 256 MiB float32 array"
+CUDA_PROBE_BYTES = 1024 * 2**20
+
+
+def sync(timer: str) -> None:
+    if timer == "torch-cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    elif timer == "cupy":
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def time_block(timer: str, fn: Callable[[], Any], n: int) -> float:
+    """Seconds per call of ``n`` back-to-back calls."""
+    if timer == "cpu":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+    if timer == "torch-cuda":
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+    import cupy
+
+    cstart, cend = cupy.cuda.Event(), cupy.cuda.Event()
+    cstart.record()
+    for _ in range(n):
+        fn()
+    cend.record()
+    cend.synchronize()
+    return cupy.cuda.get_elapsed_time(cstart, cend) / 1e3 / n
+
+
+def first_call(timer: str, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time of one call, synchronised (includes compilation), and its result."""
+    sync(timer)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(timer)
+    return time.perf_counter() - t0, out
+
+
+def inner_count(timer: str, fn: Callable[[], Any]) -> int:
+    dt = time_block(timer, fn, 1)
+    return max(1, min(MAX_INNER, math.ceil(TARGET_BLOCK_S / max(dt, 1e-9))))
+
+
+def interleaved(
+    ops: dict[str, tuple[str, Callable[[], Any]]],
+    repeat: int,
+    tick: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time ``ops`` (name -> (timer, fn)) in ``repeat`` rotated rounds."""
+    names = list(ops)
+    inner = {k: inner_count(*ops[k]) for k in names}
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeat):
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
+        for k in order:
+            timer, fn = ops[k]
+            samples[k].append(time_block(timer, fn, inner[k]))
+        if tick is not None:
+            tick(f"round {r + 1}/{repeat}")
+    return {k: {**summarize(samples[k]), "inner": inner[k]} for k in names}
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    a = np.asarray(samples)
+    q25, med, q75 = (float(v) for v in np.percentile(a, [25, 50, 75]))
+    return {
+        "median_s": med,
+        "q25_s": q25,
+        "q75_s": q75,
+        "min_s": float(a.min()),
+        "max_s": float(a.max()),
+        "samples_s": [float(v) for v in a],
+    }
+
+
+# ---------------------------------------------------------------- bandwidth floor
+
+
+_scale_kernel: Any = None
+
+
+def _host_kernel() -> Any:
+    global _scale_kernel
+    if _scale_kernel is None:
+        import numba
+
+        @numba.njit(parallel=True, nogil=True, cache=False)
+        def scale(a: Any, c: Any) -> None:  # pragma: no cover - compiled
+            for i in numba.prange(a.size):
+                a[i] *= c
+
+        _scale_kernel = scale
+    return _scale_kernel
+
+
+def host_bandwidth(repeat: int = 10) -> dict[str, Any]:
+    """Read+write bytes per second of a parallel in-place scale of 256 MiB."""
+    kernel = _host_kernel()
+    a = np.ones(HOST_PROBE_BYTES // 4, np.float32)
+    one = np.float32(1.0)
+    kernel(a, one)  # compile + fault the pages in
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        kernel(a, one)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "method": HOST_PROBE_METHOD,
+        "bytes_per_s": 2 * a.nbytes / med,
+        "median_s": med,
+        "samples_s": times,
+    }
+
+
+def cuda_bandwidth(repeat: int = 20) -> dict[str, Any] | None:
+    """Device-to-device read+write bandwidth (in-place scale of 1 GiB), or None."""
+    from .backends import _gpu_storage
+
+    storage = _gpu_storage()
+    if storage is None:
+        return None
+    if storage == "torch-cuda":
+        import torch
+
+        x = torch.ones(CUDA_PROBE_BYTES // 4, device="cuda")
+        fn: Callable[[], Any] = lambda: x.mul_(1.0)  # noqa: E731
+        timer, method = "torch-cuda", "torch in-place x.mul_(1) of 1 GiB float32, CUDA events"
+    else:
+        import cupy
+
+        y = cupy.ones(CUDA_PROBE_BYTES // 4, dtype=cupy.float32)
+        fn = lambda: y.__imul__(1.0)  # noqa: E731
+        timer, method = "cupy", "cupy in-place x *= 1 of 1 GiB float32, CUDA events"
+    for _ in range(3):
+        fn()
+    times = [time_block(timer, fn, 5) for _ in range(repeat)]
+    med = statistics.median(times)
+    return {
+        "method": method,
+        "bytes_per_s": 2 * CUDA_PROBE_BYTES / med,
+        "median_s": med,
+        "samples_s": times,
+    }

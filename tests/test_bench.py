@@ -1,0 +1,449 @@
+"""``fastclip._bench``: workloads, the correctness check, JSON, --compare, the plot.
+
+Everything runs on tiny sizes with a 1 MiB bandwidth probe, so the file takes a
+few seconds; the real figures come from ``fastclip bench`` itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fastclip._bench import BenchConfig, run, timing
+from fastclip._bench import backends as bb
+from fastclip._bench.data import CaseData
+from fastclip._bench.progress import Progress
+from fastclip._bench.report import compare, format_table, load_json, write_json
+from fastclip._bench.workloads import WORKLOADS, cases_for, gpt2_shapes
+from fastclip.cli import main
+
+
+@pytest.fixture(autouse=True)
+def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB bandwidth probe instead of 256 MiB (the figure is meaningless, the path is not)."""
+    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
+
+
+def _cfg(**kw: object) -> BenchConfig:
+    base: dict[str, object] = dict(
+        workloads=("single",),
+        sizes=(1000,),
+        repeat=2,
+        backends=("fastclip", "numpy"),
+        progress=False,
+    )
+    base.update(kw)
+    return BenchConfig(**base)  # type: ignore[arg-type]
+
+
+def _wrong_backend() -> bb.Backend:
+    """Scales by twice the right coefficient: a plausible bug."""
+
+    def make(d: CaseData, inplace: bool) -> bb.Op:
+        arrays = d.numpy_arrays()
+
+        def op() -> list[np.ndarray]:
+            for a in arrays:
+                a *= a.dtype.type(2 * d.coef)
+            return arrays
+
+        return op
+
+    return bb.Backend(
+        "wrong", "peer", "cpu", "cpu", "host", "a deliberately wrong peer", lambda: None, make
+    )
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def test_gpt2_small_shapes() -> None:
+    shapes = gpt2_shapes(768, 12)
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for s in shapes) == 124_439_808
+    assert shapes[0] == (50257, 768) and shapes[1] == (1024, 768)
+    assert (768, 2304) in shapes and (3072, 768) in shapes
+
+
+def test_gpt2_xl_shapes() -> None:
+    shapes = gpt2_shapes(1600, 48)
+    assert len(shapes) == 4 + 12 * 48
+    assert 1.55e9 < sum(math.prod(s) for s in shapes) < 1.56e9
+
+
+def test_cases() -> None:
+    (tiny,) = cases_for("tiny", None, False)
+    assert len(tiny.shapes) == 2000 and tiny.size == 2_000_000
+    assert [c.size for c in cases_for("single", None, True)] == [10**k for k in range(3, 9)]
+    (rows,) = cases_for("rows", (2560,), False)
+    assert rows.shapes == ((256, 10),)
+    assert not WORKLOADS["gpt2-xl"].in_quick
+
+
+# ---------------------------------------------------------------- correctness check
+
+
+@pytest.mark.parametrize("kind", ["single", "rows", "value", "norm"])
+def test_check_accepts_reference_and_rejects_wrong(kind: str) -> None:
+    (case,) = cases_for(kind, (4096,), False)
+    d = CaseData(case, "float32")
+    x = d.numpy_arrays()[0].astype(np.float64)
+    if kind == "single":
+        good = [x * d.coef]
+    elif kind == "rows":
+        good = [x * d.row_coef[:, None]]
+    elif kind == "value":
+        good = [np.clip(x, -1, 1)]
+    else:
+        good = np.asarray(np.linalg.norm(x))
+    err, ok = d.check(good, "fastclip")
+    assert ok and err < 1e-6
+    bad = [g * 1.01 for g in good] if kind != "norm" else good * 1.01
+    err, ok = d.check(bad, "fastclip")
+    assert not ok and err > 1e-3
+    nan = [np.full_like(g, np.nan) for g in good] if kind != "norm" else np.asarray(np.nan)
+    assert d.check(nan, "peer") == (math.inf, False)
+
+
+def test_check_rejects_wrong_shape_and_count() -> None:
+    (case,) = cases_for("tiny", None, False)
+    d = CaseData(case, "float32")
+    arrays = d.numpy_arrays()
+    assert d.check(arrays[:-1], "peer")[1] is False
+    assert d.check([a.reshape(10, 100) for a in arrays], "peer")[1] is False
+
+
+def test_wrong_backend_is_reported_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bb.BACKENDS, "wrong", _wrong_backend())
+    report = run(_cfg(backends=("fastclip", "numpy", "wrong")))
+    by = {r["backend"]: r for r in report["results"]}
+    assert by["wrong"]["status"] == "FAILED"
+    assert "median_s" not in by["wrong"] and "gbps" not in by["wrong"]
+    assert "wrong" not in by["fastclip"]["speedup"]  # a wrong result is never a time
+    assert by["fastclip"]["status"] == "ok" and by["numpy"]["status"] == "ok"
+    table = format_table(report)
+    assert "FAILED" in table and "max relative error" in table
+
+
+def test_wrong_fastclip_result_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = _wrong_backend()
+    monkeypatch.setitem(
+        bb.BACKENDS,
+        "fastclip",
+        bb.Backend(
+            "fastclip", "fastclip", "cpu", "cpu", "host", "broken", lambda: None, wrong.make
+        ),
+    )
+    code = main(
+        [
+            "bench",
+            "--workloads",
+            "single",
+            "--sizes",
+            "1e3",
+            "--repeat",
+            "1",
+            "--backends",
+            "fastclip,numpy",
+            "--quiet",
+        ]
+    )
+    assert code == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_raising_backend_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def make(d: CaseData, inplace: bool) -> bb.Op:
+        def op() -> None:
+            raise RuntimeError("boom")
+
+        return op
+
+    monkeypatch.setitem(
+        bb.BACKENDS,
+        "boom",
+        bb.Backend("boom", "peer", "cpu", "cpu", "host", "raises", lambda: None, make),
+    )
+    report = run(_cfg(backends=("numpy", "boom")))
+    by = {r["backend"]: r for r in report["results"]}
+    assert by["boom"]["status"] == "error" and "boom" in by["boom"]["reason"]
+
+
+def test_not_implemented_is_skipped_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def make(d: CaseData, inplace: bool) -> bb.Op:
+        def op() -> None:
+            raise NotImplementedError("no GPU backend yet")
+
+        return op
+
+    monkeypatch.setitem(
+        bb.BACKENDS,
+        "gpu-ish",
+        bb.Backend("gpu-ish", "fastclip", "cpu", "cpu", "host", "", lambda: None, make),
+    )
+    report = run(_cfg(backends=("gpu-ish",)))
+    (r,) = report["results"]
+    assert r["status"] == "skipped" and "no GPU backend yet" in r["reason"]
+
+
+def test_gpu_backends_skipped_with_reason_without_gpu() -> None:
+    if bb._gpu_storage() is not None:
+        pytest.skip("a CUDA GPU is usable here")
+    report = run(_cfg(backends=("fastclip", "fastclip-gpu", "torch-cuda-foreach", "cupy")))
+    skipped = report["skipped_backends"]
+    assert set(skipped) == {"fastclip-gpu", "torch-cuda-foreach", "cupy"}
+    assert all(skipped.values())
+    assert "fastclip-gpu" in format_table(report)
+
+
+# ---------------------------------------------------------------- backends, dtypes, modes
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_all_kinds_all_cpu_backends(inplace: bool) -> None:
+    pytest.importorskip("torch")
+    report = run(
+        _cfg(
+            workloads=("single", "rows", "value", "norm"),
+            sizes=(2048,),
+            backends=("fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop"),
+            inplace=inplace,
+            repeat=1,
+        )
+    )
+    for r in report["results"]:
+        if r["backend"] == "torch-loop" and r["kind"] == "rows":
+            assert r["status"] == "n/a"
+        else:
+            assert r["status"] == "ok", r
+            assert r["median_s"] > 0 and r["first_call_s"] > 0 and r["floor_fraction"] > 0
+
+
+def test_many_arrays_and_16_bit() -> None:
+    pytest.importorskip("torch")
+    report = run(
+        _cfg(
+            workloads=("tiny",),
+            backends=("fastclip", "fastclip-torch", "numpy"),
+            dtypes=("float16", "bfloat16"),
+            repeat=1,
+        )
+    )
+    by = {(r["backend"], r["dtype"]): r for r in report["results"]}
+    assert by[("fastclip", "bfloat16")]["status"] == "n/a"  # NumPy has no bfloat16
+    assert by[("fastclip-torch", "bfloat16")]["status"] == "ok"
+    assert by[("fastclip", "float16")]["status"] == "ok"
+
+
+def test_inplace_leaves_base_and_out_of_place_leaves_inputs() -> None:
+    (case,) = cases_for("single", (1000,), False)
+    d = CaseData(case, "float32")
+    before = d.np_base.copy()  # type: ignore[union-attr]
+    op = bb.BACKENDS["numpy"].make(d, False)
+    out = op()
+    np.testing.assert_array_equal(d.numpy_arrays()[0], before)
+    assert d.check(out, "peer")[1]
+
+
+# ---------------------------------------------------------------- JSON, compare, plot
+
+
+SCHEMA_KEYS = {
+    "schema",
+    "created",
+    "command",
+    "config",
+    "machine",
+    "bandwidth",
+    "load_average",
+    "skipped_backends",
+    "results",
+    "wall_s",
+}
+RESULT_KEYS = {
+    "workload",
+    "case",
+    "kind",
+    "size",
+    "n_arrays",
+    "dtype",
+    "nbytes",
+    "inplace",
+    "backend",
+    "role",
+    "device",
+    "status",
+    "median_s",
+    "q25_s",
+    "q75_s",
+    "min_s",
+    "max_s",
+    "samples_s",
+    "inner",
+    "first_call_s",
+    "max_rel_err",
+    "tolerance",
+    "gbps",
+    "floor_s",
+    "floor_fraction",
+    "speedup",
+}
+
+
+def test_json_schema(tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "run.json"  # type: ignore[operator]
+    assert (
+        main(
+            [
+                "bench",
+                "--workloads",
+                "single,tiny",
+                "--sizes",
+                "1e3",
+                "--repeat",
+                "2",
+                "--backends",
+                "fastclip,numpy",
+                "--json",
+                str(path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    data = json.loads(path.read_text())
+    assert SCHEMA_KEYS <= set(data)
+    assert data["schema"] == "fastclip-bench/1"
+    m = data["machine"]
+    for key in ("cpu_model", "cpu_count", "gpus", "versions", "numba_threads"):
+        assert key in m
+    assert m["versions"]["numpy"] == np.__version__
+    assert data["bandwidth"]["cpu"]["bytes_per_s"] > 0
+    assert "prange" in data["bandwidth"]["cpu"]["method"]
+    assert len(data["results"]) == 4
+    for r in data["results"]:
+        assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
+        assert len(r["samples_s"]) == 2
+        assert r["q25_s"] <= r["median_s"] <= r["q75_s"]
+        assert set(r["speedup"]) == {"numpy"}
+    out = capsys.readouterr().out
+    assert "x numpy" in out and "tiny 2000x1000" in out
+
+
+def test_json_non_finite_is_strict(tmp_path: pytest.TempPathFactory) -> None:
+    path = tmp_path / "x.json"  # type: ignore[operator]
+    write_json({"schema": "fastclip-bench/1", "results": [{"max_rel_err": math.inf}]}, path)
+    text = path.read_text()
+    assert "Infinity" not in text and '"inf"' in text
+    assert load_json(path)["results"][0]["max_rel_err"] == "inf"
+
+
+def test_compare(tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "old.json"  # type: ignore[operator]
+    args = [
+        "bench",
+        "--workloads",
+        "single",
+        "--sizes",
+        "1e3,1e4",
+        "--repeat",
+        "1",
+        "--backends",
+        "fastclip,numpy",
+        "--quiet",
+    ]
+    assert main([*args, "--json", str(old)]) == 0
+    capsys.readouterr()
+    new = tmp_path / "new.json"  # type: ignore[operator]
+    assert main([*args, "--compare", str(old), "--json", str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "Compared with" in out and "ratio" in out
+    rows = json.loads(new.read_text())["compare"]["rows"]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["old_s"] / r["new_s"])
+
+
+def test_compare_function_handles_disjoint_runs() -> None:
+    a = {
+        "results": [
+            {"case": "a", "dtype": "float32", "inplace": True, "backend": "x", "median_s": 1.0}
+        ],
+        "machine": {"cpu_model": "A", "cpu_count": 2},
+    }
+    b = {
+        "results": [
+            {"case": "b", "dtype": "float32", "inplace": True, "backend": "x", "median_s": 1.0}
+        ],
+        "machine": {"cpu_model": "B", "cpu_count": 2},
+    }
+    text, rows = compare(a, b)
+    assert rows == [] and "No result in common" in text and "different machines" in text
+
+
+def test_plot_written(tmp_path: pytest.TempPathFactory) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "p.png"  # type: ignore[operator]
+    assert (
+        main(
+            [
+                "bench",
+                "--workloads",
+                "single,tiny",
+                "--sizes",
+                "1e3,1e4",
+                "--repeat",
+                "1",
+                "--backends",
+                "fastclip,numpy",
+                "--plot",
+                str(png),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    data = png.read_bytes()
+    assert len(data) > 10_000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_bar_lines() -> None:
+    s = io.StringIO()
+    p = Progress(2, s)
+    p.update("ignored on a non-terminal")
+    p.step("first")
+    p.step("second")
+    p.close()
+    lines = s.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("[" + "#" * 24 + "] 2/2")
+
+
+def test_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "bench",
+                "--workloads",
+                "single",
+                "--sizes",
+                "1e3",
+                "--repeat",
+                "1",
+                "--backends",
+                "numpy",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "[" in captured.err and "single 1e3" in captured.err
+    assert "#" not in captured.out.split("\n")[0]
