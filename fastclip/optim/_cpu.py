@@ -1,0 +1,138 @@
+"""CPU driver of the fused optimizer kernels: packing, grouping and launching.
+
+Arrays are grouped by dtype (one launch per dtype), each group's lists are
+packed into (address, size) tables by the core driver (``_cpu._driver.pack``:
+zero-copy for contiguous data, copy-in/copy-out otherwise), and the kernels of
+``_cpu._optim_kernels`` run serial or parallel by size, with the same
+threading rules as the core (``_driver.run``).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _config as cfg
+from .._cpu import _build, _driver
+from .._cpu import _optim_kernels as K
+
+__all__ = ["K", "Group", "groups", "kernel", "run"]
+
+
+@functools.cache
+def kernel(name: str, parallel: bool) -> Any:
+    """The numba dispatcher for ``_optim_kernels.<name>`` (lazy, disk-cached)."""
+    func = getattr(K, name)
+    return _build._jit(_build._clone(func, "_par" if parallel else "_ser"), parallel)
+
+
+def run(name: str, n: int, *args: Any) -> Any:
+    """Run an optimizer kernel on ``n`` elements: the core's threading rules.
+
+    Serial below ``PARALLEL_MIN_ELEMENTS`` or in a child forked after OpenMP
+    started; under ``workqueue`` (or before the layer is known) a parallel
+    launch holds the core's lock and a thread that cannot take it runs serial.
+    """
+    state = _driver._state
+    if n < cfg.PARALLEL_MIN_ELEMENTS or state.serial_only:
+        return kernel(name, False)(*args)
+    layer = state.layer
+    if layer is not None and layer != "workqueue":
+        return kernel(name, True)(*args)
+    lock = state.lock
+    if not lock.acquire(blocking=False):
+        return kernel(name, False)(*args)
+    try:
+        result = kernel(name, True)(*args)
+        if layer is None:
+            import numba
+
+            state.layer = numba.threading_layer()
+        return result
+    finally:
+        lock.release()
+
+
+class Group:
+    """One dtype's tensors: ``index`` into the caller's lists and one table per list."""
+
+    __slots__ = ("index", "packs", "sizes", "like", "n")
+
+    def __init__(self, index: list[int], packs: list[Any]):
+        self.index = index
+        self.packs = packs
+        first = packs[0].tables[0]
+        self.sizes = first.sizes
+        self.like = first.like
+        self.n = first.n
+
+    def addrs(self, k: int) -> np.ndarray:
+        return self.packs[k].tables[0].addrs  # type: ignore[no-any-return]
+
+    def copy_out(self) -> None:
+        for packed in self.packs:
+            packed.copy_out()
+
+
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+
+
+def groups(
+    lib: Any, lists: Sequence[Sequence[Any] | None], writing: Sequence[bool], what: str
+) -> list[Group]:
+    """Validate and pack parallel lists (params first) into per-dtype groups.
+
+    Every list must have the params' length, and element ``i`` of each list
+    the shape and dtype of ``params[i]``.  ``None`` lists are packed as the
+    params (placeholders the kernel never touches).  Raises before any write.
+    """
+    params = lists[0]
+    assert params is not None
+    n = len(params)
+    pdtypes = list(map(_DTYPE, params))
+    pshapes = list(map(_SHAPE, params))
+    for k, lst in enumerate(lists[1:], 1):
+        if lst is None:
+            continue
+        if len(lst) != n:
+            raise ValueError(f"{what}: list {k} has {len(lst)} arrays, the params list has {n}")
+        if list(map(_DTYPE, lst)) != pdtypes:
+            raise TypeError(f"{what}: every array must have the dtype of its parameter")
+        if list(map(_SHAPE, lst)) != pshapes:
+            raise ValueError(f"{what}: every array must have the shape of its parameter")
+    kinds = set(pdtypes)
+    if len(kinds) == 1:
+        index_sets = [list(range(n))]
+    else:
+        by: dict[Any, list[int]] = {}
+        for i, d in enumerate(pdtypes):
+            by.setdefault(d, []).append(i)
+        index_sets = list(by.values())
+    out = []
+    for index in index_sets:
+        packs = []
+        for lst, w in zip(lists, writing):
+            src = params if lst is None else lst
+            sub = list(src) if len(index) == n else [src[i] for i in index]
+            packs.append(_driver.pack(lib, sub, what, writing=w and lst is not None))
+        if packs[0].tables[0].like.dtype.kind == "c":
+            raise TypeError(f"{what}: complex parameters are not supported")
+        out.append(Group(index, packs))
+    return out
+
+
+def total_pow_sum(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
+    """The core's multi-tensor power sum of the gradients, and the packed grads."""
+    packed = _driver.pack(lib, grads, "norm", writing=False)
+    return packed.total_pow_sum(pcode, p), packed
+
+
+def root(total: float, pcode: int, p: float) -> float:
+    return float(_driver._root(total, pcode, p))
+
+

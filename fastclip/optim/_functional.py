@@ -1,0 +1,467 @@
+"""Functional fused clip-and-step optimizers on lists of arrays (NumPy, torch CPU)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _dispatch
+from .._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord, scalar_value
+
+NONFINITE_POLICIES = ("propagate", "error", "skip")
+
+
+def check_nonfinite(policy: Any) -> str:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    return str(policy)
+
+
+def cpu_lib(arrays: Sequence[Any], what: str) -> Any:
+    """The core's CPU adapter for ``arrays`` (NumPy or torch CPU), or an error."""
+    route = _dispatch.route_of_many(list(arrays))
+    _dispatch.check_not_gpu(route)
+    if route != _dispatch.ROUTE_CPU:
+        raise TypeError(
+            f"{what} runs on NumPy arrays and torch CPU tensors (fused Numba kernels); got "
+            f"{type(arrays[0]).__module__}.{type(arrays[0]).__qualname__}. Use the clippers of "
+            "fastclip.adaptive with your own optimizer for other Array API libraries."
+        )
+    from .._cpu._libs import lib_for
+
+    return lib_for(_dispatch.library_of(arrays[0]))
+
+
+def coefficient(max_norm: float, total: float, eps: float) -> float:
+    """min(1, max_norm / (total + eps)); NaN propagates, total = inf gives 0 (as the core)."""
+    den = total + eps
+    r = max_norm / den if den != 0 else math.inf
+    return 1.0 if r >= 1.0 else r
+
+
+class Clip:
+    """The clip part of a fused step: coefficient, norm and whether to skip."""
+
+    __slots__ = ("coef", "norm", "norm_dtype", "skip")
+
+    def __init__(self) -> None:
+        self.coef = 1.0
+        self.norm: float | None = None
+        self.norm_dtype: Any = np.dtype(np.float32)
+        self.skip = False
+
+
+def clip_plan(
+    lib: Any,
+    grads: list[Any],
+    max_norm: Any,
+    norm_type: Any,
+    total_norm: Any,
+    clip_coef: Any,
+    eps: Any,
+    nonfinite: str,
+    what: str,
+) -> Clip:
+    """Compute the norm (one read pass, the core's kernel) and the coefficient.
+
+    Raises :class:`fastclip.NonFiniteNormError` for ``nonfinite="error"`` and a
+    non-finite norm; sets ``skip`` for ``"skip"``.  Nothing is written here.
+    """
+    from . import _cpu
+
+    plan = Clip()
+    if clip_coef is not None:
+        if max_norm is not None or total_norm is not None:
+            raise ValueError(f"{what}: pass either clip_coef or max_norm (and total_norm)")
+        plan.coef = scalar_value(clip_coef, "clip_coef")
+        if not plan.coef >= 0.0:
+            if nonfinite == "error":
+                raise NonFiniteNormError(f"{what}: the clip coefficient is {plan.coef}")
+            if nonfinite == "skip":
+                plan.skip = True
+        return plan
+    if max_norm is None:
+        if total_norm is not None:
+            raise ValueError(f"{what}: total_norm needs max_norm")
+        return plan
+    c = check_max_norm(max_norm)
+    pcode, p = check_ord(norm_type)
+    eps_v = check_eps(eps)
+    if total_norm is None:
+        total, packed = _cpu.total_pow_sum(lib, grads, pcode, p)
+        value = _cpu.root(total, pcode, p)
+        plan.norm_dtype = packed.dtype
+    else:
+        value = scalar_value(total_norm, "total_norm")
+        plan.norm_dtype = np.dtype(np.float64) if any(
+            str(g.dtype).endswith("float64") for g in grads
+        ) else np.dtype(np.float32)
+    plan.norm = value
+    if not math.isfinite(value):
+        if nonfinite == "error":
+            raise NonFiniteNormError(
+                f"{what}: the total gradient norm is non-finite ({value}); nothing was updated"
+            )
+        if nonfinite == "skip":
+            plan.skip = True
+            return plan
+    plan.coef = coefficient(c, value, eps_v)
+    return plan
+
+
+def _as_list(arrays: Any, name: str) -> list[Any]:
+    if arrays is None:
+        raise TypeError(f"{name} is required")
+    return _dispatch.as_array_list(arrays)
+
+
+def _norm_result(lib: Any, plan: Clip, like: Any) -> Any:
+    if plan.norm is None:
+        return None
+    return lib.wrap(plan.norm, plan.norm_dtype, like)
+
+
+def _steps(step: Any, n: int) -> list[float]:
+    if isinstance(step, (int, float, np.integer, np.floating)) and not isinstance(step, bool):
+        steps = [float(step)] * n
+    else:
+        steps = [float(s) for s in step]
+        if len(steps) != n:
+            raise ValueError(f"step: got {len(steps)} values for {n} parameters")
+    if any(not s >= 1 for s in steps):
+        raise ValueError("step counts must be >= 1 (the count *after* this step, as torch)")
+    return steps
+
+
+def adamw_hparams(
+    steps: list[float], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+) -> np.ndarray:
+    """The kernel's per-tensor hyperparameter rows, computed as torch does (Python floats)."""
+    from .._cpu import _optim_kernels as K
+
+    hp = np.empty((len(steps), K.A_COLS), np.float64)
+    hp[:, K.A_DECAY] = 1 - lr * weight_decay
+    hp[:, K.A_W1] = 1 - beta1
+    hp[:, K.A_BETA2] = beta2
+    hp[:, K.A_W2] = 1 - beta2
+    hp[:, K.A_EPS] = eps
+    cache: dict[float, tuple[float, float]] = {}
+    for i, s in enumerate(steps):
+        pair = cache.get(s)
+        if pair is None:
+            bias_correction1 = 1 - beta1**s
+            bias_correction2 = 1 - beta2**s
+            pair = cache[s] = (-(lr / bias_correction1), bias_correction2**0.5)
+        hp[i, K.A_NEG_STEP], hp[i, K.A_BC2_SQRT] = pair
+    return hp
+
+
+def sgd_hparams(
+    n: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    first: Sequence[bool] | None,
+) -> np.ndarray:
+    from .._cpu import _optim_kernels as K
+
+    hp = np.empty((n, K.S_COLS), np.float64)
+    hp[:, K.S_WD] = weight_decay
+    hp[:, K.S_MOMENTUM] = momentum
+    hp[:, K.S_DAMP1] = 1 - dampening
+    hp[:, K.S_NEG_LR] = -lr
+    hp[:, K.S_NESTEROV] = 1.0 if nesterov else 0.0
+    if momentum == 0:
+        hp[:, K.S_MODE] = 0.0
+    elif first is None:
+        hp[:, K.S_MODE] = 2.0
+    else:
+        hp[:, K.S_MODE] = np.where(np.asarray(first, bool), 1.0, 2.0)
+    return hp
+
+
+def launch_adamw(
+    lib: Any,
+    params: list[Any],
+    grads: list[Any],
+    exp_avgs: list[Any],
+    exp_avg_sqs: list[Any],
+    max_exp_avg_sqs: list[Any] | None,
+    hp: np.ndarray,
+    coef: float,
+) -> None:
+    """Validate, pack and run the AdamW kernel (one launch per dtype)."""
+    from .._config import CHUNK
+    from . import _cpu
+
+    amsgrad = max_exp_avg_sqs is not None
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    gs = _cpu.groups(lib, lists, [True, False, True, True, True], "adamw_step")
+    for g in gs:
+        rows = hp if len(g.index) == len(params) else hp[g.index]
+        _cpu.run(
+            "tab_adamw",
+            g.n,
+            g.addrs(0),
+            g.addrs(1),
+            g.addrs(2),
+            g.addrs(3),
+            g.addrs(4),
+            g.sizes,
+            g.like,
+            coef,
+            rows,
+            amsgrad,
+            CHUNK,
+        )
+        g.copy_out()
+    lib.touched(params)
+
+
+def launch_sgd(
+    lib: Any,
+    params: list[Any],
+    grads: list[Any],
+    buffers: list[Any] | None,
+    hp: np.ndarray,
+    coef: float,
+) -> None:
+    from .._config import CHUNK
+    from . import _cpu
+
+    gs = _cpu.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
+    for g in gs:
+        rows = hp if len(g.index) == len(params) else hp[g.index]
+        _cpu.run(
+            "tab_sgd",
+            g.n,
+            g.addrs(0),
+            g.addrs(1),
+            g.addrs(2),
+            g.sizes,
+            g.like,
+            coef,
+            rows,
+            CHUNK,
+        )
+        g.copy_out()
+    lib.touched(params)
+
+
+def adamw_step_(
+    params: Any,
+    grads: Any,
+    exp_avgs: Any,
+    exp_avg_sqs: Any,
+    *,
+    step: int | Sequence[int],
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    max_exp_avg_sqs: Any = None,
+    maximize: bool = False,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    total_norm: Any = None,
+    clip_coef: Any = None,
+    clip_eps: float = 1e-6,
+    nonfinite: str = "propagate",
+) -> Any:
+    r"""One AdamW step on lists of arrays, in place, with global-norm clipping fused in.
+
+    With :math:`c = \min(1, \mathrm{max\_norm} / (\|g\|_2 + 10^{-6}))` the clip
+    coefficient (1 without ``max_norm``) and :math:`t` = ``step``, every element
+    is updated as ``torch.optim.AdamW`` (Loshchilov & Hutter 2019) does after
+    ``torch.nn.utils.clip_grad_norm_``:
+
+    .. math::
+
+        \hat g &= c\, g \quad (-c\, g \text{ with maximize}) \\
+        p &\leftarrow p\,(1 - \eta\lambda) \\
+        m &\leftarrow m + (1-\beta_1)(\hat g - m) \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\,\hat g^2 \\
+        p &\leftarrow p - \frac{\eta}{1-\beta_1^t}\,
+             \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    (with ``max_exp_avg_sqs``, AMSGrad: :math:`\hat v = \max(\hat v, v)` replaces
+    :math:`v` in the denominator).  The gradients are read twice (norm, then
+    the fused update) and never written: they stay unclipped.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : lists of arrays
+        NumPy arrays or torch CPU tensors, element ``i`` of each list with the
+        shape and dtype of ``params[i]`` (float16, bfloat16, float32, float64).
+        ``params`` and the state lists are updated in place.
+    step : int or sequence of int
+        The step count *after* this step (1 on the first call), for the bias
+        corrections; one per parameter if they differ.
+    lr, betas, eps, weight_decay : float
+        As ``torch.optim.AdamW`` (defaults identical).
+    max_exp_avg_sqs : list of arrays, optional
+        AMSGrad state; its presence turns AMSGrad on.
+    maximize : bool, default False
+        Ascend instead of descend (the gradient's sign is flipped).
+    max_norm : float, optional
+        Clip the gradients' global ``norm_type``-norm to ``max_norm`` inside the
+        update (``torch.nn.utils.clip_grad_norm_``'s formula, ``eps = clip_eps``).
+    norm_type : float, default 2
+        Any ``p > 0`` or ``inf``.
+    total_norm : float or 0-d array, optional
+        Use this norm instead of computing it (e.g. one reduced across ranks).
+    clip_coef : float or 0-d array, optional
+        Multiply the gradients by this coefficient instead (e.g. from a
+        :mod:`fastclip.adaptive` clipper); excludes ``max_norm``.
+    clip_eps : float, default 1e-6
+        Added to the norm in the coefficient's denominator.
+    nonfinite : {"propagate", "error", "skip"}
+        A NaN/inf norm: scale by the non-finite coefficient as torch does
+        (parameters become NaN), raise :class:`fastclip.NonFiniteNormError`
+        before any write, or leave every array untouched.
+
+    Returns
+    -------
+    array or None
+        The 0-d global gradient norm before clipping (``max_norm`` given), in
+        the arrays' library; None otherwise.
+
+    Notes
+    -----
+    float32 results agree with ``torch.optim.AdamW`` (single-tensor code) to a
+    few ulps per step; 16-bit data is computed in float32 and rounded once
+    per stored value (torch rounds after every operation).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastclip.optim import adamw_step_
+    >>> p = [np.ones(3, np.float32)]
+    >>> g = [np.array([3.0, 4.0, 0.0], np.float32)]
+    >>> m, v = [np.zeros(3, np.float32)], [np.zeros(3, np.float32)]
+    >>> adamw_step_(p, g, m, v, step=1, lr=0.1, weight_decay=0.0, max_norm=1.0)
+    array(5., dtype=float32)
+    >>> p[0]
+    array(0.9, 0.9, 1. ], dtype=float32)
+    """
+    ps = _as_list(params, "params")
+    if not ps:
+        return None
+    gs = _as_list(grads, "grads")
+    ms = _as_list(exp_avgs, "exp_avgs")
+    vs = _as_list(exp_avg_sqs, "exp_avg_sqs")
+    xs = None if max_exp_avg_sqs is None else _as_list(max_exp_avg_sqs, "max_exp_avg_sqs")
+    policy = check_nonfinite(nonfinite)
+    lib = cpu_lib(ps, "adamw_step_")
+    if len(gs) != len(ps):
+        raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
+    beta1, beta2 = (float(b) for b in betas)
+    hp = adamw_hparams(
+        _steps(step, len(ps)), float(lr), beta1, beta2, float(eps), float(weight_decay)
+    )
+    plan = clip_plan(
+        lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "adamw_step_"
+    )
+    if not plan.skip:
+        coef = -plan.coef if maximize else plan.coef
+        launch_adamw(lib, ps, gs, ms, vs, xs, hp, coef)
+    return _norm_result(lib, plan, ps[0])
+
+
+def sgd_step_(
+    params: Any,
+    grads: Any,
+    momentum_buffers: Any = None,
+    *,
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool | Sequence[bool] = False,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    total_norm: Any = None,
+    clip_coef: Any = None,
+    clip_eps: float = 1e-6,
+    nonfinite: str = "propagate",
+) -> Any:
+    r"""One SGD step on lists of arrays, in place, with global-norm clipping fused in.
+
+    Exactly ``torch.optim.SGD`` after ``clip_grad_norm_``, element by element,
+    with :math:`c` the clip coefficient (see :func:`adamw_step_`):
+
+    .. math::
+
+        \hat g &= c\,g + \lambda p \quad (-c\,g + \lambda p \text{ with maximize}) \\
+        b &\leftarrow \hat g \ \text{(first step)}, \quad
+             b \leftarrow \mu b + (1-\tau)\,\hat g \ \text{(later)} \\
+        \hat g &\leftarrow \hat g + \mu b \ \text{(Nesterov)}, \quad \hat g \leftarrow b
+             \ \text{(otherwise; no momentum: } \hat g \text{ as is)} \\
+        p &\leftarrow p - \eta\,\hat g
+
+    Parameters
+    ----------
+    params, grads : lists of arrays
+        NumPy arrays or torch CPU tensors; ``params`` are updated in place.
+    momentum_buffers : list of arrays, optional
+        Required when ``momentum != 0``; written in place.  On the first step
+        (``first_step=True``, or per parameter) the buffer is *set* to the
+        gradient, as torch does when its buffer is still ``None``; its old
+        content is ignored (``np.empty`` is fine).
+    lr, momentum, dampening, weight_decay, nesterov, maximize :
+        As ``torch.optim.SGD`` (Nesterov needs momentum > 0 and dampening 0).
+    max_norm, norm_type, total_norm, clip_coef, clip_eps, nonfinite :
+        As :func:`adamw_step_`.
+
+    Returns
+    -------
+    array or None
+        The 0-d global gradient norm before clipping when ``max_norm`` is given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastclip.optim import sgd_step_
+    >>> p, g = [np.zeros(2, np.float32)], [np.array([3.0, 4.0], np.float32)]
+    >>> sgd_step_(p, g, lr=1.0, max_norm=1.0)
+    array(5., dtype=float32)
+    >>> p[0]
+    array([-0.6, -0.8], dtype=float32)
+    """
+    ps = _as_list(params, "params")
+    if not ps:
+        return None
+    gs = _as_list(grads, "grads")
+    policy = check_nonfinite(nonfinite)
+    lib = cpu_lib(ps, "sgd_step_")
+    if len(gs) != len(ps):
+        raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
+    momentum, dampening = float(momentum), float(dampening)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    bufs = None
+    if momentum != 0:
+        if momentum_buffers is None:
+            raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
+        bufs = _as_list(momentum_buffers, "momentum_buffers")
+    if isinstance(first_step, (bool, np.bool_)):
+        first = [bool(first_step)] * len(ps)
+    else:
+        first = [bool(f) for f in first_step]
+    hp = sgd_hparams(
+        len(ps), float(lr), momentum, dampening, float(weight_decay), bool(nesterov), first
+    )
+    plan = clip_plan(
+        lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "sgd_step_"
+    )
+    if not plan.skip:
+        coef = -plan.coef if maximize else plan.coef
+        launch_sgd(lib, ps, gs, bufs, hp, coef)
+    return _norm_result(lib, plan, ps[0])
