@@ -1,0 +1,259 @@
+"""The backend matrix: which array libraries the suite runs on, and how to talk to them.
+
+Modelled on array-api-extra's ``Backend`` enum: each member builds arrays from
+float64 NumPy data in its own type and dtype, converts results back to
+float64 NumPy for comparison with ``reference``, and checks that a result has
+the namespace, dtype, shape and device it should.  GPU members skip with a
+reason unless a device is usable (never on "the package imports").
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import Any
+
+import numpy as np
+import pytest
+
+FLOAT16 = ("float16", "bfloat16")
+REAL_FLOATS = ("float16", "bfloat16", "float32", "float64")
+COMPLEX = ("complex64", "complex128")
+
+#: Relative tolerance on element values and norms, per dtype (see ``rtol``).
+_RTOL = {
+    "float64": 1e-12,
+    "complex128": 1e-12,
+    "float32": 1e-6,
+    "complex64": 1e-6,
+    "float16": 1e-2,
+    "bfloat16": 1e-2,
+}
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@functools.cache
+def _cupy_available() -> bool:
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return bool(cupy.is_available())
+
+
+class Backend(enum.Enum):
+    NUMPY = "numpy"
+    NUMPY_READONLY = "numpy_readonly"
+    TORCH = "torch"
+    ARRAY_API_STRICT = "array_api_strict"
+    TORCH_CUDA = "torch_cuda"
+    CUPY = "cupy"
+
+    def __str__(self) -> str:
+        return self.value
+
+    # ---------------------------------------------------------------- facts
+
+    @property
+    def is_torch(self) -> bool:
+        return self in (Backend.TORCH, Backend.TORCH_CUDA)
+
+    @property
+    def is_numpy(self) -> bool:
+        return self in (Backend.NUMPY, Backend.NUMPY_READONLY)
+
+    @property
+    def writeable(self) -> bool:
+        """Whether in-place functions may modify arrays built by this backend."""
+        return self is not Backend.NUMPY_READONLY
+
+    @property
+    def float_dtypes(self) -> tuple[str, ...]:
+        if self.is_torch:
+            return REAL_FLOATS
+        if self is Backend.ARRAY_API_STRICT:
+            return ("float32", "float64")  # array-api-strict has no float16
+        return ("float16", "float32", "float64")  # NumPy and CuPy: no bfloat16
+
+    def skip_reason(self) -> str | None:
+        if self is Backend.TORCH_CUDA and not _cuda_available():
+            return "torch.cuda.is_available() is False: no CUDA device for the TORCH_CUDA backend"
+        if self is Backend.CUPY and not _cupy_available():
+            return "cupy is not installed or cupy.is_available() is False: no CUDA device"
+        if self in (Backend.TORCH_CUDA, Backend.CUPY) and not self._gpu_route_built():
+            return "a GPU is usable but fastclip's GPU route raises NotImplementedError (not built yet)"
+        return None
+
+    def _gpu_route_built(self) -> bool:
+        import fastclip
+
+        try:
+            fastclip.norm(self.asarray(np.ones(1), "float32"))
+        except NotImplementedError:
+            return False
+        return True
+
+    # ----------------------------------------------------------- conversion
+
+    def module(self) -> Any:
+        if self.is_numpy:
+            return np
+        if self.is_torch:
+            import torch
+
+            return torch
+        if self is Backend.ARRAY_API_STRICT:
+            import array_api_strict
+
+            return array_api_strict
+        import cupy
+
+        return cupy
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.module(), name)
+
+    def asarray(self, data: Any, dtype: str = "float64") -> Any:
+        """``data`` (NumPy, usually float64) converted to this backend and ``dtype``."""
+        data = np.asarray(data)
+        mod = self.module()
+        if self.is_numpy:
+            out = np.array(data, dtype=dtype)
+            if self is Backend.NUMPY_READONLY:
+                out.flags.writeable = False
+            return out
+        if self.is_torch:
+            device = "cuda" if self is Backend.TORCH_CUDA else "cpu"
+            return mod.tensor(data, dtype=getattr(mod, dtype), device=device)
+        if self is Backend.ARRAY_API_STRICT:
+            return mod.asarray(data.astype(dtype) if dtype != "bool" else data.astype(bool))
+        return mod.asarray(data, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A result as NumPy: float64 (complex128 for complex), integers and bools as they are."""
+        if self.is_torch:
+            import torch
+
+            t = x.detach().cpu()
+            if t.dtype.is_complex:
+                t = t.to(torch.complex128)
+            elif t.dtype.is_floating_point:
+                t = t.to(torch.float64)
+            return t.numpy().copy()
+        if self is Backend.CUPY:
+            import cupy
+
+            a = cupy.asnumpy(x)
+        elif self is Backend.ARRAY_API_STRICT:
+            a = np.from_dlpack(x).copy()
+        else:
+            a = np.array(x, copy=True)
+        if a.dtype.kind == "c":
+            return a.astype(np.complex128)
+        if a.dtype.kind == "f":
+            return a.astype(np.float64)
+        return a
+
+    def round_to(self, values: np.ndarray, dtype: str) -> np.ndarray:
+        """float64 values rounded to ``dtype`` and back (for 16-bit comparisons)."""
+        if dtype == "bfloat16":
+            import torch
+
+            t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+            return t.to(torch.bfloat16).to(torch.float64).numpy()
+        return np.asarray(values).astype(dtype).astype(np.result_type(dtype, np.float64))
+
+    # ------------------------------------------------------------ assertions
+
+    def assert_array(self, result: Any, like: Any, dtype: str, shape: tuple[int, ...]) -> None:
+        """``result`` is an array of this backend, of ``dtype`` and ``shape``, on ``like``'s device."""
+        if self.is_numpy:
+            assert type(result) is np.ndarray, type(result)
+        elif self.is_torch:
+            import torch
+
+            assert isinstance(result, torch.Tensor), type(result)
+            assert result.device == like.device, (result.device, like.device)
+        elif self is Backend.ARRAY_API_STRICT:
+            import array_api_strict
+
+            assert isinstance(result, array_api_strict._array_object.Array), type(result)
+            assert result.device == like.device, (result.device, like.device)
+        else:
+            import cupy
+
+            assert isinstance(result, cupy.ndarray), type(result)
+            assert result.device == like.device
+        assert result.dtype == self.dtype(dtype), (result.dtype, dtype)
+        assert tuple(result.shape) == tuple(shape), (tuple(result.shape), shape)
+
+
+def norm_dtype(dtype: str) -> str:
+    """The dtype of norms of ``dtype`` data: float64 for 64-bit, else float32."""
+    return "float64" if dtype in ("float64", "complex128") else "float32"
+
+
+def rtol(dtype: str) -> float:
+    return _RTOL[dtype]
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, dtype: str, atol: float = 0.0) -> None:
+    """Element-wise comparison at ``dtype``'s tolerance; NaN must match NaN, inf must match inf."""
+    got = np.asarray(got)
+    expected = np.asarray(expected)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=rtol(dtype), atol=atol, equal_nan=True)
+
+
+def params(backends: Any = None, dtypes: Any = REAL_FLOATS) -> list[Any]:
+    """``pytest.param(backend, dtype)`` for every backend and every dtype it supports.
+
+    ``dtypes`` entries a backend lacks (bfloat16 outside torch, float16 on
+    array-api-strict) are left out rather than skipped.  GPU backends carry a
+    skip mark with the reason when no device is usable.
+    """
+    out = []
+    for b in backends or list(Backend):
+        supported = b.float_dtypes + COMPLEX + ("int32", "int64", "bool")
+        for d in dtypes:
+            if d not in supported:
+                continue
+            marks = [pytest.mark.skip(reason=r)] if (r := b.skip_reason()) else []
+            out.append(pytest.param(b, d, id=f"{b}-{d}", marks=marks))
+    return out
+
+
+def backend_params(backends: Any = None) -> list[Any]:
+    """``pytest.param(backend)`` for each backend, GPU ones skipping with a reason."""
+    out = []
+    for b in backends or list(Backend):
+        marks = [pytest.mark.skip(reason=r)] if (r := b.skip_reason()) else []
+        out.append(pytest.param(b, id=str(b), marks=marks))
+    return out
+
+
+WRITEABLE = [
+    Backend.NUMPY,
+    Backend.TORCH,
+    Backend.ARRAY_API_STRICT,
+    Backend.TORCH_CUDA,
+    Backend.CUPY,
+]
+CPU = [Backend.NUMPY, Backend.NUMPY_READONLY, Backend.TORCH, Backend.ARRAY_API_STRICT]
+
+
+def sample(shape: Any, seed: int = 0, kind: str = "real", scale: float = 1.0) -> np.ndarray:
+    """Reproducible float64 (or complex128) normal data."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape) * scale
+    if kind == "complex":
+        values = values + 1j * rng.standard_normal(shape) * scale
+    return values

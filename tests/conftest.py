@@ -1,0 +1,39 @@
+"""Shared fixtures: the backend matrix, hypothesis' CI profile, config patches.
+
+Helpers live in ``_backends.py`` and the float64 oracles in ``reference.py``;
+this file puts the tests directory on ``sys.path`` so test modules can import
+them under ``--import-mode=importlib``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from hypothesis import settings
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _backends import Backend, backend_params
+
+# Deterministic for CI (SciPy does the same): the same examples every run.
+settings.register_profile("fastclip-ci", derandomize=True, max_examples=40, deadline=None)
+settings.register_profile("fastclip-dev", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("FASTCLIP_HYPOTHESIS_PROFILE", "fastclip-ci"))
+
+
+@pytest.fixture(params=backend_params())
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each backend of the matrix (GPU ones skip with a reason where none is usable)."""
+    return request.param
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the multi-chunk, multi-block and parallel kernels on small data."""
+    import fastclip._config as cfg
+
+    monkeypatch.setattr(cfg, "CHUNK", 7)
+    monkeypatch.setattr(cfg, "COL_TILE", 3)
+    monkeypatch.setattr(cfg, "PARALLEL_MIN_ELEMENTS", 0)

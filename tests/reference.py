@@ -1,0 +1,101 @@
+"""float64 NumPy oracles for every fastclip operation.
+
+Written straight from the formulas in the issue, independent of fastclip:
+all arithmetic in float64 (complex values enter through ``|z|``), NaN and inf
+propagating as IEEE arithmetic makes them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _abs64(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind == "c":
+        return np.abs(a.astype(np.complex128))
+    return np.abs(a.astype(np.float64))
+
+
+def norm(x: Any, ord: float = 2, axis: Any = None, keepdims: bool = False) -> np.ndarray:
+    """Vector p-norm over ``axis`` (the reduction axes; None = all elements)."""
+    a = _abs64(x)
+    p = float(ord)
+    if math.isinf(p):
+        # initial=0 makes empty reductions 0 (norm of nothing); NaN still wins.
+        return np.max(a, axis=axis, keepdims=keepdims, initial=0.0)
+    if p == 1:
+        return np.sum(a, axis=axis, keepdims=keepdims)
+    if p == 2:
+        return np.sqrt(np.sum(a * a, axis=axis, keepdims=keepdims))
+    return np.sum(a**p, axis=axis, keepdims=keepdims) ** (1.0 / p)
+
+
+def global_norm(arrays: list[Any], ord: float = 2) -> np.ndarray:
+    """p-norm of all elements of all arrays together (0.0 for none)."""
+    flat = [_abs64(a).reshape(-1) for a in arrays]
+    return norm(np.concatenate(flat) if flat else np.zeros(0), ord)
+
+
+def coefficient(n: Any, max_norm: float, eps: float) -> np.ndarray:
+    """min(1, max_norm / (n + eps)), NaN propagating."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.minimum(1.0, max_norm / (np.asarray(n, np.float64) + eps))
+
+
+def _as64(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    return a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
+
+
+def clip_by_norm(x: Any, max_norm: float, ord: float = 2, axis: Any = None, eps: float = 1e-6):
+    """x * min(1, c / (||x|| + eps)), the norm over ``axis`` (per kept slice)."""
+    n = norm(x, ord, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        return _as64(x) * coefficient(n, max_norm, eps)
+
+
+def normalize(x: Any, ord: float = 2, axis: Any = None, eps: float = 1e-6) -> np.ndarray:
+    """x / (||x|| + eps)."""
+    n = norm(x, ord, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _as64(x) / (n + eps)
+
+
+def clip_by_global_norm(
+    arrays: list[Any], max_norm: float, ord: float = 2, eps: float = 1e-6, total_norm: Any = None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every array times min(1, c / (global norm + eps)); returns (arrays, norm before)."""
+    total = global_norm(arrays, ord) if total_norm is None else np.float64(total_norm)
+    coef = coefficient(total, max_norm, eps)
+    with np.errstate(invalid="ignore"):
+        return [_as64(a) * coef for a in arrays], total
+
+
+def clip_by_value(x: Any, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Clamp to [lo, hi]; NaN stays NaN.
+
+    Integer and bool data (bools as the integers 0 and 1) are clamped to the
+    bounds rounded inward, ``ceil(lo)`` and ``floor(hi)``, and stay in their
+    dtype's range.
+    """
+    a = np.asarray(x)
+    if a.dtype.kind in "biu":
+        info = np.iinfo(a.dtype) if a.dtype.kind != "b" else None
+        low, high = (0, 1) if info is None else (int(info.min), int(info.max))
+        v = [int(e) for e in a.reshape(-1)]  # Python ints: no overflow
+        if lo is not None:
+            v = [max(e, math.ceil(lo)) for e in v]
+        if hi is not None:
+            v = [min(e, math.floor(hi)) for e in v]
+        v = [min(max(e, low), high) for e in v]  # results stay in the dtype's range
+        return np.array(v, dtype=a.dtype).reshape(a.shape)
+    v = a.astype(np.float64)
+    if lo is not None:
+        v = np.where(v < lo, lo, v)
+    if hi is not None:
+        v = np.where(v > hi, hi, v)
+    return v

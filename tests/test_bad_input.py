@@ -1,0 +1,399 @@
+"""Every item of the issue's "Bad input" list: the right exception, and nothing modified.
+
+Each test snapshots every input array before the call and checks, after the
+exception, that all of them still hold exactly their old values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from _backends import Backend, assert_close, sample
+from numpy.exceptions import AxisError
+
+import fastclip
+
+
+@contextlib.contextmanager
+def unchanged(*arrays):
+    """Assert, after the block, that every array holds exactly its old values."""
+    snapshots = [(a, _np(a)) for a in arrays]
+    yield
+    for a, before in snapshots:
+        np.testing.assert_array_equal(_np(a), before)
+
+
+def _np(a):
+    if isinstance(a, torch.Tensor):
+        return (
+            a.detach().to(torch.float64).numpy().copy()
+            if a.dtype.is_floating_point
+            else a.numpy().copy()
+        )
+    return np.array(a, copy=True)
+
+
+NORM_FUNCS = [
+    ("norm", lambda x, **kw: fastclip.norm(x, **kw)),
+    ("clip_by_norm", lambda x, **kw: fastclip.clip_by_norm(x, 1.0, **kw)),
+    ("clip_by_norm_", lambda x, **kw: fastclip.clip_by_norm_(x, 1.0, **kw)),
+    ("normalize", lambda x, **kw: fastclip.normalize(x, **kw)),
+    ("normalize_", lambda x, **kw: fastclip.normalize_(x, **kw)),
+]
+GLOBAL_FUNCS = [
+    ("global_norm", lambda xs, **kw: fastclip.global_norm(xs, **kw)),
+    ("clip_by_global_norm", lambda xs, **kw: fastclip.clip_by_global_norm(xs, 1.0, **kw)),
+    ("clip_by_global_norm_", lambda xs, **kw: fastclip.clip_by_global_norm_(xs, 1.0, **kw)),
+]
+IN_PLACE_GLOBAL = [
+    ("clip_by_global_norm_", lambda xs: fastclip.clip_by_global_norm_(xs, 0.1)),
+    ("scale_", lambda xs: fastclip.scale_(xs, 0.5)),
+]
+ids = lambda cases: [c[0] for c in cases]  # noqa: E731
+
+
+# ------------------------------------------------------- not arrays at all
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], 3.0, "abc", None, {"a": 1}], ids=repr)
+def test_not_an_array_raises_type_error(bad):
+    for func in (
+        fastclip.norm,
+        lambda x: fastclip.clip_by_norm(x, 1.0),
+        lambda x: fastclip.clip_by_norm_(x, 1.0),
+        fastclip.normalize,
+        fastclip.normalize_,
+        lambda x: fastclip.clip_by_value(x, -1, 1),
+        lambda x: fastclip.clip_by_value_(x, -1, 1),
+    ):
+        with pytest.raises(TypeError):
+            func(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "func"),
+    GLOBAL_FUNCS + IN_PLACE_GLOBAL[1:],
+    ids=ids(GLOBAL_FUNCS + IN_PLACE_GLOBAL[1:]),
+)
+def test_list_of_non_arrays_raises_type_error(name, func):
+    good = [np.ones(4, np.float32), np.ones(3, np.float32)]
+    for bad in ([1.0, 2.0], [*good, "abc"], [*good, [1.0, 2.0]], 5, [*good, None]):
+        with unchanged(*good), pytest.raises(TypeError):
+            func(bad)
+
+
+# ------------------------------------------------------------ scalar args
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, -1e-30, math.nan, -math.inf], ids=repr)
+def test_negative_or_nan_max_norm_raises_value_error(max_norm):
+    x = np.array(sample(5, seed=1), np.float32)
+    xs = [x, np.ones(3)]
+    with unchanged(*xs):
+        for call in (
+            lambda: fastclip.clip_by_norm(x, max_norm),
+            lambda: fastclip.clip_by_norm_(x, max_norm),
+            lambda: fastclip.clip_by_global_norm(xs, max_norm),
+            lambda: fastclip.clip_by_global_norm_(xs, max_norm),
+            lambda: fastclip.clip_coefficient(1.0, max_norm),
+        ):
+            with pytest.raises(ValueError):
+                call()
+
+
+@pytest.mark.parametrize(
+    "max_norm", ["1.0", True, False, None, [1.0], 1 + 2j, np.ones(2)], ids=repr
+)
+def test_non_numeric_or_bool_max_norm_raises_type_error(max_norm):
+    x = np.array(sample(5, seed=2), np.float32)
+    xs = [x, np.ones(3)]
+    with unchanged(*xs):
+        for call in (
+            lambda: fastclip.clip_by_norm(x, max_norm),
+            lambda: fastclip.clip_by_norm_(x, max_norm),
+            lambda: fastclip.clip_by_global_norm_(xs, max_norm),
+        ):
+            with pytest.raises(TypeError):
+                call()
+
+
+@pytest.mark.parametrize("eps", [-1e-6, math.nan, math.inf], ids=repr)
+def test_bad_eps_raises_value_error(eps):
+    x = np.array(sample(5, seed=3), np.float32)
+    with unchanged(x):
+        for call in (
+            lambda: fastclip.clip_by_norm_(x, 1.0, eps=eps),
+            lambda: fastclip.normalize_(x, eps=eps),
+            lambda: fastclip.clip_by_global_norm_([x], 1.0, eps=eps),
+        ):
+            with pytest.raises(ValueError):
+                call()
+
+
+def test_negative_total_norm_raises_value_error():
+    xs = [np.ones(3, np.float32), np.ones(2, np.float32)]
+    with unchanged(*xs), pytest.raises(ValueError):
+        fastclip.clip_by_global_norm_(xs, 1.0, total_norm=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "exc"),
+    [
+        ((1.0, -1.0), ValueError),  # min > max
+        ((None, None), ValueError),  # no bound at all
+        ((math.nan, 1.0), ValueError),
+        ((-1.0, math.nan), ValueError),
+        (("a", 1.0), TypeError),
+        ((-1.0, True), TypeError),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize(
+    "backend", [Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT], ids=str
+)
+def test_bad_bounds(backend, bounds, exc):
+    x = backend.asarray(sample((3, 4), seed=4), "float32")
+    before = backend.to_numpy(x)
+    for func in (fastclip.clip_by_value, fastclip.clip_by_value_):
+        with pytest.raises(exc):
+            func(x, *bounds)
+    np.testing.assert_array_equal(backend.to_numpy(x), before)
+
+
+@pytest.mark.parametrize(
+    "ord", [0, -1, -math.inf, math.nan, "fro", "nuc", None, True, 1 + 1j], ids=repr
+)
+@pytest.mark.parametrize(
+    "backend", [Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT], ids=str
+)
+def test_invalid_ord_raises_value_error(backend, ord):
+    x = backend.asarray(sample((3, 4), seed=5), "float32")
+    xs = [x, backend.asarray(np.ones(2), "float32")]
+    before = [backend.to_numpy(a) for a in xs]
+    for _name, func in NORM_FUNCS:
+        with pytest.raises(ValueError):
+            func(x, ord=ord)
+    for _name, func in GLOBAL_FUNCS:
+        with pytest.raises(ValueError):
+            func(xs, ord=ord)
+    for a, b in zip(xs, before):
+        np.testing.assert_array_equal(backend.to_numpy(a), b)
+
+
+@pytest.mark.parametrize(
+    ("axis", "exc"),
+    [
+        (2, AxisError),
+        (-3, AxisError),
+        ((0, 5), AxisError),
+        ((0, 0), ValueError),
+        ((1, -1), ValueError),
+        (1.0, TypeError),
+        ((0, 1.5), TypeError),
+        ("0", TypeError),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize(
+    "backend", [Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT], ids=str
+)
+def test_invalid_axis(backend, axis, exc):
+    assert issubclass(AxisError, ValueError)
+    x = backend.asarray(sample((3, 4), seed=6), "float32")
+    before = backend.to_numpy(x)
+    for _name, func in NORM_FUNCS:
+        with pytest.raises(exc):
+            func(x, axis=axis)
+    np.testing.assert_array_equal(backend.to_numpy(x), before)
+
+
+# ---------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "bool"])
+@pytest.mark.parametrize(
+    "backend", [Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT], ids=str
+)
+def test_integer_and_bool_arrays_to_norm_functions_raise_type_error(backend, dtype):
+    x = backend.asarray(np.arange(6).reshape(2, 3) % 2, dtype)
+    f = backend.asarray(np.ones(3), "float32")
+    before = backend.to_numpy(x)
+    for _name, func in NORM_FUNCS:
+        with pytest.raises(TypeError):
+            func(x)
+    for _name, func in GLOBAL_FUNCS:
+        with pytest.raises(TypeError):
+            func([f, x])  # the float array comes first and must not be clipped either
+    np.testing.assert_array_equal(backend.to_numpy(x), before)
+    np.testing.assert_array_equal(backend.to_numpy(f), np.ones(3))
+
+
+@pytest.mark.parametrize(
+    "backend", [Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT], ids=str
+)
+def test_complex_clip_by_value_raises_type_error(backend):
+    x = backend.asarray(sample(4, seed=7, kind="complex"), "complex64")
+    before = backend.to_numpy(x)
+    for func in (fastclip.clip_by_value, fastclip.clip_by_value_):
+        with pytest.raises(TypeError):
+            func(x, -1, 1)
+    np.testing.assert_array_equal(backend.to_numpy(x), before)
+
+
+# ------------------------------------------------------- read-only arrays
+
+
+def _readonly(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def test_read_only_array_to_in_place_functions_raises_value_error():
+    x = _readonly(sample((3, 4), seed=8).astype(np.float32))
+    for call in (
+        lambda: fastclip.clip_by_norm_(x, 0.1),
+        lambda: fastclip.clip_by_norm_(x, 0.1, axis=1),
+        lambda: fastclip.normalize_(x),
+        lambda: fastclip.clip_by_value_(x, -0.1, 0.1),
+        lambda: fastclip.clip_by_value_(_readonly(np.arange(4)), 0, 1),
+        lambda: fastclip.clip_by_global_norm_([x], 0.1),
+        lambda: fastclip.scale_([x], 0.5),
+    ):
+        with unchanged(x), pytest.raises(ValueError):
+            call()
+
+
+@pytest.mark.parametrize("count", [2, 8, 12])
+@pytest.mark.parametrize(("name", "func"), IN_PLACE_GLOBAL, ids=ids(IN_PLACE_GLOBAL))
+def test_only_the_last_array_read_only_modifies_nothing(name, func, count):
+    """Validation of all arrays happens before the first write (bulk-header path at >= 8)."""
+    arrays = [np.array(sample(50, seed=i), np.float32) for i in range(count - 1)]
+    arrays.append(_readonly(np.array(sample(50, seed=99), np.float32)))
+    with unchanged(*arrays), pytest.raises(ValueError):
+        func(arrays)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32"])
+def test_numpy_readonly_backend_in_place_raises_value_error(dtype):
+    b = Backend.NUMPY_READONLY
+    x = b.asarray(sample((3, 4), seed=10), dtype)
+    calls = [lambda: fastclip.clip_by_value_(x, -0.1, 0.1)]
+    if dtype != "int32":
+        calls += [
+            lambda: fastclip.clip_by_norm_(x, 0.1),
+            lambda: fastclip.clip_by_norm_(x, 0.1, axis=0),
+            lambda: fastclip.normalize_(x, axis=1),
+            lambda: fastclip.clip_by_global_norm_([x], 0.1),
+            lambda: fastclip.clip_by_global_norm_([b.asarray(np.ones(3), dtype), x], 0.1),
+            lambda: fastclip.scale_([x], 0.5),
+        ]
+    for call in calls:
+        with unchanged(x), pytest.raises(ValueError):
+            call()
+
+
+def test_read_only_arrays_work_out_of_place():
+    x = _readonly(sample((3, 4), seed=9).astype(np.float32))
+    assert_close(fastclip.clip_by_norm(x, 0.1), ref.clip_by_norm(x, 0.1), "float32")
+    assert_close(fastclip.normalize(x, axis=1), ref.normalize(x, axis=1), "float32")
+    outs, total = fastclip.clip_by_global_norm([x, x], 0.1)
+    expected, expected_total = ref.clip_by_global_norm([x, x], 0.1)
+    assert_close(total, expected_total, "float32")
+    assert_close(outs[1], expected[1], "float32")
+
+
+# ------------------------------------------------------ mixed libraries
+
+
+@pytest.mark.parametrize("count", [2, 9])
+def test_arrays_from_different_libraries_raise_type_error(count):
+    import array_api_strict as xp
+
+    np_arrays = [np.array(sample(10, seed=i), np.float32) for i in range(count - 1)]
+    t = torch.tensor(sample(10, seed=50), dtype=torch.float32)
+    s = xp.asarray(sample(10, seed=51).astype(np.float32))
+    for mixed in ([*np_arrays, t], [t, *np_arrays], [*np_arrays, s], [s, t]):
+        for _name, func in GLOBAL_FUNCS + IN_PLACE_GLOBAL:
+            with unchanged(*np_arrays, t), pytest.raises(TypeError):
+                func(mixed)
+
+
+def test_tensors_on_different_devices_raise():
+    cpu = [torch.tensor(sample(10, seed=i), dtype=torch.float32) for i in range(3)]
+    meta = torch.empty(10, device="meta")
+    for mixed in ([*cpu, meta], [meta, *cpu]):
+        for _name, func in GLOBAL_FUNCS + IN_PLACE_GLOBAL:
+            with unchanged(*cpu), pytest.raises(TypeError, match="device"):
+                func(mixed)
+
+
+# ------------------------------------------------------- overlapping memory
+
+
+def _overlap_cases():
+    yield "same-array-twice", lambda a: [a, a]
+    yield "same-among-many", lambda a: [np.ones(3, np.float32) for _ in range(8)] + [a, a[:]]
+    yield "overlapping-slices", lambda a: [a[:25], a[20:]]
+    yield "view-and-base", lambda a: [a, a[5:10]]
+    yield "strided-subset", lambda a: [a[::2], a[::4]]
+    yield "2d-columns", lambda a: [a.reshape(5, 8)[:, ::2], a.reshape(5, 8)[:, 2:3]]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _overlap_cases()])
+@pytest.mark.parametrize(("name", "func"), IN_PLACE_GLOBAL, ids=ids(IN_PLACE_GLOBAL))
+def test_overlapping_arrays_in_one_in_place_call_raise_value_error(name, func, case):
+    make = next(m for c, m in _overlap_cases() if c == case)
+    a = np.array(sample(40, seed=60), np.float32)
+    arrays = make(a)
+    with unchanged(a, *arrays), pytest.raises(ValueError):
+        func(arrays)
+
+
+@pytest.mark.parametrize(("name", "func"), IN_PLACE_GLOBAL, ids=ids(IN_PLACE_GLOBAL))
+def test_same_tensor_twice_raises_value_error(name, func):
+    t = torch.tensor(sample(30, seed=61), dtype=torch.float32)
+    for arrays in (
+        [t, t],
+        [t[:20], t[10:]],
+        [torch.ones(3) for _ in range(8)] + [t, t.view(3, 10)],
+    ):
+        with unchanged(t), pytest.raises(ValueError):
+            func(arrays)
+
+
+@pytest.mark.parametrize("backend", [Backend.NUMPY, Backend.TORCH], ids=str)
+def test_interleaved_views_that_share_no_element_are_fine(backend):
+    base = backend.asarray(sample((6, 8), seed=62), "float32")
+    for pick in (lambda a: [a[::2], a[1::2]], lambda a: [a[:, ::2], a[:, 1::2]]):
+        expected, total = ref.clip_by_global_norm(pick(backend.to_numpy(base)), 1.0)
+        views = pick(base)
+        got = fastclip.clip_by_global_norm_(views, 1.0)
+        assert_close(backend.to_numpy(got), total, "float32")
+        for v, e in zip(views, expected):
+            assert_close(backend.to_numpy(v), e, "float32")
+
+
+# -------------------------------------------------- immutable / strict arrays
+
+
+def test_array_api_strict_in_place_modifies_the_array():
+    """array-api-strict arrays are writeable, so in-place works on them (JAX's would raise)."""
+    import array_api_strict as xp
+
+    data = sample((3, 4), seed=63)
+    x = xp.asarray(data.copy())  # its own memory: asarray may share NumPy's
+    norms = fastclip.clip_by_norm_(x, 0.5, axis=1)
+    assert_close(np.from_dlpack(norms), ref.norm(data, axis=1), "float64")
+    assert_close(np.from_dlpack(x), ref.clip_by_norm(data, 0.5, axis=1), "float64")
+    xs = [xp.asarray(data.copy()), xp.asarray(data[0].copy())]
+    total = fastclip.clip_by_global_norm_(xs, 0.5)
+    expected, expected_total = ref.clip_by_global_norm([data, data[0]], 0.5)
+    assert_close(np.from_dlpack(total), expected_total, "float64")
+    for a, e in zip(xs, expected):
+        assert_close(np.from_dlpack(a), e, "float64")

@@ -1,0 +1,204 @@
+"""Routes: what `import fastclip` loads, which route each array type takes, GPU refusals,
+autograd version counters, and the fallback when numba's on-disk cache is unavailable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import reference as ref
+from _backends import Backend, assert_close, sample
+
+import fastclip
+from fastclip import _dispatch
+
+TIMEOUT = 240
+
+
+def _run(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        check=False,
+    )
+
+
+def test_import_fastclip_imports_no_framework_and_compiles_nothing():
+    code = (
+        "import sys, json\n"
+        "import fastclip\n"
+        "print(json.dumps({'loaded': [m for m in ('torch', 'cupy', 'jax', 'numba', 'llvmlite')"
+        " if m in sys.modules], 'version': fastclip.__version__}))\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == []  # no numba: nothing can have been compiled
+    assert report["version"]
+
+
+def test_numba_is_imported_on_first_use_only():
+    code = (
+        "import sys, numpy as np, fastclip\n"
+        "assert 'numba' not in sys.modules\n"
+        "print(float(fastclip.norm(np.array([3.0, 4.0], np.float32))), 'numba' in sys.modules)\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["5.0", "True"]
+
+
+def test_info_reports_routes():
+    report = fastclip.info()
+    routes = report["routes"]
+    assert routes["numpy.ndarray"] == "numba-cpu"
+    assert routes["torch.Tensor (cpu)"] == "numba-cpu"
+    assert routes["array_api_strict.Array"] == "array-api"
+    assert routes["cupy.ndarray"].startswith("cupy-gpu")  # "(not installed)" where it is not
+    assert routes["torch.Tensor (cuda)"].startswith("cupy-gpu")
+    for key in (
+        "fastclip",
+        "versions",
+        "numba_threading_layer",
+        "numba_threads",
+        "numba_cache",
+        "gpus",
+    ):
+        assert key in report
+    assert report["fastclip"] == fastclip.__version__
+
+
+def test_route_of_real_arrays():
+    import array_api_strict as xp
+    import torch
+
+    assert _dispatch.route_of(np.ones(2)) == "numba-cpu"
+    assert _dispatch.route_of(torch.ones(2)) == "numba-cpu"
+    assert _dispatch.route_of(xp.ones(2)) == "array-api"
+    assert _dispatch.route_of(torch.ones(2, device="meta")) == "array-api"
+    with pytest.raises(TypeError):
+        _dispatch.route_of([1.0, 2.0])
+
+
+def test_check_not_gpu_raises_not_implemented():
+    with pytest.raises(NotImplementedError, match="GPU"):
+        _dispatch.check_not_gpu(_dispatch.ROUTE_GPU)
+    _dispatch.check_not_gpu(_dispatch.ROUTE_CPU)  # no error for the others
+    _dispatch.check_not_gpu(_dispatch.ROUTE_GENERIC)
+
+
+def _fake_cuda_tensor():
+    """A real torch.Tensor subclass (torch's FakeTensor) that reports device cuda:0.
+
+    It carries no data, but dispatch only looks at the type and the device, so
+    it exercises exactly the code a CUDA tensor would reach, on a CPU-only machine.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        t = torch.empty(4, device="cuda")
+    assert t.device.type == "cuda"
+    return t
+
+
+def test_cuda_tensors_raise_not_implemented_instead_of_copying():
+    t = _fake_cuda_tensor()
+    assert _dispatch.route_of(t) == "cupy-gpu"
+    for call in (
+        lambda: fastclip.norm(t),
+        lambda: fastclip.global_norm([t, t]),
+        lambda: fastclip.clip_by_norm(t, 1.0),
+        lambda: fastclip.clip_by_norm_(t, 1.0),
+        lambda: fastclip.normalize_(t),
+        lambda: fastclip.clip_by_value_(t, -1, 1),
+        lambda: fastclip.clip_by_global_norm_([t], 1.0),
+        lambda: fastclip.clip_by_global_norm([t, t], 1.0),
+        lambda: fastclip.scale_([t, t], 0.5),
+    ):
+        with pytest.raises(NotImplementedError, match="GPU"):
+            call()
+
+
+def test_cupy_arrays_raise_not_implemented():
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: no CuPy route to test")
+    if not cupy.is_available():
+        pytest.skip("cupy.is_available() is False: no CUDA device to create a CuPy array on")
+    x = cupy.ones(4, dtype=cupy.float32)
+    with pytest.raises(NotImplementedError):
+        fastclip.clip_by_norm_(x, 1.0)
+    assert float(cupy.asnumpy(x).sum()) == 4.0
+
+
+def test_in_place_on_tensors_bumps_the_autograd_version_counter():
+    import torch
+
+    data = sample((3, 4), seed=1)
+    cases = [
+        (lambda t: fastclip.clip_by_norm_(t, 0.5), lambda d: ref.clip_by_norm(d, 0.5)),
+        (
+            lambda t: fastclip.clip_by_norm_(t, 0.5, axis=1),
+            lambda d: ref.clip_by_norm(d, 0.5, axis=1),
+        ),
+        (lambda t: fastclip.normalize_(t), lambda d: ref.normalize(d)),
+        (
+            lambda t: fastclip.clip_by_value_(t, -0.2, 0.2),
+            lambda d: ref.clip_by_value(d, -0.2, 0.2),
+        ),
+        (lambda t: fastclip.clip_by_global_norm_([t], 0.5), lambda d: ref.clip_by_norm(d, 0.5)),
+        (
+            lambda t: fastclip.clip_by_global_norm_([t, t.new_zeros(2)], 0.5),
+            lambda d: ref.clip_by_norm(d, 0.5),
+        ),
+        (lambda t: fastclip.scale_([t], 0.5), lambda d: d * 0.5),
+    ]
+    for func, oracle in cases:
+        t = torch.tensor(data, dtype=torch.float32, requires_grad=True)
+        before = t._version
+        with torch.no_grad():
+            func(t)
+        assert t._version > before
+        assert_close(t.detach().double().numpy(), oracle(data.astype(np.float32)), "float32")
+
+
+def test_out_of_place_keeps_the_version_counter():
+    import torch
+
+    t = torch.tensor(sample(5, seed=2), dtype=torch.float32)
+    before = t._version
+    out = fastclip.clip_by_norm(t, 0.1)
+    assert t._version == before
+    Backend.TORCH.assert_array(out, t, "float32", (5,))
+    assert_close(out.double().numpy(), ref.clip_by_norm(t.double().numpy(), 0.1), "float32")
+
+
+def test_unavailable_numba_cache_falls_back_with_a_warning(tmp_path):
+    code = (
+        "import json, warnings\n"
+        "import numba.core.caching as caching\n"
+        "impl = getattr(caching, '_CacheImpl', None) or caching.CacheImpl  # renamed in numba 0.6x\n"
+        "impl._locator_classes = []  # no cache location can be found\n"
+        "import numpy as np, fastclip\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    value = float(fastclip.norm(np.array([3.0, 4.0, 12.0], np.float32)))\n"
+        "    clipped = fastclip.clip_by_norm(np.array([3.0, 4.0]), 1.0, eps=0.0).tolist()\n"
+        "print(json.dumps({'value': value, 'clipped': clipped, 'cache': fastclip.info()['numba_cache'],\n"
+        "    'warnings': [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["HOME"] = str(tmp_path)  # a fresh home: no ~/.cache/numba left from other runs
+    proc = _run(code, "-W", "default", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["value"] == pytest.approx(13.0, rel=1e-7)
+    assert report["clipped"] == pytest.approx([0.6, 0.8], rel=1e-12)
+    assert any("cache" in w.lower() for w in report["warnings"]), report["warnings"]
+    assert report["cache"].startswith("disabled")

@@ -1,0 +1,248 @@
+"""fastclip.torch against torch.nn.utils on the gradients of real torch.nn models.
+
+Each test builds the same model twice (same seed, same batch, same backward),
+applies torch's function to one copy and fastclip's to the other, and compares
+the returned norms (value, dtype, shape) and the resulting gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastclip
+import fastclip.torch as fct
+
+NORM_TYPES = [1.0, 2.0, math.inf, 3.0]
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(8, 32),
+            torch.nn.GELU(),
+            torch.nn.Linear(32, 32),
+            torch.nn.Tanh(),
+            torch.nn.Linear(32, 3),
+        )
+        self.unused = torch.nn.Parameter(torch.ones(5))  # its .grad stays None
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Transformer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(
+            d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 3)
+        self.unused = torch.nn.Parameter(torch.ones(2, 2))
+
+    def forward(self, x):
+        return self.head(self.encoder(x.reshape(x.shape[0], 2, 16)))
+
+
+def _model(kind, dtype=torch.float32, scale=1.0):
+    """A model with gradients from one backward pass (deterministic)."""
+    torch.manual_seed(0)
+    model = (MLP if kind == "mlp" else Transformer)().to(dtype)
+    x = torch.randn(6, 32 if kind == "transformer" else 8, dtype=dtype)
+    (model(x).square().sum() * scale).backward()
+    return model
+
+
+def _pair(kind, dtype=torch.float32, scale=1.0):
+    return _model(kind, dtype, scale), _model(kind, dtype, scale)
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+def _assert_same_grads(ours, theirs, dtype):
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert a.grad.dtype == b.grad.dtype
+            np.testing.assert_allclose(
+                a.grad.double().numpy(),
+                b.grad.double().numpy(),
+                rtol=TOL[dtype],
+                atol=1e-30,
+                equal_nan=True,
+            )
+
+
+def _assert_same_norm(ours, theirs, dtype):
+    assert isinstance(ours, torch.Tensor)
+    assert (
+        ours.dtype == theirs.dtype and ours.shape == theirs.shape and ours.device == theirs.device
+    )
+    np.testing.assert_allclose(
+        ours.double().numpy(), theirs.double().numpy(), rtol=TOL[dtype], equal_nan=True
+    )
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clipped", "unchanged"])
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_clip_grad_norm_(kind, norm_type, max_norm, foreach):
+    ours, theirs = _pair(kind)
+    got = fct.clip_grad_norm_(ours.parameters(), max_norm, norm_type, foreach=foreach)
+    expected = torch.nn.utils.clip_grad_norm_(
+        theirs.parameters(), max_norm, norm_type, foreach=foreach
+    )
+    _assert_same_norm(got, expected, torch.float32)
+    _assert_same_grads(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_clip_grad_norm_other_dtypes(kind, dtype, norm_type):
+    ours, theirs = _pair(kind, dtype)
+    got = fct.clip_grad_norm_(ours.parameters(), 0.05, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05, norm_type)
+    _assert_same_norm(got, expected, dtype)
+    _assert_same_grads(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_get_total_norm_and_clip_grads_with_norm_(kind, norm_type, foreach):
+    ours, theirs = _pair(kind)
+    grads_ours = [p.grad for p in ours.parameters() if p.grad is not None]
+    grads_theirs = [p.grad for p in theirs.parameters() if p.grad is not None]
+    got = fct.get_total_norm(grads_ours, norm_type, foreach=foreach)
+    expected = torch.nn.utils.get_total_norm(grads_theirs, norm_type, foreach=foreach)
+    _assert_same_norm(got, expected, torch.float32)
+    fct.clip_grads_with_norm_(ours.parameters(), 0.05, got, foreach=foreach)
+    torch.nn.utils.clip_grads_with_norm_(theirs.parameters(), 0.05, expected, foreach=foreach)
+    _assert_same_grads(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_clip_grad_value_(kind, dtype, foreach):
+    ours, theirs = _pair(kind, dtype)
+    assert fct.clip_grad_value_(ours.parameters(), 0.01, foreach=foreach) is None
+    torch.nn.utils.clip_grad_value_(theirs.parameters(), 0.01, foreach=foreach)
+    _assert_same_grads(ours, theirs, torch.float32 if dtype == torch.bfloat16 else dtype)
+
+
+def test_single_tensor_and_generator_inputs():
+    ours, theirs = _pair("mlp")
+    p_ours, p_theirs = ours.body[0].weight, theirs.body[0].weight
+    _assert_same_norm(
+        fct.clip_grad_norm_(p_ours, 0.1),
+        torch.nn.utils.clip_grad_norm_(p_theirs, 0.1),
+        torch.float32,
+    )
+    np.testing.assert_allclose(p_ours.grad.numpy(), p_theirs.grad.numpy(), rtol=1e-6)
+    _assert_same_norm(
+        fct.get_total_norm(p_ours.grad, 3.0),
+        torch.nn.utils.get_total_norm(p_theirs.grad, 3.0),
+        torch.float32,
+    )
+    gen_ours = (p for p in ours.parameters())
+    gen_theirs = (p for p in theirs.parameters())
+    _assert_same_norm(
+        fct.clip_grad_norm_(gen_ours, 0.01),
+        torch.nn.utils.clip_grad_norm_(gen_theirs, 0.01),
+        torch.float32,
+    )
+    _assert_same_grads(ours, theirs, torch.float32)
+    fct.clip_grad_value_(p_ours, 1e-4)
+    torch.nn.utils.clip_grad_value_(p_theirs, 1e-4)
+    _assert_same_grads(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+def test_error_if_nonfinite_raises_like_torch_and_keeps_grads(norm_type, bad):
+    ours, theirs = _pair("transformer")
+    for m in (ours, theirs):
+        m.head.weight.grad[0, 1] = bad
+    before = _grads(ours)
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_norm_(
+            theirs.parameters(), 0.05, norm_type, error_if_nonfinite=True
+        )
+    with pytest.raises(RuntimeError):
+        fct.clip_grad_norm_(ours.parameters(), 0.05, norm_type, error_if_nonfinite=True)
+    for g, p in zip(before, ours.parameters()):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    _assert_same_grads(ours, theirs, torch.float32)
+    grads = [p.grad for p in ours.parameters() if p.grad is not None]
+    with pytest.raises(RuntimeError):
+        fct.get_total_norm(grads, norm_type, error_if_nonfinite=True)
+    # without the flag, both propagate the non-finite norm into the gradients
+    got = fct.clip_grad_norm_(ours.parameters(), 0.05, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05, norm_type)
+    _assert_same_norm(got, expected, torch.float32)
+    _assert_same_grads(ours, theirs, torch.float32)
+
+
+def test_empty_parameters_return_zero_like_torch():
+    for f_ours, f_theirs in [
+        (fct.clip_grad_norm_, torch.nn.utils.clip_grad_norm_),
+    ]:
+        got, expected = f_ours([], 1.0), f_theirs([], 1.0)
+        _assert_same_norm(got, expected, torch.float32)
+    _assert_same_norm(fct.get_total_norm([]), torch.nn.utils.get_total_norm([]), torch.float32)
+    no_grads = [torch.nn.Parameter(torch.ones(3))]
+    _assert_same_norm(
+        fct.clip_grad_norm_(no_grads, 1.0),
+        torch.nn.utils.clip_grad_norm_(no_grads, 1.0),
+        torch.float32,
+    )
+    with pytest.warns(UserWarning, match="empty generator"):
+        expected = torch.nn.utils.clip_grad_norm_((p for p in []), 1.0)
+    with pytest.warns(UserWarning, match="empty generator"):
+        got = fct.clip_grad_norm_((p for p in []), 1.0)
+    _assert_same_norm(got, expected, torch.float32)
+
+
+def test_clip_grad_norm_matches_float64_oracle():
+    """Beyond parity: fastclip's float32 total is within 1e-6 of the exact float64 norm."""
+    import reference as ref
+
+    model = _model("transformer")
+    grads = [p.grad.double().numpy() for p in model.parameters() if p.grad is not None]
+    expected_total = ref.global_norm(grads)
+    got = fct.clip_grad_norm_(model.parameters(), 0.05)
+    assert abs(float(got) - expected_total) / expected_total < 1e-6
+    coef = ref.coefficient(expected_total, 0.05, 1e-6)
+    clipped = [p.grad.double().numpy() for p in model.parameters() if p.grad is not None]
+    for g, c in zip(grads, clipped):
+        np.testing.assert_allclose(c, g * coef, rtol=1e-6, atol=1e-30)
+
+
+def test_in_place_bumps_the_autograd_version_counter():
+    model = _model("mlp")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    versions = [g._version for g in grads]
+    fct.clip_grad_norm_(model.parameters(), 1e-3)
+    assert all(g._version > v for g, v in zip(grads, versions))
+    w = torch.nn.Parameter(torch.ones(4))
+    w2 = w * 2  # autograd saved w for the backward of w * w below
+    y = (w * w2).sum()
+    before = w._version
+    with torch.no_grad():
+        fastclip.clip_by_value_(w, -0.5, 0.5)
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()  # autograd notices, because the counter moved
+    np.testing.assert_array_equal(w.detach().numpy(), np.full(4, 0.5, np.float32))
