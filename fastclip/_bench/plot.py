@@ -106,9 +106,15 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
     m = report.get("machine", {})
+    load = (report.get("load_average") or {}).get("start")
+    busy = (
+        f" - machine busy (load {load[0]:.1f})"
+        if load and load[0] > 0.25 * (m.get("cpu_count") or 1)
+        else ""
+    )
     fig.suptitle(
         f"fastclip bench on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores"
-        f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''})",
+        f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''}){busy}",
         fontsize=10,
     )
     fig.tight_layout()

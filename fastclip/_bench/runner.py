@@ -160,7 +160,7 @@ def run_case(
     except Unsupported as exc:
         return [_record(case, dtype, b, 0, cfg.inplace, "n/a", reason=str(exc)) for b in usable]
     rows: dict[str, dict[str, Any]] = {}
-    ops: dict[str, tuple[str, Any]] = {}
+    ops: dict[str, timing.Timed] = {}
     for b in usable:
         device = _backends.device_of(b)
         base = _record(case, dtype, b, data.nbytes, cfg.inplace, "ok")
@@ -195,7 +195,10 @@ def run_case(
             }
             continue
         rows[b.name] = base
-        ops[b.name] = (timer, op)
+        reset = None
+        if cfg.inplace and storage not in ("own", "none"):
+            reset = _resetter(data, storage)
+        ops[b.name] = timing.Timed(timer, op, reset, data.nbytes)
     try:
         stats = timing.interleaved(ops, cfg.repeat, tick) if ops else {}
     finally:
@@ -209,6 +212,10 @@ def run_case(
     out = list(rows.values())
     _refloor(out, bw)
     return out
+
+
+def _resetter(data: CaseData, storage: str) -> Callable[[], None]:
+    return lambda: data.reset(storage)
 
 
 def _quiet(op: Callable[[], Any]) -> Callable[[], Any]:
