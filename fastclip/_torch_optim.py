@@ -113,7 +113,7 @@ class FusedAdamW(_FusedBase):
     Examples
     --------
     >>> import torch
-    >>> from fastclip.torch import FusedAdamW
+    >>> from fastclip._torch_optim import FusedAdamW  # re-exported as fastclip.torch.FusedAdamW
     >>> model = torch.nn.Linear(4, 2)
     >>> opt = FusedAdamW(model.parameters(), lr=1e-3, max_norm=1.0)
     >>> model(torch.ones(3, 4)).pow(2).sum().backward()
@@ -237,7 +237,7 @@ class FusedSGD(_FusedBase):
     Examples
     --------
     >>> import torch
-    >>> from fastclip.torch import FusedSGD
+    >>> from fastclip._torch_optim import FusedSGD  # re-exported as fastclip.torch.FusedSGD
     >>> w = torch.nn.Parameter(torch.zeros(2))
     >>> opt = FusedSGD([w], lr=1.0, momentum=0.9, max_norm=1.0)
     >>> w.grad = torch.tensor([3.0, 4.0])
@@ -354,7 +354,7 @@ class ClippedOptimizer(Optimizer):
     --------
     >>> import torch
     >>> from fastclip.adaptive import ZClip
-    >>> from fastclip.torch import ClippedOptimizer
+    >>> from fastclip._torch_optim import ClippedOptimizer  # re-exported as fastclip.torch.ClippedOptimizer
     >>> model = torch.nn.Linear(4, 1)
     >>> opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ZClip())
     >>> model(torch.ones(2, 4)).sum().backward()

@@ -347,7 +347,7 @@ def adamw_step_(
     >>> adamw_step_(p, g, m, v, step=1, lr=0.1, weight_decay=0.0, max_norm=1.0)
     array(5., dtype=float32)
     >>> p[0]
-    array(0.9, 0.9, 1. ], dtype=float32)
+    array([0.9, 0.9, 1. ], dtype=float32)
     """
     ps = _as_list(params, "params")
     if not ps:
@@ -430,7 +430,7 @@ def sgd_step_(
     >>> import numpy as np
     >>> from fastclip.optim import sgd_step_
     >>> p, g = [np.zeros(2, np.float32)], [np.array([3.0, 4.0], np.float32)]
-    >>> sgd_step_(p, g, lr=1.0, max_norm=1.0)
+    >>> sgd_step_(p, g, lr=1.0, max_norm=1.0, clip_eps=0.0)
     array(5., dtype=float32)
     >>> p[0]
     array([-0.6, -0.8], dtype=float32)
