@@ -38,6 +38,7 @@ gradients were clipped to, or None) and ``last_step_skipped`` describe it.
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 import numbers
 from collections import deque
@@ -136,7 +137,8 @@ class _Clipper:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore configuration and state from :meth:`state_dict`'s output."""
         sd = dict(state_dict)
-        cfg = {k: sd[k] for k in self._config() if k in sd}
+        names = inspect.signature(type(self).__init__).parameters
+        cfg = {k: sd[k] for k in names if k != "self" and k in sd}
         if "ord" in cfg and cfg["ord"] is not None:
             cfg["ord"] = float(cfg["ord"])
         type(self).__init__(self, **cfg)  # type: ignore[misc]

@@ -1,0 +1,491 @@
+"""fastclip.adaptive against plain float64 transcriptions of the papers' reference code."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastclip
+from fastclip.adaptive import AGC, AutoClip, GlobalNormClipper, ZClip, _Percentile
+
+# ------------------------------------------------------------- references
+
+
+def ref_percentile(history: list[float], p: float) -> float:
+    with np.errstate(invalid="ignore"):
+        return float(np.percentile(np.asarray(history, np.float64), p))
+
+
+class RefZClip:
+    """Transcription of bluorion-com/ZClip ``zclip.py`` (float64, on plain norms).
+
+    Returns the clip threshold used at each step (None = untouched).
+    """
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=None, eps=1e-6, warmup_steps=25,
+                 mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0,
+                 skip_update_on_spike=False):  # fmt: skip
+        self.alpha, self.z_thresh, self.max_grad_norm = alpha, z_thresh, max_grad_norm
+        self.eps, self.warmup_steps, self.mode = eps, warmup_steps, mode
+        self.clip_option, self.clip_factor = clip_option, clip_factor
+        self.skip_update_on_spike = skip_update_on_spike
+        self.buffer: list[float] = []
+        self.initialized = False
+        self.mean = self.var = None
+
+    def _initialize_ema(self):
+        self.mean = sum(self.buffer) / len(self.buffer)
+        self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+        self.initialized = True
+        self.buffer = []
+
+    def _update_ema(self, grad_norm):
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * grad_norm
+        self.var = self.alpha * self.var + (1 - self.alpha) * (grad_norm - self.mean) ** 2
+
+    def _compute_clip_val(self, grad_norm):
+        std = self.var**0.5
+        if self.mode == "percentile":
+            threshold = self.mean + self.z_thresh * std
+            if grad_norm > threshold:
+                return threshold
+        else:
+            z = (grad_norm - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    eta = z / self.z_thresh
+                    threshold = self.mean + (self.z_thresh * std) / eta
+                    return threshold * self.clip_factor
+                return self.mean
+        return None
+
+    def step(self, total_norm):
+        if not self.initialized:
+            self.buffer.append(total_norm)
+            if len(self.buffer) >= self.warmup_steps:
+                self._initialize_ema()
+            return self.max_grad_norm
+        clip_val = self._compute_clip_val(total_norm)
+        used = clip_val
+        if self.max_grad_norm is not None:
+            used = self.max_grad_norm if clip_val is None else min(clip_val, self.max_grad_norm)
+        if not (clip_val is not None and self.skip_update_on_spike):
+            self._update_ema(clip_val if clip_val is not None else total_norm)
+        return used
+
+
+def norm_sequence(rng: np.random.Generator, n: int, spikes: float = 0.03) -> list[float]:
+    """Log-normal norms drifting down, with spikes and repeated values."""
+    base = np.exp(rng.normal(0, 0.2, n)) * np.linspace(3, 1, n)
+    spike = rng.random(n) < spikes
+    base[spike] *= rng.uniform(5, 50, spike.sum())
+    base[rng.random(n) < 0.05] = 1.0  # ties
+    return [float(x) for x in base]
+
+
+def one(norm: float) -> list[np.ndarray]:
+    """A gradient list whose global norm is exactly ``norm`` (float64, one element)."""
+    return [np.array([norm], np.float64)]
+
+
+# ------------------------------------------------------------------ AutoClip
+
+
+@pytest.mark.parametrize("p", [0, 10, 37.5, 50, 90, 100])
+@pytest.mark.parametrize("window", [None, 1, 7, 200])
+def test_percentile_structure_equals_numpy(p: float, window: int | None) -> None:
+    rng = np.random.default_rng(int(p * 10) + (window or 0))
+    values = norm_sequence(rng, 3000)
+    stats = _Percentile(p / 100)
+    hist: list[float] = []
+    for i, v in enumerate(values):
+        stats.add(v, i)
+        hist.append(v)
+        if window is not None and len(hist) > window:
+            stats.remove(i - window)
+            hist.pop(0)
+        assert stats.value() == ref_percentile(hist, p)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(0, 1e6, allow_nan=False),
+            st.sampled_from([0.0, 1.0, math.inf, math.nan]),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    st.floats(0, 100),
+    st.one_of(st.none(), st.integers(1, 10)),
+)
+def test_percentile_property(values: list[float], p: float, window: int | None) -> None:
+    stats = _Percentile(p / 100)
+    hist: list[float] = []
+    for i, v in enumerate(values):
+        stats.add(v, i)
+        hist.append(v)
+        if window is not None and len(hist) > window:
+            stats.remove(i - window)
+            hist.pop(0)
+        got, want = stats.value(), ref_percentile(hist, p)
+        assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+@pytest.mark.parametrize("history", [None, 50])
+def test_autoclip_against_reference(history: int | None) -> None:
+    rng = np.random.default_rng(3)
+    norms = norm_sequence(rng, 600)
+    clipper = AutoClip(percentile=10, history=history)
+    hist: list[float] = []
+    for v in norms:
+        g = [np.full(4, v / 2.0), np.zeros(3)]  # global norm exactly v
+        before = [a.copy() for a in g]
+        total = clipper(g)
+        hist.append(v)
+        if history is not None:
+            hist = hist[-history:]
+        thr = ref_percentile(hist, 10)
+        assert float(total) == pytest.approx(v, rel=1e-15)
+        assert clipper.last_threshold == thr
+        coef = min(1.0, thr / (float(total) + 1e-6))
+        np.testing.assert_allclose(g[0], before[0] * coef, rtol=1e-15)
+
+
+def test_autoclip_clips_spikes_and_matches_torch_reference() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    clipper = AutoClip(percentile=25)
+    grad_history: list[float] = []
+    for _ in range(40):
+        scale = 100.0 if rng.random() < 0.2 else 1.0
+        data = [rng.normal(size=(5, 3)) * scale, rng.normal(size=3) * scale]
+        ours = [torch.tensor(d, dtype=torch.float32) for d in data]
+        ref = [torch.nn.Parameter(torch.zeros(d.shape)) for d in data]
+        for r, d in zip(ref, data):
+            r.grad = torch.tensor(d, dtype=torch.float32)
+        # the AutoClip paper's code, verbatim in spirit
+        obs = sum(float(r.grad.norm(2)) ** 2 for r in ref) ** 0.5
+        grad_history.append(obs)
+        torch.nn.utils.clip_grad_norm_(ref, float(np.percentile(grad_history, 25)))
+        clipper(ours)
+        for a, r in zip(ours, ref):
+            torch.testing.assert_close(a, r.grad, rtol=2e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------- ZClip
+
+ZCONFIGS = [
+    dict(),
+    dict(mode="percentile"),
+    dict(clip_option="mean"),
+    dict(max_norm=2.0),
+    dict(alpha=0.9, z_thresh=1.5, warmup_steps=5, clip_factor=0.8),
+    dict(skip_update_on_spike=True, warmup_steps=3),
+]
+
+
+def _ref_kwargs(cfg: dict) -> dict:
+    out = dict(cfg)
+    if "max_norm" in out:
+        out["max_grad_norm"] = out.pop("max_norm")
+    return out
+
+
+@pytest.mark.parametrize("cfg", ZCONFIGS, ids=str)
+def test_zclip_against_reference(cfg: dict) -> None:
+    rng = np.random.default_rng(len(str(cfg)))
+    norms = norm_sequence(rng, 1500, spikes=0.05)
+    ours, ref = ZClip(**cfg), RefZClip(**_ref_kwargs(cfg))
+    for step, v in enumerate(norms):
+        g = one(v)
+        total = ours(g)
+        want = ref.step(v)
+        assert float(total) == v
+        assert ours.last_threshold == want
+        expected = v if want is None else v * min(1.0, want / (v + 1e-6))
+        assert g[0][0] == pytest.approx(expected, rel=1e-14)
+        if step == 700:  # a state_dict round trip mid-run, through JSON
+            ours2 = ZClip()
+            ours2.load_state_dict(json.loads(json.dumps(ours.state_dict())))
+            ours = ours2
+        if ref.initialized:
+            assert ours.mean == ref.mean and ours.var == ref.var
+
+
+def test_zclip_spike_is_clipped_and_stats_use_clipped_norm() -> None:
+    z = ZClip(warmup_steps=4)
+    for v in (1.0, 1.1, 0.9, 1.0):
+        z(one(v))
+    mean, var = z.mean, z.var
+    g = one(100.0)
+    z(g)
+    std = math.sqrt(var)
+    zscore = (100.0 - mean) / (std + 1e-6)
+    target = mean + 2.5 * std / (zscore / 2.5)
+    assert g[0][0] == pytest.approx(100.0 * target / (100.0 + 1e-6), rel=1e-13)
+    new_mean = 0.97 * mean + 0.03 * target
+    assert z.mean == pytest.approx(new_mean, rel=1e-15)
+    assert z.var == pytest.approx(0.97 * var + 0.03 * (target - new_mean) ** 2, rel=1e-15)
+
+
+# ------------------------------------------------------- non-finite policies
+
+
+def _clippers() -> list:
+    return [
+        GlobalNormClipper(1.0),
+        AutoClip(percentile=30),
+        AutoClip(percentile=30, history=5),
+        ZClip(warmup_steps=3),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(4))
+def test_nonfinite_skip_keeps_state_and_grads(idx: int) -> None:
+    rng = np.random.default_rng(idx)
+    norms = norm_sequence(rng, 40)
+    bad_at = {5, 17, 30}
+    skipping = _clippers()[idx]
+    skipping.nonfinite = "skip"
+    clean = _clippers()[idx]
+    for i, v in enumerate(norms):
+        if i in bad_at:
+            g = [np.array([v, math.nan if i != 17 else math.inf])]
+            before = g[0].copy()
+            total = skipping(g)
+            assert skipping.last_step_skipped
+            assert not math.isfinite(float(total))
+            np.testing.assert_array_equal(g[0], before)
+            continue
+        ga, gb = one(v), one(v)
+        skipping(ga)
+        clean(gb)
+        assert not skipping.last_step_skipped
+        np.testing.assert_array_equal(ga[0], gb[0])
+        assert skipping.state_dict() == clean.state_dict() | {"nonfinite": "skip"}
+
+
+@pytest.mark.parametrize("idx", range(4))
+def test_nonfinite_error_raises_before_anything(idx: int) -> None:
+    c = _clippers()[idx]
+    c.nonfinite = "error"
+    for v in (1.0, 2.0, 1.5, 1.2):
+        c(one(v))
+    state = c.state_dict()
+    g = [np.array([1.0, math.nan])]
+    with pytest.raises(fastclip.NonFiniteNormError):
+        c(g)
+    assert np.isnan(g[0][1]) and g[0][0] == 1.0
+    assert c.state_dict() == state
+
+
+def test_nonfinite_propagate_matches_references() -> None:
+    # AutoClip: NaN enters the history, so every later threshold is NaN (np.percentile)
+    a = AutoClip(percentile=50)
+    a(one(1.0))
+    a([np.array([math.nan])])
+    g = one(2.0)
+    a(g)
+    assert math.isnan(a.last_threshold) and math.isnan(g[0][0])
+    # ZClip: NaN poisons the mean as in the reference
+    z, ref = ZClip(warmup_steps=2), RefZClip(warmup_steps=2)
+    for v in (1.0, 1.2, math.nan, 1.0):
+        z(one(v))
+        ref.step(v)
+    assert math.isnan(z.mean) and math.isnan(ref.mean)
+    # GlobalNormClipper: torch semantics, NaN coefficient
+    g = [np.array([1.0, math.nan]), np.array([2.0])]
+    GlobalNormClipper(1.0)(g)
+    assert np.isnan(g[1][0])
+
+
+# ------------------------------------------------------- interface, state
+
+
+@pytest.mark.parametrize("idx", range(4))
+def test_out_of_place_twin(idx: int) -> None:
+    rng = np.random.default_rng(10 + idx)
+    a, b = _clippers()[idx], _clippers()[idx]
+    for v in norm_sequence(rng, 30, spikes=0.2):
+        g = [np.array([v * 0.6, v * 0.8], np.float32)]
+        keep = g[0].copy()
+        new, total_b = b.clip(g)
+        np.testing.assert_array_equal(g[0], keep)
+        total_a = a(g)
+        assert float(total_a) == float(total_b)
+        np.testing.assert_array_equal(new[0], g[0])
+        assert new[0] is not g[0]
+
+
+@pytest.mark.parametrize("idx", range(4))
+@pytest.mark.parametrize("how", ["pickle", "json", "torch", "deepcopy"])
+def test_state_dict_round_trip(idx: int, how: str) -> None:
+    rng = np.random.default_rng(idx)
+    norms = norm_sequence(rng, 80, spikes=0.1)
+    a = _clippers()[idx]
+    for v in norms[:50]:
+        a(one(v))
+    sd = a.state_dict()
+    if how == "pickle":
+        sd = pickle.loads(pickle.dumps(sd))
+    elif how == "json":
+        sd = json.loads(json.dumps(sd))
+    elif how == "torch":
+        torch = pytest.importorskip("torch")
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+    else:
+        sd = copy.deepcopy(sd)
+    b = type(a).__new__(type(a))
+    b.load_state_dict(sd)
+    assert b.state_dict() == a.state_dict()
+    for v in norms[50:]:
+        ga, gb = one(v), one(v)
+        assert float(a(ga)) == float(b(gb))
+        assert a.last_threshold == b.last_threshold
+        np.testing.assert_array_equal(ga[0], gb[0])
+
+
+def test_global_norm_clipper_matches_torch() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    data = [rng.normal(size=(7, 5)), rng.normal(size=11)]
+    ours = [torch.tensor(d, dtype=torch.float32) for d in data]
+    ref = [torch.nn.Parameter(torch.zeros(d.shape)) for d in data]
+    for r, d in zip(ref, data):
+        r.grad = torch.tensor(d, dtype=torch.float32)
+    t_ref = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    t_ours = GlobalNormClipper(0.5)(ours)
+    torch.testing.assert_close(t_ours, t_ref, rtol=1e-6, atol=0)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_array_api_strict_route() -> None:
+    xp = pytest.importorskip("array_api_strict")
+    g = [xp.asarray([3.0, 4.0]), xp.asarray([0.0])]
+    total = GlobalNormClipper(1.0, eps=0.0)(g)
+    assert float(total) == 5.0
+    assert float(g[0][0]) == pytest.approx(0.6)
+    new, _ = AGC(clipping=0.1).clip([xp.asarray([[3.0, 4.0]])], [xp.asarray([[1.0, 0.0]])])
+    assert float(new[0][0, 0]) == pytest.approx(0.06)
+
+
+def test_validation() -> None:
+    with pytest.raises(ValueError):
+        AutoClip(percentile=101)
+    with pytest.raises(ValueError):
+        AutoClip(history=0)
+    with pytest.raises(ValueError):
+        ZClip(mode="median")
+    with pytest.raises(ValueError):
+        ZClip(alpha=1.0)
+    with pytest.raises(ValueError):
+        GlobalNormClipper(-1.0)
+    with pytest.raises(ValueError):
+        GlobalNormClipper(1.0, nonfinite="ignore")
+    with pytest.raises(ValueError):
+        AGC()([np.ones(2)])  # no params
+    with pytest.raises(ValueError):
+        AGC(axis="optax")([np.ones((1, 2, 3, 4, 5))], [np.ones((1, 2, 3, 4, 5))])
+
+
+# ----------------------------------------------------------------------- AGC
+
+
+def timm_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
+    """timm ``adaptive_clip_grad`` (norm_type 2) in float64 NumPy."""
+
+    def unitwise(x):
+        if x.ndim <= 1:
+            return np.sqrt(np.sum(x * x))
+        return np.sqrt(np.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
+
+    max_norm = np.maximum(unitwise(p), eps) * clip
+    gn = unitwise(g)
+    clipped = g * (max_norm / np.maximum(gn, 1e-6))
+    return np.where(gn < max_norm, g, clipped)
+
+
+def optax_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
+    """optax ``adaptive_grad_clip`` in float64 NumPy."""
+
+    def unitwise(x):
+        if np.squeeze(x).ndim <= 1:
+            sq = np.sum(x * x, keepdims=True)
+        elif x.ndim in (2, 3):
+            sq = np.sum(x * x, axis=0, keepdims=True)
+        else:
+            sq = np.sum(x * x, axis=(0, 1, 2), keepdims=True)
+        return np.broadcast_to(np.sqrt(sq), x.shape)
+
+    g_norm, p_norm = unitwise(g), unitwise(p)
+    max_norm = np.maximum(p_norm, eps) * clip
+    clipped = g * (max_norm / np.maximum(g_norm, 1e-6))
+    return np.where(g_norm < max_norm, g, clipped)
+
+
+SHAPES = [(), (7,), (1, 9), (6, 4), (3, 4, 5), (8, 3, 3, 3), (3, 3, 4, 8)]
+
+
+@pytest.mark.parametrize("layout", ["torch", "optax"])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_agc_against_timm_and_optax(layout: str, lib: str, dtype: str) -> None:
+    rng = np.random.default_rng(7)
+    ref = timm_agc if layout == "torch" else optax_agc
+    ps = [rng.normal(size=s) * rng.choice([1e-4, 1.0], size=s) for s in SHAPES]
+    ps[1][:] = 0.0  # a zero-initialised vector: the eps floor decides
+    gs = [rng.normal(size=s) * 0.05 * rng.choice([0.01, 1.0, 30.0]) for s in SHAPES]
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        conv = lambda a: torch.tensor(a, dtype=getattr(torch, dtype))  # noqa: E731
+        back = lambda t: t.double().numpy().copy()  # noqa: E731
+    else:
+        conv = lambda a: np.asarray(a, dtype=dtype)  # noqa: E731
+        back = lambda a: np.array(a, np.float64)  # noqa: E731
+    P = [conv(p) for p in ps]
+    G = [conv(g) for g in gs]
+    P_in = [back(p) for p in P]
+    G_in = [back(g) for g in G]
+    want = [ref(p, g, 0.02, 1e-3) for p, g in zip(P_in, G_in)]
+    agc = AGC(clipping=0.02, eps=1e-3, axis=layout)
+    new, total_oop = agc.clip(G, P)
+    total = agc(G, P)
+    rtol = 1e-12 if dtype == "float64" else 2e-6
+    for a, b, w in zip(G, new, want):
+        np.testing.assert_allclose(back(a), w, rtol=rtol, atol=1e-300)
+        np.testing.assert_allclose(back(b), w, rtol=rtol, atol=1e-300)
+    expected_total = math.sqrt(sum(float(np.sum(g * g)) for g in G_in))
+    assert float(total) == pytest.approx(expected_total, rel=rtol * 10)
+    assert float(total_oop) == float(total)
+
+
+def test_agc_explicit_axes_and_nonfinite() -> None:
+    rng = np.random.default_rng(2)
+    p, g = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    a = g.copy()
+    AGC(0.05, axis=1)([a], [p])
+    np.testing.assert_allclose(a, timm_agc(p, g, 0.05, 1e-3), rtol=1e-13)
+    bad = g.copy()
+    bad[0, 0] = math.nan
+    keep = bad.copy()
+    agc = AGC(nonfinite="skip")
+    agc([bad], [p])
+    assert agc.last_step_skipped
+    np.testing.assert_array_equal(bad, keep)
+    with pytest.raises(fastclip.NonFiniteNormError):
+        AGC(nonfinite="error")([bad], [p])
+    AGC()([bad], [p])  # propagate: the NaN unit becomes NaN, the others are clipped
+    assert np.isnan(bad[0]).all() and np.isfinite(bad[1:]).all()
