@@ -1,0 +1,382 @@
+"""Fused clip-and-step optimizers against torch.optim and float64 transcriptions."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastclip
+from fastclip.optim import adamw_step_, sgd_step_
+
+torch = pytest.importorskip("torch")
+
+from fastclip._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD  # noqa: E402
+from fastclip.adaptive import AutoClip, GlobalNormClipper, ZClip  # noqa: E402
+
+# ----------------------------------------------------------- float64 oracles
+
+
+def ref_adamw(p, g, m, v, vmax, step, lr, b1, b2, eps, wd, coef):
+    """torch.optim.AdamW's formulas in float64 (returns new p, m, v, vmax)."""
+    g = g * coef
+    p = p * (1 - lr * wd)
+    m = m + (1 - b1) * (g - m)
+    v = b2 * v + (1 - b2) * g * g
+    if vmax is not None:
+        vmax = np.maximum(vmax, v)
+    den = np.sqrt(v if vmax is None else vmax) / math.sqrt(1 - b2**step) + eps
+    return p - lr / (1 - b1**step) * m / den, m, v, vmax
+
+
+def ref_sgd(p, g, buf, lr, mom, damp, wd, nesterov, first, coef):
+    g = g * coef + wd * p
+    if mom:
+        buf = g.copy() if first else mom * buf + (1 - damp) * g
+        g = g + mom * buf if nesterov else buf
+    return p - lr * g, buf
+
+
+def _coef(grads, max_norm, eps=1e-6):
+    total = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads))
+    return min(1.0, max_norm / (total + eps)), total
+
+
+SHAPES = [(17,), (5, 9), (3, 4, 5), (1,), (0,), (70_000,)]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_adamw_step_against_float64_formulas(amsgrad, dtype, lib, small_chunks) -> None:
+    rng = np.random.default_rng(0)
+    P = [rng.normal(size=s) for s in SHAPES]
+    M = [np.zeros(s) for s in SHAPES]
+    V = [np.zeros(s) for s in SHAPES]
+    X = [np.zeros(s) for s in SHAPES] if amsgrad else None
+    conv = (lambda a: np.array(a, dtype)) if lib == "numpy" else (
+        lambda a: torch.tensor(a, dtype=getattr(torch, dtype)))  # fmt: skip
+    back = (lambda a: np.asarray(a, np.float64)) if lib == "numpy" else (
+        lambda t: t.double().numpy())  # fmt: skip
+    p, m, v = [conv(a) for a in P], [conv(a) for a in M], [conv(a) for a in V]
+    x = [conv(a) for a in X] if amsgrad else None
+    rtol = 1e-12 if dtype == "float64" else 2e-5
+    for step in range(1, 6):
+        G = [rng.normal(size=s) * 3 for s in SHAPES]
+        g = [conv(a) for a in G]
+        coef, total = _coef([back(a) for a in g], 2.0)
+        norm = adamw_step_(
+            p, g, m, v, step=step, lr=1e-2, betas=(0.8, 0.99), eps=1e-6,
+            weight_decay=0.1, max_exp_avg_sqs=x, max_norm=2.0,
+        )  # fmt: skip
+        assert float(norm) == pytest.approx(total, rel=1e-6 if dtype == "float32" else 1e-13)
+        for i in range(len(SHAPES)):
+            P[i], M[i], V[i], xi = ref_adamw(
+                P[i], back(g[i]), M[i], V[i], X[i] if X else None, step,
+                1e-2, 0.8, 0.99, 1e-6, 0.1, coef,
+            )  # fmt: skip
+            if X:
+                X[i] = xi
+            np.testing.assert_allclose(back(p[i]), P[i], rtol=rtol, atol=rtol * 1e-3)
+            np.testing.assert_allclose(back(m[i]), M[i], rtol=rtol, atol=rtol * 1e-3)
+            np.testing.assert_allclose(back(v[i]), V[i], rtol=rtol, atol=rtol * 1e-3)
+
+
+@given(
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.sampled_from([0.0, 0.3]),
+    weight_decay=st.sampled_from([0.0, 1e-2]),
+    nesterov=st.booleans(),
+    maximize=st.booleans(),
+    max_norm=st.one_of(st.none(), st.floats(0.01, 100.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_sgd_step_property(momentum, dampening, weight_decay, nesterov, maximize, max_norm, seed):
+    if nesterov and (momentum == 0 or dampening != 0):
+        return
+    rng = np.random.default_rng(seed)
+    shapes = [(7,), (3, 4), (0,)]
+    P = [rng.normal(size=s) for s in shapes]
+    p = [a.copy() for a in P]
+    B = [None] * len(shapes)
+    b = [np.empty(s) for s in shapes] if momentum else None
+    for step in range(3):
+        g = [rng.normal(size=s) for s in shapes]
+        coef = 1.0 if max_norm is None else _coef(g, max_norm)[0]
+        sgd_step_(
+            p, g, b, lr=0.1, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, first_step=step == 0, max_norm=max_norm,
+        )  # fmt: skip
+        for i in range(len(shapes)):
+            P[i], B[i] = ref_sgd(
+                P[i], g[i], B[i], 0.1, momentum, dampening, weight_decay, nesterov,
+                step == 0, -coef if maximize else coef,
+            )  # fmt: skip
+            np.testing.assert_allclose(p[i], P[i], rtol=1e-13, atol=1e-15)
+
+
+# --------------------------------------------------- parity with torch.optim
+
+
+def _mlp(seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 5),
+    ).to(dtype)  # fmt: skip
+
+
+def _train_pair(make_ref, make_ours, steps=100, max_norm=0.5, clip_ref=True, groups=False):
+    torch.manual_seed(1)
+    X, Y = torch.randn(256, 20), torch.randn(256, 5)
+    a = _mlp()
+    b = copy.deepcopy(a)
+
+    def params(m):
+        if not groups:
+            return m.parameters()
+        w = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        bias = [p for n, p in m.named_parameters() if n.endswith("bias")]
+        return [{"params": w}, {"params": bias, "weight_decay": 0.0, "lr": 3e-3}]
+
+    oa, ob = make_ref(params(a)), make_ours(params(b))
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (32,))
+        for model, opt, ref in ((a, oa, True), (b, ob, False)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X[idx]), Y[idx]) * 10
+            loss.backward()
+            if ref and clip_ref:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+    return a, b, oa, ob
+
+
+def _assert_params_close(a, b, rtol=1e-6):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        err = float((pa.detach() - pb.detach()).norm() / pa.detach().norm())
+        assert err <= rtol, (name, err)
+
+
+ADAMW_CASES = [
+    dict(lr=1e-3, weight_decay=0.1),
+    dict(lr=2e-3, betas=(0.8, 0.95), eps=1e-6, amsgrad=True),
+    dict(lr=1e-3, betas=(0.3, 0.9), maximize=True),  # the lerp's large-weight branch
+]
+
+
+@pytest.mark.parametrize("kw", ADAMW_CASES, ids=str)
+@pytest.mark.parametrize("groups", [False, True])
+def test_fused_adamw_matches_torch_over_100_steps(kw, groups) -> None:
+    a, b, oa, ob = _train_pair(
+        lambda p: torch.optim.AdamW(p, **kw), lambda p: FusedAdamW(p, **kw, max_norm=0.5),
+        groups=groups,
+    )  # fmt: skip
+    _assert_params_close(a, b)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        sa, sb = oa.state[pa], ob.state[pb]
+        assert float(sa["step"]) == float(sb["step"]) == 100
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-4, atol=1e-6)
+
+
+SGD_CASES = [
+    dict(lr=1e-2),
+    dict(lr=1e-2, momentum=0.9, weight_decay=1e-3, dampening=0.1),
+    dict(lr=1e-2, momentum=0.9, nesterov=True),
+    dict(lr=1e-2, weight_decay=1e-2, maximize=True),
+]
+
+
+@pytest.mark.parametrize("kw", SGD_CASES, ids=str)
+def test_fused_sgd_matches_torch_over_100_steps(kw) -> None:
+    a, b, oa, ob = _train_pair(
+        lambda p: torch.optim.SGD(p, **kw), lambda p: FusedSGD(p, **kw, max_norm=0.5)
+    )
+    _assert_params_close(a, b)
+
+
+def test_fused_sgd_without_clip_is_bit_exact() -> None:
+    kw = dict(lr=1e-2, momentum=0.9, weight_decay=1e-3, dampening=0.1)
+    a, b, _, _ = _train_pair(
+        lambda p: torch.optim.SGD(p, **kw), lambda p: FusedSGD(p, **kw), clip_ref=False
+    )
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_fused_adamw_state_dict_interchangeable_with_torch() -> None:
+    kw = dict(lr=1e-3, weight_decay=0.1)
+    a, b, oa, ob = _train_pair(
+        lambda p: torch.optim.AdamW(p, **kw), lambda p: FusedAdamW(p, **kw, max_norm=0.5),
+        steps=10,
+    )  # fmt: skip
+    # torch's state into ours, ours into torch: both keep training identically
+    c = copy.deepcopy(a)
+    oc = FusedAdamW(c.parameters(), **kw, max_norm=0.5)
+    oc.load_state_dict(oa.state_dict())
+    buf = io.BytesIO()
+    torch.save(ob.state_dict(), buf)
+    buf.seek(0)
+    od = torch.optim.AdamW(b.parameters(), **kw)
+    od.load_state_dict(torch.load(buf, weights_only=True))
+    for pc, pa in zip(c.parameters(), a.parameters()):
+        assert float(oc.state[pc]["step"]) == float(oa.state[pa]["step"]) == 10
+        assert torch.equal(oc.state[pc]["exp_avg"], oa.state[pa]["exp_avg"])
+
+
+def test_fused_nonfinite_policies() -> None:
+    for policy in ("skip", "error", "propagate"):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = FusedAdamW([w], lr=0.1, max_norm=1.0, nonfinite=policy)
+        w.grad = torch.tensor([1.0, 2.0, 3.0])
+        opt.step()
+        before = w.detach().clone()
+        state = copy.deepcopy(opt.state_dict())
+        w.grad = torch.tensor([1.0, math.nan, 3.0])
+        if policy == "error":
+            with pytest.raises(fastclip.NonFiniteNormError):
+                opt.step()
+        else:
+            opt.step()
+        if policy == "propagate":
+            assert torch.isnan(w).all()
+            continue
+        assert torch.equal(w.detach(), before)
+        assert opt.last_step_skipped == (policy == "skip")
+        s0, s1 = state["state"][0], opt.state_dict()["state"][0]
+        assert float(s0["step"]) == float(s1["step"]) == 1
+        assert torch.equal(s0["exp_avg"], s1["exp_avg"])
+
+
+def test_mixed_dtypes_share_one_norm_bfloat16_included() -> None:
+    """float32, bfloat16 and float64 parameters in one optimizer: one global norm,
+    each step equal to the float64 formulas applied to the stored state (bfloat16
+    to its half-ulp rounding, since it is computed in float32 and rounded once)."""
+    torch.manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    ws = [torch.nn.Parameter(torch.randn(300).to(d)) for d in dtypes]
+    opt = FusedAdamW(ws, lr=1e-2, weight_decay=0.1, max_norm=1.0)
+    d64 = lambda t: t.detach().double().numpy().copy()  # noqa: E731
+    for step in range(1, 6):
+        for w in ws:
+            w.grad = (torch.randn(300) * 0.3).to(w.dtype)
+        before = [(d64(w), d64(w.grad)) for w in ws]
+        states = [(d64(opt.state[w]["exp_avg"]), d64(opt.state[w]["exp_avg_sq"]))
+                  if opt.state[w] else (np.zeros(300), np.zeros(300)) for w in ws]  # fmt: skip
+        coef, total = _coef([g for _, g in before], 1.0)
+        opt.step()
+        assert float(opt.last_total_norm) == pytest.approx(total, rel=1e-6)
+        for w, (p, g), (m, v) in zip(ws, before, states):
+            want = ref_adamw(p, g, m, v, None, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, coef)[0]
+            rtol = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float64: 1e-13}[w.dtype]
+            np.testing.assert_allclose(d64(w), want, rtol=rtol, atol=1e-7)
+
+
+# --------------------------------------------------------- ClippedOptimizer
+
+
+def test_clipped_optimizer_matches_manual_clip_and_step() -> None:
+    a, b, oa, ob = _train_pair(
+        lambda p: torch.optim.AdamW(p, lr=1e-3),
+        lambda p: ClippedOptimizer(torch.optim.AdamW(p, lr=1e-3), GlobalNormClipper(0.5)),
+        steps=30,
+    )  # fmt: skip
+    _assert_params_close(a, b)
+    sd = ob.state_dict()
+    assert set(sd) == {"optimizer", "clipper"} and sd["clipper"]["step"] == 30
+
+
+def test_clipped_optimizer_with_autoclip_matches_reference_loop() -> None:
+    torch.manual_seed(0)
+    a = _mlp()
+    b = copy.deepcopy(a)
+    oa = torch.optim.SGD(a.parameters(), lr=0.05)
+    ob = ClippedOptimizer(torch.optim.SGD(b.parameters(), lr=0.05), AutoClip(percentile=10))
+    X, Y = torch.randn(64, 20), torch.randn(64, 5)
+    history: list[float] = []
+    for _ in range(25):
+        for model, opt, ref in ((a, oa, True), (b, ob, False)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X), Y).backward()
+            if ref:
+                grads = [p.grad for p in model.parameters()]
+                history.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(np.percentile(history, 10)))
+            opt.step()
+    _assert_params_close(a, b, rtol=1e-5)
+
+
+def test_clipped_optimizer_grad_scaler_and_scheduler() -> None:
+    torch.manual_seed(0)
+    a = _mlp()
+    b = copy.deepcopy(a)
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    clipper = ZClip(warmup_steps=3, nonfinite="skip")
+    ob = ClippedOptimizer(torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9), clipper)
+    sa = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    sb = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ref_z = ZClip(warmup_steps=3)
+    sched = torch.optim.lr_scheduler.StepLR(ob, step_size=5, gamma=0.5)
+    sched_a = torch.optim.lr_scheduler.StepLR(oa, step_size=5, gamma=0.5)
+    X, Y = torch.randn(64, 20), torch.randn(64, 5)
+    for step in range(12):
+        for model, opt, scaler, ref in ((a, oa, sa, True), (b, ob, sb, False)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X), Y)
+            scaler.scale(loss).backward()
+            if step == 6:  # an overflow: GradScaler must skip the step, the clipper too
+                next(model.parameters()).grad[0, 0] = math.inf
+            if ref:
+                scaler.unscale_(opt)
+                grads = [p.grad for p in model.parameters()]
+                if all(torch.isfinite(g).all() for g in grads):
+                    ref_z(grads)
+            scaler.step(opt)
+            scaler.update()
+        sched.step()
+        sched_a.step()
+    assert sa.get_scale() == sb.get_scale() < 1024.0
+    assert clipper.step == ref_z.step == 11
+    assert clipper.state_dict() == ref_z.state_dict() | {"nonfinite": "skip"}
+    assert ob.param_groups[0]["lr"] == oa.param_groups[0]["lr"] == 0.05 * 0.25
+    _assert_params_close(a, b, rtol=1e-5)
+
+
+def test_clipped_optimizer_state_dict_round_trip() -> None:
+    model = _mlp()
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters()), AutoClip(history=5))
+    for _ in range(8):
+        opt.zero_grad()
+        model(torch.randn(4, 20)).sum().backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = ClippedOptimizer(torch.optim.AdamW(model.parameters()), AutoClip(history=5))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.clipper.state_dict() == opt.clipper.state_dict()
+    assert opt2.state_dict()["optimizer"]["state"].keys() == opt.state_dict()["optimizer"][
+        "state"
+    ].keys()
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError):
+        FusedAdamW([torch.nn.Parameter(torch.ones(1))], capturable=True)
+    with pytest.raises(ValueError):
+        FusedSGD([torch.nn.Parameter(torch.ones(1))], nesterov=True)
+    with pytest.raises(ValueError):
+        sgd_step_([np.ones(2)], [np.ones(2)], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError):
+        adamw_step_([np.ones(2)], [np.ones(3)], [np.ones(2)], [np.ones(2)], step=1)
+    with pytest.raises(TypeError):
+        adamw_step_(
+            [np.ones(2, np.float32)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=1
+        )
+    with pytest.raises(ValueError):
+        adamw_step_([np.ones(2)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=0)
