@@ -48,7 +48,9 @@ class _FusedBase(Optimizer):
                 g = p.grad
                 if g is not None:
                     if g.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                        raise RuntimeError(
+                            f"{type(self).__name__} does not support sparse gradients"
+                        )
                     grads.append(g)
         return grads
 
@@ -60,7 +62,14 @@ class _FusedBase(Optimizer):
             return None
         lib = F.cpu_lib(grads, type(self).__name__)
         plan = F.clip_plan(
-            lib, grads, self.max_norm, self.norm_type, None, None, 1e-6, self.nonfinite,
+            lib,
+            grads,
+            self.max_norm,
+            self.norm_type,
+            None,
+            None,
+            1e-6,
+            self.nonfinite,
             type(self).__name__,
         )
         self.last_total_norm = (
@@ -180,7 +189,7 @@ class FusedAdamW(_FusedBase):
         plan = self._clip(self._all_grads())
         if plan is None or plan.skip:
             return loss
-        groups_by_ams: dict[bool, list[Any]] = {}
+        launches: dict[tuple[bool, float], list[list[Any]]] = {}
         for group in self.param_groups:
             ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
             for p in group["params"]:
@@ -208,21 +217,27 @@ class FusedAdamW(_FusedBase):
             counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
             beta1, beta2 = (float(b) for b in group["betas"])
             hp = F.adamw_hparams(
-                counts, float(group["lr"]), beta1, beta2, float(group["eps"]),
+                counts,
+                float(group["lr"]),
+                beta1,
+                beta2,
+                float(group["eps"]),
                 float(group["weight_decay"]),
             )
             coef = -plan.coef if group["maximize"] else plan.coef
             key = (bool(group["amsgrad"]), coef)
-            entry = groups_by_ams.setdefault(key, [[], [], [], [], [], []])  # type: ignore[arg-type]
+            entry = launches.setdefault(key, [[], [], [], [], [], []])
             entry[0] += ps
             entry[1] += gs
             entry[2] += ms
             entry[3] += vs
             entry[4] += xs
             entry[5].append(hp)
-        for (amsgrad, coef), (ps, gs, ms, vs, xs, hps) in groups_by_ams.items():  # type: ignore[misc]
-            lib = F.cpu_lib(ps, "FusedAdamW")
-            F.launch_adamw(lib, ps, gs, ms, vs, xs if amsgrad else None, np.concatenate(hps), coef)
+        for (ams, c), lists in launches.items():  # one launch per (amsgrad, sign) and dtype
+            lib = F.cpu_lib(lists[0], "FusedAdamW")
+            xs_or_none = lists[4] if ams else None
+            hps = np.concatenate(lists[5])
+            F.launch_adamw(lib, lists[0], lists[1], lists[2], lists[3], xs_or_none, hps, c)
         return loss
 
 
@@ -319,8 +334,13 @@ class FusedSGD(_FusedBase):
             if not ps:
                 continue
             hp = F.sgd_hparams(
-                len(ps), float(group["lr"]), momentum, float(group["dampening"]),
-                float(group["weight_decay"]), bool(group["nesterov"]), first or None,
+                len(ps),
+                float(group["lr"]),
+                momentum,
+                float(group["dampening"]),
+                float(group["weight_decay"]),
+                bool(group["nesterov"]),
+                first or None,
             )
             coef = -plan.coef if group["maximize"] else plan.coef
             lib = F.cpu_lib(ps, "FusedSGD")

@@ -185,7 +185,9 @@ class _GlobalNormBased(_Clipper):
         if inplace:
             _api.clip_by_global_norm_(items, c, self.ord, eps=self.eps, total_norm=given)
             return items, total
-        return _api.clip_by_global_norm(items, c, self.ord, eps=self.eps, total_norm=given)[0], total
+        return _api.clip_by_global_norm(items, c, self.ord, eps=self.eps, total_norm=given)[
+            0
+        ], total
 
 
 class GlobalNormClipper(_GlobalNormBased):
@@ -342,6 +344,9 @@ class _Percentile:
 
 
 class AutoClip(_GlobalNormBased):
+    percentile: float
+    history: int | None
+
     r"""AutoClip: clip to the ``percentile``-th percentile of all gradient norms so far.
 
     Seetharaman, Wichern, Pardo, Le Roux (2020), "AutoClip: Adaptive Gradient
@@ -582,7 +587,9 @@ class ZClip(_GlobalNormBased):
             raise ValueError(f"mode must be 'zscore' or 'percentile', got {mode!r}")
         clip_option = str(clip_option).lower()
         if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+            raise ValueError(
+                f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
+            )
         self.alpha = float(alpha)
         self.z_thresh = float(z_thresh)
         self.warmup_steps = int(warmup_steps)
@@ -746,7 +753,7 @@ class AGC(_Clipper):
         elif isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
             self.axis = (int(axis),)
         else:
-            self.axis = tuple(int(a) for a in axis)
+            self.axis = tuple(int(a) for a in axis)  # type: ignore[union-attr]
         self.ord = _ord_value(ord)
         self._init_common(nonfinite)
 

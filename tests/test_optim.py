@@ -194,7 +194,7 @@ SGD_CASES = [
 
 @pytest.mark.parametrize("kw", SGD_CASES, ids=str)
 def test_fused_sgd_matches_torch_over_100_steps(kw) -> None:
-    a, b, oa, ob = _train_pair(
+    a, b, _oa, _ob = _train_pair(
         lambda p: torch.optim.SGD(p, **kw), lambda p: FusedSGD(p, **kw, max_norm=0.5)
     )
     _assert_params_close(a, b)
@@ -281,7 +281,7 @@ def test_mixed_dtypes_share_one_norm_bfloat16_included() -> None:
 
 
 def test_clipped_optimizer_matches_manual_clip_and_step() -> None:
-    a, b, oa, ob = _train_pair(
+    a, b, _oa, ob = _train_pair(
         lambda p: torch.optim.AdamW(p, lr=1e-3),
         lambda p: ClippedOptimizer(torch.optim.AdamW(p, lr=1e-3), GlobalNormClipper(0.5)),
         steps=30,
@@ -305,8 +305,12 @@ def test_clipped_optimizer_with_autoclip_matches_reference_loop() -> None:
             torch.nn.functional.mse_loss(model(X), Y).backward()
             if ref:
                 grads = [p.grad for p in model.parameters()]
-                history.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(np.percentile(history, 10)))
+                history.append(
+                    float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+                )
+                torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), float(np.percentile(history, 10))
+                )
             opt.step()
     _assert_params_close(a, b, rtol=1e-5)
 
@@ -360,9 +364,10 @@ def test_clipped_optimizer_state_dict_round_trip() -> None:
     opt2 = ClippedOptimizer(torch.optim.AdamW(model.parameters()), AutoClip(history=5))
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.clipper.state_dict() == opt.clipper.state_dict()
-    assert opt2.state_dict()["optimizer"]["state"].keys() == opt.state_dict()["optimizer"][
-        "state"
-    ].keys()
+    assert (
+        opt2.state_dict()["optimizer"]["state"].keys()
+        == opt.state_dict()["optimizer"]["state"].keys()
+    )
 
 
 def test_errors() -> None:
@@ -375,8 +380,6 @@ def test_errors() -> None:
     with pytest.raises(ValueError):
         adamw_step_([np.ones(2)], [np.ones(3)], [np.ones(2)], [np.ones(2)], step=1)
     with pytest.raises(TypeError):
-        adamw_step_(
-            [np.ones(2, np.float32)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=1
-        )
+        adamw_step_([np.ones(2, np.float32)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=1)
     with pytest.raises(ValueError):
         adamw_step_([np.ones(2)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=0)

@@ -38,7 +38,6 @@ from ._intrinsics import address_as_pointer
 from ._kernels import chunk_starts
 
 
-
 @intrinsic
 def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
     """a * b + c with one rounding (LLVM ``llvm.fma``): torch's ``vec::fmadd``.

@@ -20,7 +20,7 @@ from .. import _config as cfg
 from .._cpu import _build, _driver
 from .._cpu import _optim_kernels as K
 
-__all__ = ["K", "Group", "groups", "kernel", "run"]
+__all__ = ["Group", "K", "groups", "kernel", "run"]
 
 
 @functools.cache
@@ -60,7 +60,7 @@ def run(name: str, n: int, *args: Any) -> Any:
 class Group:
     """One dtype's tensors: ``index`` into the caller's lists and one table per list."""
 
-    __slots__ = ("index", "packs", "sizes", "like", "n")
+    __slots__ = ("index", "like", "n", "packs", "sizes")
 
     def __init__(self, index: list[int], packs: list[Any]):
         self.index = index
@@ -134,5 +134,3 @@ def total_pow_sum(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[flo
 
 def root(total: float, pcode: int, p: float) -> float:
     return float(_driver._root(total, pcode, p))
-
-

@@ -96,9 +96,11 @@ def clip_plan(
         plan.norm_dtype = packed.dtype
     else:
         value = scalar_value(total_norm, "total_norm")
-        plan.norm_dtype = np.dtype(np.float64) if any(
-            str(g.dtype).endswith("float64") for g in grads
-        ) else np.dtype(np.float32)
+        plan.norm_dtype = (
+            np.dtype(np.float64)
+            if any(str(g.dtype).endswith("float64") for g in grads)
+            else np.dtype(np.float32)
+        )
     plan.norm = value
     if not math.isfinite(value):
         if nonfinite == "error":
