@@ -78,7 +78,7 @@ S_NESTEROV = 5
 S_COLS = 6
 
 
-@njit(fastmath=False, cache=False)
+@njit(fastmath=False, error_model="numpy", cache=False)
 def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
     """One slice of AdamW (torch.optim.AdamW, amsgrad=False), gradient times ``coef``.
 
@@ -112,7 +112,7 @@ def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
         v[i] = narrow(vi, v[i])
 
 
-@njit(fastmath=False, cache=False)
+@njit(fastmath=False, error_model="numpy", cache=False)
 def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-def]
     """As ``seg_adamw`` with amsgrad: vmax = maximum(vmax, v), used in the denominator."""
     x = p[0]
@@ -146,7 +146,7 @@ def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-de
         vmax[i] = narrow(vm, vmax[i])
 
 
-@njit(fastmath=False, cache=False)
+@njit(fastmath=False, error_model="numpy", cache=False)
 def seg_sgd(p, g, buf, coef, hp):  # type: ignore[no-untyped-def]
     """One slice of torch.optim.SGD, gradient times ``coef``.
 
@@ -234,15 +234,3 @@ def tab_sgd(p_addrs, g_addrs, b_addrs, sizes, like, coef, hp, chunk):  # type: i
         else:
             b = p  # unused
         seg_sgd(p, g, b, coef, hp[t])
-
-
-def scale_inplace(a, factor, chunk):  # type: ignore[no-untyped-def]
-    """a *= factor (float32 1-D): the in-place bandwidth probe of the benchmark."""
-    n = a.size
-    nchunks = (n + chunk - 1) // chunk
-    f = np.float32(factor)
-    for c in prange(nchunks):
-        lo = c * chunk
-        s = a[lo : min(lo + chunk, n)]
-        for i in range(s.size):
-            s[i] = s[i] * f
