@@ -24,13 +24,20 @@ from ._api import (
     normalize_,
     scale_,
 )
+from . import adaptive, optim
 from ._info import info
+from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 from ._validate import NonFiniteNormError
 from ._version import __version__
 
 __all__ = [
+    "AGC",
+    "AutoClip",
+    "GlobalNormClipper",
     "NonFiniteNormError",
+    "ZClip",
     "__version__",
+    "adaptive",
     "clip_by_global_norm",
     "clip_by_global_norm_",
     "clip_by_norm",
@@ -43,5 +50,6 @@ __all__ = [
     "norm",
     "normalize",
     "normalize_",
+    "optim",
     "scale_",
 ]

@@ -332,7 +332,7 @@ def clip_by_norm_(
     --------
     >>> import numpy as np, fastclip
     >>> g = np.array([3.0, 4.0], dtype=np.float32)
-    >>> fastclip.clip_by_norm_(g, 1.0)
+    >>> fastclip.clip_by_norm_(g, 1.0, eps=0.0)
     array(5., dtype=float32)
     >>> g
     array([0.6, 0.8], dtype=float32)

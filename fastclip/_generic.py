@@ -22,6 +22,25 @@ def _xp(x: Any) -> Any:
     return aac.array_namespace(x)
 
 
+def _quiet(func: Any) -> Any:
+    """Run ``func`` without NumPy floating-point warnings.
+
+    NaN and inf norms propagate by design (NaN outputs, ``inf * 0``); libraries
+    built on NumPy (array-api-strict) would otherwise warn where the Numba and
+    torch routes are silent.
+    """
+    import functools
+
+    import numpy as np
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
 def _is_float(xp: Any, x: Any) -> bool:
     return bool(xp.isdtype(x.dtype, ("real floating", "complex floating")))
 
@@ -71,6 +90,7 @@ def _root(xp: Any, total: Any, pcode: int, p: float) -> Any:
     return total ** (1.0 / p)
 
 
+@_quiet
 def norm(x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
     xp = _xp(x)
     _check_float(xp, x, "norm")
@@ -82,6 +102,7 @@ def norm(x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: b
     return xp.astype(value, _norm_dtype(xp, x))
 
 
+@_quiet
 def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
     xp = _xp(arrays[0])
     for a in arrays:
@@ -101,15 +122,6 @@ def _coefficient(xp: Any, norms: Any, max_norm: float, eps: float, mode: str) ->
     return xp.where(r >= one, one, r)  # NaN stays NaN (no branch on the value)
 
 
-def _write(xp: Any, x: Any, value: Any, what: str) -> None:
-    if not aac.is_writeable_array(x):
-        raise TypeError(
-            f"{what}_ cannot modify {type(x).__module__}.{type(x).__name__} arrays in place "
-            f"(they are immutable); use the out-of-place fastclip.{what}() instead"
-        )
-    x[...] = value
-
-
 def _check_writeable(x: Any, what: str) -> None:
     if not aac.is_writeable_array(x):
         raise TypeError(
@@ -127,6 +139,7 @@ def _scaled(xp: Any, x: Any, coef: Any) -> Any:
     return xp.astype(wide * c, x.dtype)
 
 
+@_quiet
 def rescale(
     x: Any,
     pcode: int,
@@ -149,11 +162,12 @@ def rescale(
         coef = xp.reshape(coef, shape)
     out = _scaled(xp, x, coef)
     if inplace:
-        _write(xp, x, out, what)
+        x[...] = out
         out = x
     return out, xp.astype(norms, _norm_dtype(xp, x))
 
 
+@_quiet
 def clip_global(
     arrays: list[Any],
     max_norm: float,
@@ -191,6 +205,16 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
     if inplace:
         _check_writeable(x, "clip_by_value")
+    if x.dtype == xp.bool:
+        # bool as 0/1, clamped to [ceil(min), floor(max)] like other integers
+        as_int = xp.astype(x, xp.int8)
+        lo_i = None if lo is None else min(max(math.ceil(lo), -128), 127)
+        hi_i = None if hi is None else min(max(math.floor(hi), -128), 127)
+        clipped = clip_by_value(as_int, lo_i, hi_i, False) != 0
+        if inplace:
+            x[...] = clipped
+            return x
+        return clipped
     out = x
     if xp.isdtype(x.dtype, "integral"):
         info = xp.iinfo(x.dtype)
@@ -206,6 +230,7 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
     return out
 
 
+@_quiet
 def scale_(arrays: list[Any], factor: float) -> None:
     xp = _xp(arrays[0])
     for a in arrays:

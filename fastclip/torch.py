@@ -31,9 +31,18 @@ from typing import Union
 import torch
 
 from . import _api
+from ._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD
 from ._validate import NonFiniteNormError
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = [
+    "ClippedOptimizer",
+    "FusedAdamW",
+    "FusedSGD",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 

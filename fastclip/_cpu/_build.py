@@ -36,7 +36,9 @@ def _clone(func: Callable[..., Any], suffix: str) -> Callable[..., Any]:
 
 def _jit(func: Callable[..., Any], parallel: bool) -> Any:
     global cache_disabled_reason
-    options: dict[str, Any] = dict(fastmath=_kernels.FASTMATH, nogil=True, parallel=parallel)
+    options: dict[str, Any] = dict(
+        fastmath=_kernels.FASTMATH, nogil=True, parallel=parallel, error_model="numpy"
+    )
     if cache_disabled_reason is None:
         try:
             return njit(cache=True, **options)(func)  # type: ignore[call-overload]

@@ -120,10 +120,27 @@ class _Plan:
         self.x2 = x2
         self.perm = kept + axes
 
-    def pow_sums(self, pcode: int, p: float) -> np.ndarray:
+    def pow_sums(self, pcode: int, p: float, inv: np.ndarray | None = None) -> np.ndarray:
+        n_slices = self.x2.shape[0] if self.kind == "rows" else self.x2.shape[1]
+        inv = np.ones(n_slices) if inv is None else inv
         if self.kind == "rows":
-            return run("rows_pow_sum", self.x2.size, self.x2, pcode, p)
-        return run("cols_pow_sum", self.x2.size, self.x2, pcode, p, cfg.COL_TILE)
+            return run("rows_pow_sum", self.x2.size, self.x2, pcode, p, inv)
+        return run("cols_pow_sum", self.x2.size, self.x2, pcode, p, inv, cfg.COL_TILE)
+
+    def norms(self, pcode: int, p: float, wide: bool) -> np.ndarray:
+        """Norm of every slice, rescaled by its max where power sums over/underflow."""
+        totals = self.pow_sums(pcode, p)
+        values = _root(totals, pcode, p)
+        if _needs_rescale(pcode, wide):
+            bad = ~((totals > _SAFE_LO) & (totals < _SAFE_HI))
+            if bad.any():
+                maxes = self.pow_sums(0, p)
+                fix = bad & (maxes > 0) & (maxes < math.inf)
+                if fix.any():
+                    inv = np.where(fix, 1.0 / np.where(fix, maxes, 1.0), 1.0)
+                    scaled = maxes * _root(self.pow_sums(3, p, inv), 3, p)
+                    values = np.where(fix, scaled, values)
+        return np.asarray(values, np.float64)
 
     def scale(self, coefs: np.ndarray, out_sv: np.ndarray | None) -> None:
         """Multiply each reduced slice by its coefficient: into ``out_sv`` or in place."""
@@ -148,9 +165,35 @@ def _root(total: Any, pcode: int, p: float) -> Any:
     return np.power(total, 1.0 / p)
 
 
-def _flat_pow_sum(sv: np.ndarray, pcode: int, p: float) -> float:
+# Power sums outside this range may have lost precision to float64 under- or
+# overflow (float64 L2 of |x| < 1e-140 or > 1e140, any p > 0 at other ranges);
+# the norm is then recomputed as max|x| * (sum (|x| / max|x|)^p)^(1/p).
+_SAFE_LO, _SAFE_HI = 1e-280, 1e280
+
+
+def _needs_rescale(pcode: int, wide: bool) -> bool:
+    """float32 L1/L2 sums cannot leave the safe range; float64 L2 and any other p can."""
+    return pcode == 3 or (pcode == 2 and wide)
+
+
+def robust_norm(pow_sum: Any, pcode: int, p: float, wide: bool) -> float:
+    """Norm from ``pow_sum(pcode, p, inv) -> float``, rescaled when it over/underflows."""
+    total = float(pow_sum(pcode, p, 1.0))
+    if _needs_rescale(pcode, wide) and not _SAFE_LO < total < _SAFE_HI:
+        m = float(pow_sum(0, p, 1.0))
+        if 0.0 < m < math.inf:
+            return m * float(_root(float(pow_sum(3, p, 1.0 / m)), 3, p))
+    return float(_root(total, pcode, p))
+
+
+def _flat_norm(sv: np.ndarray, pcode: int, p: float) -> float:
     flat = sv.reshape(-1)  # a copy when sv is not contiguous: read-only use
-    return float(run("arr_pow_sum", flat.size, flat, pcode, p, cfg.CHUNK))
+    wide = norm_dtype(sv.dtype) == np.float64
+
+    def pow_sum(pc: int, pp: float, inv: float) -> float:
+        return float(run("arr_pow_sum", flat.size, flat, pc, pp, inv, cfg.CHUNK))
+
+    return robust_norm(pow_sum, pcode, p, wide)
 
 
 def norm(
@@ -159,11 +202,11 @@ def norm(
     sv = float_storage(lib, x, "norm")
     dtype = norm_dtype(sv.dtype)
     if axes is None or len(axes) == sv.ndim:
-        value = _root(_flat_pow_sum(sv, pcode, p), pcode, p)
+        value = _flat_norm(sv, pcode, p)
         shape = (1,) * sv.ndim if keepdims else ()
         return lib.wrap(np.full(shape, value), dtype, x)
     plan = _Plan(sv, axes)
-    values = _root(plan.pow_sums(pcode, p), pcode, p).reshape(plan.kept_shape)
+    values = plan.norms(pcode, p, dtype == np.float64).reshape(plan.kept_shape)
     if keepdims:
         values = values.reshape(tuple(1 if i in axes else s for i, s in enumerate(sv.shape)))
     return lib.wrap(values, dtype, x)
@@ -202,8 +245,7 @@ def rescale(
         norms: Any = lib.wrap(value, dtype, x)
     else:
         plan = _Plan(sv, axes)
-        pow_sums = plan.pow_sums(pcode, p)
-        values = _root(pow_sums, pcode, p)
+        values = plan.norms(pcode, p, dtype == np.float64)
         plan.scale(_coefficients(values, max_norm, eps, mode), None if inplace else out_sv)
         norms = lib.wrap(values.reshape(plan.kept_shape), dtype, x)
     if inplace:
@@ -218,12 +260,12 @@ def _clip_whole(
     inplace = out_sv is sv
     src = sv.reshape(-1) if sv.flags.c_contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
-    if mode == "clip":
+    if mode == "clip" and not _needs_rescale(pcode, norm_dtype(sv.dtype) == np.float64):
         value = float(
             run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK)
         )
     else:
-        value = float(_root(run("arr_pow_sum", src.size, src, pcode, p, cfg.CHUNK), pcode, p))
+        value = _flat_norm(src, pcode, p)
         coef = float(_coefficients(np.float64(value), max_norm, eps, mode))
         run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
     if inplace and not sv.flags.c_contiguous:
@@ -262,9 +304,12 @@ def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: flo
     info = np.iinfo(sv.dtype) if sv.dtype.kind in "iu" else None
     lo_v: Any
     hi_v: Any
-    if info is None:  # bool
-        lo_v = None if lo is None else bool(lo)
-        hi_v = None if hi is None else bool(hi)
+    if info is None:  # bool: clamp 0/1 to [ceil(min), floor(max)], then back to bool
+        as_int = sv.astype(np.int8)
+        lo_i = None if lo is None else math.ceil(lo)
+        hi_i = None if hi is None else math.floor(hi)
+        out_sv[...] = np.clip(as_int, lo_i, hi_i) != 0
+        return
     else:
         lo_v = None if lo is None else int(min(max(math.ceil(lo), info.min), info.max))
         hi_v = None if hi is None else int(max(min(math.floor(hi), info.max), info.min))
@@ -295,10 +340,14 @@ class _Packed:
         self.copies: list[tuple[np.ndarray, np.ndarray]] = []  # (caller view, contiguous copy)
         self.extents: list[tuple[int, int, Any]] = []  # (start, end, view) for overlap checks
 
-    def total_pow_sum(self, pcode: int, p: float) -> float:
+    def norm(self, pcode: int, p: float) -> float:
+        """Global norm of all tables, rescaled where power sums over/underflow."""
+        return robust_norm(self.total_pow_sum, pcode, p, self.dtype == np.float64)
+
+    def total_pow_sum(self, pcode: int, p: float, inv: float = 1.0) -> float:
         total = 0.0
         for t in self.tables:
-            s = float(run("tab_pow_sum", t.n, t.addrs, t.sizes, t.like, pcode, p, cfg.CHUNK))
+            s = float(run("tab_pow_sum", t.n, t.addrs, t.sizes, t.like, pcode, p, inv, cfg.CHUNK))
             if pcode != 0:
                 total += s
             elif s != s or total != total:
@@ -594,7 +643,7 @@ def _fast_numpy_pack(arrays: list[Any], packed: _Packed, writing: bool) -> bool:
 
 def global_norm(lib: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any:
     packed = pack(lib, arrays, "norm", writing=False)
-    value = _root(packed.total_pow_sum(pcode, p), pcode, p)
+    value = packed.norm(pcode, p)
     assert packed.dtype is not None
     return lib.wrap(value, packed.dtype, arrays[0])
 
@@ -616,7 +665,7 @@ def clip_global(
         src = pack(lib, arrays, what, writing=False)
         outs = [lib.empty_like(a) for a in arrays]
         dst = pack(lib, outs, what, writing=False)
-        value = _root(src.total_pow_sum(pcode, p), pcode, p) if total_norm is None else total_norm
+        value = src.norm(pcode, p) if total_norm is None else total_norm
         _raise_if_nonfinite(value, error_if_nonfinite)
         coef = float(_coefficients(np.float64(value), max_norm, eps, "clip"))
         _scale_into(src, dst, coef)
@@ -632,14 +681,13 @@ def clip_global(
         and not packed.copies
         and total_norm is None
         and not error_if_nonfinite
+        and not _needs_rescale(pcode, packed.dtype == np.float64)
     ):
         t = packed.tables[0]
         args = (t.addrs, t.sizes, t.like, pcode, p, max_norm, eps, cfg.CHUNK)
         value = float(run("tab_clip", t.n, *args))
     else:
-        value = (
-            _root(packed.total_pow_sum(pcode, p), pcode, p) if total_norm is None else total_norm
-        )
+        value = packed.norm(pcode, p) if total_norm is None else total_norm
         _raise_if_nonfinite(value, error_if_nonfinite)
         packed.scale(float(_coefficients(np.float64(value), max_norm, eps, "clip")))
     lib.touched(arrays)

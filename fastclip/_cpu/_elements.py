@@ -29,6 +29,9 @@ from ._intrinsics import bits_f32, f16_bits_to_f32, f32_bits, f32_to_f16_bits
 # The largest float32 block sum we trust: above it (or NaN) the block is
 # recomputed in float64, so squares of |x| ~ 1e20 never turn a norm into inf.
 F32_SAFE = np.float32(3.0e38)
+# Below this a float32 sum of squares may have lost terms to underflow
+# (squares of |x| < 1e-19 flush toward 0): the block is redone in float64.
+F32_TINY = np.float32(1.0e-30)
 
 
 def widen(v):  # type: ignore[no-untyped-def]
@@ -48,6 +51,11 @@ def acc_zero(v):  # type: ignore[no-untyped-def]
 
 def acc_limit(v):  # type: ignore[no-untyped-def]
     """Largest trusted block sum for ``v``'s accumulator (inf for float64)."""
+    raise NotImplementedError  # pragma: no cover
+
+
+def acc_tiny(v):
+    """Smallest trusted float32 block sum of squares (0 for float64 accumulators)."""
     raise NotImplementedError  # pragma: no cover
 
 
@@ -122,6 +130,13 @@ def _acc_limit(v):  # type: ignore[no-untyped-def]
     if _is32(v):
         return lambda v: F32_SAFE
     return lambda v: np.inf
+
+
+@overload(acc_tiny, inline="always")
+def _acc_tiny(v):
+    if _is32(v):
+        return lambda v: F32_TINY
+    return lambda v: -1.0
 
 
 @overload(coef_like, inline="always")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from ._elements import abs1, abs2, acc_limit, acc_zero, coef_like, narrow, widen
+from ._elements import abs1, abs2, acc_limit, acc_tiny, acc_zero, coef_like, narrow, widen
 from ._intrinsics import address_as_pointer, load_int32, load_int64
 
 BLOCK = 4096  # float32 partial-sum block (error ~2e-10 rel. on 6.4e7 elements)
@@ -30,8 +30,8 @@ BLOCK = 4096  # float32 partial-sum block (error ~2e-10 rel. on 6.4e7 elements)
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # no nnan/ninf: keep isfinite checks
 
 
-@njit(fastmath=FASTMATH, cache=False, inline="always")
-def _block_sum_p(b, pcode, p):  # type: ignore[no-untyped-def]
+@njit(error_model="numpy", fastmath=FASTMATH, cache=False, inline="always")
+def _block_sum_p(b, pcode, p, inv):  # type: ignore[no-untyped-def]
     """float64 sum of |x|**p over the whole 1-D block ``b`` (pcode 1/2/3).
 
     Loops run over ``range(b.size)`` of a slice: indexing with ``range(lo, hi)``
@@ -48,11 +48,13 @@ def _block_sum_p(b, pcode, p):  # type: ignore[no-untyped-def]
     else:
         acc64 = 0.0
         for i in range(b.size):
-            acc64 += np.float64(abs1(widen(b[i]))) ** p
+            acc64 += (np.float64(abs1(widen(b[i]))) * inv) ** p
         return acc64
-    if acc <= acc_limit(b[0]):
+    if acc <= acc_limit(b[0]) and (pcode != 2 or acc >= acc_tiny(b[0])):
         return np.float64(acc)
-    # Overflowed (or NaN): redo this block in float64.
+    # Overflowed, NaN, or squares that may have underflowed float32 (|x| < ~1e-19):
+    # redo this block in float64.  The block is in L1 cache by now, so the rare
+    # redo (all-zero blocks included) costs a fraction of the memory pass.
     acc64 = 0.0
     if pcode == 2:
         for i in range(b.size):
@@ -64,8 +66,8 @@ def _block_sum_p(b, pcode, p):  # type: ignore[no-untyped-def]
     return acc64
 
 
-@njit(fastmath=FASTMATH, cache=False)
-def seg_pow_sum(a, lo, hi, pcode, p):  # type: ignore[no-untyped-def]
+@njit(error_model="numpy", fastmath=FASTMATH, cache=False)
+def seg_pow_sum(a, lo, hi, pcode, p, inv):  # type: ignore[no-untyped-def]
     """Power sum (or max |x| for pcode 0) of the 1-D array a[lo:hi]."""
     if hi <= lo:
         return 0.0
@@ -84,11 +86,11 @@ def seg_pow_sum(a, lo, hi, pcode, p):  # type: ignore[no-untyped-def]
     nblocks = (seg.size + BLOCK - 1) // BLOCK
     for b in range(nblocks):
         s = b * BLOCK
-        total += _block_sum_p(seg[s : min(s + BLOCK, seg.size)], pcode, p)
+        total += _block_sum_p(seg[s : min(s + BLOCK, seg.size)], pcode, p, inv)
     return total
 
 
-@njit(cache=False)
+@njit(error_model="numpy", cache=False)
 def combine(partials, pcode):  # type: ignore[no-untyped-def]
     """Combine per-chunk power sums (max for inf, NaN-propagating)."""
     total = 0.0
@@ -104,7 +106,7 @@ def combine(partials, pcode):  # type: ignore[no-untyped-def]
     return total
 
 
-@njit(fastmath=FASTMATH, cache=False)
+@njit(error_model="numpy", fastmath=FASTMATH, cache=False)
 def seg_scale(src, dst, lo, hi, coef, inplace):  # type: ignore[no-untyped-def]
     """dst[lo:hi] = src[lo:hi] * coef (coef in the storage's arithmetic type).
 
@@ -113,24 +115,24 @@ def seg_scale(src, dst, lo, hi, coef, inplace):  # type: ignore[no-untyped-def]
     """
     if hi <= lo:
         return
-    s = src[lo:hi]
-    c = coef_like(coef, s[0])
-    if inplace:
-        for i in range(s.size):
-            s[i] = narrow(widen(s[i]) * c, s[i])
+    d = dst[lo:hi]
+    c = coef_like(coef, d[0])
+    if inplace:  # read and write ``dst`` only: ``src`` may be a read-only view
+        for i in range(d.size):
+            d[i] = narrow(widen(d[i]) * c, d[i])
     else:
-        d = dst[lo:hi]
+        s = src[lo:hi]
         for i in range(s.size):
             d[i] = narrow(widen(s[i]) * c, d[i])
 
 
-@njit(fastmath=FASTMATH, cache=False)
+@njit(error_model="numpy", fastmath=FASTMATH, cache=False)
 def seg_clamp(src, dst, lo, hi, vmin, vmax, inplace):  # type: ignore[no-untyped-def]
     """dst[lo:hi] = clamp(src[lo:hi], vmin, vmax); NaN stays NaN."""
     if hi <= lo:
         return
-    s = src[lo:hi]
-    d = s if inplace else dst[lo:hi]
+    d = dst[lo:hi]
+    s = d if inplace else src[lo:hi]  # in place: never write through ``src``'s type
     cmin = coef_like(vmin, s[0])
     cmax = coef_like(vmax, s[0])
     for i in range(s.size):
@@ -142,14 +144,14 @@ def seg_clamp(src, dst, lo, hi, vmin, vmax, inplace):  # type: ignore[no-untyped
         d[i] = narrow(v, d[i])
 
 
-@njit(cache=False)
+@njit(error_model="numpy", cache=False)
 def coefficient(norm, max_norm, eps):  # type: ignore[no-untyped-def]
     """min(1, max_norm / (norm + eps)) without a branch on NaN (NaN propagates)."""
     r = max_norm / (norm + eps)
     return 1.0 if r >= 1.0 else r
 
 
-@njit(cache=False)
+@njit(error_model="numpy", cache=False)
 def root(total, pcode, p):  # type: ignore[no-untyped-def]
     """Power sum -> norm."""
     if pcode == 0:
@@ -164,14 +166,14 @@ def root(total, pcode, p):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- one array
 
 
-def arr_pow_sum(a, pcode, p, chunk):  # type: ignore[no-untyped-def]
+def arr_pow_sum(a, pcode, p, inv, chunk):  # type: ignore[no-untyped-def]
     """Power sum of a 1-D array, chunk-parallel."""
     n = a.size
     nchunks = (n + chunk - 1) // chunk
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
         lo = c * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, n), pcode, p)
+        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, n), pcode, p, inv)
     return combine(partials, pcode)
 
 
@@ -191,7 +193,7 @@ def arr_clip(src, dst, pcode, p, max_norm, eps, inplace, chunk):  # type: ignore
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
         lo = c * chunk
-        partials[c] = seg_pow_sum(src, lo, min(lo + chunk, n), pcode, p)
+        partials[c] = seg_pow_sum(src, lo, min(lo + chunk, n), pcode, p, 1.0)
     norm = root(combine(partials, pcode), pcode, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
@@ -212,7 +214,7 @@ def arr_clamp(src, dst, vmin, vmax, inplace, chunk):  # type: ignore[no-untyped-
 # ------------------------------------------------------- many arrays (table)
 
 
-@njit(cache=False)
+@njit(error_model="numpy", cache=False)
 def chunk_starts(sizes, chunk):  # type: ignore[no-untyped-def]
     """Prefix sums of chunk counts: chunk c belongs to array searchsorted(...)."""
     starts = np.empty(sizes.size + 1, np.int64)
@@ -222,7 +224,7 @@ def chunk_starts(sizes, chunk):  # type: ignore[no-untyped-def]
     return starts
 
 
-def tab_pow_sum(addrs, sizes, like, pcode, p, chunk):  # type: ignore[no-untyped-def]
+def tab_pow_sum(addrs, sizes, like, pcode, p, inv, chunk):  # type: ignore[no-untyped-def]
     """Power sum over all elements of all arrays in the (address, size) table."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
@@ -231,7 +233,7 @@ def tab_pow_sum(addrs, sizes, like, pcode, p, chunk):  # type: ignore[no-untyped
         t = np.searchsorted(starts, c, side="right") - 1
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), pcode, p)
+        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), pcode, p, inv)
     return combine(partials, pcode)
 
 
@@ -256,7 +258,7 @@ def tab_clip(addrs, sizes, like, pcode, p, max_norm, eps, chunk):  # type: ignor
         t = np.searchsorted(starts, c, side="right") - 1
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), pcode, p)
+        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), pcode, p, 1.0)
     norm = root(combine(partials, pcode), pcode, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
@@ -282,12 +284,15 @@ def tab_clamp(src_addrs, dst_addrs, sizes, like, vmin, vmax, inplace, chunk):  #
 # ------------------------------------------------------------ along an axis
 
 
-def rows_pow_sum(x, pcode, p):  # type: ignore[no-untyped-def]
-    """Power sum of each row of a 2-D array (reduction over the last axis)."""
+def rows_pow_sum(x, pcode, p, inv):  # type: ignore[no-untyped-def]
+    """Power sum of each row of a 2-D array (reduction over the last axis).
+
+    ``inv[r]`` scales row r's values for pcode 3 (over/underflow-safe rescaling).
+    """
     m, k = x.shape
     out = np.empty(m, np.float64)
     for r in prange(m):
-        out[r] = seg_pow_sum(x[r], 0, k, pcode, p)
+        out[r] = seg_pow_sum(x[r], 0, k, pcode, p, inv[r])
     return out
 
 
@@ -298,7 +303,7 @@ def rows_scale(src, dst, coefs, inplace):  # type: ignore[no-untyped-def]
         seg_scale(src[r], dst[r], 0, k, coefs[r], inplace)
 
 
-def cols_pow_sum(x, pcode, p, tile):  # type: ignore[no-untyped-def]
+def cols_pow_sum(x, pcode, p, inv, tile):  # type: ignore[no-untyped-def]
     """Power sum of each column of a 2-D array (reduction over the first axis).
 
     Columns are processed in tiles so the row loop streams contiguous memory
@@ -312,9 +317,10 @@ def cols_pow_sum(x, pcode, p, tile):  # type: ignore[no-untyped-def]
         hi = min(lo + tile, m)
         if pcode == 0:
             for j in range(lo, hi):
-                out[j] = seg_pow_sum(x[:, j], 0, k, 0, p)
+                out[j] = seg_pow_sum(x[:, j], 0, k, 0, p, 1.0)
             continue
         acc = out[lo:hi]
+        sc = inv[lo:hi]
         for r in range(k):
             row = x[r, lo:hi]
             if pcode == 2:
@@ -326,7 +332,7 @@ def cols_pow_sum(x, pcode, p, tile):  # type: ignore[no-untyped-def]
                     acc[j] += np.float64(abs1(widen(row[j])))
             else:
                 for j in range(row.size):
-                    acc[j] += np.float64(abs1(widen(row[j]))) ** p
+                    acc[j] += (np.float64(abs1(widen(row[j]))) * sc[j]) ** p
     return out
 
 

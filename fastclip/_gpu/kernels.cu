@@ -1,0 +1,279 @@
+// fastclip GPU kernels (CUDA C++, compiled lazily by cupy.RawModule per device).
+//
+// Multi-tensor layout (apex multi_tensor_apply / ATen _foreach_norm in spirit):
+// a device table of data pointers and sizes, plus a chunk table (tensor index,
+// first element) so one launch covers any number of tensors of one dtype.
+// Every index is 64-bit; loops are grid-stride; 16-byte vector loads are used
+// when a chunk's address is 16-byte aligned.
+//
+// Reductions produce float64 "power sums": sum |x|^p (pcode 1, 2, 3) or
+// max |x| (pcode 0 = inf, NaN-propagating).  16- and 32-bit data accumulate in
+// float32 per thread (float64 for float64 data and for general p); a thread
+// whose float32 sum is not finite recomputes its share in float64, so |x| ~ 1e20
+// never overflows.  Block results are combined in float64.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+typedef unsigned long long u64;
+
+// ------------------------------------------------------------ element access
+
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
+
+__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ double ld(const double* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const __half* p, i64 i) { return __half2float(p[i]); }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, i64 i) { return __bfloat162float(p[i]); }
+
+__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(double* p, i64 i, double v) { p[i] = v; }
+__device__ __forceinline__ void st(__half* p, i64 i, float v) { p[i] = __float2half_rn(v); }
+__device__ __forceinline__ void st(__nv_bfloat16* p, i64 i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// 16 bytes = V elements, loaded with one vector instruction.
+template <typename T>
+struct Vec {
+    static const int V = 16 / sizeof(T);
+    union { uint4 raw; T v[16 / sizeof(T)]; } u;
+    __device__ __forceinline__ void load(const T* p) { u.raw = *reinterpret_cast<const uint4*>(p); }
+    __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<uint4*>(p) = u.raw; }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<u64>(p) & 15ULL) == 0;
+}
+
+// ------------------------------------------------------------- reductions
+
+template <typename A>
+__device__ __forceinline__ A pow_term(A a, int pcode, double p) {
+    a = fabs(a);
+    if (pcode == 2) return a * a;
+    if (pcode == 1) return a;
+    return (A)pow((double)a, p);
+}
+
+// max that lets NaN win (fmax would drop it)
+__device__ __forceinline__ double max_nan(double a, double b) {
+    if (a != a) return a;
+    if (b != b) return b;
+    return a > b ? a : b;
+}
+
+__device__ __forceinline__ double combine(double a, double b, int pcode) {
+    return pcode == 0 ? max_nan(a, b) : a + b;
+}
+
+__device__ __forceinline__ double warp_reduce(double v, int pcode) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = combine(v, __shfl_down_sync(0xffffffffu, v, offset), pcode);
+    return v;
+}
+
+// Block-wide reduction; the result is valid in thread 0.  Identity 0 works for
+// both the sum and the max of absolute values.
+__device__ double block_reduce(double v, int pcode) {
+    __shared__ double shared[32];
+    int lane = threadIdx.x & 31;
+    int warp = threadIdx.x >> 5;
+    v = warp_reduce(v, pcode);
+    __syncthreads();  // shared[] may still be read by a previous call
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int nwarps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nwarps) ? shared[lane] : 0.0;
+    if (warp == 0) v = warp_reduce(v, pcode);
+    return v;
+}
+
+// One thread's power sum over elements tid, tid + stride, ... of s[0:n].
+template <typename T, typename A>
+__device__ A thread_pow_sum(const T* s, i64 n, int pcode, double p) {
+    const int V = Vec<T>::V;
+    A acc = 0;
+    i64 done = 0;
+    if (aligned16(s)) {
+        i64 nv = n / V;
+        for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
+            Vec<T> vec;
+            vec.load(s + i * V);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                A t = pow_term((A)ld(vec.u.v, j), pcode, p);
+                acc = (pcode == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
+            }
+        }
+        done = nv * V;
+    }
+    for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) {
+        A t = pow_term((A)ld(s, i), pcode, p);
+        acc = (pcode == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
+    }
+    return acc;
+}
+
+template <typename T>
+__device__ double chunk_pow_sum(const T* s, i64 n, int pcode, double p) {
+    typedef typename AccOf<T>::type A;
+    double d;
+    if (pcode == 3) {
+        d = thread_pow_sum<T, double>(s, n, pcode, p);
+    } else {
+        A acc = thread_pow_sum<T, A>(s, n, pcode, p);
+        d = (double)acc;
+        if (pcode != 0 && !isfinite(acc)) {
+            // float32 overflow (or NaN/inf data): redo this thread's share in float64
+            d = thread_pow_sum<T, double>(s, n, pcode, p);
+        }
+    }
+    return block_reduce(d, pcode);
+}
+
+// partials[c] = power sum of chunk c of the tensor table.
+template <typename T>
+__global__ void fastclip_partial_pow_sum(const u64* ptrs, const i64* sizes,
+                                         const i64* chunk_tensor, const i64* chunk_start,
+                                         i64 n_chunks, i64 chunk_size, int pcode, double p,
+                                         double* partials) {
+    for (i64 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        i64 t = chunk_tensor[c];
+        i64 start = chunk_start[c];
+        i64 end = min(start + chunk_size, sizes[t]);
+        const T* base = reinterpret_cast<const T*>(ptrs[t]);
+        double v = chunk_pow_sum<T>(base + start, end - start, pcode, p);
+        if (threadIdx.x == 0) partials[c] = v;
+    }
+}
+
+// One block: total = combine(partials); writes the norm (or the given total
+// norm) and the coefficient (mode 0: none, 1: clip min(1, c / (n + eps)),
+// 2: normalise 1 / (n + eps)).  NaN propagates into the coefficient.
+template <typename N>
+__global__ void fastclip_finish(const double* partials, i64 n, int pcode, double p,
+                                double max_norm, double eps, int mode,
+                                const double* given_total, N* norm_out, double* coef_out) {
+    double v = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) v = combine(v, partials[i], pcode);
+    v = block_reduce(v, pcode);
+    if (threadIdx.x == 0) {
+        double norm;
+        if (given_total != nullptr) norm = given_total[0];
+        else if (pcode == 0 || pcode == 1) norm = v;
+        else if (pcode == 2) norm = sqrt(v);
+        else norm = pow(v, 1.0 / p);
+        if (norm_out != nullptr) norm_out[0] = (N)norm;
+        if (coef_out != nullptr) {
+            double r = (mode == 2) ? 1.0 / (norm + eps) : max_norm / (norm + eps);
+            coef_out[0] = (mode == 1 && r >= 1.0) ? 1.0 : r;
+        }
+    }
+}
+
+// dst_t = src_t * coef[0] for every tensor of the table (coef read on device).
+template <typename T>
+__global__ void fastclip_scale(const u64* src_ptrs, const u64* dst_ptrs, const i64* sizes,
+                               const i64* chunk_tensor, const i64* chunk_start, i64 n_chunks,
+                               i64 chunk_size, const double* coef) {
+    typedef typename AccOf<T>::type A;
+    const A c = (A)coef[0];
+    const int V = Vec<T>::V;
+    for (i64 k = blockIdx.x; k < n_chunks; k += gridDim.x) {
+        i64 t = chunk_tensor[k];
+        i64 start = chunk_start[k];
+        i64 n = min(start + chunk_size, sizes[t]) - start;
+        const T* s = reinterpret_cast<const T*>(src_ptrs[t]) + start;
+        T* d = reinterpret_cast<T*>(dst_ptrs[t]) + start;
+        i64 done = 0;
+        if (aligned16(s) && aligned16(d)) {
+            i64 nv = n / V;
+            for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
+                Vec<T> in, out;
+                in.load(s + i * V);
+#pragma unroll
+                for (int j = 0; j < V; ++j) st(out.u.v, j, (A)ld(in.u.v, j) * c);
+                out.store(d + i * V);
+            }
+            done = nv * V;
+        }
+        for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) st(d, i, (A)ld(s, i) * c);
+    }
+}
+
+// dst_t = clamp(src_t, lo, hi) for every tensor of the table; NaN stays NaN.
+template <typename T>
+__global__ void fastclip_clamp(const u64* src_ptrs, const u64* dst_ptrs, const i64* sizes,
+                               const i64* chunk_tensor, const i64* chunk_start, i64 n_chunks,
+                               i64 chunk_size, double lo, double hi) {
+    typedef typename AccOf<T>::type A;
+    const A a_lo = (A)lo, a_hi = (A)hi;
+    for (i64 k = blockIdx.x; k < n_chunks; k += gridDim.x) {
+        i64 t = chunk_tensor[k];
+        i64 start = chunk_start[k];
+        i64 n = min(start + chunk_size, sizes[t]) - start;
+        const T* s = reinterpret_cast<const T*>(src_ptrs[t]) + start;
+        T* d = reinterpret_cast<T*>(dst_ptrs[t]) + start;
+        for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+            A v = (A)ld(s, i);
+            if (v < a_lo) v = a_lo;
+            if (v > a_hi) v = a_hi;
+            st(d, i, v);
+        }
+    }
+}
+
+// ------------------------------------------------------------- along axes
+
+// pow_sums[r] for each row of a contiguous [m, k] array (one block per row).
+template <typename T>
+__global__ void fastclip_rows_pow_sum(const T* x, i64 m, i64 k, int pcode, double p,
+                                      double* pow_sums) {
+    for (i64 r = blockIdx.x; r < m; r += gridDim.x) {
+        double v = chunk_pow_sum<T>(x + r * k, k, pcode, p);
+        if (threadIdx.x == 0) pow_sums[r] = v;
+    }
+}
+
+// pow_sums[j] for each column of a contiguous [k, m] array (one thread per column:
+// consecutive threads read consecutive addresses).  Accumulates in float64.
+template <typename T>
+__global__ void fastclip_cols_pow_sum(const T* x, i64 k, i64 m, int pcode, double p,
+                                      double* pow_sums) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += (i64)gridDim.x * blockDim.x) {
+        double acc = 0.0;
+        for (i64 r = 0; r < k; ++r) {
+            double t = pow_term((double)ld(x, r * m + j), pcode, p);
+            acc = combine(acc, t, pcode);
+        }
+        pow_sums[j] = acc;
+    }
+}
+
+// norms and coefficients from power sums, elementwise (mode as in finish).
+template <typename N>
+__global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int pcode, double p,
+                                    double max_norm, double eps, int mode, N* norms_out,
+                                    double* coefs) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        double v = pow_sums[i];
+        double norm = (pcode == 0 || pcode == 1) ? v : (pcode == 2 ? sqrt(v) : pow(v, 1.0 / p));
+        norms_out[i] = (N)norm;
+        if (coefs != nullptr) {
+            double r = (mode == 2) ? 1.0 / (norm + eps) : max_norm / (norm + eps);
+            coefs[i] = (mode == 1 && r >= 1.0) ? 1.0 : r;
+        }
+    }
+}
+
+// dst[i] = src[i] * coefs[i / inner % outer]: rows (inner = k, outer = m) or
+// columns (inner = 1, outer = m) of a contiguous array of n elements.
+template <typename T>
+__global__ void fastclip_axis_scale(const T* src, T* dst, i64 n, i64 inner, i64 outer,
+                                    const double* coefs) {
+    typedef typename AccOf<T>::type A;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        st(dst, i, (A)ld(src, i) * (A)coefs[(i / inner) % outer]);
+    }
+}
