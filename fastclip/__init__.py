@@ -10,6 +10,7 @@ drop-in for ``torch.nn.utils.clip_grad_norm_`` and friends.
 kernels compile on first use per dtype and are cached on disk.
 """
 
+from . import adaptive, optim
 from ._api import (
     clip_by_global_norm,
     clip_by_global_norm_,
@@ -24,11 +25,10 @@ from ._api import (
     normalize_,
     scale_,
 )
-from . import adaptive, optim
 from ._info import info
-from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 from ._validate import NonFiniteNormError
 from ._version import __version__
+from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 
 __all__ = [
     "AGC",
