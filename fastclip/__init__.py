@@ -25,6 +25,7 @@ from ._api import (
     normalize_,
     scale_,
 )
+from ._dispatch import GPUUnavailableError
 from ._info import info
 from ._validate import NonFiniteNormError
 from ._version import __version__
@@ -33,6 +34,7 @@ from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 __all__ = [
     "AGC",
     "AutoClip",
+    "GPUUnavailableError",
     "GlobalNormClipper",
     "NonFiniteNormError",
     "ZClip",

@@ -32,11 +32,29 @@ def _cpu() -> Any:
     return _DRIVER
 
 
+def _gpu() -> Any:
+    """The GPU driver (CuPy kernels); a clear error where CuPy is missing."""
+    _dispatch.check_gpu_available()
+    from ._gpu import _driver
+
+    return _driver
+
+
+def _backend(route: str) -> Any:
+    """The driver module of a route: CPU (Numba) or GPU (CuPy); None for the generic route."""
+    if route == _dispatch.ROUTE_CPU:
+        return _cpu()
+    if route == _dispatch.ROUTE_GPU:
+        return _gpu()
+    return None
+
+
 def _route_one(x: Any) -> tuple[str, Any]:
     route = _dispatch.route_of(x)
     if route == _dispatch.ROUTE_CPU:
         return route, _cpu().lib_for(_dispatch.library_of(x))
-    _dispatch.check_not_gpu(route)
+    if route == _dispatch.ROUTE_GPU:
+        return route, _gpu().lib_for(_dispatch.library_of(x))
     return route, None
 
 
@@ -46,7 +64,8 @@ def _route_many(arrays: list[Any]) -> tuple[str, Any]:
     route = _dispatch.route_of_many(arrays, defer_numpy=True)
     if route == _dispatch.ROUTE_CPU:
         return route, _cpu().lib_for(_dispatch.library_of(arrays[0]))
-    _dispatch.check_not_gpu(route)
+    if route == _dispatch.ROUTE_GPU:
+        return route, _gpu().lib_for(_dispatch.library_of(arrays[0]))
     return route, None
 
 
@@ -122,8 +141,8 @@ def norm(
     pcode, p = check_ord(ord)
     route, lib = _route_one(x)
     axes = _axes(x, axis)
-    if route == _dispatch.ROUTE_CPU:
-        return _cpu().norm(lib, x, pcode, p, axes, bool(keepdims))
+    if lib is not None:
+        return _backend(route).norm(lib, x, pcode, p, axes, bool(keepdims))
     return _generic.norm(x, pcode, p, axes, bool(keepdims))
 
 
@@ -166,8 +185,8 @@ def global_norm(arrays: ArrayOrArrays, ord: float = 2) -> Array:
     if not items:
         return _zero_norm()
     route, lib = _route_many(items)
-    if route == _dispatch.ROUTE_CPU:
-        return _cpu().global_norm(lib, items, pcode, p)
+    if lib is not None:
+        return _backend(route).global_norm(lib, items, pcode, p)
     return _generic.global_norm(items, pcode, p)
 
 
@@ -202,8 +221,8 @@ def clip_by_value(x: Array, min: float | None = None, max: float | None = None) 
     """
     lo, hi = check_bounds(min, max)
     route, lib = _route_one(x)
-    if route == _dispatch.ROUTE_CPU:
-        return _cpu().clip_by_value(lib, x, lo, hi, False)
+    if lib is not None:
+        return _backend(route).clip_by_value(lib, x, lo, hi, False)
     return _generic.clip_by_value(x, lo, hi, False)
 
 
@@ -224,8 +243,8 @@ def clip_by_value_(x: Array, min: float | None = None, max: float | None = None)
     """
     lo, hi = check_bounds(min, max)
     route, lib = _route_one(x)
-    if route == _dispatch.ROUTE_CPU:
-        return _cpu().clip_by_value(lib, x, lo, hi, True)
+    if lib is not None:
+        return _backend(route).clip_by_value(lib, x, lo, hi, True)
     return _generic.clip_by_value(x, lo, hi, True)
 
 
@@ -236,8 +255,8 @@ def clip_values_(arrays: ArrayOrArrays, min: float | None = None, max: float | N
     if not items:
         return
     route, lib = _route_many(items)
-    if route == _dispatch.ROUTE_CPU and all(lib.is_float(a) for a in items):
-        _cpu().clamp_many_(lib, items, lo, hi)
+    if lib is not None and all(lib.is_float(a) for a in items):
+        _backend(route).clamp_many_(lib, items, lo, hi)
         return
     for a in items:
         clip_by_value_(a, lo, hi)
@@ -253,8 +272,8 @@ def _rescale(
     eps_v = check_eps(eps)
     route, lib = _route_one(x)
     axes = _axes(x, axis)
-    if route == _dispatch.ROUTE_CPU:
-        return _cpu().rescale(lib, x, pcode, p, axes, max_norm, eps_v, mode, inplace)
+    if lib is not None:
+        return _backend(route).rescale(lib, x, pcode, p, axes, max_norm, eps_v, mode, inplace)
     return _generic.rescale(x, pcode, p, axes, max_norm, eps_v, mode, inplace)
 
 
@@ -404,13 +423,16 @@ def _clip_global(
     c = check_max_norm(max_norm)
     pcode, p = check_ord(ord)
     eps_v = check_eps(eps)
-    given = _total_norm_value(total_norm)
     items = _dispatch.as_array_list(arrays)
     if not items:
         return [], _zero_norm()
     route, lib = _route_many(items)
-    if route == _dispatch.ROUTE_CPU:
-        return _cpu().clip_global(
+    if route == _dispatch.ROUTE_GPU and hasattr(total_norm, "shape"):
+        given: Any = total_norm  # a device scalar: read on the device, no host sync
+    else:
+        given = _total_norm_value(total_norm)
+    if lib is not None:
+        return _backend(route).clip_global(
             lib, items, c, pcode, p, eps_v, given, bool(error_if_nonfinite), inplace
         )
     return _generic.clip_global(items, c, pcode, p, eps_v, given, bool(error_if_nonfinite), inplace)
@@ -531,12 +553,15 @@ def scale_(arrays: ArrayOrArrays, factor: Any) -> None:
     >>> a, b
     (array([0.5, 0.5], dtype=float32), array([0.5, 0.5, 0.5], dtype=float32))
     """
-    value = scalar_value(factor, "factor")
     items = _dispatch.as_array_list(arrays)
     if not items:
         return
     route, lib = _route_many(items)
-    if route == _dispatch.ROUTE_CPU:
-        _cpu().scale_(lib, items, value)
+    if route == _dispatch.ROUTE_GPU and hasattr(factor, "shape"):
+        value: Any = factor  # a device scalar: read on the device, no host sync
+    else:
+        value = scalar_value(factor, "factor")
+    if lib is not None:
+        _backend(route).scale_(lib, items, value)
     else:
         _generic.scale_(items, value)

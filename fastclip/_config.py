@@ -27,3 +27,15 @@ FAST_NUMPY_HEADERS: bool = True
 
 #: Arrays in a list below which the per-array Python path is used anyway.
 FAST_HEADERS_MIN_ARRAYS: int = 8
+
+# ------------------------------------------------------------------- GPU
+#: Threads per block of the GPU kernels (reductions use up to 1,024).
+GPU_BLOCK: int = 512
+#: Threads of the one-block finishing kernel.
+GPU_FINISH_BLOCK: int = 1_024
+#: Elements per (tensor, chunk) work item: apex and ATen use 65,536.
+GPU_CHUNK: int = 65_536
+#: Grid-stride launches use at most this many blocks.
+GPU_MAX_BLOCKS: int = 65_535
+#: Device tensor tables kept for reuse (keyed by device, stream and content).
+GPU_TABLE_CACHE: int = 64

@@ -3,8 +3,9 @@
 Routes (``fastclip.info()`` prints them for every installed library):
 
 * ``numba-cpu``  NumPy arrays and torch CPU tensors: Numba kernels, zero-copy.
-* ``cupy-gpu``   CuPy arrays and torch CUDA tensors: CuPy kernels (not built yet:
-  these raise ``NotImplementedError`` rather than silently copy to the host).
+* ``cupy-gpu``   CuPy arrays and torch CUDA tensors: CuPy kernels on the device,
+  zero-copy, on the caller's stream.  Without a usable CuPy they raise
+  ``GPUUnavailableError`` rather than silently copy to the host.
 * ``array-api``  any other Array API library (array-api-strict, JAX, Dask, ...,
   and torch tensors on devices other than CPU/CUDA): the generic implementation.
 
@@ -27,11 +28,33 @@ ROUTE_GPU = "cupy-gpu"
 ROUTE_GENERIC = "array-api"
 
 GPU_MESSAGE = (
-    "fastclip's GPU backend (CuPy kernels for CuPy arrays and CUDA tensors) is not "
-    "available yet; fastclip never copies device arrays to the host silently. Move the "
-    "data to the CPU yourself (e.g. tensor.cpu(), cupy.asnumpy(a)) or use an Array API "
-    "library that runs there."
+    "this fastclip function has no GPU kernels yet (fastclip never copies device arrays "
+    "to the host silently). Move the data to the CPU yourself (e.g. tensor.cpu(), "
+    "cupy.asnumpy(a))."
 )
+
+
+class GPUUnavailableError(RuntimeError):
+    """A device array reached fastclip but its GPU route (CuPy) cannot run here."""
+
+
+def check_gpu_available() -> None:
+    """Raise GPUUnavailableError unless CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
+    except ImportError:
+        raise GPUUnavailableError(
+            "fastclip's GPU route needs CuPy: pip install 'fastclip[cupy]' (cupy-cuda13x; "
+            "CUDA 12 users: pip install cupy-cuda12x). fastclip never copies device arrays "
+            "to the host silently."
+        ) from None
+    if not cupy.is_available():
+        raise GPUUnavailableError(
+            "CuPy is installed but reports no usable CUDA device (cupy.is_available() is "
+            "False), so fastclip's GPU route cannot run; fastclip never copies device "
+            "arrays to the host silently."
+        )
+
 
 # type -> library key ("numpy", "torch", "cupy", or "xp" for other Array API types)
 _LIBRARY: dict[type, str] = {}
@@ -127,5 +150,6 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
 
 
 def check_not_gpu(route: str) -> None:
+    """For functions without GPU kernels (the fused optimizers): NotImplementedError."""
     if route == ROUTE_GPU:
         raise NotImplementedError(GPU_MESSAGE)

@@ -55,11 +55,19 @@ def _gpus() -> list[str]:
     return found
 
 
+def _gpu_status() -> str:
+    try:
+        _dispatch.check_gpu_available()
+    except _dispatch.GPUUnavailableError as exc:
+        return "unavailable here: " + str(exc).split(";")[0].split(":")[0]
+    return "available"
+
+
 def info() -> dict[str, Any]:
     """Versions, threading, routes per array type and GPUs seen, as a dict.
 
     ``fastclip info`` prints the same.  Routes: ``numba-cpu`` (Numba kernels,
-    zero-copy), ``cupy-gpu`` (not built yet: raises NotImplementedError),
+    zero-copy), ``cupy-gpu`` (CuPy kernels; GPUUnavailableError without CuPy or a GPU),
     ``array-api`` (the generic Array API implementation).
 
     Examples
@@ -78,7 +86,7 @@ def info() -> dict[str, Any]:
     for dist, (label, route) in _LIBRARIES.items():
         version = _version(dist) or (_version("cupy-cuda13x") if dist == "cupy" else None)
         if route == _dispatch.ROUTE_GPU:
-            route = f"{route} (GPU backend not built yet: raises NotImplementedError)"
+            route = f"{route} ({_gpu_status()})"
         if dist == "numpy" or version is not None:
             routes[label] = route
         else:

@@ -88,18 +88,7 @@ class Backend(enum.Enum):
             return "torch.cuda.is_available() is False: no CUDA device for the TORCH_CUDA backend"
         if self is Backend.CUPY and not _cupy_available():
             return "cupy is not installed or cupy.is_available() is False: no CUDA device"
-        if self in (Backend.TORCH_CUDA, Backend.CUPY) and not self._gpu_route_built():
-            return "a GPU is usable but fastclip's GPU route raises NotImplementedError (not built yet)"
         return None
-
-    def _gpu_route_built(self) -> bool:
-        import fastclip
-
-        try:
-            fastclip.norm(self.asarray(np.ones(1), "float32"))
-        except NotImplementedError:
-            return False
-        return True
 
     # ----------------------------------------------------------- conversion
 

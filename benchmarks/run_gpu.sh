@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The one command for a session with a GPU (device tool, `run`):
+#   bash benchmarks/run_gpu.sh
+# Runs the GPU tests and the GPU benchmark on the lent machine's preinstalled
+# torch/cupy/pytest/hypothesis (no registry there) and writes logs to $OUT.
+set -u
+OUT=${OUT:-benchmarks/results}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import array_api_compat" 2>/dev/null || echo "array-api-compat missing: carry a wheel" | tee "$OUT/gpu-env.txt"
+nvidia-smi -L | tee "$OUT/gpu-device.txt"
+python3 -m pytest tests/test_gpu.py tests/test_norms.py tests/test_clip_norm.py tests/test_clip_global.py \
+  tests/test_clip_value.py tests/test_normalize.py tests/test_routes.py -q -p no:cacheprovider \
+  -o addopts="" -k "cupy or torch_cuda or gpu or GPU" 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+python3 benchmarks/bench_gpu.py --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"
