@@ -119,12 +119,16 @@ def clip_grads_with_norm_(
     max_norm = float(max_norm)
     if not grads:
         return
+    device = grads[0].device
     total = (
-        total_norm.detach() if isinstance(total_norm, torch.Tensor) else torch.tensor(total_norm)
+        total_norm.detach().to(device)
+        if isinstance(total_norm, torch.Tensor)
+        else torch.tensor(float(total_norm), device=device)
     )
+    # The coefficient stays a tensor on the gradients' device: no host sync on GPUs.
     coef = torch.clamp(max_norm / (total.to(torch.float64) + _EPS), max=1.0)
     with torch.no_grad():
-        _api.scale_(grads, float(coef))
+        _api.scale_(grads, coef)
 
 
 def clip_grad_norm_(

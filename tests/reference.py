@@ -29,9 +29,16 @@ def norm(x: Any, ord: float = 2, axis: Any = None, keepdims: bool = False) -> np
         return np.max(a, axis=axis, keepdims=keepdims, initial=0.0)
     if p == 1:
         return np.sum(a, axis=axis, keepdims=keepdims)
-    if p == 2:
-        return np.sqrt(np.sum(a * a, axis=axis, keepdims=keepdims))
-    return np.sum(a**p, axis=axis, keepdims=keepdims) ** (1.0 / p)
+    # ||x||_p = m * ||x / m||_p with m = max |x|: the textbook way to keep |x|**p
+    # from under- or overflowing float64 (e.g. |x| ~ 1e-105 with p = 3).
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.max(a, axis=axis, keepdims=True, initial=0.0)
+        ok = (m > 0) & np.isfinite(m)
+        scale = np.where(ok, m, 1.0)
+        total = np.sum((a / scale) ** p, axis=axis, keepdims=True) ** (1.0 / p) * scale
+        naive = np.sum(a**p, axis=axis, keepdims=True) ** (1.0 / p)
+        out = np.where(ok, total, naive)
+    return out if keepdims else np.squeeze(out, axis=axis if axis is not None else None)
 
 
 def global_norm(arrays: list[Any], ord: float = 2) -> np.ndarray:
