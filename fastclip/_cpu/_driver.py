@@ -154,7 +154,7 @@ class _Plan:
         if self.kind == "rows":
             run("rows_scale", x2.size, x2, dst, coefs, dst is x2)
         else:
-            run("cols_scale", x2.size, x2, dst, coefs, cfg.COL_TILE)
+            run("cols_scale", x2.size, x2, dst, coefs, dst is x2, cfg.COL_TILE)
 
 
 def _root(total: Any, pcode: int, p: float) -> Any:
