@@ -54,7 +54,7 @@ def main() -> None:
             for par in (False, True)
         }
         norm = {
-            par: (lambda k=kernel("tab_pow_sum", par): k(addrs, sizes, like, 2, 2.0, chunk))
+            par: (lambda k=kernel("tab_pow_sum", par): k(addrs, sizes, like, 2, 2.0, 1.0, chunk))
             for par in (False, True)
         }
         cs, cp = median_time(clip[False]), median_time(clip[True])

@@ -7,10 +7,12 @@ Each value names the measurement behind it; re-measure with
 from __future__ import annotations
 
 #: Total elements below which the serial kernels run.  A parallel launch costs
-#: about 2 us with the ``omp`` layer (30-50 us with ``workqueue``); on the
-#: 2-core CI machine the parallel sum of squares wins from about 50k-100k
-#: float32 elements (``benchmarks/bench_threshold.py``).
-PARALLEL_MIN_ELEMENTS: int = 65_536
+#: about 2-3 us with the ``omp`` layer (30-50 us with ``workqueue``).  Measured
+#: on the 2-core CI-like machine (``python benchmarks/bench_threshold.py``,
+#: float32, serial/parallel time ratio for the fused clip and the norm):
+#: 32k 0.66/0.64, 65k 0.95/0.88, 131k 1.29/1.24, 262k 1.64/1.82.  The
+#: crossover is ~80-100k elements.
+PARALLEL_MIN_ELEMENTS: int = 100_000
 
 #: Elements per work item of the chunk-parallel kernels (one array may span
 #: many chunks; tiny arrays are one chunk each).  256 KiB of float32: big
