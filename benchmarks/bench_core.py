@@ -26,28 +26,12 @@ import torch
 
 import fastclip
 import fastclip.torch as fct
+from fastclip._bench.workloads import gpt2_shapes
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    vocab, ctx, d, layers = 50257, 1024, 768, 12
-    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [
-            (d,),
-            (d,),
-            (d, 3 * d),
-            (3 * d,),
-            (d, d),
-            (d,),
-            (d,),
-            (d,),
-            (d, 4 * d),
-            (4 * d,),
-            (4 * d, d),
-            (d,),
-        ]
-    shapes += [(d,), (d,)]
-    return shapes
+    """GPT-2 small's 148 parameter shapes (124M values), as ``fastclip bench`` uses them."""
+    return gpt2_shapes(768, 12)
 
 
 @numba.njit(parallel=True, nogil=True)

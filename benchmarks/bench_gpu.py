@@ -21,26 +21,7 @@ import cupy
 import torch
 
 import fastclip
-
-
-def gpt2_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = [(50257, d), (1024, d)]
-    for _ in range(layers):
-        shapes += [
-            (d,),
-            (d,),
-            (d, 3 * d),
-            (3 * d,),
-            (d, d),
-            (d,),
-            (d,),
-            (d,),
-            (d, 4 * d),
-            (4 * d,),
-            (4 * d, d),
-            (d,),
-        ]
-    return [*shapes, (d,), (d,)]
+from fastclip._bench.workloads import gpt2_shapes
 
 
 def cuda_time(fn: Any, repeat: int) -> list[float]:
