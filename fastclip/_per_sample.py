@@ -128,16 +128,17 @@ def clip_per_sample(
 
     Examples
     --------
-    >>> import numpy as np, fastclip
+    >>> import numpy as np
+    >>> from fastclip._per_sample import clip_per_sample  # exported as fastclip.clip_per_sample
     >>> g = np.array([[3.0, 4.0], [0.3, 0.4]], dtype=np.float32)  # 2 samples
-    >>> res = fastclip.clip_per_sample(g, max_norm=1.0, eps=0.0)
+    >>> res = clip_per_sample(g, max_norm=1.0, eps=0.0)
     >>> res.grads
     array([0.90000004, 1.2       ], dtype=float32)
     >>> res.norms
     array([5. , 0.5], dtype=float32)
     >>> res.n_clipped
     1
-    >>> summed, norms, n = fastclip.clip_per_sample([g, g[:, :1]], 1.0, per_layer=True, eps=0)
+    >>> summed, norms, n = clip_per_sample([g, g[:, :1]], 1.0, per_layer=True, eps=0)
     >>> norms
     array([[5. , 0.5],
            [3. , 0.3]], dtype=float32)
