@@ -53,6 +53,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_SERIAL: dict[str, Any] = {}  # name -> serial dispatcher (a dict lookup is the hot path)
+
+
 def run(name: str, n: int, *args: Any) -> Any:
     """Run kernel ``name`` on ``n`` elements, serial below the threshold.
 
@@ -63,7 +66,10 @@ def run(name: str, n: int, *args: Any) -> Any:
     kernel instead of waiting.  ``omp`` and ``tbb`` are thread-safe.
     """
     if n < cfg.PARALLEL_MIN_ELEMENTS or _state.serial_only:
-        return _build.kernel(name, False)(*args)
+        serial = _SERIAL.get(name)
+        if serial is None:
+            serial = _SERIAL[name] = _build.kernel(name, False)
+        return serial(*args)
     layer = _state.layer
     if layer is not None and layer != "workqueue":
         return _build.kernel(name, True)(*args)
@@ -258,9 +264,10 @@ def _clip_whole(
 ) -> float:
     """Norm of all of ``sv`` and the scaled result into ``out_sv`` (which may be ``sv``)."""
     inplace = out_sv is sv
-    src = sv.reshape(-1) if sv.flags.c_contiguous else np.ascontiguousarray(sv).reshape(-1)
+    contiguous = sv.flags.c_contiguous
+    src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
-    if mode == "clip" and not _needs_rescale(pcode, norm_dtype(sv.dtype) == np.float64):
+    if mode == "clip" and (pcode < 2 or (pcode == 2 and sv.dtype not in _WIDE_STORAGE)):
         value = float(
             run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK)
         )
@@ -268,9 +275,13 @@ def _clip_whole(
         value = _flat_norm(src, pcode, p)
         coef = float(_coefficients(np.float64(value), max_norm, eps, mode))
         run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
-    if inplace and not sv.flags.c_contiguous:
+    if inplace and not contiguous:
         sv[...] = src.reshape(sv.shape)  # copy out
     return value
+
+
+# Storage dtypes whose norms are float64 (and may need max-rescaling for L2).
+_WIDE_STORAGE = frozenset((np.dtype(np.float64), np.dtype(np.complex128)))
 
 
 def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
