@@ -27,6 +27,7 @@ from ._api import (
 )
 from ._dispatch import GPUUnavailableError
 from ._info import info
+from ._per_sample import PerSampleClipResult, clip_per_sample
 from ._validate import NonFiniteNormError
 from ._version import __version__
 from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
@@ -37,6 +38,7 @@ __all__ = [
     "GPUUnavailableError",
     "GlobalNormClipper",
     "NonFiniteNormError",
+    "PerSampleClipResult",
     "ZClip",
     "__version__",
     "adaptive",
@@ -47,6 +49,7 @@ __all__ = [
     "clip_by_value",
     "clip_by_value_",
     "clip_coefficient",
+    "clip_per_sample",
     "global_norm",
     "info",
     "norm",

@@ -129,7 +129,7 @@ def clip_per_sample(
     Examples
     --------
     >>> import numpy as np
-    >>> from fastclip._per_sample import clip_per_sample  # exported as fastclip.clip_per_sample
+    >>> from fastclip import clip_per_sample  # exported as fastclip.clip_per_sample
     >>> g = np.array([[3.0, 4.0], [0.3, 0.4]], dtype=np.float32)  # 2 samples
     >>> res = clip_per_sample(g, max_norm=1.0, eps=0.0)
     >>> res.grads
