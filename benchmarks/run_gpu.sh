@@ -6,7 +6,14 @@
 set -u
 OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import array_api_compat" 2>/dev/null || echo "array-api-compat missing: carry a wheel" | tee "$OUT/gpu-env.txt"
+# The GPU image has no package registry: wheels fetched beforehand on the CPU machine
+#   pip download --no-deps array-api-compat array-api-strict -d .gpu-wheels
+# travel with `carry: [".gpu-wheels"]` and are installed here.
+if [ -d .gpu-wheels ]; then
+  python3 -m pip install -q --no-index --find-links .gpu-wheels array-api-compat array-api-strict \
+    2>&1 | tail -2 | tee "$OUT/gpu-env.txt"
+fi
+python3 -c "import array_api_compat" 2>/dev/null || echo "array-api-compat missing: carry a wheel" | tee -a "$OUT/gpu-env.txt"
 nvidia-smi -L | tee "$OUT/gpu-device.txt"
 python3 -m pytest tests/test_gpu.py tests/test_norms.py tests/test_clip_norm.py tests/test_clip_global.py \
   tests/test_clip_value.py tests/test_normalize.py tests/test_routes.py -q -p no:cacheprovider \
