@@ -40,12 +40,40 @@ def _gpu() -> Any:
     return _driver
 
 
+def _dask() -> Any:
+    """The Dask route (lazy graphs of Numba kernels on NumPy blocks)."""
+    from . import _dask
+
+    return _dask
+
+
 def _backend(route: str) -> Any:
-    """The driver module of a route: CPU (Numba) or GPU (CuPy); None for the generic route."""
+    """The driver module of a route: CPU (Numba), GPU (CuPy) or Dask; None for the generic route."""
     if route == _dispatch.ROUTE_CPU:
         return _cpu()
     if route == _dispatch.ROUTE_GPU:
         return _gpu()
+    if route == _dispatch.ROUTE_DASK:
+        return _dask()
+    return None
+
+
+def _scalar_arg(route: str, value: Any, name: str) -> Any:
+    """A factor or total norm that stays an array: a device scalar on the GPU route
+    (no host sync), a dask scalar on the Dask route (stays lazy); None otherwise.
+
+    A dask scalar with non-dask arrays would be computed silently: TypeError.
+    """
+    if type(value) is float or not hasattr(value, "shape"):
+        return None
+    lazy = _dispatch.is_dask_array(value)
+    if (route == _dispatch.ROUTE_GPU and not lazy) or (route == _dispatch.ROUTE_DASK and lazy):
+        return value
+    if lazy:
+        raise TypeError(
+            f"{name} is a dask array but the arrays are not: one call takes one library "
+            f"(compute it first, or pass dask arrays)"
+        )
     return None
 
 
@@ -55,6 +83,8 @@ def _route_one(x: Any) -> tuple[str, Any]:
         return route, _cpu().lib_for(_dispatch.library_of(x))
     if route == _dispatch.ROUTE_GPU:
         return route, _gpu().lib_for(_dispatch.library_of(x))
+    if route == _dispatch.ROUTE_DASK:
+        return route, _dask().DaskLib
     return route, None
 
 
@@ -66,6 +96,8 @@ def _route_many(arrays: list[Any]) -> tuple[str, Any]:
         return route, _cpu().lib_for(_dispatch.library_of(arrays[0]))
     if route == _dispatch.ROUTE_GPU:
         return route, _gpu().lib_for(_dispatch.library_of(arrays[0]))
+    if route == _dispatch.ROUTE_DASK:
+        return route, _dask().DaskLib
     return route, None
 
 
@@ -427,9 +459,8 @@ def _clip_global(
     if not items:
         return [], _zero_norm()
     route, lib = _route_many(items)
-    if route == _dispatch.ROUTE_GPU and hasattr(total_norm, "shape"):
-        given: Any = total_norm  # a device scalar: read on the device, no host sync
-    else:
+    given: Any = _scalar_arg(route, total_norm, "total_norm")  # device: no host sync
+    if given is None:
         given = _total_norm_value(total_norm)
     if lib is not None:
         return _backend(route).clip_global(
@@ -557,9 +588,8 @@ def scale_(arrays: ArrayOrArrays, factor: Any) -> None:
     if not items:
         return
     route, lib = _route_many(items)
-    if route == _dispatch.ROUTE_GPU and hasattr(factor, "shape"):
-        value: Any = factor  # a device scalar: read on the device, no host sync
-    else:
+    value: Any = _scalar_arg(route, factor, "factor")  # device: no host sync
+    if value is None:
         value = scalar_value(factor, "factor")
     if lib is not None:
         _backend(route).scale_(lib, items, value)

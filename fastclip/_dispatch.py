@@ -6,7 +6,9 @@ Routes (``fastclip.info()`` prints them for every installed library):
 * ``cupy-gpu``   CuPy arrays and torch CUDA tensors: CuPy kernels on the device,
   zero-copy, on the caller's stream.  Without a usable CuPy they raise
   ``GPUUnavailableError`` rather than silently copy to the host.
-* ``array-api``  any other Array API library (array-api-strict, JAX, Dask, ...,
+* ``dask``       Dask arrays: lazy, chunk by chunk with the Numba kernels on the
+  NumPy blocks (``fastclip._dask``).
+* ``array-api``  any other Array API library (array-api-strict, JAX, ...,
   and torch tensors on devices other than CPU/CUDA): the generic implementation.
 
 Detection goes through ``array_api_compat.is_*_array``, which looks a type's
@@ -26,6 +28,7 @@ import numpy as np
 ROUTE_CPU = "numba-cpu"
 ROUTE_GPU = "cupy-gpu"
 ROUTE_GENERIC = "array-api"
+ROUTE_DASK = "dask"
 
 GPU_MESSAGE = (
     "this fastclip function has no GPU kernels yet (fastclip never copies device arrays "
@@ -56,12 +59,12 @@ def check_gpu_available() -> None:
         )
 
 
-# type -> library key ("numpy", "torch", "cupy", or "xp" for other Array API types)
+# type -> library key ("numpy", "torch", "cupy", "dask", or "xp" for other Array API types)
 _LIBRARY: dict[type, str] = {}
 
 
 def library_of(x: Any) -> str:
-    """'numpy', 'torch', 'cupy' or 'xp'; TypeError for non-arrays."""
+    """'numpy', 'torch', 'cupy', 'dask' or 'xp'; TypeError for non-arrays."""
     t = type(x)
     lib = _LIBRARY.get(t)
     if lib is None:
@@ -71,6 +74,8 @@ def library_of(x: Any) -> str:
             lib = "torch"
         elif aac.is_cupy_array(x):
             lib = "cupy"
+        elif aac.is_dask_array(x):
+            lib = "dask"
         elif aac.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool)):
             lib = "xp"
         else:
@@ -96,6 +101,8 @@ def route_of(x: Any) -> str:
         return ROUTE_GENERIC  # mps, xpu, meta, ...: torch's own ops via array-api-compat
     if lib == "cupy":
         return ROUTE_GPU
+    if lib == "dask":
+        return ROUTE_DASK
     return ROUTE_GENERIC
 
 
@@ -147,6 +154,14 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
             if aac.array_namespace(a) is not namespace:
                 raise TypeError("all arrays in one call must come from the same Array API library")
     return route
+
+
+def is_dask_array(x: Any) -> bool:
+    """True for dask arrays (never imports dask)."""
+    try:
+        return library_of(x) == "dask"
+    except TypeError:
+        return False
 
 
 def check_not_gpu(route: str) -> None:

@@ -17,7 +17,7 @@ _LIBRARIES = {
     "cupy": ("cupy.ndarray", _dispatch.ROUTE_GPU),
     "jax": ("jax.Array", _dispatch.ROUTE_GENERIC),
     "array-api-strict": ("array_api_strict.Array", _dispatch.ROUTE_GENERIC),
-    "dask": ("dask.array.Array", _dispatch.ROUTE_GENERIC),
+    "dask": ("dask.array.Array", _dispatch.ROUTE_DASK),
 }
 
 
@@ -68,7 +68,8 @@ def info() -> dict[str, Any]:
 
     ``fastclip info`` prints the same.  Routes: ``numba-cpu`` (Numba kernels,
     zero-copy), ``cupy-gpu`` (CuPy kernels; GPUUnavailableError without CuPy or a GPU),
-    ``array-api`` (the generic Array API implementation).
+    ``dask`` (lazy, chunk by chunk with the Numba kernels), ``array-api`` (the generic
+    Array API implementation).
 
     Examples
     --------

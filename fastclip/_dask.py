@@ -1,0 +1,377 @@
+"""The Dask route: lazy norms and clipping, chunk by chunk with the Numba kernels.
+
+Every public function accepts ``dask.array.Array`` inputs and returns dask
+arrays; nothing is computed until ``.compute()`` (or ``persist``/``store``).
+Chunks are NumPy blocks handed to the CPU driver's kernels, so the same code
+runs on the threaded scheduler, on processes and on a ``dask.distributed``
+cluster, and arrays larger than memory stream through block by block.
+
+* Norms are one ``dask.array.reduction``: each block gives its power sums
+  ``sum |x|^p`` (or ``max |x|`` for ``ord=inf``) along the reduction axes with
+  ``keepdims``, in float64, from the CPU driver's kernels; partials are summed
+  (or maxed, NaN winning) in float64 across chunk boundaries, and the root is
+  taken once at the end.  Norm dtypes follow the core: float64 for
+  float64/complex128 data, float32 otherwise.
+* Clipping is ``map_blocks``: the coefficient ``min(1, c / (norm + eps))``
+  (``1 / (norm + eps)`` for normalize) is a lazy float64 array with the norm's
+  keepdims shape; each block is multiplied by its slice of it with the CPU
+  scale kernels (16-bit data in float32, rounded once).
+* "In place" on a dask array means what ``x[...] = value`` means for dask
+  (its ``__setitem__``): the same Python object is rebound to the new graph.
+  Arrays derived from ``x`` earlier keep the old values (dask arrays are
+  values, not memory); the returned norms are computed from the data before
+  clipping.  Nothing is computed by the rebinding.
+* ``error_if_nonfinite=True`` needs the norm's value before it may return, so
+  it computes the global norm (one pass over the data) and raises
+  ``NonFiniteNormError`` before anything is rebound.
+
+Limits: partial power sums are plain float64, so float64 data beyond about
+1e+-150 (L2) or any ``|x|^p`` outside float64's range can over/underflow where
+the NumPy route rescales by the maximum; a clipped output whose input is not
+persisted reads (or regenerates) the input twice, norm then scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._cpu import _driver
+from ._cpu._libs import NumpyLib, norm_dtype
+from ._validate import NonFiniteNormError
+
+_FLOATS = frozenset(
+    np.dtype(t) for t in (np.float16, np.float32, np.float64, np.complex64, np.complex128)
+)
+
+
+class DaskLib:
+    """The ``lib`` handle of the Dask route (mirrors the CPU driver's adapters)."""
+
+    name = "dask"
+
+    @staticmethod
+    def is_float(x: Any) -> bool:
+        return np.dtype(x.dtype) in _FLOATS
+
+
+# ------------------------------------------------------------------ checks
+
+
+def check_known_chunks(x: Any) -> None:
+    """ValueError for arrays whose chunk sizes are unknown (e.g. after ``x[x > 0]``)."""
+    if any(math.isnan(c) for dim in x.chunks for c in dim):
+        raise ValueError(
+            f"fastclip needs dask arrays with known chunk sizes; this one has unknown (NaN) "
+            f"chunk sizes (shape {x.shape}), e.g. after boolean indexing. Call "
+            f"x.compute_chunk_sizes() first (or x.persist())"
+        )
+
+
+def _check_float(x: Any, what: str) -> None:
+    if np.dtype(x.dtype) not in _FLOATS:
+        raise TypeError(
+            f"{what} needs floating-point arrays (float16, float32, float64"
+            f"{', complex' if what == 'norm' else ''}); got {x.dtype}"
+        )
+
+
+def _checked(arrays: list[Any], what: str) -> None:
+    for a in arrays:
+        check_known_chunks(a)
+    for a in arrays:
+        _check_float(a, what)
+
+
+def _out_dtype(x: Any) -> np.dtype:
+    return norm_dtype(NumpyLib.storage(np.empty(0, x.dtype)).dtype)
+
+
+# ------------------------------------------------------- block functions
+
+
+def _block_pow_sums(
+    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float, **_: Any
+) -> np.ndarray:
+    """float64 power sums (max for inf) of one NumPy block along ``axis``, keepdims."""
+    sv = NumpyLib.storage(np.asarray(block))
+    shape = tuple(1 if i in axis else s for i, s in enumerate(sv.shape))
+    if sv.size == 0:
+        return np.zeros(shape, np.float64)
+    if len(axis) == sv.ndim:
+        flat = sv.reshape(-1)
+        value = _driver.run("arr_pow_sum", flat.size, flat, pcode, p, 1.0, _driver.cfg.CHUNK)
+        return np.full(shape, value, np.float64)
+    plan = _driver._Plan(sv, tuple(sorted(axis)))
+    return np.asarray(plan.pow_sums(pcode, p), np.float64).reshape(shape)
+
+
+def _combine(parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int) -> np.ndarray:
+    if pcode == 0:
+        return np.max(parts, axis=axis, keepdims=keepdims)  # NaN propagates
+    return np.sum(parts, axis=axis, keepdims=keepdims)
+
+
+def _aggregate(
+    parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float
+) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.asarray(_driver._root(_combine(parts, axis, keepdims, pcode), pcode, p))
+
+
+def _coefficients(norms: np.ndarray, max_norm: float, eps: float, mode: str) -> np.ndarray:
+    return np.asarray(_driver._coefficients(norms, max_norm, eps, mode), np.float64)
+
+
+def _scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
+    """``block * coef`` with the CPU scale kernels; ``coef`` is 0-d or keepdims-shaped."""
+    block = np.asarray(block)
+    out = np.empty(block.shape, block.dtype)
+    if block.size == 0:
+        return out
+    sv, out_sv = NumpyLib.storage(block), NumpyLib.storage(out)
+    if axes is None or len(axes) == sv.ndim:
+        src = np.ascontiguousarray(sv).reshape(-1)
+        value = float(np.asarray(coef).reshape(-1)[0])
+        dst = out_sv.reshape(-1)
+        _driver.run("arr_scale", src.size, src, dst, value, False, _driver.cfg.CHUNK)
+        return out
+    plan = _driver._Plan(sv, axes)
+    coefs = np.ascontiguousarray(np.broadcast_to(coef, plan_shape(sv.shape, axes)).reshape(-1))
+    plan.scale(coefs.astype(np.float64), out_sv)
+    return out
+
+
+def plan_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def _clip_block(block: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    return np.asarray(_driver.clip_by_value(NumpyLib, np.asarray(block), lo, hi, False))
+
+
+# ------------------------------------------------------------- lazy graphs
+
+
+def _reduce(x: Any, pcode: int, p: float, axes: tuple[int, ...], keepdims: bool, root: bool) -> Any:
+    """Lazy float64 norms (``root``) or power sums of ``x`` over ``axes``."""
+    import dask.array as da
+
+    out_ndim = x.ndim if keepdims else x.ndim - len(axes)
+    return da.reduction(
+        x,
+        _partial(_block_pow_sums, pcode=pcode, p=p),
+        _partial(_combine_root, pcode=pcode, p=p, root=root),
+        combine=_partial(_combine_root, pcode=pcode, p=p, root=False),
+        axis=axes,
+        keepdims=keepdims,
+        dtype=np.float64,
+        meta=np.empty((0,) * out_ndim, np.float64),
+        concatenate=True,
+        name="fastclip-norm" if root else "fastclip-pow-sum",
+    )
+
+
+def _combine_root(
+    parts: np.ndarray,
+    axis: tuple[int, ...],
+    keepdims: bool,
+    pcode: int,
+    p: float,
+    root: bool,
+    **_: Any,
+) -> np.ndarray:
+    if root:
+        return _aggregate(parts, axis, keepdims, pcode, p)
+    return _combine(parts, axis, keepdims, pcode)
+
+
+def _partial(func: Any, **kwargs: Any) -> Any:
+    import functools
+
+    return functools.partial(func, **kwargs)
+
+
+def _all_axes(x: Any, axes: tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(range(x.ndim)) if axes is None else axes
+
+
+# --------------------------------------------------------------- the route
+
+
+def norm(
+    lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+) -> Any:
+    _checked([x], "norm")
+    values = _reduce(x, pcode, p, _all_axes(x, axes), keepdims, root=True)
+    return values.astype(_out_dtype(x))
+
+
+def _global_norm64(arrays: list[Any], pcode: int, p: float) -> Any:
+    import dask.array as da
+
+    parts = [_reduce(a, pcode, p, _all_axes(a, None), False, root=False) for a in arrays]
+    stacked = da.stack(parts) if len(parts) > 1 else parts[0][None]
+    return da.reduction(
+        stacked,
+        _partial(_combine_root, pcode=pcode, p=p, root=False),
+        _partial(_combine_root, pcode=pcode, p=p, root=True),
+        combine=_partial(_combine_root, pcode=pcode, p=p, root=False),
+        axis=(0,),
+        keepdims=False,
+        dtype=np.float64,
+        meta=np.empty((), np.float64),
+        concatenate=True,
+        name="fastclip-global-norm",
+    )
+
+
+def _global_dtype(arrays: list[Any]) -> np.dtype:
+    wide = any(_out_dtype(a) == np.float64 for a in arrays)
+    return np.dtype(np.float64) if wide else np.dtype(np.float32)
+
+
+def global_norm(lib: Any, arrays: list[Any], pcode: int, p: float) -> Any:
+    _checked(arrays, "norm")
+    return _global_norm64(arrays, pcode, p).astype(_global_dtype(arrays))
+
+
+def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
+    """Lazy ``x * coef`` with the CPU scale kernels; ``coef`` a float64 dask array."""
+    import dask.array as da
+
+    return da.map_blocks(
+        _scale_block,
+        x,
+        coef,
+        axes=axes,
+        dtype=x.dtype,
+        meta=np.empty((0,) * x.ndim, x.dtype),
+        token="fastclip-scale",
+    )
+
+
+def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> Any:
+    return norms64.map_blocks(
+        _coefficients,
+        max_norm=max_norm,
+        eps=eps,
+        mode=mode,
+        dtype=np.float64,
+        meta=np.empty((0,) * norms64.ndim, np.float64),
+        token="fastclip-coefficient",
+    )
+
+
+def _rebind(x: Any, value: Any) -> None:
+    x[...] = value  # dask's __setitem__: x now refers to the new graph
+
+
+def rescale(
+    lib: Any,
+    x: Any,
+    pcode: int,
+    p: float,
+    axes: tuple[int, ...] | None,
+    max_norm: float,
+    eps: float,
+    mode: str,
+    inplace: bool,
+) -> tuple[Any, Any]:
+    what = "clip_by_norm" if mode == "clip" else "normalize"
+    _checked([x], what)
+    whole = axes is None or len(axes) == x.ndim
+    reduce_axes = _all_axes(x, axes)
+    norms64 = _reduce(x, pcode, p, reduce_axes, True, root=True)
+    coef = _coefficient_of(norms64, max_norm, eps, mode)
+    out = _scaled(x, coef, None if whole else reduce_axes)
+    kept = tuple(s for i, s in enumerate(x.shape) if i not in reduce_axes)
+    norms = norms64.reshape(kept).astype(_out_dtype(x))
+    if inplace:
+        _rebind(x, out)
+        out = x
+    return out, norms
+
+
+def clip_global(
+    lib: Any,
+    arrays: list[Any],
+    max_norm: float,
+    pcode: int,
+    p: float,
+    eps: float,
+    total_norm: Any,
+    error_if_nonfinite: bool,
+    inplace: bool,
+) -> tuple[list[Any], Any]:
+    import dask.array as da
+
+    _checked(arrays, "clip_by_global_norm")
+    dtype = _global_dtype(arrays)
+    if total_norm is None:
+        norm64 = _global_norm64(arrays, pcode, p)
+    else:
+        norm64 = da.asarray(total_norm).astype(np.float64)
+        if norm64.ndim != 0:
+            norm64 = norm64.reshape(())
+    if error_if_nonfinite:
+        # The error must come before anything is returned or rebound: compute the norm now.
+        value = float(norm64.compute())
+        if not math.isfinite(value):
+            raise NonFiniteNormError(
+                f"the total norm is non-finite ({value}), so the arrays were not clipped; "
+                "pass error_if_nonfinite=False to scale them by it anyway"
+            )
+        norm64 = da.asarray(np.float64(value))
+    coef = _coefficient_of(norm64, max_norm, eps, "clip")
+    outs = [_scaled(a, coef, None) for a in arrays]
+    if inplace:
+        for a, o in zip(arrays, outs):
+            _rebind(a, o)
+        outs = list(arrays)
+    return outs, norm64.astype(dtype)
+
+
+def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
+    import dask.array as da
+
+    check_known_chunks(x)
+    dtype = np.dtype(x.dtype)
+    if dtype.kind == "c":
+        raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
+    if dtype.kind not in "fiub":
+        raise TypeError(f"clip_by_value needs a real numeric or bool array, got {dtype}")
+    out = da.map_blocks(
+        _clip_block,
+        x,
+        lo=lo,
+        hi=hi,
+        dtype=dtype,
+        meta=np.empty((0,) * x.ndim, dtype),
+        token="fastclip-clip-value",
+    )
+    if inplace:
+        _rebind(x, out)
+        return x
+    return out
+
+
+def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None) -> None:
+    for a in arrays:
+        check_known_chunks(a)
+    for a in arrays:
+        clip_by_value(lib, a, lo, hi, True)
+
+
+def scale_(lib: Any, arrays: list[Any], factor: Any) -> None:
+    import dask.array as da
+
+    _checked(arrays, "scale")
+    coef = da.asarray(factor).astype(np.float64)
+    if coef.ndim != 0:
+        coef = coef.reshape(())
+    outs = [_scaled(a, coef, None) for a in arrays]
+    for a, o in zip(arrays, outs):
+        _rebind(a, o)
