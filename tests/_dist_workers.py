@@ -1,0 +1,347 @@
+"""Worker side of tests/test_distributed.py: run in processes spawned by torch.multiprocessing.
+
+Every rank builds its shards of one known global set of arrays, runs every
+scenario (collectives in the same order on every rank) and pickles what it
+saw to ``outdir/rank{r}.pkl``; the parent process compares with the
+single-process float64 NumPy norms of the concatenated full arrays.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import math
+import os
+import pickle
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+ORDS: tuple[float, ...] = (1.0, 2.0, math.inf, 3.0)
+SHARDED_SIZES = (37, 5, 1, 64, 3, 0)  # 1, 3 and 0 elements: empty shards on most ranks
+REPLICATED_SIZES = (4, 2)
+FSDP_SHAPES = ((7, 5), (3, 7))  # Linear(5, 7) then Linear(7, 3)
+
+
+def global_set(dtype: Any, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The full arrays: (sharded ones, replicated ones)."""
+    rng = np.random.default_rng(seed)
+    sharded = [
+        (rng.standard_normal(n) * (k + 1)).astype(dtype) for k, n in enumerate(SHARDED_SIZES)
+    ]
+    replicated = [rng.standard_normal(n).astype(dtype) for n in REPLICATED_SIZES]
+    return sharded, replicated
+
+
+def bounds(n: int, world: int, k: int) -> list[int]:
+    """Uneven contiguous cut points of n elements; rank (k % world) gets an empty shard."""
+    weights = np.array([(r + world - k % world) % world for r in range(world)], dtype=np.float64)
+    weights = weights * weights + (weights > 0)  # 0, 2, 5, 10...: uneven
+    cuts = np.floor(n * np.cumsum(weights) / weights.sum()).astype(int)
+    return [0, *cuts.tolist()[:-1], n]
+
+
+def shards(full: list[np.ndarray], world: int, rank: int) -> list[np.ndarray]:
+    out = []
+    for k, a in enumerate(full):
+        b = bounds(a.size, world, k)
+        out.append(a[b[rank] : b[rank + 1]].copy())
+    return out
+
+
+def assemble(per_rank: list[list[np.ndarray]], n_sharded: int) -> list[np.ndarray]:
+    """Full arrays back from every rank's local arrays (replicated ones from rank 0)."""
+    full = [np.concatenate([r[k] for r in per_rank]) for k in range(n_sharded)]
+    return full + list(per_rank[0][n_sharded:])
+
+
+# ------------------------------------------------------------------ worker
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> None:
+        try:
+            out = fn(*args)
+        except Exception as exc:  # the parent asserts on the type and message
+            out = {"error": type(exc).__name__, "message": str(exc)}
+        self.results[name] = out
+
+
+def _np(x: Any) -> np.ndarray:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).cpu().numpy().copy()
+    return np.asarray(x, dtype=np.float64).copy()
+
+
+def _local(lib: str, dtype: Any, world: int, rank: int, seed: int = 0) -> list[Any]:
+    import torch
+
+    sharded, replicated = global_set(dtype, seed)
+    local = shards(sharded, world, rank) + [a.copy() for a in replicated]
+    if lib == "torch":
+        return [torch.from_numpy(a) for a in local]
+    return local
+
+
+def _norm_and_clip(
+    lib: str, dtype: Any, ord: float, world: int, rank: int, by_index: bool
+) -> dict[str, Any]:
+    import fastclip.distributed as fcd
+
+    n = len(SHARDED_SIZES)
+    local = _local(lib, dtype, world, rank)
+    repl: list[Any] = [n, n + 1] if by_index else local[n:]
+    norm = fcd.global_norm(local, ord, replicated=repl)
+    sharded, replicated = global_set(dtype)
+    ref = np.linalg.norm(np.concatenate([a.astype(np.float64) for a in sharded + replicated]), ord)
+    clipped = fcd.clip_by_global_norm_(local, 0.5 * ref, ord, replicated=repl)
+    return {
+        "norm": float(norm),
+        "norm_type": type(norm).__name__,
+        "norm_dtype": str(norm.dtype),
+        "clip_norm": float(clipped),
+        "arrays": [_np(a) for a in local],
+    }
+
+
+def _nonfinite(world: int, rank: int, ord: float, bad: dict[int, float]) -> dict[str, Any]:
+    import torch
+
+    import fastclip.distributed as fcd
+
+    local = _local("torch", np.float32, world, rank)
+    if rank in bad:
+        k = next(k for k in range(len(SHARDED_SIZES)) if local[k].numel() > 0)
+        local[k][0] = bad[rank]
+    before = [_np(a) for a in local]
+    norm = fcd.global_norm(local, ord, replicated=[6, 7])
+    out: dict[str, Any] = {"norm": float(norm)}
+    try:
+        fcd.clip_by_global_norm_(local, 1.0, ord, replicated=[6, 7], error_if_nonfinite=True)
+        out["raised"] = None
+    except Exception as exc:
+        out["raised"] = type(exc).__name__
+    out["unchanged"] = all(np.array_equal(b, _np(a), equal_nan=True) for b, a in zip(before, local))
+    out["is_tensor"] = isinstance(norm, torch.Tensor)
+    return out
+
+
+def _bad(world: int, rank: int, kind: str) -> dict[str, Any]:
+    import torch
+
+    import fastclip.distributed as fcd
+
+    local = _local("torch", np.float32, world, rank)
+    ord: float = 2.0
+    if kind == "count" and rank == 0:
+        local = local[1:]  # one array fewer (replicated ones passed as objects below)
+    elif kind == "dtype" and rank == world - 1:
+        local[0] = local[0].to(torch.float64)
+    elif kind == "int" and rank == 1:
+        local[0] = torch.zeros(3, dtype=torch.int32)
+    elif kind == "ord" and rank == 1:
+        ord = 1.0
+    elif kind == "index" and rank == 0:
+        pass
+    before = [_np(a) for a in local]
+    repl: list[Any] = [6, 7] if kind != "index" or rank != 0 else [6, 99]
+    if kind == "count":
+        repl = local[-2:]
+    try:
+        fcd.clip_by_global_norm_(local, 0.1, ord, replicated=repl)
+        raised = None
+        message = ""
+    except Exception as exc:
+        raised = type(exc).__name__
+        message = str(exc)
+    unchanged = all(np.array_equal(b, _np(a)) for b, a in zip(before, local))
+    # the group is still usable after the error: a good call goes through
+    after = float(fcd.global_norm(_local("torch", np.float32, world, rank), replicated=[6, 7]))
+    return {"raised": raised, "message": message, "unchanged": unchanged, "after": after}
+
+
+def _extreme(world: int, rank: int, ord: float) -> dict[str, Any]:
+    import torch
+
+    import fastclip.distributed as fcd
+
+    local = [torch.full((3,), 1e200 if rank == 0 else 1e-200, dtype=torch.float64)]
+    local.append(torch.full((2,), 1e-300, dtype=torch.float64))
+    return {"norm": float(fcd.global_norm(local, ord))}
+
+
+def _mixed_dtypes(world: int, rank: int) -> dict[str, Any]:
+    import torch
+
+    import fastclip.distributed as fcd
+
+    local = _local("torch", np.float32, world, rank)
+    local[1] = local[1].to(torch.float16)
+    local[4] = local[4].to(torch.bfloat16)
+    norm = fcd.global_norm(local, replicated=[6, 7])
+    return {"norm": float(norm), "arrays": [_np(a) for a in local], "dtype": str(norm.dtype)}
+
+
+def _dtensor_1d(world: int, rank: int, ord: float) -> dict[str, Any]:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fastclip.distributed as fcd
+
+    mesh = init_device_mesh("cpu", (world,))
+    sharded, replicated = global_set(np.float32)
+    dts = [distribute_tensor(torch.from_numpy(a.copy()), mesh, [Shard(0)]) for a in sharded]
+    dts += [distribute_tensor(torch.from_numpy(a.copy()), mesh, [Replicate()]) for a in replicated]
+    norm = fcd.global_norm(dts, ord)
+    ref = np.linalg.norm(np.concatenate([a.astype(np.float64) for a in sharded + replicated]), ord)
+    total = fcd.clip_grad_norm_(dts, 0.5 * ref, ord)
+    return {
+        "norm": float(norm),
+        "total_type": type(total).__name__,
+        "total_placements": str(getattr(total, "placements", None)),
+        "total": float(total.full_tensor()),
+        "arrays": [_np(d.full_tensor()) for d in dts],
+        "local_sizes": [int(d.to_local().numel()) for d in dts],
+    }
+
+
+def _dtensor_2d(world: int, rank: int) -> dict[str, Any]:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fastclip.distributed as fcd
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    rng = np.random.default_rng(5)
+    fulls = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(4)]
+    placements = [
+        [Shard(0), Replicate()],
+        [Replicate(), Shard(1)],
+        [Shard(0), Shard(1)],
+        [Replicate(), Replicate()],
+    ]
+    dts = [
+        distribute_tensor(torch.from_numpy(a.copy()), mesh, pl) for a, pl in zip(fulls, placements)
+    ]
+    out = {"norm2": float(fcd.global_norm(dts)), "norm1": float(fcd.global_norm(dts, 1))}
+    ref = float(np.linalg.norm(np.concatenate([a.ravel().astype(np.float64) for a in fulls])))
+    fcd.clip_by_global_norm_(dts, 0.25 * ref)
+    out["arrays"] = [_np(d.full_tensor()) for d in dts]
+    return out
+
+
+def _dtensor_partial(world: int, rank: int) -> dict[str, Any]:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    import fastclip.distributed as fcd
+
+    mesh = init_device_mesh("cpu", (world,))
+    d = DTensor.from_local(torch.ones(3), mesh, [Partial()], run_check=False)
+    return {"norm": float(fcd.global_norm([d]))}
+
+
+def fsdp_model(seed: int = 0) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def fsdp_input(seed: int = 1) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.randn(4, 5)
+
+
+def _fsdp(world: int, rank: int, max_norm: float) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fastclip.distributed as fcd
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fsdp_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    (model(fsdp_input()) ** 2).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = fcd.clip_grad_norm_(grads, max_norm)
+    return {
+        "total": float(total.full_tensor()),
+        "total_type": type(total).__name__,
+        "grads": [_np(g.full_tensor()) for g in grads],
+        "local_sizes": [int(g.to_local().numel()) for g in grads],
+    }
+
+
+def run_suite(rank: int, world: int, port: int, outdir: str) -> None:
+    """Entry point of every spawned rank."""
+    import torch
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(150, exit=True)  # never hang the test suite
+    warnings.simplefilter("ignore")  # torch's deprecation chatter in the workers
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    rec = _Recorder()
+    try:
+        for lib in ("torch", "numpy"):
+            for dtype in (np.float32, np.float64):
+                for ord in ORDS:
+                    for by_index in (False, True) if ord == 2.0 else (lib == "numpy",):
+                        name = f"clip-{lib}-{np.dtype(dtype).name}-{ord}-{by_index}"
+                        rec.run(
+                            name,
+                            _norm_and_clip,
+                            lib,
+                            dtype,
+                            ord,
+                            world,
+                            rank,
+                            by_index,
+                        )
+        for ord in (1.0, 2.0, math.inf):
+            rec.run(f"nan-{ord}", _nonfinite, world, rank, ord, {1: math.nan})
+            rec.run(f"inf-{ord}", _nonfinite, world, rank, ord, {world - 1: math.inf})
+            rec.run(
+                f"naninf-{ord}",
+                _nonfinite,
+                world,
+                rank,
+                ord,
+                {0: math.inf, world - 1: math.nan},
+            )
+        for kind in ("count", "dtype", "int", "ord", "index"):
+            rec.run(f"bad-{kind}", _bad, world, rank, kind)
+        for ord in (2.0, 3.0, 1.0, math.inf):
+            rec.run(f"extreme-{ord}", _extreme, world, rank, ord)
+        rec.run("mixed", _mixed_dtypes, world, rank)
+        for ord in (2.0, 1.0, math.inf):
+            rec.run(f"dtensor1d-{ord}", _dtensor_1d, world, rank, ord)
+        if world % 2 == 0 and world >= 4:
+            rec.run("dtensor2d", _dtensor_2d, world, rank)
+        rec.run("dtensor-partial", _dtensor_partial, world, rank)
+        rec.run("fsdp", _fsdp, world, rank, 0.05)
+    except BaseException:
+        rec.results["__crash__"] = {"error": "crash", "message": traceback.format_exc()}
+    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(rec.results, f)
+    dist.destroy_process_group()
