@@ -73,6 +73,7 @@ __all__ = [
     "get_total_norm",
     "global_norm",
     "has_dtensor",
+    "local_tensors",
 ]
 
 # Columns of the gathered row.
@@ -101,6 +102,19 @@ def has_dtensor(tensors: Sequence[Any]) -> bool:
         return False
     cls = getattr(module, "DTensor", None)
     return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def local_tensors(tensors: Sequence[Any]) -> list[Any]:
+    """The tensors with every DTensor replaced by its local shard (``to_local()``, no copy).
+
+    For scaling DTensor gradients in place by an already reduced norm
+    (``fastclip.torch.clip_grads_with_norm_``): scaling is elementwise, so
+    scaling the local shards scales the DTensors.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def _dtensor_class() -> Any:

@@ -202,6 +202,8 @@ def _dtensor_1d(world: int, rank: int, ord: float) -> dict[str, Any]:
     dts = [distribute_tensor(torch.from_numpy(a.copy()), mesh, [Shard(0)]) for a in sharded]
     dts += [distribute_tensor(torch.from_numpy(a.copy()), mesh, [Replicate()]) for a in replicated]
     norm = fcd.global_norm(dts, ord)
+    assert [t.data_ptr() for t in fcd.local_tensors(dts)] == [d.to_local().data_ptr() for d in dts]
+    assert fcd.has_dtensor(dts) and not fcd.has_dtensor(fcd.local_tensors(dts))
     ref = np.linalg.norm(np.concatenate([a.astype(np.float64) for a in sharded + replicated]), ord)
     total = fcd.clip_grad_norm_(dts, 0.5 * ref, ord)
     return {
