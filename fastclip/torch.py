@@ -17,7 +17,10 @@ Differences from torch, all deliberate and documented:
   gradients);
 * ``foreach`` is accepted for compatibility and ignored on the CPU: fastclip
   always uses its multi-tensor kernel (one launch per dtype);
-* ``norm_type`` must be a real p > 0 or inf (torch also accepts 0 and -inf).
+* ``norm_type`` must be a real p > 0 or inf (torch also accepts 0 and -inf);
+* DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
+  DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
+  DTensor, as torch returns.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from . import _api
 from ._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD
 from ._validate import NonFiniteNormError
+from .distributed import has_dtensor
 
 __all__ = [
     "ClippedOptimizer",
@@ -98,6 +102,10 @@ def get_total_norm(
     norm_type = float(norm_type)
     if not tensors:
         return torch.tensor(0.0)
+    if has_dtensor(tensors):  # sharded gradients: reduce over the DTensors' mesh
+        from . import distributed
+
+        return distributed.get_total_norm(tensors, norm_type, error_if_nonfinite)
     with torch.no_grad():
         total = _api.global_norm(tensors, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -119,6 +127,12 @@ def clip_grads_with_norm_(
     max_norm = float(max_norm)
     if not grads:
         return
+    if has_dtensor(grads) or has_dtensor([total_norm]):
+        from . import distributed
+
+        grads = distributed.local_tensors(grads)
+        if has_dtensor([total_norm]):
+            total_norm = total_norm.full_tensor()  # type: ignore[attr-defined]  # Replicate DTensor
     device = grads[0].device
     total = (
         total_norm.detach().to(device)
@@ -148,6 +162,10 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     if not grads:
         return torch.tensor(0.0)
+    if has_dtensor(grads):  # FSDP2 / tensor parallel: reduce over the DTensors' mesh
+        from . import distributed
+
+        return distributed.clip_grad_norm_(grads, max_norm, norm_type, error_if_nonfinite)
     try:
         with torch.no_grad():
             total = _api.clip_by_global_norm_(
