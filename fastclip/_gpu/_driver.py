@@ -39,17 +39,32 @@ _CPP = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "f
 
 
 def _include_options() -> tuple[str, ...]:
-    """-I flags for cuda_fp16.h / cuda_bf16.h: CUDA_PATH, /usr/local/cuda, nvidia wheels."""
-    dirs = []
-    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
-            dirs.append(os.path.join(root, "include"))
-    try:
-        import nvidia.cuda_runtime as rt  # type: ignore[import-not-found]
+    """-I flags for cuda_fp16.h / cuda_bf16.h.
 
-        dirs += [os.path.join(p, "include") for p in rt.__path__]
+    Searched where CuPy itself finds CUDA (``cupy._environment.get_cuda_path``),
+    then CUDA_PATH / CUDA_HOME / /usr/local/cuda, then the NVIDIA pip wheels
+    (``nvidia/cu13/include`` or ``nvidia/cuda_runtime/include``).
+    """
+    roots: list[str] = []
+    try:
+        from cupy import _environment
+
+        roots.append(_environment.get_cuda_path() or "")
+    except Exception:  # pragma: no cover - older CuPy layouts
+        pass
+    roots += [os.environ.get("CUDA_PATH", ""), os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    try:
+        import nvidia  # type: ignore[import-not-found]
+
+        for base in nvidia.__path__:
+            roots += [os.path.join(base, d) for d in sorted(os.listdir(base))]
     except ImportError:
         pass
+    dirs: list[str] = []
+    for root in roots:
+        inc = os.path.join(root, "include") if root else ""
+        if inc and os.path.isfile(os.path.join(inc, "cuda_fp16.h")) and inc not in dirs:
+            dirs.append(inc)
     return tuple(f"-I{d}" for d in dirs)
 
 

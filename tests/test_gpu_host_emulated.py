@@ -1,0 +1,298 @@
+"""The GPU driver's host side, run on the CPU against Python emulations of its kernels.
+
+No GPU here, so the CUDA kernels cannot run; but everything the driver does
+around them can: grouping, table packing and upload, pointer offsets into the
+table, launch arguments in kernel order, scratch buffers, copy-in/copy-out,
+axis layouts.  "Device memory" is NumPy memory, pointers are host addresses,
+and each kernel is replaced by a NumPy transcription of its CUDA source that
+reads and writes through those raw addresses.  A wrong argument order or
+offset gives wrong numbers here, checked against float64 references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+
+import numpy as np
+import pytest
+
+from fastclip import _config as cfg
+from fastclip._gpu import _driver
+
+CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
+
+
+def _mem(ptr, n, dtype):
+    dtype = np.dtype(dtype)
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.frombuffer((ctypes.c_byte * (int(n) * dtype.itemsize)).from_address(int(ptr)), dtype)
+
+
+def _pow_sum(v, pcode, p):
+    a = np.abs(v.astype(np.float64))
+    if pcode == 0:
+        return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
+    return float(np.sum(a**2 if pcode == 2 else (a if pcode == 1 else a**p)))
+
+
+def _combine(vals, pcode):
+    vals = np.asarray(vals, np.float64)
+    if pcode == 0:
+        return np.nan if np.isnan(vals).any() else (vals.max() if vals.size else 0.0)
+    return float(vals.sum())
+
+
+def _root(v, pcode, p):
+    return v if pcode in (0, 1) else (math.sqrt(v) if pcode == 2 else v ** (1 / p))
+
+
+def _coef(norm, max_norm, eps, mode):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = 1.0 / (norm + eps) if mode == 2 else max_norm / (norm + eps)
+        return np.where((mode == 1) & (r >= 1.0), 1.0, r)
+
+
+def _table(ptrs, sizes, ct, cs, nc):
+    # the number of tensors is implied by the chunk table (trailing empty ones have no chunks)
+    ct_a = _mem(ct, nc, np.int64)
+    cs_a = _mem(cs, nc, np.int64)
+    n_t = int(ct_a.max()) + 1 if nc else 0
+    return _mem(ptrs, n_t, np.uint64), _mem(sizes, n_t, np.int64), ct_a, cs_a
+
+
+def _emulate(name, targ):
+    dt = CTYPES.get(targ)
+
+    def partial(grid, block, a):
+        ptrs, sizes, ct, cs, nc, chunk, pcode, p, partials = a
+        ptr_a, size_a, ct_a, cs_a = _table(ptrs, sizes, ct, cs, int(nc))
+        out = _mem(partials, int(nc), np.float64)
+        for c in range(int(nc)):
+            t, s = int(ct_a[c]), int(cs_a[c])
+            e = min(s + int(chunk), int(size_a[t]))
+            out[c] = _pow_sum(_mem(ptr_a[t], size_a[t], dt)[s:e], int(pcode), float(p))
+
+    def finish(grid, block, a):
+        partials, n, pcode, p, max_norm, eps, mode, given, norm_out, coef_out = a
+        total = _combine(_mem(partials, int(n), np.float64), int(pcode))
+        norm = _mem(given, 1, np.float64)[0] if int(given) else _root(total, int(pcode), float(p))
+        _mem(norm_out, 1, dt)[0] = norm
+        _mem(coef_out, 1, np.float64)[0] = _coef(norm, float(max_norm), float(eps), int(mode))
+
+    def scale(grid, block, a):
+        src, dst, sizes, ct, cs, nc, chunk, coef = a
+        src_a, size_a, ct_a, cs_a = _table(src, sizes, ct, cs, int(nc))
+        dst_a = _mem(dst, len(src_a), np.uint64)
+        c = _mem(coef, 1, np.float64)[0]
+        acc = np.float64 if dt == np.float64 else np.float32
+        for k in range(int(nc)):
+            t, s = int(ct_a[k]), int(cs_a[k])
+            e = min(s + int(chunk), int(size_a[t]))
+            x = _mem(src_a[t], size_a[t], dt)[s:e]
+            _mem(dst_a[t], size_a[t], dt)[s:e] = (x.astype(acc) * acc(c)).astype(dt)
+
+    def clamp(grid, block, a):
+        src, dst, sizes, ct, cs, nc, chunk, lo, hi = a
+        src_a, size_a, ct_a, cs_a = _table(src, sizes, ct, cs, int(nc))
+        dst_a = _mem(dst, len(src_a), np.uint64)
+        for k in range(int(nc)):
+            t, s = int(ct_a[k]), int(cs_a[k])
+            e = min(s + int(chunk), int(size_a[t]))
+            x = _mem(src_a[t], size_a[t], dt)[s:e].astype(np.float64)
+            x = np.where(x < float(lo), float(lo), x)
+            x = np.where(x > float(hi), float(hi), x)
+            _mem(dst_a[t], size_a[t], dt)[s:e] = x.astype(dt)
+
+    def rows(grid, block, a):
+        x, m, k, pcode, p, out = a
+        xs = _mem(x, int(m) * int(k), dt).reshape(int(m), int(k))
+        o = _mem(out, int(m), np.float64)
+        for r in range(int(m)):
+            o[r] = _pow_sum(xs[r], int(pcode), float(p))
+
+    def cols(grid, block, a):
+        x, k, m, pcode, p, out = a
+        xs = _mem(x, int(k) * int(m), dt).reshape(int(k), int(m))
+        o = _mem(out, int(m), np.float64)
+        for j in range(int(m)):
+            o[j] = _pow_sum(xs[:, j], int(pcode), float(p))
+
+    def coefs(grid, block, a):
+        pow_sums, n, pcode, p, max_norm, eps, mode, norms, co = a
+        ps = _mem(pow_sums, int(n), np.float64)
+        nv = np.array([_root(v, int(pcode), float(p)) for v in ps], np.float64)
+        _mem(norms, int(n), dt)[:] = nv
+        _mem(co, int(n), np.float64)[:] = _coef(nv, float(max_norm), float(eps), int(mode))
+
+    def axis_scale(grid, block, a):
+        src, dst, n, inner, outer, co = a
+        i = np.arange(int(n))
+        c = _mem(co, int(outer), np.float64)[(i // int(inner)) % int(outer)]
+        acc = np.float64 if dt == np.float64 else np.float32
+        x = _mem(src, int(n), dt).astype(acc)
+        _mem(dst, int(n), dt)[:] = (x * c.astype(acc)).astype(dt)
+
+    return {
+        "fastclip_partial_pow_sum": partial,
+        "fastclip_finish": finish,
+        "fastclip_scale": scale,
+        "fastclip_clamp": clamp,
+        "fastclip_rows_pow_sum": rows,
+        "fastclip_cols_pow_sum": cols,
+        "fastclip_axis_coefs": coefs,
+        "fastclip_axis_scale": axis_scale,
+    }[name]
+
+
+class HostLib:
+    """The GPU adapter interface over NumPy memory (pointers = host addresses)."""
+
+    name = "host"
+    kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in CTYPES_BY_KIND else None)
+    is_float = staticmethod(lambda x: x.dtype.kind == "f")
+    device_id = staticmethod(lambda x: 0)
+    ptr = staticmethod(lambda x: x.ctypes.data)
+    numel = staticmethod(lambda x: x.size)
+    contiguous = staticmethod(lambda x: x.flags.c_contiguous)
+    as_contiguous = staticmethod(np.ascontiguousarray)
+    permute = staticmethod(lambda x, perm: x.transpose(perm))
+    reshape = staticmethod(lambda x, shape: x.reshape(shape))
+    empty = staticmethod(lambda shape, kind, like: np.empty(shape, kind))
+    empty_like = staticmethod(lambda x: np.empty(x.shape, x.dtype))
+    full_f64 = staticmethod(lambda v, like: np.full((), v, np.float64))
+    to_f64 = staticmethod(lambda v: np.asarray(v, np.float64).reshape(()))
+    stream = staticmethod(lambda x: contextlib.nullcontext())
+    stream_id = staticmethod(lambda x: 0)
+    upload = staticmethod(lambda buf, like: (buf.copy(), None))
+    host_float = staticmethod(lambda x: float(x))
+    touched = staticmethod(lambda arrays: None)
+
+    @staticmethod
+    def write_back(x, values):
+        x[...] = values
+
+    @staticmethod
+    def clip_integers(x, out, lo, hi):
+        np.clip(x, lo, hi, out=out)
+
+
+CTYPES_BY_KIND = {"float16", "float32", "float64"}
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    monkeypatch.setattr(_driver, "_kernel", lambda device, name, targ: _emulate(name, targ))
+    monkeypatch.setattr(_driver, "_on_device", lambda lib, like: contextlib.nullcontext())
+    monkeypatch.setattr(cfg, "GPU_CHUNK", 7)  # many chunks per array
+    _driver._TABLES.clear()
+
+
+def _ref_norm(arrays, p):
+    flat = np.concatenate([np.abs(a.astype(np.float64)).ravel() for a in arrays])
+    if p == math.inf:
+        return flat.max() if flat.size else 0.0
+    return (flat**p).sum() ** (1 / p)
+
+
+PCODES = [(2, 2.0), (1, 1.0), (0, math.inf), (3, 3.0)]
+
+
+@pytest.mark.parametrize(("pcode", "p"), PCODES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_global_norm_and_clip(pcode, p, dtype):
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n).astype(dtype) for n in (5, 0, 23, 7, 1)]
+    expected = _ref_norm(arrays, p)
+    got = _driver.global_norm(HostLib, arrays, pcode, p)
+    assert got.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+    work = [a.copy() for a in arrays]
+    _, total = _driver.clip_global(HostLib, work, 1.0, pcode, p, 1e-6, None, False, True)
+    np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+    coef = min(1.0, 1.0 / (expected + 1e-6))
+    for w, a in zip(work, arrays, strict=True):
+        np.testing.assert_allclose(w, a * coef, rtol=1e-6, atol=1e-7)
+
+    outs, total = _driver.clip_global(HostLib, arrays, 0.5, pcode, p, 0.0, 2.0, False, False)
+    np.testing.assert_allclose(float(total), 2.0)  # the given total norm is used
+    for o, a in zip(outs, arrays, strict=True):
+        np.testing.assert_allclose(o, a * 0.25, rtol=1e-6)
+
+
+def test_mixed_dtypes_and_non_contiguous_in_place():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((6, 8))
+    base_before = base.copy()
+    arrays = [base[:, ::2], rng.standard_normal(9).astype(np.float32), rng.standard_normal(4)]
+    expected = _ref_norm(arrays, 2.0)
+    before = [a.copy() for a in arrays]
+    _, total = _driver.clip_global(HostLib, arrays, 1.0, 2, 2.0, 0.0, None, False, True)
+    np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+    for a, b in zip(arrays, before, strict=True):
+        np.testing.assert_allclose(a, b / expected, rtol=1e-6)
+    # the strided view was clipped through a contiguous copy; its neighbours are untouched
+    np.testing.assert_array_equal(base[:, 1::2], base_before[:, 1::2])
+    assert arrays[1].dtype == np.float32
+
+
+def test_overlapping_in_place_arrays_raise_before_any_launch():
+    a = np.ones(10)
+    with pytest.raises(ValueError, match="share memory"):
+        _driver.clip_global(HostLib, [a[:6], a[4:]], 1.0, 2, 2.0, 0.0, None, False, True)
+    np.testing.assert_array_equal(a, np.ones(10))
+
+
+def test_error_if_nonfinite_modifies_nothing():
+    arrays = [np.array([1.0, np.nan]), np.array([2.0])]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        _driver.clip_global(HostLib, arrays, 1.0, 2, 2.0, 0.0, None, True, True)
+    np.testing.assert_array_equal(arrays[1], [2.0])
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [((4, 6), (1,)), ((4, 6), (0,)), ((3, 4, 5), (1, 2)), ((3, 4, 5), (0, 1)), ((3, 4, 5), (1,))],
+)
+@pytest.mark.parametrize(("pcode", "p"), PCODES)
+def test_axis_norms_and_clipping(shape, axes, pcode, p):
+    x = np.random.default_rng(2).standard_normal(shape)
+    a = np.abs(x)
+    ref = a.max(axis=axes) if p == math.inf else (a**p).sum(axis=axes) ** (1 / p)
+    np.testing.assert_allclose(_driver.norm(HostLib, x, pcode, p, axes, False), ref, rtol=1e-6)
+    keep = _driver.norm(HostLib, x, pcode, p, axes, True)
+    assert keep.shape == tuple(1 if i in axes else s for i, s in enumerate(shape))
+    coef = np.minimum(1.0, 1.0 / (np.expand_dims(ref, axes) + 1e-6))
+    out, norms = _driver.rescale(HostLib, x, pcode, p, axes, 1.0, 1e-6, "clip", False)
+    np.testing.assert_allclose(out, x * coef, rtol=1e-6)
+    np.testing.assert_allclose(norms, ref, rtol=1e-6)
+    work = x.copy()
+    _driver.rescale(HostLib, work, pcode, p, axes, 1.0, 1e-6, "clip", True)
+    np.testing.assert_allclose(work, x * coef, rtol=1e-6)
+
+
+def test_whole_array_normalize_and_value_clipping():
+    x = np.array([3.0, -4.0, 0.5])
+    out, norm = _driver.rescale(HostLib, x, 2, 2.0, None, 0.0, 0.0, "normalize", False)
+    np.testing.assert_allclose(out, x / np.linalg.norm(x))
+    np.testing.assert_allclose(float(norm), np.linalg.norm(x))
+    y = _driver.clip_by_value(HostLib, x, -1.0, 1.0, False)
+    np.testing.assert_array_equal(y, [1.0, -1.0, 0.5])
+    np.testing.assert_array_equal(x, [3.0, -4.0, 0.5])
+    arrays = [x.copy(), np.array([np.nan, 7.0])]
+    _driver.clamp_many_(HostLib, arrays, None, 2.0)
+    np.testing.assert_array_equal(arrays[0], [2.0, -4.0, 0.5])
+    np.testing.assert_array_equal(arrays[1], [np.nan, 2.0])
+    _driver.scale_(HostLib, arrays, np.asarray(0.5))
+    np.testing.assert_array_equal(arrays[0], [1.0, -2.0, 0.25])
+
+
+def test_table_upload_is_cached():
+    arrays = [np.ones(5), np.ones(3)]
+    _driver.global_norm(HostLib, arrays, 2, 2.0)
+    n_tables = len(_driver._TABLES)
+    _driver.global_norm(HostLib, arrays, 2, 2.0)
+    assert len(_driver._TABLES) == n_tables == 1
