@@ -175,26 +175,21 @@ class _Packed:
         self.groups = [_Group(lib, k, p, s, self.like) for k, (p, s) in by_kind.items()]
         self.norm_kind = "float64" if "float64" in by_kind else "float32"
 
+    def _launch(self, name: str, g: _Group, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
+        """One launch of a table kernel: ``name(*head, sizes, chunk table, *tail)``."""
+        k = _kernel(self.device, name, _CPP[g.kind])
+        grid = _plan.grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
+        table = (g.sizes, g.chunk_tensor, g.chunk_start, np.int64(g.n_chunks))
+        k((grid,), (cfg.GPU_BLOCK,), (*head, *table, np.int64(cfg.GPU_CHUNK), *tail))
+
     def launch_partials(self, partials: Any, pcode: int, p: float) -> int:
         """One partial-sum launch per dtype; returns the number of partials written."""
         offset = 0
         base = self.lib.ptr(partials)
         for g in self.groups:
             if g.n_chunks:
-                k = _kernel(self.device, "fastclip_partial_pow_sum", _CPP[g.kind])
-                grid = _plan.grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
-                args = (
-                    g.ptrs,
-                    g.sizes,
-                    g.chunk_tensor,
-                    g.chunk_start,
-                    np.int64(g.n_chunks),
-                    np.int64(cfg.GPU_CHUNK),
-                    np.int32(pcode),
-                    np.float64(p),
-                    _u64(base + 8 * offset),
-                )
-                k((grid,), (cfg.GPU_BLOCK,), args)
+                tail = (np.int32(pcode), np.float64(p), _u64(base + 8 * offset))
+                self._launch("fastclip_partial_pow_sum", g, (g.ptrs,), tail)
             offset += g.n_chunks
         return offset
 
@@ -202,39 +197,15 @@ class _Packed:
         for i, g in enumerate(self.groups):
             if g.n_chunks:
                 d = g if dst is None else dst.groups[i]
-                k = _kernel(self.device, "fastclip_scale", _CPP[g.kind])
-                grid = _plan.grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
-                args = (
-                    g.ptrs,
-                    d.ptrs,
-                    g.sizes,
-                    g.chunk_tensor,
-                    g.chunk_start,
-                    np.int64(g.n_chunks),
-                    np.int64(cfg.GPU_CHUNK),
-                    _ptr(coef, self.lib),
-                )
-                k((grid,), (cfg.GPU_BLOCK,), args)
+                self._launch("fastclip_scale", g, (g.ptrs, d.ptrs), (_ptr(coef, self.lib),))
         if dst is None:  # in place: contiguous working copies go back to the caller
             self.copy_out()
 
     def launch_clamp(self, lo: float, hi: float) -> None:
         for g in self.groups:
             if g.n_chunks:
-                k = _kernel(self.device, "fastclip_clamp", _CPP[g.kind])
-                grid = _plan.grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
-                args = (
-                    g.ptrs,
-                    g.ptrs,
-                    g.sizes,
-                    g.chunk_tensor,
-                    g.chunk_start,
-                    np.int64(g.n_chunks),
-                    np.int64(cfg.GPU_CHUNK),
-                    np.float64(lo),
-                    np.float64(hi),
-                )
-                k((grid,), (cfg.GPU_BLOCK,), args)
+                tail = (np.float64(lo), np.float64(hi))
+                self._launch("fastclip_clamp", g, (g.ptrs, g.ptrs), tail)
         self.copy_out()
 
     def copy_out(self) -> None:
