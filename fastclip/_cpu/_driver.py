@@ -504,13 +504,14 @@ def _fast_torch_pack(tensors: Sequence[Any], packed: _Packed, writing: bool) -> 
     dtypes = set(map(operator.attrgetter("dtype"), tensors))
     if len(dtypes) != 1:
         return False
-    storage_dtype = _TORCH_STORAGE.get(next(iter(dtypes)))
+    dtype = next(iter(dtypes))
+    storage_dtype = _TORCH_STORAGE.get(dtype)
     if (
         storage_dtype is None
         or not all(map(operator.attrgetter("is_cpu"), tensors))
         or not all(map(T.is_contiguous, tensors))
         or any(map(T.is_neg, tensors))
-        or any(map(T.is_conj, tensors))
+        or (dtype.is_complex and any(map(T.is_conj, tensors)))  # conj bit: complex only
     ):
         return False
     addrs = np.fromiter(map(T.data_ptr, tensors), np.int64, n)
