@@ -33,6 +33,26 @@ RTOL = {"float32": 1e-6, "float64": 1e-12}
 _CACHE: dict[int, list[dict[str, Any]]] = {}
 
 
+def _warm_kernel_cache() -> None:
+    """Compile (and cache on disk) every kernel the ranks will use, in this process.
+
+    Otherwise 2-4 freshly spawned ranks compile the same kernels at the same
+    moment and race on numba's cache files (numba issue 4807): once here a rank
+    died by a signal that way.  Serial and parallel twins, every dtype.
+    """
+    from fastclip import _config as cfg
+
+    big = cfg.PARALLEL_MIN_ELEMENTS + 1
+    for n in (10, big):
+        arrays = [np.ones(n, np.float32), np.ones(n, np.float64), np.ones(n, np.float16)]
+        arrays += [torch.ones(n, dtype=torch.bfloat16), torch.ones(n, dtype=torch.float16)]
+        for p in (1, 2, math.inf, 3):
+            for group in ([a for a in arrays if isinstance(a, np.ndarray)], arrays[3:]):
+                fastclip.global_norm(group, p)
+                fastclip.clip_by_global_norm_(group, 1e30, p)
+                fastclip.clip_by_global_norm_(group[:1], 1e30, p)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +67,7 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         import torch.multiprocessing as mp
 
         outdir: Path = tmp_path_factory.mktemp(f"dist{world}")
+        _warm_kernel_cache()
         mp.spawn(W.run_suite, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
         results = []
         for r in range(world):
