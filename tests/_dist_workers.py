@@ -13,6 +13,7 @@ import faulthandler
 import math
 import os
 import pickle
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -347,3 +348,12 @@ def run_suite(rank: int, world: int, port: int, outdir: str) -> None:
     with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(rec.results, f)
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+    # Leave without interpreter teardown: in CI a rank once died at exit with
+    # "terminate called without an active exception" (SIGABRT) from a C++
+    # thread of torch's distributed stack still joinable during static
+    # destruction, after its results were written.  Results are on disk, so
+    # skip the teardown rather than let it turn a passing run into an error.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
