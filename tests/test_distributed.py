@@ -68,7 +68,15 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
         outdir: Path = tmp_path_factory.mktemp(f"dist{world}")
         _warm_kernel_cache()
-        mp.spawn(W.run_suite, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
+        try:
+            mp.spawn(W.run_suite, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
+        except mp.ProcessExitedException:
+            # A rank killed by a signal (not an exception raised by fastclip or a
+            # test: those are pickled and reported below) has been seen once, from
+            # torch's own C++ threads.  Run the whole group once more on a fresh
+            # port; a deterministic crash fails again and is raised.
+            outdir = tmp_path_factory.mktemp(f"dist{world}-retry")
+            mp.spawn(W.run_suite, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
         results = []
         for r in range(world):
             with open(outdir / f"rank{r}.pkl", "rb") as f:
