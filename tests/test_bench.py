@@ -447,3 +447,104 @@ def test_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert "[" in captured.err and "single 1e3" in captured.err
     assert "#" not in captured.out.split("\n")[0]
+
+
+# ---------------------------------------------------------------- adamw workload
+
+
+def _small_adamw_case() -> object:
+    from fastclip._bench.workloads import Case
+
+    shapes = ((300, 40), (40,), (1000,), (7, 3, 5))
+    return Case("adamw", "adamw", "adamw small", shapes, sum(math.prod(s) for s in shapes))
+
+
+def _adamw_reference(d: CaseData) -> list[np.ndarray]:
+    """One torch.optim.AdamW step after clip_grad_norm_, in float64 (independent of the
+    check's closed form)."""
+    torch = pytest.importorskip("torch")
+    from fastclip._bench.data import ADAMW
+
+    params = [
+        torch.nn.Parameter(torch.from_numpy(p.astype(np.float64))) for p in d.param_copies("numpy")
+    ]
+    for p, g in zip(params, d.numpy_arrays()):
+        p.grad = torch.from_numpy(g.astype(np.float64))
+    opt = torch.optim.AdamW(params, **ADAMW, foreach=False)
+    torch.nn.utils.clip_grad_norm_(params, d.max_norm)
+    opt.step()
+    out = [p.detach().numpy() for p in params]
+    return out + [opt.state[p]["exp_avg"].numpy() for p in params]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adamw_check_accepts_torch_reference_and_rejects_wrong(dtype: str) -> None:
+    d = CaseData(_small_adamw_case(), dtype)  # type: ignore[arg-type]
+    good = _adamw_reference(d)
+    err, ok = d.check(good, "fastclip")
+    assert ok and err < (1e-12 if dtype == "float64" else 1e-6)
+    n = len(good) // 2
+    unclipped = [m / d.coef for m in good[n:]]  # moments without the clip coefficient
+    assert d.check(good[:n] + unclipped, "peer")[1] is False
+    stale = [p * 1.0 for p in d.param_copies("numpy")]  # parameters not updated
+    assert d.check(stale + good[n:], "fastclip")[1] is False
+    assert d.check(good[:-1], "peer") == (math.inf, False)
+    nan = [np.full_like(g, np.nan) for g in good]
+    assert d.check(nan, "peer") == (math.inf, False)
+
+
+def test_adamw_workload_every_cpu_backend() -> None:
+    pytest.importorskip("torch")
+    from fastclip._bench.runner import run_case
+
+    names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "torch-fused"]
+    usable = [bb.BACKENDS[n] for n in names]
+    rows = run_case(
+        _small_adamw_case(),  # type: ignore[arg-type]
+        "float32",
+        usable,
+        _cfg(repeat=1),
+        {"cpu": {"bytes_per_s": 1e10}},
+        lambda s: None,
+    )
+    by = {r["backend"]: r for r in rows}
+    for name in names:
+        r = by[name]
+        if name == "torch-fused" and r["status"] == "n/a":
+            assert "fused=True" in r["reason"]  # an older CPU build
+            continue
+        assert r["status"] == "ok", r
+        assert r["max_rel_err"] < 2e-6 and r["floor_fraction"] > 0
+    # 8 passes over the gradients' bytes
+    f = by["fastclip"]
+    assert f["floor_s"] == pytest.approx(8 * f["nbytes"] / 1e10)
+
+
+def test_adamw_16_bit_is_na_and_fused_peer_only_runs_adamw() -> None:
+    pytest.importorskip("torch")
+    report = run(
+        _cfg(workloads=("tiny",), backends=("fastclip", "torch-fused"), dtypes=("float32",))
+    )
+    (fused,) = [r for r in report["results"] if r["backend"] == "torch-fused"]
+    assert fused["status"] == "n/a" and "adamw workload only" in fused["reason"]
+    from fastclip._bench.runner import run_case
+
+    (row,) = run_case(
+        _small_adamw_case(),  # type: ignore[arg-type]
+        "float16",
+        [bb.BACKENDS["fastclip"]],
+        _cfg(),
+        {},
+        lambda s: None,
+    )
+    assert row["status"] == "n/a" and "float32 and float64" in row["reason"]
+
+
+def test_adamw_memory_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastclip._bench.runner as runner
+
+    (case,) = cases_for("adamw", None, False)
+    assert case.size == 124_439_808 and case.passes == 8
+    monkeypatch.setattr(runner.os, "sysconf", lambda name: 1024 if "PAGES" in name else 4096)
+    (row,) = runner.run_case(case, "float32", [bb.BACKENDS["fastclip"]], _cfg(), {}, lambda s: None)
+    assert row["status"] == "n/a" and "GiB" in row["reason"] and "--backends" in row["reason"]

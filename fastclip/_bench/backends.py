@@ -15,6 +15,13 @@ Peers are what people use today:
 * ``torch-cuda-*``  both on a CUDA device; ``cupy`` the NumPy recipe on CuPy;
 * ``optax``         ``optax.clip_by_global_norm`` / ``optax.clip`` under
   ``jax.jit`` (in-place mode donates the input buffers).
+
+The ``adamw`` workload (clip + one AdamW step) has its own forms: fastclip's
+fused step (``fastclip.optim.adamw_step_`` on NumPy, ``FusedAdamW`` on torch),
+``clip_grad_norm_`` + ``torch.optim.AdamW`` with ``foreach=True``
+(``torch-foreach``), ``foreach=False`` (``torch-loop``) or ``fused=True``
+(``torch-fused``, the only kind that backend runs), the textbook NumPy loop,
+and ``optax.chain(clip_by_global_norm, adamw)`` under ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import CaseData, Unsupported
+from .data import ADAMW, CaseData, Unsupported
 
 Op = Callable[[], Any]
 
@@ -147,17 +154,48 @@ def _fastclip_ops(
 
 
 def _make_fastclip(d: CaseData, inplace: bool) -> Op:
+    if d.case.kind == "adamw":
+        return _fastclip_adamw(d)
     return _fastclip_ops(d.numpy_arrays(), d, inplace)
 
 
 def _make_fastclip_torch(d: CaseData, inplace: bool) -> Op:
     import fastclip.torch as fct
 
+    if d.case.kind == "adamw":
+        params = d.param_copies("torch")
+        opt = fct.FusedAdamW(params, **ADAMW, max_norm=d.max_norm)
+        return lambda: (opt.step(), _params_and_moments(params, opt))[1]
     params = d.torch_params("cpu")
     return _fastclip_ops([p.grad for p in params], d, inplace, fct, params)
 
 
+def _fastclip_adamw(d: CaseData) -> Op:
+    """fastclip's fused clip + AdamW step on NumPy arrays (functional API)."""
+    from fastclip.optim import adamw_step_
+
+    grads = d.numpy_arrays()
+    params = d.param_copies("numpy")
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    step = [0]
+
+    def op() -> list[Any]:
+        step[0] += 1
+        adamw_step_(params, grads, m, v, step=step[0], **ADAMW, max_norm=d.max_norm)
+        return params + m
+
+    return op
+
+
+def _params_and_moments(params: list[Any], opt: Any) -> list[Any]:
+    """What the ``adamw`` check reads: the parameters, then their first moments."""
+    return list(params) + [opt.state[p]["exp_avg"] for p in params]
+
+
 def _make_fastclip_gpu(d: CaseData, inplace: bool) -> Op:
+    if d.case.kind == "adamw":
+        raise NotImplementedError("fastclip has no GPU fused AdamW kernel yet")
     if _gpu_storage() == "torch-cuda":
         arrays = d.torch_tensors("cuda")
     else:
@@ -212,22 +250,83 @@ def _naive_ops(xp: Any, arrays: list[Any], d: CaseData, inplace: bool) -> Op:
     return lambda: [xp.clip(x, -v, v)]
 
 
+def _naive_adamw(xp: Any, grads: list[Any], params: list[Any], d: CaseData) -> Op:
+    """The textbook clip + AdamW step, one array operation at a time."""
+    lr, (b1, b2), eps, wd = (ADAMW[k] for k in ("lr", "betas", "eps", "weight_decay"))
+    m = [xp.zeros_like(p) for p in params]
+    v = [xp.zeros_like(p) for p in params]
+    step = [0]
+    c = d.max_norm
+
+    def op() -> list[Any]:
+        step[0] += 1
+        total = xp.linalg.norm(xp.asarray([xp.linalg.norm(g) for g in grads]))
+        coef = xp.minimum(1.0, c / (total + 1e-6))
+        bc1 = 1 - b1 ** step[0]
+        bc2 = (1 - b2 ** step[0]) ** 0.5
+        for p, g, mk, vk in zip(params, grads, m, v):
+            gc = g * coef.astype(g.dtype) if xp is not np else g * g.dtype.type(coef)
+            p *= 1 - lr * wd
+            mk *= b1
+            mk += (1 - b1) * gc
+            vk *= b2
+            vk += (1 - b2) * gc * gc
+            p -= (lr / bc1) * mk / (xp.sqrt(vk) / bc2 + eps)
+        return params + m
+
+    return op
+
+
 def _make_numpy(d: CaseData, inplace: bool) -> Op:
+    if d.case.kind == "adamw":
+        return _naive_adamw(np, d.numpy_arrays(), d.param_copies("numpy"), d)
     return _naive_ops(np, d.numpy_arrays(), d, inplace)
 
 
 def _make_cupy(d: CaseData, inplace: bool) -> Op:
     import cupy
 
+    if d.case.kind == "adamw":
+        return _naive_adamw(cupy, d.cupy_arrays(), d.param_copies("cupy"), d)
     return _naive_ops(cupy, d.cupy_arrays(), d, inplace)
 
 
 # ---------------------------------------------------------------- torch
 
 
-def _torch_ops(d: CaseData, inplace: bool, foreach: bool, device: str) -> Op:
+def _torch_adamw(d: CaseData, foreach: bool, fused: bool, device: str) -> Op:
+    """``clip_grad_norm_`` + ``torch.optim.AdamW`` (foreach, loop or fused)."""
     import torch
 
+    params = d.param_copies("torch", device)
+    if fused:
+        opt = torch.optim.AdamW(params, **ADAMW, fused=True)
+    else:
+        opt = torch.optim.AdamW(params, **ADAMW, foreach=foreach)
+    c = d.max_norm
+
+    def op() -> list[Any]:
+        torch.nn.utils.clip_grad_norm_(params, c, foreach=foreach)
+        opt.step()
+        return _params_and_moments(params, opt)
+
+    if fused:  # the CPU fused kernels need a recent torch and CPU support
+        try:
+            probe = torch.nn.Parameter(torch.zeros(4, device=device))
+            probe.grad = torch.zeros(4, device=device)
+            torch.optim.AdamW([probe], fused=True).step()
+        except (RuntimeError, ValueError) as exc:
+            raise Unsupported(f"torch AdamW(fused=True) is not available here: {exc}") from exc
+    return op
+
+
+def _torch_ops(d: CaseData, inplace: bool, foreach: bool, device: str, fused: bool = False) -> Op:
+    import torch
+
+    if d.case.kind == "adamw":
+        return _torch_adamw(d, foreach, fused, device)
+    if fused:
+        raise Unsupported("fused=True is a torch.optim option: the adamw workload only")
     utils = torch.nn.utils
     params = d.torch_params(device)
     grads = [p.grad for p in params]
@@ -269,8 +368,10 @@ def _torch_ops(d: CaseData, inplace: bool, foreach: bool, device: str) -> Op:
     return lambda: utils.get_total_norm(grads, foreach=foreach)
 
 
-def _torch_backend(foreach: bool, device: str) -> Callable[[CaseData, bool], Op]:
-    return lambda d, inplace: _torch_ops(d, inplace, foreach, device)
+def _torch_backend(
+    foreach: bool, device: str, fused: bool = False
+) -> Callable[[CaseData, bool], Op]:
+    return lambda d, inplace: _torch_ops(d, inplace, foreach, device, fused)
 
 
 # ---------------------------------------------------------------- optax / JAX
@@ -284,6 +385,8 @@ def _make_optax(d: CaseData, inplace: bool) -> Op:
     kind = d.case.kind
     if kind == "rows":
         raise Unsupported("optax has no per-row clip that keeps the rows")
+    if kind == "adamw":
+        return _optax_adamw(d)
     dtype = jnp.bfloat16 if d.dtype == "bfloat16" else d.dtype
     o = d.offsets
     grads = [
@@ -310,6 +413,42 @@ def _make_optax(d: CaseData, inplace: bool) -> Op:
         return box[0]
 
     return donated
+
+
+def _optax_adamw(d: CaseData) -> Op:
+    """``optax.chain(clip_by_global_norm, adamw)`` under ``jax.jit``, buffers donated."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    if d.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise Unsupported("JAX computes in float32 unless jax_enable_x64 is set")
+    (b1, b2) = ADAMW["betas"]
+    tx = optax.chain(
+        optax.clip_by_global_norm(d.max_norm),
+        optax.adamw(
+            ADAMW["lr"], b1=b1, b2=b2, eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"]
+        ),
+    )
+    o = d.offsets
+    grads = [
+        jnp.asarray(d.ref_pool[int(o[k]) : int(o[k + 1])].reshape(s))
+        for k, s in enumerate(d.case.shapes)
+    ]
+    params = [jnp.asarray(p) for p in d.param_copies("numpy")]
+
+    def update(params: Any, state: Any, grads: Any) -> Any:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    f = jax.jit(update, donate_argnums=(0, 1))
+    box = [params, tx.init(params)]
+
+    def op() -> list[Any]:
+        box[0], box[1] = jax.block_until_ready(f(box[0], box[1], grads))
+        return list(box[0]) + list(box[1][1][0].mu)  # (clip, (scale_by_adam, ...))
+
+    return op
 
 
 # ---------------------------------------------------------------- registry
@@ -383,6 +522,16 @@ BACKENDS: dict[str, Backend] = {
             _torch_backend(False, "cpu"),
         ),
         Backend(
+            "torch-fused",
+            "peer",
+            "cpu",
+            "cpu",
+            "host",
+            "clip_grad_norm_ + torch.optim.AdamW(fused=True) on CPU (adamw workload only)",
+            _probe_torch,
+            _torch_backend(True, "cpu", fused=True),
+        ),
+        Backend(
             "torch-cuda-foreach",
             "peer",
             "cuda",
@@ -401,6 +550,16 @@ BACKENDS: dict[str, Backend] = {
             "clip_grad_norm_(foreach=False) on CUDA",
             _probe_torch_cuda,
             _torch_backend(False, "cuda"),
+        ),
+        Backend(
+            "torch-cuda-fused",
+            "peer",
+            "cuda",
+            "torch-cuda",
+            "torch-cuda",
+            "clip_grad_norm_ + AdamW(fused=True) on CUDA (adamw workload only)",
+            _probe_torch_cuda,
+            _torch_backend(True, "cuda", fused=True),
         ),
         Backend(
             "cupy",

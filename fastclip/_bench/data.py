@@ -40,6 +40,11 @@ _TINY = {"float64": 1e-300, "float32": 1e-37, "float16": 1.3e-4, "bfloat16": 1e-
 MAX_NORM_FRACTION = 0.5  # clip to half the norm, so clipping really happens
 CLIP_VALUE = 1.0  # value workload: clamp standard normals to [-1, 1]
 
+#: AdamW hyper-parameters of the ``adamw`` workload (torch.optim.AdamW's, weight decay 0.1).
+ADAMW: dict[str, Any] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+#: Scale of the initial parameters of the ``adamw`` workload.
+PARAM_SCALE = 0.02
+
 
 class Unsupported(Exception):
     """This backend cannot run this case (reported as n/a with the reason)."""
@@ -57,6 +62,11 @@ class CaseData:
     """Base values, work pools per storage, and the reference of one case."""
 
     def __init__(self, case: Case, dtype: str, seed: int = 0) -> None:
+        if case.kind == "adamw" and dtype not in ("float32", "float64"):
+            raise Unsupported(
+                "the AdamW workload runs in float32 and float64 (mixed precision keeps "
+                "float32 master weights and optimizer state)"
+            )
         self.case = case
         self.dtype = dtype
         sizes = [math.prod(s) for s in case.shapes]
@@ -79,6 +89,10 @@ class CaseData:
             self.np_base = pool.astype(dtype, copy=False)
             self.ref_pool = self.np_base
         self.nbytes = n * (2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize)
+        self.param_base: np.ndarray | None = None
+        if case.kind == "adamw":
+            prng = np.random.default_rng(seed + 1)
+            self.param_base = (prng.standard_normal(n) * PARAM_SCALE).astype(dtype)
         self._pools: dict[str, Any] = {}
         self._reference()
 
@@ -91,7 +105,7 @@ class CaseData:
 
     def _reference(self) -> None:
         case = self.case
-        if case.kind in ("clip", "norm"):
+        if case.kind in ("clip", "norm", "adamw"):
             total = 0.0
             for k in range(len(case.shapes)):
                 for _, c in self._chunks(k):
@@ -175,6 +189,27 @@ class CaseData:
     def cupy_arrays(self) -> list[Any]:
         return self._views(self.pool("cupy"))
 
+    def param_copies(self, library: str, device: str = "cpu") -> list[Any]:
+        """A fresh copy of the ``adamw`` workload's initial parameters, one array per
+        shape: NumPy (``library="numpy"``), torch ``Parameter`` s on ``device`` whose
+        ``.grad`` are the work tensors (``"torch"``), or CuPy (``"cupy"``)."""
+        assert self.param_base is not None
+        if library == "numpy":
+            return self._views(self.param_base.copy())
+        if library == "cupy":
+            import cupy
+
+            return self._views(cupy.asarray(self.param_base))
+        torch = _torch()
+        grads = self.torch_tensors(device)
+        pool = torch.from_numpy(self.param_base.copy()).to(device)
+        params = []
+        for p, g in zip(self._views(pool), grads):
+            param = torch.nn.Parameter(p)
+            param.grad = g
+            params.append(param)
+        return params
+
     def release(self) -> None:
         self._pools.clear()
 
@@ -187,6 +222,9 @@ class CaseData:
         library, or the norm (norm kind).
         """
         tol = TOLERANCE[role][self.dtype]
+        if self.case.kind == "adamw":
+            err = self._check_adamw(list(output))
+            return err, err <= tol
         if self.case.kind == "norm":
             value = float(to_f64(output).reshape(()))
             err = abs(value - self.ref_norm) / max(self.ref_norm, 1e-300)
@@ -214,6 +252,42 @@ class CaseData:
                 e = np.abs(got - exp) / (np.abs(exp) + tiny)
                 worst = max(worst, _nan_is_inf(float(np.max(e, initial=0.0))))
         return worst, worst <= tol
+
+    def _check_adamw(self, outs: list[Any]) -> float:
+        """Worst error of the parameters and first moments after one step from zero
+        state, per tensor ``max|got - exp| / max|exp|`` against float64:
+
+        ``g' = c g``, ``m = (1 - b1) g'``, ``v = (1 - b2) g'^2``, and at step 1 the bias
+        corrections give ``p = p0 (1 - lr wd) - lr g' / (|g'| + eps)``.  The first
+        moments carry the clip coefficient ``c`` exactly; the parameters check the
+        update (whose first step hardly depends on ``c``).
+        """
+        n = len(self.case.shapes)
+        if len(outs) != 2 * n or self.param_base is None:
+            return math.inf
+        lr, (b1, _), eps, wd = (ADAMW[k] for k in ("lr", "betas", "eps", "weight_decay"))
+        worst = 0.0
+        for k, shape in enumerate(self.case.shapes):
+            p_out, m_out = outs[k], outs[n + k]
+            if tuple(p_out.shape) != tuple(shape) or tuple(m_out.shape) != tuple(shape):
+                return math.inf
+            lo = int(self.offsets[k])
+            dp = ep = dm = em = 0.0
+            fp, fm = _flat(p_out), _flat(m_out)
+            for start, g in self._chunks(k):
+                g = g * self.coef
+                p0 = self.param_base[lo + start : lo + start + g.size].astype(np.float64)
+                exp_p = p0 * (1 - lr * wd) - lr * g / (np.abs(g) + eps)
+                exp_m = (1 - b1) * g
+                got_p = to_f64(fp[start : start + g.size])
+                got_m = to_f64(fm[start : start + g.size])
+                dp = max(dp, _nan_is_inf(float(np.max(np.abs(got_p - exp_p), initial=0.0))))
+                dm = max(dm, _nan_is_inf(float(np.max(np.abs(got_m - exp_m), initial=0.0))))
+                ep = max(ep, float(np.max(np.abs(exp_p), initial=0.0)))
+                em = max(em, float(np.max(np.abs(exp_m), initial=0.0)))
+            for d, e in ((dp, ep), (dm, em)):
+                worst = max(worst, _nan_is_inf(d / e) if e > 0 else _nan_is_inf(d))
+        return worst
 
 
 def _nan_is_inf(x: float) -> float:

@@ -155,6 +155,9 @@ def run_case(
     tick: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Check and time every usable backend on one case and dtype."""
+    short = _memory_shortfall(case, dtype, usable)
+    if short:
+        return [_record(case, dtype, b, 0, cfg.inplace, "n/a", reason=short) for b in usable]
     try:
         data = CaseData(case, dtype, cfg.seed)
     except Unsupported as exc:
@@ -212,6 +215,27 @@ def run_case(
     out = list(rows.values())
     _refloor(out, bw)
     return out
+
+
+def _memory_shortfall(case: Case, dtype: str, usable: list[_backends.Backend]) -> str | None:
+    """Why an ``adamw`` case cannot run here, or None: every backend keeps its own
+    parameters and two moments (3 copies of the gradients' bytes) alive while the
+    rounds interleave, on top of the gradients, the initial parameters and slack."""
+    if case.kind != "adamw":
+        return None
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: do not guess
+        return None
+    item = 8 if dtype == "float64" else 4
+    host = sum(1 for b in usable if _backends.device_of(b) == "cpu")
+    need = case.size * item * (3 * host + 4)
+    if need <= 0.9 * avail:
+        return None
+    return (
+        f"needs about {need / 2**30:.1f} GiB of memory for {host} CPU backends, "
+        f"{avail / 2**30:.1f} GiB available: pass fewer with --backends"
+    )
 
 
 def _resetter(data: CaseData, storage: str) -> Callable[[], None]:

@@ -8,7 +8,10 @@ Operation kinds, with the memory traffic their bandwidth floor assumes:
 * ``rows``   per-row clipping of a ``[B, D]`` batch (``clip_by_norm(x, c, axis=1)``):
   3 passes;
 * ``value``  clamp to ``[-v, v]``: read + write = 2 passes;
-* ``norm``   (global) norm only: 1 read.
+* ``norm``   (global) norm only: 1 read;
+* ``adamw``  global-norm clip + one AdamW step: g read for the norm, then p, g,
+  m, v read and p, m, v written by a fused update = 8 passes over the
+  gradients' bytes (the fused step's own bytes; unfused peers move more).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1}
+PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1, "adamw": 8}
 
 #: Batch size of the ``rows`` workload; ``--sizes`` sets B * D.
 ROWS_BATCH = 256
@@ -125,6 +128,12 @@ WORKLOADS: dict[str, Workload] = {
             full_sizes=(10**5, 10**7, 10**8),
         ),
         Workload(
+            "adamw",
+            "adamw",
+            "global-norm clip + AdamW step of GPT-2 small's 148 tensors (124M values; "
+            "fused fastclip vs clip_grad_norm_ + torch.optim.AdamW)",
+        ),
+        Workload(
             "norm",
             "norm",
             "one array, L2 norm only (no write)",
@@ -158,7 +167,7 @@ def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case
                 label = f"{name} {_fmt_size(n)}"
             out.append(Case(name, w.kind, label, (shape,), math.prod(shape), w.large))
         return out
-    if name == "gpt2-small":
+    if name in ("gpt2-small", "adamw"):
         shapes = gpt2_shapes(768, 12)
     elif name == "gpt2-xl":
         shapes = gpt2_shapes(1600, 48)
@@ -167,4 +176,6 @@ def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case
     else:  # pragma: no cover - every fixed workload is listed above
         raise KeyError(name)
     label = f"{name} ({len(shapes)})" if name != "tiny" else "tiny 2000x1000"
+    if name == "adamw":
+        label = f"adamw gpt2-small ({len(shapes)})"
     return [Case(name, w.kind, label, tuple(shapes), sum(math.prod(s) for s in shapes), w.large)]
