@@ -25,10 +25,16 @@ cluster, and arrays larger than memory stream through block by block.
   it computes the global norm (one pass over the data) and raises
   ``NonFiniteNormError`` before anything is rebound.
 
-Limits: partial power sums are plain float64, so float64 data beyond about
-1e+-150 (L2) or any ``|x|^p`` outside float64's range can over/underflow where
-the NumPy route rescales by the maximum; a clipped output whose input is not
-persisted reads (or regenerates) the input twice, norm then scale.
+* Extreme values: where the NumPy route rescales by the maximum (float64 L2,
+  any other ``p``), each block's partial is a pair ``(m, s)`` with
+  ``sum |x|^p = m^p * s``: ``(1, plain sum)`` when the plain float64 sum is safely
+  inside float64's range, else ``(max|x|, sum (|x| / max|x|)^p)`` (two more passes
+  over that block only).  Pairs combine as ``M = max m``,
+  ``S = sum s (m / M)^p`` (LAPACK's scaled ``nrm2`` in spirit), and the norm is
+  ``M * S^(1/p)``: float64 data near 1e+-300 gets the same norms as on NumPy.
+
+Limits: a clipped output whose input is not persisted reads (or regenerates)
+the input twice, norm then scale.
 """
 
 from __future__ import annotations
@@ -108,6 +114,87 @@ def _block_pow_sums(
     return np.asarray(plan.pow_sums(pcode, p), np.float64).reshape(shape)
 
 
+#: A partial power sum that survives float64 over/underflow: sum |x|^p = m^p * s.
+_PAIR = np.dtype([("m", np.float64), ("s", np.float64)])
+
+
+def _block_pairs(
+    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float, **_: Any
+) -> np.ndarray:
+    """Partial power sums of one block as ``(m, s)`` pairs (see the module notes)."""
+    sv = NumpyLib.storage(np.asarray(block))
+    shape = tuple(1 if i in axis else s for i, s in enumerate(sv.shape))
+    out = np.zeros(shape, _PAIR)
+    if sv.size == 0:
+        return out  # (0, 0): the identity
+    whole = len(axis) == sv.ndim
+    flat = sv.reshape(-1) if whole else None
+    plan = None if whole else _driver._Plan(sv, tuple(sorted(axis)))
+
+    def pow_sums(pc: int, inv: np.ndarray | None) -> np.ndarray:
+        if plan is not None:
+            return np.asarray(plan.pow_sums(pc, p, inv), np.float64).reshape(shape)
+        assert flat is not None
+        scale = 1.0 if inv is None else float(inv.reshape(-1)[0])
+        value = _driver.run("arr_pow_sum", flat.size, flat, pc, p, scale, _driver.cfg.CHUNK)
+        return np.full(shape, value, np.float64)
+
+    totals = pow_sums(pcode, None)
+    m = np.where(totals == 0.0, 0.0, 1.0)
+    s = totals
+    bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))  # 0 may be underflow
+    if bad.any():
+        maxes = pow_sums(0, None)
+        fix = bad & (maxes > 0.0) & (maxes < math.inf)
+        if fix.any():
+            inv = np.where(fix, 1.0 / np.where(fix, maxes, 1.0), 1.0)
+            scaled = pow_sums(3, inv.reshape(-1) if plan is not None else inv)
+            m = np.where(fix, maxes, m)
+            s = np.where(fix, scaled, s)
+    out["m"] = m
+    out["s"] = s
+    return out
+
+
+def _combine_pairs(
+    parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, p: float
+) -> np.ndarray:
+    """Pairs combined along ``axis``: ``M = max m``, ``S = sum s (m / M)^p``."""
+    m, s = parts["m"], parts["s"]
+    big = np.max(m, axis=axis, keepdims=True)
+    with np.errstate(all="ignore"):
+        ratio = np.where(big > 0.0, m / np.where(big > 0.0, big, 1.0), 0.0)
+        terms = np.where(np.isfinite(s), s * ratio**p, s)  # inf * 0 must stay inf
+    out = np.empty(np.sum(terms, axis=axis, keepdims=keepdims).shape, _PAIR)
+    out["s"] = np.sum(terms, axis=axis, keepdims=keepdims)
+    out["m"] = big if keepdims else np.squeeze(big, axis=axis)
+    return out
+
+
+def _pairs_norm(pairs: np.ndarray, pcode: int, p: float) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.asarray(pairs["m"] * _driver._root(pairs["s"], 3, p), np.float64)
+
+
+def _combine_root_pairs(
+    parts: np.ndarray,
+    axis: tuple[int, ...],
+    keepdims: bool,
+    pcode: int,
+    p: float,
+    root: bool,
+    **_: Any,
+) -> np.ndarray:
+    pairs = _combine_pairs(parts, axis, keepdims, p)
+    return _pairs_norm(pairs, pcode, p) if root else pairs
+
+
+def _uses_pairs(arrays: list[Any], pcode: int) -> bool:
+    """Pairs where the NumPy route would rescale (float64 L2, any other p)."""
+    wide = any(_out_dtype(a) == np.float64 for a in arrays)
+    return _driver._needs_rescale(pcode, wide)
+
+
 def _combine(parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int) -> np.ndarray:
     if pcode == 0:
         return np.max(parts, axis=axis, keepdims=keepdims)  # NaN propagates
@@ -155,22 +242,62 @@ def _clip_block(block: np.ndarray, lo: float | None, hi: float | None) -> np.nda
 # ------------------------------------------------------------- lazy graphs
 
 
-def _reduce(x: Any, pcode: int, p: float, axes: tuple[int, ...], keepdims: bool, root: bool) -> Any:
-    """Lazy float64 norms (``root``) or power sums of ``x`` over ``axes``."""
+def _reduce(
+    x: Any,
+    pcode: int,
+    p: float,
+    axes: tuple[int, ...],
+    keepdims: bool,
+    root: bool,
+    pairs: bool | None = None,
+) -> Any:
+    """Lazy float64 norms (``root``) or partial power sums of ``x`` over ``axes``.
+
+    With ``pairs`` (default: where the NumPy route rescales) partials are
+    ``(m, s)`` pairs; norms are float64 either way.
+    """
     import dask.array as da
 
+    pairs = _uses_pairs([x], pcode) if pairs is None else pairs
     out_ndim = x.ndim if keepdims else x.ndim - len(axes)
-    return da.reduction(
+    if not pairs:
+        return da.reduction(
+            x,
+            _partial(_block_pow_sums, pcode=pcode, p=p),
+            _partial(_combine_root, pcode=pcode, p=p, root=root),
+            combine=_partial(_combine_root, pcode=pcode, p=p, root=False),
+            axis=axes,
+            keepdims=keepdims,
+            dtype=np.float64,
+            meta=np.empty((0,) * out_ndim, np.float64),
+            concatenate=True,
+            name="fastclip-norm" if root else "fastclip-pow-sum",
+        )
+    # dask gives every stage of a reduction one dtype: reduce the pairs, then root them
+    partials = da.reduction(
         x,
-        _partial(_block_pow_sums, pcode=pcode, p=p),
-        _partial(_combine_root, pcode=pcode, p=p, root=root),
-        combine=_partial(_combine_root, pcode=pcode, p=p, root=False),
+        _partial(_block_pairs, pcode=pcode, p=p),
+        _partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
+        combine=_partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
         axis=axes,
         keepdims=keepdims,
-        dtype=np.float64,
-        meta=np.empty((0,) * out_ndim, np.float64),
+        dtype=_PAIR,
+        meta=np.empty((0,) * out_ndim, _PAIR),
         concatenate=True,
-        name="fastclip-norm" if root else "fastclip-pow-sum",
+        name="fastclip-pow-sum-pairs",
+    )
+    return _rooted(partials, pcode, p) if root else partials
+
+
+def _rooted(pairs: Any, pcode: int, p: float) -> Any:
+    """Lazy float64 norms of lazy ``(m, s)`` pairs."""
+    return pairs.map_blocks(
+        _pairs_norm,
+        pcode=pcode,
+        p=p,
+        dtype=np.float64,
+        meta=np.empty((0,) * pairs.ndim, np.float64),
+        token="fastclip-norm-pairs",
     )
 
 
@@ -212,8 +339,23 @@ def norm(
 def _global_norm64(arrays: list[Any], pcode: int, p: float) -> Any:
     import dask.array as da
 
-    parts = [_reduce(a, pcode, p, _all_axes(a, None), False, root=False) for a in arrays]
+    pairs = _uses_pairs(arrays, pcode)
+    parts = [_reduce(a, pcode, p, _all_axes(a, None), False, False, pairs) for a in arrays]
     stacked = da.stack(parts) if len(parts) > 1 else parts[0][None]
+    if pairs:
+        total = da.reduction(
+            stacked,
+            _partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
+            _partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
+            combine=_partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
+            axis=(0,),
+            keepdims=False,
+            dtype=_PAIR,
+            meta=np.empty((), _PAIR),
+            concatenate=True,
+            name="fastclip-global-pairs",
+        )
+        return _rooted(total, pcode, p)
     return da.reduction(
         stacked,
         _partial(_combine_root, pcode=pcode, p=p, root=False),

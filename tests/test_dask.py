@@ -99,6 +99,46 @@ def test_nan_and_inf_propagate_across_chunks(ord):
     assert np.isnan(fastclip.global_norm([_dask(x, 7), da.ones(3)], ord).compute())
 
 
+@pytest.mark.parametrize("chunks", ["single", "uneven", "rows"])
+@pytest.mark.parametrize("exponent", [-1000, -700, 700, 1000])
+@pytest.mark.parametrize("ord", [2, 3.5])
+def test_extreme_float64_norms_are_rescaled_like_numpy(chunks, exponent, ord):
+    """|x| ~ 2**+-1000: plain float64 power sums under/overflow; the (m, s) pairs do not.
+
+    Oracle: the float64 norm of moderate data times an exact power of two."""
+    y = sample((13, 17), 5)
+    y[2:6] *= 1e-3  # mixed magnitudes inside and across chunks
+    y[:, 0] = 0.0  # an all-zero column (an all-zero chunk with "cols"-like chunkings)
+    scale = 2.0**exponent
+    x = y * scale
+    d = _dask(x, CHUNKS_2D[chunks])
+    for axis in (None, 0, 1):
+        expected = ref.norm(y, ord, axis=axis) * scale
+        got = fastclip.norm(d, ord, axis=axis).compute()
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(got, fastclip.norm(x, ord, axis=axis), rtol=1e-13, atol=0)
+    total = fastclip.global_norm([d, d[:4]], ord).compute()
+    np.testing.assert_allclose(total, ref.global_norm([y, y[:4]], ord) * scale, rtol=1e-13)
+    c = 0.5 * float(expected.max())  # eps=0: the default 1e-6 would dwarf norms ~1e-300
+    clipped = fastclip.clip_by_norm(d, c, ord, axis=1, eps=0.0)
+    want = ref.clip_by_norm(y, c / scale, ord, axis=1, eps=0.0) * scale
+    np.testing.assert_allclose(clipped.compute(), want, rtol=1e-12, atol=0)
+
+
+def test_extreme_pairs_keep_inf_and_nan_and_zeros():
+    x = np.zeros((6, 6))
+    d = _dask(x, 2)
+    assert fastclip.norm(d).compute() == 0.0
+    x[0, 0], x[5, 5] = 1e300, 1e-300  # a huge block and a tiny block
+    np.testing.assert_allclose(fastclip.norm(_dask(x, 2)).compute(), 1e300, rtol=1e-15)
+    x[3, 3] = np.inf  # inf in a plain block, combined with a rescaled one: inf, not inf * 0
+    assert fastclip.norm(_dask(x, 2)).compute() == np.inf
+    assert fastclip.norm(_dask(x, 2), 3.5).compute() == np.inf
+    x[4, 1] = np.nan
+    assert np.isnan(fastclip.norm(_dask(x, 2)).compute())
+    assert np.isnan(fastclip.global_norm([_dask(x, 2), da.ones(3)], 3.5).compute())
+
+
 def test_empty_and_zero_d():
     assert fastclip.norm(da.ones((0, 3), chunks=(1, 2))).compute() == 0.0
     assert_close(fastclip.norm(da.ones((4, 0), chunks=2), axis=1).compute(), np.zeros(4), "float64")
