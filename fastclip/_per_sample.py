@@ -1,11 +1,21 @@
 """Per-sample gradient clipping for DP-SGD: ``clip_per_sample``.
 
-The CPU route (NumPy arrays, torch CPU tensors) is fused: pass 1 reads every
-per-sample gradient once for its per-sample power sums, pass 2 reads it again
-and writes only the batch reduction (``out[d] = sum_b f_b g[b, d]``), never the
-clipped per-sample copies.  Other Array API libraries take a generic path built
-from ``array_api_compat`` operations (correct, not fast).  GPU arrays raise
-``NotImplementedError``: there are no GPU kernels for this yet.
+Routes (validation of every argument, library and device comes first, before
+any work):
+
+* CPU (NumPy arrays, torch CPU tensors): fused Numba kernels.  Pass 1 reads
+  every per-sample gradient once for its per-sample power sums, pass 2 reads it
+  again and writes only the batch reduction (``out[d] = sum_b f_b g[b, d]``),
+  never the clipped per-sample copies.
+* GPU (CuPy arrays, CUDA tensors): the same two passes as CUDA kernels
+  (``_gpu/per_sample_kernels.cu``, driver ``_gpu/_per_sample.py``) on torch's
+  current stream for tensors and CuPy's current stream for CuPy arrays; norms,
+  factors and outputs stay on the device.  One host synchronisation: the
+  clipped count ``n_clipped`` (a Python int) is read back at the end of the
+  call, after every kernel is queued.  Without a usable GPU (CuPy missing, no
+  device) device arrays raise ``GPUUnavailableError``.
+* Other Array API libraries: a generic path built from ``array_api_compat``
+  operations (correct, not fast).
 """
 
 from __future__ import annotations
@@ -110,21 +120,28 @@ def clip_per_sample(
         (or given without ``per_layer``), an unknown ``reduce``, a bad ``ord``
         or ``eps``.  Raised before any work.
     TypeError
-        Integer, bool or complex arrays; mixed libraries or devices.
-    NotImplementedError
-        CuPy arrays and CUDA tensors: no GPU kernels for this yet.
+        Integer, bool or complex arrays; mixed libraries or devices (also CPU
+        and CUDA tensors in one call, or CuPy arrays on two devices).
+    GPUUnavailableError
+        CuPy arrays or CUDA tensors where CuPy is missing or sees no device.
 
     Notes
     -----
     A zero-norm sample gets factor 1 (optax turns its ``0/0`` into 1); a NaN
     norm gives a NaN factor, so non-finite samples make the result non-finite
-    (as Opacus).  On the CPU route non-contiguous inputs are first copied to
-    contiguous memory; the norms come from one pass over each array (power
-    sums in float64 per sample, float32 blocks for 32- and 16-bit data) and the
-    sum from a second pass that accumulates float32 blocks of rows in float64,
-    so float32 results match a float64 reference to about 1e-7.  For ``p``
-    other than 1, 2 and inf the power sums are not rescaled against float64
-    over/underflow.
+    (as Opacus).  Non-contiguous inputs are first copied to contiguous memory;
+    the norms come from one pass over each array (power sums in float64 per
+    sample, float32 blocks for 32- and 16-bit data) and the sum from a second
+    pass that accumulates float32 blocks of rows in float64, so float32 results
+    match a float64 reference to about 1e-7.  For ``p`` other than 1, 2 and inf
+    the power sums are not rescaled against float64 over/underflow.
+
+    On the GPU route (CuPy arrays, CUDA tensors) the kernels run on the
+    current stream (torch's for tensors, CuPy's for CuPy arrays); ``grads``
+    and ``norms`` are device arrays and nothing waits for the device except
+    ``n_clipped``: it is counted on the device and read back once, at the end
+    of the call after every kernel has been queued (one synchronisation per
+    call, like ``.item()``).
 
     Examples
     --------
@@ -156,10 +173,23 @@ def clip_per_sample(
     eps_value = check_eps(eps)
     route = _dispatch.route_of_many(items)
     if route == _dispatch.ROUTE_GPU:
-        raise NotImplementedError(
-            "per-sample clipping (clip_per_sample) has no GPU kernels yet; " + _dispatch.GPU_MESSAGE
+        # CUDA kernels on the caller's stream; reads n_clipped back once, at the end
+        _dispatch.check_gpu_available()
+        from ._gpu import _per_sample as gpu_per_sample
+        from ._gpu._libs import lib_for as gpu_lib_for
+
+        outs, norms, n_clipped = gpu_per_sample.clip_per_sample_gpu(
+            gpu_lib_for(_dispatch.library_of(items[0])),
+            items,
+            batch,
+            pcode,
+            p,
+            bounds,
+            per_layer,
+            reduce,
+            eps_value,
         )
-    if route == _dispatch.ROUTE_CPU:
+    elif route == _dispatch.ROUTE_CPU:
         from ._cpu._libs import lib_for
 
         lib = lib_for(_dispatch.library_of(items[0]))

@@ -331,9 +331,20 @@ def test_bad_input_raises_before_anything(args, kwargs, exc):
         assert (a == b).all()
 
 
-def test_gpu_arrays_not_implemented(monkeypatch):
+def test_gpu_route_without_a_gpu_raises_before_any_work(monkeypatch):
+    """Device arrays on a machine without a usable GPU: a clear GPUUnavailableError
+    (the GPU route itself is tested in test_gpu_per_sample*.py)."""
+    import fastclip
     from fastclip import _dispatch
 
+    try:
+        _dispatch.check_gpu_available()
+    except fastclip.GPUUnavailableError:
+        pass
+    else:
+        pytest.skip("a GPU is usable here: tests/test_gpu_per_sample.py runs the route")
     monkeypatch.setattr(_dispatch, "route_of_many", lambda arrays: _dispatch.ROUTE_GPU)
-    with pytest.raises(NotImplementedError, match="no GPU kernels"):
-        clip_per_sample(np.ones((2, 2)), 1.0)
+    x = np.ones((2, 2))
+    with pytest.raises(fastclip.GPUUnavailableError, match="GPU route"):
+        clip_per_sample(x, 1.0)
+    assert np.all(x == 1.0)

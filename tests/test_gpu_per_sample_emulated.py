@@ -1,0 +1,444 @@
+"""The per-sample GPU driver's host side, run on the CPU against NumPy emulations of
+its kernels (``fastclip/_gpu/per_sample_kernels.cu``).
+
+As in ``tests/test_gpu_host_emulated.py``: "device memory" is NumPy memory,
+pointers are host addresses, and each kernel is replaced by a NumPy
+transcription of its CUDA source that reads and writes through the raw
+addresses it is given, with the launch arguments in kernel order.  The
+tunables are patched small so every array has many pass-1 chunks per row and
+pass 2 splits the batch into row groups (partials + combine).  A wrong
+argument order, stride or pointer offset gives wrong numbers, checked against a
+float64 oracle of the DP-SGD formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+import fastclip
+from fastclip import _config as cfg
+from fastclip import _dispatch
+from fastclip._gpu import _driver, _libs
+from fastclip._gpu import _per_sample as gps
+
+try:
+    import ml_dtypes
+
+    BF16: type | None = ml_dtypes.bfloat16
+except ImportError:  # pragma: no cover - ml_dtypes ships with the test extras' jax/tf deps
+    BF16 = None
+
+CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
+if BF16 is not None:
+    CTYPES["__nv_bfloat16"] = BF16
+KINDS = {"float16", "float32", "float64", "bfloat16"}
+
+
+#: Host memory the "device" may touch: (start, end, array kept alive).  Every access
+#: through a raw address must lie inside one region, so an under-sized scratch buffer
+#: or a shifted pointer fails an assertion instead of corrupting the interpreter.
+REGIONS: list[tuple[int, int, np.ndarray]] = []
+
+
+def _reg(*arrays):
+    for a in arrays:
+        base = a.ctypes.data
+        REGIONS.append((base, base + a.nbytes, a))
+    return arrays
+
+
+def _mem(ptr, n, dtype):
+    dtype = np.dtype(dtype)
+    if int(n) == 0:
+        return np.zeros(0, dtype)
+    lo, hi = int(ptr), int(ptr) + int(n) * dtype.itemsize
+    assert any(s <= lo and hi <= e for s, e, _ in REGIONS), "access outside every buffer"
+    buf = (ctypes.c_byte * (int(n) * dtype.itemsize)).from_address(int(ptr))
+    return np.frombuffer(buf, dtype)
+
+
+def _acc(dt):
+    return np.float64 if dt == np.float64 else np.float32
+
+
+def _pow_sum(v, pcode, p):
+    a = np.abs(v.astype(np.float64))
+    if pcode == 0:
+        return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
+    return float(np.sum(a**2 if pcode == 2 else (a if pcode == 1 else a**p)))
+
+
+def _combine(s, v, pcode):
+    if pcode != 0:
+        return s + v
+    if math.isnan(s) or math.isnan(v):
+        return math.nan
+    return max(s, v)
+
+
+def _root(v, pcode, p):
+    if pcode in (0, 1):
+        return v
+    return math.sqrt(v) if pcode == 2 else (v ** (1.0 / p) if v == v else v)
+
+
+def _factor(norm, bound, eps):
+    with np.errstate(all="ignore"):
+        r = np.float64(bound) / (np.float64(norm) + eps)
+    f = 1.0 if r >= 1.0 else float(r)
+    return 1.0 if norm == 0.0 else f
+
+
+LAUNCHES: list[tuple[str, tuple, tuple, tuple]] = []
+
+
+def _emulate(name, targ):
+    dt = CTYPES[targ]
+
+    def pow_partials(a):
+        x, rows, cols, chunk, n_chunks, pcode, p, partials = a
+        rows, cols, chunk, n_chunks = int(rows), int(cols), int(chunk), int(n_chunks)
+        xs = _mem(x, rows * cols, dt)
+        out = _mem(partials, rows * n_chunks, np.float64)
+        for w in range(rows * n_chunks):
+            b = w // n_chunks
+            start = (w - b * n_chunks) * chunk
+            n = min(chunk, cols - start)
+            seg = xs[b * cols + start : b * cols + start + n]
+            out[w] = _pow_sum(seg, int(pcode), float(p))
+
+    def factors(a):
+        partials, table, n_arrays, rows, pcode, p, eps, per_layer, norms, facs, n_clipped = a
+        k_n, rows, pcode, p = int(n_arrays), int(rows), int(pcode), float(p)
+        tab = _mem(table, 3 * k_n, np.int64)
+        offsets, chunks, bounds = tab[:k_n], tab[k_n : 2 * k_n], tab[2 * k_n :].view(np.float64)
+        total = int(max((o + rows * c for o, c in zip(offsets, chunks)), default=0))
+        part = _mem(partials, max(total, 1), np.float64)
+
+        def row_sum(k, b):
+            s = 0.0
+            for c in range(int(chunks[k])):
+                s = _combine(s, part[int(offsets[k]) + b * int(chunks[k]) + c], pcode)
+            return s
+
+        nout = _mem(norms, k_n * rows if int(per_layer) else rows, dt)
+        fout = _mem(facs, k_n * rows if int(per_layer) else rows, np.float64)
+        count = 0
+        for b in range(rows):
+            if int(per_layer):
+                hit = False
+                for k in range(k_n):
+                    norm = _root(row_sum(k, b), pcode, p)
+                    f = _factor(norm, bounds[k], float(eps))
+                    nout[k * rows + b] = norm
+                    fout[k * rows + b] = f
+                    hit = hit or f < 1.0
+            else:
+                s = 0.0
+                for k in range(k_n):
+                    s = _combine(s, row_sum(k, b), pcode)
+                norm = _root(s, pcode, p)
+                f = _factor(norm, bounds[0], float(eps))
+                nout[b] = norm
+                fout[b] = f
+                hit = f < 1.0
+            count += int(hit)
+        _mem(n_clipped, 1, np.float64)[0] = count
+
+    def weighted_sum(a):
+        x, rows, cols, f, rows_per_split, n_splits, scale, out, partials = a
+        rows, cols, rps, ns = int(rows), int(cols), int(rows_per_split), int(n_splits)
+        xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(np.float64)
+        fs = _mem(f, rows, np.float64)
+        for s in range(ns):
+            b0, b1 = s * rps, min(s * rps + rps, rows)
+            assert b0 < b1, "an empty row group"
+            acc = (fs[b0:b1, None] * xs[b0:b1]).sum(axis=0)
+            if ns == 1:
+                _mem(out, cols, dt)[:] = (acc * float(scale)).astype(_acc(dt)).astype(dt)
+            else:
+                _mem(partials, ns * cols, np.float64)[s * cols : (s + 1) * cols] = acc
+
+    def combine(a):
+        partials, n_splits, cols, scale, out = a
+        ns, cols = int(n_splits), int(cols)
+        s = _mem(partials, ns * cols, np.float64).reshape(ns, cols).sum(axis=0)
+        _mem(out, cols, dt)[:] = (s * float(scale)).astype(_acc(dt)).astype(dt)
+
+    def scale_rows(a):
+        x, rows, cols, f, out = a
+        rows, cols = int(rows), int(cols)
+        xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(_acc(dt))
+        c = _mem(f, rows, np.float64).astype(_acc(dt))
+        _mem(out, rows * cols, dt)[:] = (xs * c[:, None]).astype(dt).ravel()
+
+    body = {
+        "fastclip_ps_pow_partials": pow_partials,
+        "fastclip_ps_factors": factors,
+        "fastclip_ps_weighted_sum": weighted_sum,
+        "fastclip_ps_combine": combine,
+        "fastclip_ps_scale_rows": scale_rows,
+    }[name]
+
+    def launch(grid, block, args):
+        assert 1 <= len(grid) <= 2 and all(1 <= g for g in grid)
+        assert grid[0] <= cfg.GPU_MAX_BLOCKS and (len(grid) == 1 or grid[1] <= 65_535)
+        assert len(block) == 1 and 1 <= block[0] <= 1_024
+        assert all(isinstance(v, np.generic) for v in args), "kernel arguments are NumPy scalars"
+        LAUNCHES.append((name, targ, grid, block))
+        body(args)
+
+    return launch
+
+
+class HostLib:
+    """The GPU adapter interface over NumPy memory (pointers = host addresses)."""
+
+    name = "host"
+    devices: ClassVar[dict[int, int]] = {}
+    syncs = 0
+    kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in KINDS else None)
+    device_id = staticmethod(lambda x: HostLib.devices.get(id(x), 0))
+    ptr = staticmethod(lambda x: x.ctypes.data)
+    numel = staticmethod(lambda x: x.size)
+    contiguous = staticmethod(lambda x: x.flags.c_contiguous)
+    reshape = staticmethod(lambda x, shape: x.reshape(shape))
+    stream = staticmethod(lambda x: contextlib.nullcontext())
+    stream_id = staticmethod(lambda x: 0)
+
+    @staticmethod
+    def as_contiguous(x):
+        return _reg(np.ascontiguousarray(x))[0]
+
+    @staticmethod
+    def upload(buf, like):
+        return _reg(buf.copy())[0], None
+
+    @staticmethod
+    def empty(shape, kind, like):
+        # garbage, not zeros: a kernel that skips an element leaves it visible
+        dtype = BF16 if kind == "bfloat16" else np.dtype(kind)
+        return _reg(np.full(shape, 12345.0, dtype))[0]
+
+    @staticmethod
+    def host_float(x):
+        HostLib.syncs += 1
+        return float(x)
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    monkeypatch.setattr(gps, "_kernel", lambda device, name, targ: _emulate(name, targ))
+    monkeypatch.setattr(_driver, "_on_device", lambda lib, like: contextlib.nullcontext())
+    monkeypatch.setattr(gps, "POW_CHUNK", 4)  # many chunks per row, ragged last chunk
+    monkeypatch.setattr(gps, "PASS2_BLOCK", 4)
+    monkeypatch.setattr(gps, "TARGET_BLOCKS", 64)  # row groups for the small arrays
+    monkeypatch.setattr(gps, "MIN_SPLIT_ROWS", 2)
+    _driver._TABLES.clear()
+    LAUNCHES.clear()
+    REGIONS.clear()
+    HostLib.devices = {}
+    HostLib.syncs = 0
+
+
+# -------------------------------------------------------------------- oracle
+
+
+def oracle(arrays, bounds, pcode, p, per_layer, reduce, eps):
+    g = [np.asarray(a, np.float64) for a in arrays]
+    b = g[0].shape[0]
+    flat = [x.reshape(b, -1) for x in g]
+    sums = np.array([[_pow_sum(r, pcode, p) for r in x] for x in flat])
+    bounds = np.asarray(bounds, np.float64)
+    with np.errstate(all="ignore"):
+        if per_layer:
+            norms = sums if pcode in (0, 1) else sums ** (1.0 / p)
+            f = np.minimum(1.0, bounds[:, None] / (norms + eps))
+            f = np.where(norms == 0, 1.0, np.where(np.isnan(norms), np.nan, f))
+            clipped = int((f < 1).any(axis=0).sum())
+        else:
+            tot = np.max(sums, axis=0) if pcode == 0 else sums.sum(axis=0)
+            norms = tot if pcode in (0, 1) else tot ** (1.0 / p)
+            f1 = np.minimum(1.0, bounds[0] / (norms + eps))
+            f1 = np.where(norms == 0, 1.0, np.where(np.isnan(norms), np.nan, f1))
+            clipped = int((f1 < 1).sum())
+            f = np.broadcast_to(f1, (len(g), b))
+        outs = []
+        for k, x in enumerate(g):
+            y = x * f[k].reshape((b,) + (1,) * (x.ndim - 1))
+            if reduce == "sum":
+                y = y.sum(axis=0)
+            elif reduce == "mean":
+                y = y.mean(axis=0)
+            outs.append(y)
+    return outs, norms, clipped
+
+
+def _tol(dtype):
+    return {np.float16: 2e-3, np.float32: 1e-6, np.float64: 1e-12}.get(dtype, 1e-2)
+
+
+def _check(arrays, bounds, pcode, p, per_layer, reduce, eps=1e-6, rtol=None):
+    HostLib.syncs = 0
+    _reg(*arrays)
+    outs, norms, n_clipped = gps.clip_per_sample_gpu(
+        HostLib, arrays, arrays[0].shape[0], pcode, p, np.asarray(bounds, np.float64),
+        per_layer, reduce, eps,
+    )  # fmt: skip
+    ref_outs, ref_norms, ref_clipped = oracle(arrays, bounds, pcode, p, per_layer, reduce, eps)
+    assert n_clipped == ref_clipped and type(n_clipped) is int
+    assert HostLib.syncs == 1, "exactly one device-to-host read per call"
+    wide = any(a.dtype == np.float64 for a in arrays)
+    assert norms.dtype == (np.float64 if wide else np.float32)
+    assert norms.shape == ((len(arrays),) if per_layer else ()) + (arrays[0].shape[0],)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-6 if not wide else 1e-12)
+    for a, o, r in zip(arrays, outs, ref_outs, strict=True):
+        assert o.dtype == a.dtype
+        assert o.shape == (a.shape if reduce is None else a.shape[1:])
+        scale = np.abs(np.asarray(a, np.float64)).sum(axis=0).max(initial=0.0)
+        t = rtol or _tol(a.dtype.type)
+        np.testing.assert_allclose(np.asarray(o, np.float64), r, rtol=t, atol=t * scale + 1e-30)
+    return outs, norms, n_clipped
+
+
+PCODES = [(2, 2.0), (1, 1.0), (0, math.inf), (3, 3.0)]
+DTYPES = [np.float32, np.float64, np.float16] + ([BF16] if BF16 is not None else [])
+
+
+def _data(shapes, dtype, seed=0, batch=9):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((batch, *s)) * (0.2 + k)).astype(dtype) for k, s in enumerate(shapes)
+    ]
+
+
+# --------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", None])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize(("pcode", "p"), PCODES)
+def test_formula_matches_float64_oracle(pcode, p, per_layer, reduce):
+    arrays = _data([(5,), (3, 4), (0,), (37,), (1,)], np.float32)
+    bounds = [1.5, 0.7, 1.0, 2.5, 0.1] if per_layer else [1.0] * 5
+    _check(arrays, bounds, pcode, p, per_layer, reduce)
+    names = [launch[0] for launch in LAUNCHES]
+    assert names.count("fastclip_ps_pow_partials") == 4  # not for the empty array
+    assert names.count("fastclip_ps_factors") == 1
+    if reduce is not None:
+        assert names.count("fastclip_ps_weighted_sum") == 4
+        assert names.count("fastclip_ps_combine") >= 1  # row groups were exercised
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("reduce", ["sum", None])
+def test_dtypes(dtype, reduce):
+    arrays = _data([(6,), (2, 8), (33,)], dtype, seed=1, batch=70)  # > one 64-row block
+    _check(arrays, [1.0] * 3, 2, 2.0, False, reduce)
+    _check(arrays, [0.5, 1.0, 2.0], 2, 2.0, True, reduce)
+
+
+def test_mixed_dtypes_give_float64_norms_and_keep_each_dtype():
+    a, b = _data([(7,), (4, 3)], np.float32, seed=2)
+    arrays = [a, b.astype(np.float64), a[:, :3].astype(np.float16)]
+    _check(arrays, [1.0] * 3, 2, 2.0, False, "sum", rtol=2e-3)
+    assert {launch[1] for launch in LAUNCHES if launch[0] == "fastclip_ps_factors"} == {"double"}
+
+
+@pytest.mark.parametrize("reduce", ["sum", None])
+def test_batch_of_one_and_wide_rows(reduce):
+    arrays = _data([(1_003,), (2,)], np.float32, seed=3, batch=1)
+    _check(arrays, [1.0, 1.0], 2, 2.0, False, reduce)
+    _check(arrays, [1.0, 1.0], 2, 2.0, True, reduce)
+
+
+def test_non_contiguous_inputs_are_read_through_a_copy():
+    base = np.random.default_rng(4).standard_normal((9, 8, 6)).astype(np.float32)
+    arrays = [base[:, ::2, 1:], base[:, :, 0]]
+    assert not arrays[0].flags.c_contiguous
+    before = base.copy()
+    _check(arrays, [1.0, 1.0], 2, 2.0, False, "sum")
+    _check(arrays, [1.0, 1.0], 2, 2.0, False, None)
+    np.testing.assert_array_equal(base, before)
+
+
+def test_nan_and_zero_norm_samples():
+    x = np.random.default_rng(5).standard_normal((6, 10)).astype(np.float32) * 3
+    x[1] = 0.0  # zero norm: factor 1, not 0/0
+    x[4, 3] = np.nan  # NaN norm: NaN factor
+    _reg(x)
+    outs, norms, n_clipped = gps.clip_per_sample_gpu(
+        HostLib, [x], 6, 2, 2.0, np.array([1.0]), False, None, 0.0
+    )
+    assert np.isnan(norms[4]) and norms[1] == 0.0
+    assert np.isnan(outs[0][4]).all()
+    np.testing.assert_array_equal(outs[0][1], 0.0)
+    assert n_clipped == 4  # NaN is not counted as clipped (NaN < 1 is false), as the CPU path
+    summed, _, _ = gps.clip_per_sample_gpu(
+        HostLib, [x], 6, 2, 2.0, np.array([1.0]), False, "sum", 0.0
+    )
+    assert np.isnan(summed[0]).all()
+
+
+def test_infinite_and_zero_bounds():
+    arrays = _data([(5,), (3,)], np.float64, seed=6)
+    _check(arrays, [math.inf, math.inf], 2, 2.0, False, "sum")
+    _check(arrays, [0.0, math.inf], 2, 2.0, True, "sum")
+
+
+def test_table_upload_is_cached_between_steps():
+    arrays = _data([(5,), (3,)], np.float32, seed=7)
+    _check(arrays, [1.0, 1.0], 2, 2.0, False, "sum")
+    _check(arrays, [1.0, 1.0], 2, 2.0, False, "sum")
+    assert len(_driver._TABLES) == 1
+    _check(arrays, [2.0, 1.0], 2, 2.0, True, "sum")  # other bounds: another table
+    assert len(_driver._TABLES) == 2
+
+
+def test_bad_arrays_raise_before_any_launch():
+    a, b = _data([(5,), (3,)], np.float32)
+    HostLib.devices = {id(b): 1}
+    with pytest.raises(TypeError, match="one device"):
+        gps.clip_per_sample_gpu(HostLib, [a, b], 9, 2, 2.0, np.ones(2), False, "sum", 1e-6)
+    HostLib.devices = {}
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        gps.clip_per_sample_gpu(
+            HostLib, [a, b.astype(np.int32)], 9, 2, 2.0, np.ones(2), False, "sum", 1e-6
+        )
+    assert LAUNCHES == [] and HostLib.syncs == 0
+
+
+def test_public_function_routes_gpu_arrays_to_the_driver(monkeypatch):
+    """clip_per_sample's GPU branch (validation, lib choice, result) with the emulated driver;
+    equal to the CPU route to 1e-6."""
+    arrays = list(_reg(*_data([(5,), (3, 4)], np.float32, seed=8)))
+    expected = fastclip.clip_per_sample(arrays, [1.0, 0.5], per_layer=True, reduce="mean")
+    monkeypatch.setattr(_dispatch, "route_of_many", lambda items: _dispatch.ROUTE_GPU)
+    monkeypatch.setattr(_dispatch, "check_gpu_available", lambda: None)
+    monkeypatch.setattr(_libs, "lib_for", lambda name: HostLib)
+    got = fastclip.clip_per_sample(arrays, [1.0, 0.5], per_layer=True, reduce="mean")
+    assert type(got) is fastclip.PerSampleClipResult
+    assert got.n_clipped == expected.n_clipped
+    np.testing.assert_allclose(got.norms, expected.norms, rtol=1e-6)
+    for g, e in zip(got.grads, expected.grads, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+    single = fastclip.clip_per_sample(arrays[0], 1.0)
+    assert isinstance(single.grads, np.ndarray) and single.grads.shape == (5,)
+    with pytest.raises(ValueError, match="per_layer"):
+        fastclip.clip_per_sample(arrays, [1.0, 0.5])  # validated before the route
+
+
+def test_plans():
+    n_chunks, offsets, total = gps.plan_rows([10, 0, 4, 5], 4)
+    assert n_chunks == [3, 0, 1, 2] and offsets == [0, 3, 3, 4] and total == 6
+    # wide: no row groups; narrow: row groups of >= min_rows rows covering the batch
+    assert gps.plan_weighted_sum(256, 1 << 20, 4, 256, 1024, 32) == (1024, 1, 256, 1)
+    gx, gy, rps, ns = gps.plan_weighted_sum(1000, 4096, 4, 256, 1024, 32)
+    assert gx == 4 and ns == gy and rps >= 32 and (ns - 1) * rps < 1000 <= ns * rps
+    assert gps.plan_weighted_sum(1, 10, 1, 256, 1024, 32) == (1, 1, 1, 1)
