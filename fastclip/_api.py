@@ -613,9 +613,11 @@ def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any
     import array_api_compat as aac
 
     xp = aac.array_namespace(total_norm)
-    r = c / (total_norm + eps_v)
-    one = xp.ones_like(r)
-    return xp.where(r >= one, one, r)
+    with np.errstate(divide="ignore", invalid="ignore"):  # NumPy-backed namespaces
+        den = total_norm + eps_v
+        r = c / den
+        one = xp.ones_like(r)
+        return xp.where((r >= one) | (den == 0), one, r)  # 0 / 0 (zero norm, eps=0): 1
 
 
 def scale_(arrays: ArrayOrArrays, factor: Any) -> None:

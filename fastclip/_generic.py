@@ -117,9 +117,11 @@ def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
 def _coefficient(xp: Any, norms: Any, max_norm: float, eps: float, mode: str) -> Any:
     if mode == "normalize":
         return 1.0 / (norms + eps)
-    r = max_norm / (norms + eps)
+    den = norms + eps
+    r = max_norm / den
     one = xp.asarray(1.0, dtype=r.dtype, device=aac.device(r))
-    return xp.where(r >= one, one, r)  # NaN stays NaN (no branch on the value)
+    # NaN stays NaN (no branch on the value); a zero norm with eps=0 has nothing to clip
+    return xp.where((r >= one) | (den == 0), one, r)
 
 
 def _check_writeable(x: Any, what: str) -> None:

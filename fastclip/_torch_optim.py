@@ -5,6 +5,7 @@ Re-exported by ``fastclip.torch``.  Importing this module imports torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,8 @@ class _FusedBase(Optimizer):
         if not grads:
             self.last_total_norm = None
             return None
+        if F.is_gpu(grads[0]):
+            return self._clip_gpu(grads)
         lib = F.cpu_lib(grads, type(self).__name__)
         plan = F.clip_plan(
             lib,
@@ -77,6 +80,47 @@ class _FusedBase(Optimizer):
         )
         self.last_step_skipped = plan.skip
         return plan
+
+    def _clip_gpu(self, grads: list[torch.Tensor]) -> Any:
+        """The GPU plan: device norm and coefficient (``_gpu._optim.GpuClip``).
+
+        No host sync, except ``nonfinite="error"`` and ``"skip"``: both read the
+        norm back once, "skip" because the step counts (AdamW) and first-step
+        momentum buffers (SGD) are decided on the host.
+        """
+        from ._gpu import _driver
+        from ._gpu import _optim as G
+
+        what = type(self).__name__
+        lib = F.gpu_lib([grads], what)
+        policy = "propagate" if self.nonfinite == "skip" else self.nonfinite
+        with _driver._on_device(lib, grads[0]):
+            plan = G.clip_plan(
+                lib, grads, self.max_norm, self.norm_type, None, None, 1e-6, policy, what
+            )
+            if self.nonfinite == "skip" and plan.norm is not None:
+                plan.skip = not math.isfinite(lib.host_float(plan.norm))  # the documented sync
+        self.last_total_norm = plan.norm
+        self.last_step_skipped = plan.skip
+        return plan
+
+    def _launch_gpu(
+        self, lists: list[Any], hp: np.ndarray, plan: Any, sign: float, ams: Any
+    ) -> None:
+        """One fused GPU launch per dtype: AdamW (``ams`` a bool) or SGD (``ams`` None)."""
+        from ._gpu import _driver
+        from ._gpu import _optim as G
+
+        what = type(self).__name__
+        lib = F.gpu_lib(lists, what)
+        with _driver._on_device(lib, lists[0][0]):
+            if ams is None:
+                step = G.Step(lib, lists, [True, False, True], what)
+                step.launch_sgd(hp, plan, sign)
+            else:
+                step = G.Step(lib, lists, [True, False, True, True, True], what)
+                step.launch_adamw(hp, plan, sign, ams)
+            lib.touched(lists[0])
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -113,8 +157,14 @@ class FusedAdamW(_FusedBase):
 
     Notes
     -----
-    CPU tensors only for now (float16, bfloat16, float32, float64; one fused
-    Numba kernel launch per dtype for all groups).  ``foreach`` and ``fused``
+    CPU tensors (one fused Numba kernel launch per dtype for all groups) and
+    CUDA tensors (one fused CUDA kernel launch per dtype, on torch's current
+    stream: ``fastclip.optim.adamw_step_``'s GPU route); float16, bfloat16,
+    float32, float64.  On CUDA ``step()`` never waits for the device (step
+    counts stay CPU tensors, as torch's non-capturable AdamW keeps them;
+    ``last_total_norm`` is a device tensor), except with ``nonfinite="error"``
+    or ``"skip"``, which read the norm back once to decide on the host.
+    ``foreach`` and ``fused``
     are accepted and ignored; ``capturable`` and ``differentiable`` are not
     supported.  Works with ``torch.amp.GradScaler`` (``scaler.step(opt)``
     unscales first and skips the step on inf/NaN).
@@ -189,6 +239,9 @@ class FusedAdamW(_FusedBase):
         plan = self._clip(self._all_grads())
         if plan is None or plan.skip:
             return loss
+        if not isinstance(plan, F.Clip):
+            self._step_gpu(plan)
+            return loss
         launches: dict[tuple[bool, float], list[list[Any]]] = {}
         for group in self.param_groups:
             ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
@@ -240,6 +293,60 @@ class FusedAdamW(_FusedBase):
             F.launch_adamw(lib, lists[0], lists[1], lists[2], lists[3], xs_or_none, hps, c)
         return loss
 
+    def _step_gpu(self, plan: Any) -> None:
+        """``step`` on CUDA tensors: one launch per (amsgrad, maximize) and dtype, no sync."""
+        launches: dict[tuple[bool, bool], list[list[Any]]] = {}
+        for group in self.param_groups:
+            ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(
+                        0.0, dtype=_scalar_dtype()
+                    )  # on the host, as torch
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                ps.append(p)
+                gs.append(p.grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    xs.append(state["max_exp_avg_sq"])
+                steps.append(state["step"])
+            if not ps:
+                continue
+            if any(s.is_cuda for s in steps):
+                raise ValueError(
+                    "FusedAdamW keeps step counts on the host (torch's non-capturable "
+                    "layout); move state['step'] to the CPU"
+                )
+            torch._foreach_add_(steps, 1)
+            counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
+            beta1, beta2 = (float(b) for b in group["betas"])
+            hp = F.adamw_hparams(
+                counts,
+                float(group["lr"]),
+                beta1,
+                beta2,
+                float(group["eps"]),
+                float(group["weight_decay"]),
+            )
+            key = (bool(group["amsgrad"]), bool(group["maximize"]))
+            entry = launches.setdefault(key, [[], [], [], [], [], []])
+            for k, lst in enumerate((ps, gs, ms, vs, xs)):
+                entry[k] += lst
+            entry[5].append(hp)
+        for (ams, maximize), lists in launches.items():
+            hps = np.concatenate(lists[5])
+            sign = -1.0 if maximize else 1.0
+            self._launch_gpu([*lists[:4], lists[4] if ams else None], hps, plan, sign, ams)
+
 
 class FusedSGD(_FusedBase):
     r"""Drop-in ``torch.optim.SGD`` whose step clips and updates in one fused pass.
@@ -247,7 +354,9 @@ class FusedSGD(_FusedBase):
     Same constructor arguments, defaults and state (``momentum_buffer``) as
     ``torch.optim.SGD``, plus ``max_norm``, ``norm_type`` and ``nonfinite`` as
     :class:`FusedAdamW`; the first step sets the momentum buffer to the
-    (clipped) gradient, as torch does.
+    (clipped) gradient, as torch does.  CPU and CUDA tensors, with
+    :class:`FusedAdamW`'s host-sync rules on CUDA (one launch per parameter
+    group and dtype).
 
     Examples
     --------
@@ -314,6 +423,7 @@ class FusedSGD(_FusedBase):
         plan = self._clip(self._all_grads())
         if plan is None or plan.skip:
             return loss
+        gpu = not isinstance(plan, F.Clip)
         for group in self.param_groups:
             ps, gs, bufs, first = [], [], [], []
             momentum = float(group["momentum"])
@@ -342,6 +452,10 @@ class FusedSGD(_FusedBase):
                 bool(group["nesterov"]),
                 first or None,
             )
+            if gpu:  # one launch per group and dtype, no host sync
+                sign = -1.0 if group["maximize"] else 1.0
+                self._launch_gpu([ps, gs, bufs if momentum != 0 else None], hp, plan, sign, None)
+                continue
             coef = -plan.coef if group["maximize"] else plan.coef
             lib = F.cpu_lib(ps, "FusedSGD")
             F.launch_sgd(lib, ps, gs, bufs if momentum != 0 else None, hp, coef)

@@ -48,9 +48,11 @@ def global_norm(arrays: list[Any], ord: float = 2) -> np.ndarray:
 
 
 def coefficient(n: Any, max_norm: float, eps: float) -> np.ndarray:
-    """min(1, max_norm / (n + eps)), NaN propagating."""
+    """min(1, max_norm / (n + eps)), NaN propagating; 1 where n + eps == 0 (a zero
+    norm with eps = 0: nothing to clip, rather than 0 / 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.minimum(1.0, max_norm / (np.asarray(n, np.float64) + eps))
+        den = np.asarray(n, np.float64) + eps
+        return np.where(den == 0.0, 1.0, np.minimum(1.0, max_norm / den))
 
 
 def _as64(x: Any) -> np.ndarray:

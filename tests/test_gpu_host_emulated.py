@@ -51,8 +51,9 @@ def _root(v, pcode, p):
 
 def _coef(norm, max_norm, eps, mode):
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = 1.0 / (norm + eps) if mode == 2 else max_norm / (norm + eps)
-        return np.where((mode == 1) & (r >= 1.0), 1.0, r)
+        den = norm + eps
+        r = 1.0 / den if mode == 2 else max_norm / den
+        return np.where((mode == 1) & ((r >= 1.0) | (den == 0.0)), 1.0, r)
 
 
 def _table(ptrs, sizes, ct, cs, nc):

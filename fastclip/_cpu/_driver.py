@@ -223,8 +223,9 @@ def _coefficients(norms: np.ndarray, max_norm: float, eps: float, mode: str) -> 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if mode == "normalize":
             return 1.0 / (norms + eps)
-        r = max_norm / (norms + eps)
-        return np.where(r >= 1.0, 1.0, r)
+        den = norms + eps
+        r = max_norm / den
+        return np.where((r >= 1.0) | (den == 0.0), 1.0, r)  # zero norm, eps=0: 1
 
 
 def rescale(

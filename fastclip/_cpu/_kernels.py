@@ -155,9 +155,11 @@ def seg_clamp(src, dst, lo, hi, vmin, vmax, inplace):  # type: ignore[no-untyped
 
 @njit(error_model="numpy", cache=False)
 def coefficient(norm, max_norm, eps):  # type: ignore[no-untyped-def]
-    """min(1, max_norm / (norm + eps)) without a branch on NaN (NaN propagates)."""
-    r = max_norm / (norm + eps)
-    return 1.0 if r >= 1.0 else r
+    """min(1, max_norm / (norm + eps)) without a branch on NaN (NaN propagates);
+    1 for a zero norm with eps = 0 (nothing to clip)."""
+    den = norm + eps
+    r = max_norm / den
+    return 1.0 if (r >= 1.0 or den == 0.0) else r
 
 
 @njit(error_model="numpy", cache=False)

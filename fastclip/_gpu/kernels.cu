@@ -150,7 +150,8 @@ __global__ void fastclip_partial_pow_sum(const u64* ptrs, const i64* sizes,
 
 // One block: total = combine(partials); writes the norm (or the given total
 // norm) and the coefficient (mode 0: none, 1: clip min(1, c / (n + eps)),
-// 2: normalise 1 / (n + eps)).  NaN propagates into the coefficient.
+// 2: normalise 1 / (n + eps)).  NaN propagates into the coefficient; a zero
+// norm with eps = 0 clips by 1.
 template <typename N>
 __global__ void fastclip_finish(const double* partials, i64 n, int pcode, double p,
                                 double max_norm, double eps, int mode,
@@ -166,8 +167,10 @@ __global__ void fastclip_finish(const double* partials, i64 n, int pcode, double
         else norm = pow(v, 1.0 / p);
         if (norm_out != nullptr) norm_out[0] = (N)norm;
         if (coef_out != nullptr) {
-            double r = (mode == 2) ? 1.0 / (norm + eps) : max_norm / (norm + eps);
-            coef_out[0] = (mode == 1 && r >= 1.0) ? 1.0 : r;
+            double den = norm + eps;
+            double r = (mode == 2) ? 1.0 / den : max_norm / den;
+            // clip: 1 when r >= 1, and for a zero norm with eps = 0 (0 / 0: nothing to clip)
+            coef_out[0] = (mode == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
         }
     }
 }

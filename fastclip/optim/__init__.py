@@ -15,8 +15,10 @@ costs one read pass instead of the three of ``clip_grad_norm_`` + step
 (norm read, scale read + write).
 
 The torch ``Optimizer`` drop-ins are ``fastclip.torch.FusedAdamW`` and
-``fastclip.torch.FusedSGD``.  GPU kernels are not written yet: CUDA tensors and
-CuPy arrays raise ``NotImplementedError``.
+``fastclip.torch.FusedSGD``.  CUDA tensors and CuPy arrays take fused CUDA
+kernels (``fastclip/_gpu/optim_kernels.cu``: one launch per dtype, the clip
+coefficient read from device memory, no host synchronisation except
+``nonfinite="error"``); they compile in CI but have not yet run on a GPU.
 """
 
 from ._functional import adamw_step_, sgd_step_

@@ -1,4 +1,10 @@
-"""Functional fused clip-and-step optimizers on lists of arrays (NumPy, torch CPU)."""
+"""Functional fused clip-and-step optimizers on lists of arrays.
+
+Routes: NumPy arrays and torch CPU tensors run the Numba kernels
+(``optim._cpu``); CuPy arrays and torch CUDA tensors run the CUDA kernels of
+``_gpu/optim_kernels.cu`` (``_gpu._optim``), zero-copy, on the caller's stream,
+without host synchronisation.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,58 @@ def cpu_lib(arrays: Sequence[Any], what: str) -> Any:
     from .._cpu._libs import lib_for
 
     return lib_for(_dispatch.library_of(arrays[0]))
+
+
+def is_gpu(first: Any) -> bool:
+    """True when ``first`` (a list's first array) takes the GPU route."""
+    return _dispatch.route_of(first) == _dispatch.ROUTE_GPU
+
+
+def gpu_lib(lists: Sequence[Sequence[Any] | None], what: str) -> Any:
+    """The core's GPU adapter for parallel lists (CuPy or torch CUDA), or an error.
+
+    Every array of every list must be a device array of the first one's
+    library (device ids are compared by the driver).  Raises
+    ``GPUUnavailableError`` where CuPy or a device is missing.
+    """
+    first = next(lst[0] for lst in lists if lst)
+    name = _dispatch.library_of(first)
+    for lst in lists:
+        for a in lst or ():
+            if _dispatch.library_of(a) != name or _dispatch.route_of(a) != _dispatch.ROUTE_GPU:
+                where = getattr(a, "device", type(a).__module__)
+                raise TypeError(
+                    f"{what}: every array must be a {name} array on the GPU like the first "
+                    f"parameter, got {type(a).__module__}.{type(a).__qualname__} on {where}; "
+                    "fastclip never moves data between host and device silently"
+                )
+    _dispatch.check_gpu_available()
+    from .._gpu._libs import lib_for
+
+    return lib_for(name)
+
+
+def gpu_scalar(value: Any, name: str, library: str) -> Any:
+    """A GPU step's ``total_norm`` / ``clip_coef``: None, a host float, or a 0-d
+    device array of ``library`` (kept on the device: no sync)."""
+    if value is None or type(value) is float:
+        return value
+    if hasattr(value, "shape") and not isinstance(value, np.ndarray):
+        try:
+            route = _dispatch.route_of(value)
+        except TypeError:
+            route = None
+        if route == _dispatch.ROUTE_GPU:
+            if _dispatch.library_of(value) != library:
+                raise TypeError(
+                    f"{name} is a {_dispatch.library_of(value)} array but the arrays are "
+                    f"{library} arrays"
+                )
+            dtype = str(value.dtype)
+            if math.prod(value.shape) != 1 or "complex" in dtype or "bool" in dtype:
+                raise TypeError(f"{name} must be a real number or a 0-d real array")
+            return value
+    return scalar_value(value, name)
 
 
 def coefficient(max_norm: float, total: float, eps: float) -> float:
@@ -255,6 +313,88 @@ def launch_sgd(
     lib.touched(params)
 
 
+def _adamw_gpu(
+    ps: list[Any],
+    gs: list[Any],
+    ms: list[Any],
+    vs: list[Any],
+    xs: list[Any] | None,
+    step: Any,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    max_norm: float | None,
+    norm_type: float,
+    total_norm: Any,
+    clip_coef: Any,
+    clip_eps: float,
+    policy: str,
+) -> Any:
+    """The GPU route of :func:`adamw_step_` (same checks, in the same order, then the driver)."""
+    lib = gpu_lib([ps, gs, ms, vs, xs], "adamw_step_")
+    if len(gs) != len(ps):
+        raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
+    beta1, beta2 = (float(b) for b in betas)
+    hp = adamw_hparams(
+        _steps(step, len(ps)), float(lr), beta1, beta2, float(eps), float(weight_decay)
+    )
+    from .._gpu import _optim
+
+    return _optim.adamw_step_gpu(
+        lib, ps, gs, ms, vs, xs, hp, bool(maximize), max_norm, norm_type,
+        gpu_scalar(total_norm, "total_norm", lib.name),
+        gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
+    )  # fmt: skip
+
+
+def _sgd_gpu(
+    ps: list[Any],
+    gs: list[Any],
+    momentum_buffers: Any,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool | Sequence[bool],
+    max_norm: float | None,
+    norm_type: float,
+    total_norm: Any,
+    clip_coef: Any,
+    clip_eps: float,
+    policy: str,
+) -> Any:
+    """The GPU route of :func:`sgd_step_` (same checks, in the same order, then the driver)."""
+    momentum, dampening = float(momentum), float(dampening)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    bufs = None
+    if momentum != 0:
+        if momentum_buffers is None:
+            raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
+        bufs = _as_list(momentum_buffers, "momentum_buffers")
+    lib = gpu_lib([ps, gs, bufs], "sgd_step_")
+    if len(gs) != len(ps):
+        raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
+    if isinstance(first_step, (bool, np.bool_)):
+        first = [bool(first_step)] * len(ps)
+    else:
+        first = [bool(f) for f in first_step]
+    hp = sgd_hparams(
+        len(ps), float(lr), momentum, dampening, float(weight_decay), bool(nesterov), first
+    )
+    from .._gpu import _optim
+
+    return _optim.sgd_step_gpu(
+        lib, ps, gs, bufs, hp, bool(maximize), max_norm, norm_type,
+        gpu_scalar(total_norm, "total_norm", lib.name),
+        gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
+    )  # fmt: skip
+
+
 def adamw_step_(
     params: Any,
     grads: Any,
@@ -298,9 +438,10 @@ def adamw_step_(
     Parameters
     ----------
     params, grads, exp_avgs, exp_avg_sqs : lists of arrays
-        NumPy arrays or torch CPU tensors, element ``i`` of each list with the
-        shape and dtype of ``params[i]`` (float16, bfloat16, float32, float64).
-        ``params`` and the state lists are updated in place.
+        NumPy arrays or torch CPU tensors (Numba kernels), or CuPy arrays or
+        torch CUDA tensors, all on one device (CUDA kernels), element ``i`` of
+        each list with the shape and dtype of ``params[i]`` (float16, bfloat16,
+        float32, float64).  ``params`` and the state lists are updated in place.
     step : int or sequence of int
         The step count *after* this step (1 on the first call), for the bias
         corrections; one per parameter if they differ.
@@ -317,9 +458,11 @@ def adamw_step_(
         Any ``p > 0`` or ``inf``.
     total_norm : float or 0-d array, optional
         Use this norm instead of computing it (e.g. one reduced across ranks).
+        On the GPU a 0-d device array of the arrays' library stays on the device.
     clip_coef : float or 0-d array, optional
         Multiply the gradients by this coefficient instead (e.g. from a
-        :mod:`fastclip.adaptive` clipper); excludes ``max_norm``.
+        :mod:`fastclip.adaptive` clipper); excludes ``max_norm``.  On the GPU a
+        0-d device array stays on the device.
     clip_eps : float, default 1e-6
         Added to the norm in the coefficient's denominator.
     nonfinite : {"propagate", "error", "skip"}
@@ -331,13 +474,26 @@ def adamw_step_(
     -------
     array or None
         The 0-d global gradient norm before clipping (``max_norm`` given), in
-        the arrays' library; None otherwise.
+        the arrays' library and on their device; None otherwise.
 
     Notes
     -----
     float32 results agree with ``torch.optim.AdamW`` (single-tensor code) to a
     few ulps per step; 16-bit data is computed in float32 and rounded once
     per stored value (torch rounds after every operation).
+
+    GPU route (CuPy arrays, torch CUDA tensors): one norm pass (the core's
+    multi-tensor norm kernels, which leave the norm and the coefficient in
+    device memory) and one fused kernel launch per dtype, on torch's current
+    stream (CuPy's for CuPy arrays), with the same formulas, operation by
+    operation, as the CPU kernels.  The host never waits for the device,
+    except with ``nonfinite="error"``, which reads the norm (or a device
+    ``clip_coef``) back to raise before any write: one synchronisation.
+    ``nonfinite="skip"`` is decided by the kernel, which reads the device norm
+    and writes nothing when it is non-finite; the call cannot tell whether
+    the step was skipped without reading the returned norm (your step count
+    is yours to hold back).  A float32 norm beyond float32's range counts as
+    non-finite there.
 
     Examples
     --------
@@ -359,6 +515,11 @@ def adamw_step_(
     vs = _as_list(exp_avg_sqs, "exp_avg_sqs")
     xs = None if max_exp_avg_sqs is None else _as_list(max_exp_avg_sqs, "max_exp_avg_sqs")
     policy = check_nonfinite(nonfinite)
+    if is_gpu(ps[0]):  # CuPy / torch CUDA: the CUDA kernels, no host sync
+        return _adamw_gpu(
+            ps, gs, ms, vs, xs, step, lr, betas, eps, weight_decay, maximize,
+            max_norm, norm_type, total_norm, clip_coef, clip_eps, policy,
+        )  # fmt: skip
     lib = cpu_lib(ps, "adamw_step_")
     if len(gs) != len(ps):
         raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
@@ -411,12 +572,16 @@ def sgd_step_(
     Parameters
     ----------
     params, grads : lists of arrays
-        NumPy arrays or torch CPU tensors; ``params`` are updated in place.
+        NumPy arrays or torch CPU tensors, or CuPy arrays or torch CUDA
+        tensors on one device (see :func:`adamw_step_` for the GPU route, its
+        no-sync guarantee and its exception); ``params`` are updated in place.
     momentum_buffers : list of arrays, optional
         Required when ``momentum != 0``; written in place.  On the first step
         (``first_step=True``, or per parameter) the buffer is *set* to the
         gradient, as torch does when its buffer is still ``None``; its old
-        content is ignored (``np.empty`` is fine).
+        content is ignored (``np.empty`` is fine).  On the GPU with
+        ``nonfinite="skip"``, a skipped first step leaves the buffer unset:
+        pass ``first_step=True`` again next time.
     lr, momentum, dampening, weight_decay, nesterov, maximize :
         As ``torch.optim.SGD`` (Nesterov needs momentum > 0 and dampening 0).
     max_norm, norm_type, total_norm, clip_coef, clip_eps, nonfinite :
@@ -425,7 +590,8 @@ def sgd_step_(
     Returns
     -------
     array or None
-        The 0-d global gradient norm before clipping when ``max_norm`` is given.
+        The 0-d global gradient norm before clipping when ``max_norm`` is
+        given (on the arrays' device).
 
     Examples
     --------
@@ -442,6 +608,11 @@ def sgd_step_(
         return None
     gs = _as_list(grads, "grads")
     policy = check_nonfinite(nonfinite)
+    if is_gpu(ps[0]):  # CuPy / torch CUDA: the CUDA kernels, no host sync
+        return _sgd_gpu(
+            ps, gs, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+            maximize, first_step, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy,
+        )  # fmt: skip
     lib = cpu_lib(ps, "sgd_step_")
     if len(gs) != len(ps):
         raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
