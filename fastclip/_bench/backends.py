@@ -17,7 +17,8 @@ Peers are what people use today:
   ``jax.jit`` (in-place mode donates the input buffers).
 
 The ``adamw`` workload (clip + one AdamW step) has its own forms: fastclip's
-fused step (``fastclip.optim.adamw_step_`` on NumPy, ``FusedAdamW`` on torch),
+fused step (``fastclip.optim.adamw_step_`` on NumPy and CuPy, ``FusedAdamW`` on
+torch CPU and CUDA tensors),
 ``clip_grad_norm_`` + ``torch.optim.AdamW`` with ``foreach=True``
 (``torch-foreach``), ``foreach=False`` (``torch-loop``) or ``fused=True``
 (``torch-fused``, the only kind that backend runs), the textbook NumPy loop,
@@ -155,7 +156,7 @@ def _fastclip_ops(
 
 def _make_fastclip(d: CaseData, inplace: bool) -> Op:
     if d.case.kind == "adamw":
-        return _fastclip_adamw(d)
+        return _fastclip_adamw(d, d.numpy_arrays(), d.param_copies("numpy"))
     return _fastclip_ops(d.numpy_arrays(), d, inplace)
 
 
@@ -170,14 +171,12 @@ def _make_fastclip_torch(d: CaseData, inplace: bool) -> Op:
     return _fastclip_ops([p.grad for p in params], d, inplace, fct, params)
 
 
-def _fastclip_adamw(d: CaseData) -> Op:
-    """fastclip's fused clip + AdamW step on NumPy arrays (functional API)."""
+def _fastclip_adamw(d: CaseData, grads: list[Any], params: list[Any]) -> Op:
+    """fastclip's fused clip + AdamW step through the functional API (NumPy or CuPy)."""
     from fastclip.optim import adamw_step_
 
-    grads = d.numpy_arrays()
-    params = d.param_copies("numpy")
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
+    m = [p * 0 for p in params]
+    v = [p * 0 for p in params]
     step = [0]
 
     def op() -> list[Any]:
@@ -195,7 +194,13 @@ def _params_and_moments(params: list[Any], opt: Any) -> list[Any]:
 
 def _make_fastclip_gpu(d: CaseData, inplace: bool) -> Op:
     if d.case.kind == "adamw":
-        raise NotImplementedError("fastclip has no GPU fused AdamW kernel yet")
+        if _gpu_storage() == "torch-cuda":
+            import fastclip.torch as fct
+
+            params = d.param_copies("torch", "cuda")
+            opt = fct.FusedAdamW(params, **ADAMW, max_norm=d.max_norm)
+            return lambda: (opt.step(), _params_and_moments(params, opt))[1]
+        return _fastclip_adamw(d, d.cupy_arrays(), d.param_copies("cupy"))
     if _gpu_storage() == "torch-cuda":
         arrays = d.torch_tensors("cuda")
     else:
