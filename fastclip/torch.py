@@ -17,7 +17,11 @@ Differences from torch, all deliberate and documented:
   gradients);
 * ``foreach`` is accepted for compatibility and ignored on the CPU: fastclip
   always uses its multi-tensor kernel (one launch per dtype);
-* ``norm_type`` must be a real p > 0 or inf (torch also accepts 0 and -inf);
+* ``norm_type`` <= 0 (0 counts non-zeros, negative p, ``-inf`` the smallest
+  |x|: not norms, and fastclip's kernels refuse them) is computed with
+  ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per
+  tensor, then over the per-tensor values); the scaling still runs on
+  fastclip's kernel;
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
   DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
   DTensor, as torch returns.
@@ -86,6 +90,24 @@ def _nonfinite_error(norm_type: float) -> NonFiniteNormError:
     )
 
 
+def _torch_defined(norm_type: float) -> bool:
+    """``norm_type`` values torch accepts that are not norms (p <= 0, -inf)."""
+    return norm_type <= 0.0
+
+
+def _torch_total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """torch.nn.utils.get_total_norm's own formula, for ``norm_type`` <= 0."""
+    if has_dtensor(tensors):
+        raise ValueError(
+            f"norm_type={norm_type} (not a norm) is not supported for DTensor gradients; "
+            "use a p > 0 or inf"
+        )
+    with torch.no_grad():
+        device = tensors[0].device
+        norms = [torch.linalg.vector_norm(t, norm_type).to(device) for t in tensors]
+        return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float = 2.0,
@@ -102,6 +124,11 @@ def get_total_norm(
     norm_type = float(norm_type)
     if not tensors:
         return torch.tensor(0.0)
+    if _torch_defined(norm_type):
+        total = _torch_total_norm(tensors, norm_type)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise _nonfinite_error(norm_type)
+        return total
     if has_dtensor(tensors):  # sharded gradients: reduce over the DTensors' mesh
         from . import distributed
 
@@ -133,11 +160,15 @@ def clip_grads_with_norm_(
         grads = distributed.local_tensors(grads)
         if has_dtensor([total_norm]):
             total_norm = total_norm.full_tensor()  # type: ignore[attr-defined]  # Replicate DTensor
+    _scale_by_norm(grads, max_norm, total_norm)
+
+
+def _scale_by_norm(grads: list[torch.Tensor], max_norm: float, total_norm: object) -> None:
     device = grads[0].device
     total = (
         total_norm.detach().to(device)
         if isinstance(total_norm, torch.Tensor)
-        else torch.tensor(float(total_norm), device=device)
+        else torch.tensor(float(total_norm), device=device)  # type: ignore[arg-type]
     )
     # The coefficient stays a tensor on the gradients' device: no host sync on GPUs.
     coef = torch.clamp(max_norm / (total.to(torch.float64) + _EPS), max=1.0)
@@ -162,6 +193,10 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     if not grads:
         return torch.tensor(0.0)
+    if _torch_defined(norm_type):  # torch's formula for the "norm", fastclip's scaling
+        total = get_total_norm(grads, norm_type, error_if_nonfinite)  # raises before writing
+        _scale_by_norm(grads, float(max_norm), total)
+        return total
     if has_dtensor(grads):  # FSDP2 / tensor parallel: reduce over the DTensors' mesh
         from . import distributed
 

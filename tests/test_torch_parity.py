@@ -246,3 +246,42 @@ def test_in_place_bumps_the_autograd_version_counter():
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()  # autograd notices, because the counter moved
     np.testing.assert_array_equal(w.detach().numpy(), np.full(4, 0.5, np.float32))
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -1.0, -0.5, -math.inf], ids=str)
+@pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clipped", "unchanged"])
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_torch_defined_norm_types_below_zero(kind, max_norm, norm_type):
+    """norm_type <= 0 are not norms; fastclip.torch matches torch's values for them
+    (computed with torch's vector_norm) and scales with its own kernel."""
+    ours, theirs = _pair(kind)
+    for m in (ours, theirs):  # exact zeros matter for 0 (counts) and -inf (min)
+        last = m.head if kind == "transformer" else m.body[-1]
+        last.weight.grad[0, :2] = 0.0
+    got = fct.clip_grad_norm_(ours.parameters(), max_norm, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, norm_type)
+    _assert_same_norm(got, expected, torch.float32)
+    _assert_same_grads(ours, theirs, torch.float32)
+    grads_ours = [p.grad for p in ours.parameters() if p.grad is not None]
+    grads_theirs = [p.grad for p in theirs.parameters() if p.grad is not None]
+    _assert_same_norm(
+        fct.get_total_norm(grads_ours, norm_type),
+        torch.nn.utils.get_total_norm(grads_theirs, norm_type),
+        torch.float32,
+    )
+    with pytest.raises(ValueError, match="ord must be"):
+        fastclip.global_norm(grads_ours, norm_type)  # the core keeps to real norms
+
+
+def test_torch_defined_norm_type_error_if_nonfinite_keeps_grads():
+    ours, theirs = _pair("mlp")
+    for m in (ours, theirs):
+        m.body[0].weight.grad[0, 0] = math.nan
+    before = _grads(ours)
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05, -1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fct.clip_grad_norm_(ours.parameters(), 0.05, -1.0, error_if_nonfinite=True)
+    for g, p in zip(before, ours.parameters()):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
