@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord
-from . import _driver, _plan
+from . import _driver, _plan, _source
 from ._source import ELEMENT_TYPES
 
 __all__ = [
@@ -67,9 +67,14 @@ GUARD_NONE, GUARD_NORM_F32, GUARD_NORM_F64, GUARD_COEF = 0, 1, 2, 3
 # ------------------------------------------------------------------ source
 
 
-def source() -> str:
-    """The text of ``optim_kernels.cu``."""
+def own_source() -> str:
+    """The text of ``optim_kernels.cu`` alone."""
     return resources.files("fastclip._gpu").joinpath("optim_kernels.cu").read_text()
+
+
+def source() -> str:
+    """What the RawModule compiles: ``kernels.cu`` (element access) then ``optim_kernels.cu``."""
+    return _source.source() + "\n" + own_source()
 
 
 def name_expressions() -> list[str]:
@@ -79,18 +84,7 @@ def name_expressions() -> list[str]:
 
 def explicit_instantiations() -> str:
     """C++ explicit instantiations of every kernel, for compile checks with nvcc/NVRTC."""
-    import re
-
-    src = source()
-    lines = []
-    for expr in name_expressions():
-        name, targ = expr[:-1].split("<")
-        match = re.search(rf"__global__ void {name}\((.*?)\)\s*{{", src, re.S)
-        if match is None:  # pragma: no cover - a renamed kernel
-            raise LookupError(name)
-        params = re.sub(r"\bT\b", targ, " ".join(match.group(1).split()))
-        lines.append(f"template __global__ void {name}<{targ}>({params});")
-    return "\n".join(lines)
+    return _source.instantiations(own_source(), name_expressions())
 
 
 @functools.cache

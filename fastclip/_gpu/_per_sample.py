@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from importlib import resources
 from typing import Any
 
@@ -83,17 +82,7 @@ def name_expressions() -> list[str]:
 
 def explicit_instantiations() -> str:
     """C++ explicit instantiations of every per-sample kernel (nvcc/NVRTC compile checks)."""
-    src = own_source()
-    lines = []
-    for expr in name_expressions():
-        name, targ = expr[:-1].split("<")
-        match = re.search(rf"__global__ void {name}\((.*?)\)\s*{{", src, re.S)
-        if match is None:  # pragma: no cover - a renamed kernel
-            raise LookupError(name)
-        params = " ".join(match.group(1).split())
-        params = re.sub(r"\b(N|T)\b", targ, params)
-        lines.append(f"template __global__ void {name}<{targ}>({params});")
-    return "\n".join(lines)
+    return _base_source.instantiations(own_source(), name_expressions())
 
 
 @functools.cache

@@ -40,13 +40,27 @@ def name_expressions() -> list[str]:
     return names
 
 
+def own_source() -> str:
+    """The kernels this module's names refer to (here: all of ``kernels.cu``)."""
+    return source()
+
+
 def explicit_instantiations() -> str:
     """C++ explicit instantiations of every kernel, for compile checks with nvcc/NVRTC."""
+    return instantiations(source(), name_expressions())
+
+
+def instantiations(src: str, names: list[str]) -> str:
+    """Explicit instantiations of ``names`` (``"kernel<type>"``) of the templates in ``src``.
+
+    Shared by the three kernel sources (``kernels.cu``, ``optim_kernels.cu``,
+    ``per_sample_kernels.cu``); the template parameters are named ``T`` (element
+    type) or ``N`` (norm type).
+    """
     import re
 
-    src = source()
     lines = []
-    for expr in name_expressions():
+    for expr in names:
         name, targ = expr[:-1].split("<")
         match = re.search(rf"__global__ void {name}\((.*?)\)\s*{{", src, re.S)
         if match is None:  # pragma: no cover - a renamed kernel

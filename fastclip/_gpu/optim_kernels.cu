@@ -38,39 +38,8 @@
 // cannot contract or reorder (independent of -fmad) and CPU and GPU agree to
 // the last bit for identical coefficients.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-typedef long long i64;
-typedef unsigned long long u64;
-
-// ------------------------------------------------------------ element access
-// (the same helpers as kernels.cu: the two files are separate modules)
-
-template <typename T> struct AccOf { typedef float type; };
-template <> struct AccOf<double> { typedef double type; };
-
-__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ double ld(const double* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const __half* p, i64 i) { return __half2float(p[i]); }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p, i64 i) { return __bfloat162float(p[i]); }
-
-__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(double* p, i64 i, double v) { p[i] = v; }
-__device__ __forceinline__ void st(__half* p, i64 i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void st(__nv_bfloat16* p, i64 i, float v) { p[i] = __float2bfloat16_rn(v); }
-
-template <typename T>
-struct Vec {
-    static const int V = 16 / sizeof(T);
-    union { uint4 raw; T v[16 / sizeof(T)]; } u;
-    __device__ __forceinline__ void load(const T* p) { u.raw = *reinterpret_cast<const uint4*>(p); }
-    __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<uint4*>(p) = u.raw; }
-};
-
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return (reinterpret_cast<u64>(p) & 15ULL) == 0;
-}
+// Compiled appended to kernels.cu (see _gpu/_optim.py): its includes, i64/u64,
+// AccOf, ld/st and Vec/aligned16 element access are used here as they are.
 
 // ------------------------------------------- correctly rounded, never fused
 
