@@ -244,48 +244,13 @@ class FusedAdamW(_FusedBase):
             return loss
         launches: dict[tuple[bool, float], list[list[Any]]] = {}
         for group in self.param_groups:
-            ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    xs.append(state["max_exp_avg_sq"])
-                steps.append(state["step"])
-            if not ps:
+            lists = self._group_lists(group, on_gpu=False)
+            if lists is None:
                 continue
-            torch._foreach_add_(steps, 1)
-            counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
-            beta1, beta2 = (float(b) for b in group["betas"])
-            hp = F.adamw_hparams(
-                counts,
-                float(group["lr"]),
-                beta1,
-                beta2,
-                float(group["eps"]),
-                float(group["weight_decay"]),
-            )
             coef = -plan.coef if group["maximize"] else plan.coef
-            key = (bool(group["amsgrad"]), coef)
-            entry = launches.setdefault(key, [[], [], [], [], [], []])
-            entry[0] += ps
-            entry[1] += gs
-            entry[2] += ms
-            entry[3] += vs
-            entry[4] += xs
-            entry[5].append(hp)
+            entry = launches.setdefault((bool(group["amsgrad"]), coef), [[], [], [], [], [], []])
+            for k, lst in enumerate(lists):
+                entry[k] += lst
         for (ams, c), lists in launches.items():  # one launch per (amsgrad, sign) and dtype
             lib = F.cpu_lib(lists[0], "FusedAdamW")
             xs_or_none = lists[4] if ams else None
@@ -293,55 +258,61 @@ class FusedAdamW(_FusedBase):
             F.launch_adamw(lib, lists[0], lists[1], lists[2], lists[3], xs_or_none, hps, c)
         return loss
 
+    def _group_lists(self, group: dict[str, Any], on_gpu: bool) -> list[list[Any]] | None:
+        """[params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [hp rows]] of the
+        group's parameters that have a gradient (state created on first use, step
+        counts advanced), or None when none has."""
+        ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())  # on the host, as torch
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            ps.append(p)
+            gs.append(p.grad)
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                xs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        if not ps:
+            return None
+        if on_gpu and any(s.is_cuda for s in steps):
+            raise ValueError(
+                "FusedAdamW keeps step counts on the host (torch's non-capturable "
+                "layout); move state['step'] to the CPU"
+            )
+        torch._foreach_add_(steps, 1)
+        counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        hp = F.adamw_hparams(
+            counts,
+            float(group["lr"]),
+            beta1,
+            beta2,
+            float(group["eps"]),
+            float(group["weight_decay"]),
+        )
+        return [ps, gs, ms, vs, xs, [hp]]
+
     def _step_gpu(self, plan: Any) -> None:
         """``step`` on CUDA tensors: one launch per (amsgrad, maximize) and dtype, no sync."""
         launches: dict[tuple[bool, bool], list[list[Any]]] = {}
         for group in self.param_groups:
-            ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(
-                        0.0, dtype=_scalar_dtype()
-                    )  # on the host, as torch
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    xs.append(state["max_exp_avg_sq"])
-                steps.append(state["step"])
-            if not ps:
+            lists = self._group_lists(group, on_gpu=True)
+            if lists is None:
                 continue
-            if any(s.is_cuda for s in steps):
-                raise ValueError(
-                    "FusedAdamW keeps step counts on the host (torch's non-capturable "
-                    "layout); move state['step'] to the CPU"
-                )
-            torch._foreach_add_(steps, 1)
-            counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
-            beta1, beta2 = (float(b) for b in group["betas"])
-            hp = F.adamw_hparams(
-                counts,
-                float(group["lr"]),
-                beta1,
-                beta2,
-                float(group["eps"]),
-                float(group["weight_decay"]),
-            )
             key = (bool(group["amsgrad"]), bool(group["maximize"]))
             entry = launches.setdefault(key, [[], [], [], [], [], []])
-            for k, lst in enumerate((ps, gs, ms, vs, xs)):
+            for k, lst in enumerate(lists):
                 entry[k] += lst
-            entry[5].append(hp)
         for (ams, maximize), lists in launches.items():
             hps = np.concatenate(lists[5])
             sign = -1.0 if maximize else 1.0
