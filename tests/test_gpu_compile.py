@@ -98,3 +98,26 @@ def test_kernels_compile_with_nvrtc(which, arch):
         pytest.fail(f"NVRTC failed: {exc}\n{nvrtc.getProgramLog(prog)}")
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("which", MODULES)
+def test_each_driver_builds_its_own_source(which, monkeypatch):
+    """The RawModule each driver asks CuPy for holds its source and its instantiations
+    (a fake ``cupy`` records the call: no GPU needed)."""
+    import contextlib
+    import sys
+    import types
+
+    from fastclip._gpu import _driver
+
+    calls = []
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(Device=lambda i: contextlib.nullcontext())
+    fake.RawModule = lambda **kw: calls.append(kw) or "module"
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    mod = MODULES[which][0]
+    build = _driver._module if mod is _source else mod._module
+    assert build.__wrapped__(0) == "module"
+    (kw,) = calls
+    assert kw["code"] == mod.source() and kw["name_expressions"] == mod.name_expressions()
+    assert "-std=c++17" in kw["options"]

@@ -71,13 +71,17 @@ def _include_options() -> tuple[str, ...]:
 @functools.cache
 def _module(device_id: int) -> Any:
     """The RawModule of kernels.cu for one device, built on first use."""
+    return raw_module(device_id, _source.source(), _source.name_expressions())
+
+
+def raw_module(device_id: int, code: str, names: list[str]) -> Any:
+    """``cupy.RawModule`` of ``code`` on one device with the instantiations ``names``
+    (C++17, the CUDA include folders that hold cuda_fp16.h/cuda_bf16.h)."""
     import cupy
 
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(
-            code=_source.source(),
-            options=("-std=c++17", *_include_options()),
-            name_expressions=_source.name_expressions(),
+            code=code, options=("-std=c++17", *_include_options()), name_expressions=names
         )
 
 

@@ -90,14 +90,7 @@ def explicit_instantiations() -> str:
 @functools.cache
 def _module(device_id: int) -> Any:
     """The RawModule of optim_kernels.cu for one device, built on first use."""
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(
-            code=source(),
-            options=("-std=c++17", *_driver._include_options()),
-            name_expressions=name_expressions(),
-        )
+    return _driver.raw_module(device_id, source(), name_expressions())
 
 
 def _kernel(device_id: int, name: str, targ: str) -> Any:
