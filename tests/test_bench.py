@@ -548,3 +548,64 @@ def test_adamw_memory_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner.os, "sysconf", lambda name: 1024 if "PAGES" in name else 4096)
     (row,) = runner.run_case(case, "float32", [bb.BACKENDS["fastclip"]], _cfg(), {}, lambda s: None)
     assert row["status"] == "n/a" and "GiB" in row["reason"] and "--backends" in row["reason"]
+
+
+# ---------------------------------------------------------------- per-sample workload
+
+
+def _small_per_sample_case() -> object:
+    from fastclip._bench.workloads import Case
+
+    shapes = ((32, 40, 30), (32, 30), (32, 500), (32, 3))
+    return Case("per-sample", "persample", "ps small", shapes, sum(math.prod(s) for s in shapes))
+
+
+def test_per_sample_check_accepts_the_opacus_formula_and_rejects_wrong() -> None:
+    torch = pytest.importorskip("torch")
+    d = CaseData(_small_per_sample_case(), "float64")  # type: ignore[arg-type]
+    assert 0 < np.count_nonzero(d.sample_coef < 1) < 32  # some samples clipped, some not
+    grads = [torch.from_numpy(a.copy()) for a in d.numpy_arrays()]
+    per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in grads]
+    norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+    factor = (d.max_norm / (norms + 1e-6)).clamp(max=1.0)
+    good = [torch.einsum("i,i...", factor, g) for g in grads]  # Opacus, independently
+    err, ok = d.check(good, "fastclip")
+    assert ok and err < 1e-13
+    unclipped = [g.sum(0) for g in grads]
+    assert d.check(unclipped, "peer")[1] is False
+    assert d.check(good[:-1], "peer") == (math.inf, False)
+    assert d.check([g[None] for g in good], "peer") == (math.inf, False)
+
+
+def test_per_sample_workload_every_cpu_backend() -> None:
+    pytest.importorskip("torch")
+    from fastclip._bench.runner import run_case
+
+    names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "opacus"]
+    usable = [bb.BACKENDS[n] for n in names if bb.BACKENDS[n].probe() is None]
+    rows = run_case(
+        _small_per_sample_case(),  # type: ignore[arg-type]
+        "float32",
+        usable,
+        _cfg(repeat=1),
+        {"cpu": {"bytes_per_s": 1e10}},
+        lambda s: None,
+    )
+    by = {r["backend"]: r for r in rows}
+    assert by["torch-loop"]["status"] == "n/a"
+    for name in ("fastclip", "fastclip-torch", "numpy", "torch-foreach", "opacus"):
+        if name not in by:
+            continue  # opacus not installed
+        assert by[name]["status"] == "ok", by[name]
+        assert by[name]["max_rel_err"] < 2e-6
+    f = by["fastclip"]
+    assert f["floor_s"] == pytest.approx(2 * f["nbytes"] / 1e10)
+    (case,) = cases_for("per-sample", None, False)
+    assert case.shapes[0] == (256, 784, 1024) and case.size == 256 * 1_068_810
+
+
+def test_opacus_backend_only_runs_per_sample() -> None:
+    pytest.importorskip("opacus")
+    report = run(_cfg(backends=("fastclip", "opacus")))
+    (row,) = [r for r in report["results"] if r["backend"] == "opacus"]
+    assert row["status"] == "n/a" and "per-sample workload only" in row["reason"]

@@ -16,6 +16,13 @@ Peers are what people use today:
 * ``optax``         ``optax.clip_by_global_norm`` / ``optax.clip`` under
   ``jax.jit`` (in-place mode donates the input buffers).
 
+The ``per-sample`` workload (DP-SGD: clip every sample's gradient, sum over
+the batch) compares ``fastclip.clip_per_sample`` with the Opacus formula
+written with torch ops (``torch-foreach``: per-layer norms, ``clamp(C / (n +
+1e-6), max=1)``, ``einsum("i,i...")``), the same in NumPy, optax's
+``per_example_global_norm_clip`` under ``jax.jit``, and Opacus itself
+(``opacus``: ``DPOptimizer.clip_and_accumulate`` on ``p.grad_sample``).
+
 The ``adamw`` workload (clip + one AdamW step) has its own forms: fastclip's
 fused step (``fastclip.optim.adamw_step_`` on NumPy and CuPy, ``FusedAdamW`` on
 torch CPU and CUDA tensors),
@@ -103,6 +110,11 @@ def _probe_fastclip_gpu() -> str | None:
     return None
 
 
+def _probe_opacus() -> str | None:
+    missing = [m for m in ("torch", "opacus") if not _installed(m)]
+    return f"{' and '.join(missing)} not installed" if missing else None
+
+
 def _probe_optax() -> str | None:
     missing = [m for m in ("jax", "optax") if not _installed(m)]
     return f"{' and '.join(missing)} not installed" if missing else None
@@ -124,6 +136,9 @@ def _fastclip_ops(
 
     kind = d.case.kind
     x = arrays[0]
+    if kind == "persample":
+        c = d.max_norm
+        return lambda: fc.clip_per_sample(arrays, c).grads
     if kind == "clip":
         c = d.max_norm
         if inplace and drop_in is not None and params is not None:
@@ -167,6 +182,8 @@ def _make_fastclip_torch(d: CaseData, inplace: bool) -> Op:
         params = d.param_copies("torch")
         opt = fct.FusedAdamW(params, **ADAMW, max_norm=d.max_norm)
         return lambda: (opt.step(), _params_and_moments(params, opt))[1]
+    if d.case.kind == "persample":
+        return _fastclip_ops(d.torch_tensors("cpu"), d, inplace)
     params = d.torch_params("cpu")
     return _fastclip_ops([p.grad for p in params], d, inplace, fct, params)
 
@@ -216,6 +233,16 @@ def _naive_ops(xp: Any, arrays: list[Any], d: CaseData, inplace: bool) -> Op:
     kind = d.case.kind
     x = arrays[0]
     dt = x.dtype.type if xp is np else x.dtype
+    if kind == "persample":  # the Opacus formula, array by array
+        c = d.max_norm
+
+        def persample() -> list[Any]:
+            flat = [a.reshape(a.shape[0], -1) for a in arrays]
+            norms = xp.sqrt(sum(xp.linalg.norm(g, axis=1) ** 2 for g in flat))
+            f = xp.minimum(1.0, c / (norms + 1e-6)).astype(x.dtype)
+            return [xp.tensordot(f, a, axes=1) for a in arrays]
+
+        return persample
     if kind in ("clip", "norm"):
         c = d.max_norm if kind == "clip" else 0.0
 
@@ -332,6 +359,10 @@ def _torch_ops(d: CaseData, inplace: bool, foreach: bool, device: str, fused: bo
         return _torch_adamw(d, foreach, fused, device)
     if fused:
         raise Unsupported("fused=True is a torch.optim option: the adamw workload only")
+    if d.case.kind == "persample":
+        if not foreach:
+            raise Unsupported("the Opacus formula has one torch form (torch-foreach)")
+        return _opacus_formula(d.torch_tensors(device), d.max_norm)
     utils = torch.nn.utils
     params = d.torch_params(device)
     grads = [p.grad for p in params]
@@ -373,6 +404,55 @@ def _torch_ops(d: CaseData, inplace: bool, foreach: bool, device: str, fused: bo
     return lambda: utils.get_total_norm(grads, foreach=foreach)
 
 
+def _opacus_formula(grads: list[Any], max_norm: float) -> Op:
+    """Opacus' flat clipping written with torch ops (``DPOptimizer.clip_and_accumulate``)."""
+    import torch
+
+    def op() -> list[Any]:
+        per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in grads]
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        return [torch.einsum("i,i...", factor, g) for g in grads]
+
+    return op
+
+
+def _make_opacus(d: CaseData, inplace: bool) -> Op:
+    """Opacus itself: ``DPOptimizer.clip_and_accumulate`` (no noise) on ``p.grad_sample``."""
+    if d.case.kind != "persample":
+        raise Unsupported("Opacus clips per-sample gradients: the per-sample workload only")
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from opacus.optimizers import DPOptimizer
+
+    grads = d.torch_tensors("cpu")
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros(g.shape[1:], dtype=g.dtype))
+        p.grad_sample = g
+        params.append(p)
+    opt = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=d.max_norm,
+        expected_batch_size=grads[0].shape[0],
+    )
+
+    def op() -> list[Any]:
+        for p in params:  # what zero_grad + a new backward would give: fresh per-sample grads
+            p.summed_grad = None  # clip_and_accumulate adds to it
+            if hasattr(p.grad_sample, "_processed"):
+                del p.grad_sample._processed  # Opacus' "used in a step" mark
+        opt.clip_and_accumulate()
+        return [p.summed_grad for p in params]
+
+    return op
+
+
 def _torch_backend(
     foreach: bool, device: str, fused: bool = False
 ) -> Callable[[CaseData, bool], Op]:
@@ -392,6 +472,16 @@ def _make_optax(d: CaseData, inplace: bool) -> Op:
         raise Unsupported("optax has no per-row clip that keeps the rows")
     if kind == "adamw":
         return _optax_adamw(d)
+    if kind == "persample":
+        if d.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+            raise Unsupported("JAX computes in float32 unless jax_enable_x64 is set")
+        o = d.offsets
+        g = [
+            jnp.asarray(d.ref_pool[int(o[k]) : int(o[k + 1])].reshape(s))
+            for k, s in enumerate(d.case.shapes)
+        ]
+        clip = jax.jit(lambda gs: optax.per_example_global_norm_clip(gs, d.max_norm)[0])
+        return lambda: jax.block_until_ready(clip(g))
     dtype = jnp.bfloat16 if d.dtype == "bfloat16" else d.dtype
     o = d.offsets
     grads = [
@@ -585,6 +675,16 @@ BACKENDS: dict[str, Backend] = {
             "optax.clip_by_global_norm / optax.clip under jax.jit",
             _probe_optax,
             _make_optax,
+        ),
+        Backend(
+            "opacus",
+            "peer",
+            "cpu",
+            "cpu",
+            "host",
+            "Opacus DPOptimizer.clip_and_accumulate (per-sample workload only)",
+            _probe_opacus,
+            _make_opacus,
         ),
     ]
 }

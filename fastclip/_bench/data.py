@@ -67,6 +67,8 @@ class CaseData:
                 "the AdamW workload runs in float32 and float64 (mixed precision keeps "
                 "float32 master weights and optimizer state)"
             )
+        if case.kind == "persample" and dtype not in ("float32", "float64"):
+            raise Unsupported("the per-sample workload runs in float32 and float64")
         self.case = case
         self.dtype = dtype
         sizes = [math.prod(s) for s in case.shapes]
@@ -89,6 +91,10 @@ class CaseData:
             self.np_base = pool.astype(dtype, copy=False)
             self.ref_pool = self.np_base
         self.nbytes = n * (2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize)
+        if case.kind == "persample":  # samples of norms spread over two decades
+            scales = 10.0 ** np.random.default_rng(seed + 2).uniform(-1, 1, case.shapes[0][0])
+            for x in self._views(self.np_base):
+                x *= scales.reshape((-1,) + (1,) * (x.ndim - 1)).astype(dtype)
         self.param_base: np.ndarray | None = None
         if case.kind == "adamw":
             prng = np.random.default_rng(seed + 1)
@@ -121,6 +127,34 @@ class CaseData:
             self.row_coef = np.minimum(1.0, self.max_norm / (self.row_norms + 1e-6))
         elif case.kind == "value":
             self.clip_value = CLIP_VALUE
+        elif case.kind == "persample":
+            sq = np.zeros(case.shapes[0][0])
+            for x in self._sample_rows():
+                for b0 in range(0, x.shape[0], 16):
+                    r = x[b0 : b0 + 16].astype(np.float64)
+                    sq[b0 : b0 + 16] += np.einsum("ij,ij->i", r, r)
+            self.sample_norms = np.sqrt(sq)
+            self.max_norm = float(np.median(self.sample_norms))  # half the samples clipped
+            with np.errstate(divide="ignore", invalid="ignore"):
+                f = np.minimum(1.0, self.max_norm / (self.sample_norms + 1e-6))
+            self.sample_coef = np.where(self.sample_norms == 0.0, 1.0, f)
+            self._persample_expected: list[np.ndarray] | None = None
+
+    def _sample_rows(self) -> list[np.ndarray]:
+        """The ``per-sample`` workload's arrays as ``[B, D_k]`` views of the base values."""
+        return [v.reshape(v.shape[0], -1) for v in self._views(self.ref_pool)]
+
+    def persample_expected(self) -> list[np.ndarray]:
+        """float64 ``sum_b f_b g_k[b]`` of every array (computed once)."""
+        if self._persample_expected is None:
+            out = []
+            for x in self._sample_rows():
+                acc = np.zeros(x.shape[1])
+                for b0 in range(0, x.shape[0], 16):
+                    acc += self.sample_coef[b0 : b0 + 16] @ x[b0 : b0 + 16].astype(np.float64)
+                out.append(acc)
+            self._persample_expected = out
+        return self._persample_expected
 
     # ------------------------------------------------------------ storage
 
@@ -225,6 +259,9 @@ class CaseData:
         if self.case.kind == "adamw":
             err = self._check_adamw(list(output))
             return err, err <= tol
+        if self.case.kind == "persample":
+            err = self._check_persample(list(output))
+            return err, err <= tol
         if self.case.kind == "norm":
             value = float(to_f64(output).reshape(()))
             err = abs(value - self.ref_norm) / max(self.ref_norm, 1e-300)
@@ -287,6 +324,21 @@ class CaseData:
                 em = max(em, float(np.max(np.abs(exp_m), initial=0.0)))
             for d, e in ((dp, ep), (dm, em)):
                 worst = max(worst, _nan_is_inf(d / e) if e > 0 else _nan_is_inf(d))
+        return worst
+
+    def _check_persample(self, outs: list[Any]) -> float:
+        """Worst ``max|got - exp| / max|exp|`` over the arrays of the batch sums."""
+        expected = self.persample_expected()
+        if len(outs) != len(expected):
+            return math.inf
+        worst = 0.0
+        for o, e, shape in zip(outs, expected, self.case.shapes):
+            if tuple(o.shape) != tuple(shape[1:]):
+                return math.inf
+            got = to_f64(o).reshape(-1)
+            d = _nan_is_inf(float(np.max(np.abs(got - e), initial=0.0)))
+            m = float(np.max(np.abs(e), initial=0.0))
+            worst = max(worst, d / m if m > 0 else d)
         return worst
 
 

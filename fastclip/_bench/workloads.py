@@ -9,6 +9,8 @@ Operation kinds, with the memory traffic their bandwidth floor assumes:
   3 passes;
 * ``value``  clamp to ``[-v, v]``: read + write = 2 passes;
 * ``norm``   (global) norm only: 1 read;
+* ``persample`` per-sample (DP-SGD) clipping summed over the batch: the
+  per-sample gradients read twice (norms, then the weighted sum) = 2 passes;
 * ``adamw``  global-norm clip + one AdamW step: g read for the norm, then p, g,
   m, v read and p, m, v written by a fused update = 8 passes over the
   gradients' bytes (the fused step's own bytes; unfused peers move more).
@@ -19,7 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1, "adamw": 8}
+PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1, "adamw": 8, "persample": 2}
+
+#: Batch and per-sample parameter shapes of the ``per-sample`` workload: a
+#: 784-1024-256-10 MLP with biases (1,068,810 parameters per sample).
+PER_SAMPLE_BATCH = 256
+PER_SAMPLE_SHAPES = [(784, 1024), (1024,), (1024, 256), (256,), (256, 10), (10,)]
 
 #: Batch size of the ``rows`` workload; ``--sizes`` sets B * D.
 ROWS_BATCH = 256
@@ -128,6 +135,12 @@ WORKLOADS: dict[str, Workload] = {
             full_sizes=(10**5, 10**7, 10**8),
         ),
         Workload(
+            "per-sample",
+            "persample",
+            f"per-sample clipping (DP-SGD, flat) of {PER_SAMPLE_BATCH} samples of a "
+            "1.07M-parameter MLP's gradients, summed over the batch",
+        ),
+        Workload(
             "adamw",
             "adamw",
             "global-norm clip + AdamW step of GPT-2 small's 148 tensors (124M values; "
@@ -173,9 +186,13 @@ def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case
         shapes = gpt2_shapes(1600, 48)
     elif name == "tiny":
         shapes = [(1000,)] * 2000
+    elif name == "per-sample":
+        shapes = [(PER_SAMPLE_BATCH, *s) for s in PER_SAMPLE_SHAPES]
     else:  # pragma: no cover - every fixed workload is listed above
         raise KeyError(name)
     label = f"{name} ({len(shapes)})" if name != "tiny" else "tiny 2000x1000"
     if name == "adamw":
         label = f"adamw gpt2-small ({len(shapes)})"
+    elif name == "per-sample":
+        label = f"per-sample {PER_SAMPLE_BATCH}x1.07M"
     return [Case(name, w.kind, label, tuple(shapes), sum(math.prod(s) for s in shapes), w.large)]
