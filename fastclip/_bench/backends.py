@@ -430,9 +430,9 @@ def _make_opacus(d: CaseData, inplace: bool) -> Op:
         from opacus.optimizers import DPOptimizer
 
     grads = d.torch_tensors("cpu")
-    params = []
+    params: list[Any] = []  # Opacus adds grad_sample / summed_grad attributes
     for g in grads:
-        p = torch.nn.Parameter(torch.zeros(g.shape[1:], dtype=g.dtype))
+        p: Any = torch.nn.Parameter(torch.zeros(g.shape[1:], dtype=g.dtype))
         p.grad_sample = g
         params.append(p)
     opt = DPOptimizer(
