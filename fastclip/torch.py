@@ -18,7 +18,7 @@ Differences from torch, all deliberate and documented:
 * ``foreach`` is accepted for compatibility and ignored on the CPU: fastclip
   always uses its multi-tensor kernel (one launch per dtype);
 * ``norm_type`` <= 0 (0 counts non-zeros, negative p, ``-inf`` the smallest
-  |x|: not norms, and fastclip's kernels refuse them) is computed with
+  ``|x|``: not norms, and fastclip's kernels refuse them) is computed with
   ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per
   tensor, then over the per-tensor values); the scaling still runs on
   fastclip's kernel;

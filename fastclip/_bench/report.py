@@ -105,7 +105,8 @@ def _header(report: dict[str, Any]) -> str:
     parts.append(
         "floor = time to move the data at that bandwidth "
         f"({PASSES['clip']} passes for norm clipping, {PASSES['value']} for value "
-        f"clipping, {PASSES['norm']} for a norm, {PASSES['adamw']} for clip + a fused AdamW "
+        f"clipping, {PASSES['norm']} for a norm, {PASSES['persample']} for per-sample clipping, "
+        f"{PASSES['adamw']} for clip + a fused AdamW "
         "step: the gradients' bytes times the passes) / median; in-cache sizes can exceed 100%."
     )
     parts.append(
