@@ -81,6 +81,14 @@ class _FusedBase(Optimizer):
         self.last_step_skipped = plan.skip
         return plan
 
+    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[Any, Any]:
+        """``closure()``'s loss (None without one) and the clip plan of all gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        return loss, self._clip(self._all_grads())
+
     def _clip_gpu(self, grads: list[torch.Tensor]) -> Any:
         """The GPU plan: device norm and coefficient (``_gpu._optim.GpuClip``).
 
@@ -232,11 +240,7 @@ class FusedAdamW(_FusedBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One clip-and-AdamW step over all groups; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        plan = self._clip(self._all_grads())
+        loss, plan = self._begin_step(closure)
         if plan is None or plan.skip:
             return loss
         if not isinstance(plan, F.Clip):
@@ -387,11 +391,7 @@ class FusedSGD(_FusedBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One clip-and-SGD step over all groups; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        plan = self._clip(self._all_grads())
+        loss, plan = self._begin_step(closure)
         if plan is None or plan.skip:
             return loss
         gpu = not isinstance(plan, F.Clip)

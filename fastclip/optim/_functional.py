@@ -313,88 +313,6 @@ def launch_sgd(
     lib.touched(params)
 
 
-def _adamw_gpu(
-    ps: list[Any],
-    gs: list[Any],
-    ms: list[Any],
-    vs: list[Any],
-    xs: list[Any] | None,
-    step: Any,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    max_norm: float | None,
-    norm_type: float,
-    total_norm: Any,
-    clip_coef: Any,
-    clip_eps: float,
-    policy: str,
-) -> Any:
-    """The GPU route of :func:`adamw_step_` (same checks, in the same order, then the driver)."""
-    lib = gpu_lib([ps, gs, ms, vs, xs], "adamw_step_")
-    if len(gs) != len(ps):
-        raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
-    beta1, beta2 = (float(b) for b in betas)
-    hp = adamw_hparams(
-        _steps(step, len(ps)), float(lr), beta1, beta2, float(eps), float(weight_decay)
-    )
-    from .._gpu import _optim
-
-    return _optim.adamw_step_gpu(
-        lib, ps, gs, ms, vs, xs, hp, bool(maximize), max_norm, norm_type,
-        gpu_scalar(total_norm, "total_norm", lib.name),
-        gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
-    )  # fmt: skip
-
-
-def _sgd_gpu(
-    ps: list[Any],
-    gs: list[Any],
-    momentum_buffers: Any,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool | Sequence[bool],
-    max_norm: float | None,
-    norm_type: float,
-    total_norm: Any,
-    clip_coef: Any,
-    clip_eps: float,
-    policy: str,
-) -> Any:
-    """The GPU route of :func:`sgd_step_` (same checks, in the same order, then the driver)."""
-    momentum, dampening = float(momentum), float(dampening)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    bufs = None
-    if momentum != 0:
-        if momentum_buffers is None:
-            raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
-        bufs = _as_list(momentum_buffers, "momentum_buffers")
-    lib = gpu_lib([ps, gs, bufs], "sgd_step_")
-    if len(gs) != len(ps):
-        raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
-    if isinstance(first_step, (bool, np.bool_)):
-        first = [bool(first_step)] * len(ps)
-    else:
-        first = [bool(f) for f in first_step]
-    hp = sgd_hparams(
-        len(ps), float(lr), momentum, dampening, float(weight_decay), bool(nesterov), first
-    )
-    from .._gpu import _optim
-
-    return _optim.sgd_step_gpu(
-        lib, ps, gs, bufs, hp, bool(maximize), max_norm, norm_type,
-        gpu_scalar(total_norm, "total_norm", lib.name),
-        gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
-    )  # fmt: skip
-
-
 def adamw_step_(
     params: Any,
     grads: Any,
@@ -515,18 +433,22 @@ def adamw_step_(
     vs = _as_list(exp_avg_sqs, "exp_avg_sqs")
     xs = None if max_exp_avg_sqs is None else _as_list(max_exp_avg_sqs, "max_exp_avg_sqs")
     policy = check_nonfinite(nonfinite)
-    if is_gpu(ps[0]):  # CuPy / torch CUDA: the CUDA kernels, no host sync
-        return _adamw_gpu(
-            ps, gs, ms, vs, xs, step, lr, betas, eps, weight_decay, maximize,
-            max_norm, norm_type, total_norm, clip_coef, clip_eps, policy,
-        )  # fmt: skip
-    lib = cpu_lib(ps, "adamw_step_")
+    gpu = is_gpu(ps[0])  # CuPy / torch CUDA: the CUDA kernels, no host sync
+    lib = gpu_lib([ps, gs, ms, vs, xs], "adamw_step_") if gpu else cpu_lib(ps, "adamw_step_")
     if len(gs) != len(ps):
         raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
     beta1, beta2 = (float(b) for b in betas)
     hp = adamw_hparams(
         _steps(step, len(ps)), float(lr), beta1, beta2, float(eps), float(weight_decay)
     )
+    if gpu:
+        from .._gpu import _optim
+
+        return _optim.adamw_step_gpu(
+            lib, ps, gs, ms, vs, xs, hp, bool(maximize), max_norm, norm_type,
+            gpu_scalar(total_norm, "total_norm", lib.name),
+            gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
+        )  # fmt: skip
     plan = clip_plan(
         lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "adamw_step_"
     )
@@ -608,22 +530,18 @@ def sgd_step_(
         return None
     gs = _as_list(grads, "grads")
     policy = check_nonfinite(nonfinite)
-    if is_gpu(ps[0]):  # CuPy / torch CUDA: the CUDA kernels, no host sync
-        return _sgd_gpu(
-            ps, gs, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-            maximize, first_step, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy,
-        )  # fmt: skip
-    lib = cpu_lib(ps, "sgd_step_")
+    momentum, dampening = float(momentum), float(dampening)
+    bufs = None
+    if momentum != 0 and momentum_buffers is not None:
+        bufs = _as_list(momentum_buffers, "momentum_buffers")
+    gpu = is_gpu(ps[0])  # CuPy / torch CUDA: the CUDA kernels, no host sync
+    lib = gpu_lib([ps, gs, bufs], "sgd_step_") if gpu else cpu_lib(ps, "sgd_step_")
     if len(gs) != len(ps):
         raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
-    momentum, dampening = float(momentum), float(dampening)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    bufs = None
-    if momentum != 0:
-        if momentum_buffers is None:
-            raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
-        bufs = _as_list(momentum_buffers, "momentum_buffers")
+    if momentum != 0 and bufs is None:
+        raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
     if isinstance(first_step, (bool, np.bool_)):
         first = [bool(first_step)] * len(ps)
     else:
@@ -631,6 +549,14 @@ def sgd_step_(
     hp = sgd_hparams(
         len(ps), float(lr), momentum, dampening, float(weight_decay), bool(nesterov), first
     )
+    if gpu:
+        from .._gpu import _optim
+
+        return _optim.sgd_step_gpu(
+            lib, ps, gs, bufs, hp, bool(maximize), max_norm, norm_type,
+            gpu_scalar(total_norm, "total_norm", lib.name),
+            gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
+        )  # fmt: skip
     plan = clip_plan(
         lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "sgd_step_"
     )
