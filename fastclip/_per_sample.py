@@ -20,6 +20,7 @@ any work):
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any, NamedTuple
@@ -308,30 +309,6 @@ def _norms_and_factors(
 # ----------------------------------------------------------------- CPU path
 
 
-def _run(kernel: Any, n: int, *args: Any) -> Any:
-    """``_driver.run`` for a kernel factory of another module (same threshold and locks)."""
-    from ._cpu import _driver
-
-    state = _driver._state
-    if n < _driver.cfg.PARALLEL_MIN_ELEMENTS or state.serial_only:
-        return kernel(False)(*args)
-    layer = state.layer
-    if layer is not None and layer != "workqueue":
-        return kernel(True)(*args)
-    lock = state.lock
-    if not lock.acquire(blocking=False):
-        return kernel(False)(*args)
-    try:
-        result = kernel(True)(*args)
-        if layer is None:
-            import numba
-
-            state.layer = numba.threading_layer()
-        return result
-    finally:
-        lock.release()
-
-
 def _new(lib: Any, like: Any, shape: tuple[int, ...]) -> Any:
     if lib.name == "torch":
         return sys.modules["torch"].empty(shape, dtype=like.dtype)
@@ -349,7 +326,7 @@ def _cpu_path(
     reduce: str | None,
     eps: float,
 ) -> tuple[list[Any], Any, int]:
-    from ._cpu import _build, _driver
+    from ._cpu import _driver
     from ._cpu import _per_sample_kernels as psk
     from ._cpu._libs import float_storage, norm_dtype
 
@@ -371,13 +348,13 @@ def _cpu_path(
             out = _new(lib, x, tuple(x.shape))
             dst = lib.storage(out).reshape(x2.shape)
             if x2.size:
-                _run(lambda par: _build.kernel("rows_scale", par), x2.size, x2, dst, f, False)
+                _driver.run("rows_scale", x2.size, x2, dst, f, False)
         else:
             out = _new(lib, x, tuple(x.shape[1:]))
             dst = lib.storage(out).reshape(-1)
             if x2.size:
-                _run(
-                    lambda par: psk.kernel("weighted_sum", par),
+                _driver.run_with(
+                    functools.partial(psk.kernel, "weighted_sum"),
                     x2.size,
                     x2,
                     f,

@@ -13,10 +13,11 @@ Layout rules (documented in README, "Routes"):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,14 +71,26 @@ def run(name: str, n: int, *args: Any) -> Any:
         if serial is None:
             serial = _SERIAL[name] = _build.kernel(name, False)
         return serial(*args)
+    return _run_parallel(functools.partial(_build.kernel, name), args)
+
+
+def run_with(kernel_for: Callable[[bool], Any], n: int, *args: Any) -> Any:
+    """``run`` for kernels of other modules: ``kernel_for(parallel)`` gives the
+    serial or the parallel dispatcher; same threshold, fork and lock rules."""
+    if n < cfg.PARALLEL_MIN_ELEMENTS or _state.serial_only:
+        return kernel_for(False)(*args)
+    return _run_parallel(kernel_for, args)
+
+
+def _run_parallel(kernel_for: Callable[[bool], Any], args: tuple[Any, ...]) -> Any:
     layer = _state.layer
     if layer is not None and layer != "workqueue":
-        return _build.kernel(name, True)(*args)
+        return kernel_for(True)(*args)
     lock = _state.lock
     if not lock.acquire(blocking=False):
-        return _build.kernel(name, False)(*args)
+        return kernel_for(False)(*args)
     try:
-        result = _build.kernel(name, True)(*args)
+        result = kernel_for(True)(*args)
         if layer is None:
             import numba
 

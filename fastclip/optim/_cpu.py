@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import _config as cfg
 from .._cpu import _build, _driver
 from .._cpu import _optim_kernels as K
 
@@ -31,30 +30,10 @@ def kernel(name: str, parallel: bool) -> Any:
 
 
 def run(name: str, n: int, *args: Any) -> Any:
-    """Run an optimizer kernel on ``n`` elements: the core's threading rules.
-
-    Serial below ``PARALLEL_MIN_ELEMENTS`` or in a child forked after OpenMP
-    started; under ``workqueue`` (or before the layer is known) a parallel
-    launch holds the core's lock and a thread that cannot take it runs serial.
-    """
-    state = _driver._state
-    if n < cfg.PARALLEL_MIN_ELEMENTS or state.serial_only:
-        return kernel(name, False)(*args)
-    layer = state.layer
-    if layer is not None and layer != "workqueue":
-        return kernel(name, True)(*args)
-    lock = state.lock
-    if not lock.acquire(blocking=False):
-        return kernel(name, False)(*args)
-    try:
-        result = kernel(name, True)(*args)
-        if layer is None:
-            import numba
-
-            state.layer = numba.threading_layer()
-        return result
-    finally:
-        lock.release()
+    """Run an optimizer kernel on ``n`` elements with the core's threading rules
+    (``_driver.run_with``: serial below the threshold or after fork, the lock
+    under ``workqueue``)."""
+    return _driver.run_with(functools.partial(kernel, name), n, *args)
 
 
 class Group:
