@@ -12,11 +12,12 @@ offset gives wrong numbers here, checked against float64 references.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 
+import _gpu_emulation
 import numpy as np
 import pytest
+from _gpu_emulation import mem
 
 from fastclip import _config as cfg
 from fastclip._gpu import _driver
@@ -24,11 +25,7 @@ from fastclip._gpu import _driver
 CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
 
 
-def _mem(ptr, n, dtype):
-    dtype = np.dtype(dtype)
-    if n == 0:
-        return np.zeros(0, dtype)
-    return np.frombuffer((ctypes.c_byte * (int(n) * dtype.itemsize)).from_address(int(ptr)), dtype)
+_mem = mem
 
 
 def _pow_sum(v, pcode, p):
@@ -148,32 +145,10 @@ def _emulate(name, targ):
     }[name]
 
 
-class HostLib:
+class HostLib(_gpu_emulation.HostLib):
     """The GPU adapter interface over NumPy memory (pointers = host addresses)."""
 
-    name = "host"
     kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in CTYPES_BY_KIND else None)
-    is_float = staticmethod(lambda x: x.dtype.kind == "f")
-    device_id = staticmethod(lambda x: 0)
-    ptr = staticmethod(lambda x: x.ctypes.data)
-    numel = staticmethod(lambda x: x.size)
-    contiguous = staticmethod(lambda x: x.flags.c_contiguous)
-    as_contiguous = staticmethod(np.ascontiguousarray)
-    permute = staticmethod(lambda x, perm: x.transpose(perm))
-    reshape = staticmethod(lambda x, shape: x.reshape(shape))
-    empty = staticmethod(lambda shape, kind, like: np.empty(shape, kind))
-    empty_like = staticmethod(lambda x: np.empty(x.shape, x.dtype))
-    full_f64 = staticmethod(lambda v, like: np.full((), v, np.float64))
-    to_f64 = staticmethod(lambda v: np.asarray(v, np.float64).reshape(()))
-    stream = staticmethod(lambda x: contextlib.nullcontext())
-    stream_id = staticmethod(lambda x: 0)
-    upload = staticmethod(lambda buf, like: (buf.copy(), None))
-    host_float = staticmethod(lambda x: float(x))
-    touched = staticmethod(lambda arrays: None)
-
-    @staticmethod
-    def write_back(x, values):
-        x[...] = values
 
     @staticmethod
     def clip_integers(x, out, lo, hi):

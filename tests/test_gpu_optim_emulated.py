@@ -14,11 +14,12 @@ gives wrong numbers here, checked against float64 transcriptions of
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 
+import _gpu_emulation
 import numpy as np
 import pytest
+from _gpu_emulation import mem
 
 from fastclip import NonFiniteNormError
 from fastclip import _config as cfg
@@ -31,10 +32,7 @@ DT = {"float": np.float32, "double": np.float64, "__half": np.float16}
 
 
 def _mem(ptr, n, dtype):
-    dtype = np.dtype(dtype)
-    if n == 0 or int(ptr) == 0:
-        return np.zeros(0, dtype)
-    return np.frombuffer((ctypes.c_byte * (int(n) * dtype.itemsize)).from_address(int(ptr)), dtype)
+    return mem(ptr, n, dtype, null_is_empty=True)  # null: an unused optional list
 
 
 # ------------------------------------------------- emulated kernels (NumPy)
@@ -203,35 +201,11 @@ def _emulate(device, name, targ):
     return launch
 
 
-class HostLib:
+class HostLib(_gpu_emulation.HostLib):
     """The GPU adapter interface over NumPy memory (pointers = host addresses)."""
 
-    name = "host"
-    syncs = 0
     kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in G._ITEMSIZE else None)
-    is_float = staticmethod(lambda x: x.dtype.kind == "f")
     device_id = staticmethod(lambda x: 1 if getattr(x, "_other_device", False) else 0)
-    ptr = staticmethod(lambda x: x.ctypes.data)
-    numel = staticmethod(lambda x: x.size)
-    contiguous = staticmethod(lambda x: x.flags.c_contiguous)
-    as_contiguous = staticmethod(np.ascontiguousarray)
-    empty = staticmethod(lambda shape, kind, like: np.empty(shape, kind))
-    empty_like = staticmethod(lambda x: np.empty(x.shape, x.dtype))
-    full_f64 = staticmethod(lambda v, like: np.full((), v, np.float64))
-    to_f64 = staticmethod(lambda v: np.asarray(v, np.float64).reshape(()))
-    stream = staticmethod(lambda x: contextlib.nullcontext())
-    stream_id = staticmethod(lambda x: 0)
-    upload = staticmethod(lambda buf, like: (buf.copy(), None))
-    touched = staticmethod(lambda arrays: None)
-
-    @staticmethod
-    def write_back(x, values):
-        x[...] = values
-
-    @classmethod
-    def host_float(cls, x):
-        cls.syncs += 1
-        return float(x)
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,13 @@ float64 oracle of the DP-SGD formula.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 from typing import ClassVar
 
+import _gpu_emulation
 import numpy as np
 import pytest
+from _gpu_emulation import mem
 
 import fastclip
 from fastclip import _config as cfg
@@ -54,13 +55,7 @@ def _reg(*arrays):
 
 
 def _mem(ptr, n, dtype):
-    dtype = np.dtype(dtype)
-    if int(n) == 0:
-        return np.zeros(0, dtype)
-    lo, hi = int(ptr), int(ptr) + int(n) * dtype.itemsize
-    assert any(s <= lo and hi <= e for s, e, _ in REGIONS), "access outside every buffer"
-    buf = (ctypes.c_byte * (int(n) * dtype.itemsize)).from_address(int(ptr))
-    return np.frombuffer(buf, dtype)
+    return mem(ptr, n, dtype, regions=REGIONS)
 
 
 def _acc(dt):
@@ -197,20 +192,12 @@ def _emulate(name, targ):
     return launch
 
 
-class HostLib:
-    """The GPU adapter interface over NumPy memory (pointers = host addresses)."""
+class HostLib(_gpu_emulation.HostLib):
+    """The GPU adapter interface over NumPy memory; every buffer it makes is registered."""
 
-    name = "host"
     devices: ClassVar[dict[int, int]] = {}
-    syncs = 0
     kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in KINDS else None)
     device_id = staticmethod(lambda x: HostLib.devices.get(id(x), 0))
-    ptr = staticmethod(lambda x: x.ctypes.data)
-    numel = staticmethod(lambda x: x.size)
-    contiguous = staticmethod(lambda x: x.flags.c_contiguous)
-    reshape = staticmethod(lambda x, shape: x.reshape(shape))
-    stream = staticmethod(lambda x: contextlib.nullcontext())
-    stream_id = staticmethod(lambda x: 0)
 
     @staticmethod
     def as_contiguous(x):
@@ -225,11 +212,6 @@ class HostLib:
         # garbage, not zeros: a kernel that skips an element leaves it visible
         dtype = BF16 if kind == "bfloat16" else np.dtype(kind)
         return _reg(np.full(shape, 12345.0, dtype))[0]
-
-    @staticmethod
-    def host_float(x):
-        HostLib.syncs += 1
-        return float(x)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,66 @@
+"""Shared by the GPU drivers' host-side tests (``test_gpu_*emulated.py``).
+
+No GPU here, so "device memory" is NumPy memory and pointers are host
+addresses: :func:`mem` views ``n`` elements at a raw address (as a kernel
+reads them) and :class:`HostLib` is the GPU adapter interface of
+``fastclip._gpu._libs`` over NumPy arrays.  Each test file subclasses
+``HostLib`` for what it needs to see differently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from typing import Any
+
+import numpy as np
+
+
+def mem(
+    ptr: int, n: int, dtype: Any, *, null_is_empty: bool = False, regions: Any = None
+) -> np.ndarray:
+    """``n`` elements of ``dtype`` at address ``ptr`` (a view: writes go through).
+
+    ``null_is_empty``: a null pointer reads as nothing (optional arrays).
+    ``regions``: ``(start, end, array)`` triples; an access outside every one
+    fails an assertion instead of corrupting the interpreter.
+    """
+    dtype = np.dtype(dtype)
+    if int(n) == 0 or (null_is_empty and int(ptr) == 0):
+        return np.zeros(0, dtype)
+    lo, hi = int(ptr), int(ptr) + int(n) * dtype.itemsize
+    if regions is not None:
+        assert any(s <= lo and hi <= e for s, e, _ in regions), "access outside every buffer"
+    return np.frombuffer((ctypes.c_byte * (hi - lo)).from_address(lo), dtype)
+
+
+class HostLib:
+    """The GPU adapter interface over NumPy memory; counts host reads in ``syncs``."""
+
+    name = "host"
+    syncs = 0
+    is_float = staticmethod(lambda x: x.dtype.kind == "f")
+    device_id = staticmethod(lambda x: 0)
+    ptr = staticmethod(lambda x: x.ctypes.data)
+    numel = staticmethod(lambda x: x.size)
+    contiguous = staticmethod(lambda x: x.flags.c_contiguous)
+    as_contiguous = staticmethod(np.ascontiguousarray)
+    permute = staticmethod(lambda x, perm: x.transpose(perm))
+    reshape = staticmethod(lambda x, shape: x.reshape(shape))
+    empty = staticmethod(lambda shape, kind, like: np.empty(shape, kind))
+    empty_like = staticmethod(lambda x: np.empty(x.shape, x.dtype))
+    full_f64 = staticmethod(lambda v, like: np.full((), v, np.float64))
+    to_f64 = staticmethod(lambda v: np.asarray(v, np.float64).reshape(()))
+    stream = staticmethod(lambda x: contextlib.nullcontext())
+    stream_id = staticmethod(lambda x: 0)
+    upload = staticmethod(lambda buf, like: (buf.copy(), None))
+    touched = staticmethod(lambda arrays: None)
+
+    @staticmethod
+    def write_back(x: Any, values: Any) -> None:
+        x[...] = values
+
+    @classmethod
+    def host_float(cls, x: Any) -> float:
+        cls.syncs += 1
+        return float(x)
