@@ -246,3 +246,20 @@ def sample(shape: Any, seed: int = 0, kind: str = "real", scale: float = 1.0) ->
     if kind == "complex":
         values = values + 1j * rng.standard_normal(shape) * scale
     return values
+
+
+def require_gpu_module() -> Any:
+    """At the top of a GPU-only test module: skip the whole module with the reason
+    unless torch sees a CUDA device and fastclip's GPU route can run; returns torch."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda.is_available() is False: no CUDA device", allow_module_level=True)
+    import fastclip
+
+    try:
+        fastclip._dispatch.check_gpu_available()
+    except fastclip.GPUUnavailableError as exc:
+        pytest.skip(
+            f"CUDA device present but the GPU route cannot run: {exc}", allow_module_level=True
+        )
+    return torch

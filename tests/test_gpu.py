@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _backends import require_gpu_module
 
 import fastclip
 import fastclip.torch as fct
 from fastclip import _config as cfg
 
-torch = pytest.importorskip("torch", reason="torch is not installed")
-if not torch.cuda.is_available():
-    pytest.skip("torch.cuda.is_available() is False: no CUDA device", allow_module_level=True)
-try:
-    fastclip._dispatch.check_gpu_available()
-except fastclip.GPUUnavailableError as exc:
-    pytest.skip(f"CUDA device present but the GPU route cannot run: {exc}", allow_module_level=True)
+torch = require_gpu_module()
 import cupy  # noqa: E402
 import cupyx  # noqa: E402
 

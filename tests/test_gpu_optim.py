@@ -13,17 +13,12 @@ import math
 
 import numpy as np
 import pytest
+from _backends import require_gpu_module
 
 import fastclip
 from fastclip.optim import adamw_step_, sgd_step_
 
-torch = pytest.importorskip("torch", reason="torch is not installed")
-if not torch.cuda.is_available():
-    pytest.skip("torch.cuda.is_available() is False: no CUDA device", allow_module_level=True)
-try:
-    fastclip._dispatch.check_gpu_available()
-except fastclip.GPUUnavailableError as exc:
-    pytest.skip(f"CUDA device present but the GPU route cannot run: {exc}", allow_module_level=True)
+torch = require_gpu_module()
 import cupy  # noqa: E402
 import cupyx  # noqa: E402
 

@@ -10,17 +10,12 @@ import math
 
 import numpy as np
 import pytest
+from _backends import require_gpu_module
 
 import fastclip
 from fastclip._gpu import _per_sample as gps
 
-torch = pytest.importorskip("torch", reason="torch is not installed")
-if not torch.cuda.is_available():
-    pytest.skip("torch.cuda.is_available() is False: no CUDA device", allow_module_level=True)
-try:
-    fastclip._dispatch.check_gpu_available()
-except fastclip.GPUUnavailableError as exc:
-    pytest.skip(f"CUDA device present but the GPU route cannot run: {exc}", allow_module_level=True)
+torch = require_gpu_module()
 import cupy  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
