@@ -475,19 +475,11 @@ def _make_optax(d: CaseData, inplace: bool) -> Op:
     if kind == "persample":
         if d.dtype == "float64" and not jax.config.read("jax_enable_x64"):
             raise Unsupported("JAX computes in float32 unless jax_enable_x64 is set")
-        o = d.offsets
-        g = [
-            jnp.asarray(d.ref_pool[int(o[k]) : int(o[k + 1])].reshape(s))
-            for k, s in enumerate(d.case.shapes)
-        ]
+        g = _jax_arrays(d)
         clip = jax.jit(lambda gs: optax.per_example_global_norm_clip(gs, d.max_norm)[0])
         return lambda: jax.block_until_ready(clip(g))
     dtype = jnp.bfloat16 if d.dtype == "bfloat16" else d.dtype
-    o = d.offsets
-    grads = [
-        jnp.asarray(d.ref_pool[int(o[k]) : int(o[k + 1])].reshape(s)).astype(dtype)
-        for k, s in enumerate(d.case.shapes)
-    ]
+    grads = [a.astype(dtype) for a in _jax_arrays(d)]
     if kind == "norm":
         f = jax.jit(optax.global_norm)
         return lambda: f(grads).block_until_ready()
@@ -510,6 +502,13 @@ def _make_optax(d: CaseData, inplace: bool) -> Op:
     return donated
 
 
+def _jax_arrays(d: CaseData) -> list[Any]:
+    """The case's base values as JAX arrays (copies: JAX owns its buffers)."""
+    import jax.numpy as jnp
+
+    return [jnp.asarray(v) for v in d.views_of(d.ref_pool)]
+
+
 def _optax_adamw(d: CaseData) -> Op:
     """``optax.chain(clip_by_global_norm, adamw)`` under ``jax.jit``, buffers donated."""
     import jax
@@ -525,11 +524,7 @@ def _optax_adamw(d: CaseData) -> Op:
             ADAMW["lr"], b1=b1, b2=b2, eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"]
         ),
     )
-    o = d.offsets
-    grads = [
-        jnp.asarray(d.ref_pool[int(o[k]) : int(o[k + 1])].reshape(s))
-        for k, s in enumerate(d.case.shapes)
-    ]
+    grads = _jax_arrays(d)
     params = [jnp.asarray(p) for p in d.param_copies("numpy")]
 
     def update(params: Any, state: Any, grads: Any) -> Any:

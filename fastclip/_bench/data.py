@@ -93,7 +93,7 @@ class CaseData:
         self.nbytes = n * (2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize)
         if case.kind == "persample":  # samples of norms spread over two decades
             scales = 10.0 ** np.random.default_rng(seed + 2).uniform(-1, 1, case.shapes[0][0])
-            for x in self._views(self.np_base):
+            for x in self.views_of(self.np_base):
                 x *= scales.reshape((-1,) + (1,) * (x.ndim - 1)).astype(dtype)
         self.param_base: np.ndarray | None = None
         if case.kind == "adamw":
@@ -142,7 +142,7 @@ class CaseData:
 
     def _sample_rows(self) -> list[np.ndarray]:
         """The ``per-sample`` workload's arrays as ``[B, D_k]`` views of the base values."""
-        return [v.reshape(v.shape[0], -1) for v in self._views(self.ref_pool)]
+        return [v.reshape(v.shape[0], -1) for v in self.views_of(self.ref_pool)]
 
     def persample_expected(self) -> list[np.ndarray]:
         """float64 ``sum_b f_b g_k[b]`` of every array (computed once)."""
@@ -191,14 +191,15 @@ class CaseData:
             src = self.torch_base if self.np_base is None else torch.from_numpy(self.np_base)
             pool.copy_(src)
 
-    def _views(self, pool: Any) -> list[Any]:
+    def views_of(self, pool: Any) -> list[Any]:
+        """``pool`` (any 1-D array of the case's size) cut into the case's arrays."""
         o = self.offsets
         return [pool[int(o[k]) : int(o[k + 1])].reshape(s) for k, s in enumerate(self.case.shapes)]
 
     def numpy_arrays(self) -> list[np.ndarray]:
         if self.np_base is None:
             raise Unsupported("NumPy has no bfloat16")
-        return self._views(self.pool("host"))
+        return self.views_of(self.pool("host"))
 
     def torch_tensors(self, device: str = "cpu") -> list[Any]:
         torch = _torch()
@@ -208,7 +209,7 @@ class CaseData:
                 pool = torch.from_numpy(pool)
         else:
             pool = self.pool("torch-cuda")
-        return self._views(pool)
+        return self.views_of(pool)
 
     def torch_params(self, device: str = "cpu") -> list[Any]:
         """Parameters whose ``.grad`` are the work tensors (the data itself takes no memory)."""
@@ -221,7 +222,7 @@ class CaseData:
         return params
 
     def cupy_arrays(self) -> list[Any]:
-        return self._views(self.pool("cupy"))
+        return self.views_of(self.pool("cupy"))
 
     def param_copies(self, library: str, device: str = "cpu") -> list[Any]:
         """A fresh copy of the ``adamw`` workload's initial parameters, one array per
@@ -229,16 +230,16 @@ class CaseData:
         ``.grad`` are the work tensors (``"torch"``), or CuPy (``"cupy"``)."""
         assert self.param_base is not None
         if library == "numpy":
-            return self._views(self.param_base.copy())
+            return self.views_of(self.param_base.copy())
         if library == "cupy":
             import cupy
 
-            return self._views(cupy.asarray(self.param_base))
+            return self.views_of(cupy.asarray(self.param_base))
         torch = _torch()
         grads = self.torch_tensors(device)
         pool = torch.from_numpy(self.param_base.copy()).to(device)
         params = []
-        for p, g in zip(self._views(pool), grads):
+        for p, g in zip(self.views_of(pool), grads):
             param = torch.nn.Parameter(p)
             param.grad = g
             params.append(param)
