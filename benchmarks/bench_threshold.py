@@ -63,7 +63,41 @@ def main() -> None:
             f"{n:>10} {cs * 1e6:>10.1f}us {cp * 1e6:>8.1f}us {cs / cp:>6.2f}   "
             f"{ns * 1e6:>10.1f}us {np_ * 1e6:>8.1f}us {ns / np_:>6.2f}"
         )
+    single_calls()
     print(f"\ncurrent PARALLEL_MIN_ELEMENTS = {cfg.PARALLEL_MIN_ELEMENTS}")
+
+
+def single_calls(repeat: int = 200) -> None:
+    """One ``clip_by_norm_`` call at a time, as in training: each starts from fresh
+    data (a copy in cache) and pays the worker threads' wake-up; serial, parallel
+    (the threshold patched) and NumPy interleaved, medians."""
+    import fastclip
+
+    print("\nsingle API calls, float32 in place (median us): serial / parallel / NumPy")
+    saved = cfg.PARALLEL_MIN_ELEMENTS
+    try:
+        for n in (50_000, 100_000, 150_000, 200_000, 300_000):
+            base = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+            x = base.copy()
+            times: dict[str, list[float]] = {"serial": [], "parallel": [], "numpy": []}
+            for threshold in (10**12, 1):
+                cfg.PARALLEL_MIN_ELEMENTS = threshold
+                fastclip.clip_by_norm_(x, 1.0)  # compile / load
+            for _ in range(repeat):
+                for mode, threshold in (("serial", 10**12), ("parallel", 1)):
+                    cfg.PARALLEL_MIN_ELEMENTS = threshold
+                    np.copyto(x, base)
+                    t0 = time.perf_counter()
+                    fastclip.clip_by_norm_(x, 1.0)
+                    times[mode].append(time.perf_counter() - t0)
+                np.copyto(x, base)
+                t0 = time.perf_counter()
+                x *= np.float32(min(1.0, 1.0 / (float(np.linalg.norm(x)) + 1e-6)))
+                times["numpy"].append(time.perf_counter() - t0)
+            med = [statistics.median(v) * 1e6 for v in times.values()]
+            print(f"{n:>10} {med[0]:8.1f} {med[1]:8.1f} {med[2]:8.1f}")
+    finally:
+        cfg.PARALLEL_MIN_ELEMENTS = saved
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ from __future__ import annotations
 #: 32k 0.66/0.64, 65k 0.95/0.88, 131k 1.29/1.24, 262k 1.64/1.82 (a second run:
 #: 65k 0.76/0.83, 131k 1.16/1.06, 262k 1.74/1.58).  That tight loop keeps the
 #: worker threads awake; one ``clip_by_norm_`` call at a time, as in training,
-#: also pays their wake-up (float32, in cache, serial/parallel/NumPy in us:
+#: also pays their wake-up (the script's second table; float32, in cache,
+#: serial/parallel/NumPy in us:
 #: 100k 12.9/16.1/15.0, 150k 19.0/23.8/21.3, 200k 25.0/26.1/27.7, 300k
-#: 35.9/31.3/39.6; ``fastclip bench``'s 1e5 case ran parallel in 31 us against
+#: 35.9/31.3/39.6; a later run 100k 13.2/15.8/14.7, 200k 19.9/23.1/20.9, 300k
+#: 36.6/35.0/39.4; ``fastclip bench``'s 1e5 case ran parallel in 31 us against
 #: NumPy's 27).  The crossover is ~100k in the tight loop and ~200k for single
 #: calls: 150k splits it.
 PARALLEL_MIN_ELEMENTS: int = 150_000
