@@ -73,13 +73,17 @@ def _grads(parameters: TensorOrTensors, warn_empty_generator: bool = False) -> l
     return [g for g in map(_GRAD, parameters) if g is not None]
 
 
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    """The dtype torch's total norm has: the promoted dtype of the gradients."""
+    """The dtype torch's total norm has: the promoted dtype of the gradients'
+    per-tensor norms (real: complex64 gradients give a float32 norm)."""
     dtypes = set(map(_DTYPE, tensors))
     dtype = dtypes.pop()
     for other in dtypes:
         dtype = torch.promote_types(dtype, other)
-    return dtype
+    return _REAL.get(dtype, dtype)
 
 
 def _nonfinite_error(norm_type: float) -> NonFiniteNormError:

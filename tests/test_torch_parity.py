@@ -116,6 +116,47 @@ def test_clip_grad_norm_other_dtypes(kind, dtype, norm_type):
     _assert_same_grads(ours, theirs, dtype)
 
 
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.complex64,),
+        (torch.complex128, torch.float32),
+        (torch.complex64, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=lambda ds: "+".join(str(d).removeprefix("torch.") for d in ds),
+)
+def test_norm_dtype_of_mixed_and_complex_gradients_matches_torch(dtypes, norm_type):
+    """torch's total norm has the promoted dtype of the per-tensor norms: real
+    for complex gradients, float32 for float16 + bfloat16."""
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.zeros(7 + i, dtype=d)) for i, d in enumerate(dtypes * 2)]
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, theirs):
+        q.grad = p.grad.clone()
+    tol = 2e-2 if {torch.float16, torch.bfloat16} & set(dtypes) else 1e-6
+    got = fct.get_total_norm([p.grad for p in params], norm_type)
+    expected = torch.nn.utils.get_total_norm([q.grad for q in theirs], norm_type)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_allclose(got.double().numpy(), expected.double().numpy(), rtol=tol)
+    got = fct.clip_grad_norm_(params, 0.5, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type)
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(got.double().numpy(), expected.double().numpy(), rtol=tol)
+    for p, q in zip(params, theirs):
+        assert p.grad.dtype == q.grad.dtype
+        np.testing.assert_allclose(_as_numpy(p.grad), _as_numpy(q.grad), rtol=tol, atol=1e-7)
+
+
+def _as_numpy(t):
+    return t.numpy() if t.is_complex() else t.double().numpy()
+
+
 @pytest.mark.parametrize("foreach", [None, False, True])
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])

@@ -67,11 +67,16 @@ def run(name: str, n: int, *args: Any) -> Any:
     kernel instead of waiting.  ``omp`` and ``tbb`` are thread-safe.
     """
     if n < cfg.PARALLEL_MIN_ELEMENTS or _state.serial_only:
-        serial = _SERIAL.get(name)
-        if serial is None:
-            serial = _SERIAL[name] = _build.kernel(name, False)
-        return serial(*args)
+        return run_serial(name, *args)
     return _run_parallel(functools.partial(_build.kernel, name), args)
+
+
+def run_serial(name: str, *args: Any) -> Any:
+    """Run kernel ``name`` serially, whatever the threshold (bookkeeping kernels)."""
+    serial = _SERIAL.get(name)
+    if serial is None:
+        serial = _SERIAL[name] = _build.kernel(name, False)
+    return serial(*args)
 
 
 def run_with(kernel_for: Callable[[bool], Any], n: int, *args: Any) -> Any:
@@ -349,11 +354,13 @@ class _Table:
 
     __slots__ = ("addrs", "like", "n", "sizes")
 
-    def __init__(self, like: np.ndarray, addrs: np.ndarray, sizes: np.ndarray):
+    def __init__(
+        self, like: np.ndarray, addrs: np.ndarray, sizes: np.ndarray, n: int | None = None
+    ):
         self.like = like
         self.addrs = addrs
         self.sizes = sizes
-        self.n = int(sizes.sum())
+        self.n = int(sizes.sum()) if n is None else n
 
 
 class _Packed:
@@ -430,7 +437,7 @@ def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> _Packed:
     """
     packed = _Packed()
     if lib is NumpyLib:
-        if _fast_numpy_pack(list(arrays), packed, writing):
+        if _fast_numpy_pack(arrays if type(arrays) is list else list(arrays), packed, writing):
             return packed
         route_of_many(arrays)  # the full library check that the API deferred to us
         rows = [_numpy_row(a, what, writing) for a in arrays]
@@ -530,12 +537,8 @@ def _fast_torch_pack(tensors: Sequence[Any], packed: _Packed, writing: bool) -> 
         return False
     addrs = np.fromiter(map(T.data_ptr, tensors), np.int64, n)
     sizes = np.fromiter(map(T.numel, tensors), np.int64, n)
-    if writing:
-        nonempty = sizes > 0
-        ends = addrs + sizes * storage_dtype.itemsize
-        index = np.nonzero(nonempty)[0]
-        for i, j in _overlapping_extents(addrs[nonempty], ends[nonempty]):
-            _raise_overlap(int(index[i]), int(index[j]))
+    if writing and not run_serial("extents_disjoint", addrs, sizes, storage_dtype.itemsize):
+        _raise_first_overlap(addrs, sizes, storage_dtype.itemsize)
     packed.tables.append(_Table(_like(storage_dtype), addrs, sizes))
     packed.dtype = norm_dtype(storage_dtype)
     return True
@@ -573,6 +576,15 @@ def _overlapping_extents(starts: np.ndarray, ends: np.ndarray) -> Any:
         active.append(pos)
 
 
+def _raise_first_overlap(addrs: np.ndarray, sizes: np.ndarray, itemsize: int) -> None:
+    """ValueError naming two contiguous rows that share bytes; returns if none do."""
+    nonempty = sizes > 0
+    index = np.nonzero(nonempty)[0]
+    ends = addrs + sizes * itemsize
+    for i, j in _overlapping_extents(addrs[nonempty], ends[nonempty]):
+        _raise_overlap(int(index[i]), int(index[j]))
+
+
 def _raise_overlap(i: int, j: int) -> None:
     raise ValueError(
         f"arrays {i} and {j} of this in-place call share memory; they would be scaled "
@@ -589,9 +601,17 @@ _OFFSETS = np.array([8, 16, 24, 32, 56, 64, 24], np.int64)
 _headers_ok: bool | None = None
 
 
-def _read_headers(arrays: list[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return run(  # type: ignore[no-any-return]
-        "numpy_headers", 1, id(arrays), len(arrays), id(np.ndarray), id(dtype), _OFFSETS
+def _read_headers(arrays: list[Any], dtype: np.dtype, writing: bool = False) -> tuple[Any, ...]:
+    """(addrs, sizes, status, n_bad, disjoint, total) of a list, from one kernel call."""
+    return run_serial(  # type: ignore[no-any-return]
+        "numpy_headers",
+        id(arrays),
+        len(arrays),
+        id(np.ndarray),
+        id(dtype),
+        _OFFSETS,
+        dtype.itemsize,
+        writing,
     )
 
 
@@ -610,7 +630,7 @@ def _check_headers() -> bool:
         [1.0],
     ]
     try:
-        addrs, sizes, status = _read_headers(probes, np.dtype(np.float32))
+        addrs, sizes, status = _read_headers(probes, np.dtype(np.float32))[:3]
         for i, a in enumerate(probes):
             ok = (
                 type(a) is np.ndarray
@@ -650,16 +670,12 @@ def _fast_numpy_pack(arrays: list[Any], packed: _Packed, writing: bool) -> bool:
         _headers_ok = _check_headers()
     if not _headers_ok:
         return False
-    addrs, sizes, status = _read_headers(arrays, dtype)
-    if status.any():
+    addrs, sizes, _, n_bad, disjoint, total = _read_headers(arrays, dtype, writing)
+    if n_bad:
         return False
-    if writing:
-        nonempty = sizes > 0
-        ends = addrs + sizes * dtype.itemsize
-        index = np.nonzero(nonempty)[0]
-        for i, j in _overlapping_extents(addrs[nonempty], ends[nonempty]):
-            _raise_overlap(int(index[i]), int(index[j]))
-    packed.tables.append(_Table(_like(dtype), addrs, sizes))
+    if not disjoint:  # overlap, or an order too scrambled to check in the kernel
+        _raise_first_overlap(addrs, sizes, dtype.itemsize)
+    packed.tables.append(_Table(_like(dtype), addrs, sizes, total))
     packed.dtype = norm_dtype(dtype)
     return True
 

@@ -369,7 +369,7 @@ def cols_scale(src, dst, coefs, inplace, tile):  # type: ignore[no-untyped-def]
 # ------------------------------------------------- NumPy headers, in bulk
 
 
-def numpy_headers(list_id, n, ndarray_type, descr, offsets):  # type: ignore[no-untyped-def]
+def numpy_headers(list_id, n, ndarray_type, descr, offsets, itemsize, writing):  # type: ignore[no-untyped-def]
     """Read data pointer, size and flags of a list's ndarrays straight from their C structs.
 
     ``list_id`` is ``id()`` of a Python list of ``n`` objects that the caller
@@ -379,21 +379,30 @@ def numpy_headers(list_id, n, ndarray_type, descr, offsets):  # type: ignore[no-
     then takes the slow, fully checked path).  ``offsets`` = (type, data, nd,
     dims, descr, flags, list items) byte offsets, checked against NumPy's and
     CPython's own answers by ``_driver._check_headers`` before first use.
+
+    Returns ``(addrs, sizes, status, n_bad, disjoint, total)``: ``disjoint``
+    is True when ``writing`` is False or no two non-empty rows share a byte
+    (False: overlap, or unknown; the caller then checks in NumPy and names the
+    pair), ``total`` the number of elements of all arrays.
     """
     addrs = np.empty(n, np.int64)
     sizes = np.empty(n, np.int64)
     status = np.zeros(n, np.int64)
     o_type, o_data, o_nd, o_dims, o_descr, o_flags, o_items = offsets
     items = load_int64(list_id + o_items)
+    n_bad = 0
+    total = 0
     for i in range(n):
         base = load_int64(items + 8 * i)
         if load_int64(base + o_type) != ndarray_type or load_int64(base + o_descr) != descr:
             status[i] = 1
+            n_bad += 1
             continue
         flags = load_int32(base + o_flags)
         # C_CONTIGUOUS 0x1, ALIGNED 0x100, WRITEABLE 0x400
         if (flags & 0x501) != 0x501:
             status[i] = 1
+            n_bad += 1
             continue
         nd = load_int32(base + o_nd)
         dims = load_int64(base + o_dims)
@@ -402,4 +411,53 @@ def numpy_headers(list_id, n, ndarray_type, descr, offsets):  # type: ignore[no-
             size *= load_int64(dims + 8 * d)
         addrs[i] = load_int64(base + o_data)
         sizes[i] = size
-    return addrs, sizes, status
+        total += size
+    disjoint = True
+    if writing and n_bad == 0:
+        disjoint = _disjoint(addrs, sizes, itemsize)
+    return addrs, sizes, status, n_bad, disjoint, total
+
+
+def extents_disjoint(addrs, sizes, itemsize):  # type: ignore[no-untyped-def]
+    """``_disjoint`` for tables gathered elsewhere (torch tensors)."""
+    return _disjoint(addrs, sizes, itemsize)
+
+
+@njit(cache=False)
+def _disjoint(addrs, sizes, itemsize):  # type: ignore[no-untyped-def]
+    """True if the byte ranges of the non-empty rows provably do not intersect.
+
+    Arrays allocated one after another come in nearly ascending address
+    order, so an insertion sort of (start, end) by start costs about one pass;
+    it gives up (False: unknown, the caller sorts in NumPy) after ~8 moves per
+    row, so an unlucky order never costs O(n**2).  Sorted, the ranges are
+    disjoint iff each starts at or after the end of the one before.
+    """
+    m = 0
+    for i in range(sizes.size):
+        if sizes[i] != 0:
+            m += 1
+    starts = np.empty(m, np.int64)
+    ends = np.empty(m, np.int64)
+    budget = 8 * m + 64
+    k = 0
+    for i in range(sizes.size):
+        if sizes[i] == 0:
+            continue
+        s = addrs[i]
+        e = s + sizes[i] * itemsize
+        j = k
+        while j > 0 and starts[j - 1] > s:
+            starts[j] = starts[j - 1]
+            ends[j] = ends[j - 1]
+            j -= 1
+        budget -= k - j
+        if budget < 0:
+            return False
+        starts[j] = s
+        ends[j] = e
+        k += 1
+    for j in range(1, m):
+        if starts[j] < ends[j - 1]:
+            return False
+    return True
