@@ -15,7 +15,7 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._validate import NonFiniteNormError
+from ._validate import NonFiniteNormError, out_of_place_hint
 
 
 def _xp(x: Any) -> Any:
@@ -128,7 +128,7 @@ def _check_writeable(x: Any, what: str) -> None:
     if not aac.is_writeable_array(x):
         raise TypeError(
             f"{what}_ cannot modify {type(x).__module__}.{type(x).__name__} arrays in place "
-            f"(they are immutable or read-only); use the out-of-place fastclip.{what}() instead"
+            f"(they are immutable or read-only); {out_of_place_hint(what)}"
         )
 
 

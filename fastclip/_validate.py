@@ -16,6 +16,8 @@ __all__ = [
     "check_eps",
     "check_max_norm",
     "check_ord",
+    "check_self_overlap",
+    "out_of_place_hint",
     "scalar_value",
 ]
 
@@ -118,3 +120,25 @@ def check_bounds(min: Any, max: Any) -> tuple[float | None, float | None]:
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"min must be <= max, got min={min!r} > max={max!r}")
     return lo, hi
+
+
+def check_self_overlap(shape: Any, strides: Any, what: str) -> None:
+    """ValueError for an in-place target whose elements share memory.
+
+    A stride of 0 over an axis longer than 1 (``expand``, ``broadcast_to``,
+    ``as_strided``) makes several elements one memory location: writing them
+    in place is ambiguous, and torch's own in-place ops refuse it.  Only
+    non-contiguous arrays can be such views, so callers check those only.
+    """
+    if any(n > 1 and s == 0 for n, s in zip(shape, strides)):
+        raise ValueError(
+            f"{what}_ got an array whose elements share memory (stride 0, as from expand "
+            f"or broadcast_to), which cannot be written in place; {out_of_place_hint(what)}"
+        )
+
+
+def out_of_place_hint(what: str) -> str:
+    """What to do instead of the in-place ``what_`` (``scale_`` has no twin)."""
+    if what == "scale":
+        return "scale a copy of it instead"
+    return f"use the out-of-place fastclip.{what}() instead"

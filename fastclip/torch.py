@@ -17,6 +17,11 @@ Differences from torch, all deliberate and documented:
   gradients);
 * ``foreach`` is accepted for compatibility and ignored on the CPU: fastclip
   always uses its multi-tensor kernel (one launch per dtype);
+* bad arguments raise before any gradient is written: ``max_norm`` < 0 or
+  NaN, ``norm_type`` NaN and ``clip_value`` < 0 are a ValueError (torch
+  computes with them: flipped signs or NaN gradients), as is an expanded
+  gradient (stride 0, whose elements share memory; torch raises a
+  RuntimeError from its in-place multiply);
 * ``norm_type`` <= 0 (0 counts non-zeros, negative p, ``-inf`` the smallest
   ``|x|``: not norms, and fastclip's kernels refuse them) is computed with
   ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per

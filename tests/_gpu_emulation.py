@@ -44,6 +44,7 @@ class HostLib:
     ptr = staticmethod(lambda x: x.ctypes.data)
     numel = staticmethod(lambda x: x.size)
     contiguous = staticmethod(lambda x: x.flags.c_contiguous)
+    strides = staticmethod(lambda x: x.strides)
     as_contiguous = staticmethod(np.ascontiguousarray)
     permute = staticmethod(lambda x, perm: x.transpose(perm))
     reshape = staticmethod(lambda x, shape: x.reshape(shape))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from numpy.exceptions import AxisError
 
 import fastclip
+import fastclip.torch as fct
 from fastclip._cpu import _driver
 
 
@@ -309,6 +310,48 @@ def test_read_only_arrays_work_out_of_place():
     expected, expected_total = ref.clip_by_global_norm([x, x], 0.1)
     assert_close(total, expected_total, "float32")
     assert_close(outs[1], expected[1], "float32")
+
+
+# ---------------------------------------- elements sharing memory (stride 0)
+
+
+def _self_overlapping(kind, dtype):
+    """An in-place target whose 4 rows are one memory location each column."""
+    row = sample((1, 3), seed=65)
+    if kind == "torch":
+        return torch.tensor(row, dtype=getattr(torch, dtype)).expand(4, 3)
+    base = np.array(row, dtype)
+    return np.lib.stride_tricks.as_strided(base, (4, 3), (0, base.itemsize))  # writeable
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_in_place_on_stride_0_views_raises_value_error_and_writes_nothing(kind, dtype):
+    """torch refuses in-place ops on expanded tensors; so does every in-place function,
+    before any write (the other arrays of a global call included)."""
+    x = _self_overlapping(kind, dtype)
+    others = [np.array(sample(6, seed=i), dtype) for i in range(9)]
+    if kind == "torch":
+        others = [torch.from_numpy(o) for o in others]
+    calls = [
+        lambda: fastclip.clip_by_norm_(x, 0.1),
+        lambda: fastclip.clip_by_norm_(x, 0.1, axis=1),
+        lambda: fastclip.normalize_(x),
+        lambda: fastclip.clip_by_value_(x, -0.1, 0.1),
+        lambda: fastclip.clip_by_global_norm_([*others[:1], x], 0.1),
+        lambda: fastclip.clip_by_global_norm_([*others, x], 0.1),
+        lambda: fastclip.scale_([*others, x], 0.5),
+    ]
+    if kind == "torch":
+        p = torch.nn.Parameter(torch.zeros(4, 3, dtype=x.dtype))
+        p.grad = x
+        calls.append(lambda: fct.clip_grad_norm_([p], 0.1))
+        calls.append(lambda: fct.clip_grad_value_([p], 0.1))
+    for call in calls:
+        with unchanged(x, *others), pytest.raises(ValueError, match="share memory"):
+            call()
+    # out of place it is an ordinary (broadcast) array
+    assert_close(_np(fastclip.clip_by_norm(x, 0.1)), ref.clip_by_norm(_np(x), 0.1), dtype)
 
 
 # ------------------------------------------------------ mixed libraries

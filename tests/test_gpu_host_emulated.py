@@ -222,6 +222,25 @@ def test_overlapping_in_place_arrays_raise_before_any_launch():
     np.testing.assert_array_equal(a, np.ones(10))
 
 
+def test_stride_0_in_place_targets_raise_before_any_launch():
+    """Expanded views (stride 0) cannot be written in place on the GPU route either."""
+    base = np.arange(1.0, 4.0)
+    other = np.ones(5)
+    x = np.lib.stride_tricks.as_strided(base, (4, 3), (0, 8))
+    calls = [
+        lambda: _driver.clip_global(HostLib, [other, x], 1.0, 2, 2.0, 0.0, None, False, True),
+        lambda: _driver.scale_(HostLib, [other, x], 0.5),
+        lambda: _driver.clamp_many_(HostLib, [other, x], -0.1, 0.1),
+        lambda: _driver.rescale(HostLib, x, 2, 2.0, None, 1.0, 0.0, "clip", True),
+        lambda: _driver.rescale(HostLib, x, 2, 2.0, (1,), 1.0, 0.0, "clip", True),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="share memory"):
+            call()
+        np.testing.assert_array_equal(base, [1.0, 2.0, 3.0])
+        np.testing.assert_array_equal(other, np.ones(5))
+
+
 def test_error_if_nonfinite_modifies_nothing():
     arrays = [np.array([1.0, np.nan]), np.array([2.0])]
     with pytest.raises(RuntimeError, match="non-finite"):

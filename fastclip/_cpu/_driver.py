@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._dispatch import route_of_many
-from .._validate import NonFiniteNormError
+from .._validate import NonFiniteNormError, check_self_overlap, out_of_place_hint
 from . import _build
 from ._libs import NumpyLib, float_storage, lib_for, norm_dtype
 
@@ -261,7 +261,9 @@ def rescale(
     what = "clip_by_norm" if mode == "clip" else "normalize"
     sv = float_storage(lib, x, what)
     if inplace and not lib.writeable(x):
-        raise ValueError(f"{what}_ got a read-only array; use the out-of-place {what}()")
+        raise ValueError(f"{what}_ got a read-only array; {out_of_place_hint(what)}")
+    if inplace and not sv.flags.c_contiguous:
+        check_self_overlap(sv.shape, sv.strides, what)
     dtype = norm_dtype(sv.dtype)
     out = x if inplace else lib.empty_like(x)
     out_sv = sv if inplace else lib.storage(out)
@@ -306,11 +308,13 @@ _WIDE_STORAGE = frozenset((np.dtype(np.float64), np.dtype(np.complex128)))
 def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
     if inplace and not lib.writeable(x):
         raise ValueError(
-            "clip_by_value_ got a read-only array; use the out-of-place clip_by_value()"
+            f"clip_by_value_ got a read-only array; {out_of_place_hint('clip_by_value')}"
         )
     sv = lib.storage(x)
     if sv.dtype.kind == "c":
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
+    if inplace and not sv.flags.c_contiguous:
+        check_self_overlap(sv.shape, sv.strides, "clip_by_value")
     out = x if inplace else lib.empty_like(x)
     out_sv = sv if inplace else lib.storage(out)
     if not lib.is_float(x):
@@ -476,10 +480,12 @@ def _group_norm_dtype(storages: Any) -> np.dtype:
 def _numpy_row(a: Any, what: str, writing: bool) -> tuple[np.dtype, int, int, np.ndarray, Any]:
     sv = float_storage(NumpyLib, a, what)
     if writing and not a.flags.writeable:
-        raise ValueError(f"{what}_ got a read-only array; use the out-of-place {what}()")
+        raise ValueError(f"{what}_ got a read-only array; {out_of_place_hint(what)}")
     copy = None
     buf = sv
     if not sv.flags.c_contiguous:
+        if writing:
+            check_self_overlap(sv.shape, sv.strides, what)
         buf = copy = np.ascontiguousarray(sv)
     return sv.dtype, buf.ctypes.data, buf.size, sv, copy
 
@@ -502,6 +508,8 @@ def _torch_rows(tensors: Sequence[Any], what: str, writing: bool) -> list[tuple[
             rows.append((storage_dtype, t.data_ptr(), t.numel(), t, None))
         else:
             sv = lib_for("torch").storage(t)
+            if writing:
+                check_self_overlap(sv.shape, sv.strides, what)
             copy = np.ascontiguousarray(sv)
             rows.append((storage_dtype, copy.ctypes.data, copy.size, sv, copy))
     return rows

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
-from .._validate import NonFiniteNormError
+from .._validate import NonFiniteNormError, check_self_overlap
 from . import _plan, _source
 from ._libs import lib_for
 
@@ -160,6 +160,8 @@ class _Packed:
                 )
             buf = a
             if not lib.contiguous(a):
+                if writing:
+                    check_self_overlap(tuple(a.shape), lib.strides(a), what)
                 buf = lib.as_contiguous(a)
                 self.copies.append((a, buf))
             elif writing and lib.numel(a):
@@ -485,6 +487,8 @@ def rescale(
 ) -> tuple[Any, Any]:
     what = "clip_by_norm" if mode == "clip" else "normalize"
     _check_kind(lib, x, what)
+    if inplace and not lib.contiguous(x):
+        check_self_overlap(tuple(x.shape), lib.strides(x), what)
     mode_code = 1 if mode == "clip" else 2
     shape = tuple(x.shape)
     out = x if inplace else lib.empty_like(x)

@@ -53,6 +53,10 @@ class CupyLib:
         return bool(x.flags.c_contiguous)
 
     @staticmethod
+    def strides(x: Any) -> tuple[int, ...]:
+        return tuple(x.strides)
+
+    @staticmethod
     def as_contiguous(x: Any) -> Any:
         return _cupy().ascontiguousarray(x)
 
@@ -160,6 +164,10 @@ class TorchCudaLib:
     @staticmethod
     def contiguous(x: Any) -> bool:
         return bool(x.is_contiguous())
+
+    @staticmethod
+    def strides(x: Any) -> tuple[int, ...]:
+        return tuple(x.stride())
 
     @staticmethod
     def as_contiguous(x: Any) -> Any:
