@@ -80,7 +80,16 @@ def first_call(timer: str, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def inner_count(timer: str, fn: Callable[[], Any], max_inner: int = MAX_INNER) -> int:
-    dt = time_block(timer, fn, 1)
+    """Calls per block so that a block lasts about ``TARGET_BLOCK_S``.
+
+    Sized on the fastest of three calls: one slow call (data evicted by the
+    previous implementation, another library's pool threads still spinning)
+    must not shrink every block to a call or two, which would make that
+    one-off cost most of each sample.
+    """
+    if max_inner <= 1:
+        return 1
+    dt = min(time_block(timer, fn, 1) for _ in range(3))
     return max(1, min(max_inner, math.ceil(TARGET_BLOCK_S / max(dt, 1e-9))))
 
 
