@@ -272,3 +272,29 @@ def test_norm_of_tiny_float32_values_is_accurate(backend, dtype, ord):
     _check_norm(backend, backend.asarray(data.reshape(50, 100), dtype), dtype, ord, axis=1)
     expected = ref.global_norm([backend.to_numpy(x)] * 2, ord)
     assert_close(backend.to_numpy(fastclip.global_norm([x, x], ord)), expected, dtype)
+
+
+@pytest.mark.parametrize("ord", [1, 2, 2.0, math.inf])
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.linspace(-3, 5, 1_000),
+        np.array([1e20, -3e19, 2.0]),  # squares overflow float32
+        np.array([1e-30, -2e-31]),  # squares underflow float32
+        np.array([1.0, np.nan, 2.0]),
+        np.array([1.0, -np.inf]),
+        np.zeros(0),
+        np.arange(12.0).reshape(3, 4),
+    ],
+    ids=["ramp", "huge", "tiny", "nan", "inf", "empty", "2-d"],
+)
+def test_float32_whole_array_fast_path_equals_the_general_path(values, ord):
+    """``norm`` of a contiguous float32 ndarray skips validation and dispatch; the
+    general path (taken for an ``np.float64`` ord) must give the same bits, and
+    both the float64 oracle's value."""
+    x = values.astype(np.float32)
+    fast = fastclip.norm(x, ord)
+    general = fastclip.norm(x, np.float64(ord))
+    assert type(fast) is np.ndarray and fast.dtype == np.float32 and fast.shape == ()
+    np.testing.assert_array_equal(fast, general)
+    np.testing.assert_allclose(fast, ref.norm(x, ord), rtol=1e-6, equal_nan=True)
