@@ -81,9 +81,17 @@ def _grads(parameters: TensorOrTensors, warn_empty_generator: bool = False) -> l
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
-def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+def _result_dtype(tensors: list[torch.Tensor], norm_dtype: torch.dtype) -> torch.dtype:
     """The dtype torch's total norm has: the promoted dtype of the gradients'
-    per-tensor norms (real: complex64 gradients give a float32 norm)."""
+    per-tensor norms (real: complex64 gradients give a float32 norm).
+
+    fastclip's norm (``norm_dtype``) is float64 exactly when a gradient is
+    float64 or complex128, and then so is torch's; a float32 or complex64
+    gradient also fixes the result.  Only lists starting with a 16-bit
+    gradient need the scan (all float16 gives float16, mixed 16-bit float32).
+    """
+    if norm_dtype == torch.float64 or tensors[0].dtype in (torch.float32, torch.complex64):
+        return norm_dtype
     dtypes = set(map(_DTYPE, tensors))
     dtype = dtypes.pop()
     for other in dtypes:
@@ -146,7 +154,7 @@ def get_total_norm(
         total = _api.global_norm(tensors, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(norm_type)
-    return total.to(_result_dtype(tensors))
+    return total.to(_result_dtype(tensors, total.dtype))
 
 
 def clip_grads_with_norm_(
@@ -217,7 +225,7 @@ def clip_grad_norm_(
             )
     except NonFiniteNormError:
         raise _nonfinite_error(norm_type) from None  # torch's wording
-    return total.to(_result_dtype(grads))
+    return total.to(_result_dtype(grads, total.dtype))
 
 
 def clip_grad_value_(

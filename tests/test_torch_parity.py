@@ -126,6 +126,9 @@ def test_clip_grad_norm_other_dtypes(kind, dtype, norm_type):
         (torch.float16, torch.bfloat16),
         (torch.float32, torch.float64),
         (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.complex128),
+        (torch.float16,),
     ],
     ids=lambda ds: "+".join(str(d).removeprefix("torch.") for d in ds),
 )
