@@ -444,6 +444,7 @@ def normalize_(
 
 _FAST_ORDS = {2: 2, 1: 1, math.inf: 0}
 _F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
 
 
 def _small_clip_(x: Any, max_norm: Any, ord: Any, eps: Any) -> Any:
@@ -483,22 +484,32 @@ def _small_clip_(x: Any, max_norm: Any, ord: Any, eps: Any) -> Any:
 
 
 def _small_norm(x: Any, ord: Any) -> Any:
-    """The whole-array norm of a C-contiguous float32 NumPy array, ord 1, 2 or inf.
+    """The whole-array norm of a C-contiguous float32/float64 NumPy array, ord 1, 2 or inf.
 
     The general path spends ~4 us in validation, dispatch and wrapping, which
     is most of the call below ~1e5 values (NumPy's ``linalg.norm`` spends
-    ~0.6 us); this runs the same kernel and returns the same 0-d float32.
-    Anything else returns None and takes the general path.
+    ~0.6 us); this runs the same kernel and returns the same 0-d array.
+    Anything else returns None and takes the general path, as does a float64
+    L2 power sum outside the range where it is exact (the general path then
+    rescales by max|x|).
     """
-    if type(x) is not np.ndarray or x.dtype != _F32 or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or not x.flags.c_contiguous:
+        return None
+    dtype = x.dtype
+    if dtype != _F32 and dtype != _F64:
         return None
     pcode = _FAST_ORDS.get(ord) if type(ord) in (int, float) else None
     if pcode is None:
         return None
+    driver = _cpu()
     flat = x.reshape(-1)
-    total = _cpu().run("arr_pow_sum", flat.size, flat, pcode, float(ord), 1.0, _config.CHUNK)
-    # float32 data cannot over/underflow a float64 power sum for p = 1, 2 or inf
-    return np.asarray(math.sqrt(total) if pcode == 2 else total, dtype=_F32)
+    total = driver.run("arr_pow_sum", flat.size, flat, pcode, float(ord), 1.0, _config.CHUNK)
+    if pcode != 2:
+        return np.asarray(total, dtype=dtype)
+    # float32 squares cannot over/underflow a float64 sum; float64 ones can
+    if dtype == _F64 and not driver._SAFE_LO < total < driver._SAFE_HI:
+        return None
+    return np.asarray(math.sqrt(total), dtype=dtype)
 
 
 def _total_norm_value(total_norm: Any) -> float | None:

@@ -281,20 +281,25 @@ def test_norm_of_tiny_float32_values_is_accurate(backend, dtype, ord):
         np.linspace(-3, 5, 1_000),
         np.array([1e20, -3e19, 2.0]),  # squares overflow float32
         np.array([1e-30, -2e-31]),  # squares underflow float32
+        np.array([1e200, -3e199, 1.0]),  # float64 squares overflow (inf in float32)
+        np.array([1e-200, 2e-201]),  # float64 squares underflow (0 in float32)
         np.array([1.0, np.nan, 2.0]),
         np.array([1.0, -np.inf]),
         np.zeros(0),
         np.arange(12.0).reshape(3, 4),
     ],
-    ids=["ramp", "huge", "tiny", "nan", "inf", "empty", "2-d"],
+    ids=["ramp", "huge", "tiny", "huge64", "tiny64", "nan", "inf", "empty", "2-d"],
 )
-def test_float32_whole_array_fast_path_equals_the_general_path(values, ord):
-    """``norm`` of a contiguous float32 ndarray skips validation and dispatch; the
-    general path (taken for an ``np.float64`` ord) must give the same bits, and
-    both the float64 oracle's value."""
-    x = values.astype(np.float32)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_whole_array_fast_path_equals_the_general_path(values, ord, dtype):
+    """``norm`` of a contiguous float32/float64 ndarray skips validation and
+    dispatch; the general path (taken for an ``np.float64`` ord) must give the
+    same bits, and both the float64 oracle's value."""
+    with np.errstate(over="ignore"):  # 1e200 is inf in float32
+        x = values.astype(dtype)
     fast = fastclip.norm(x, ord)
     general = fastclip.norm(x, np.float64(ord))
-    assert type(fast) is np.ndarray and fast.dtype == np.float32 and fast.shape == ()
+    assert type(fast) is np.ndarray and fast.dtype == x.dtype and fast.shape == ()
     np.testing.assert_array_equal(fast, general)
-    np.testing.assert_allclose(fast, ref.norm(x, ord), rtol=1e-6, equal_nan=True)
+    rtol = 1e-6 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(fast, ref.norm(x, ord), rtol=rtol, equal_nan=True)
