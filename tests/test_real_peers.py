@@ -303,6 +303,36 @@ def test_optax_per_example_global_norm_clip(jx, dtype: str, which: str) -> None:
     np.testing.assert_allclose(f64(res.norms), norms, rtol=RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("uniform", [True, False])
+def test_optax_per_example_layer_norm_clip(jx, dtype: str, uniform: bool) -> None:
+    """optax's per-layer variant is ``clip_per_sample(per_layer=True)`` with its
+    bounds: ``C / sqrt(K)`` (uniform) or ``C * sqrt(D_k / D)``; its per-layer
+    clipped counts follow from fastclip's ``[K, B]`` norms."""
+    batch = 12
+    rng = np.random.default_rng(6)
+    scale = rng.choice([0.01, 0.1, 1.0, 10.0], size=batch)
+    gs = [
+        (rng.standard_normal((batch, *s)) * scale.reshape((-1,) + (1,) * len(s))).astype(dtype)
+        for s in SHAPES
+    ]
+    c = 3.0
+    sizes = np.array([np.prod(s) for s in SHAPES], np.float64)
+    bounds = [c / np.sqrt(len(gs))] * len(gs) if uniform else list(c * np.sqrt(sizes / sizes.sum()))
+    with jax_precision(jx, dtype):
+        summed, counts = jx.jax.jit(
+            jx.optax.per_example_layer_norm_clip, static_argnames="uniform"
+        )([jx.jnp.asarray(g) for g in gs], c, uniform=uniform)
+    res = fastclip.clip_per_sample(gs, bounds, per_layer=True, eps=0)
+    norms = f64(res.norms)
+    got_counts = [int(np.sum(norms[k] > bounds[k])) for k in range(len(gs))]
+    assert got_counts == [int(n) for n in counts]
+    assert 0 < sum(got_counts) < batch * len(gs)  # some samples clipped, some kept
+    for a, w in zip(res.grads, summed):
+        assert a.dtype == np.dtype(dtype) and str(w.dtype) == dtype
+        assert rel_err(a, w) <= RTOL[dtype]
+
+
 # -------------------------------------------- optax: clip + adamw, 20 steps
 
 
