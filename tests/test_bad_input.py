@@ -354,6 +354,31 @@ def test_in_place_on_stride_0_views_raises_value_error_and_writes_nothing(kind, 
     assert_close(_np(fastclip.clip_by_norm(x, 0.1)), ref.clip_by_norm(_np(x), 0.1), dtype)
 
 
+def test_sparse_tensors_raise_type_error_and_write_nothing():
+    """Sparse gradients (``nn.Embedding(sparse=True)``): a TypeError naming the
+    layout, before any write; torch.nn.utils cannot clip them either."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    g = emb.weight.grad
+    assert g.layout is torch.sparse_coo
+    dense = [torch.tensor(sample(6, seed=i), dtype=torch.float32) for i in range(9)]
+    calls = [
+        lambda: fastclip.norm(g),
+        lambda: fastclip.clip_by_norm_(g, 0.1),
+        lambda: fastclip.clip_by_value_(g, -0.1, 0.1),
+        lambda: fastclip.global_norm([*dense, g]),
+        lambda: fastclip.clip_by_global_norm_([*dense[:1], g], 0.1),
+        lambda: fastclip.clip_by_global_norm_([*dense, g], 0.1),
+        lambda: fct.clip_grad_norm_(emb.parameters(), 0.1),
+        lambda: fct.clip_grad_value_(emb.parameters(), 0.1),
+    ]
+    before = g.to_dense().clone()
+    for call in calls:
+        with unchanged(*dense), pytest.raises(TypeError, match=r"dense \(strided\) tensors"):
+            call()
+        assert torch.equal(g.to_dense(), before)
+
+
 # ------------------------------------------------------ mixed libraries
 
 

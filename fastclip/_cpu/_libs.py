@@ -82,6 +82,11 @@ class TorchLib:
     @staticmethod
     def storage(x: Any) -> np.ndarray:
         torch = sys.modules["torch"]
+        if x.layout is not torch.strided:
+            raise TypeError(
+                f"fastclip needs dense (strided) tensors, got layout {x.layout}; "
+                "call .to_dense() first (torch.nn.utils cannot clip sparse gradients either)"
+            )
         t = x.detach()
         dt = t.dtype
         if dt is torch.bfloat16:
