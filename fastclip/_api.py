@@ -631,6 +631,14 @@ def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any
     its device (no host synchronisation for device arrays); a Python number
     gives a Python float.  NaN propagates; ``total_norm = inf`` gives 0.
 
+    Raises
+    ------
+    ValueError
+        A negative Python-number ``total_norm`` (arrays are not inspected: that
+        would synchronise with the device), or a bad ``max_norm`` or ``eps``.
+    TypeError
+        ``total_norm`` is neither a real number nor an array.
+
     Examples
     --------
     >>> import numpy as np, fastclip
@@ -642,10 +650,17 @@ def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any
     c = check_max_norm(max_norm)
     eps_v = check_eps(eps)
     if isinstance(total_norm, (int, float)) and not isinstance(total_norm, bool):
-        r = c / (float(total_norm) + eps_v) if (float(total_norm) + eps_v) != 0 else math.inf
+        n = float(total_norm)
+        if n < 0:
+            raise ValueError(f"total_norm must be >= 0 (or NaN/inf), got {n}")
+        r = c / (n + eps_v) if (n + eps_v) != 0 else math.inf
         return 1.0 if r >= 1.0 else r
     import array_api_compat as aac
 
+    if not aac.is_array_api_obj(total_norm) or isinstance(total_norm, bool):
+        raise TypeError(
+            f"total_norm must be a real number or an array, got {type(total_norm).__name__}"
+        )
     xp = aac.array_namespace(total_norm)
     with np.errstate(divide="ignore", invalid="ignore"):  # NumPy-backed namespaces
         den = total_norm + eps_v

@@ -19,7 +19,7 @@ costs 2,000 ``type()`` calls, not 2,000 namespace inspections.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import array_api_compat as aac
@@ -112,6 +112,11 @@ def as_array_list(arrays: Any) -> list[Any]:
         return list(arrays)
     if hasattr(arrays, "shape") and hasattr(arrays, "dtype"):
         return [arrays]
+    if isinstance(arrays, Mapping):  # iterating would give the keys
+        raise TypeError(
+            f"expected an array or an iterable of arrays, got a {type(arrays).__name__}; "
+            "pass list(d.values())"
+        )
     try:
         return list(arrays)
     except TypeError:

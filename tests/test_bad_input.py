@@ -379,6 +379,63 @@ def test_sparse_tensors_raise_type_error_and_write_nothing():
         assert torch.equal(g.to_dense(), before)
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
+def test_numpy_subclasses_masked_refused_matrix_taken_as_its_memory():
+    """Masked arrays would have their mask ignored: TypeError, nothing written.
+    Other ndarray subclasses (np.matrix) are clipped through a plain view of
+    their memory, in place or out of place."""
+    data = np.array(sample((2, 3), seed=66), np.float32)
+    masked = np.ma.array(data.copy(), mask=[[0, 1, 0], [0, 0, 1]])
+    plain = [np.array(sample(4, seed=i), np.float32) for i in range(9)]
+    for call in (
+        lambda: fastclip.norm(masked),
+        lambda: fastclip.clip_by_norm_(masked, 0.1),
+        lambda: fastclip.clip_by_value_(masked, -0.1, 0.1),
+        lambda: fastclip.clip_by_global_norm_([*plain, masked], 0.1),
+    ):
+        with unchanged(masked.data, *plain), pytest.raises(TypeError, match="masked"):
+            call()
+    m = np.matrix(data.copy())
+    assert_close(fastclip.norm(m), ref.norm(data), "float32")
+    assert_close(np.asarray(fastclip.clip_by_norm(m, 0.1)), ref.clip_by_norm(data, 0.1), "float32")
+    assert_close(fastclip.norm(m, axis=1), ref.norm(data, axis=1), "float32")
+    fastclip.clip_by_norm_(m, 0.1, axis=1)
+    assert_close(np.asarray(m), ref.clip_by_norm(data, 0.1, axis=1), "float32")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array(["a", "b"]), np.array([1, "a"], object), np.array(["2020-01-01"], "datetime64[D]")],
+    ids=["str", "object", "datetime"],
+)
+def test_clip_by_value_of_non_numeric_arrays_raises_type_error(values):
+    for call in (
+        lambda: fastclip.clip_by_value(values, 0, 1),
+        lambda: fastclip.clip_by_value_(values, 0, 1),
+    ):
+        with unchanged(values), pytest.raises(TypeError, match="numeric"):
+            call()
+
+
+def test_a_mapping_of_arrays_is_refused_with_a_hint():
+    grads = {"w": np.ones(3, np.float32)}
+    for call in (
+        lambda: fastclip.global_norm(grads),
+        lambda: fastclip.clip_by_global_norm_(grads, 0.1),
+    ):
+        with unchanged(grads["w"]), pytest.raises(TypeError, match="values"):
+            call()
+
+
+def test_clip_coefficient_bad_total_norm():
+    with pytest.raises(ValueError, match="total_norm"):
+        fastclip.clip_coefficient(-1.0, 1.0)
+    with pytest.raises(TypeError, match="total_norm"):
+        fastclip.clip_coefficient("a", 1.0)
+    with pytest.raises(TypeError, match="total_norm"):
+        fastclip.clip_coefficient(None, 1.0)
+
+
 # ------------------------------------------------------ mixed libraries
 
 

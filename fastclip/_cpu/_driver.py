@@ -313,6 +313,10 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
     sv = lib.storage(x)
     if sv.dtype.kind == "c":
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
+    if sv.dtype.kind not in "biuf":
+        raise TypeError(
+            f"clip_by_value needs numeric arrays (bool, integer or floating), got {sv.dtype}"
+        )
     if inplace and not sv.flags.c_contiguous:
         check_self_overlap(sv.shape, sv.strides, "clip_by_value")
     out = x if inplace else lib.empty_like(x)

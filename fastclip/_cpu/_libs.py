@@ -43,6 +43,13 @@ class NumpyLib:
 
     @staticmethod
     def storage(x: np.ndarray) -> np.ndarray:
+        if type(x) is not np.ndarray:
+            if isinstance(x, np.ma.MaskedArray):
+                raise TypeError(
+                    "fastclip does not take masked arrays (their mask would be ignored); "
+                    "pass x.filled(0) or x.compressed()"
+                )
+            x = x.view(np.ndarray)  # np.matrix, memmap...: the same memory, plain ndarray
         return x.view(np.int16) if x.dtype == F16 else x
 
     @staticmethod
