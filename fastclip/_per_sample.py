@@ -256,7 +256,7 @@ def _check_bounds(max_norm: Any, per_layer: bool, n: int) -> np.ndarray:
             raise ValueError("one max_norm per array needs per_layer=True")
         if len(values) != n:
             raise ValueError(
-                f"per_layer needs 1 or {n} max_norm values (one per array), got {len(values)}"
+                f"per_layer needs one max_norm, or one per array ({n}), got {len(values)}"
             )
         return np.array([check_max_norm(v, f"max_norm[{k}]") for k, v in enumerate(values)])
     return np.full(n, check_max_norm(max_norm))

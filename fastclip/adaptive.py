@@ -45,7 +45,7 @@ from collections import deque
 from typing import Any
 
 from . import _api, _dispatch
-from ._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord
+from ._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord, scalar_value
 
 __all__ = ["AGC", "AutoClip", "GlobalNormClipper", "ZClip"]
 
@@ -742,9 +742,10 @@ class AGC(_Clipper):
         *,
         nonfinite: str = "propagate",
     ) -> None:
-        if not float(clipping) > 0:
+        clipping_v = scalar_value(clipping, "clipping")
+        if not clipping_v > 0:
             raise ValueError(f"clipping must be > 0, got {clipping!r}")
-        self.clipping = float(clipping)
+        self.clipping = clipping_v
         self.eps = check_eps(eps)
         if isinstance(axis, str):
             if axis.lower() not in _LAYOUTS:

@@ -399,6 +399,11 @@ def test_validation() -> None:
         AGC()([np.ones(2)])  # no params
     with pytest.raises(ValueError):
         AGC(axis="optax")([np.ones((1, 2, 3, 4, 5))], [np.ones((1, 2, 3, 4, 5))])
+    with pytest.raises(ValueError, match="clipping"):
+        AGC(clipping=0.0)
+    for bad in ("a", None, [0.1]):
+        with pytest.raises(TypeError, match="clipping"):
+            AGC(clipping=bad)
 
 
 # ----------------------------------------------------------------------- AGC

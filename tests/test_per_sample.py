@@ -331,6 +331,11 @@ def test_bad_input_raises_before_anything(args, kwargs, exc):
         assert (a == b).all()
 
 
+def test_per_layer_bound_count_message():
+    with pytest.raises(ValueError, match=r"one max_norm, or one per array \(1\), got 2"):
+        clip_per_sample([np.ones((3, 2))], [1.0, 2.0], per_layer=True)
+
+
 def test_gpu_route_without_a_gpu_raises_before_any_work(monkeypatch):
     """Device arrays on a machine without a usable GPU: a clear GPUUnavailableError
     (the GPU route itself is tested in test_gpu_per_sample*.py)."""

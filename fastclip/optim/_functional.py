@@ -188,12 +188,22 @@ def _steps(step: Any, n: int) -> list[float]:
     if isinstance(step, (int, float, np.integer, np.floating)) and not isinstance(step, bool):
         steps = [float(step)] * n
     else:
-        steps = [float(s) for s in step]
+        if isinstance(step, (str, bytes)) or not hasattr(step, "__iter__"):
+            raise TypeError(f"step must be an int or one int per parameter, got {step!r}")
+        steps = [scalar_value(s, "step") for s in step]
         if len(steps) != n:
             raise ValueError(f"step: got {len(steps)} values for {n} parameters")
     if any(not s >= 1 for s in steps):
         raise ValueError("step counts must be >= 1 (the count *after* this step, as torch)")
     return steps
+
+
+def _betas(betas: Any) -> tuple[float, float]:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of real numbers, got {betas!r}") from None
+    return scalar_value(b1, "betas[0]"), scalar_value(b2, "betas[1]")
 
 
 def adamw_hparams(
@@ -437,9 +447,14 @@ def adamw_step_(
     lib = gpu_lib([ps, gs, ms, vs, xs], "adamw_step_") if gpu else cpu_lib(ps, "adamw_step_")
     if len(gs) != len(ps):
         raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
-    beta1, beta2 = (float(b) for b in betas)
+    beta1, beta2 = _betas(betas)
     hp = adamw_hparams(
-        _steps(step, len(ps)), float(lr), beta1, beta2, float(eps), float(weight_decay)
+        _steps(step, len(ps)),
+        scalar_value(lr, "lr"),
+        beta1,
+        beta2,
+        scalar_value(eps, "eps"),
+        scalar_value(weight_decay, "weight_decay"),
     )
     if gpu:
         from .._gpu import _optim
@@ -530,7 +545,7 @@ def sgd_step_(
         return None
     gs = _as_list(grads, "grads")
     policy = check_nonfinite(nonfinite)
-    momentum, dampening = float(momentum), float(dampening)
+    momentum, dampening = scalar_value(momentum, "momentum"), scalar_value(dampening, "dampening")
     bufs = None
     if momentum != 0 and momentum_buffers is not None:
         bufs = _as_list(momentum_buffers, "momentum_buffers")
@@ -547,7 +562,13 @@ def sgd_step_(
     else:
         first = [bool(f) for f in first_step]
     hp = sgd_hparams(
-        len(ps), float(lr), momentum, dampening, float(weight_decay), bool(nesterov), first
+        len(ps),
+        scalar_value(lr, "lr"),
+        momentum,
+        dampening,
+        scalar_value(weight_decay, "weight_decay"),
+        bool(nesterov),
+        first,
     )
     if gpu:
         from .._gpu import _optim
