@@ -410,6 +410,19 @@ def test_adamw_step_bad_hyperparameter_types_name_the_argument(kwargs, match) ->
             np.testing.assert_array_equal(x, y)
 
 
+def test_adamw_step_takes_a_0d_step_count() -> None:
+    """step as a 0-d array or tensor (torch keeps its step counts in tensors)."""
+    outs = []
+    for step in (3, np.array(3), torch.tensor(3.0)):
+        p, g = [np.ones(2, np.float32)], [np.array([0.5, -1.0], np.float32)]
+        m, v = [np.zeros(2, np.float32)], [np.zeros(2, np.float32)]
+        adamw_step_(p, g, m, v, step=step, lr=0.1)
+        outs.append(p[0])
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+    assert not np.array_equal(outs[0], np.ones(2, np.float32))
+
+
 def test_sgd_step_bad_hyperparameter_types_name_the_argument() -> None:
     p, g = [np.ones(2, np.float32)], [np.ones(2, np.float32)]
     for kwargs, match in ((dict(lr="a"), "lr"), (dict(lr=0.1, momentum="a"), "momentum")):

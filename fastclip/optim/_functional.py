@@ -187,6 +187,8 @@ def _norm_result(lib: Any, plan: Clip, like: Any) -> Any:
 def _steps(step: Any, n: int) -> list[float]:
     if isinstance(step, (int, float, np.integer, np.floating)) and not isinstance(step, bool):
         steps = [float(step)] * n
+    elif getattr(step, "shape", None) == ():  # a 0-d array or tensor
+        steps = [scalar_value(step, "step")] * n
     else:
         if isinstance(step, (str, bytes)) or not hasattr(step, "__iter__"):
             raise TypeError(f"step must be an int or one int per parameter, got {step!r}")
