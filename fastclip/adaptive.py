@@ -131,19 +131,36 @@ class _Clipper:
         sd.update(self._state())
         return sd
 
+    #: Keys :meth:`_state` adds to the configuration in :meth:`state_dict`.
+    _STATE_KEYS: tuple[str, ...] = ()
+
     def _state(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore configuration and state from :meth:`state_dict`'s output."""
+        """Restore configuration and state from :meth:`state_dict`'s output.
+
+        The keys must be exactly those this class's :meth:`state_dict` gives
+        (a ValueError names the missing and unexpected ones, as torch's
+        ``load_state_dict`` does); the values are validated as the
+        constructor validates them.  A failed load leaves the clipper as it was.
+        """
         sd = dict(state_dict)
         names = inspect.signature(type(self).__init__).parameters
+        expected = (set(names) - {"self"}) | {"step"} | set(self._STATE_KEYS)
+        missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: missing keys {missing}, unexpected "
+                f"keys {unexpected} (is it the state of another clipper class?)"
+            )
         cfg = {k: sd[k] for k in names if k != "self" and k in sd}
         if "ord" in cfg and cfg["ord"] is not None:
             cfg["ord"] = float(cfg["ord"])
-        type(self).__init__(self, **cfg)  # type: ignore[misc]
-        self.step = int(sd.get("step", 0))
-        self._load_state(sd)
+        fresh = type(self)(**cfg)  # validates; self is untouched until all of it loaded
+        fresh.step = int(sd["step"])
+        fresh._load_state(sd)
+        self.__dict__.update(fresh.__dict__)
 
     def _load_state(self, sd: dict[str, Any]) -> None:
         pass
@@ -458,6 +475,8 @@ class AutoClip(_GlobalNormBased):
         """The current clip value: the percentile of the stored norms (NaN if none)."""
         return self._stats.value()
 
+    _STATE_KEYS = ("norms",)
+
     def _state(self) -> dict[str, Any]:
         return {"norms": [v for _, v in self._norms]}
 
@@ -620,6 +639,8 @@ class ZClip(_GlobalNormBased):
             ord=self.ord,
             nonfinite=self.nonfinite,
         )
+
+    _STATE_KEYS = ("mean", "var", "initialized", "buffer")
 
     def _state(self) -> dict[str, Any]:
         return dict(

@@ -494,3 +494,25 @@ def test_agc_explicit_axes_and_nonfinite() -> None:
         AGC(nonfinite="error")([bad], [p])
     AGC()([bad], [p])  # propagate: the NaN unit becomes NaN, the others are clipped
     assert np.isnan(bad[0]).all() and np.isfinite(bad[1:]).all()
+
+
+def test_load_state_dict_is_strict_and_leaves_the_clipper_unchanged_on_failure() -> None:
+    """Wrong keys (another class's state, a missing or an extra key) or a bad value
+    raise; the clipper keeps its configuration and statistics."""
+    z = ZClip(warmup_steps=2)
+    for n in (1.0, 1.2, 0.9):
+        z([np.array([n], np.float32)])
+    before = z.state_dict()
+    bad_states = [
+        AutoClip().state_dict(),  # another clipper's
+        {k: v for k, v in before.items() if k != "buffer"},  # a missing key
+        {**before, "extra": 1},  # an unexpected key
+        {**before, "alpha": 2.0},  # a value the constructor refuses
+    ]
+    for bad in bad_states:
+        with pytest.raises(ValueError):
+            z.load_state_dict(bad)
+        assert z.state_dict() == before
+    clone = ZClip()
+    clone.load_state_dict(before)
+    assert clone.state_dict() == before
