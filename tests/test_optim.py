@@ -429,3 +429,79 @@ def test_sgd_step_bad_hyperparameter_types_name_the_argument() -> None:
         with pytest.raises(TypeError, match=match):
             sgd_step_(p, g, **kwargs)
         np.testing.assert_array_equal(p[0], np.ones(2, np.float32))
+
+
+def _channels_last_cnn(seed: int = 0):
+    """A small CNN in channels_last: its 4-D conv weights are not C-contiguous."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 3),
+    )  # fmt: skip
+    return model.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    ("ref_cls", "our_cls", "kw"),
+    [
+        (torch.optim.AdamW, FusedAdamW, dict(lr=1e-2, weight_decay=0.1)),
+        (torch.optim.AdamW, FusedAdamW, dict(lr=1e-2, amsgrad=True)),
+        (torch.optim.SGD, FusedSGD, dict(lr=1e-2)),
+        (torch.optim.SGD, FusedSGD, dict(lr=1e-2, momentum=0.9)),
+    ],
+    ids=["adamw", "adamw-amsgrad", "sgd", "sgd-momentum"],
+)
+def test_fused_optimizers_update_non_contiguous_parameters_like_torch(ref_cls, our_cls, kw):
+    """channels_last conv weights (strided parameters) are updated in place through
+    contiguous working copies, as torch updates them; none stays unchanged."""
+    a = _channels_last_cnn()
+    b = copy.deepcopy(a)
+    assert not all(p.is_contiguous() for p in b.parameters())
+    start = [p.detach().clone() for p in b.parameters()]
+    oa, ob = ref_cls(a.parameters(), **kw), our_cls(b.parameters(), **kw)
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 3, 8, 8), torch.randn(16, 3)
+    x = x.to(memory_format=torch.channels_last)
+    for _ in range(5):
+        for model, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    _assert_params_close(a, b, rtol=1e-5)
+    for p, p0 in zip(b.parameters(), start):
+        assert not torch.equal(p.detach(), p0)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_functional_steps_update_strided_parameters(lib):
+    """adamw_step_ / sgd_step_ on transposed views write through to the caller's memory,
+    against the float64 formulas."""
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((3, 4)).astype(np.float32)
+    g = rng.standard_normal((4, 3)).astype(np.float32)
+    as_lib = (lambda a: a) if lib == "numpy" else torch.from_numpy
+    p_base, m0, v0 = as_lib(base.copy()), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
+    p, m, v = p_base.T, as_lib(m0.copy()), as_lib(v0.copy())
+    adamw_step_([p], [as_lib(g.copy())], [m], [v], step=1, lr=0.1, weight_decay=0.01)
+    expected = ref_adamw(
+        base.T.astype(np.float64), g, m0, v0, None, 1, 0.1, 0.9, 0.999, 1e-8, 0.01, 1.0
+    )
+    np.testing.assert_allclose(np.asarray(p_base).T, expected[0], rtol=1e-6)
+    p_base = as_lib(base.copy())
+    sgd_step_([p_base.T], [as_lib(g.copy())], lr=0.1)
+    np.testing.assert_allclose(np.asarray(p_base).T, base.T - 0.1 * g, rtol=1e-6)
+
+
+def test_state_sharing_memory_with_parameters_raises_and_writes_nothing():
+    p = np.ones(3, np.float32)
+    base = np.zeros((3, 4), np.float32)  # base[:, 0] and base.T[0]: one strided column
+    g = [np.full(3, 0.5, np.float32)]
+    for call in (
+        lambda: adamw_step_([p], g, [p], [np.zeros(3, np.float32)], step=1),
+        lambda: adamw_step_([base[:, 0]], g, [base[:, 0].copy()], [base.T[0]], step=1),
+        lambda: sgd_step_([p], g, lr=0.1, momentum=0.9, momentum_buffers=[p]),
+    ):
+        with pytest.raises(ValueError, match="share"):
+            call()
+        np.testing.assert_array_equal(p, np.ones(3, np.float32))
+        np.testing.assert_array_equal(base, np.zeros((3, 4), np.float32))

@@ -37,13 +37,19 @@ def run(name: str, n: int, *args: Any) -> Any:
 
 
 class Group:
-    """One dtype's tensors: ``index`` into the caller's lists and one table per list."""
+    """One dtype's tensors: ``index`` into the caller's lists and one table per list.
 
-    __slots__ = ("index", "like", "n", "packs", "sizes")
+    ``written`` are the packs whose contiguous working copies (of strided
+    arrays) go back to the caller after the launch: the lists written in
+    place, never the read-only ones or the placeholders.
+    """
 
-    def __init__(self, index: list[int], packs: list[Any]):
+    __slots__ = ("index", "like", "n", "packs", "sizes", "written")
+
+    def __init__(self, index: list[int], packs: list[Any], written: list[Any]):
         self.index = index
         self.packs = packs
+        self.written = written
         first = packs[0].tables[0]
         self.sizes = first.sizes
         self.like = first.like
@@ -53,7 +59,7 @@ class Group:
         return self.packs[k].tables[0].addrs  # type: ignore[no-any-return]
 
     def copy_out(self) -> None:
-        for packed in self.packs:
+        for packed in self.written:
             packed.copy_out()
 
 
@@ -67,8 +73,8 @@ def groups(
     """Validate and pack parallel lists (params first) into per-dtype groups.
 
     Every list must have the params' length, and element ``i`` of each list
-    the shape and dtype of ``params[i]``.  ``None`` lists are packed as the
-    params (placeholders the kernel never touches).  Raises before any write.
+    the shape and dtype of ``params[i]``.  ``None`` lists reuse the params'
+    table (placeholders the kernel never touches).  Raises before any write.
     """
     params = lists[0]
     assert params is not None
@@ -94,15 +100,54 @@ def groups(
         index_sets = list(by.values())
     out = []
     for index in index_sets:
-        packs = []
+        packs: list[Any] = []
+        written = []
         for lst, w in zip(lists, writing):
-            src = params if lst is None else lst
-            sub = list(src) if len(index) == n else [src[i] for i in index]
-            packs.append(_driver.pack(lib, sub, what, writing=w and lst is not None))
+            if lst is None:  # a placeholder: the params' table, not a second copy of them
+                packs.append(packs[0])
+                continue
+            sub = list(lst) if len(index) == n else [lst[i] for i in index]
+            packs.append(_driver.pack(lib, sub, what, writing=w))
+            if w:
+                written.append(packs[-1])
         if packs[0].tables[0].like.dtype.kind == "c":
             raise TypeError(f"{what}: complex parameters are not supported")
-        out.append(Group(index, packs))
+        out.append(Group(index, packs, written))
+    _check_written_disjoint([p for g in out for p in g.written], what)
     return out
+
+
+def _check_written_disjoint(packs: list[Any], what: str) -> None:
+    """ValueError when two arrays that one step writes (parameters, state) share memory.
+
+    Each list was checked on its own by ``pack``; this checks across lists (a
+    moment buffer passed as a parameter too would be updated twice).  Tables
+    of contiguous arrays are checked vectorised; strided arrays, recorded with
+    their views by ``pack``'s slow path, exactly with ``np.shares_memory``.
+    """
+    if len(packs) < 2:
+        return
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    views: list[Any] = []
+    for packed in packs:
+        if packed.extents:  # the slow path: the caller's memory, strided views included
+            starts.append(np.array([e[0] for e in packed.extents], np.int64))
+            ends.append(np.array([e[1] for e in packed.extents], np.int64))
+            views.extend(e[2] for e in packed.extents)
+            continue
+        for t in packed.tables:
+            live = t.sizes > 0
+            starts.append(t.addrs[live])
+            ends.append(t.addrs[live] + t.sizes[live] * t.like.itemsize)
+            views.extend([None] * int(live.sum()))
+    for i, j in _driver._overlapping_extents(np.concatenate(starts), np.concatenate(ends)):
+        vi, vj = views[i], views[j]
+        if vi is None or vj is None or np.shares_memory(vi, vj):
+            raise ValueError(
+                f"{what}: two of the arrays written in place (parameters, state) share "
+                "memory; pass each piece of memory once"
+            )
 
 
 def total_pow_sum(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
