@@ -329,3 +329,15 @@ def test_torch_defined_norm_type_error_if_nonfinite_keeps_grads():
     for g, p in zip(before, ours.parameters()):
         if g is not None:
             torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+
+
+def test_results_carry_no_autograd_history_as_documented():
+    """fastclip is not differentiable (README "autograd"): outputs of inputs that
+    require grad are plain tensors, with torch's values."""
+    x = torch.tensor([3.0, 4.0], requires_grad=True)
+    n = fastclip.norm(x)
+    y = fastclip.clip_by_norm(x, 1.0, eps=0.0)
+    assert not n.requires_grad and n.grad_fn is None
+    assert not y.requires_grad and y.grad_fn is None
+    torch.testing.assert_close(n, torch.linalg.vector_norm(x.detach()))
+    torch.testing.assert_close(y, x.detach() / 5.0)
