@@ -406,6 +406,22 @@ class _Packed:
             run("tab_clamp", t.n, t.addrs, t.addrs, t.sizes, t.like, vmin, vmax, True, cfg.CHUNK)
         self.copy_out()
 
+    def byte_extents(self) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+        """(starts, ends, strided views or None) of the caller's non-empty arrays, for
+        overlap checks across packs: the slow path recorded them (``writing``); the
+        fast paths' tables hold contiguous arrays only."""
+        if self.extents:
+            starts = np.array([e[0] for e in self.extents], np.int64)
+            ends = np.array([e[1] for e in self.extents], np.int64)
+            return starts, ends, [e[2] for e in self.extents]
+        starts_l, ends_l = [], []
+        for t in self.tables:
+            live = t.sizes > 0
+            starts_l.append(t.addrs[live])
+            ends_l.append(t.addrs[live] + t.sizes[live] * t.like.itemsize)
+        starts, ends = np.concatenate(starts_l), np.concatenate(ends_l)
+        return starts, ends, [None] * starts.size
+
     def copy_out(self) -> None:
         """Write contiguous working copies back into the caller's strided memory."""
         for view, copy in self.copies:
@@ -567,10 +583,20 @@ def _check_no_overlap(extents: list[tuple[int, int, Any]]) -> None:
         return
     starts = np.fromiter((e[0] for e in extents), np.int64, len(extents))
     ends = np.fromiter((e[1] for e in extents), np.int64, len(extents))
+    pair = shared_pair(starts, ends, [e[2] for e in extents])
+    if pair is not None:
+        _raise_overlap(*pair)
+
+
+def shared_pair(starts: np.ndarray, ends: np.ndarray, views: Sequence[Any]) -> Any:
+    """The first (i, j) whose byte ranges [start, end) overlap and really share
+    memory (exactly, with ``np.shares_memory``, when both are strided views),
+    or None."""
     for i, j in _overlapping_extents(starts, ends):
-        vi, vj = extents[i][2], extents[j][2]
+        vi, vj = views[i], views[j]
         if vi is None or vj is None or np.shares_memory(vi, vj):
-            _raise_overlap(i, j)
+            return i, j
+    return None
 
 
 def _overlapping_extents(starts: np.ndarray, ends: np.ndarray) -> Any:

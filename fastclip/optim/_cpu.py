@@ -121,33 +121,19 @@ def _check_written_disjoint(packs: list[Any], what: str) -> None:
     """ValueError when two arrays that one step writes (parameters, state) share memory.
 
     Each list was checked on its own by ``pack``; this checks across lists (a
-    moment buffer passed as a parameter too would be updated twice).  Tables
-    of contiguous arrays are checked vectorised; strided arrays, recorded with
-    their views by ``pack``'s slow path, exactly with ``np.shares_memory``.
+    moment buffer passed as a parameter too would be updated twice).
     """
     if len(packs) < 2:
         return
-    starts: list[np.ndarray] = []
-    ends: list[np.ndarray] = []
-    views: list[Any] = []
-    for packed in packs:
-        if packed.extents:  # the slow path: the caller's memory, strided views included
-            starts.append(np.array([e[0] for e in packed.extents], np.int64))
-            ends.append(np.array([e[1] for e in packed.extents], np.int64))
-            views.extend(e[2] for e in packed.extents)
-            continue
-        for t in packed.tables:
-            live = t.sizes > 0
-            starts.append(t.addrs[live])
-            ends.append(t.addrs[live] + t.sizes[live] * t.like.itemsize)
-            views.extend([None] * int(live.sum()))
-    for i, j in _driver._overlapping_extents(np.concatenate(starts), np.concatenate(ends)):
-        vi, vj = views[i], views[j]
-        if vi is None or vj is None or np.shares_memory(vi, vj):
-            raise ValueError(
-                f"{what}: two of the arrays written in place (parameters, state) share "
-                "memory; pass each piece of memory once"
-            )
+    extents = [packed.byte_extents() for packed in packs]
+    starts = np.concatenate([e[0] for e in extents])
+    ends = np.concatenate([e[1] for e in extents])
+    views = [v for e in extents for v in e[2]]
+    if _driver.shared_pair(starts, ends, views) is not None:
+        raise ValueError(
+            f"{what}: two of the arrays written in place (parameters, state) share "
+            "memory; pass each piece of memory once"
+        )
 
 
 def total_pow_sum(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
