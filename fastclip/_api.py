@@ -443,6 +443,13 @@ def normalize_(
 
 
 _FAST_ORDS = {2: 2, 1: 1, math.inf: 0}
+
+
+def _fast_pcode(ord: Any) -> int | None:
+    """pcode of a plain Python 1, 2 or inf (the fast paths' orders), else None."""
+    return _FAST_ORDS.get(ord) if type(ord) in (int, float) else None
+
+
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 
@@ -459,7 +466,7 @@ def _small_clip_(x: Any, max_norm: Any, ord: Any, eps: Any) -> Any:
     """
     if type(x) is not np.ndarray or x.dtype != _F32:
         return None
-    pcode = _FAST_ORDS.get(ord) if type(ord) in (int, float) else None
+    pcode = _fast_pcode(ord)
     if pcode is None or type(max_norm) not in (int, float) or type(eps) not in (int, float):
         return None
     if not (max_norm >= 0.0 and 0.0 <= eps < math.inf):
@@ -498,7 +505,7 @@ def _small_norm(x: Any, ord: Any) -> Any:
     dtype = x.dtype
     if dtype != _F32 and dtype != _F64:
         return None
-    pcode = _FAST_ORDS.get(ord) if type(ord) in (int, float) else None
+    pcode = _fast_pcode(ord)
     if pcode is None:
         return None
     driver = _cpu()
