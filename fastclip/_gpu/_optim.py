@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
-from .._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord
+from .._validate import NonFiniteNormError
 from . import _driver, _plan, _source
 from ._source import ELEMENT_TYPES
 
@@ -382,11 +382,12 @@ def clip_plan(
     device).  Raises :class:`fastclip.NonFiniteNormError` for ``"error"``
     (one host sync); ``"skip"`` sets the kernel's guard.
     """
+    from ..optim._functional import clip_mode, norm_args
+
     like = grads[0]
     plan = GpuClip()
-    if clip_coef is not None:
-        if max_norm is not None or total_norm is not None:
-            raise ValueError(f"{what}: pass either clip_coef or max_norm (and total_norm)")
+    mode = clip_mode(max_norm, total_norm, clip_coef, what)
+    if mode == "coef":
         if isinstance(clip_coef, float):
             plan.coef_host = clip_coef
             if not clip_coef >= 0.0:
@@ -403,13 +404,9 @@ def clip_plan(
         elif nonfinite == "skip":
             plan.guard_mode, plan.guard = GUARD_COEF, plan.coef_dev
         return plan
-    if max_norm is None:
-        if total_norm is not None:
-            raise ValueError(f"{what}: total_norm needs max_norm")
+    if mode == "none":
         return plan
-    c = check_max_norm(max_norm)
-    pcode, p = check_ord(norm_type)
-    eps_v = check_eps(eps)
+    c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
     kind = "float64" if any(lib.kind(g) == "float64" for g in grads) else "float32"
     if isinstance(total_norm, float):  # known on the host: decided there, as the CPU path
         from ..optim._functional import coefficient

@@ -112,6 +112,26 @@ class Clip:
         self.skip = False
 
 
+def clip_mode(max_norm: Any, total_norm: Any, clip_coef: Any, what: str) -> str:
+    """The clip arguments' rules, shared by the CPU and GPU routes: ``"coef"``
+    (a given coefficient, exclusive of ``max_norm``/``total_norm``), ``"none"``
+    (no clipping) or ``"norm"`` (clip to ``max_norm``)."""
+    if clip_coef is not None:
+        if max_norm is not None or total_norm is not None:
+            raise ValueError(f"{what}: pass either clip_coef or max_norm (and total_norm)")
+        return "coef"
+    if max_norm is None:
+        if total_norm is not None:
+            raise ValueError(f"{what}: total_norm needs max_norm")
+        return "none"
+    return "norm"
+
+
+def norm_args(max_norm: Any, norm_type: Any, eps: Any) -> tuple[float, int, float, float]:
+    """Validated ``(max_norm, pcode, p, eps)`` for ``"norm"`` clipping."""
+    return (check_max_norm(max_norm), *check_ord(norm_type), check_eps(eps))
+
+
 def clip_plan(
     lib: Any,
     grads: list[Any],
@@ -131,9 +151,8 @@ def clip_plan(
     from . import _cpu
 
     plan = Clip()
-    if clip_coef is not None:
-        if max_norm is not None or total_norm is not None:
-            raise ValueError(f"{what}: pass either clip_coef or max_norm (and total_norm)")
+    mode = clip_mode(max_norm, total_norm, clip_coef, what)
+    if mode == "coef":
         plan.coef = scalar_value(clip_coef, "clip_coef")
         if not plan.coef >= 0.0:
             if nonfinite == "error":
@@ -141,13 +160,9 @@ def clip_plan(
             if nonfinite == "skip":
                 plan.skip = True
         return plan
-    if max_norm is None:
-        if total_norm is not None:
-            raise ValueError(f"{what}: total_norm needs max_norm")
+    if mode == "none":
         return plan
-    c = check_max_norm(max_norm)
-    pcode, p = check_ord(norm_type)
-    eps_v = check_eps(eps)
+    c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
     if total_norm is None:
         total, packed = _cpu.total_pow_sum(lib, grads, pcode, p)
         value = _cpu.root(total, pcode, p)
