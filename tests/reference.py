@@ -108,3 +108,69 @@ def clip_by_value(x: Any, lo: float | None = None, hi: float | None = None) -> n
     if hi is not None:
         v = np.where(v > hi, hi, v)
     return v
+
+
+def clip_per_sample(
+    arrays: list[Any],
+    max_norm: Any,
+    ord: float = 2,
+    per_layer: bool = False,
+    reduce: str | None = "sum",
+    eps: float = 1e-6,
+) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """Per-sample clipping (DP-SGD): ``(outputs, norms, n_clipped)``.
+
+    Sample ``b``'s norm is taken over all arrays' ``[b]`` slices together (or
+    per array with ``per_layer``); its factor is ``min(1, C / (n_b + eps))``,
+    1 for a zero norm; outputs are the scaled slices, summed or averaged over
+    the batch (``reduce``).  ``max_norm``: one bound, or one per array.
+    """
+    g = [np.asarray(a, np.float64) for a in arrays]
+    b = g[0].shape[0]
+    flat = [np.abs(x.reshape(b, -1)) for x in g]
+    with np.errstate(all="ignore"):
+        if ord == math.inf:
+            sums = np.array([x.max(axis=1) if x.shape[1] else np.zeros(b) for x in flat])
+        else:
+            sums = np.array([(x**ord).sum(axis=1) for x in flat])
+        bounds = np.broadcast_to(np.asarray(max_norm, np.float64), (len(g),))
+        if per_layer:
+            norms = sums if ord == math.inf else sums ** (1 / ord)
+            f = np.where(norms == 0, 1.0, np.minimum(1.0, bounds[:, None] / (norms + eps)))
+            clipped = int((f < 1).any(axis=0).sum())
+        else:
+            tot = sums.max(axis=0) if ord == math.inf else sums.sum(axis=0)
+            norms = tot if ord == math.inf else tot ** (1 / ord)
+            f1 = np.where(norms == 0, 1.0, np.minimum(1.0, bounds[0] / (norms + eps)))
+            clipped = int((f1 < 1).sum())
+            f = np.broadcast_to(f1, (len(g), b))
+        outs = []
+        for k, x in enumerate(g):
+            y = x * f[k].reshape((b,) + (1,) * (x.ndim - 1))
+            if reduce == "sum":
+                y = y.sum(axis=0)
+            elif reduce == "mean":
+                y = y.mean(axis=0)
+            outs.append(y)
+    return outs, norms, clipped
+
+
+def adamw_step(p, g, m, v, vmax, step, lr, b1, b2, eps, wd, coef):  # type: ignore[no-untyped-def]
+    """torch.optim.AdamW's formulas in float64 (returns new p, m, v, vmax)."""
+    g = g * coef
+    p = p * (1 - lr * wd)
+    m = m + (1 - b1) * (g - m)
+    v = b2 * v + (1 - b2) * g * g
+    if vmax is not None:
+        vmax = np.maximum(vmax, v)
+    den = np.sqrt(v if vmax is None else vmax) / math.sqrt(1 - b2**step) + eps
+    return p - lr / (1 - b1**step) * m / den, m, v, vmax
+
+
+def sgd_step(p, g, buf, lr, mom, damp, wd, nesterov, first, coef):  # type: ignore[no-untyped-def]
+    """torch.optim.SGD's formulas in float64 (returns new p, momentum buffer)."""
+    g = g * coef + wd * p
+    if mom:
+        buf = g.copy() if first else mom * buf + (1 - damp) * g
+        g = g + mom * buf if nesterov else buf
+    return p - lr * g, buf

@@ -19,6 +19,7 @@ import math
 import _gpu_emulation
 import numpy as np
 import pytest
+import reference
 from _gpu_emulation import mem
 
 from fastclip import NonFiniteNormError
@@ -222,25 +223,6 @@ def emulated(monkeypatch):
 # ------------------------------------------------------ float64 references
 
 
-def ref_adamw(p, g, m, v, vmax, step, lr, b1, b2, eps, wd, coef):
-    g = g * coef
-    p = p * (1 - lr * wd)
-    m = m + (1 - b1) * (g - m)
-    v = b2 * v + (1 - b2) * g * g
-    if vmax is not None:
-        vmax = np.maximum(vmax, v)
-    den = np.sqrt(v if vmax is None else vmax) / math.sqrt(1 - b2**step) + eps
-    return p - lr / (1 - b1**step) * m / den, m, v, vmax
-
-
-def ref_sgd(p, g, buf, lr, mom, damp, wd, nesterov, first, coef):
-    g = g * coef + wd * p
-    if mom:
-        buf = g.copy() if first else mom * buf + (1 - damp) * g
-        g = g + mom * buf if nesterov else buf
-    return p - lr * g, buf
-
-
 SHAPES = [(17,), (5, 3), (0,), (1,), (30,), (2, 2, 2)]
 RTOL = {np.float16: 5e-3, np.float32: 2e-5, np.float64: 1e-12}
 
@@ -318,7 +300,7 @@ def test_adamw_against_float64_reference(clip, amsgrad, maximize, steps, mode):
             assert norm is None
         sign = -1.0 if maximize else 1.0
         for i in range(len(SHAPES)):
-            P[i], M[i], V[i], xi = ref_adamw(
+            P[i], M[i], V[i], xi = reference.adamw_step(
                 P[i], _f64(g[i]), M[i], V[i], X[i] if X else None, counts[i],
                 lr, b1, b2, eps, wd, sign * coef,
             )  # fmt: skip
@@ -376,7 +358,7 @@ def test_sgd_against_float64_reference(clip, variant, maximize, mode):
         )  # fmt: skip
         sign = -1.0 if maximize else 1.0
         for i in range(len(SHAPES)):
-            P[i], B[i] = ref_sgd(
+            P[i], B[i] = reference.sgd_step(
                 P[i], _f64(g[i]), B[i], lr, hv["momentum"], hv["dampening"],
                 hv["weight_decay"], hv["nesterov"], first[i], sign * coef,
             )  # fmt: skip
@@ -473,7 +455,7 @@ def test_non_contiguous_arrays_go_through_copies():
     m = [np.zeros((6, 4), np.float32), np.zeros(4, np.float32)]
     v = [np.zeros((6, 4), np.float32).T.copy().T, np.zeros(4, np.float32)]
     _call_adamw(p, g, m, v, "propagate", max_norm=None)
-    ref = ref_adamw(1.0, 0.5, 0.0, 0.0, None, 1, 1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0)[0]
+    ref = reference.adamw_step(1.0, 0.5, 0.0, 0.0, None, 1, 1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0)[0]
     np.testing.assert_allclose(p[0], np.full((6, 4), ref), rtol=1e-6)
     np.testing.assert_array_equal(base[:, 1::2], 1.0)  # the neighbours are untouched
     np.testing.assert_allclose(v[0], 0.001 * 0.25, rtol=1e-5)

@@ -20,6 +20,7 @@ from typing import ClassVar
 import _gpu_emulation
 import numpy as np
 import pytest
+import reference as ref
 from _gpu_emulation import mem
 
 import fastclip
@@ -233,33 +234,9 @@ def emulated(monkeypatch):
 
 
 def oracle(arrays, bounds, pcode, p, per_layer, reduce, eps):
-    g = [np.asarray(a, np.float64) for a in arrays]
-    b = g[0].shape[0]
-    flat = [x.reshape(b, -1) for x in g]
-    sums = np.array([[_pow_sum(r, pcode, p) for r in x] for x in flat])
-    bounds = np.asarray(bounds, np.float64)
-    with np.errstate(all="ignore"):
-        if per_layer:
-            norms = sums if pcode in (0, 1) else sums ** (1.0 / p)
-            f = np.minimum(1.0, bounds[:, None] / (norms + eps))
-            f = np.where(norms == 0, 1.0, np.where(np.isnan(norms), np.nan, f))
-            clipped = int((f < 1).any(axis=0).sum())
-        else:
-            tot = np.max(sums, axis=0) if pcode == 0 else sums.sum(axis=0)
-            norms = tot if pcode in (0, 1) else tot ** (1.0 / p)
-            f1 = np.minimum(1.0, bounds[0] / (norms + eps))
-            f1 = np.where(norms == 0, 1.0, np.where(np.isnan(norms), np.nan, f1))
-            clipped = int((f1 < 1).sum())
-            f = np.broadcast_to(f1, (len(g), b))
-        outs = []
-        for k, x in enumerate(g):
-            y = x * f[k].reshape((b,) + (1,) * (x.ndim - 1))
-            if reduce == "sum":
-                y = y.sum(axis=0)
-            elif reduce == "mean":
-                y = y.mean(axis=0)
-            outs.append(y)
-    return outs, norms, clipped
+    """The float64 reference, ``reference.clip_per_sample``, called with (pcode, p)."""
+    ord = math.inf if pcode == 0 else p
+    return ref.clip_per_sample(arrays, bounds, ord, per_layer, reduce, eps)
 
 
 def _tol(dtype):

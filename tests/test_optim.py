@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import reference
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,26 +21,6 @@ from fastclip._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD  # noqa
 from fastclip.adaptive import AutoClip, GlobalNormClipper, ZClip  # noqa: E402
 
 # ----------------------------------------------------------- float64 oracles
-
-
-def ref_adamw(p, g, m, v, vmax, step, lr, b1, b2, eps, wd, coef):
-    """torch.optim.AdamW's formulas in float64 (returns new p, m, v, vmax)."""
-    g = g * coef
-    p = p * (1 - lr * wd)
-    m = m + (1 - b1) * (g - m)
-    v = b2 * v + (1 - b2) * g * g
-    if vmax is not None:
-        vmax = np.maximum(vmax, v)
-    den = np.sqrt(v if vmax is None else vmax) / math.sqrt(1 - b2**step) + eps
-    return p - lr / (1 - b1**step) * m / den, m, v, vmax
-
-
-def ref_sgd(p, g, buf, lr, mom, damp, wd, nesterov, first, coef):
-    g = g * coef + wd * p
-    if mom:
-        buf = g.copy() if first else mom * buf + (1 - damp) * g
-        g = g + mom * buf if nesterov else buf
-    return p - lr * g, buf
 
 
 def _coef(grads, max_norm, eps=1e-6):
@@ -76,7 +57,7 @@ def test_adamw_step_against_float64_formulas(amsgrad, dtype, lib, small_chunks) 
         )  # fmt: skip
         assert float(norm) == pytest.approx(total, rel=1e-6 if dtype == "float32" else 1e-13)
         for i in range(len(SHAPES)):
-            P[i], M[i], V[i], xi = ref_adamw(
+            P[i], M[i], V[i], xi = reference.adamw_step(
                 P[i], back(g[i]), M[i], V[i], X[i] if X else None, step,
                 1e-2, 0.8, 0.99, 1e-6, 0.1, coef,
             )  # fmt: skip
@@ -113,7 +94,7 @@ def test_sgd_step_property(momentum, dampening, weight_decay, nesterov, maximize
             nesterov=nesterov, maximize=maximize, first_step=step == 0, max_norm=max_norm,
         )  # fmt: skip
         for i in range(len(shapes)):
-            P[i], B[i] = ref_sgd(
+            P[i], B[i] = reference.sgd_step(
                 P[i], g[i], B[i], 0.1, momentum, dampening, weight_decay, nesterov,
                 step == 0, -coef if maximize else coef,
             )  # fmt: skip
@@ -272,7 +253,9 @@ def test_mixed_dtypes_share_one_norm_bfloat16_included() -> None:
         opt.step()
         assert float(opt.last_total_norm) == pytest.approx(total, rel=1e-6)
         for w, (p, g), (m, v) in zip(ws, before, states):
-            want = ref_adamw(p, g, m, v, None, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, coef)[0]
+            want = reference.adamw_step(p, g, m, v, None, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, coef)[
+                0
+            ]
             rtol = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float64: 1e-13}[w.dtype]
             np.testing.assert_allclose(d64(w), want, rtol=rtol, atol=1e-7)
 
@@ -483,7 +466,7 @@ def test_functional_steps_update_strided_parameters(lib):
     p_base, m0, v0 = as_lib(base.copy()), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
     p, m, v = p_base.T, as_lib(m0.copy()), as_lib(v0.copy())
     adamw_step_([p], [as_lib(g.copy())], [m], [v], step=1, lr=0.1, weight_decay=0.01)
-    expected = ref_adamw(
+    expected = reference.adamw_step(
         base.T.astype(np.float64), g, m0, v0, None, 1, 0.1, 0.9, 0.999, 1e-8, 0.01, 1.0
     )
     np.testing.assert_allclose(np.asarray(p_base).T, expected[0], rtol=1e-6)

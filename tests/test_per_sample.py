@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,37 +26,8 @@ def _f64(x):
 
 
 def oracle(arrays, max_norm, ord=2, per_layer=False, reduce="sum", eps=1e-6):
-    """float64 reference: (outputs, norms, n_clipped)."""
-    g = [_f64(a) for a in arrays]
-    b = g[0].shape[0]
-    flat = [x.reshape(b, -1) for x in g]
-    if ord == math.inf:
-        sums = [np.abs(x).max(axis=1) if x.shape[1] else np.zeros(b) for x in flat]
-    else:
-        sums = [(np.abs(x) ** ord).sum(axis=1) for x in flat]
-    sums = np.array(sums)
-    bounds = np.broadcast_to(np.asarray(max_norm, np.float64), (len(g),))
-    if per_layer:
-        norms = sums if ord == math.inf else sums ** (1 / ord)
-        f = np.minimum(1.0, bounds[:, None] / (norms + eps))
-        f = np.where(norms == 0, 1.0, f)
-        clipped = int((f < 1).any(axis=0).sum())
-    else:
-        tot = sums.max(axis=0) if ord == math.inf else sums.sum(axis=0)
-        norms = tot if ord == math.inf else tot ** (1 / ord)
-        f1 = np.minimum(1.0, bounds[0] / (norms + eps))
-        f1 = np.where(norms == 0, 1.0, f1)
-        clipped = int((f1 < 1).sum())
-        f = np.broadcast_to(f1, (len(g), b))
-    outs = []
-    for k, x in enumerate(g):
-        y = x * f[k].reshape((b,) + (1,) * (x.ndim - 1))
-        if reduce == "sum":
-            y = y.sum(axis=0)
-        elif reduce == "mean":
-            y = y.mean(axis=0)
-        outs.append(y)
-    return outs, norms, clipped
+    """The float64 reference (``reference.clip_per_sample``) on any backend's arrays."""
+    return ref.clip_per_sample([_f64(a) for a in arrays], max_norm, ord, per_layer, reduce, eps)
 
 
 def assert_rel(actual, expected, rtol):
