@@ -568,6 +568,21 @@ def _model(seed, dtype=torch.float64):
     )
 
 
+def _train_and_compare(ref, ours, opt_ref, opt, steps):
+    """``steps`` of torch's clip_grad_norm_ + optimizer on ``ref`` and the fused
+    clip + step on ``ours``; then the parameters must agree to float64 rounding."""
+    x = torch.randn(8, 6, dtype=torch.float64)
+    for _ in range(steps):
+        for mdl in (ref, ours):
+            mdl.zero_grad()
+            mdl(x).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt_ref.step()
+        opt.step()
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_fused_adamw_gpu_path_matches_torch(torch_route, amsgrad, maximize):
@@ -580,16 +595,7 @@ def test_fused_adamw_gpu_path_matches_torch(torch_route, amsgrad, maximize):
     kw = dict(lr=1e-2, betas=(0.85, 0.99), weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
     opt_ref = torch.optim.AdamW(groups(ref), **kw)
     opt = FusedAdamW(groups(ours), max_norm=0.5, **kw)
-    x = torch.randn(8, 6, dtype=torch.float64)
-    for _ in range(5):
-        for mdl in (ref, ours):
-            mdl.zero_grad()
-            mdl(x).pow(2).sum().backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        opt_ref.step()
-        opt.step()
-    for a, b in zip(ref.parameters(), ours.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    _train_and_compare(ref, ours, opt_ref, opt, steps=5)
     assert LAUNCHES.count("fastclip_adamw") == 5
     assert TorchHostLib.syncs == 0
     assert opt.state[next(ours.parameters())]["step"].item() == 5
@@ -602,16 +608,7 @@ def test_fused_sgd_gpu_path_matches_torch(torch_route, nesterov):
     kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=nesterov)
     opt_ref = torch.optim.SGD(ref.parameters(), **kw)
     opt = FusedSGD(ours.parameters(), max_norm=0.5, **kw)
-    x = torch.randn(8, 6, dtype=torch.float64)
-    for _ in range(4):
-        for mdl in (ref, ours):
-            mdl.zero_grad()
-            mdl(x).pow(2).sum().backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        opt_ref.step()
-        opt.step()
-    for a, b in zip(ref.parameters(), ours.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    _train_and_compare(ref, ours, opt_ref, opt, steps=4)
     assert TorchHostLib.syncs == 0
 
 
