@@ -508,21 +508,27 @@ def test_adamw_check_accepts_torch_reference_and_rejects_wrong(dtype: str) -> No
     assert d.check(nan, "peer") == (math.inf, False)
 
 
-def test_adamw_workload_every_cpu_backend() -> None:
-    pytest.importorskip("torch")
+def _run_small_case(case: object, backends: list) -> dict:  # type: ignore[type-arg]
+    """One small case, float32, one round, with a 10 GB/s floor: rows by backend."""
     from fastclip._bench.runner import run_case
 
-    names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "torch-fused"]
-    usable = [bb.BACKENDS[n] for n in names]
     rows = run_case(
-        _small_adamw_case(),  # type: ignore[arg-type]
+        case,  # type: ignore[arg-type]
         "float32",
-        usable,
+        backends,
         _cfg(repeat=1),
         {"cpu": {"bytes_per_s": 1e10}},
         lambda s: None,
     )
-    by = {r["backend"]: r for r in rows}
+    return {r["backend"]: r for r in rows}
+
+
+def test_adamw_workload_every_cpu_backend() -> None:
+    pytest.importorskip("torch")
+
+    names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "torch-fused"]
+    usable = [bb.BACKENDS[n] for n in names]
+    by = _run_small_case(_small_adamw_case(), usable)
     for name in names:
         r = by[name]
         if name == "torch-fused" and r["status"] == "n/a":
@@ -594,19 +600,10 @@ def test_per_sample_check_accepts_the_opacus_formula_and_rejects_wrong() -> None
 
 def test_per_sample_workload_every_cpu_backend() -> None:
     pytest.importorskip("torch")
-    from fastclip._bench.runner import run_case
 
     names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "opacus"]
     usable = [bb.BACKENDS[n] for n in names if bb.BACKENDS[n].probe() is None]
-    rows = run_case(
-        _small_per_sample_case(),  # type: ignore[arg-type]
-        "float32",
-        usable,
-        _cfg(repeat=1),
-        {"cpu": {"bytes_per_s": 1e10}},
-        lambda s: None,
-    )
-    by = {r["backend"]: r for r in rows}
+    by = _run_small_case(_small_per_sample_case(), usable)
     assert by["torch-loop"]["status"] == "n/a"
     for name in ("fastclip", "fastclip-torch", "numpy", "torch-foreach", "opacus"):
         if name not in by:
