@@ -403,7 +403,11 @@ def test_adamw_step_takes_a_0d_step_count() -> None:
         outs.append(p[0])
     np.testing.assert_array_equal(outs[1], outs[0])
     np.testing.assert_array_equal(outs[2], outs[0])
-    assert not np.array_equal(outs[0], np.ones(2, np.float32))
+    g64, zero = np.array([0.5, -1.0]), np.zeros(2)
+    expected = reference.adamw_step(
+        np.ones(2), g64, zero, zero, None, 3, 0.1, 0.9, 0.999, 1e-8, 1e-2, 1.0
+    )[0]
+    np.testing.assert_allclose(outs[0], expected, rtol=1e-6)
 
 
 def test_sgd_step_bad_hyperparameter_types_name_the_argument() -> None:
