@@ -7,6 +7,7 @@ write, then hands the work to one route (see ``_dispatch``).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -285,17 +286,94 @@ def clip_by_value_(x: Array, min: float | None = None, max: float | None = None)
 
 
 def clip_values_(arrays: ArrayOrArrays, min: float | None = None, max: float | None = None) -> None:
-    """:func:`clip_by_value_` on many arrays with one kernel launch per dtype (private)."""
+    """:func:`clip_by_value_` on many arrays with one kernel launch per dtype (private).
+
+    Every array is validated (dtype, writeability, shared elements, one
+    library) before the first is written, so a refused list is left unchanged.
+    """
     lo, hi = check_bounds(min, max)
     items = _dispatch.as_array_list(arrays)
     if not items:
         return
     route, lib = _route_many(items)
+    _check_orderable(items)
     if lib is not None and all(lib.is_float(a) for a in items):
         _backend(route).clamp_many_(lib, items, lo, hi)
         return
+    # Integer arrays (or the generic route) are clamped one by one; check them all first.
+    _check_value_targets(route, lib, items)
     for a in items:
         clip_by_value_(a, lo, hi)
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _check_orderable(items: list[Any]) -> None:
+    """TypeError for complex (no order) or non-numeric arrays anywhere in the list."""
+    for dtype in set(map(_DTYPE, items)):
+        name = str(dtype)
+        i = next(i for i, a in enumerate(items) if a.dtype == dtype)
+        if "complex" in name:
+            raise TypeError(
+                f"clip_by_value is not defined for complex arrays (they have no order); "
+                f"array {i} is {name}. Clip the real and imaginary parts separately, or use "
+                "clip_by_norm to bound the magnitude"
+            )
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
+            raise TypeError(
+                "clip_by_value needs numeric arrays (bool, integer or floating); "
+                f"array {i} is {name}"
+            )
+
+
+def _check_value_targets(route: str, lib: Any, items: list[Any]) -> None:
+    """What clip_by_value_ checks for each array, for all of them before any is written."""
+    if route == _dispatch.ROUTE_CPU:
+        from ._validate import check_self_overlap, out_of_place_hint
+
+        views = []
+        for a in items:
+            if not lib.writeable(a):
+                raise ValueError(
+                    f"clip_by_value_ got a read-only array; {out_of_place_hint('clip_by_value')}"
+                )
+            sv = lib.storage(a)
+            if sv.dtype.kind not in "biuf":
+                raise TypeError(
+                    "clip_by_value needs numeric arrays (bool, integer or floating), "
+                    f"got {sv.dtype}"
+                )
+            if not sv.flags.c_contiguous:
+                check_self_overlap(sv.shape, sv.strides, "clip_by_value")
+            views.append(sv)
+        _check_disjoint(views)
+    elif route == _dispatch.ROUTE_GPU:
+        from ._validate import check_self_overlap
+
+        for a in items:
+            if lib.is_float(a) and lib.kind(a) is None:
+                raise TypeError(f"clip_by_value on the GPU does not support {a.dtype}")
+            if not lib.contiguous(a):
+                check_self_overlap(tuple(a.shape), lib.strides(a), "clip_by_value")
+    elif route == _dispatch.ROUTE_GENERIC:
+        for a in items:
+            _generic._check_writeable(a, "clip_by_value")
+
+
+def _check_disjoint(views: list[np.ndarray]) -> None:
+    """ValueError when two arrays of an in-place list share memory (clamped twice)."""
+    if len(views) < 2:
+        return
+    bounds = [np.lib.array_utils.byte_bounds(v) if v.size else (0, 0) for v in views]
+    starts = np.array([b[0] for b in bounds], np.int64)
+    ends = np.array([b[1] for b in bounds], np.int64)
+    pair = _cpu().shared_pair(starts, ends, views)
+    if pair is not None:
+        raise ValueError(
+            f"arrays {pair[0]} and {pair[1]} of this in-place call share memory. Pass each "
+            "piece of memory once."
+        )
 
 
 # ------------------------------------------------------------- norm clipping
@@ -658,7 +736,7 @@ def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any
     c = check_max_norm(max_norm)
     eps_v = check_eps(eps)
     if isinstance(total_norm, (int, float)) and not isinstance(total_norm, bool):
-        n = float(total_norm)
+        n = scalar_value(total_norm, "total_norm")
         if n < 0:
             raise ValueError(f"total_norm must be >= 0 (or NaN/inf), got {n}")
         r = c / (n + eps_v) if (n + eps_v) != 0 else math.inf

@@ -19,6 +19,7 @@ costs 2,000 ``type()`` calls, not 2,000 namespace inspections.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,6 +94,8 @@ def route_of(x: Any) -> str:
     if lib == "numpy":
         return ROUTE_CPU
     if lib == "torch":
+        if x.is_neg() or x.is_conj():
+            _refuse_lazy_view(x, "the array")
         kind = x.device.type
         if kind == "cpu":
             return ROUTE_CPU
@@ -138,6 +141,8 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
         return ROUTE_CPU
     lib = library_of(first)
     types_seen = set(map(type, arrays))
+    if lib == "numpy":
+        _refuse_numpy_scalars(arrays, types_seen)
     for t in types_seen:
         if t is not type(first):
             other = _LIBRARY.get(t) or library_of(next(a for a in arrays if type(a) is t))
@@ -146,6 +151,8 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
                     f"all arrays in one call must come from the same library, got {lib} and {other}"
                 )
     route = route_of(first)
+    if lib == "torch":
+        check_plain_tensors(arrays)
     if lib == "torch" and route != ROUTE_CPU:
         device = first.device
         for a in arrays:
@@ -159,6 +166,47 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
             if aac.array_namespace(a) is not namespace:
                 raise TypeError("all arrays in one call must come from the same Array API library")
     return route
+
+
+def _refuse_numpy_scalars(arrays: Sequence[Any], types_seen: set[type]) -> None:
+    """TypeError for a NumPy scalar (``np.float32(3.0)``) in a list of arrays.
+
+    Scalars have no memory of their own to read through an address table or
+    to write in place, so lists take arrays only.
+    """
+    scalar_types = [t for t in types_seen if issubclass(t, np.generic)]
+    if scalar_types:
+        i = next(i for i, a in enumerate(arrays) if type(a) in scalar_types)
+        raise TypeError(
+            f"item {i} of the list is a NumPy scalar ({type(arrays[i]).__name__}), not an "
+            "array; pass np.asarray(x) (a 0-d array) instead. NumPy scalars are immutable, "
+            "so no in-place function can modify one"
+        )
+
+
+def check_plain_tensors(tensors: Sequence[Any]) -> None:
+    """TypeError for a lazily negated or conjugated torch tensor anywhere in the list.
+
+    Such views (``._neg_view()``, ``.conj()`` of a complex tensor, the
+    ``.imag`` of a conjugated one) hold their values' sign or conjugation in a
+    bit, not in memory, and fastclip's kernels read and write memory directly.
+    Refused before any work on every route, for every function, so an
+    in-place call never writes the un-negated values.
+    """
+    T = sys.modules["torch"].Tensor
+    if any(map(T.is_neg, tensors)) or any(map(T.is_conj, tensors)):
+        i = next(i for i, t in enumerate(tensors) if t.is_neg() or t.is_conj())
+        _refuse_lazy_view(tensors[i], f"tensor {i} of the list")
+
+
+def _refuse_lazy_view(t: Any, what: str) -> None:
+    kind = "negated" if t.is_neg() else "conjugated"
+    raise TypeError(
+        f"{what} is a lazily {kind} torch view (its sign or conjugation is a flag, not "
+        "memory; e.g. from ._neg_view(), .conj(), or .imag of a conjugated tensor), which "
+        "fastclip's kernels cannot read or write; pass t.resolve_neg().resolve_conj() (a "
+        "copy: for an in-place clip, clip the copy and copy it back)"
+    )
 
 
 def is_dask_array(x: Any) -> bool:

@@ -19,6 +19,7 @@ __all__ = [
     "check_self_overlap",
     "out_of_place_hint",
     "scalar_value",
+    "too_large_message",
 ]
 
 
@@ -29,24 +30,46 @@ class NonFiniteNormError(RuntimeError):
     """
 
 
-def scalar_value(value: Any, name: str) -> float:
+def scalar_value(value: Any, name: str, hint: str = "") -> float:
     """A Python float from a real number or a 0-d (or size-1) real array.
+
+    A Python int beyond float64's range (``10**400``) is a ValueError, as
+    NumPy and torch refuse it too (with an OverflowError): rounding it to
+    ``inf`` would change the meaning of a bound or a factor silently.
 
     Reading a 0-d device array this way synchronises; the GPU backend avoids it.
     """
-    if type(value) is float or type(value) is int:  # the common case, fast
-        return float(value)
+    if type(value) is float:  # the common case, fast
+        return value
+    if type(value) is int:
+        return _float_of(value, name, hint)
     if isinstance(value, bool) or value is None:
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if isinstance(value, numbers.Real):
-        return float(value)
+        return _float_of(value, name, hint)
     shape = getattr(value, "shape", None)
     if shape is not None and math.prod(shape) == 1:
         dtype = str(getattr(value, "dtype", ""))
         if "complex" in dtype or "bool" in dtype:
             raise TypeError(f"{name} must be a real number, got an array of dtype {dtype}")
-        return float(value.reshape(()) if shape != () else value)  # type: ignore[arg-type]
+        return _float_of(value.reshape(()) if shape != () else value, name, hint)
     raise TypeError(f"{name} must be a real number or a 0-d array, got {type(value).__name__}")
+
+
+def _float_of(value: Any, name: str, hint: str = "") -> float:
+    """``float(value)``; a value too large for a float64 raises ValueError naming ``name``."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(too_large_message(name, hint)) from None
+
+
+def too_large_message(name: str, hint: str = "") -> str:
+    """The message for a number beyond float64's range (a Python int such as ``10**400``)."""
+    return (
+        f"{name} is too large for a float64 (its magnitude exceeds 1.8e308); pass a value "
+        f"in float64's range{'; ' + hint if hint else ''}"
+    )
 
 
 def check_ord(ord: Any) -> tuple[int, float]:
@@ -58,7 +81,7 @@ def check_ord(ord: Any) -> tuple[int, float]:
         ord = math.inf
     if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
         raise ValueError(f"ord must be a real number p > 0 or inf, got {ord!r}")
-    p = float(ord)
+    p = _float_of(ord, "ord", "ord=math.inf is the max-norm")
     if math.isnan(p) or p <= 0:
         raise ValueError(f"ord must be a real number p > 0 or inf, got {ord!r}")
     if math.isinf(p):
@@ -75,7 +98,7 @@ _KNOWN_ORDS = {2: (2, 2.0), 1: (1, 1.0), math.inf: (0, math.inf)}
 
 def check_max_norm(max_norm: Any, name: str = "max_norm") -> float:
     """A non-negative, non-NaN float (inf allowed: no clipping)."""
-    value = scalar_value(max_norm, name)
+    value = scalar_value(max_norm, name, f"{name}=math.inf means no clipping")
     if not value >= 0.0:  # also catches NaN
         raise ValueError(f"{name} must be >= 0 and not NaN, got {max_norm!r}")
     return value
@@ -113,8 +136,8 @@ def check_bounds(min: Any, max: Any) -> tuple[float | None, float | None]:
     """Validate clip_by_value bounds: real, not NaN, min <= max, at least one given."""
     if min is None and max is None:
         raise ValueError("clip_by_value needs at least one of min or max")
-    lo = None if min is None else scalar_value(min, "min")
-    hi = None if max is None else scalar_value(max, "max")
+    lo = None if min is None else scalar_value(min, "min", "min=None means no lower bound")
+    hi = None if max is None else scalar_value(max, "max", "max=None means no upper bound")
     if (lo is not None and math.isnan(lo)) or (hi is not None and math.isnan(hi)):
         raise ValueError("min and max must not be NaN")
     if lo is not None and hi is not None and lo > hi:

@@ -22,6 +22,15 @@ Differences from torch, all deliberate and documented:
   computes with them: flipped signs or NaN gradients), as is an expanded
   gradient (stride 0, whose elements share memory; torch raises a
   RuntimeError from its in-place multiply);
+* ``clip_grad_value_`` validates every gradient before clamping any, so a
+  refused list (an expanded or complex gradient anywhere) is left unchanged;
+  complex gradients are a TypeError (torch raises NotImplementedError:
+  complex numbers have no order);
+* lazily negated or conjugated gradients (``._neg_view()``, ``.conj()``)
+  are a TypeError naming ``.resolve_neg()`` / ``.resolve_conj()``: fastclip's
+  kernels work on memory, where the flag is not applied;
+* a Python int beyond float64's range (``10**400``) as ``max_norm``,
+  ``norm_type`` or ``clip_value`` is a ValueError (torch raises OverflowError);
 * ``norm_type`` <= 0 (0 counts non-zeros, negative p, ``-inf`` the smallest
   ``|x|``: not norms, and fastclip's kernels refuse them) is computed with
   ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per
@@ -44,7 +53,7 @@ import torch
 
 from . import _api
 from ._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD
-from ._validate import NonFiniteNormError
+from ._validate import NonFiniteNormError, check_max_norm, scalar_value
 from .distributed import has_dtensor
 
 __all__ = [
@@ -99,6 +108,14 @@ def _result_dtype(tensors: list[torch.Tensor], norm_dtype: torch.dtype) -> torch
     return _REAL.get(dtype, dtype)
 
 
+def _norm_type(norm_type: object) -> float:
+    """``norm_type`` as torch reads it (``float(norm_type)``: strings such as "inf" too),
+    with a ValueError for ints beyond float64's range."""
+    if isinstance(norm_type, str):
+        return float(norm_type)
+    return scalar_value(norm_type, "norm_type", "norm_type=math.inf is the max-norm")
+
+
 def _nonfinite_error(norm_type: float) -> NonFiniteNormError:
     return NonFiniteNormError(
         f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
@@ -138,7 +155,7 @@ def get_total_norm(
     when ``error_if_nonfinite`` and the norm is NaN or inf.
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    norm_type = float(norm_type)
+    norm_type = _norm_type(norm_type)
     if not tensors:
         return torch.tensor(0.0)
     if _torch_defined(norm_type):
@@ -167,8 +184,8 @@ def clip_grads_with_norm_(
 
     Mirrors ``torch.nn.utils.clip_grads_with_norm_``.
     """
+    max_norm = check_max_norm(max_norm)
     grads = _grads(parameters)
-    max_norm = float(max_norm)
     if not grads:
         return
     if has_dtensor(grads) or has_dtensor([total_norm]):
@@ -185,7 +202,7 @@ def _scale_by_norm(grads: list[torch.Tensor], max_norm: float, total_norm: objec
     total = (
         total_norm.detach().to(device)
         if isinstance(total_norm, torch.Tensor)
-        else torch.tensor(float(total_norm), device=device)  # type: ignore[arg-type]
+        else torch.tensor(scalar_value(total_norm, "total_norm"), device=device)
     )
     # The coefficient stays a tensor on the gradients' device: no host sync on GPUs.
     coef = torch.clamp(max_norm / (total.to(torch.float64) + _EPS), max=1.0)
@@ -206,13 +223,14 @@ def clip_grad_norm_(
     gradients are multiplied by ``min(1, max_norm / (total_norm + 1e-6))``,
     the total norm (before clipping) is returned in the gradients' dtype.
     """
+    max_norm = check_max_norm(max_norm)
+    norm_type = _norm_type(norm_type)
     grads = _grads(parameters, warn_empty_generator=True)
-    norm_type = float(norm_type)
     if not grads:
         return torch.tensor(0.0)
     if _torch_defined(norm_type):  # torch's formula for the "norm", fastclip's scaling
         total = get_total_norm(grads, norm_type, error_if_nonfinite)  # raises before writing
-        _scale_by_norm(grads, float(max_norm), total)
+        _scale_by_norm(grads, max_norm, total)
         return total
     if has_dtensor(grads):  # FSDP2 / tensor parallel: reduce over the DTensors' mesh
         from . import distributed
@@ -235,12 +253,14 @@ def clip_grad_value_(
 ) -> None:
     """Clamp every gradient to ``[-clip_value, clip_value]`` in place.
 
-    Mirrors ``torch.nn.utils.clip_grad_value_`` (a negative ``clip_value``
-    raises ValueError instead of clamping everything to it).
+    Mirrors ``torch.nn.utils.clip_grad_value_`` (a negative or NaN
+    ``clip_value`` raises ValueError instead of clamping everything to it).
+    Every gradient is validated before any is clamped; complex gradients are
+    a TypeError (torch: NotImplementedError).
     """
-    clip_value = float(clip_value)
-    if clip_value < 0:
-        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+    clip_value = scalar_value(clip_value, "clip_value", "clip_value=math.inf clamps nothing")
+    if not clip_value >= 0:  # also NaN
+        raise ValueError(f"clip_value must be >= 0 and not NaN, got {clip_value}")
     grads = _grads(parameters)
     if grads:
         _api.clip_values_(grads, -clip_value, clip_value)
