@@ -134,8 +134,12 @@ def clip_per_sample(
     the norms come from one pass over each array (power sums in float64 per
     sample, float32 blocks for 32- and 16-bit data) and the sum from a second
     pass that accumulates float32 blocks of rows in float64, so float32 results
-    match a float64 reference to about 1e-7.  For ``p`` other than 1, 2 and inf
-    the power sums are not rescaled against float64 over/underflow.
+    match a float64 reference to about 1e-7.  A sample whose float64 power sum
+    leaves the range where it is exact (L2 of float64 data beyond about 1e140
+    or below 1e-140, any other ``p`` at its own range) gets its norm from the
+    core's rescaling rule (``robust_norm``: ``max|x| * ||x / max|x|||_p``), so
+    gradients of 1e200 have the finite norm they should, not inf (and
+    factor 0); only such samples pay the two extra passes over their rows.
 
     On the GPU route (CuPy arrays, CUDA tensors) the kernels run on the
     current stream (torch's for tensors, CuPy's for CuPy arrays); ``grads``
@@ -292,18 +296,79 @@ def _root(total: np.ndarray, pcode: int, p: float) -> np.ndarray:
 
 
 def _norms_and_factors(
-    sums: np.ndarray, pcode: int, p: float, bounds: np.ndarray, per_layer: bool, eps: float
+    sums: np.ndarray,
+    pcode: int,
+    p: float,
+    bounds: np.ndarray,
+    per_layer: bool,
+    eps: float,
+    fix: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """[n, B] power sums -> norms ([B] or [n, B]), factors [n, B], count clipped."""
+    """[n, B] power sums -> norms ([B] or [n, B]), factors [n, B], count clipped.
+
+    ``fix(norms, totals)``, if given, replaces in place the norms of samples whose
+    power sums over/underflowed (``_robust_norms``).
+    """
     if per_layer:
         norms = _root(sums, pcode, p)
+        if fix is not None:
+            fix(norms, sums)
         factors = _factors(norms, bounds[:, None], eps)
         clipped = int(np.count_nonzero((factors < 1.0).any(axis=0)))
         return norms, factors, clipped
-    total = np.max(sums, axis=0) if pcode == 0 else np.sum(sums, axis=0)
+    total = _combine(sums, pcode)
     norms = _root(total, pcode, p)
+    if fix is not None:
+        fix(norms, total)
     f = _factors(norms, bounds[0], eps)
     return norms, np.broadcast_to(f, sums.shape), int(np.count_nonzero(f < 1.0))
+
+
+def _combine(values: Any, pcode: int) -> Any:
+    """Power sums of the parts of a sample (axis 0) -> the sample's: max for inf, else sum."""
+    return np.max(values, axis=0) if pcode == 0 else np.sum(values, axis=0)
+
+
+def _robust_norms(
+    pcode: int, p: float, wide: bool, per_layer: bool, n_arrays: int, row_pow_sum: Any
+) -> Any:
+    """A ``fix`` for ``_norms_and_factors``: the core's ``robust_norm`` rule per sample.
+
+    ``row_pow_sum(k, b, pc, pp, inv)`` is the power sum of row ``b`` of array
+    ``k`` with its values scaled by ``inv``.  Only samples outside the range
+    where the float64 power sum is exact are recomputed, by ``robust_norm``
+    itself (one rule for every route: it rescales by the sample's max), so
+    the common case costs one vectorised range test.  None when ``pcode`` and
+    the dtypes cannot leave that range (float32 L1/L2, the max-norm).
+    """
+    from ._cpu import _driver
+
+    if not _driver._needs_rescale(pcode, wide):
+        return None
+
+    def fix(norms: np.ndarray, totals: np.ndarray) -> None:
+        with np.errstate(invalid="ignore"):
+            bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))
+        for index in zip(*np.nonzero(bad)):
+            parts = (int(index[0]),) if per_layer else tuple(range(n_arrays))
+            known = {(pcode, p, 1.0): float(totals[index])}  # pass 1 already summed it
+            pow_sum = _sample_pow_sum(row_pow_sum, parts, int(index[-1]), known)
+            norms[index] = _driver.robust_norm(pow_sum, pcode, p, wide)
+
+    return fix
+
+
+def _sample_pow_sum(row_pow_sum: Any, parts: tuple[int, ...], b: int, known: dict) -> Any:
+    """``robust_norm``'s ``pow_sum(pc, pp, inv)`` for sample ``b`` over arrays ``parts``."""
+
+    def pow_sum(pc: int, pp: float, inv: float) -> float:
+        key = (pc, pp, inv)
+        if key not in known:
+            values = [row_pow_sum(k, b, pc, pp, inv) for k in parts]
+            known[key] = float(_combine(np.array(values, np.float64), pc))
+        return float(known[key])
+
+    return pow_sum
 
 
 # ----------------------------------------------------------------- CPU path
@@ -339,7 +404,14 @@ def _cpu_path(
     sums = np.empty((len(views), batch))
     for k, x2 in enumerate(views):
         sums[k] = _driver.run("rows_pow_sum", x2.size, x2, pcode, p, ones)
-    norms, factors, clipped = _norms_and_factors(sums, pcode, p, bounds, per_layer, eps)
+    wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
+
+    def row_pow_sum(k: int, b: int, pc: int, pp: float, inv: float) -> float:
+        row = views[k][b : b + 1]
+        return float(_driver.run_serial("rows_pow_sum", row, pc, pp, np.full(1, inv))[0])
+
+    fix = _robust_norms(pcode, p, wide, per_layer, len(views), row_pow_sum)
+    norms, factors, clipped = _norms_and_factors(sums, pcode, p, bounds, per_layer, eps, fix)
     outs = []
     scale = 1.0 / batch if reduce == "mean" else 1.0
     for k, (x, x2) in enumerate(zip(items, views)):
@@ -364,7 +436,6 @@ def _cpu_path(
                     ROW_BLOCK,
                 )
         outs.append(out)
-    wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
     ndt = np.dtype(np.float64 if wide else np.float32)
     return outs, lib.wrap(norms, ndt, items[0]), clipped
 
@@ -388,23 +459,10 @@ def _generic_path(
 
     xp = aac.array_namespace(items[0])
     wide = _generic._wide(xp)
-    flat = []
-    sums = []
-    for x in items:
-        g = xp.reshape(xp.astype(x, wide), (batch, math.prod(x.shape[1:])))
-        flat.append(g)
-        a = xp.abs(g)
-        if g.shape[1] == 0:
-            s = xp.zeros((batch,), dtype=wide)
-        elif pcode == 0:
-            s = xp.max(a, axis=1)
-        elif pcode == 1:
-            s = xp.sum(a, axis=1)
-        elif pcode == 2:
-            s = xp.sum(a * a, axis=1)
-        else:
-            s = xp.sum(a**p, axis=1)
-        sums.append(s)
+    with np.errstate(all="ignore"):  # over/underflow is detected and rescaled below
+        flat = [xp.reshape(xp.astype(x, wide), (batch, math.prod(x.shape[1:]))) for x in items]
+        sums = [_generic_row_sums(xp, g, pcode, p, wide) for g in flat]
+    any_wide = any(x.dtype == xp.float64 for x in items)
     with np.errstate(all="ignore"):
         total = xp.stack(sums)
         if not per_layer:
@@ -415,6 +473,13 @@ def _generic_path(
             norms = total ** (1.0 / p)
         else:
             norms = total
+
+        def row_pow_sum(k: int, b: int, pc: int, pp: float, inv: float) -> float:
+            return float(_generic._pow_sum(xp, flat[k][b, :] * inv, pc, pp, None))
+
+        fix = _robust_norms(pcode, p, any_wide, per_layer, len(items), row_pow_sum)
+        if fix is not None:
+            norms = _fixed_on_host(xp, fix, norms, total, aac.device(items[0]))
         c = xp.asarray(bounds, dtype=wide)
         c = xp.reshape(c, (len(items), 1)) if per_layer else c[0]
         one = xp.ones_like(norms)
@@ -436,6 +501,34 @@ def _generic_path(
             if reduce == "mean":
                 s = s / batch
             outs.append(xp.astype(xp.reshape(s, x.shape[1:]), x.dtype))
-    any_wide = any(x.dtype == xp.float64 for x in items)
     ndt = xp.float64 if any_wide else xp.float32
     return outs, xp.astype(norms, ndt), clipped
+
+
+def _generic_row_sums(xp: Any, g: Any, pcode: int, p: float, wide: Any) -> Any:
+    """Power sum (or max |x|) of every row of a [B, D] array, in ``wide``."""
+    a = xp.abs(g)
+    if g.shape[1] == 0:
+        return xp.zeros((g.shape[0],), dtype=wide)
+    if pcode == 0:
+        return xp.max(a, axis=1)
+    if pcode == 1:
+        return xp.sum(a, axis=1)
+    if pcode == 2:
+        return xp.sum(a * a, axis=1)
+    return xp.sum(a**p, axis=1)
+
+
+def _fixed_on_host(xp: Any, fix: Any, norms: Any, totals: Any, device: Any) -> Any:
+    """``fix`` applied to the generic route's norms: one host read to test the range,
+    and only when a sample is out of it, every power sum read back (small: [n, B])."""
+    from ._cpu import _driver
+
+    bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))
+    if not bool(xp.any(bad)):
+        return norms
+    shape = tuple(totals.shape)
+    host_totals = np.array([float(v) for v in xp.reshape(totals, (-1,))]).reshape(shape)
+    host_norms = np.array([float(v) for v in xp.reshape(norms, (-1,))]).reshape(shape)
+    fix(host_norms, host_totals)
+    return xp.asarray(host_norms, dtype=norms.dtype, device=device)
