@@ -1,0 +1,569 @@
+"""Contract fuzzer: every public function, over dtypes, layouts, flags and argument values.
+
+Each example calls one function on arrays drawn over dtypes (floats, complex,
+integers, bool, byte-swapped, long double), shapes (empty included), layouts
+(contiguous, transposed, strided, reversed, Fortran, broadcast with stride 0),
+the read-only flag and magnitudes (subnormal to 1e300, inf, NaN), with
+arguments that may be invalid.  The contract checked:
+
+* the call returns the float64 reference's value (rounded to the result's
+  dtype), or raises a ``TypeError`` / ``ValueError`` (never a leaked numba,
+  torch or ``OverflowError``);
+* out-of-place calls never change a byte of their inputs;
+* a refused in-place call changes no byte of any input, and a clipper that
+  refuses keeps its state.
+
+The CI profile (conftest.py) keeps it to a few seconds per test; a long run is
+``FASTCLIP_HYPOTHESIS_PROFILE=fastclip-fuzz python -m pytest tests/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import reference as ref
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastclip
+import fastclip.optim
+
+#: What a refusal may raise: a clear error of the argument kind.
+REFUSALS = (TypeError, ValueError)
+
+DTYPES = ["<f2", "<f4", "<f8", "<c8", "<c16", "i1", "i4", "i8", "u1", "?", ">f4", ">f8", ">f2"]
+if np.dtype(np.longdouble).itemsize > 8:
+    DTYPES.append("g")
+FLOATS = ["<f4", "<f8", "<f2"]
+LAYOUTS = ["c", "t", "s", "r", "f", "b"]
+ORDS = [1, 2, math.inf, 3, 0.5, "inf"]
+
+_MAGNITUDE = st.sampled_from([1.0, 1.0, 1.0, 1e-3, 1e30, 1e200, 1e-200, 1e-310, 1e-40])
+_SPECIAL = st.sampled_from([0.0, -0.0, math.nan, math.inf, -math.inf, 65504.0, 3e38])
+
+
+@st.composite
+def values(draw: Any, n: int) -> np.ndarray:
+    scale = draw(_MAGNITUDE)
+    base = draw(st.lists(st.floats(-4, 4, allow_nan=False), min_size=n, max_size=n))
+    v = np.asarray(base, np.float64) * scale
+    if n and draw(st.integers(0, 5)) == 0:
+        v[draw(st.integers(0, n - 1))] = draw(_SPECIAL)
+    return v
+
+
+@st.composite
+def arrays(draw: Any, dtypes: list[str] = DTYPES, max_dims: int = 3) -> tuple[np.ndarray, Any]:
+    """A NumPy array and the array that owns its memory (whose bytes are checked)."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    ndim = draw(st.integers(1, max_dims))
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
+    layout = draw(st.sampled_from(LAYOUTS))
+    full = shape
+    if layout == "s":
+        full = (2 * shape[0], *shape[1:])
+    elif layout == "t":
+        full = shape[::-1]
+    elif layout == "b":
+        full = (1, *shape[1:])
+    n = math.prod(full)
+    v = draw(values(n))
+    with np.errstate(all="ignore"):
+        if dtype.kind in "biu":
+            v = np.nan_to_num(v, nan=0.0, posinf=100.0, neginf=-100.0)
+            v = np.clip(np.round(v), -100, 100)
+        if dtype.kind == "c":
+            v = v + 1j * v[::-1]
+        owner = np.asarray(v.reshape(full)).astype(dtype)
+    if layout == "f":
+        owner = np.asfortranarray(owner)
+    x = {
+        "c": lambda a: a,
+        "f": lambda a: a,
+        "t": lambda a: a.T,
+        "s": lambda a: a[::2],
+        "r": lambda a: a[::-1],
+        "b": lambda a: np.broadcast_to(a, shape),
+    }[layout](owner)
+    if draw(st.booleans()) and draw(st.booleans()):
+        owner.flags.writeable = False
+        x = x.view()
+        x.flags.writeable = False
+    return x, owner
+
+
+def _snapshot(owners: list[Any]) -> list[bytes]:
+    return [np.asarray(o).tobytes() for o in owners]
+
+
+def _as64(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind == "c":
+        return a.astype(np.complex128)
+    return a.astype(np.float64)
+
+
+def _assert_matches(got: Any, want64: np.ndarray, dtype: np.dtype) -> None:
+    """``got`` (in ``dtype``) equals the float64 reference rounded to ``dtype``."""
+    got = np.asarray(got)
+    assert got.shape == np.shape(want64), (got.shape, np.shape(want64))
+    with np.errstate(all="ignore"):
+        want = np.asarray(want64).astype(dtype).astype(_as64(got).dtype)
+    g = _as64(got)
+    if dtype.kind in "biu":
+        np.testing.assert_array_equal(g, want)
+        return
+    real = np.dtype(dtype.char.lower() if dtype.kind == "c" else dtype)
+    tiny = float(np.finfo(np.float16 if real.itemsize == 2 else real).smallest_subnormal)
+    rtol = {2: 2e-2, 4: 3e-5, 8: 1e-10}.get(real.itemsize, 1e-10)
+    np.testing.assert_allclose(g, want, rtol=rtol, atol=4 * tiny, equal_nan=True)
+
+
+def _call(fn: Any, *args: Any, **kw: Any) -> tuple[Any, BaseException | None]:
+    try:
+        return fn(*args, **kw), None
+    except REFUSALS as exc:
+        return None, exc
+
+
+def _refuse_nonfinite_only_if(nonfinite: bool, fn: Any) -> Any:
+    """``fn``, with a ``NonFiniteNormError`` turned into a refusal when the reference
+    norm is non-finite too (``nonfinite="error"``), and left to fail the test otherwise."""
+
+    def call(*args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except fastclip.NonFiniteNormError as exc:
+            if nonfinite:
+                raise ValueError(str(exc)) from exc
+            raise
+
+    return call
+
+
+def _result_dtype(x: np.ndarray) -> np.dtype:
+    return np.dtype(x.dtype.newbyteorder("="))
+
+
+def _norm_dtype(x: np.ndarray) -> np.dtype:
+    return np.dtype(np.float64 if x.dtype.itemsize >= 8 and x.dtype.kind != "c" else np.float32)
+
+
+@st.composite
+def axes_for(draw: Any, ndim: int) -> Any:
+    if draw(st.booleans()):
+        return None
+    axes = draw(st.lists(st.integers(-ndim, ndim - 1), min_size=1, max_size=ndim))
+    return tuple(axes) if len(axes) > 1 else axes[0]
+
+
+_MAX_NORMS = st.sampled_from([0.0, 1e-30, 0.5, 1.0, 7.0, 1e30, math.inf, -1.0, math.nan, 10**400])
+_EPS = st.sampled_from([1e-6, 0.0, 1e-3, -1.0, math.nan])
+
+
+@given(xo=arrays(), ord=st.sampled_from(ORDS), data=st.data())
+def test_norm_contract(xo: Any, ord: Any, data: Any) -> None:
+    x, owner = xo
+    axis = data.draw(axes_for(x.ndim))
+    before = _snapshot([owner])
+    got, exc = _call(fastclip.norm, x, ord, axis=axis)
+    assert _snapshot([owner]) == before
+    if exc is None:
+        want = ref.norm(_as64(x), float(ord), axis=_norm_axis(axis, x.ndim))
+        dt = np.dtype(np.float64) if x.dtype.itemsize >= 8 or x.dtype == np.complex128 else None
+        _assert_matches(got, want, dt if dt is not None else np.asarray(got).dtype)
+
+
+def _norm_axis(axis: Any, ndim: int) -> Any:
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, int) else axis
+    return tuple(a % ndim for a in axes)
+
+
+@given(
+    xo=arrays(),
+    max_norm=_MAX_NORMS,
+    ord=st.sampled_from(ORDS),
+    eps=_EPS,
+    inplace=st.booleans(),
+    normalize=st.booleans(),
+    data=st.data(),
+)
+def test_clip_by_norm_and_normalize_contract(
+    xo: Any, max_norm: Any, ord: Any, eps: Any, inplace: bool, normalize: bool, data: Any
+) -> None:
+    x, owner = xo
+    axis = data.draw(axes_for(x.ndim))
+    before = _snapshot([owner])
+    x64 = _as64(x)
+    if normalize:
+        fn = fastclip.normalize_ if inplace else fastclip.normalize
+        got, exc = _call(fn, x, ord, axis=axis, eps=eps)
+    else:
+        fn = fastclip.clip_by_norm_ if inplace else fastclip.clip_by_norm
+        got, exc = _call(fn, x, max_norm, ord, axis=axis, eps=eps)
+    if exc is not None or not inplace:
+        assert _snapshot([owner]) == before, "input bytes changed"
+    if exc is not None:
+        return
+    ax = _norm_axis(axis, x.ndim)
+    if normalize:
+        want = ref.normalize(x64, float(ord), axis=ax, eps=float(eps))
+    else:
+        want = ref.clip_by_norm(x64, float(max_norm), float(ord), axis=ax, eps=float(eps))
+    _assert_matches(x if inplace else got, want, _result_dtype(x))
+
+
+_BOUNDS = st.sampled_from([None, -math.inf, math.inf, -1e30, 1e30, -0.5, 0.5, 2.5, -3, 3, 10**30])
+
+
+def _clip_value_oracle(x64: np.ndarray, dtype: np.dtype, lo: Any, hi: Any) -> np.ndarray:
+    if dtype.kind in "biu":
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        out = []
+        for e in x64.reshape(-1).real:
+            e = int(e)
+            if lo is not None:
+                e = max(e, math.ceil(lo) if math.isfinite(lo) else lo)
+            if hi is not None:
+                e = min(e, math.floor(hi) if math.isfinite(hi) else hi)
+            out.append(min(max(e, low), high))
+        return np.array(out, dtype=np.float64).reshape(x64.shape)
+    return ref.clip_by_value(x64, lo, hi)
+
+
+@given(xo=arrays(), lo=_BOUNDS, hi=_BOUNDS, inplace=st.booleans())
+def test_clip_by_value_contract(xo: Any, lo: Any, hi: Any, inplace: bool) -> None:
+    x, owner = xo
+    before = _snapshot([owner])
+    x64 = _as64(x)
+    fn = fastclip.clip_by_value_ if inplace else fastclip.clip_by_value
+    got, exc = _call(fn, x, lo, hi)
+    if exc is not None or not inplace:
+        assert _snapshot([owner]) == before, "input bytes changed"
+    if exc is not None:
+        return
+    want = _clip_value_oracle(x64, x.dtype, lo, hi)
+    _assert_matches(x if inplace else got, want, _result_dtype(x))
+
+
+@st.composite
+def array_lists(draw: Any) -> tuple[list[Any], list[Any]]:
+    n = draw(st.integers(1, 3))
+    dtypes = draw(st.sampled_from([FLOATS, DTYPES]))
+    pairs = [draw(arrays(dtypes)) for _ in range(n)]
+    xs, owners = [p[0] for p in pairs], [p[1] for p in pairs]
+    if draw(st.integers(0, 6)) == 0:
+        xs.append(np.float32(3.0))
+        owners.append(np.zeros(0))
+    if draw(st.integers(0, 6)) == 0 and owners[0].size > 1 and owners[0].flags.writeable:
+        xs.append(owners[0][: owners[0].shape[0] // 2 + 1])  # overlaps the first array
+        owners.append(np.zeros(0))
+    return xs, owners
+
+
+@given(
+    xo=array_lists(),
+    max_norm=_MAX_NORMS,
+    ord=st.sampled_from(ORDS),
+    eps=_EPS,
+    inplace=st.booleans(),
+)
+def test_clip_by_global_norm_contract(
+    xo: Any, max_norm: Any, ord: Any, eps: Any, inplace: bool
+) -> None:
+    xs, owners = xo
+    before = _snapshot(owners)
+    copies = [_as64(x) for x in xs]
+    fn = fastclip.clip_by_global_norm_ if inplace else fastclip.clip_by_global_norm
+    got, exc = _call(fn, xs, max_norm, ord, eps=eps)
+    if exc is not None or not inplace:
+        assert _snapshot(owners) == before, "input bytes changed"
+    if exc is not None:
+        return
+    want, total = ref.clip_by_global_norm(copies, float(max_norm), float(ord), float(eps))
+    outs = xs if inplace else got[0]
+    norm_got = got if inplace else got[1]
+    _assert_matches(norm_got, total, np.asarray(norm_got).dtype)
+    for out, w, x in zip(outs, want, xs):
+        _assert_matches(out, w, _result_dtype(np.asarray(x)))
+
+
+@given(xo=array_lists(), factor=st.sampled_from([0.0, 0.5, 2.0, 1e-30, -1.0, math.nan, 10**400]))
+def test_scale_contract(xo: Any, factor: Any) -> None:
+    xs, owners = xo
+    before = _snapshot(owners)
+    copies = [_as64(x) for x in xs]
+    _, exc = _call(fastclip.scale_, xs, factor)
+    if exc is not None:
+        assert _snapshot(owners) == before, "input bytes changed"
+        return
+    for x, c in zip(xs, copies):
+        with np.errstate(all="ignore"):
+            _assert_matches(x, c * float(factor), _result_dtype(np.asarray(x)))
+
+
+@given(
+    n=st.integers(0, 3),
+    shape=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    max_norm=_MAX_NORMS,
+    ord=st.sampled_from([1, 2, math.inf]),
+    scale=_MAGNITUDE,
+    dtype=st.sampled_from(FLOATS),
+    data=st.data(),
+)
+def test_clip_per_sample_contract(
+    n: int, shape: list[int], max_norm: Any, ord: Any, scale: float, dtype: str, data: Any
+) -> None:
+    rng = np.random.default_rng(n)
+    with np.errstate(over="ignore"):
+        grads = [(rng.standard_normal((n, *shape)) * scale).astype(dtype) for _ in range(2)]
+    if data.draw(st.booleans()):
+        grads[1].flags.writeable = False
+    before = _snapshot(grads)
+    got, exc = _call(fastclip.clip_per_sample, grads, max_norm, ord)
+    assert _snapshot(grads) == before
+    if exc is not None:
+        return
+    norms, want = _per_sample_oracle([_as64(g) for g in grads], float(max_norm), float(ord))
+    _assert_matches(got.norms, norms, np.asarray(got.norms).dtype)
+    for out, w in zip(got.grads, want):
+        _assert_matches(out, w, np.dtype(np.dtype(dtype).newbyteorder("=")))
+
+
+def _per_sample_oracle(g64: list[np.ndarray], c: float, ord: float) -> tuple[Any, list[Any]]:
+    """Per-sample norms by the overflow-safe ``ref.norm`` (raw power sums of 1e200
+    would overflow the oracle itself), factors ``min(1, c / (n + 1e-6))``, sums."""
+    b = g64[0].shape[0]
+    rows = [np.concatenate([g[i].reshape(-1) for g in g64]) for i in range(b)]
+    norms = np.array([ref.norm(r, ord) for r in rows], np.float64)
+    with np.errstate(all="ignore"):
+        f = np.where(norms == 0, 1.0, np.minimum(1.0, c / (norms + 1e-6)))
+        sums = [(g * f.reshape((b,) + (1,) * (g.ndim - 1))).sum(axis=0) for g in g64]
+    return norms, sums
+
+
+_HP = st.sampled_from([0.0, 1e-3, 0.1, 0.9, 1.0, -0.1, math.nan, math.inf, 10**400])
+
+
+@given(
+    dtype=st.sampled_from(["<f4", "<f8"]),
+    lr=_HP,
+    b1=_HP,
+    b2=_HP,
+    wd=_HP,
+    max_norm=st.sampled_from([None, 1.0, 1e-30, 0.0, -1.0]),
+    scale=_MAGNITUDE,
+    readonly=st.integers(0, 4),
+    nonfinite=st.sampled_from(["propagate", "skip", "error", "bogus"]),
+)
+def test_adamw_step_contract(
+    dtype: str,
+    lr: Any,
+    b1: Any,
+    b2: Any,
+    wd: Any,
+    max_norm: Any,
+    scale: float,
+    readonly: int,
+    nonfinite: str,
+) -> None:
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(dtype) for s in (5, (2, 3))]
+    grads = [(rng.standard_normal(p.shape) * scale).astype(dtype) for p in params]
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    everything = params + grads + ms + vs
+    if readonly < len(everything) and readonly % 2:
+        everything[readonly * 2].flags.writeable = False
+    before = _snapshot(everything)
+    p64 = [_as64(p) for p in params]
+    g64 = [_as64(g) for g in grads]
+    total = ref.global_norm(g64)
+    _, exc = _call(
+        _refuse_nonfinite_only_if(not math.isfinite(float(total)), fastclip.optim.adamw_step_),
+        params,
+        grads,
+        ms,
+        vs,
+        step=1,
+        lr=lr,
+        betas=(b1, b2),
+        weight_decay=wd,
+        max_norm=max_norm,
+        nonfinite=nonfinite,
+    )
+    if exc is not None:
+        assert _snapshot(everything) == before, "a refused step changed its inputs"
+        return
+    coef = 1.0 if max_norm is None else float(ref.coefficient(total, max_norm, 1e-6))
+    if not math.isfinite(float(total)) and nonfinite == "skip":
+        assert _snapshot(everything) == before
+        return
+    for p, pw, gw, m, v in zip(params, p64, g64, ms, vs):
+        want = ref.adamw_step(
+            pw.copy(), gw, np.zeros_like(pw), np.zeros_like(pw), None, 1, lr, b1, b2, 1e-8, wd, coef
+        )
+        for got_, want_ in zip((p, m, v), want[:3]):
+            _assert_matches(got_, want_, np.dtype(dtype))
+
+
+@given(
+    kind=st.sampled_from(["global", "autoclip", "zclip", "agc"]),
+    steps=st.lists(st.integers(0, 5), min_size=1, max_size=6),
+    inplace=st.booleans(),
+)
+def test_clipper_refusal_keeps_state(kind: str, steps: list[int], inplace: bool) -> None:
+    clipper = {
+        "global": lambda: fastclip.GlobalNormClipper(1.0),
+        "autoclip": lambda: fastclip.AutoClip(50),
+        "zclip": lambda: fastclip.ZClip(warmup_steps=2),
+        "agc": lambda: fastclip.AGC(0.05),
+    }[kind]()
+    rng = np.random.default_rng(len(steps))
+    for s in steps:
+        grads = [rng.standard_normal(4).astype(np.float32), rng.standard_normal(3)]
+        params = [rng.standard_normal(4).astype(np.float32), rng.standard_normal(3)]
+        if s == 1:
+            grads[1].flags.writeable = False
+        elif s == 2:
+            grads[1] = np.broadcast_to(np.float64(1.0), (3,))
+        elif s == 3:
+            grads[1] = grads[0][:2]  # overlaps the first gradient
+        owners = grads + params
+        before = _snapshot(owners)
+        state = copy.deepcopy(clipper.state_dict())
+        _, exc = _call(clipper if inplace else clipper.clip, grads, params)
+        if exc is not None or not inplace:
+            assert _snapshot(owners) == before, f"{kind}: inputs changed"
+        if exc is not None:
+            assert _state_equal(clipper.state_dict(), state), f"{kind}: refused clip moved state"
+        elif inplace:
+            assert s not in (1, 2, 3), f"{kind}: an unwritable/overlapping gradient was clipped"
+
+
+def _state_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b, equal_nan=True)
+    return bool(a == b)
+
+
+# --------------------------------------------------------------------- torch
+
+torch = pytest.importorskip("torch")
+
+_TORCH_DTYPES = ["float16", "bfloat16", "float32", "float64"]
+_TORCH_LAYOUTS = ["c", "t", "s", "cl", "e", "neg"]
+
+
+@st.composite
+def tensors(draw: Any) -> tuple[Any, Any, str]:
+    """A torch tensor, the tensor owning its memory, and its layout's name."""
+    dtype = getattr(torch, draw(st.sampled_from(_TORCH_DTYPES)))
+    layout = draw(st.sampled_from(_TORCH_LAYOUTS))
+    if layout == "cl":
+        shape: tuple[int, ...] = (2, 3, 2, 2)
+    else:
+        shape = tuple(draw(st.lists(st.integers(1, 4), min_size=2, max_size=2)))
+    full = (2 * shape[0], *shape[1:]) if layout == "s" else shape
+    with np.errstate(all="ignore"):
+        owner = torch.from_numpy(draw(values(math.prod(full))).reshape(full)).to(dtype)
+    x = {
+        "c": lambda a: a,
+        "t": lambda a: a.transpose(0, 1),
+        "s": lambda a: a[::2],
+        "cl": lambda a: a.contiguous(memory_format=torch.channels_last),
+        "e": lambda a: a[:1].expand(a.shape),
+        "neg": lambda a: a._neg_view(),
+    }[layout](owner)
+    if layout == "cl":
+        owner = x
+    if layout == "e" and x.shape[0] == 1:
+        layout = "c"  # expanding one row to one row shares no element
+    return x, owner, layout
+
+
+def _tbytes(ts: list[Any]) -> list[bytes]:
+    return [t.detach().resolve_neg().contiguous().view(torch.uint8).numpy().tobytes() for t in ts]
+
+
+def _with_grads(grads: list[Any]) -> list[Any]:
+    ps = [torch.zeros(g.shape, dtype=g.dtype, requires_grad=True) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    return ps
+
+
+def _t64(t: Any) -> np.ndarray:
+    return t.detach().resolve_neg().double().numpy()
+
+
+@given(
+    tos=st.lists(tensors(), min_size=1, max_size=3),
+    max_norm=st.sampled_from([0.0, 0.5, 1.0, 1e30, math.inf]),
+    norm_type=st.sampled_from([1.0, 2.0, math.inf, 3.0]),
+)
+def test_torch_clip_grad_norm_matches_torch(tos: Any, max_norm: float, norm_type: float) -> None:
+    import fastclip.torch as ft
+
+    grads, owners, layouts = (list(z) for z in zip(*tos))
+    before = _tbytes(owners)
+    # torch's own clip on float64 copies: the formula without float16 arithmetic
+    # (torch computes max_norm / (norm + 1e-6) in the norm's dtype, where 1e-6
+    # underflows and a zero norm gives 0 / 0).
+    expected = _with_grads([g.detach().resolve_neg().double() for g in grads])
+    try:
+        got = ft.clip_grad_norm_(_with_grads(grads), max_norm, norm_type)
+    except REFUSALS:
+        assert _tbytes(owners) == before, "a refused clip changed the gradients"
+        return
+    assert "e" not in layouts, "an expanded gradient (shared elements) was written in place"
+    want = torch.nn.utils.clip_grad_norm_(expected, max_norm, norm_type)
+    _assert_close_t(got, want)
+    for g, e in zip(grads, expected):
+        _assert_close_t(g, e.grad)
+
+
+def _assert_close_t(got: Any, want64: Any) -> None:
+    """A torch result equals the float64 one rounded to the result's dtype."""
+    low = got.dtype in (torch.float16, torch.bfloat16)
+    rtol = 2e-2 if low else 3e-5 if got.dtype == torch.float32 else 1e-10
+    tiny = 6e-8 if low else 1.5e-45 if got.dtype == torch.float32 else 5e-324
+    with np.errstate(all="ignore"):
+        rounded = want64.to(got.dtype).double().numpy()
+    np.testing.assert_allclose(_t64(got), rounded, rtol=rtol, atol=4 * tiny, equal_nan=True)
+
+
+@given(
+    tos=st.lists(tensors(), min_size=1, max_size=3),
+    clip=st.sampled_from([0.0, 0.5, 1.0, 1e30, math.inf, 10**400, -1.0]),
+)
+def test_torch_clip_grad_value_matches_torch(tos: Any, clip: Any) -> None:
+    import fastclip.torch as ft
+
+    grads, owners, layouts = (list(z) for z in zip(*tos))
+    before = _tbytes(owners)
+    expected = [g.detach().resolve_neg().clone() for g in grads]
+    try:
+        ft.clip_grad_value_(_with_grads(grads), clip)
+    except REFUSALS:
+        assert _tbytes(owners) == before, "a refused clip changed the gradients"
+        return
+    assert "e" not in layouts, "an expanded gradient (shared elements) was written in place"
+    c = float(clip)
+    for g, e in zip(grads, expected):
+        want = np.clip(_t64(e), -c, c)
+        with np.errstate(all="ignore"):
+            want = torch.from_numpy(want).to(g.dtype).double().numpy()
+        np.testing.assert_array_equal(_t64(g), want)
