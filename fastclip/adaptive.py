@@ -42,7 +42,10 @@ import inspect
 import math
 import numbers
 from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from . import _api, _dispatch
 from ._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord, scalar_value
@@ -52,10 +55,88 @@ __all__ = ["AGC", "AutoClip", "GlobalNormClipper", "ZClip"]
 _POLICIES = ("propagate", "error", "skip")
 
 
+# ------------------------------------------------------------ argument checks
+
+
 def _check_policy(policy: Any) -> str:
+    if not isinstance(policy, str):
+        raise TypeError(f"nonfinite must be one of {_POLICIES}, got {policy!r}")
     if policy not in _POLICIES:
         raise ValueError(f"nonfinite must be one of {_POLICIES}, got {policy!r}")
-    return str(policy)
+    return policy
+
+
+def _real(
+    value: Any,
+    name: str,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    finite: bool = True,
+) -> float:
+    """A real hyperparameter as a float: TypeError unless a real number (or 0-d real
+    array), ValueError if NaN, infinite (with ``finite``) or outside the bounds."""
+    v = scalar_value(value, name)
+    bounds = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else ""]
+    bounds += [f"< {lt:g}" if lt is not None else "", f"<= {le:g}" if le is not None else ""]
+    ok = not math.isnan(v) and not (finite and math.isinf(v))
+    ok = ok and (gt is None or v > gt) and (ge is None or v >= ge)
+    ok = ok and (lt is None or v < lt) and (le is None or v <= le)
+    if not ok:
+        what = " and ".join(b for b in bounds if b)
+        kind = "a finite real number" if finite else "a real number, not NaN,"
+        raise ValueError(f"{name} must be {kind}{' ' + what if what else ''}, got {value!r}")
+    return v
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    """An integer hyperparameter (bool and float refused with a TypeError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A bool: any other object (``"False"`` is truthy) is a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _choice(value: Any, name: str, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {options}, got {value!r}")
+    if value.lower() not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value.lower()
+
+
+def _norm_list(values: Any, name: str) -> list[float]:
+    """A list of recorded norms from a state dict: real numbers >= 0, NaN or +inf (what
+    a norm can be), as a list or tuple (a string is not a list of digits)."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of norms, got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must hold real numbers, got {v!r}")
+        f = float(v)
+        if f < 0:
+            raise ValueError(f"{name} holds norms, which are >= 0 (or NaN), got {v!r}")
+        out.append(f)
+    return out
+
+
+def _state_real(value: Any, name: str) -> float | None:
+    """A statistic from a state dict: None, or a real number >= 0 (NaN and +inf
+    included: the "propagate" policy lets non-finite norms into the statistics)."""
+    if value is None:
+        return None
+    return _norm_list([value], name)[0]
 
 
 def _ord_value(ord: Any) -> float:
@@ -73,11 +154,111 @@ def _copies(items: list[Any]) -> list[Any]:
     return [xp.asarray(a, copy=True) for a in items]
 
 
-def _check_mutable(items: list[Any], what: str) -> None:
+# --------------------------------------------------------- in-place targets
+
+
+def _layout(a: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, Any] | None:
+    """(shape, strides, first byte, end byte, exact view) of an array's memory.
+
+    The view is a NumPy array on the same memory when one can be had (then
+    ``np.shares_memory`` decides overlaps of strided arrays exactly), None when
+    the byte range stands for the array (contiguous, or device memory).  None
+    overall when the memory cannot be seen (the write then checks for itself).
+    """
     import array_api_compat as aac
 
-    if items and aac.is_jax_array(items[0]):
+    if isinstance(a, np.ndarray):
+        view = a
+    elif aac.is_torch_array(a):
+        import torch
+
+        t = a.detach()
+        if t.layout is not torch.strided:
+            return None  # not strided memory: the write refuses it for itself
+        if t.is_contiguous():  # the common case, without a NumPy view (~2 us a tensor)
+            lo = t.data_ptr()
+            return tuple(t.shape), tuple(t.stride()), lo, lo + t.numel() * t.element_size(), None
+        if not t.is_cpu or t.is_conj() or t.is_neg():
+            # Device memory (or a lazily negated view): the byte range from the strides.
+            item, lo, hi = t.element_size(), t.data_ptr(), t.data_ptr() + t.element_size()
+            for n, s in zip(t.shape, t.stride()):
+                lo, hi = lo + min(0, (n - 1) * s * item), hi + max(0, (n - 1) * s * item)
+            return tuple(t.shape), tuple(t.stride()), lo, hi, None
+        from ._cpu._libs import TorchLib
+
+        view = TorchLib.storage(t)
+    else:
+        try:  # array-api-strict and other CPU libraries that export DLPack
+            view = np.from_dlpack(a)
+        except Exception:
+            return None
+    lo, hi = np.lib.array_utils.byte_bounds(view)
+    return view.shape, view.strides, lo, hi, None if view.flags.c_contiguous else view
+
+
+def _check_writable(items: list[Any], what: str) -> None:
+    """Refuse, before anything is written, gradients that cannot all be scaled in place.
+
+    Read-only arrays, arrays whose elements share memory (stride 0) and two
+    gradients sharing memory (scaled twice) would otherwise fail, or give a
+    wrong answer, part-way through a call that has already written others.
+    """
+    import array_api_compat as aac
+
+    if aac.is_jax_array(items[0]):
         raise TypeError(f"{what}: JAX arrays are immutable; use the out-of-place .clip()")
+    starts, ends, views, index = [], [], [], []
+    for i, a in enumerate(items):
+        if not aac.is_writeable_array(a):
+            raise ValueError(
+                f"{what}: gradient {i} is read-only, so it cannot be clipped in place; "
+                f"use the out-of-place {what}.clip()"
+            )
+        layout = _layout(a)
+        if layout is None or math.prod(layout[0]) == 0:
+            continue
+        shape, strides, lo, hi, view = layout
+        if any(n > 1 and s == 0 for n, s in zip(shape, strides)):
+            raise ValueError(
+                f"{what}: gradient {i} has elements sharing memory (stride 0, as from expand "
+                f"or broadcast_to), which cannot be scaled in place; use {what}.clip()"
+            )
+        starts.append(lo)
+        ends.append(hi)
+        views.append(view)
+        index.append(i)
+    if len(starts) > 1:
+        from ._cpu._driver import shared_pair
+
+        pair = shared_pair(np.array(starts, np.int64), np.array(ends, np.int64), views)
+        if pair is not None:
+            raise ValueError(
+                f"{what}: gradients {index[pair[0]]} and {index[pair[1]]} share memory; "
+                "they would be scaled twice. Pass each piece of memory once."
+            )
+
+
+def _noop(ok: bool) -> None:
+    pass
+
+
+def _square(d: float) -> float:
+    """``d ** 2`` (the reference's expression, bit for bit: ``d * d`` can round
+    differently), inf where Python's float ``**`` raises OverflowError (|d| > 1e154)."""
+    try:
+        return d**2
+    except OverflowError:
+        return math.inf
+
+
+def _ieee_div(a: float, b: float) -> float:
+    """``a / b`` with IEEE's answer for ``b == 0`` (inf or NaN) instead of ZeroDivisionError
+    (ZClip's z-score with ``eps=0`` after a warm-up of equal norms)."""
+    if b != 0:
+        return a / b
+    if a == 0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
 class _Clipper:
@@ -104,6 +285,12 @@ class _Clipper:
                 "nothing was clipped and the clipper's state is unchanged"
             )
         return self.nonfinite == "skip"
+
+    def _record(self, total: float, threshold: float | None, skipped: bool) -> None:
+        """Describe a call that succeeded (a refused call leaves the last one's)."""
+        self.last_total_norm = total
+        self.last_threshold = threshold
+        self.last_step_skipped = skipped
 
     def __call__(self, grads: Any, params: Any = None) -> Any:
         """Clip ``grads`` in place; return the total norm before clipping."""
@@ -143,22 +330,36 @@ class _Clipper:
         The keys must be exactly those this class's :meth:`state_dict` gives
         (a ValueError names the missing and unexpected ones, as torch's
         ``load_state_dict`` does); the values are validated as the
-        constructor validates them.  A failed load leaves the clipper as it was.
+        constructor validates them, the statistics for their types, ranges and
+        consistency with ``step`` (a TypeError or ValueError naming the key).
+        A refused load leaves the clipper as it was.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{type(self).__name__}.load_state_dict needs a dict, got "
+                f"{type(state_dict).__name__}"
+            )
         sd = dict(state_dict)
         names = inspect.signature(type(self).__init__).parameters
         expected = (set(names) - {"self"}) | {"step"} | set(self._STATE_KEYS)
-        missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+        missing = sorted(expected - sd.keys())
+        unexpected = sorted(sd.keys() - expected, key=repr)  # keys of any type
         if missing or unexpected:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: missing keys {missing}, unexpected "
                 f"keys {unexpected} (is it the state of another clipper class?)"
             )
-        cfg = {k: sd[k] for k in names if k != "self" and k in sd}
-        if "ord" in cfg and cfg["ord"] is not None:
-            cfg["ord"] = float(cfg["ord"])
+        for key, value in sd.items():
+            # state_dict() holds plain numbers, strings and lists: an array or another
+            # object would be read (0-d arrays by the constructor) as something else.
+            if value is not None and not isinstance(value, (numbers.Real, str, list, tuple)):
+                raise TypeError(
+                    f"{type(self).__name__}.load_state_dict: {key!r} must be a number, a "
+                    f"string, a list or None, got {type(value).__name__}"
+                )
+        cfg = {k: sd[k] for k in names if k != "self"}
         fresh = type(self)(**cfg)  # validates; self is untouched until all of it loaded
-        fresh.step = int(sd["step"])
+        fresh.step = _int(sd["step"], "step", 0)
         fresh._load_state(sd)
         self.__dict__.update(fresh.__dict__)
 
@@ -172,39 +373,59 @@ class _GlobalNormBased(_Clipper):
     ord: float
     eps: float
 
-    def _threshold(self, value: float) -> float | None:
-        """Update the statistics with this step's norm; the norm to clip to, or None."""
+    def _threshold(self, value: float) -> tuple[float | None, Callable[[bool], None]]:
+        """The norm to clip this step's gradients to (None: leave them), and ``settle``.
+
+        ``settle(True)`` is called once the gradients are clipped and records
+        the step in the statistics; ``settle(False)`` when the clip raised, and
+        leaves the statistics as they were before this call.
+        """
         raise NotImplementedError
 
     def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
         items = _dispatch.as_array_list(grads)
-        self.last_step_skipped = False
-        self.last_threshold = None
         if not items:
-            self.last_total_norm = 0.0
+            self._record(0.0, None, False)
             return [], _api.global_norm([])
-        if inplace:
-            _check_mutable(items, type(self).__name__)
         total = _api.global_norm(items, self.ord)
         value = float(total)
-        self.last_total_norm = value
         if not math.isfinite(value) and self._nonfinite(value):
-            self.last_step_skipped = True
-            return (items if inplace else _copies(items)), total
-        threshold = self._threshold(value)
+            out = self._untouched(items, inplace)
+            self._record(value, None, True)
+            return out, total
+        threshold, settle = self._threshold(value)
+        try:
+            out = self._scaled(items, total, threshold, inplace)
+        except BaseException:
+            settle(False)
+            raise
+        settle(True)
         self.step += 1
-        self.last_threshold = threshold
+        self._record(value, threshold, False)
+        return out, total
+
+    def _untouched(self, items: list[Any], inplace: bool) -> list[Any]:
+        """The result of a step that scales nothing.
+
+        An in-place step that clips has the core refuse read-only or overlapping
+        gradients before it writes; one that does not checks them here, so such
+        gradients are refused whatever the norms, not first at the step that clips.
+        """
+        if not inplace:
+            return _copies(items)
+        _check_writable(items, type(self).__name__)
+        return items
+
+    def _scaled(self, items: list[Any], total: Any, threshold: float | None, inplace: bool) -> Any:
         if threshold is None:
-            return (items if inplace else _copies(items)), total
+            return self._untouched(items, inplace)
         # A NaN threshold (propagate) gives a NaN coefficient, as clip_grad_norm_(nan) does.
         c = 0.0 if math.isnan(threshold) else threshold
         given = math.nan if math.isnan(threshold) else total
         if inplace:
             _api.clip_by_global_norm_(items, c, self.ord, eps=self.eps, total_norm=given)
-            return items, total
-        return _api.clip_by_global_norm(items, c, self.ord, eps=self.eps, total_norm=given)[
-            0
-        ], total
+            return items
+        return _api.clip_by_global_norm(items, c, self.ord, eps=self.eps, total_norm=given)[0]
 
 
 class GlobalNormClipper(_GlobalNormBased):
@@ -250,8 +471,8 @@ class GlobalNormClipper(_GlobalNormBased):
     def _config(self) -> dict[str, Any]:
         return dict(max_norm=self.max_norm, ord=self.ord, eps=self.eps, nonfinite=self.nonfinite)
 
-    def _threshold(self, value: float) -> float | None:
-        return self.max_norm
+    def _threshold(self, value: float) -> tuple[float | None, Callable[[bool], None]]:
+        return self.max_norm, _noop
 
 
 # ----------------------------------------------------------------- AutoClip
@@ -429,16 +650,9 @@ class AutoClip(_GlobalNormBased):
         eps: float = 1e-6,
         nonfinite: str = "propagate",
     ) -> None:
-        if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
-            raise TypeError(f"percentile must be a real number, got {percentile!r}")
-        if not 0 <= percentile <= 100:
-            raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
-        if history is not None and (
-            isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < 1
-        ):
-            raise ValueError(f"history must be None or an int >= 1, got {history!r}")
-        self.percentile = float(percentile)
-        self.history = None if history is None else int(history)
+        percentile_v = _real(percentile, "percentile", ge=0, le=100)
+        self.history = None if history is None else _int(history, "history", 1)
+        self.percentile = percentile_v
         self.ord = _ord_value(ord)
         self.eps = check_eps(eps)
         self._init_common(nonfinite)
@@ -458,18 +672,35 @@ class AutoClip(_GlobalNormBased):
             nonfinite=self.nonfinite,
         )
 
-    def _push(self, value: float) -> None:
+    def _push(self, value: float) -> tuple[int, float] | None:
+        """Record a norm; the (key, norm) the window dropped for it, if any."""
         key = self._next_key
         self._next_key += 1
         self._norms.append((key, value))
         self._stats.add(value, key)
         if self.history is not None and len(self._norms) > self.history:
-            old, _ = self._norms.popleft()
-            self._stats.remove(old)
+            dropped = self._norms.popleft()
+            self._stats.remove(dropped[0])
+            return dropped
+        return None
 
-    def _threshold(self, value: float) -> float | None:
-        self._push(value)
-        return self._stats.value()
+    def _threshold(self, value: float) -> tuple[float | None, Callable[[bool], None]]:
+        # The percentile includes this step's norm, so it goes in now and back out
+        # if the clip raises.
+        dropped = self._push(value)
+
+        def settle(ok: bool) -> None:
+            if ok:
+                return
+            self._stats.remove(self._norms.pop()[0])
+            if dropped is not None:
+                # A fresh key: the dropped one is marked dead in the heaps.
+                key = self._next_key
+                self._next_key += 1
+                self._norms.appendleft((key, dropped[1]))
+                self._stats.add(dropped[1], key)
+
+        return self._stats.value(), settle
 
     def percentile_value(self) -> float:
         """The current clip value: the percentile of the stored norms (NaN if none)."""
@@ -481,9 +712,17 @@ class AutoClip(_GlobalNormBased):
         return {"norms": [v for _, v in self._norms]}
 
     def _load_state(self, sd: dict[str, Any]) -> None:
+        norms = _norm_list(sd["norms"], "norms")
+        # Every counted step recorded one norm; a window keeps the last `history`.
+        kept = self.step if self.history is None else min(self.step, self.history)
+        if len(norms) != kept:
+            raise ValueError(
+                f"AutoClip.load_state_dict: {len(norms)} norms for step {self.step} and "
+                f"history {self.history} (expected {kept}): an inconsistent state"
+            )
         self._reset()
-        for v in sd.get("norms", []):
-            self._push(float(v))
+        for v in norms:
+            self._push(v)
 
 
 # -------------------------------------------------------------------- ZClip
@@ -595,29 +834,15 @@ class ZClip(_GlobalNormBased):
         ord: float = 2,
         nonfinite: str = "propagate",
     ) -> None:
-        if not 0.0 < float(alpha) < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if not float(z_thresh) > 0:
-            raise ValueError(f"z_thresh must be > 0, got {z_thresh!r}")
-        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
-        mode = str(mode).lower()
-        if mode not in ("zscore", "percentile"):
-            raise ValueError(f"mode must be 'zscore' or 'percentile', got {mode!r}")
-        clip_option = str(clip_option).lower()
-        if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(
-                f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
-            )
-        self.alpha = float(alpha)
-        self.z_thresh = float(z_thresh)
-        self.warmup_steps = int(warmup_steps)
-        self.mode = mode
+        self.alpha = _real(alpha, "alpha", gt=0, lt=1)
+        self.z_thresh = _real(z_thresh, "z_thresh", gt=0)
+        self.warmup_steps = _int(warmup_steps, "warmup_steps", 1)
+        self.mode = _choice(mode, "mode", ("zscore", "percentile"))
         self.max_norm = None if max_norm is None else check_max_norm(max_norm)
-        self.clip_option = clip_option
-        self.clip_factor = float(clip_factor)
+        self.clip_option = _choice(clip_option, "clip_option", ("adaptive_scaling", "mean"))
+        self.clip_factor = _real(clip_factor, "clip_factor", gt=0)
         self.eps = check_eps(eps)
-        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self.skip_update_on_spike = _flag(skip_update_on_spike, "skip_update_on_spike")
         self.ord = _ord_value(ord)
         self._init_common(nonfinite)
         self.mean: float | None = None
@@ -648,10 +873,31 @@ class ZClip(_GlobalNormBased):
         )
 
     def _load_state(self, sd: dict[str, Any]) -> None:
-        self.mean = None if sd.get("mean") is None else float(sd["mean"])
-        self.var = None if sd.get("var") is None else float(sd["var"])
-        self.initialized = bool(sd.get("initialized", False))
-        self.buffer = [float(v) for v in sd.get("buffer", [])]
+        initialized = _flag(sd["initialized"], "initialized")
+        mean, var = _state_real(sd["mean"], "mean"), _state_real(sd["var"], "var")
+        buffer = _norm_list(sd["buffer"], "buffer")
+        # What a run of `step` counted calls leaves: the warm-up buffer holds one norm
+        # per step until it has `warmup_steps`, then becomes the statistics.
+        if initialized:
+            problem = None
+            if mean is None or var is None:
+                problem = "initialized without mean and var"
+            elif buffer:
+                problem = "initialized with a non-empty warm-up buffer"
+            elif self.step < self.warmup_steps:
+                problem = f"initialized at step {self.step} < warmup_steps {self.warmup_steps}"
+        elif mean is not None or var is not None:
+            problem = "mean or var set before the warm-up ended"
+        elif len(buffer) != self.step or len(buffer) >= self.warmup_steps:
+            problem = (
+                f"{len(buffer)} warm-up norms at step {self.step} with warmup_steps "
+                f"{self.warmup_steps}"
+            )
+        else:
+            problem = None
+        if problem is not None:
+            raise ValueError(f"ZClip.load_state_dict: an inconsistent state: {problem}")
+        self.mean, self.var, self.initialized, self.buffer = mean, var, initialized, buffer
 
     def _spike_target(self, g: float) -> float | None:
         """The reference's ``_compute_clip_val``: the clip target of a spike, or None."""
@@ -660,7 +906,7 @@ class ZClip(_GlobalNormBased):
         if self.mode == "percentile":
             threshold = self.mean + self.z_thresh * std
             return threshold if g > threshold else None
-        z = (g - self.mean) / (std + self.eps)
+        z = _ieee_div(g - self.mean, std + self.eps)
         if not z > self.z_thresh:
             return None
         if self.clip_option == "mean":
@@ -668,16 +914,21 @@ class ZClip(_GlobalNormBased):
         eta = z / self.z_thresh
         return (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
 
-    def _threshold(self, value: float) -> float | None:
+    def _threshold(self, value: float) -> tuple[float | None, Callable[[bool], None]]:
         if not self.initialized:
-            self.buffer.append(value)
-            if len(self.buffer) >= self.warmup_steps:
-                n = len(self.buffer)
-                self.mean = sum(self.buffer) / n
-                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / n
-                self.initialized = True
-                self.buffer = []
-            return self.max_norm
+
+            def settle_warmup(ok: bool) -> None:
+                if not ok:
+                    return
+                self.buffer.append(value)
+                if len(self.buffer) >= self.warmup_steps:
+                    n = len(self.buffer)
+                    self.mean = mean = sum(self.buffer) / n
+                    self.var = sum(_square(x - mean) for x in self.buffer) / n
+                    self.initialized = True
+                    self.buffer = []
+
+            return self.max_norm, settle_warmup
         target = self._spike_target(value)
         if target is None:
             threshold = self.max_norm
@@ -685,17 +936,41 @@ class ZClip(_GlobalNormBased):
             threshold = target
         else:
             threshold = min(target, self.max_norm)
-        if not (target is not None and self.skip_update_on_spike):
-            x = value if target is None else target
+        if target is not None and self.skip_update_on_spike:
+            return threshold, _noop
+        x = value if target is None else target
+
+        def settle(ok: bool) -> None:
+            if not ok:
+                return
             assert self.mean is not None and self.var is not None
-            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
-            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
-        return threshold
+            self.mean = mean = self.alpha * self.mean + (1 - self.alpha) * x
+            self.var = self.alpha * self.var + (1 - self.alpha) * _square(x - mean)
+
+        return threshold, settle
 
 
 # ---------------------------------------------------------------------- AGC
 
 _LAYOUTS = ("torch", "optax")
+
+
+def _agc_axis(axis: Any) -> str | tuple[int, ...]:
+    """A layout name, or explicit reduction axes as a tuple of distinct ints (a
+    list too: ``state_dict`` stores them as one)."""
+    if isinstance(axis, str):
+        if axis.lower() not in _LAYOUTS:
+            raise ValueError(f"axis must be 'torch', 'optax' or reduction axes, got {axis!r}")
+        return axis.lower()
+    items = (axis,) if isinstance(axis, numbers.Integral) else axis
+    if not isinstance(items, (tuple, list)) or not all(
+        isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_)) for a in items
+    ):
+        raise TypeError(f"axis must be 'torch', 'optax', an int or a tuple of ints, got {axis!r}")
+    out = tuple(int(a) for a in items)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis must not repeat an axis, got {axis!r}")
+    return out
 
 
 class AGC(_Clipper):
@@ -763,19 +1038,9 @@ class AGC(_Clipper):
         *,
         nonfinite: str = "propagate",
     ) -> None:
-        clipping_v = scalar_value(clipping, "clipping")
-        if not clipping_v > 0:
-            raise ValueError(f"clipping must be > 0, got {clipping!r}")
-        self.clipping = clipping_v
+        self.clipping = _real(clipping, "clipping", gt=0)
         self.eps = check_eps(eps)
-        if isinstance(axis, str):
-            if axis.lower() not in _LAYOUTS:
-                raise ValueError(f"axis must be 'torch', 'optax' or reduction axes, got {axis!r}")
-            self.axis: Any = axis.lower()
-        elif isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
-            self.axis = (int(axis),)
-        else:
-            self.axis = tuple(int(a) for a in axis)  # type: ignore[union-attr]
+        self.axis: Any = _agc_axis(axis)
         self.ord = _ord_value(ord)
         self._init_common(nonfinite)
 
@@ -784,12 +1049,6 @@ class AGC(_Clipper):
         return dict(
             clipping=self.clipping, eps=self.eps, axis=axis, ord=self.ord, nonfinite=self.nonfinite
         )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
-        if isinstance(sd.get("axis"), list):
-            sd["axis"] = tuple(sd["axis"])
-        super().load_state_dict(sd)
 
     def unit_axes(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The reduction axes of one array's unit norms (None: the whole array is one unit)."""
@@ -815,14 +1074,14 @@ class AGC(_Clipper):
         ps = _dispatch.as_array_list(params)
         if len(gs) != len(ps):
             raise ValueError(f"AGC: {len(gs)} gradients for {len(ps)} parameters")
-        self.last_step_skipped = False
-        self.last_threshold = None
         if not gs:
-            self.last_total_norm = 0.0
+            self._record(0.0, None, False)
             return [], _api.global_norm([])
         if inplace:
-            _check_mutable(gs, "AGC")
+            _check_writable(gs, "AGC")
         xp = aac.array_namespace(gs[0])
+        # Every coefficient first: a bad gradient or parameter anywhere in the lists
+        # raises before the first gradient is scaled.
         coefs = []
         total = 0.0
         wide = False
@@ -837,25 +1096,27 @@ class AGC(_Clipper):
             total = _accumulate(total, gn, self.ord, xp)
             mx = xp.maximum(pn, xp.asarray(self.eps, dtype=pn.dtype)) * self.clipping
             ratio = mx / xp.maximum(gn, xp.asarray(1e-6, dtype=gn.dtype))
-            coefs.append(xp.where(ratio >= 1.0, xp.ones_like(ratio), ratio))
+            c = xp.where(ratio >= 1.0, xp.ones_like(ratio), ratio)
+            coefs.append(xp.astype(c, g.dtype) if c.dtype != g.dtype else c)
         value = _finish(total, self.ord)
-        self.last_total_norm = value
         total_arr = xp.asarray(value, dtype=xp.float64 if wide else xp.float32)
         if not math.isfinite(value) and self._nonfinite(value):
-            self.last_step_skipped = True
-            return (gs if inplace else _copies(gs)), total_arr
-        self.step += 1
-        out = []
-        for g, c in zip(gs, coefs):
-            c = xp.astype(c, g.dtype) if c.dtype != g.dtype else c
-            if inplace:
+            out = gs if inplace else _copies(gs)
+            self._record(value, None, True)
+            return out, total_arr
+        if inplace:
+            for g, c in zip(gs, coefs):
                 if aac.is_torch_array(g):
-                    g.mul_(c)
+                    # detach(): a gradient that requires grad would refuse mul_ (the
+                    # core's kernels write its memory the same way)
+                    g.detach().mul_(c)
                 else:
                     g *= c
-                out.append(g)
-            else:
-                out.append(g * c)
+            out = gs
+        else:
+            out = [g * c for g, c in zip(gs, coefs)]
+        self.step += 1
+        self._record(value, None, False)
         return out, total_arr
 
 
@@ -872,4 +1133,7 @@ def _finish(total: float, ord: float) -> float:
         return total
     if ord == 2:
         return math.sqrt(total)
-    return float(total ** (1.0 / ord))
+    try:
+        return float(total ** (1.0 / ord))
+    except OverflowError:  # ord < 1: a huge power sum's root can pass the float range
+        return math.inf
