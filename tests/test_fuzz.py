@@ -514,25 +514,25 @@ def _t64(t: Any) -> np.ndarray:
     max_norm=st.sampled_from([0.0, 0.5, 1.0, 1e30, math.inf]),
     norm_type=st.sampled_from([1.0, 2.0, math.inf, 3.0]),
 )
-def test_torch_clip_grad_norm_matches_torch(tos: Any, max_norm: float, norm_type: float) -> None:
+def test_torch_clip_grad_norm_contract(tos: Any, max_norm: float, norm_type: float) -> None:
+    """torch.nn.utils.clip_grad_norm_'s formula, ``min(1, max_norm / (norm + 1e-6))``,
+    against the float64 oracle: torch itself is not the oracle at the magnitudes
+    drawn here (its float64 norm of 1e-200 values is 0 and of 1e200 values inf)."""
     import fastclip.torch as ft
 
     grads, owners, layouts = (list(z) for z in zip(*tos))
     before = _tbytes(owners)
-    # torch's own clip on float64 copies: the formula without float16 arithmetic
-    # (torch computes max_norm / (norm + 1e-6) in the norm's dtype, where 1e-6
-    # underflows and a zero norm gives 0 / 0).
-    expected = _with_grads([g.detach().resolve_neg().double() for g in grads])
+    g64 = [_t64(g).copy() for g in grads]
     try:
         got = ft.clip_grad_norm_(_with_grads(grads), max_norm, norm_type)
     except REFUSALS:
         assert _tbytes(owners) == before, "a refused clip changed the gradients"
         return
     assert "e" not in layouts, "an expanded gradient (shared elements) was written in place"
-    want = torch.nn.utils.clip_grad_norm_(expected, max_norm, norm_type)
-    _assert_close_t(got, want)
-    for g, e in zip(grads, expected):
-        _assert_close_t(g, e.grad)
+    want, total = ref.clip_by_global_norm(g64, max_norm, norm_type, 1e-6)
+    _assert_close_t(got, torch.from_numpy(np.asarray(total, np.float64)))
+    for g, w in zip(grads, want):
+        _assert_close_t(g, torch.from_numpy(w))
 
 
 def _assert_close_t(got: Any, want64: Any) -> None:
@@ -567,3 +567,94 @@ def test_torch_clip_grad_value_matches_torch(tos: Any, clip: Any) -> None:
         with np.errstate(all="ignore"):
             want = torch.from_numpy(want).to(g.dtype).double().numpy()
         np.testing.assert_array_equal(_t64(g), want)
+
+
+_GROUP_KINDS = ["float32", "float64", "complex64", "expanded", "shared", "nograd"]
+
+
+@st.composite
+def param_groups(draw: Any) -> list[dict[str, Any]]:
+    """One or two parameter groups; a group may hold a parameter no step can take."""
+    groups = []
+    for k in range(draw(st.integers(1, 2))):
+        kind = draw(st.sampled_from(_GROUP_KINDS))
+        gen = torch.Generator().manual_seed(k)
+        dtype = getattr(torch, kind) if kind in ("float64", "complex64") else torch.float32
+        p = torch.randn(3, 2, generator=gen, dtype=dtype).requires_grad_()
+        g = torch.randn(3, 2, generator=gen, dtype=dtype) * draw(_MAGNITUDE)
+        if kind == "expanded":
+            g = g[:1].expand(3, 2)
+        p.grad = None if kind == "nograd" else g
+        ps = [p]
+        if kind == "shared":  # a second parameter viewing the first one's memory
+            q = p.detach()[:2].requires_grad_()
+            q.grad = torch.ones_like(q)
+            ps.append(q)
+        groups.append({"params": ps, "kind": kind})
+    return groups
+
+
+@given(
+    groups=param_groups(),
+    adamw=st.booleans(),
+    max_norm=st.sampled_from([None, 1.0, 1e-3]),
+    steps=st.integers(1, 2),
+)
+def test_fused_optimizer_refusal_changes_nothing(
+    groups: Any, adamw: bool, max_norm: Any, steps: int
+) -> None:
+    """A fused step either matches torch.optim's step on clipped gradients (float64
+    reference) or refuses and leaves parameters, gradients and optimizer state as
+    they were; a refused step never counts."""
+    import fastclip.torch as ft
+
+    kinds = [g["kind"] for g in groups]
+    cls = ft.FusedAdamW if adamw else ft.FusedSGD
+    kw: dict[str, Any] = {"lr": 0.1, "max_norm": max_norm}
+    if not adamw:
+        kw["momentum"] = 0.9
+    try:
+        opt = cls([{"params": g["params"]} for g in groups], **kw)
+    except REFUSALS:
+        return
+    params = [p for g in groups for p in g["params"]]
+    reference = _torch_reference_step(params, adamw, kw)
+    for i in range(steps):
+        before = _tbytes([p.detach() for p in params])
+        grads = _tbytes([p.grad for p in params if p.grad is not None])
+        state = copy.deepcopy(opt.state_dict())
+        try:
+            opt.step()
+        except REFUSALS:
+            assert _tbytes([p.detach() for p in params]) == before, "a refused step moved params"
+            assert _tbytes([p.grad for p in params if p.grad is not None]) == grads
+            assert _state_equal_t(opt.state_dict(), state), "a refused step changed the state"
+            continue
+        assert not {"complex64", "shared"} & set(kinds), f"stepped parameters {kinds}"
+        if i == 0:
+            for p, want in zip(params, reference):
+                _assert_close_t(p.detach(), want)
+
+
+def _torch_reference_step(params: list[Any], adamw: bool, kw: dict[str, Any]) -> list[Any]:
+    """torch.optim's first step on float64 copies, after torch's clip_grad_norm_."""
+    copies = [p.detach().double().clone().requires_grad_() for p in params]
+    for c, p in zip(copies, params):
+        c.grad = None if p.grad is None else p.grad.detach().double().clone()
+    if kw["max_norm"] is not None:
+        torch.nn.utils.clip_grad_norm_(copies, kw["max_norm"])
+    if adamw:
+        torch.optim.AdamW(copies, lr=kw["lr"]).step()
+    else:
+        torch.optim.SGD(copies, lr=kw["lr"], momentum=kw["momentum"]).step()
+    return [c.detach() for c in copies]
+
+
+def _state_equal_t(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal_t(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal_t(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return _state_equal(a, b)
