@@ -55,12 +55,10 @@ class _FusedBase(Optimizer):
                     grads.append(g)
         return grads
 
-    def _clip(self, grads: list[torch.Tensor]) -> F.Clip | None:
-        """Norm and coefficient over every gradient of every group (None: nothing to do)."""
-        self.last_step_skipped = False
-        if not grads:
-            self.last_total_norm = None
-            return None
+    def _clip(self, grads: list[torch.Tensor]) -> Any:
+        """Norm and coefficient over every gradient of every group: an ``F.Clip``
+        (CPU) or a ``_gpu._optim.GpuClip``.  Sets ``last_total_norm`` and
+        ``last_step_skipped`` only once the plan stands (an error leaves them)."""
         if F.is_gpu(grads[0]):
             return self._clip_gpu(grads)
         lib = F.cpu_lib(grads, type(self).__name__)
@@ -81,13 +79,17 @@ class _FusedBase(Optimizer):
         self.last_step_skipped = plan.skip
         return plan
 
-    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[Any, Any]:
-        """``closure()``'s loss (None without one) and the clip plan of all gradients."""
+    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[Any, list[torch.Tensor]]:
+        """``closure()``'s loss (None without one) and every group's gradients."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        return loss, self._clip(self._all_grads())
+        grads = self._all_grads()
+        if not grads:
+            self.last_total_norm = None
+            self.last_step_skipped = False
+        return loss, grads
 
     def _clip_gpu(self, grads: list[torch.Tensor]) -> Any:
         """The GPU plan: device norm and coefficient (``_gpu._optim.GpuClip``).
@@ -112,22 +114,42 @@ class _FusedBase(Optimizer):
         self.last_step_skipped = plan.skip
         return plan
 
-    def _launch_gpu(
-        self, lists: list[Any], hp: np.ndarray, plan: Any, sign: float, ams: Any
-    ) -> None:
-        """One fused GPU launch per dtype: AdamW (``ams`` a bool) or SGD (``ams`` None)."""
+    def _prepare(self, lists: list[Any], gpu: bool, ams: Any) -> Any:
+        """Validate and pack one fused launch before anything is written:
+        AdamW (``ams`` a bool) or SGD (``ams`` None).  ``(lib, prepared)``."""
+        what = type(self).__name__
+        if not gpu:
+            lib = F.cpu_lib(lists[0], what)
+            if ams is None:
+                return lib, F.prepare_sgd(lib, *lists)
+            return lib, F.prepare_adamw(lib, *lists)
         from ._gpu import _driver
         from ._gpu import _optim as G
 
-        what = type(self).__name__
         lib = F.gpu_lib(lists, what)
         with _driver._on_device(lib, lists[0][0]):
             if ams is None:
-                step = G.Step(lib, lists, [True, False, True], what)
-                step.launch_sgd(hp, plan, sign)
+                return lib, G.Step(lib, lists, [True, False, True], what)
+            return lib, G.Step(lib, lists, [True, False, True, True, True], what)
+
+    def _run(
+        self, prepared: Any, lists: list[Any], hp: np.ndarray, plan: Any, sign: float, ams: Any
+    ) -> None:
+        """Launch a prepared step (one fused launch per dtype)."""
+        lib, work = prepared
+        if isinstance(plan, F.Clip):
+            if ams is None:
+                F.run_sgd(lib, lists[0], work, hp, sign * plan.coef)
             else:
-                step = G.Step(lib, lists, [True, False, True, True, True], what)
-                step.launch_adamw(hp, plan, sign, ams)
+                F.run_adamw(lib, lists[0], work, hp, sign * plan.coef, bool(ams))
+            return
+        from ._gpu import _driver
+
+        with _driver._on_device(lib, lists[0][0]):
+            if ams is None:
+                work.launch_sgd(hp, plan, sign)
+            else:
+                work.launch_adamw(hp, plan, sign, bool(ams))
             lib.touched(lists[0])
 
     def __repr__(self) -> str:
@@ -209,16 +231,7 @@ class FusedAdamW(_FusedBase):
     ) -> None:
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        F.check_adamw_args(lr, betas[0], betas[1], eps, weight_decay)
         if capturable or differentiable:
             raise ValueError("FusedAdamW supports neither capturable nor differentiable")
         defaults = dict(
@@ -239,62 +252,99 @@ class FusedAdamW(_FusedBase):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One clip-and-AdamW step over all groups; returns ``closure()``'s loss if given."""
-        loss, plan = self._begin_step(closure)
-        if plan is None or plan.skip:
+        """One clip-and-AdamW step over all groups; returns ``closure()``'s loss if given.
+
+        Every group is validated before the norm is computed and anything is
+        written; new state and step counts are stored only after the kernels
+        ran, so a refused or skipped step leaves the optimizer as it was.
+        """
+        loss, grads = self._begin_step(closure)
+        if not grads:
             return loss
-        if not isinstance(plan, F.Clip):
-            self._step_gpu(plan)
-            return loss
-        launches: dict[tuple[bool, float], list[list[Any]]] = {}
+        gpu = F.is_gpu(grads[0])
+        launches: dict[tuple[bool, bool], list[list[Any]]] = {}
+        fresh: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        old_steps: list[torch.Tensor] = []
+        new_steps: list[torch.Tensor] = []
         for group in self.param_groups:
-            lists = self._group_lists(group, on_gpu=False)
+            lists = self._group_lists(group, gpu, fresh, old_steps, new_steps)
             if lists is None:
                 continue
-            coef = -plan.coef if group["maximize"] else plan.coef
-            entry = launches.setdefault((bool(group["amsgrad"]), coef), [[], [], [], [], [], []])
+            key = (bool(group["amsgrad"]), bool(group["maximize"]))
+            entry = launches.setdefault(key, [[], [], [], [], [], []])
             for k, lst in enumerate(lists):
                 entry[k] += lst
-        for (ams, c), lists in launches.items():  # one launch per (amsgrad, sign) and dtype
-            lib = F.cpu_lib(lists[0], "FusedAdamW")
-            xs_or_none = lists[4] if ams else None
-            hps = np.concatenate(lists[5])
-            F.launch_adamw(lib, lists[0], lists[1], lists[2], lists[3], xs_or_none, hps, c)
+        work = []
+        for (ams, maximize), lists in launches.items():  # one launch per key and dtype
+            arrays = [*lists[:4], lists[4] if ams else None]
+            work.append((self._prepare(arrays, gpu, ams), arrays, lists[5], ams, maximize))
+        plan = self._clip(grads)
+        if plan.skip:
+            return loss
+        for prepared, arrays, rows, ams, maximize in work:
+            hps = np.concatenate(rows)
+            self._run(prepared, arrays, hps, plan, -1.0 if maximize else 1.0, ams)
+        for p, state in fresh:
+            self.state[p].update(state)
+        if old_steps:
+            torch._foreach_copy_(old_steps, new_steps)
         return loss
 
-    def _group_lists(self, group: dict[str, Any], on_gpu: bool) -> list[list[Any]] | None:
+    def _group_lists(
+        self,
+        group: dict[str, Any],
+        on_gpu: bool,
+        fresh: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        old_steps: list[torch.Tensor],
+        new_steps: list[torch.Tensor],
+    ) -> list[list[Any]] | None:
         """[params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [hp rows]] of the
-        group's parameters that have a gradient (state created on first use, step
-        counts advanced), or None when none has."""
-        ps, gs, ms, vs, xs, steps = [], [], [], [], [], []
+        group's parameters that have a gradient, or None when none has.
+
+        Nothing is stored here: state a parameter lacks is created and appended
+        to ``fresh`` (stored by ``step`` after the kernels ran), and the advanced
+        step counts are new tensors in ``new_steps`` (copied into ``old_steps``,
+        the existing ones, after the kernels ran).
+        """
+        ps, gs, ms, vs, xs, counts_t = [], [], [], [], [], []
+        amsgrad = bool(group["amsgrad"])
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())  # on the host, as torch
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
+            state = self.state.get(p)
+            if not state:
+                state = {
+                    # "step" lives on the host, as torch's non-capturable AdamW keeps it
+                    "step": torch.tensor(1.0, dtype=_scalar_dtype()),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+                if amsgrad:
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
+                fresh.append((p, state))
+                counts_t.append(state["step"])
+            else:
+                step = state["step"]
+                if on_gpu and step.is_cuda:
+                    raise ValueError(
+                        "FusedAdamW keeps step counts on the host (torch's non-capturable "
+                        "layout); move state['step'] to the CPU"
+                    )
+                new = step + 1  # in the count's own dtype, as torch's in-place increment
+                old_steps.append(step)
+                new_steps.append(new)
+                counts_t.append(new)
             ps.append(p)
             gs.append(p.grad)
             ms.append(state["exp_avg"])
             vs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
+            if amsgrad:
                 xs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
         if not ps:
             return None
-        if on_gpu and any(s.is_cuda for s in steps):
-            raise ValueError(
-                "FusedAdamW keeps step counts on the host (torch's non-capturable "
-                "layout); move state['step'] to the CPU"
-            )
-        torch._foreach_add_(steps, 1)
-        counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
+        counts = torch.stack(counts_t).tolist() if len(counts_t) > 1 else [float(counts_t[0])]
         beta1, beta2 = (float(b) for b in group["betas"])
         hp = F.adamw_hparams(
             counts,
@@ -305,22 +355,6 @@ class FusedAdamW(_FusedBase):
             float(group["weight_decay"]),
         )
         return [ps, gs, ms, vs, xs, [hp]]
-
-    def _step_gpu(self, plan: Any) -> None:
-        """``step`` on CUDA tensors: one launch per (amsgrad, maximize) and dtype, no sync."""
-        launches: dict[tuple[bool, bool], list[list[Any]]] = {}
-        for group in self.param_groups:
-            lists = self._group_lists(group, on_gpu=True)
-            if lists is None:
-                continue
-            key = (bool(group["amsgrad"]), bool(group["maximize"]))
-            entry = launches.setdefault(key, [[], [], [], [], [], []])
-            for k, lst in enumerate(lists):
-                entry[k] += lst
-        for (ams, maximize), lists in launches.items():
-            hps = np.concatenate(lists[5])
-            sign = -1.0 if maximize else 1.0
-            self._launch_gpu([*lists[:4], lists[4] if ams else None], hps, plan, sign, ams)
 
 
 class FusedSGD(_FusedBase):
@@ -364,14 +398,7 @@ class FusedSGD(_FusedBase):
     ) -> None:
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        F.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
         if differentiable:
             raise ValueError("FusedSGD does not support differentiable=True")
         defaults = dict(
@@ -390,11 +417,18 @@ class FusedSGD(_FusedBase):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One clip-and-SGD step over all groups; returns ``closure()``'s loss if given."""
-        loss, plan = self._begin_step(closure)
-        if plan is None or plan.skip:
+        """One clip-and-SGD step over all groups; returns ``closure()``'s loss if given.
+
+        Every group is validated before the norm is computed and anything is
+        written; new momentum buffers are stored only after the kernels ran, so
+        a refused or skipped step never leaves an unset buffer marked as set.
+        """
+        loss, grads = self._begin_step(closure)
+        if not grads:
             return loss
-        gpu = not isinstance(plan, F.Clip)
+        gpu = F.is_gpu(grads[0])
+        work = []
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
             ps, gs, bufs, first = [], [], [], []
             momentum = float(group["momentum"])
@@ -404,13 +438,12 @@ class FusedSGD(_FusedBase):
                 ps.append(p)
                 gs.append(p.grad)
                 if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
+                    state = self.state.get(p)
+                    buf = None if not state else state.get("momentum_buffer")
                     first.append(buf is None)
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.empty_like(
-                            p, memory_format=torch.preserve_format
-                        )
+                    if buf is None:  # set to the gradient by the first-step kernel
+                        buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                        fresh.append((p, buf))
                     bufs.append(buf)
             if not ps:
                 continue
@@ -423,13 +456,16 @@ class FusedSGD(_FusedBase):
                 bool(group["nesterov"]),
                 first or None,
             )
-            if gpu:  # one launch per group and dtype, no host sync
-                sign = -1.0 if group["maximize"] else 1.0
-                self._launch_gpu([ps, gs, bufs if momentum != 0 else None], hp, plan, sign, None)
-                continue
-            coef = -plan.coef if group["maximize"] else plan.coef
-            lib = F.cpu_lib(ps, "FusedSGD")
-            F.launch_sgd(lib, ps, gs, bufs if momentum != 0 else None, hp, coef)
+            lists = [ps, gs, bufs if momentum != 0 else None]
+            sign = -1.0 if group["maximize"] else 1.0
+            work.append((self._prepare(lists, gpu, None), lists, hp, sign))
+        plan = self._clip(grads)
+        if plan.skip:
+            return loss
+        for prepared, lists, hp, sign in work:  # one launch per group and dtype
+            self._run(prepared, lists, hp, plan, sign, None)
+        for p, buf in fresh:
+            self.state[p]["momentum_buffer"] = buf
         return loss
 
 

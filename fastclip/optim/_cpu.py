@@ -136,11 +136,8 @@ def _check_written_disjoint(packs: list[Any], what: str) -> None:
         )
 
 
-def total_pow_sum(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
-    """The core's multi-tensor power sum of the gradients, and the packed grads."""
+def global_norm(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
+    """The core's global norm of the gradients (``_driver.robust_norm``: rescaled
+    where the float64 power sum over/underflows) and its dtype."""
     packed = _driver.pack(lib, grads, "norm", writing=False)
-    return packed.total_pow_sum(pcode, p), packed
-
-
-def root(total: float, pcode: int, p: float) -> float:
-    return float(_driver._root(total, pcode, p))
+    return packed.norm(pcode, p), packed.dtype

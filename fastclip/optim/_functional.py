@@ -164,9 +164,10 @@ def clip_plan(
         return plan
     c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
     if total_norm is None:
-        total, packed = _cpu.total_pow_sum(lib, grads, pcode, p)
-        value = _cpu.root(total, pcode, p)
-        plan.norm_dtype = packed.dtype
+        # The core's norm (robust_norm): one power-sum pass, plus a rescaled pass
+        # only when the float64 sum left its exact range (|g| ~ 1e200 or 1e-200),
+        # so the fused steps clip with the norm the core functions return.
+        value, plan.norm_dtype = _cpu.global_norm(lib, grads, pcode, p)
     else:
         value = scalar_value(total_norm, "total_norm")
         plan.norm_dtype = (
@@ -223,6 +224,36 @@ def _betas(betas: Any) -> tuple[float, float]:
     return scalar_value(b1, "betas[0]"), scalar_value(b2, "betas[1]")
 
 
+def check_adamw_args(lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+    """``torch.optim.AdamW``'s argument rules and messages (NaN fails every one).
+
+    beta1 = 1 would divide by ``1 - beta1**step = 0`` and beta2 = 1 freeze the
+    second moment at its initial zeros: torch refuses both, and so do we.
+    """
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd}")
+
+
+def check_sgd_args(lr: float, momentum: float, dampening: float, wd: float, nesterov: bool) -> None:
+    """``torch.optim.SGD``'s argument rules and messages."""
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if wd < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {wd}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
 def adamw_hparams(
     steps: list[float], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> np.ndarray:
@@ -272,23 +303,28 @@ def sgd_hparams(
     return hp
 
 
-def launch_adamw(
+def prepare_adamw(
     lib: Any,
     params: list[Any],
     grads: list[Any],
     exp_avgs: list[Any],
     exp_avg_sqs: list[Any],
     max_exp_avg_sqs: list[Any] | None,
-    hp: np.ndarray,
-    coef: float,
+) -> list[Any]:
+    """Validate and pack an AdamW launch (per-dtype groups); writes nothing."""
+    from . import _cpu
+
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    return _cpu.groups(lib, lists, [True, False, True, True, True], "adamw_step")
+
+
+def run_adamw(
+    lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float, amsgrad: bool
 ) -> None:
-    """Validate, pack and run the AdamW kernel (one launch per dtype)."""
+    """Run the AdamW kernel on groups from :func:`prepare_adamw` (one launch per dtype)."""
     from .._config import CHUNK
     from . import _cpu
 
-    amsgrad = max_exp_avg_sqs is not None
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-    gs = _cpu.groups(lib, lists, [True, False, True, True, True], "adamw_step")
     for g in gs:
         rows = hp if len(g.index) == len(params) else hp[g.index]
         _cpu.run(
@@ -310,18 +346,20 @@ def launch_adamw(
     lib.touched(params)
 
 
-def launch_sgd(
-    lib: Any,
-    params: list[Any],
-    grads: list[Any],
-    buffers: list[Any] | None,
-    hp: np.ndarray,
-    coef: float,
-) -> None:
+def prepare_sgd(
+    lib: Any, params: list[Any], grads: list[Any], buffers: list[Any] | None
+) -> list[Any]:
+    """Validate and pack an SGD launch (per-dtype groups); writes nothing."""
+    from . import _cpu
+
+    return _cpu.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
+
+
+def run_sgd(lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float) -> None:
+    """Run the SGD kernel on groups from :func:`prepare_sgd` (one launch per dtype)."""
     from .._config import CHUNK
     from . import _cpu
 
-    gs = _cpu.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
     for g in gs:
         rows = hp if len(g.index) == len(params) else hp[g.index]
         _cpu.run(
@@ -465,14 +503,13 @@ def adamw_step_(
     if len(gs) != len(ps):
         raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
     beta1, beta2 = _betas(betas)
-    hp = adamw_hparams(
-        _steps(step, len(ps)),
+    lr_v, eps_v, wd_v = (
         scalar_value(lr, "lr"),
-        beta1,
-        beta2,
         scalar_value(eps, "eps"),
         scalar_value(weight_decay, "weight_decay"),
     )
+    check_adamw_args(lr_v, beta1, beta2, eps_v, wd_v)
+    hp = adamw_hparams(_steps(step, len(ps)), lr_v, beta1, beta2, eps_v, wd_v)
     if gpu:
         from .._gpu import _optim
 
@@ -481,12 +518,15 @@ def adamw_step_(
             gpu_scalar(total_norm, "total_norm", lib.name),
             gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
         )  # fmt: skip
+    # every list is validated (shapes, dtypes, writability, overlaps) before the
+    # norm decides anything: a NaN norm with "skip" must not hide a bad call
+    groups = prepare_adamw(lib, ps, gs, ms, vs, xs)
     plan = clip_plan(
         lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "adamw_step_"
     )
     if not plan.skip:
         coef = -plan.coef if maximize else plan.coef
-        launch_adamw(lib, ps, gs, ms, vs, xs, hp, coef)
+        run_adamw(lib, ps, groups, hp, coef, xs is not None)
     return _norm_result(lib, plan, ps[0])
 
 
@@ -570,23 +610,17 @@ def sgd_step_(
     lib = gpu_lib([ps, gs, bufs], "sgd_step_") if gpu else cpu_lib(ps, "sgd_step_")
     if len(gs) != len(ps):
         raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    lr_v, wd_v = scalar_value(lr, "lr"), scalar_value(weight_decay, "weight_decay")
+    check_sgd_args(lr_v, momentum, dampening, wd_v, bool(nesterov))
     if momentum != 0 and bufs is None:
         raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
     if isinstance(first_step, (bool, np.bool_)):
         first = [bool(first_step)] * len(ps)
     else:
         first = [bool(f) for f in first_step]
-    hp = sgd_hparams(
-        len(ps),
-        scalar_value(lr, "lr"),
-        momentum,
-        dampening,
-        scalar_value(weight_decay, "weight_decay"),
-        bool(nesterov),
-        first,
-    )
+    if len(first) != len(ps):
+        raise ValueError(f"first_step: got {len(first)} values for {len(ps)} parameters")
+    hp = sgd_hparams(len(ps), lr_v, momentum, dampening, wd_v, bool(nesterov), first)
     if gpu:
         from .._gpu import _optim
 
@@ -595,10 +629,11 @@ def sgd_step_(
             gpu_scalar(total_norm, "total_norm", lib.name),
             gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
         )  # fmt: skip
+    groups = prepare_sgd(lib, ps, gs, bufs)  # validate everything before the skip decision
     plan = clip_plan(
         lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "sgd_step_"
     )
     if not plan.skip:
         coef = -plan.coef if maximize else plan.coef
-        launch_sgd(lib, ps, gs, bufs, hp, coef)
+        run_sgd(lib, ps, groups, hp, coef)
     return _norm_result(lib, plan, ps[0])
