@@ -55,8 +55,8 @@ def _reg(*arrays):
     return arrays
 
 
-def _mem(ptr, n, dtype):
-    return mem(ptr, n, dtype, regions=REGIONS)
+def _mem(ptr, n, dtype, null_is_empty=False):
+    return mem(ptr, n, dtype, null_is_empty=null_is_empty, regions=REGIONS)
 
 
 def _acc(dt):
@@ -67,7 +67,8 @@ def _pow_sum(v, pcode, p):
     a = np.abs(v.astype(np.float64))
     if pcode == 0:
         return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
-    return float(np.sum(a**2 if pcode == 2 else (a if pcode == 1 else a**p)))
+    with np.errstate(all="ignore"):  # a GPU's float64 over/underflows silently, to inf or 0
+        return float(np.sum(a**2 if pcode == 2 else (a if pcode == 1 else a**p)))
 
 
 def _combine(s, v, pcode):
@@ -98,52 +99,78 @@ def _emulate(name, targ):
     dt = CTYPES[targ]
 
     def pow_partials(a):
-        x, rows, cols, chunk, n_chunks, pcode, p, partials = a
+        x, rows, cols, chunk, n_chunks, pcode, p, mode, scale, s_offset, partials = a
         rows, cols, chunk, n_chunks = int(rows), int(cols), int(chunk), int(n_chunks)
+        mode, s_offset = int(mode), int(s_offset)
         xs = _mem(x, rows * cols, dt)
+        scales = _mem(scale, s_offset + rows, np.float64) if mode else None
         out = _mem(partials, rows * n_chunks, np.float64)
         for w in range(rows * n_chunks):
             b = w // n_chunks
+            m = 1.0 if mode == 0 else float(scales[s_offset + b])
+            if (mode == 1 and m == 0.0) or (mode == 2 and not m > 0.0):
+                continue
             start = (w - b * n_chunks) * chunk
             n = min(chunk, cols - start)
             seg = xs[b * cols + start : b * cols + start + n]
-            out[w] = _pow_sum(seg, int(pcode), float(p))
+            if mode == 2:
+                with np.errstate(all="ignore"):
+                    out[w] = float(np.sum((np.abs(seg.astype(np.float64)) / m) ** float(p)))
+            else:
+                out[w] = _pow_sum(seg, 0 if mode == 1 else int(pcode), float(p))
 
     def factors(a):
-        partials, table, n_arrays, rows, pcode, p, eps, per_layer, norms, facs, n_clipped = a
-        k_n, rows, pcode, p = int(n_arrays), int(rows), int(pcode), float(p)
+        (partials, table, n_arrays, rows, pcode, p, eps, per_layer, stage, lo, hi) = a[:11]
+        max_partials, scaled_partials, scale, norms, facs, n_clipped = a[11:]
+        k_n, rows, pcode, p, layer = int(n_arrays), int(rows), int(pcode), float(p), int(per_layer)
         tab = _mem(table, 3 * k_n, np.int64)
         offsets, chunks, bounds = tab[:k_n], tab[k_n : 2 * k_n], tab[2 * k_n :].view(np.float64)
         total = int(max((o + rows * c for o, c in zip(offsets, chunks)), default=0))
-        part = _mem(partials, max(total, 1), np.float64)
+        n_samples = k_n * rows if layer else rows
+        scales = _mem(scale, n_samples, np.float64, null_is_empty=True)
 
-        def row_sum(k, b):
-            s = 0.0
-            for c in range(int(chunks[k])):
-                s = _combine(s, part[int(offsets[k]) + b * int(chunks[k]) + c], pcode)
-            return s
+        def sample_sum(buf, s, pc):  # ps_sample_sum
+            part = _mem(buf, max(total, 1), np.float64)
 
-        nout = _mem(norms, k_n * rows if int(per_layer) else rows, dt)
-        fout = _mem(facs, k_n * rows if int(per_layer) else rows, np.float64)
+            def row_sum(k, b):
+                v = 0.0
+                for c in range(int(chunks[k])):
+                    v = _combine(v, part[int(offsets[k]) + b * int(chunks[k]) + c], pc)
+                return v
+
+            if layer:
+                return row_sum(s // rows, s % rows)
+            v = 0.0
+            for k in range(k_n):
+                v = _combine(v, row_sum(k, s), pc)
+            return v
+
+        if int(stage) == 1:
+            for s in range(n_samples):
+                t = sample_sum(partials, s, pcode)
+                scales[s] = 0.0 if float(lo) < t < float(hi) else -1.0
+            return
+        if int(stage) == 2:
+            for s in range(n_samples):
+                if scales[s] != 0.0:
+                    m = sample_sum(max_partials, s, 0)
+                    scales[s] = m if (m > 0.0 and math.isfinite(m)) else 0.0
+            return
+        nout = _mem(norms, n_samples, dt)
+        fout = _mem(facs, n_samples, np.float64)
         count = 0
         for b in range(rows):
-            if int(per_layer):
-                hit = False
-                for k in range(k_n):
-                    norm = _root(row_sum(k, b), pcode, p)
-                    f = _factor(norm, bounds[k], float(eps))
-                    nout[k * rows + b] = norm
-                    fout[k * rows + b] = f
-                    hit = hit or f < 1.0
-            else:
-                s = 0.0
-                for k in range(k_n):
-                    s = _combine(s, row_sum(k, b), pcode)
-                norm = _root(s, pcode, p)
-                f = _factor(norm, bounds[0], float(eps))
-                nout[b] = norm
-                fout[b] = f
-                hit = f < 1.0
+            hit = False
+            for k in range(k_n if layer else 1):
+                s = k * rows + b if layer else b
+                if scales.size and scales[s] > 0.0:
+                    norm = scales[s] * _root(sample_sum(scaled_partials, s, 1), 3, p)
+                else:
+                    norm = _root(sample_sum(partials, s, pcode), pcode, p)
+                f = _factor(norm, bounds[k], float(eps))
+                nout[s] = norm
+                fout[s] = f
+                hit = hit or f < 1.0
             count += int(hit)
         _mem(n_clipped, 1, np.float64)[0] = count
 
@@ -172,7 +199,8 @@ def _emulate(name, targ):
         rows, cols = int(rows), int(cols)
         xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(_acc(dt))
         c = _mem(f, rows, np.float64).astype(_acc(dt))
-        _mem(out, rows * cols, dt)[:] = (xs * c[:, None]).astype(dt).ravel()
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, silently, on a GPU too
+            _mem(out, rows * cols, dt)[:] = (xs * c[:, None]).astype(dt).ravel()
 
     body = {
         "fastclip_ps_pow_partials": pow_partials,
@@ -288,8 +316,10 @@ def test_formula_matches_float64_oracle(pcode, p, per_layer, reduce):
     bounds = [1.5, 0.7, 1.0, 2.5, 0.1] if per_layer else [1.0] * 5
     _check(arrays, bounds, pcode, p, per_layer, reduce)
     names = [launch[0] for launch in LAUNCHES]
-    assert names.count("fastclip_ps_pow_partials") == 4  # not for the empty array
-    assert names.count("fastclip_ps_factors") == 1
+    # not for the empty array; general p: two more per array over marked rows only,
+    # and the factors kernel's three stages (mark, max, final)
+    assert names.count("fastclip_ps_pow_partials") == (12 if pcode == 3 else 4)
+    assert names.count("fastclip_ps_factors") == (3 if pcode == 3 else 1)
     if reduce is not None:
         assert names.count("fastclip_ps_weighted_sum") == 4
         assert names.count("fastclip_ps_combine") >= 1  # row groups were exercised
@@ -401,3 +431,50 @@ def test_plans():
     gx, gy, rps, ns = gps.plan_weighted_sum(1000, 4096, 4, 256, 1024, 32)
     assert gx == 4 and ns == gy and rps >= 32 and (ns - 1) * rps < 1000 <= ns * rps
     assert gps.plan_weighted_sum(1, 10, 1, 256, 1024, 32) == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("reduce", ["sum", None])
+@pytest.mark.parametrize(("pcode", "p"), [(2, 2.0), (3, 3.0)])
+def test_extreme_magnitudes_are_rescaled_on_the_device(scale, per_layer, reduce, pcode, p):
+    """float64 samples of 1e200 (squares overflow) and 1e-200 (squares underflow): finite,
+    correct norms and factors (the core's max-rescaling rule), still one host read.  The
+    float64 oracle runs on the unscaled data: norms and p-norm clipping are homogeneous,
+    so with eps=0 out(s * g, s * C) = s * out(g, C)."""
+    base = _data([(5,), (3, 4), (0,), (1,)], np.float64, seed=9)
+    base[0][2] = 0.0  # in per-layer mode array 0 of sample 2 has a zero norm
+    base[1][2] = 0.0
+    arrays = [b * scale for b in base]
+    bounds = [3.0, 1.0, 2.0, 0.5] if per_layer else [3.0] * 4
+    HostLib.syncs = 0
+    _reg(*arrays)
+    outs, norms, n_clipped = gps.clip_per_sample_gpu(
+        HostLib, arrays, 9, pcode, p, np.asarray(bounds) * scale, per_layer, reduce, 0.0
+    )
+    ref_outs, ref_norms, ref_clipped = oracle(base, bounds, pcode, p, per_layer, reduce, 0.0)
+    assert HostLib.syncs == 1
+    assert np.isfinite(norms).all() and n_clipped == ref_clipped
+    np.testing.assert_allclose(norms, ref_norms * scale, rtol=1e-12)
+    for o, r in zip(outs, ref_outs, strict=True):
+        np.testing.assert_allclose(o, r * scale, rtol=1e-12, atol=1e-12 * scale)
+
+
+def test_rescaling_keeps_nan_inf_and_zero_samples():
+    """Samples the rescaling cannot help keep their plain norm: NaN stays NaN, inf stays
+    inf (factor 0), a zero sample 0 (factor 1); the 1e200 sample next to them is rescaled."""
+    x = np.random.default_rng(10).standard_normal((5, 6)) * 1e200
+    x[1, 2] = np.nan
+    x[2, 0] = np.inf
+    x[3] = 0.0
+    _reg(x)
+    outs, norms, n_clipped = gps.clip_per_sample_gpu(
+        HostLib, [x], 5, 2, 2.0, np.array([1.0]), False, None, 0.0
+    )
+    assert np.isnan(norms[1]) and norms[2] == np.inf and norms[3] == 0.0
+    for b in (0, 4):
+        expected = 1e200 * np.linalg.norm(x[b] / 1e200)
+        np.testing.assert_allclose(norms[b], expected, rtol=1e-12)
+        np.testing.assert_allclose(outs[0][b], x[b] / expected, rtol=1e-12)
+    np.testing.assert_array_equal(outs[0][3], 0.0)
+    assert n_clipped == 3  # samples 0, 2 and 4; NaN is not counted (NaN < 1 is false)

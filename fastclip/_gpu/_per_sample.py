@@ -10,6 +10,13 @@ column sums, plus a combine launch for an array whose batch is split into row
 groups) or K row-scale launches for ``reduce=None``.  The clipped per-sample
 copies are never materialised for ``reduce="sum"``/``"mean"``.
 
+Where a float64 power sum can over/underflow (the CPU route's
+``_needs_rescale``: L2 with a float64 array, any p other than 1, 2 and inf),
+the factors launch becomes three stages around 2K extra pass-1 launches that
+read only the rows of samples outside the exact range, rescaled by their max
+as the CPU route's ``robust_norm`` does (see the .cu header); decided on the
+device, so still one synchronisation.
+
 Synchronisation: exactly one device-to-host read, at the very end, after
 every launch is queued: ``n_clipped`` (a Python int in the result) is counted
 on the device and read back then.  Everything else (norms, outputs) stays on
@@ -183,6 +190,7 @@ def clip_per_sample_gpu(
     device, kinds = _check_items(lib, items)
     like = items[0]
     u64, ptr = _driver._u64, _driver._ptr
+    null = u64(0)
     with _driver._on_device(lib, like):
         views = [x if lib.contiguous(x) else lib.as_contiguous(x) for x in items]
         cols = [math.prod(tuple(x.shape)[1:]) for x in items]
@@ -207,11 +215,16 @@ def clip_per_sample_gpu(
                     np.int64(n_chunks[k]),
                     np.int32(pcode),
                     np.float64(p),
+                    np.int32(0),
+                    null,
+                    np.int64(0),
                     u64(base + 8 * batch * offsets[k]),
                 ),
             )
 
         # norms, factors and the clipped count, on the device
+        from .._cpu import _driver as cpu_rules  # the range and rule robust_norm uses
+
         n = len(items)
         table = np.empty(3 * n, np.int64)
         table[:n] = np.asarray(offsets, np.int64) * batch
@@ -222,24 +235,66 @@ def clip_per_sample_gpu(
         norms = lib.empty((n, batch) if per_layer else (batch,), norm_kind, like)
         factors = lib.empty((n * batch if per_layer else batch,), "float64", like)
         count = lib.empty((), "float64", like)
-        kern = _kernel(device, "fastclip_ps_factors", _driver._CPP[norm_kind])
-        kern(
-            (1,),
-            (cfg.GPU_FINISH_BLOCK,),
-            (
-                ptr(partials, lib),
-                ptr(dev_table, lib),
-                np.int64(n),
-                np.int64(batch),
-                np.int32(pcode),
-                np.float64(p),
-                np.float64(eps),
-                np.int32(1 if per_layer else 0),
-                ptr(norms, lib),
-                ptr(factors, lib),
-                ptr(count, lib),
-            ),
-        )
+        factors_kern = _kernel(device, "fastclip_ps_factors", _driver._CPP[norm_kind])
+
+        def launch_factors(stage: int, maxp: Any, scaledp: Any, scale: Any) -> None:
+            factors_kern(
+                (1,),
+                (cfg.GPU_FINISH_BLOCK,),
+                (
+                    ptr(partials, lib),
+                    ptr(dev_table, lib),
+                    np.int64(n),
+                    np.int64(batch),
+                    np.int32(pcode),
+                    np.float64(p),
+                    np.float64(eps),
+                    np.int32(1 if per_layer else 0),
+                    np.int32(stage),
+                    np.float64(cpu_rules._SAFE_LO),
+                    np.float64(cpu_rules._SAFE_HI),
+                    null if maxp is None else ptr(maxp, lib),
+                    null if scaledp is None else ptr(scaledp, lib),
+                    null if scale is None else ptr(scale, lib),
+                    ptr(norms, lib),
+                    ptr(factors, lib),
+                    ptr(count, lib),
+                ),
+            )
+
+        if cpu_rules._needs_rescale(pcode, norm_kind == "float64"):
+            scale = lib.empty((n * batch if per_layer else batch,), "float64", like)
+            maxp = lib.empty((max(1, batch * per_row),), "float64", like)
+            scaledp = lib.empty((max(1, batch * per_row),), "float64", like)
+            launch_factors(1, None, None, scale)  # mark samples outside the exact range
+            for mode, buf in ((1, maxp), (2, scaledp)):
+                for k, (v, d) in enumerate(zip(views, cols)):
+                    if d == 0:
+                        continue
+                    items_k = batch * n_chunks[k]
+                    kern = _kernel(device, "fastclip_ps_pow_partials", _driver._CPP[kinds[k]])
+                    kern(
+                        (_plan.grid_size(items_k, cfg.GPU_MAX_BLOCKS),),
+                        (cfg.GPU_BLOCK,),
+                        (
+                            ptr(v, lib),
+                            np.int64(batch),
+                            np.int64(d),
+                            np.int64(POW_CHUNK),
+                            np.int64(n_chunks[k]),
+                            np.int32(pcode),
+                            np.float64(p),
+                            np.int32(mode),
+                            ptr(scale, lib),
+                            np.int64(k * batch if per_layer else 0),
+                            u64(lib.ptr(buf) + 8 * batch * offsets[k]),
+                        ),
+                    )
+                if mode == 1:
+                    launch_factors(2, maxp, None, scale)  # scale[s] = the sample's max
+            launch_factors(0, maxp, scaledp, scale)
+        else:
+            launch_factors(0, None, None, None)
 
         # pass 2
         fbase = lib.ptr(factors)

@@ -26,23 +26,60 @@
 //           into row groups (blockIdx.y) that write float64 partial sums, and
 //           fastclip_ps_combine adds them in a fixed order (deterministic).
 //   or      fastclip_ps_scale_rows    (reduce=None): out[b, d] = f_b x[b, d].
+//
+// Rescaling (the CPU route's robust_norm rule, sample by sample): where the
+// host knows a float64 power sum can leave the range in which it is exact
+// (L2 with float64 data, any p other than 1, 2, inf), the factors kernel runs
+// in three stages around two extra pass-1 launches per array that only touch
+// the rows of marked samples (every other block returns at once):
+//   stage 1  mark samples whose power sum is outside (safe_lo, safe_hi):
+//            scale[s] = -1 (else 0);
+//   fastclip_ps_pow_partials mode 1: max |x| chunk partials of marked rows;
+//   stage 2  scale[s] = the sample's max |x| where it is finite and > 0, else 0
+//            (zero, NaN and inf samples keep their plain norm);
+//   fastclip_ps_pow_partials mode 2: sum (|x| / max)^p of rows with scale > 0;
+//   stage 0  norms and factors, with norm = max * (sum (|x| / max)^p)^(1/p)
+//            for samples with scale > 0.
+// So gradients of 1e200 get their finite norm (not inf, and factor 0), and
+// 1e-200 not 0, with no host synchronisation.
 
 #define FASTCLIP_PS_ROW_BLOCK 64
 
 // ------------------------------------------------------------------ pass 1
 
+// Block-wide sum of (|s[i]| / m)^p over s[0:n], in float64 (dividing, not
+// multiplying by 1 / m, so a subnormal max does not overflow the reciprocal).
+template <typename T>
+__device__ double chunk_scaled_pow_sum(const T* s, i64 n, double m, double p) {
+    double acc = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += pow(fabs((double)ld(s, i)) / m, p);
+    return block_reduce(acc, 1);
+}
+
 // partials[b * n_chunks + c] = power sum (or max |x|) of elements
 // [c * chunk, min((c + 1) * chunk, cols)) of row b of a contiguous [rows, cols] array.
+// mode 0: every row, as pcode says.  The rescaling passes (see the header) touch
+// only the rows of marked samples, the sample of row b being s_offset + b:
+// mode 1: max |x| where scale[s] != 0; mode 2: sum (|x| / scale[s])^p where
+// scale[s] > 0.  Their other work items write nothing (those partials are never
+// read).  The skip test depends on the work item only, so every thread of a
+// block takes the same branch around block_reduce's barriers.
 template <typename T>
 __global__ void fastclip_ps_pow_partials(const T* x, i64 rows, i64 cols, i64 chunk,
-                                         i64 n_chunks, int pcode, double p,
+                                         i64 n_chunks, int pcode, double p, int mode,
+                                         const double* scale, i64 s_offset,
                                          double* partials) {
     const i64 n_items = rows * n_chunks;
     for (i64 w = blockIdx.x; w < n_items; w += gridDim.x) {
         const i64 b = w / n_chunks;
+        const double m = (mode == 0) ? 1.0 : scale[s_offset + b];
+        if ((mode == 1 && m == 0.0) || (mode == 2 && !(m > 0.0))) continue;
         const i64 start = (w - b * n_chunks) * chunk;
         const i64 n = min(chunk, cols - start);
-        double v = chunk_pow_sum<T>(x + b * cols + start, n, pcode, p);
+        const T* seg = x + b * cols + start;
+        double v;
+        if (mode == 2) v = chunk_scaled_pow_sum<T>(seg, n, m, p);
+        else v = chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : pcode, p);
         if (threadIdx.x == 0) partials[w] = v;
     }
 }
@@ -71,38 +108,74 @@ __device__ __forceinline__ double ps_row_sum(const double* partials, i64 offset,
     return s;
 }
 
+// Power sum of sample s: per layer (s = k * rows + b) array k's row b, flat (s = b)
+// all arrays' row b combined.
+__device__ __forceinline__ double ps_sample_sum(const double* partials, const i64* offsets,
+                                                const i64* chunks, i64 n_arrays, i64 rows,
+                                                int per_layer, i64 s, int pcode) {
+    if (per_layer) {
+        const i64 k = s / rows;
+        return ps_row_sum(partials, offsets[k], chunks[k], s - k * rows, pcode);
+    }
+    double v = 0.0;
+    for (i64 k = 0; k < n_arrays; ++k)
+        v = combine(v, ps_row_sum(partials, offsets[k], chunks[k], s, pcode), pcode);
+    return v;
+}
+
 // One block.  table = [offset_k (K) | n_chunks_k (K) | bound_k as float64 bits (K)]:
-// array k's partials are partials[offset_k + b * n_chunks_k + c].
-// per_layer == 0: norms[b], factors[b] (bound_0 used); per_layer != 0:
-// norms[k * rows + b], factors[k * rows + b].  n_clipped[0] = number of samples
-// with a factor < 1 (per layer: with at least one), as a float64.
+// array k's partials are partials[offset_k + b * n_chunks_k + c] (max_partials and
+// scaled_partials have the same layout).  Samples: s = b (flat) or s = k * rows + b
+// (per_layer).  stage 1 and 2 only write scale[s] (see the header); stage 0
+// writes norms[s] and factors[s] (flat: bound_0; per layer: bound_k) and
+// n_clipped[0] = number of samples with a factor < 1 (per layer: with at least
+// one), as a float64.  scale == nullptr in stage 0: no sample was rescaled.
 template <typename N>
 __global__ void fastclip_ps_factors(const double* partials, const i64* table, i64 n_arrays,
                                     i64 rows, int pcode, double p, double eps, int per_layer,
-                                    N* norms, double* factors, double* n_clipped) {
+                                    int stage, double safe_lo, double safe_hi,
+                                    const double* max_partials, const double* scaled_partials,
+                                    double* scale, N* norms, double* factors,
+                                    double* n_clipped) {
     const i64* offsets = table;
     const i64* chunks = table + n_arrays;
     const double* bounds = reinterpret_cast<const double*>(table + 2 * n_arrays);
+    const i64 n_samples = per_layer ? n_arrays * rows : rows;
+    if (stage == 1) {
+        for (i64 s = threadIdx.x; s < n_samples; s += blockDim.x) {
+            double t = ps_sample_sum(partials, offsets, chunks, n_arrays, rows, per_layer, s, pcode);
+            scale[s] = (t > safe_lo && t < safe_hi) ? 0.0 : -1.0;
+        }
+        return;
+    }
+    if (stage == 2) {
+        for (i64 s = threadIdx.x; s < n_samples; s += blockDim.x) {
+            if (scale[s] == 0.0) continue;
+            double m = ps_sample_sum(max_partials, offsets, chunks, n_arrays, rows, per_layer, s, 0);
+            scale[s] = (m > 0.0 && isfinite(m)) ? m : 0.0;
+        }
+        return;
+    }
     double count = 0.0;
     for (i64 b = threadIdx.x; b < rows; b += blockDim.x) {
         bool clipped = false;
-        if (per_layer) {
-            for (i64 k = 0; k < n_arrays; ++k) {
-                double norm = ps_root(ps_row_sum(partials, offsets[k], chunks[k], b, pcode), pcode, p);
-                double f = ps_factor(norm, bounds[k], eps);
-                norms[k * rows + b] = (N)norm;
-                factors[k * rows + b] = f;
-                clipped = clipped || (f < 1.0);
+        const i64 n_here = per_layer ? n_arrays : 1;
+        for (i64 k = 0; k < n_here; ++k) {
+            const i64 s = per_layer ? k * rows + b : b;
+            double norm;
+            if (scale != nullptr && scale[s] > 0.0) {
+                double t = ps_sample_sum(scaled_partials, offsets, chunks, n_arrays, rows,
+                                         per_layer, s, 1);
+                norm = scale[s] * ps_root(t, 3, p);
+            } else {
+                double t = ps_sample_sum(partials, offsets, chunks, n_arrays, rows, per_layer, s,
+                                         pcode);
+                norm = ps_root(t, pcode, p);
             }
-        } else {
-            double s = 0.0;
-            for (i64 k = 0; k < n_arrays; ++k)
-                s = combine(s, ps_row_sum(partials, offsets[k], chunks[k], b, pcode), pcode);
-            double norm = ps_root(s, pcode, p);
-            double f = ps_factor(norm, bounds[0], eps);
-            norms[b] = (N)norm;
-            factors[b] = f;
-            clipped = (f < 1.0);
+            double f = ps_factor(norm, bounds[k], eps);
+            norms[s] = (N)norm;
+            factors[s] = f;
+            clipped = clipped || (f < 1.0);
         }
         count += clipped ? 1.0 : 0.0;
     }
