@@ -73,8 +73,15 @@ class _FusedBase(Optimizer):
             self.nonfinite,
             type(self).__name__,
         )
+        # in the norm's dtype (float64 when a gradient is float64), as on the GPU:
+        # a float64 norm of 1e200 must not be reported as float32's inf
         self.last_total_norm = (
-            None if plan.norm is None else torch.tensor(plan.norm, dtype=torch.float32)
+            None
+            if plan.norm is None
+            else torch.tensor(
+                plan.norm,
+                dtype=torch.float64 if plan.norm_dtype == np.float64 else torch.float32,
+            )
         )
         self.last_step_skipped = plan.skip
         return plan
