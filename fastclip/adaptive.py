@@ -196,6 +196,14 @@ def _layout(a: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, Any] | 
     return view.shape, view.strides, lo, hi, None if view.flags.c_contiguous else view
 
 
+def _core_checks_writes(a: Any) -> bool:
+    """Whether the core's in-place clip of such arrays (the Numba and GPU routes)
+    refuses read-only, stride-0 and overlapping arrays before its first write."""
+    import array_api_compat as aac
+
+    return isinstance(a, np.ndarray) or aac.is_torch_array(a)
+
+
 def _check_writable(items: list[Any], what: str) -> None:
     """Refuse, before anything is written, gradients that cannot all be scaled in place.
 
@@ -387,15 +395,21 @@ class _GlobalNormBased(_Clipper):
         if not items:
             self._record(0.0, None, False)
             return [], _api.global_norm([])
+        check = inplace
+        if inplace and not _core_checks_writes(items[0]):
+            # The generic (Array API) route writes array after array without these
+            # checks: a bad second gradient would fail after the first was written.
+            _check_writable(items, type(self).__name__)
+            check = False
         total = _api.global_norm(items, self.ord)
         value = float(total)
         if not math.isfinite(value) and self._nonfinite(value):
-            out = self._untouched(items, inplace)
+            out = self._untouched(items, inplace, check)
             self._record(value, None, True)
             return out, total
         threshold, settle = self._threshold(value)
         try:
-            out = self._scaled(items, total, threshold, inplace)
+            out = self._scaled(items, total, threshold, inplace, check)
         except BaseException:
             settle(False)
             raise
@@ -404,21 +418,25 @@ class _GlobalNormBased(_Clipper):
         self._record(value, threshold, False)
         return out, total
 
-    def _untouched(self, items: list[Any], inplace: bool) -> list[Any]:
+    def _untouched(self, items: list[Any], inplace: bool, check: bool) -> list[Any]:
         """The result of a step that scales nothing.
 
-        An in-place step that clips has the core refuse read-only or overlapping
-        gradients before it writes; one that does not checks them here, so such
-        gradients are refused whatever the norms, not first at the step that clips.
+        On NumPy and torch an in-place step that clips has the core refuse
+        read-only or overlapping gradients before it writes; one that does not
+        clip checks them here (``check``), so such gradients are refused whatever
+        the norms, not first at the step that happens to clip.
         """
         if not inplace:
             return _copies(items)
-        _check_writable(items, type(self).__name__)
+        if check:
+            _check_writable(items, type(self).__name__)
         return items
 
-    def _scaled(self, items: list[Any], total: Any, threshold: float | None, inplace: bool) -> Any:
+    def _scaled(
+        self, items: list[Any], total: Any, threshold: float | None, inplace: bool, check: bool
+    ) -> Any:
         if threshold is None:
-            return self._untouched(items, inplace)
+            return self._untouched(items, inplace, check)
         # A NaN threshold (propagate) gives a NaN coefficient, as clip_grad_norm_(nan) does.
         c = 0.0 if math.isnan(threshold) else threshold
         given = math.nan if math.isnan(threshold) else total
@@ -1065,23 +1083,9 @@ class AGC(_Clipper):
             raise ValueError(f"AGC(axis='optax') handles arrays of rank <= 4, got shape {shape}")
         return None if ndim <= 1 else self.axis  # type: ignore[no-any-return]
 
-    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
-        import array_api_compat as aac
-
-        if params is None:
-            raise ValueError("AGC needs the parameters: call agc(grads, params)")
-        gs = _dispatch.as_array_list(grads)
-        ps = _dispatch.as_array_list(params)
-        if len(gs) != len(ps):
-            raise ValueError(f"AGC: {len(gs)} gradients for {len(ps)} parameters")
-        if not gs:
-            self._record(0.0, None, False)
-            return [], _api.global_norm([])
-        if inplace:
-            _check_writable(gs, "AGC")
-        xp = aac.array_namespace(gs[0])
-        # Every coefficient first: a bad gradient or parameter anywhere in the lists
-        # raises before the first gradient is scaled.
+    def _coefficients(self, gs: list[Any], ps: list[Any], xp: Any) -> tuple[list[Any], float, bool]:
+        """Per-unit scale factors of every gradient (in its dtype), the power sum of
+        all unit norms, and whether any norm is float64."""
         coefs = []
         total = 0.0
         wide = False
@@ -1098,6 +1102,28 @@ class AGC(_Clipper):
             ratio = mx / xp.maximum(gn, xp.asarray(1e-6, dtype=gn.dtype))
             c = xp.where(ratio >= 1.0, xp.ones_like(ratio), ratio)
             coefs.append(xp.astype(c, g.dtype) if c.dtype != g.dtype else c)
+        return coefs, total, wide
+
+    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
+        import array_api_compat as aac
+
+        if params is None:
+            raise ValueError("AGC needs the parameters: call agc(grads, params)")
+        gs = _dispatch.as_array_list(grads)
+        ps = _dispatch.as_array_list(params)
+        if len(gs) != len(ps):
+            raise ValueError(f"AGC: {len(gs)} gradients for {len(ps)} parameters")
+        if not gs:
+            self._record(0.0, None, False)
+            return [], _api.global_norm([])
+        if inplace:
+            _check_writable(gs, "AGC")
+        xp = aac.array_namespace(gs[0])
+        # Every coefficient first: a bad gradient or parameter anywhere in the lists
+        # raises before the first gradient is scaled.  inf and NaN follow IEEE (as
+        # torch's do) without NumPy's overflow warnings.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            coefs, total, wide = self._coefficients(gs, ps, xp)
         value = _finish(total, self.ord)
         total_arr = xp.asarray(value, dtype=xp.float64 if wide else xp.float32)
         if not math.isfinite(value) and self._nonfinite(value):
