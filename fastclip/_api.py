@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import Any
 
 import numpy as np
@@ -529,6 +530,7 @@ def _fast_pcode(ord: Any) -> int | None:
 
 
 _F32 = np.dtype(np.float32)
+_FLOAT_MAX = sys.float_info.max
 _F64 = np.dtype(np.float64)
 
 
@@ -549,6 +551,8 @@ def _small_clip_(x: Any, max_norm: Any, ord: Any, eps: Any) -> Any:
         return None
     if not (max_norm >= 0.0 and 0.0 <= eps < math.inf):
         return None
+    if (type(max_norm) is int and max_norm > _FLOAT_MAX) or eps > _FLOAT_MAX:
+        return None  # an int beyond float64: the general path's ValueError
     flags = x.flags
     if not (flags.c_contiguous and flags.writeable) or x.size >= _config.PARALLEL_MIN_ELEMENTS:
         return None
