@@ -464,7 +464,8 @@ def test_non_contiguous_arrays_go_through_copies():
 @pytest.mark.parametrize(
     "case", ["shape", "dtype", "overlap", "state_overlap", "device", "count", "complex"]
 )
-def test_bad_input_raises_before_any_write(case):
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_bad_input_raises_before_any_write(case, nonfinite):
     p, g, m, v = _adamw_lists()
     if case == "shape":
         m[1] = np.zeros(3, np.float32)
@@ -486,9 +487,12 @@ def test_bad_input_raises_before_any_write(case):
     elif case == "complex":
         p[0] = p[0].astype(np.complex64)
         g[0], m[0], v[0] = (a.astype(np.complex64) for a in (g[0], m[0], v[0]))
+    if nonfinite == "skip":  # a NaN norm must not hide the bad call
+        g[0] = g[0].copy()
+        g[0].reshape(-1)[0] = np.nan
     before = [a.copy() for a in p + m + v]
     with pytest.raises((TypeError, ValueError)):
-        _call_adamw(p, g, m, v, "propagate")
+        _call_adamw(p, g, m, v, nonfinite)
     assert not LAUNCHES
     for a, b in zip(p + m + v, before):
         np.testing.assert_array_equal(a, b)
@@ -622,3 +626,56 @@ def test_fused_adamw_gpu_path_skip_reads_the_norm_once(torch_route):
     torch.testing.assert_close(w.detach(), torch.ones(4, dtype=torch.float64))
     assert "fastclip_adamw" not in LAUNCHES
     assert len(opt.state[w]) == 0 or opt.state[w]["step"].item() == 0
+
+
+def _overlapping_params():
+    base = torch.arange(10.0, dtype=torch.float64)
+    p1 = torch.nn.Parameter(base[0:6])  # Parameter shares the storage: they overlap
+    p2 = torch.nn.Parameter(base[3:9])
+    p1.grad = torch.full((6,), 0.5, dtype=torch.float64)
+    p2.grad = torch.full((6,), -0.25, dtype=torch.float64)
+    return p1, p2
+
+
+def _opt_bytes(opt, tensors):
+    sd = opt.state_dict()
+    state = {k: {n: t.numpy().tobytes() for n, t in v.items()} for k, v in sd["state"].items()}
+    return state, [t.detach().numpy().tobytes() for t in tensors]
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+@pytest.mark.parametrize("which", ["adamw", "sgd"])
+def test_fused_gpu_path_refused_step_changes_nothing(torch_route, which, nonfinite):
+    """Validation (here: written memory shared) comes before the norm, the skip
+    decision, any write and any new state; the next valid step is torch's first."""
+    FusedAdamW, FusedSGD = torch_route
+    p1, p2 = _overlapping_params()
+    if nonfinite == "skip":
+        p1.grad[0] = float("nan")  # a NaN norm must not hide the bad call
+    kw = dict(lr=0.1, max_norm=0.5, nonfinite=nonfinite)
+    opt = FusedAdamW([p1, p2], **kw) if which == "adamw" else FusedSGD([p1, p2], momentum=0.9, **kw)
+    before = _opt_bytes(opt, [p1, p2, p1.grad, p2.grad])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="share"):
+            opt.step()
+        assert _opt_bytes(opt, [p1, p2, p1.grad, p2.grad]) == before
+    assert not opt.state.get(p1) and not opt.state.get(p2)
+    assert not any(name in LAUNCHES for name in ("fastclip_adamw", "fastclip_sgd"))
+    p2.grad = None
+    p1.grad[0] = 0.5
+    q = p1.detach().clone().requires_grad_()
+    q.grad = p1.grad.clone()
+    if which == "adamw":
+        ref = torch.optim.AdamW([q], lr=0.1)
+    else:
+        ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    torch.nn.utils.clip_grad_norm_([q], 0.5)
+    ref.step()
+    opt.step()
+    torch.testing.assert_close(p1.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+    if which == "adamw":
+        assert opt.state[p1]["step"].item() == 1
+    else:
+        torch.testing.assert_close(
+            opt.state[p1]["momentum_buffer"], ref.state[q]["momentum_buffer"]
+        )
