@@ -33,6 +33,10 @@ Non-finite norms (``nonfinite=``):
 
 After each call, ``last_total_norm`` (float), ``last_threshold`` (the norm the
 gradients were clipped to, or None) and ``last_step_skipped`` describe it.
+
+A call that raises (a read-only gradient, two gradients sharing memory, a
+shape mismatch, ``nonfinite="error"``) writes no gradient and leaves the
+clipper as it was: statistics, ``step`` and the ``last_*`` attributes.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def _norm_list(values: Any, name: str) -> list[float]:
     for v in values:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must hold real numbers, got {v!r}")
-        f = float(v)
+        f = scalar_value(v, name)  # an int beyond float64's range: a ValueError
         if f < 0:
             raise ValueError(f"{name} holds norms, which are >= 0 (or NaN), got {v!r}")
         out.append(f)
@@ -788,9 +792,9 @@ class ZClip(_GlobalNormBased):
     Parameters
     ----------
     alpha : float, default 0.97
-        EMA decay.
+        EMA decay, in (0, 1).
     z_thresh : float, default 2.5
-        z-score threshold.
+        z-score threshold; finite and > 0.
     warmup_steps : int, default 25
         Norms collected before the statistics start.
     mode : {"zscore", "percentile"}
@@ -801,7 +805,7 @@ class ZClip(_GlobalNormBased):
     clip_option : {"adaptive_scaling", "mean"}
         zscore mode's clip target.
     clip_factor : float, default 1.0
-        Multiplies the adaptive_scaling target.
+        Multiplies the adaptive_scaling target; finite and > 0.
     eps : float, default 1e-6
         In the z-score's denominator and in the clip coefficient's.
     skip_update_on_spike : bool, default False
@@ -1010,7 +1014,7 @@ class AGC(_Clipper):
     Parameters
     ----------
     clipping : float, default 0.01
-        :math:`\lambda`.
+        :math:`\lambda`, finite and > 0.
     eps : float, default 1e-3
         Floor of the parameter norm (so zero-initialised weights can move).
     axis : {"torch", "optax"} or int or tuple of int, default "torch"

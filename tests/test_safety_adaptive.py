@@ -453,6 +453,9 @@ BAD_STATES = [
     (lambda: _ran("agc"), {"axis": [1.0]}, TypeError, "axis"),
     (lambda: _ran("agc"), {"clipping": -1.0}, ValueError, "clipping"),
     (lambda: _ran("agc"), {"step": None}, TypeError, "step"),
+    (lambda: _ran("global"), {"max_norm": 10**400}, ValueError, "max_norm"),
+    (lambda: _ran("autoclip"), {"percentile": 10**400}, ValueError, "percentile"),
+    (lambda: _zclip(4), {"mean": -(10**400)}, ValueError, "mean"),
 ]
 
 
@@ -531,6 +534,7 @@ GARBAGE = st.one_of(
     st.booleans(),
     st.integers(-3, 12),
     st.integers(-(2**70), 2**70),
+    st.sampled_from([10**400, -(10**400)]),  # beyond the float range: float() raises
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["", "inf", "zscore", "mean", "skip", "False", "123", "torch"]),
     st.lists(
