@@ -254,8 +254,9 @@ def test_global_norm_clippers_refuse_before_any_change(
     assert snapshot(clipper) == state
     # the refused call left no trace: the next sound one follows the papers' formulas
     gs, data = two_grads(backend, norm)
-    total = clipper(gs) if backend.writeable else None
-    if total is None:
+    if backend.writeable:
+        total = clipper(gs)
+    else:  # read-only arrays: the out-of-place twin, same state update
         gs, total = clipper.clip(gs)
     want = ref.step(norm)
     assert float(total) == pytest.approx(norm, rel=1e-15)
@@ -270,9 +271,10 @@ def test_global_norm_clippers_refuse_before_any_change(
 def test_read_only_second_gradient_rolls_back_the_statistics(kind: str) -> None:
     """NumPy: the core refuses the read-only gradient after the threshold (and, for
     AutoClip, the history) took this step's norm; all of it goes back."""
-    clipper, twin = FACTORIES[kind](), FACTORIES[kind]()
-    for c in (clipper, twin):
-        for v in WARM:
+    clipper, twin, ref = FACTORIES[kind](), FACTORIES[kind](), RefThreshold(kind)
+    for v in WARM:
+        ref.step(v)
+        for c in (clipper, twin):
             c([np.array([0.6 * v, 0.8 * v])])
     for norm in (40.0, 1.2):
         gs = [np.array([0.6 * norm, 0.8 * norm]), np.zeros(2)]
@@ -286,6 +288,12 @@ def test_read_only_second_gradient_rolls_back_the_statistics(kind: str) -> None:
         a, b = [np.array([0.6 * v, 0.8 * v])], [np.array([0.6 * v, 0.8 * v])]
         clipper(a)
         twin(b)
+        want = ref.step(v)
+        assert clipper.last_threshold == (
+            pytest.approx(want, rel=1e-13) if want is not None else None
+        )
+        coef = 1.0 if want is None else min(1.0, want / (v + 1e-6))
+        np.testing.assert_allclose(a[0], [0.6 * v * coef, 0.8 * v * coef], rtol=1e-13)
         np.testing.assert_array_equal(a[0], b[0])
     assert snapshot(clipper) == snapshot(twin)
 
