@@ -42,14 +42,32 @@ This is the same number a SUM all-reduce of power sums gives, but
   arrays, dtypes, ``ord``...) or a failure on another rank, and raise the
   same error on every rank instead of hanging in a later collective.
 
-The row is ``W x 9`` float64 values (72 bytes per rank).
+The row is ``W x 29`` float64 values (232 bytes per rank): the 9 values above
+and, when a rank refused its input, the first 160 bytes of its error
+(``"ValueError: ..."``, UTF-8), so that the other ranks can say why.
+
+Refusals are collective
+-----------------------
+:func:`clip_by_global_norm_` (and :func:`clip_grad_norm_`) run every check
+that the in-place clip makes before its first write (dtypes, one library and
+device, read-only arrays, expanded arrays whose elements share memory, arrays
+that overlap each other) on each rank *before* the gather.  A rank whose
+input fails them sends a refused flag and its reason in the same row; then
+every rank raises and none writes anything: the refusing rank its own error,
+the others a ``ValueError`` naming the refusing rank(s) and the reason.  No
+extra collective is made.  Were the checks left to the clip after the
+gather, the refusing rank would raise while the others scaled their shards:
+replicas of one model would silently diverge.
 
 On GPUs the local norm stays on the device and the gather runs on it; the
 result is a device tensor.  With ``strict=True`` (the default) the gathered
-rows (``W x 72`` bytes) are read on the host once to check the signatures:
+rows (``W x 232`` bytes) are read on the host once to check the signatures:
 pass ``strict=False`` for no host synchronisation at all beyond the
 collective (then bad input on some rank may hang or give wrong results,
-as with a plain all-reduce).
+as with a plain all-reduce: a rank that refuses its input raises before
+the gather, so the others wait in it until the group's timeout, having
+modified nothing).  Rows that are on the host already (CPU tensors, NumPy
+arrays) are always checked, ``strict`` or not: that costs nothing.
 """
 
 from __future__ import annotations
@@ -64,7 +82,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _api, _dispatch
+from . import _api, _dispatch, _generic
 from ._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord
 
 __all__ = [
@@ -78,7 +96,9 @@ __all__ = [
 
 # Columns of the gathered row.
 _NORM, _ERROR, _OP, _COUNT, _DTYPES, _REPL, _ORD, _MAX_NORM, _EPS = range(9)
-_WIDTH = 9
+_REASON = 9  # first column of the refusing rank's error text
+_REASON_BYTES = 160  # 20 float64 columns: enough for the error's type and its first sentence
+_WIDTH = _REASON + _REASON_BYTES // 8
 _OP_NORM, _OP_CLIP = 1.0, 2.0
 _SIGNATURE_NAMES = {
     _OP: "the function called (global_norm / clip_by_global_norm_)",
@@ -180,10 +200,38 @@ def _is_wide(a: Any) -> bool:
     return str(a.dtype).rsplit(".", 1)[-1] in ("float64", "complex128")
 
 
-def _local_norm(counted: list[Any], pcode: int, p: float) -> Any:
-    """This rank's norm as a float (CPU) or a float64 0-d device tensor (GPU)."""
+def _check_targets(arrays: list[Any]) -> Any:
+    """Every check the in-place clip makes before its first write, made now.
+
+    Run before the gather so that a refusal travels in it (see "Refusals are
+    collective" above).  Returns the CPU driver's packed tables (to reuse for
+    the norm) or None.
+    """
+    if not arrays:
+        return None
+    what = "clip_by_global_norm"
+    route, lib = _api._route_many(arrays)
+    if route == _dispatch.ROUTE_CPU:
+        return _api._cpu().pack(lib, arrays, what, writing=True)
+    if route == _dispatch.ROUTE_GPU:
+        gpu = _api._gpu()
+        with gpu._on_device(lib, arrays[0]):
+            gpu._Packed(lib, arrays, what, writing=True)
+    elif route == _dispatch.ROUTE_GENERIC:
+        for a in arrays:
+            _generic._check_writeable(a, what)
+    return None
+
+
+def _local_norm(counted: list[Any], pcode: int, p: float, packed: Any = None) -> Any:
+    """This rank's norm as a float (CPU) or a float64 0-d device tensor (GPU).
+
+    ``packed``: the CPU tables of exactly ``counted``, already built and checked.
+    """
     if not counted:
         return 0.0
+    if packed is not None:
+        return float(packed.norm(pcode, p))
     route, lib = _api._route_many(counted)
     if route == _dispatch.ROUTE_CPU:
         # The packed tables of the CPU driver: float64, over/underflow-safe, not rounded.
@@ -242,15 +290,29 @@ def _gather(row: torch.Tensor, group: Any) -> torch.Tensor:
     return out.view(world, _WIDTH)
 
 
+def _reason_bytes(error: BaseException) -> bytes:
+    """The start of ``"TypeName: message"`` in UTF-8, cut on a character boundary."""
+    text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_REASON_BYTES]
+    return text.decode("utf-8", "ignore").encode("utf-8")
+
+
+def _reason_of(row: np.ndarray) -> str:
+    raw = np.ascontiguousarray(row[_REASON:_WIDTH]).view(np.uint8).tobytes()
+    text = raw.rstrip(b"\0").decode("utf-8", "replace")
+    cut = len(raw.rstrip(b"\0")) == _REASON_BYTES
+    return text + ("..." if cut else "")
+
+
 def _check_rows(rows: np.ndarray, own_error: BaseException | None) -> None:
     """Raise the same decision on every rank: a failed rank, or different signatures."""
     failed = [int(r) for r in np.flatnonzero(rows[:, _ERROR] != 0)]
     if failed:
         if own_error is not None:
             raise own_error
+        reasons = "; ".join(f"rank {r}: {_reason_of(rows[r]) or 'no reason sent'}" for r in failed)
         raise ValueError(
             f"fastclip.distributed: rank(s) {failed} of the group rejected their input "
-            "(see the error raised there); nothing was modified on any rank"
+            f"({reasons}); nothing was modified on any rank"
         )
     for col, what in _SIGNATURE_NAMES.items():
         values = rows[:, col]
@@ -316,24 +378,33 @@ def _reduce(
         )
         pattern = ";".join(f"{k}:{tuple(loc.arrays[k].shape)}" for k in repl_positions)
         dtypes_sig, repl_sig = _signature(loc, pattern)
-        norm = _local_norm(loc.counted, pcode, p)
+        packed = _check_targets(loc.arrays) if op == _OP_CLIP else None
+        if packed is not None and len(loc.counted) != len(loc.arrays):
+            packed = None  # replicated arrays not counted here: pack the counted ones
+        norm = _local_norm(loc.counted, pcode, p, packed)
     except Exception as exc:  # reported to every rank through the gather, then raised
         error = exc
-        if not strict:
-            raise
     device = _device(loc, group)
-    row = torch.empty(_WIDTH, dtype=torch.float64, device=device)
+    host_rows = device.type == "cpu"
+    if error is not None and not strict and not host_rows:
+        raise error  # no host read of the rows on the device: the others cannot be told
+    row = torch.zeros(_WIDTH, dtype=torch.float64, device=device)
     values = [0.0, float(error is not None), op, float(len(arrays)), dtypes_sig, repl_sig]
     values += [p if pcode != 0 else math.inf, c, e]
     for i, v in enumerate(values):
-        if i != _NORM:
+        if i != _NORM and v != 0.0:
             row[i].fill_(v)  # a fill kernel, not a host-to-device copy
     if isinstance(norm, torch.Tensor):
         row[_NORM].copy_(norm.to(device).reshape(()))
     else:
         row[_NORM].fill_(norm)
+    if error is not None:  # the reason, as bytes (a host-to-device copy on the error path only)
+        text = _reason_bytes(error)
+        if text:
+            raw = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+            row.view(torch.uint8)[_REASON * 8 : _REASON * 8 + len(text)].copy_(raw)
     rows = _gather(row, group)
-    if strict:
+    if strict or host_rows:
         _check_rows(rows.cpu().numpy(), error)
     total = _combine(rows[:, _NORM], pcode, p)
     return _Reduced(total, loc, pcode, p, group)

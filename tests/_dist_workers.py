@@ -59,6 +59,64 @@ def assemble(per_rank: list[list[np.ndarray]], n_sharded: int) -> list[np.ndarra
     return full + list(per_rank[0][n_sharded:])
 
 
+# ------------------------------------------------------------------ parent
+
+
+def warm_kernel_cache() -> None:
+    """Compile (and cache on disk) every kernel the ranks will use, in this process.
+
+    Otherwise 2-4 freshly spawned ranks compile the same kernels at the same
+    moment and race on numba's cache files (numba issue 4807): once here a rank
+    died by a signal that way.  Serial and parallel twins, every dtype.
+    """
+    import torch
+
+    import fastclip
+    from fastclip import _config as cfg
+
+    big = cfg.PARALLEL_MIN_ELEMENTS + 1
+    for n in (10, big):
+        arrays = [np.ones(n, np.float32), np.ones(n, np.float64), np.ones(n, np.float16)]
+        arrays += [torch.ones(n, dtype=torch.bfloat16), torch.ones(n, dtype=torch.float16)]
+        for p in (1, 2, math.inf, 3):
+            for group in ([a for a in arrays if isinstance(a, np.ndarray)], arrays[3:]):
+                fastclip.global_norm(group, p)
+                fastclip.clip_by_global_norm_(group, 1e30, p)
+                fastclip.clip_by_global_norm_(group[:1], 1e30, p)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_and_collect(
+    entry: Callable[..., None], world: int, mktemp: Callable[[str], Any]
+) -> list[dict[str, Any]]:
+    """Run ``entry(rank, world, port, outdir)`` on ``world`` spawned ranks; their results."""
+    import torch.multiprocessing as mp
+
+    outdir = mktemp(f"dist{world}")
+    warm_kernel_cache()
+    try:
+        mp.spawn(entry, args=(world, free_port(), str(outdir)), nprocs=world, join=True)
+    except mp.ProcessExitedException:
+        # A rank killed by a signal (not an exception raised by fastclip or a
+        # test: those are pickled and reported) has been seen once, from
+        # torch's own C++ threads.  Run the whole group once more on a fresh
+        # port; a deterministic crash fails again and is raised.
+        outdir = mktemp(f"dist{world}-retry")
+        mp.spawn(entry, args=(world, free_port(), str(outdir)), nprocs=world, join=True)
+    results = []
+    for r in range(world):
+        with open(os.path.join(str(outdir), f"rank{r}.pkl"), "rb") as f:
+            results.append(pickle.load(f))
+    return results
+
+
 # ------------------------------------------------------------------ worker
 
 
@@ -292,8 +350,112 @@ def _fsdp(world: int, rank: int, max_norm: float) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------- refusals (data safety, issue 13)
+
+#: kind -> (library, ranks that refuse): every scenario of ``run_safety_suite``.
+REFUSALS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "readonly-numpy": ("numpy", (1,)),
+    "stride0-numpy": ("numpy", (1,)),
+    "overlap-numpy": ("numpy", (1,)),
+    "twice-numpy": ("numpy", (1,)),
+    "readonly-replicated-numpy": ("numpy", (1,)),
+    "expanded-torch": ("torch", (1,)),
+    "overlap-torch": ("torch", (1,)),
+    "expanded-rank0-torch": ("torch", (0,)),
+    "both-torch": ("torch", (0, 1)),
+}
+REFUSAL_MAX_NORM = 0.1  # far below the global norm (about 50): a clip would change every value
+
+
+def _owner_bytes(owners: list[Any]) -> list[bytes]:
+    """Every byte of the memory behind the arrays (the whole storage for torch views)."""
+    import torch
+
+    return [
+        bytes(o.untyped_storage()) if isinstance(o, torch.Tensor) else o.tobytes() for o in owners
+    ]
+
+
+def refusal_arrays(kind: str, world: int, rank: int) -> tuple[list[Any], list[Any]]:
+    """(the local arrays passed, the arrays owning all of their memory) for one scenario."""
+    import torch
+    from numpy.lib.stride_tricks import as_strided
+
+    lib, culprits = REFUSALS[kind]
+    local = _local(lib, np.float32, world, rank)
+    owners = list(local)
+    if rank not in culprits:
+        return local, owners
+    if kind == "readonly-numpy":
+        local[2].flags.writeable = False
+    elif kind == "stride0-numpy":
+        one = np.array([1.5], np.float32)
+        local[0] = as_strided(one, shape=(4,), strides=(0,))  # writeable, 4 elements, 1 float
+        owners[0] = one
+    elif kind in ("overlap-numpy", "overlap-torch"):
+        buf = np.arange(12, dtype=np.float32)
+        owner: Any = buf if lib == "numpy" else torch.from_numpy(buf)
+        local[0], local[1] = owner[0:8], owner[4:12]
+        owners[0], owners[1] = owner, owner
+    elif kind == "twice-numpy":
+        local[3] = local[0]
+        owners[3] = local[0]
+    elif kind == "readonly-replicated-numpy":
+        local[6].flags.writeable = False  # counted on rank 0 only: still written on rank 1
+    elif kind in ("expanded-torch", "expanded-rank0-torch", "both-torch"):
+        one = torch.tensor([1.5])
+        local[0] = one.expand(4)
+        owners[0] = one
+    return local, owners
+
+
+def _refusal(world: int, rank: int, kind: str, strict: bool, via: str) -> dict[str, Any]:
+    import fastclip.distributed as fcd
+
+    local, owners = refusal_arrays(kind, world, rank)
+    before = _owner_bytes(owners)
+    try:
+        if via == "clip_grad_norm_":
+            fcd.clip_grad_norm_(local, REFUSAL_MAX_NORM)
+        else:
+            fcd.clip_by_global_norm_(local, REFUSAL_MAX_NORM, replicated=[6, 7], strict=strict)
+        raised, message = None, ""
+    except Exception as exc:
+        raised, message = type(exc).__name__, str(exc)
+    unchanged = _owner_bytes(owners) == before
+    # The group is still usable, and a good call clips: compared with float64 NumPy by the parent.
+    good = _local(REFUSALS[kind][0], np.float32, world, rank)
+    norm = fcd.clip_by_global_norm_(good, REFUSAL_MAX_NORM, replicated=[6, 7], strict=strict)
+    return {
+        "raised": raised,
+        "message": message,
+        "unchanged": unchanged,
+        "after_norm": float(norm),
+        "after_arrays": [_np(a) for a in good],
+    }
+
+
+def run_safety_suite(rank: int, world: int, port: int, outdir: str) -> None:
+    """Entry point of every spawned rank of tests/test_safety_distributed.py."""
+    _run(rank, world, port, outdir, _safety_scenarios)
+
+
+def _safety_scenarios(rec: _Recorder, world: int, rank: int) -> None:
+    for kind, (lib, _) in REFUSALS.items():
+        for strict in (True, False):
+            rec.run(f"{kind}-strict{strict}", _refusal, world, rank, kind, strict, "clip")
+        if lib == "torch":
+            rec.run(f"{kind}-grad", _refusal, world, rank, kind, True, "clip_grad_norm_")
+
+
 def run_suite(rank: int, world: int, port: int, outdir: str) -> None:
-    """Entry point of every spawned rank."""
+    """Entry point of every spawned rank of tests/test_distributed.py."""
+    _run(rank, world, port, outdir, _scenarios)
+
+
+def _run(
+    rank: int, world: int, port: int, outdir: str, scenarios: Callable[[_Recorder, int, int], None]
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -306,43 +468,7 @@ def run_suite(rank: int, world: int, port: int, outdir: str) -> None:
     )
     rec = _Recorder()
     try:
-        for lib in ("torch", "numpy"):
-            for dtype in (np.float32, np.float64):
-                for ord in ORDS:
-                    for by_index in (False, True) if ord == 2.0 else (lib == "numpy",):
-                        name = f"clip-{lib}-{np.dtype(dtype).name}-{ord}-{by_index}"
-                        rec.run(
-                            name,
-                            _norm_and_clip,
-                            lib,
-                            dtype,
-                            ord,
-                            world,
-                            rank,
-                            by_index,
-                        )
-        for ord in (1.0, 2.0, math.inf):
-            rec.run(f"nan-{ord}", _nonfinite, world, rank, ord, {1: math.nan})
-            rec.run(f"inf-{ord}", _nonfinite, world, rank, ord, {world - 1: math.inf})
-            rec.run(
-                f"naninf-{ord}",
-                _nonfinite,
-                world,
-                rank,
-                ord,
-                {0: math.inf, world - 1: math.nan},
-            )
-        for kind in ("count", "dtype", "int", "ord", "index"):
-            rec.run(f"bad-{kind}", _bad, world, rank, kind)
-        for ord in (2.0, 3.0, 1.0, math.inf):
-            rec.run(f"extreme-{ord}", _extreme, world, rank, ord)
-        rec.run("mixed", _mixed_dtypes, world, rank)
-        for ord in (2.0, 1.0, math.inf):
-            rec.run(f"dtensor1d-{ord}", _dtensor_1d, world, rank, ord)
-        if world % 2 == 0 and world >= 4:
-            rec.run("dtensor2d", _dtensor_2d, world, rank)
-        rec.run("dtensor-partial", _dtensor_partial, world, rank)
-        rec.run("fsdp", _fsdp, world, rank, 0.05)
+        scenarios(rec, world, rank)
     except BaseException:
         rec.results["__crash__"] = {"error": "crash", "message": traceback.format_exc()}
     with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
@@ -357,3 +483,43 @@ def run_suite(rank: int, world: int, port: int, outdir: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _scenarios(rec: _Recorder, world: int, rank: int) -> None:
+    for lib in ("torch", "numpy"):
+        for dtype in (np.float32, np.float64):
+            for ord in ORDS:
+                for by_index in (False, True) if ord == 2.0 else (lib == "numpy",):
+                    name = f"clip-{lib}-{np.dtype(dtype).name}-{ord}-{by_index}"
+                    rec.run(
+                        name,
+                        _norm_and_clip,
+                        lib,
+                        dtype,
+                        ord,
+                        world,
+                        rank,
+                        by_index,
+                    )
+    for ord in (1.0, 2.0, math.inf):
+        rec.run(f"nan-{ord}", _nonfinite, world, rank, ord, {1: math.nan})
+        rec.run(f"inf-{ord}", _nonfinite, world, rank, ord, {world - 1: math.inf})
+        rec.run(
+            f"naninf-{ord}",
+            _nonfinite,
+            world,
+            rank,
+            ord,
+            {0: math.inf, world - 1: math.nan},
+        )
+    for kind in ("count", "dtype", "int", "ord", "index"):
+        rec.run(f"bad-{kind}", _bad, world, rank, kind)
+    for ord in (2.0, 3.0, 1.0, math.inf):
+        rec.run(f"extreme-{ord}", _extreme, world, rank, ord)
+    rec.run("mixed", _mixed_dtypes, world, rank)
+    for ord in (2.0, 1.0, math.inf):
+        rec.run(f"dtensor1d-{ord}", _dtensor_1d, world, rank, ord)
+    if world % 2 == 0 and world >= 4:
+        rec.run("dtensor2d", _dtensor_2d, world, rank)
+    rec.run("dtensor-partial", _dtensor_partial, world, rank)
+    rec.run("fsdp", _fsdp, world, rank, 0.05)

@@ -11,9 +11,6 @@ single-process ``fastclip.clip_by_global_norm``.
 from __future__ import annotations
 
 import math
-import pickle
-import socket
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,55 +30,12 @@ RTOL = {"float32": 1e-6, "float64": 1e-12}
 _CACHE: dict[int, list[dict[str, Any]]] = {}
 
 
-def _warm_kernel_cache() -> None:
-    """Compile (and cache on disk) every kernel the ranks will use, in this process.
-
-    Otherwise 2-4 freshly spawned ranks compile the same kernels at the same
-    moment and race on numba's cache files (numba issue 4807): once here a rank
-    died by a signal that way.  Serial and parallel twins, every dtype.
-    """
-    from fastclip import _config as cfg
-
-    big = cfg.PARALLEL_MIN_ELEMENTS + 1
-    for n in (10, big):
-        arrays = [np.ones(n, np.float32), np.ones(n, np.float64), np.ones(n, np.float16)]
-        arrays += [torch.ones(n, dtype=torch.bfloat16), torch.ones(n, dtype=torch.float16)]
-        for p in (1, 2, math.inf, 3):
-            for group in ([a for a in arrays if isinstance(a, np.ndarray)], arrays[3:]):
-                fastclip.global_norm(group, p)
-                fastclip.clip_by_global_norm_(group, 1e30, p)
-                fastclip.clip_by_global_norm_(group[:1], 1e30, p)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """(world, per-rank results) of one spawned run of every scenario."""
     world = request.param
     if world not in _CACHE:
-        import torch.multiprocessing as mp
-
-        outdir: Path = tmp_path_factory.mktemp(f"dist{world}")
-        _warm_kernel_cache()
-        try:
-            mp.spawn(W.run_suite, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
-        except mp.ProcessExitedException:
-            # A rank killed by a signal (not an exception raised by fastclip or a
-            # test: those are pickled and reported below) has been seen once, from
-            # torch's own C++ threads.  Run the whole group once more on a fresh
-            # port; a deterministic crash fails again and is raised.
-            outdir = tmp_path_factory.mktemp(f"dist{world}-retry")
-            mp.spawn(W.run_suite, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
-        results = []
-        for r in range(world):
-            with open(outdir / f"rank{r}.pkl", "rb") as f:
-                results.append(pickle.load(f))
-        _CACHE[world] = results
+        _CACHE[world] = W.spawn_and_collect(W.run_suite, world, tmp_path_factory.mktemp)
     results = _CACHE[world]
     for res in results:
         assert "__crash__" not in res, res.get("__crash__")
@@ -189,6 +143,8 @@ def test_bad_input_raises_on_every_rank(
                 assert "disagree on" in out["message"], out["message"]
             else:
                 assert f"rank(s) [{culprit}]" in out["message"], out["message"]
+                # the culprit's own error travelled in the gathered row
+                assert f"rank {culprit}: {culprit_error}: " in out["message"], out["message"]
         assert out["unchanged"], r
         assert out["after"] == pytest.approx(ref, rel=1e-6)  # the group still works
 
