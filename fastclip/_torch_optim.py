@@ -55,11 +55,11 @@ class _FusedBase(Optimizer):
                     grads.append(g)
         return grads
 
-    def _clip(self, grads: list[torch.Tensor]) -> Any:
+    def _clip(self, grads: list[torch.Tensor], gpu: bool) -> Any:
         """Norm and coefficient over every gradient of every group: an ``F.Clip``
         (CPU) or a ``_gpu._optim.GpuClip``.  Sets ``last_total_norm`` and
         ``last_step_skipped`` only once the plan stands (an error leaves them)."""
-        if F.is_gpu(grads[0]):
+        if gpu:
             return self._clip_gpu(grads)
         lib = F.cpu_lib(grads, type(self).__name__)
         plan = F.clip_plan(
@@ -285,7 +285,7 @@ class FusedAdamW(_FusedBase):
         for (ams, maximize), lists in launches.items():  # one launch per key and dtype
             arrays = [*lists[:4], lists[4] if ams else None]
             work.append((self._prepare(arrays, gpu, ams), arrays, lists[5], ams, maximize))
-        plan = self._clip(grads)
+        plan = self._clip(grads, gpu)
         if plan.skip:
             return loss
         for prepared, arrays, rows, ams, maximize in work:
@@ -313,7 +313,13 @@ class FusedAdamW(_FusedBase):
         step counts are new tensors in ``new_steps`` (copied into ``old_steps``,
         the existing ones, after the kernels ran).
         """
-        ps, gs, ms, vs, xs, counts_t = [], [], [], [], [], []
+        ps: list[torch.Tensor] = []
+        gs: list[torch.Tensor] = []
+        ms: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
+        olds: list[torch.Tensor] = []
+        olds_at: list[int] = []
         amsgrad = bool(group["amsgrad"])
         for p in group["params"]:
             if p.grad is None:
@@ -331,7 +337,6 @@ class FusedAdamW(_FusedBase):
                         p, memory_format=torch.preserve_format
                     )
                 fresh.append((p, state))
-                counts_t.append(state["step"])
             else:
                 step = state["step"]
                 if on_gpu and step.is_cuda:
@@ -339,10 +344,8 @@ class FusedAdamW(_FusedBase):
                         "FusedAdamW keeps step counts on the host (torch's non-capturable "
                         "layout); move state['step'] to the CPU"
                     )
-                new = step + 1  # in the count's own dtype, as torch's in-place increment
-                old_steps.append(step)
-                new_steps.append(new)
-                counts_t.append(new)
+                olds_at.append(len(ps))
+                olds.append(step)
             ps.append(p)
             gs.append(p.grad)
             ms.append(state["exp_avg"])
@@ -351,7 +354,15 @@ class FusedAdamW(_FusedBase):
                 xs.append(state["max_exp_avg_sq"])
         if not ps:
             return None
-        counts = torch.stack(counts_t).tolist() if len(counts_t) > 1 else [float(counts_t[0])]
+        counts = [1.0] * len(ps)  # new state: this is its first step
+        if olds:
+            # one foreach op, in the counts' own dtype, as torch's in-place increment
+            news = torch._foreach_add(olds, 1)
+            old_steps += olds
+            new_steps += news
+            values = torch.stack(news).tolist() if len(news) > 1 else [float(news[0])]
+            for i, value in zip(olds_at, values):
+                counts[i] = value
         beta1, beta2 = (float(b) for b in group["betas"])
         hp = F.adamw_hparams(
             counts,
@@ -466,7 +477,7 @@ class FusedSGD(_FusedBase):
             lists = [ps, gs, bufs if momentum != 0 else None]
             sign = -1.0 if group["maximize"] else 1.0
             work.append((self._prepare(lists, gpu, None), lists, hp, sign))
-        plan = self._clip(grads)
+        plan = self._clip(grads, gpu)
         if plan.skip:
             return loss
         for prepared, lists, hp, sign in work:  # one launch per group and dtype
