@@ -476,7 +476,10 @@ def adamw_step_(
     and writes nothing when it is non-finite; the call cannot tell whether
     the step was skipped without reading the returned norm (your step count
     is yours to hold back).  A float32 norm beyond float32's range counts as
-    non-finite there.
+    non-finite there.  The GPU norm is the core's GPU norm, the root of the
+    raw float64 power sum: an L2 norm above about 1.3e154 is inf there (and
+    one below about 1e-154 loses precision), where the CPU route rescales by
+    the largest element as the core's CPU functions do.
 
     Examples
     --------
