@@ -28,8 +28,9 @@ cluster, and arrays larger than memory stream through block by block.
 * Extreme values: where the NumPy route rescales by the maximum (float64 L2,
   any other ``p``), each block's partial is a pair ``(m, s)`` with
   ``sum |x|^p = m^p * s``: ``(1, plain sum)`` when the plain float64 sum is safely
-  inside float64's range, else ``(max|x|, sum (|x| / max|x|)^p)`` (two more passes
-  over that block only).  Pairs combine as ``M = max m``,
+  inside float64's range, else ``(2^-k, sum (|x| 2^k)^p)`` with ``2^-k`` near
+  max|x| (two more passes over that block only; a power of two, as ``1 / max|x|``
+  overflows for subnormal data).  Pairs combine as ``M = max m``,
   ``S = sum s (m / M)^p`` (LAPACK's scaled ``nrm2`` in spirit), and the norm is
   ``M * S^(1/p)``: float64 data near 1e+-300 gets the same norms as on NumPy.
 
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from ._cpu import _driver
-from ._cpu._libs import NumpyLib, norm_dtype
+from ._cpu._libs import NumpyLib, norm_dtype, refuse_dtype
 from ._validate import NonFiniteNormError
 
 _FLOATS = frozenset(
@@ -77,7 +78,10 @@ def check_known_chunks(x: Any) -> None:
 
 
 def _check_float(x: Any, what: str) -> None:
-    if np.dtype(x.dtype) not in _FLOATS:
+    dt = np.dtype(x.dtype)
+    if dt.kind in "fc" and dt not in _FLOATS:  # byte-swapped or long double
+        refuse_dtype(dt)
+    if dt not in _FLOATS:
         raise TypeError(
             f"{what} needs floating-point arrays (float16, float32, float64"
             f"{', complex' if what == 'norm' else ''}); got {x.dtype}"
@@ -147,9 +151,11 @@ def _block_pairs(
         maxes = pow_sums(0, None)
         fix = bad & (maxes > 0.0) & (maxes < math.inf)
         if fix.any():
-            inv = np.where(fix, 1.0 / np.where(fix, maxes, 1.0), 1.0)
+            # A power-of-two scale, not 1 / max: that overflows for subnormal maxima
+            # (see ``_driver.pow2_inverse``); the pair's m is then 1 / inv, exactly.
+            inv = np.where(fix, _driver.pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
             scaled = pow_sums(3, inv.reshape(-1) if plan is not None else inv)
-            m = np.where(fix, maxes, m)
+            m = np.where(fix, 1.0 / inv, m)
             s = np.where(fix, scaled, s)
     out["m"] = m
     out["s"] = s
@@ -485,6 +491,8 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
     if dtype.kind not in "fiub":
         raise TypeError(f"clip_by_value needs a real numeric or bool array, got {dtype}")
+    if not dtype.isnative or (dtype.kind == "f" and dtype not in _FLOATS):
+        refuse_dtype(dtype)  # at graph construction, not deep inside compute()
     out = da.map_blocks(
         _clip_block,
         x,

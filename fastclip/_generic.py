@@ -201,6 +201,24 @@ def clip_global(
     return outs, norm_value
 
 
+def int_bound(v: float | None, lo_end: int, hi_end: int, lower: bool) -> int | None:
+    """A float bound for integer data in [lo_end, hi_end], or None for no bound.
+
+    Same result as clipping in float64 and converting back with saturation: a
+    lower bound rounds up, an upper bound down; -inf below (inf above) is no
+    bound at all, and a bound beyond the integer range (inf, 1e30 on int8)
+    saturates at the range's end instead of overflowing.
+    """
+    if v is None or math.isnan(v):
+        return None
+    if math.isinf(v):
+        if (v < 0) == lower:  # -inf as a lower bound, inf as an upper one
+            return None
+        return hi_end if v > 0 else lo_end
+    i = math.ceil(v) if lower else math.floor(v)
+    return min(max(i, lo_end), hi_end)
+
+
 def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
     xp = _xp(x)
     if xp.isdtype(x.dtype, "complex floating"):
@@ -210,8 +228,7 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
     if x.dtype == xp.bool:
         # bool as 0/1, clamped to [ceil(min), floor(max)] like other integers
         as_int = xp.astype(x, xp.int8)
-        lo_i = None if lo is None else min(max(math.ceil(lo), -128), 127)
-        hi_i = None if hi is None else min(max(math.floor(hi), -128), 127)
+        lo_i, hi_i = int_bound(lo, -128, 127, True), int_bound(hi, -128, 127, False)
         clipped = clip_by_value(as_int, lo_i, hi_i, False) != 0
         if inplace:
             x[...] = clipped
@@ -220,8 +237,8 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
     out = x
     if xp.isdtype(x.dtype, "integral"):
         info = xp.iinfo(x.dtype)
-        lo = None if lo is None else min(max(math.ceil(lo), info.min), info.max)
-        hi = None if hi is None else max(min(math.floor(hi), info.max), info.min)
+        lo = int_bound(lo, int(info.min), int(info.max), True)
+        hi = int_bound(hi, int(info.min), int(info.max), False)
     if lo is not None:
         out = xp.where(out < lo, xp.asarray(lo, dtype=x.dtype, device=aac.device(x)), out)
     if hi is not None:

@@ -90,7 +90,8 @@ def _emulate(name, targ):
             t, s = int(ct_a[k]), int(cs_a[k])
             e = min(s + int(chunk), int(size_a[t]))
             x = _mem(src_a[t], size_a[t], dt)[s:e]
-            _mem(dst_a[t], size_a[t], dt)[s:e] = (x.astype(acc) * acc(c)).astype(dt)
+            # as the CUDA source: a float64 product, rounded to the accumulator type
+            _mem(dst_a[t], size_a[t], dt)[s:e] = (x.astype(np.float64) * c).astype(acc).astype(dt)
 
     def clamp(grid, block, a):
         src, dst, sizes, ct, cs, nc, chunk, lo, hi = a
@@ -130,8 +131,8 @@ def _emulate(name, targ):
         i = np.arange(int(n))
         c = _mem(co, int(outer), np.float64)[(i // int(inner)) % int(outer)]
         acc = np.float64 if dt == np.float64 else np.float32
-        x = _mem(src, int(n), dt).astype(acc)
-        _mem(dst, int(n), dt)[:] = (x * c.astype(acc)).astype(dt)
+        x = _mem(src, int(n), dt).astype(np.float64)
+        _mem(dst, int(n), dt)[:] = (x * c).astype(acc).astype(dt)
 
     return {
         "fastclip_partial_pow_sum": partial,

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._dispatch import route_of_many
+from .._generic import int_bound
 from .._validate import NonFiniteNormError, check_self_overlap, out_of_place_hint
 from . import _build
 from ._libs import NumpyLib, float_storage, lib_for, norm_dtype
@@ -140,7 +141,10 @@ class _Plan:
         if x2 is None:  # middle axes or non-contiguous data: copy in
             self.kind = "rows"
             self.copied_from = sv.transpose(kept + axes)
-            x2 = np.ascontiguousarray(self.copied_from).reshape(m, k)
+            # Always a fresh buffer: ``scale`` works on it in place, and a transposed
+            # view can already be C-contiguous (size-1 axes, channels_last tensors),
+            # where ``np.ascontiguousarray`` would hand back the caller's own memory.
+            x2 = np.array(self.copied_from, order="C", copy=True).reshape(m, k)
         self.x2 = x2
         self.perm = kept + axes
 
@@ -161,8 +165,8 @@ class _Plan:
                 maxes = self.pow_sums(0, p)
                 fix = bad & (maxes > 0) & (maxes < math.inf)
                 if fix.any():
-                    inv = np.where(fix, 1.0 / np.where(fix, maxes, 1.0), 1.0)
-                    scaled = maxes * _root(self.pow_sums(3, p, inv), 3, p)
+                    inv = np.where(fix, pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
+                    scaled = _root(self.pow_sums(3, p, inv), 3, p) / inv
                     values = np.where(fix, scaled, values)
         return np.asarray(values, np.float64)
 
@@ -200,13 +204,34 @@ def _needs_rescale(pcode: int, wide: bool) -> bool:
     return pcode == 3 or (pcode == 2 and wide)
 
 
+def pow2_inverse(m: Any) -> Any:
+    """A power of two ``inv`` with ``m * inv`` near 1, for max-rescaling (elementwise).
+
+    ``1 / m`` itself is no good: for a subnormal ``m`` (float64 below 2.2e-308) it
+    overflows to inf, and the rescaled norm became inf (then clipping zeroed the
+    data).  ``inv = 2**k`` with ``k`` kept in [-1022, 1023] is finite, and so is
+    ``1 / inv``; both are exact, so scaling by them loses no bits.  ``m * inv`` lies
+    in [0.5, 1) except at the very ends of the range: down to 2**-51 for the
+    smallest subnormals (their squares, 2**-102, are still normal) and up to 4
+    next to float64's maximum.
+    """
+    _, e = np.frexp(m)
+    return np.ldexp(1.0, np.clip(-e, -1022, 1023))
+
+
 def robust_norm(pow_sum: Any, pcode: int, p: float, wide: bool) -> float:
-    """Norm from ``pow_sum(pcode, p, inv) -> float``, rescaled when it over/underflows."""
+    """Norm from ``pow_sum(pcode, p, inv) -> float``, rescaled when it over/underflows.
+
+    ``pow_sum(pc, p, inv)`` returns ``sum (|x| * inv)**p`` for pc 3 (max |x| for
+    pc 0); the rescaled norm is ``(sum (|x| * inv)**p)**(1/p) / inv`` with ``inv``
+    a power of two from ``pow2_inverse`` (so it is finite even for subnormal data).
+    """
     total = float(pow_sum(pcode, p, 1.0))
     if _needs_rescale(pcode, wide) and not _SAFE_LO < total < _SAFE_HI:
         m = float(pow_sum(0, p, 1.0))
         if 0.0 < m < math.inf:
-            return m * float(_root(float(pow_sum(3, p, 1.0 / m)), 3, p))
+            inv = float(pow2_inverse(m))
+            return float(_root(float(pow_sum(3, p, inv)), 3, p)) / inv
     return float(_root(total, pcode, p))
 
 
@@ -339,18 +364,16 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
 
 
 def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: float | None) -> None:
-    info = np.iinfo(sv.dtype) if sv.dtype.kind in "iu" else None
-    lo_v: Any
-    hi_v: Any
-    if info is None:  # bool: clamp 0/1 to [ceil(min), floor(max)], then back to bool
-        as_int = sv.astype(np.int8)
-        lo_i = None if lo is None else math.ceil(lo)
-        hi_i = None if hi is None else math.floor(hi)
-        out_sv[...] = np.clip(as_int, lo_i, hi_i) != 0
+    if sv.dtype.kind == "b":  # bool: clamp 0/1 as int8, then back to bool
+        lo_b, hi_b = int_bound(lo, -128, 127, True), int_bound(hi, -128, 127, False)
+        out_sv[...] = np.clip(sv.astype(np.int8), lo_b, hi_b) != 0
         return
-    else:
-        lo_v = None if lo is None else int(min(max(math.ceil(lo), info.min), info.max))
-        hi_v = None if hi is None else int(max(min(math.floor(hi), info.max), info.min))
+    info = np.iinfo(sv.dtype)
+    lo_v = int_bound(lo, int(info.min), int(info.max), True)
+    hi_v = int_bound(hi, int(info.min), int(info.max), False)
+    if lo_v is None and hi_v is None:
+        out_sv[...] = sv
+        return
     np.clip(sv, lo_v, hi_v, out=out_sv)
 
 

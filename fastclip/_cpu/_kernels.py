@@ -108,7 +108,12 @@ def combine(partials, pcode):  # type: ignore[no-untyped-def]
 
 @njit(error_model="numpy", fastmath=FASTMATH, cache=False)
 def seg_scale(src, dst, lo, hi, coef, inplace):  # type: ignore[no-untyped-def]
-    """dst[lo:hi] = src[lo:hi] * coef (coef in the storage's arithmetic type).
+    """dst[lo:hi] = src[lo:hi] * coef, the product rounded once to the storage type.
+
+    The coefficient stays float64 and the product is taken in float64: rounding
+    the coefficient to float32 first flushes factors below ~1e-45 to 0 and turns
+    ones above ~3e38 into inf (1e30 clipped to 1e-30 came out 0), although the
+    scaled values themselves are representable.
 
     The in-place loop is separate: with ``src is dst`` LLVM's runtime alias
     check fails and the two-array loop runs scalar (measured 2.5x slower).
@@ -116,7 +121,7 @@ def seg_scale(src, dst, lo, hi, coef, inplace):  # type: ignore[no-untyped-def]
     if hi <= lo:
         return
     d = dst[lo:hi]
-    c = coef_like(coef, d[0])
+    c = np.float64(coef)
     if inplace:  # read and write ``dst`` only: ``src`` may be a read-only view
         for i in range(d.size):
             d[i] = narrow(widen(d[i]) * c, d[i])
@@ -348,7 +353,10 @@ def cols_pow_sum(x, pcode, p, inv, tile):  # type: ignore[no-untyped-def]
 
 
 def cols_scale(src, dst, coefs, inplace, tile):  # type: ignore[no-untyped-def]
-    """dst[:, j] = src[:, j] * coefs[j] (in place: one array, so LLVM sees no aliasing)."""
+    """dst[:, j] = src[:, j] * coefs[j] (in place: one array, so LLVM sees no aliasing).
+
+    Products in float64, rounded once to the storage type (as in ``seg_scale``).
+    """
     k, m = src.shape
     ntiles = (m + tile - 1) // tile
     for t in prange(ntiles):
@@ -359,11 +367,11 @@ def cols_scale(src, dst, coefs, inplace, tile):  # type: ignore[no-untyped-def]
             d = dst[r, lo:hi]
             if inplace:
                 for j in range(d.size):
-                    d[j] = narrow(widen(d[j]) * coef_like(c[j], d[j]), d[j])
+                    d[j] = narrow(widen(d[j]) * np.float64(c[j]), d[j])
             else:
                 s = src[r, lo:hi]
                 for j in range(s.size):
-                    d[j] = narrow(widen(s[j]) * coef_like(c[j], s[j]), d[j])
+                    d[j] = narrow(widen(s[j]) * np.float64(c[j]), d[j])
 
 
 # ------------------------------------------------- NumPy headers, in bulk

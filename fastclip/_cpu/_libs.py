@@ -36,6 +36,29 @@ def is_complex_storage(storage: np.dtype) -> bool:
     return storage in _COMPLEX
 
 
+# NumPy float dtypes with a kernel (native byte order); long double has none.
+_NUMPY_FLOATS = frozenset(
+    np.dtype(t) for t in (np.float16, np.float32, np.float64, np.complex64, np.complex128)
+)
+
+
+def refuse_dtype(dt: np.dtype) -> None:
+    """TypeError for byte-swapped data and long double, which no kernel reads.
+
+    Raised before anything is allocated or written, by every function (norms,
+    clipping by norm and by value, in place or not), so a refused call changes
+    no input.
+    """
+    if not dt.isnative:
+        raise TypeError(
+            f"fastclip needs native byte order, got {dt.str} ({dt.name}, byte-swapped); "
+            'convert first: x.astype(x.dtype.newbyteorder("="))'
+        )
+    raise TypeError(
+        f"fastclip has no kernels for {dt.name}; convert first, e.g. x.astype(np.float64)"
+    )
+
+
 class NumpyLib:
     """NumPy arrays: zero-copy, float16 viewed as int16 bits."""
 
@@ -50,7 +73,10 @@ class NumpyLib:
                     "pass x.filled(0) or x.compressed()"
                 )
             x = x.view(np.ndarray)  # np.matrix, memmap...: the same memory, plain ndarray
-        return x.view(np.int16) if x.dtype == F16 else x
+        dt = x.dtype
+        if not dt.isnative or (dt.kind in "fc" and dt not in _NUMPY_FLOATS):
+            refuse_dtype(dt)
+        return x.view(np.int16) if dt == F16 else x
 
     @staticmethod
     def is_float(x: np.ndarray) -> bool:

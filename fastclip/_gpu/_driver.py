@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
+from .._generic import int_bound
 from .._validate import NonFiniteNormError, check_self_overlap
 from . import _plan, _source
 from ._libs import lib_for
@@ -326,11 +327,22 @@ def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None)
         lib.touched(arrays)
 
 
+def _integer_bounds(x: Any, lo: float | None, hi: float | None) -> tuple[Any, Any]:
+    """Float bounds saturated to the integer (or bool: 0/1) range of ``x``'s dtype,
+    so inf and 1e30 neither overflow nor wrap (see ``int_bound``)."""
+    name = str(x.dtype).replace("torch.", "")
+    if name == "bool":
+        lo_end, hi_end = 0, 1
+    else:
+        info = np.iinfo(np.dtype(name))
+        lo_end, hi_end = int(info.min), int(info.max)
+    return int_bound(lo, lo_end, hi_end, True), int_bound(hi, lo_end, hi_end, False)
+
+
 def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
     if not lib.is_float(x):
         out = x if inplace else lib.empty_like(x)
-        lo_i = None if lo is None else math.ceil(lo)
-        hi_i = None if hi is None else math.floor(hi)
+        lo_i, hi_i = _integer_bounds(x, lo, hi)
         with _on_device(lib, x):
             lib.clip_integers(x, out, lo_i, hi_i)  # the library's own clip for integers
         return out
@@ -544,6 +556,11 @@ def _rescale_axes(
             lib, x2, "rows", m, k, pcode, p, max_norm, eps, mode, norm_kind, x
         )
         if out is not None:
-            _axis_scale(lib, x2, x2, m * k, k, m, coefs)
-            lib.write_back(lib.permute(out, perm), lib.reshape(x2, tuple(xt.shape)))
+            # Scale into a fresh buffer, never into x2: a permuted view that is
+            # already contiguous (size-1 axes, channels_last) comes back from
+            # ``as_contiguous`` as the caller's own memory, and an out-of-place
+            # call must not write it.
+            y2 = lib.empty((m, k), lib.kind(x), x)
+            _axis_scale(lib, x2, y2, m * k, k, m, coefs)
+            lib.write_back(lib.permute(out, perm), lib.reshape(y2, tuple(xt.shape)))
         return out, norms

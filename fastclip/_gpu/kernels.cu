@@ -175,13 +175,19 @@ __global__ void fastclip_finish(const double* partials, i64 n, int pcode, double
     }
 }
 
+// v * c with the coefficient kept in double and the product rounded once to the
+// accumulator type: rounding c to float first flushes factors below ~1e-45 to 0
+// and turns factors above ~3e38 into inf, though the products may be representable.
+template <typename A>
+__device__ __forceinline__ A scaled(A v, double c) { return (A)((double)v * c); }
+
 // dst_t = src_t * coef[0] for every tensor of the table (coef read on device).
 template <typename T>
 __global__ void fastclip_scale(const u64* src_ptrs, const u64* dst_ptrs, const i64* sizes,
                                const i64* chunk_tensor, const i64* chunk_start, i64 n_chunks,
                                i64 chunk_size, const double* coef) {
     typedef typename AccOf<T>::type A;
-    const A c = (A)coef[0];
+    const double c = coef[0];
     const int V = Vec<T>::V;
     for (i64 k = blockIdx.x; k < n_chunks; k += gridDim.x) {
         i64 t = chunk_tensor[k];
@@ -196,12 +202,12 @@ __global__ void fastclip_scale(const u64* src_ptrs, const u64* dst_ptrs, const i
                 Vec<T> in, out;
                 in.load(s + i * V);
 #pragma unroll
-                for (int j = 0; j < V; ++j) st(out.u.v, j, (A)ld(in.u.v, j) * c);
+                for (int j = 0; j < V; ++j) st(out.u.v, j, scaled<A>(ld(in.u.v, j), c));
                 out.store(d + i * V);
             }
             done = nv * V;
         }
-        for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) st(d, i, (A)ld(s, i) * c);
+        for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) st(d, i, scaled<A>(ld(s, i), c));
     }
 }
 
@@ -277,6 +283,6 @@ __global__ void fastclip_axis_scale(const T* src, T* dst, i64 n, i64 inner, i64 
                                     const double* coefs) {
     typedef typename AccOf<T>::type A;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        st(dst, i, (A)ld(src, i) * (A)coefs[(i / inner) % outer]);
+        st(dst, i, scaled<A>(ld(src, i), coefs[(i / inner) % outer]));
     }
 }
