@@ -330,16 +330,19 @@ def _combine(values: Any, pcode: int) -> Any:
 
 
 def _robust_norms(
-    pcode: int, p: float, wide: bool, per_layer: bool, n_arrays: int, row_pow_sum: Any
+    pcode: int, p: float, wide: bool, per_layer: bool, n_arrays: int, rows_pow_sum: Any
 ) -> Any:
     """A ``fix`` for ``_norms_and_factors``: the core's ``robust_norm`` rule per sample.
 
-    ``row_pow_sum(k, b, pc, pp, inv)`` is the power sum of row ``b`` of array
-    ``k`` with its values scaled by ``inv``.  Only samples outside the range
-    where the float64 power sum is exact are recomputed, by ``robust_norm``
-    itself (one rule for every route: it rescales by the sample's max), so
-    the common case costs one vectorised range test.  None when ``pcode`` and
-    the dtypes cannot leave that range (float32 L1/L2, the max-norm).
+    ``rows_pow_sum(k, rows, pc, pp, inv)`` gives the power sums of rows
+    ``rows`` (int64 indices) of array ``k``, row ``rows[i]`` scaled by
+    ``inv[i]``.  Only samples outside the range where the float64 power sum
+    is exact are looked at again, so the common case costs one vectorised
+    range test.  Their max |x| comes from one call per array; a max of 0
+    (all zeros), NaN or inf already has its exact norm from pass 1 (0, NaN,
+    inf), and every other such sample gets ``robust_norm`` itself (one rule
+    for every route).  None when ``pcode`` and the dtypes cannot leave the
+    range (float32 L1/L2, the max-norm).
     """
     from ._cpu import _driver
 
@@ -349,22 +352,38 @@ def _robust_norms(
     def fix(norms: np.ndarray, totals: np.ndarray) -> None:
         with np.errstate(invalid="ignore"):
             bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))
-        for index in zip(*np.nonzero(bad)):
-            parts = (int(index[0]),) if per_layer else tuple(range(n_arrays))
-            known = {(pcode, p, 1.0): float(totals[index])}  # pass 1 already summed it
-            pow_sum = _sample_pow_sum(row_pow_sum, parts, int(index[-1]), known)
+        if not bad.any():
+            return
+        maxes = np.zeros(totals.shape)
+        if per_layer:
+            for k in range(n_arrays):
+                rows = np.flatnonzero(bad[k])
+                if rows.size:
+                    maxes[k, rows] = rows_pow_sum(k, rows, 0, p, np.ones(rows.size))
+        else:
+            rows = np.flatnonzero(bad)
+            parts = [rows_pow_sum(k, rows, 0, p, np.ones(rows.size)) for k in range(n_arrays)]
+            maxes[rows] = _combine(np.array(parts), 0)
+        with np.errstate(invalid="ignore"):
+            finite_nonzero = bad & (maxes > 0.0) & (maxes < math.inf)
+        for index in zip(*np.nonzero(finite_nonzero)):
+            parts_k = (int(index[0]),) if per_layer else tuple(range(n_arrays))
+            # what robust_norm asks first was already computed: no second pass for them
+            known = {(pcode, p, 1.0): float(totals[index]), (0, p, 1.0): float(maxes[index])}
+            pow_sum = _sample_pow_sum(rows_pow_sum, parts_k, int(index[-1]), known)
             norms[index] = _driver.robust_norm(pow_sum, pcode, p, wide)
 
     return fix
 
 
-def _sample_pow_sum(row_pow_sum: Any, parts: tuple[int, ...], b: int, known: dict) -> Any:
+def _sample_pow_sum(rows_pow_sum: Any, parts: tuple[int, ...], b: int, known: dict) -> Any:
     """``robust_norm``'s ``pow_sum(pc, pp, inv)`` for sample ``b`` over arrays ``parts``."""
+    row = np.array([b], np.int64)
 
     def pow_sum(pc: int, pp: float, inv: float) -> float:
         key = (pc, pp, inv)
         if key not in known:
-            values = [row_pow_sum(k, b, pc, pp, inv) for k in parts]
+            values = [float(rows_pow_sum(k, row, pc, pp, np.full(1, inv))[0]) for k in parts]
             known[key] = float(_combine(np.array(values, np.float64), pc))
         return float(known[key])
 
@@ -406,11 +425,15 @@ def _cpu_path(
         sums[k] = _driver.run("rows_pow_sum", x2.size, x2, pcode, p, ones)
     wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
 
-    def row_pow_sum(k: int, b: int, pc: int, pp: float, inv: float) -> float:
-        row = views[k][b : b + 1]
-        return float(_driver.run_serial("rows_pow_sum", row, pc, pp, np.full(1, inv))[0])
+    def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
+        x2 = views[k]
+        if rows.size == 1:
+            x2 = x2[rows[0] : rows[0] + 1]
+        elif rows.size != x2.shape[0]:  # all rows: no copy
+            x2 = x2[rows]
+        return _driver.run("rows_pow_sum", x2.size, x2, pc, pp, inv)
 
-    fix = _robust_norms(pcode, p, wide, per_layer, len(views), row_pow_sum)
+    fix = _robust_norms(pcode, p, wide, per_layer, len(views), rows_pow_sum)
     norms, factors, clipped = _norms_and_factors(sums, pcode, p, bounds, per_layer, eps, fix)
     outs = []
     scale = 1.0 / batch if reduce == "mean" else 1.0
@@ -474,10 +497,12 @@ def _generic_path(
         else:
             norms = total
 
-        def row_pow_sum(k: int, b: int, pc: int, pp: float, inv: float) -> float:
-            return float(_generic._pow_sum(xp, flat[k][b, :] * inv, pc, pp, None))
+        def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
+            g = xp.take(flat[k], xp.asarray(rows, device=aac.device(flat[k])), axis=0)
+            g = g * xp.asarray(inv[:, None], dtype=g.dtype, device=aac.device(g))
+            return np.array([float(v) for v in _generic_row_sums(xp, g, pc, pp, g.dtype)])
 
-        fix = _robust_norms(pcode, p, any_wide, per_layer, len(items), row_pow_sum)
+        fix = _robust_norms(pcode, p, any_wide, per_layer, len(items), rows_pow_sum)
         if fix is not None:
             norms = _fixed_on_host(xp, fix, norms, total, aac.device(items[0]))
         c = xp.asarray(bounds, dtype=wide)
