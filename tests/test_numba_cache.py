@@ -1,0 +1,304 @@
+"""fastclip's on-disk numba cache (issue 13, data safety): unreadable entries and unsafe folders.
+
+Every case runs fresh Python processes with ``NUMBA_CACHE_DIR`` set to a
+temporary folder, since the cache is read when a process first compiles a
+kernel.  Each process clips two float32 arrays (compared with float64
+NumPy) and reports the warnings it saw, the cache hits and misses of
+fastclip's cached kernels and the folder they are cached in.
+
+* A truncated, empty or garbage ``.nbi``/``.nbc`` file used to make every
+  call raise ``UnpicklingError``/``EOFError`` until the file was deleted: it
+  must be recompiled and replaced, with exactly one warning, and be read
+  back on the next run.
+* Cache files are pickles: a file planted in a folder that others can write
+  runs code in the process.  Such folders are not read (a private 0700
+  subfolder or no cache at all, with one warning naming the fix); the
+  normal folders (mode 0755, the source tree's ``__pycache__``) give no
+  warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+if not hasattr(os, "geteuid"):  # pragma: no cover - the folder checks use POSIX ownership
+    pytest.skip("POSIX file ownership is needed", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NORM = 1.0
+
+SCRIPT = r"""
+import gc, json, sys, warnings
+import numpy as np
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastclip
+    arrays = [np.arange(10, dtype=np.float32) * 0.5, np.arange(7, dtype=np.float32) - 3]
+    norm = fastclip.clip_by_global_norm_(arrays, MAX_NORM)
+
+from numba.core.dispatcher import Dispatcher
+from fastclip._cpu import _build
+
+cached = [
+    d for d in gc.get_objects()
+    if isinstance(d, Dispatcher) and isinstance(d._cache, _build._CheckedCache)
+]
+print(json.dumps({
+    "norm": float(norm),
+    "arrays": [a.astype(float).tolist() for a in arrays],
+    "warnings": [[type(w.message).__name__, str(w.message)] for w in caught],
+    "cached_kernels": len(cached),
+    "hits": sum(sum(d.stats.cache_hits.values()) for d in cached),
+    "misses": sum(sum(d.stats.cache_misses.values()) for d in cached),
+    "cache_dir": _build.cache_dir,
+    "disabled": _build.cache_disabled_reason,
+}))
+""".replace("MAX_NORM", repr(MAX_NORM))
+
+
+def _reference() -> tuple[float, list[np.ndarray]]:
+    """float64 NumPy: the global norm and the clipped arrays (torch's eps, 1e-6)."""
+    arrays = [np.arange(10, dtype=np.float64) * 0.5, np.arange(7, dtype=np.float64) - 3]
+    norm = float(np.linalg.norm(np.concatenate(arrays)))
+    coef = min(1.0, MAX_NORM / (norm + 1e-6))
+    return norm, [a * coef for a in arrays]
+
+
+def _run(cache_dir: Path | None, cwd: Path) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.pop("NUMBA_CACHE_DIR", None)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    norm, ref = _reference()
+    assert out["norm"] == pytest.approx(norm, rel=1e-6)
+    for got, want in zip(out["arrays"], ref):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+    return out
+
+
+def _files(root: Path, ext: str) -> list[Path]:
+    return sorted(p for p in root.rglob(f"*.{ext}") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder (mode 0755, as ``mkdir`` makes it) filled by one cold run."""
+    root = tmp_path_factory.mktemp("nbcache-template") / "cache"
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    first = _run(root, root.parent)
+    assert first["warnings"] == []  # the normal case is silent
+    assert first["cached_kernels"] >= 1 and first["misses"] >= 1 and first["hits"] == 0
+    assert first["cache_dir"] is not None and first["cache_dir"].startswith(str(root))
+    assert first["disabled"] is None
+    second = _run(root, root.parent)
+    assert second["warnings"] == [] and second["misses"] == 0 and second["hits"] >= 1
+    assert _files(root, "nbi") and _files(root, "nbc")
+    return root
+
+
+def _copy(template: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "cache"
+    shutil.copytree(template, root)
+    return root
+
+
+def _leaf(root: Path) -> Path:
+    """The folder numba puts fastclip's kernels in, inside ``root``."""
+    (leaf,) = {p.parent for p in _files(root, "nbi")}
+    return leaf
+
+
+# ------------------------------------------------------------- unreadable files
+
+CORRUPTIONS = {
+    "truncate": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: np.random.default_rng(4807).bytes(max(64, len(data))),
+}
+
+
+@pytest.mark.parametrize("ext", ["nbi", "nbc"])
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_unreadable_entry_is_recompiled_replaced_and_read_back(
+    template: Path, tmp_path: Path, how: str, ext: str
+) -> None:
+    root = _copy(template, tmp_path)
+    corrupted = {}
+    for path in _files(root, ext):
+        bad = CORRUPTIONS[how](path.read_bytes())
+        path.write_bytes(bad)
+        corrupted[path] = bad
+
+    second = _run(root, tmp_path)  # correct results (checked in _run), one warning
+    assert len(second["warnings"]) == 1, second["warnings"]
+    category, message = second["warnings"][0]
+    assert category == "CacheWarning"
+    assert "could not be read" in message and "recompiled and the entry replaced" in message
+    assert str(_leaf(root)) in message and f".{ext}" in message
+    assert second["misses"] >= 1 and second["hits"] == 0
+
+    for path, bad in corrupted.items():  # replaced by valid entries...
+        assert path.read_bytes() != bad and path.stat().st_size > 0
+    third = _run(root, tmp_path)  # ...that the next process reads: no compilation
+    assert third["warnings"] == []
+    assert third["misses"] == 0 and third["hits"] >= 1
+
+
+def test_data_file_that_unpickles_to_something_else_is_replaced(
+    template: Path, tmp_path: Path
+) -> None:
+    root = _copy(template, tmp_path)
+    for path in _files(root, "nbc"):
+        path.write_bytes(pickle.dumps(("not", "a", "compile result")))
+    second = _run(root, tmp_path)
+    assert [w[0] for w in second["warnings"]] == ["CacheWarning"], second["warnings"]
+    assert "could not be read" in second["warnings"][0][1]
+    third = _run(root, tmp_path)
+    assert third["warnings"] == [] and third["misses"] == 0 and third["hits"] >= 1
+
+
+# ------------------------------------------------------------------ unsafe folders
+
+
+def _plant(leaf: Path, marker: Path) -> None:
+    """Replace every index in ``leaf`` by a pickle that creates ``marker`` when loaded."""
+    import numba
+
+    class Planted:
+        def __reduce__(self) -> Any:
+            return (open, (str(marker), "w"))
+
+    for path in _files(leaf, "nbi"):
+        path.write_bytes(pickle.dumps(numba.__version__) + pickle.dumps(Planted()))
+
+
+def _make_unsafe(path: Path, how: str) -> None:
+    if how == "world-writable":
+        os.chmod(path, 0o777)
+    elif how == "group-writable":
+        os.chown(path, -1, 1)  # a system group (daemon), not the owner's private group
+        os.chmod(path, 0o775)
+    elif how == "foreign-owner":
+        os.chown(path, 54321, -1)
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving a folder to another user or group needs root"
+)
+
+
+def test_world_writable_cache_dir_without_sticky_bit_is_not_read(
+    template: Path, tmp_path: Path
+) -> None:
+    root = _copy(template, tmp_path)
+    marker = tmp_path / "planted-code-ran"
+    _plant(_leaf(root), marker)
+    os.chmod(root, 0o777)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    out = _run(root, tmp_path)
+    assert not marker.exists()  # the planted pickle was never loaded
+    assert len(out["warnings"]) == 1, out["warnings"]
+    category, message = out["warnings"][0]
+    assert category == "CacheWarning"
+    assert str(root) in message and "without the sticky bit" in message
+    assert "not cached" in message and "chmod go-w" in message and "NUMBA_CACHE_DIR" in message
+    assert out["cache_dir"] is None and out["cached_kernels"] == 0
+    assert out["disabled"] is not None and "unsafe" in out["disabled"]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not (root / f"fastclip-{os.geteuid()}").exists()
+
+
+def test_sticky_world_writable_cache_dir_with_own_subfolder_is_used(
+    template: Path, tmp_path: Path
+) -> None:
+    root = _copy(template, tmp_path)
+    os.chmod(root, 0o1777)  # as /tmp: others may create entries but not touch ours
+    out = _run(root, tmp_path)
+    assert out["warnings"] == []
+    assert out["cache_dir"] == str(_leaf(root))
+    assert out["misses"] == 0 and out["hits"] >= 1
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "foreign-owner"])
+@pytest.mark.parametrize("root_mode", [0o755, 0o1777])
+def test_unsafe_subfolder_gives_way_to_a_private_one(
+    template: Path, tmp_path: Path, how: str, root_mode: int
+) -> None:
+    root = _copy(template, tmp_path)
+    os.chmod(root, root_mode)
+    leaf = _leaf(root)
+    marker = tmp_path / "planted-code-ran"
+    _plant(leaf, marker)
+    _make_unsafe(leaf, how)
+
+    out = _run(root, tmp_path)
+    assert not marker.exists()
+    assert len(out["warnings"]) == 1, out["warnings"]
+    category, message = out["warnings"][0]
+    assert category == "CacheWarning" and "private folder" in message and str(leaf) in message
+    private = root / f"fastclip-{os.geteuid()}"
+    assert out["cache_dir"] == str(private / leaf.name)
+    st = os.lstat(private)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    assert _files(private, "nbi") and _files(private, "nbc")
+
+    again = _run(root, tmp_path)  # the private cache is read back; the warning stays
+    assert not marker.exists()
+    assert [w[0] for w in again["warnings"]] == ["CacheWarning"]
+    assert again["misses"] == 0 and again["hits"] >= 1
+
+
+@needs_root
+def test_private_subfolder_taken_by_another_user_disables_the_cache(
+    template: Path, tmp_path: Path
+) -> None:
+    root = _copy(template, tmp_path)
+    leaf = _leaf(root)
+    _make_unsafe(leaf, "world-writable")
+    private = root / f"fastclip-{os.geteuid()}"
+    private.mkdir(mode=0o700)
+    os.chown(private, 54321, -1)
+    out = _run(root, tmp_path)
+    assert len(out["warnings"]) == 1 and "not cached" in out["warnings"][0][1]
+    assert "not a folder private to this user" in out["warnings"][0][1]
+    assert out["cache_dir"] is None and out["cached_kernels"] == 0
+
+
+def test_source_tree_pycache_is_silent(tmp_path: Path) -> None:
+    """Without NUMBA_CACHE_DIR numba caches beside the source: no warning there."""
+    pycache = REPO / "fastclip" / "_cpu" / "__pycache__"
+    if not os.access(REPO / "fastclip" / "_cpu", os.W_OK):
+        pytest.skip("the source tree is read-only here: numba caches in ~/.cache/numba")
+    out = _run(None, tmp_path)
+    assert out["warnings"] == []
+    assert out["cache_dir"] == str(pycache.resolve())
+    assert out["cached_kernels"] >= 1
