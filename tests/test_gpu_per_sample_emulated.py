@@ -478,3 +478,19 @@ def test_rescaling_keeps_nan_inf_and_zero_samples():
         np.testing.assert_allclose(outs[0][b], x[b] / expected, rtol=1e-12)
     np.testing.assert_array_equal(outs[0][3], 0.0)
     assert n_clipped == 3  # samples 0, 2 and 4; NaN is not counted (NaN < 1 is false)
+
+
+def test_subnormal_samples_are_rescaled_by_division():
+    """A float64 sample of subnormals (3e-310, 4e-310): its squares are 0, and 1 / max
+    overflows to inf, so the device divides by the max instead: the norm is the float64
+    reference's (np.hypot, exact for subnormals), not 0 or inf."""
+    x = np.array([[3e-310, 4e-310], [3.0, 4.0]])
+    _reg(x)
+    outs, norms, n_clipped = gps.clip_per_sample_gpu(
+        HostLib, [x], 2, 2, 2.0, np.array([1e-309]), False, None, 0.0
+    )
+    expected = np.hypot(x[:, 0], x[:, 1])
+    np.testing.assert_allclose(norms, expected, rtol=1e-12)
+    assert n_clipped == 1  # only the second sample (norm 5 > 1e-309)
+    np.testing.assert_array_equal(outs[0][0], x[0])  # factor 1
+    np.testing.assert_allclose(outs[0][1], x[1] * (1e-309 / 5.0), rtol=1e-12)
