@@ -145,6 +145,27 @@ def test_value_clipping_mixed_list_sharing_memory_writes_nothing():
         _api.clip_values_([floats, floats.view(np.int32)], -1.0, 1.0)
 
 
+def test_value_clipping_gpu_route_checks_every_array_first(monkeypatch):
+    """The GPU branch of the whole-list check, with the host emulation of the GPU
+    adapter: an expanded (stride 0) integer array after a float one is refused before
+    any clamp is launched, and a float dtype the kernels lack is a TypeError."""
+    import _gpu_emulation
+
+    from fastclip import _dispatch
+
+    class Lib(_gpu_emulation.HostLib):
+        kind = staticmethod(lambda x: "float32" if x.dtype == np.float32 else None)
+
+    floats = np.array([5.0, -5.0], np.float32)
+    base = np.array([7], np.int32)
+    shared = np.lib.stride_tricks.as_strided(base, shape=(3,), strides=(0,))
+    with Unchanged(floats, base), pytest.raises(ValueError, match="share memory"):
+        _api._check_value_targets(_dispatch.ROUTE_GPU, Lib, [floats, shared])
+    with pytest.raises(TypeError, match="does not support float16"):
+        _api._check_value_targets(_dispatch.ROUTE_GPU, Lib, [floats, floats.astype("f2")])
+    _api._check_value_targets(_dispatch.ROUTE_GPU, Lib, [floats, base])  # valid: no error
+
+
 def test_clip_grad_value_mixed_list_matches_torch():
     grads = [torch.tensor([5.0, -5.0, 0.5]), torch.tensor([[3.0], [-0.1]], dtype=torch.float64)]
     ours = [g.clone() for g in grads]
