@@ -530,6 +530,18 @@ def clip_by_global_norm_(
     array
         The global norm before clipping (see :func:`global_norm`).
 
+    Raises
+    ------
+    ValueError, TypeError
+        On every rank, with nothing written on any rank, when some rank's
+        arrays cannot be clipped in place (read-only, expanded so that
+        elements share memory, overlapping each other, unsupported dtype) or
+        the ranks' calls disagree: the refusing rank raises its own error,
+        the others a ``ValueError`` naming it and its reason.  The checks
+        run before the one collective and their outcome travels in it.
+    NonFiniteNormError
+        With ``error_if_nonfinite=True``, on every rank, nothing written.
+
     Examples
     --------
     >>> import datetime, socket, torch, torch.distributed as dist
