@@ -335,6 +335,10 @@ def _check_value_targets(route: str, lib: Any, items: list[Any]) -> None:
 
         views = []
         for a in items:
+            if lib.name == "torch" and not a.is_cpu:
+                raise TypeError(
+                    f"all tensors in one call must be on one device, got cpu and {a.device}"
+                )
             if not lib.writeable(a):
                 raise ValueError(
                     f"clip_by_value_ got a read-only array; {out_of_place_hint('clip_by_value')}"

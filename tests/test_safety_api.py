@@ -127,6 +127,16 @@ def test_clip_grad_value_expanded_after_int32_writes_nothing():
         fct.clip_grad_value_(_params(first, ints, expanded), 1.0)
 
 
+def test_clip_grad_value_tensor_on_another_device_later_writes_nothing():
+    """A gradient on another device (``meta`` stands in for CUDA here) after a float32
+    and an int32 one: TypeError before the CPU ones are clamped."""
+    first = torch.tensor([5.0, -5.0])
+    ints = torch.tensor([7, -7], dtype=torch.int32)
+    other = torch.tensor([5.0], device="meta")
+    with Unchanged(first, ints), pytest.raises(TypeError, match="one device"):
+        fct.clip_grad_value_(_params(first, ints, other), 1.0)
+
+
 def test_value_clipping_numpy_list_with_a_stride_0_array_writes_nothing():
     first = DATA.copy()
     ints = np.array([7, -7], np.int32)
