@@ -302,3 +302,25 @@ def test_source_tree_pycache_is_silent(tmp_path: Path) -> None:
     assert out["warnings"] == []
     assert out["cache_dir"] == str(pycache.resolve())
     assert out["cached_kernels"] >= 1
+
+
+def test_folders_holding_fastclip_source_are_not_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder above the cache that others can write is unsafe, unless it also holds
+    fastclip's own source (whoever writes it can replace fastclip itself)."""
+    from fastclip._cpu import _build
+
+    shared = tmp_path / "shared"
+    leaf = shared / "pkg" / "__pycache__"
+    leaf.mkdir(parents=True)
+    os.chmod(shared, 0o777)
+    problem = _build._chain_problem(str(leaf))
+    assert problem is not None and str(shared) in problem and "sticky" in problem
+    real = _build._source_folders()
+    monkeypatch.setattr(
+        _build, "_source_folders", lambda: real | {str(shared.resolve()), str(leaf.parent)}
+    )
+    assert _build._chain_problem(str(leaf)) is None
+    os.chmod(leaf, 0o777)  # the cache folder itself is always judged
+    assert "writable by everyone" in str(_build._chain_problem(str(leaf)))

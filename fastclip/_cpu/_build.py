@@ -19,7 +19,9 @@ dispatcher's ``_cache``):
   and writable by no one else (group-writable is fine when the group is the
   owner's private group, as with a umask of 002 on Debian or Fedora).
   Folders *above* it may be writable by others if they have the sticky bit
-  (as ``/tmp``), which stops others from renaming entries they do not own.
+  (as ``/tmp``), which stops others from renaming entries they do not own;
+  folders that also hold fastclip's own source are not judged (whoever can
+  write them can replace fastclip itself).
   Otherwise, when the folder sits directly in ``NUMBA_CACHE_DIR`` (or
   ``~/.cache/numba``) and that one passes the check for folders above, the
   kernels are cached in a private folder ``fastclip-<uid>`` (mode 0700,
@@ -121,12 +123,31 @@ def _folder_problem(path: str, leaf: bool) -> str | None:
     return f"{path} is writable by {who} without the sticky bit (mode {stat.S_IMODE(mode):04o})"
 
 
+@functools.cache
+def _source_folders() -> frozenset[str]:
+    """The folders that hold fastclip's own source, up to ``/``."""
+    out = set()
+    current = os.path.dirname(os.path.realpath(_kernels.__file__))
+    while True:
+        out.add(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            return frozenset(out)
+        current = parent
+
+
 def _chain_problem(path: str, leaf: bool = True) -> str | None:
-    """The first reason found on ``path`` and the folders above it, or None."""
+    """The first reason found on ``path`` and the folders above it, or None.
+
+    Folders above ``path`` that also hold fastclip's source are not judged:
+    whoever can write those can replace fastclip itself, cache or not (so a
+    group-writable ``site-packages`` gives no warning about the cache).
+    """
     current = os.path.realpath(path)
     is_leaf = leaf
+    sources = _source_folders()
     while True:
-        if os.path.exists(current):
+        if os.path.exists(current) and (is_leaf or current not in sources):
             problem = _folder_problem(current, is_leaf)
             if problem is not None:
                 return problem
