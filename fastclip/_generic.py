@@ -90,12 +90,44 @@ def _root(xp: Any, total: Any, pcode: int, p: float) -> Any:
     return total ** (1.0 / p)
 
 
+# Power sums outside this range may have lost precision to float64 under- or
+# overflow; the norm is then taken as m * (sum (|x| / m)^p)^(1/p), m = max |x|
+# (the same rule and range as the Numba route's ``robust_norm``).
+_SAFE_LO, _SAFE_HI = 1e-280, 1e280
+
+
+def _needs_rescale(xp: Any, arrays: Sequence[Any], pcode: int) -> bool:
+    """float64 L2 and any other p can leave float64's range (float32 L1/L2 cannot)."""
+    return pcode == 3 or (pcode == 2 and any(_norm_dtype(xp, a) == xp.float64 for a in arrays))
+
+
+def _robust_norms(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None) -> Any:
+    """Norms over ``axes``, rescaled by max |x| where the plain power sum under/overflows.
+
+    Branch-free (``where``, no host sync), so traced code (``jax.jit``) works.
+    Dividing by the maximum, not multiplying by its inverse, stays finite for
+    subnormal maxima, whose inverse overflows.
+    """
+    total = _pow_sum(xp, x, pcode, p, axes)
+    value = _root(xp, total, pcode, p)
+    if not _needs_rescale(xp, [x], pcode) or math.prod(x.shape) == 0:
+        return value
+    a = xp.astype(xp.abs(x), _wide(xp))
+    m = xp.reshape(xp.max(a, axis=axes, keepdims=True), total.shape)
+    ok = (m > 0.0) & (m < math.inf)
+    safe = xp.where(ok, m, xp.ones_like(m))
+    ratio = a / xp.reshape(safe, xp.max(a, axis=axes, keepdims=True).shape)
+    scaled = _root(xp, xp.sum(ratio**p, axis=axes), 3, p) * safe
+    bad = ~((total > _SAFE_LO) & (total < _SAFE_HI))
+    return xp.where(bad & ok, scaled, value)
+
+
 @_quiet
 def norm(x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
     xp = _xp(x)
     _check_float(xp, x, "norm")
     red = None if axes is None else axes
-    value = _root(xp, _pow_sum(xp, x, pcode, p, red), pcode, p)
+    value = _robust_norms(xp, x, pcode, p, red)
     if keepdims:
         shape = tuple(1 if (red is None or i in red) else s for i, s in enumerate(x.shape))
         value = xp.reshape(value, shape)
@@ -111,7 +143,18 @@ def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
     stacked = xp.stack(parts)
     total = _pow_sum(xp, stacked, 0, p, None) if pcode == 0 else xp.sum(stacked)
     dtype = xp.float64 if any(_norm_dtype(xp, a) == xp.float64 for a in arrays) else xp.float32
-    return xp.astype(_root(xp, total, pcode, p), dtype)
+    value = _root(xp, total, pcode, p)
+    live = [a for a in arrays if math.prod(a.shape) > 0]
+    if live and _needs_rescale(xp, arrays, pcode):
+        # As ``_robust_norms``, over all arrays: m = the largest max |x| of any.
+        wide = [xp.astype(xp.abs(a), _wide(xp)) for a in live]
+        m = xp.max(xp.stack([xp.max(a) for a in wide]))
+        ok = (m > 0.0) & (m < math.inf)
+        safe = xp.where(ok, m, xp.ones_like(m))
+        s = xp.sum(xp.stack([xp.sum((a / safe) ** p) for a in wide]))
+        bad = ~((total > _SAFE_LO) & (total < _SAFE_HI))
+        value = xp.where(bad & ok, _root(xp, s, 3, p) * safe, value)
+    return xp.astype(value, dtype)
 
 
 def _coefficient(xp: Any, norms: Any, max_norm: float, eps: float, mode: str) -> Any:
@@ -133,12 +176,18 @@ def _check_writeable(x: Any, what: str) -> None:
 
 
 def _scaled(xp: Any, x: Any, coef: Any) -> Any:
-    """x * coef computed in the coefficient's precision, cast back to x's dtype."""
+    """x * coef with the coefficient and the product in float64 (where the namespace
+    computes in it), the product rounded once to x's dtype.
+
+    Rounding the coefficient to float32 first would flush factors below ~1e-45 to
+    0 and turn ones above ~3e38 into inf although the products are representable.
+    """
+    wide = _wide(xp)
+    c = xp.astype(coef, wide)
     if xp.isdtype(x.dtype, "complex floating"):
-        return x * xp.astype(coef, x.dtype)
-    c = xp.astype(coef, xp.float64 if x.dtype == xp.float64 else xp.float32)
-    wide = x if x.dtype in (xp.float32, xp.float64) else xp.astype(x, xp.float32)
-    return xp.astype(wide * c, x.dtype)
+        cwide = xp.complex128 if wide == xp.float64 else xp.complex64
+        return xp.astype(xp.astype(x, cwide) * xp.astype(c, cwide), x.dtype)
+    return xp.astype(xp.astype(x, wide) * c, x.dtype)
 
 
 @_quiet
@@ -157,7 +206,7 @@ def rescale(
     _check_float(xp, x, what)
     if inplace:
         _check_writeable(x, what)
-    norms = _root(xp, _pow_sum(xp, x, pcode, p, axes), pcode, p)
+    norms = _robust_norms(xp, x, pcode, p, axes)
     coef = _coefficient(xp, norms, max_norm, eps, mode)
     if axes is not None:
         shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
@@ -226,9 +275,9 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
     if inplace:
         _check_writeable(x, "clip_by_value")
     if x.dtype == xp.bool:
-        # bool as 0/1, clamped to [ceil(min), floor(max)] like other integers
+        # bool as 0/1, clamped to [ceil(min), floor(max)] within [0, 1] like other integers
         as_int = xp.astype(x, xp.int8)
-        lo_i, hi_i = int_bound(lo, -128, 127, True), int_bound(hi, -128, 127, False)
+        lo_i, hi_i = int_bound(lo, 0, 1, True), int_bound(hi, 0, 1, False)
         clipped = clip_by_value(as_int, lo_i, hi_i, False) != 0
         if inplace:
             x[...] = clipped

@@ -364,8 +364,8 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
 
 
 def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: float | None) -> None:
-    if sv.dtype.kind == "b":  # bool: clamp 0/1 as int8, then back to bool
-        lo_b, hi_b = int_bound(lo, -128, 127, True), int_bound(hi, -128, 127, False)
+    if sv.dtype.kind == "b":  # bool: clamp 0/1 as int8 within [0, 1], then back to bool
+        lo_b, hi_b = int_bound(lo, 0, 1, True), int_bound(hi, 0, 1, False)
         out_sv[...] = np.clip(sv.astype(np.int8), lo_b, hi_b) != 0
         return
     info = np.iinfo(sv.dtype)
