@@ -292,3 +292,54 @@ def test_table_upload_is_cached():
     n_tables = len(_driver._TABLES)
     _driver.global_norm(HostLib, arrays, 2, 2.0)
     assert len(_driver._TABLES) == n_tables == 1
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize(("mode", "max_norm"), [("clip", 1.0), ("normalize", 0.0)])
+def test_out_of_place_axis_copy_in_never_writes_the_input(readonly, mode, max_norm):
+    """A permuted view that is already contiguous (size-1 axes) is the input's own
+    memory; the out-of-place per-slice route must scale a fresh buffer instead."""
+    x = np.full((2, 1, 3), 5.0)
+    x.flags.writeable = not readonly
+    before = x.copy()
+    out, norms = _driver.rescale(HostLib, x, 2, 2.0, (1,), max_norm, 1e-6, mode, False)
+    n = np.abs(before)  # the norm over a size-1 axis is |x|
+    coef = 1.0 / (n + 1e-6) if mode == "normalize" else np.minimum(1.0, 1.0 / (n + 1e-6))
+    np.testing.assert_allclose(out, before * coef, rtol=1e-12)
+    np.testing.assert_allclose(norms, n[:, 0, :], rtol=1e-12)
+    np.testing.assert_array_equal(x, before)
+    base = np.arange(1.0, 25.0).reshape(2, 4, 3)
+    base_before = base.copy()
+    view = base.transpose(0, 2, 1)
+    out, _ = _driver.rescale(HostLib, view, 2, 2.0, (0, 1), 1.0, 0.0, "clip", False)
+    ref_norm = np.sqrt((base_before.transpose(0, 2, 1) ** 2).sum(axis=(0, 1), keepdims=True))
+    np.testing.assert_allclose(out, base_before.transpose(0, 2, 1) / ref_norm, rtol=1e-12)
+    np.testing.assert_array_equal(base, base_before)
+
+
+@pytest.mark.parametrize("axes", [None, (1,)])
+def test_tiny_coefficient_is_applied_in_float64(axes):
+    """1e30 clipped to 1e-30: the factor 1e-60 underflows float32, the product does not."""
+    x = np.array([[1e30], [2e30]], np.float32)
+    out, _ = _driver.rescale(HostLib, x, 2, 2.0, axes, 1e-30, 0.0, "clip", False)
+    x64 = x.astype(np.float64)
+    n = np.sqrt((x64**2).sum(axis=axes, keepdims=axes is not None))
+    np.testing.assert_allclose(out, (x64 * (1e-30 / n)).astype(np.float32), rtol=1e-6)
+    assert np.all(out != 0)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(-math.inf, math.inf), (math.inf, None), (None, -math.inf), (-1e30, 2.5)]
+)
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int64])
+def test_integer_clip_by_value_saturates_infinite_bounds(lo, hi, dtype):
+    info = np.iinfo(dtype)
+    x = np.array([info.min, 0, 1, 3, info.max], dtype)
+    v = [int(e) for e in x]  # the oracle on Python ints: -inf/inf below/above = no bound
+    if lo is not None and lo != -math.inf:
+        v = [int(info.max) if lo == math.inf else max(e, math.ceil(lo)) for e in v]
+    if hi is not None and hi != math.inf:
+        v = [int(info.min) if hi == -math.inf else min(e, math.floor(hi)) for e in v]
+    v = [min(max(e, int(info.min)), int(info.max)) for e in v]
+    out = _driver.clip_by_value(HostLib, x, lo, hi, False)
+    np.testing.assert_array_equal(out, np.array(v, dtype))
