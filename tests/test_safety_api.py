@@ -422,3 +422,20 @@ def test_per_sample_float32_large_values_unchanged_path():
     x = (np.random.default_rng(4).standard_normal((5, 7)) * 1e30).astype(np.float32)
     got = fastclip.clip_per_sample(x, 1.0, eps=0.0)
     np.testing.assert_allclose(got.norms, np.linalg.norm(x.astype(np.float64), axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params(CPU))
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_per_sample_subnormal_samples(backend, per_layer):
+    """A sample of float64 subnormals (squares 0, 1 / max beyond float64): the norm is
+    the float64 reference's (np.hypot, exact there), through the core's robust_norm."""
+    x = np.array([[3e-310, 4e-310], [3e-200, 4e-200], [3.0, 4.0]])
+    got = fastclip.clip_per_sample(
+        [backend.asarray(x, "float64")], [1.0] if per_layer else 1.0, per_layer=per_layer
+    )
+    expected = np.hypot(x[:, 0], x[:, 1])
+    np.testing.assert_allclose(_f64(got.norms).reshape(-1), expected, rtol=1e-12)
+    # factors: 1 for the two tiny samples, 1 / (5 + 1e-6) for the last (Opacus' eps)
+    want = x[0] + x[1] + x[2] / (5.0 + 1e-6)
+    np.testing.assert_allclose(_f64(got.grads[0]), want, rtol=1e-12)
+    assert got.n_clipped == 1
