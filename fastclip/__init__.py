@@ -28,13 +28,14 @@ from ._api import (
 from ._dispatch import GPUUnavailableError
 from ._info import info
 from ._per_sample import PerSampleClipResult, clip_per_sample
-from ._validate import NonFiniteNormError
+from ._validate import CacheWarning, NonFiniteNormError
 from ._version import __version__
 from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 
 __all__ = [
     "AGC",
     "AutoClip",
+    "CacheWarning",
     "GPUUnavailableError",
     "GlobalNormClipper",
     "NonFiniteNormError",

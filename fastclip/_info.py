@@ -118,7 +118,9 @@ def info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "numba_cache": "disabled: " + _build.cache_disabled_reason
         if _build.cache_disabled_reason
-        else "on (numba cache=True)",
+        else f"on, in {_build.cache_dir}"
+        if _build.cache_dir
+        else "on (numba cache=True; folder chosen at the first compile)",
         "routes": routes,
         "gpus": _gpus(),
     }

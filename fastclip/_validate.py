@@ -23,6 +23,14 @@ __all__ = [
 ]
 
 
+class CacheWarning(RuntimeWarning):
+    """fastclip's on-disk kernel cache was unsafe, unreadable or unavailable.
+
+    The message says what was found and what fastclip did about it (a private
+    ``fastclip-<uid>`` folder, a recompiled entry, or no on-disk cache).
+    """
+
+
 class NonFiniteNormError(RuntimeError):
     """The norm is NaN or inf and ``error_if_nonfinite=True`` was asked for.
 

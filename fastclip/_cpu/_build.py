@@ -55,15 +55,8 @@ from numba import njit
 from numba.core import config as _numba_config
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 
+from .._validate import CacheWarning
 from . import _kernels
-
-
-class CacheWarning(RuntimeWarning):
-    """fastclip's on-disk kernel cache was unsafe, unreadable or unavailable.
-
-    The message says what was found and what fastclip did about it.
-    """
-
 
 #: Set to the reason when on-disk caching had to be disabled (reported by ``info()``).
 cache_disabled_reason: str | None = None

@@ -108,12 +108,17 @@ def combine(partials, pcode):  # type: ignore[no-untyped-def]
 
 @njit(error_model="numpy", fastmath=FASTMATH, cache=False)
 def seg_scale(src, dst, lo, hi, coef, inplace):  # type: ignore[no-untyped-def]
-    """dst[lo:hi] = src[lo:hi] * coef, the product rounded once to the storage type.
+    """dst[lo:hi] = src[lo:hi] * coef, never losing the coefficient to float32's range.
 
-    The coefficient stays float64 and the product is taken in float64: rounding
-    the coefficient to float32 first flushes factors below ~1e-45 to 0 and turns
-    ones above ~3e38 into inf (1e30 clipped to 1e-30 came out 0), although the
-    scaled values themselves are representable.
+    Rounding a float64 coefficient to float32 flushes factors below ~1e-45 to 0
+    and turns ones above ~3e38 into inf (1e30 clipped to 1e-30 came out 0),
+    although the scaled values themselves are representable.  So where the
+    coefficient is not a normal number of the data's arithmetic type, the
+    product is taken in float64 and rounded once.  Otherwise the product stays
+    in that type (float32 for 16/32-bit data, as torch's ``clip_grad_norm_``
+    does): within one ulp of the float64 product, and a float64 multiply of
+    float32 data measured 25-30% slower on 1e7 elements (``clip_by_norm_``,
+    2.8-3.0 ms against 3.75 ms, two threads).
 
     The in-place loop is separate: with ``src is dst`` LLVM's runtime alias
     check fails and the two-array loop runs scalar (measured 2.5x slower).
@@ -122,13 +127,31 @@ def seg_scale(src, dst, lo, hi, coef, inplace):  # type: ignore[no-untyped-def]
         return
     d = dst[lo:hi]
     c = np.float64(coef)
-    if inplace:  # read and write ``dst`` only: ``src`` may be a read-only view
+    cw = coef_like(c, d[0])
+    if normal_in_type(cw, c):
+        if inplace:  # read and write ``dst`` only: ``src`` may be a read-only view
+            for i in range(d.size):
+                d[i] = narrow(widen(d[i]) * cw, d[i])
+        else:
+            s = src[lo:hi]
+            for i in range(s.size):
+                d[i] = narrow(widen(s[i]) * cw, d[i])
+    elif inplace:
         for i in range(d.size):
             d[i] = narrow(widen(d[i]) * c, d[i])
     else:
         s = src[lo:hi]
         for i in range(s.size):
             d[i] = narrow(widen(s[i]) * c, d[i])
+
+
+@njit(error_model="numpy", fastmath=FASTMATH, cache=False, inline="always")
+def normal_in_type(cw, c):  # type: ignore[no-untyped-def]
+    """Whether the coefficient ``c``, as ``cw`` in the data's arithmetic type, kept its
+    value to within rounding: equal (float64 data, 0, inf, NaN) or a normal
+    float32 (no flush to 0 or inf, no subnormal loss of digits)."""
+    a = abs(np.float64(cw))
+    return cw == c or c != c or (a >= 1.1754943508222875e-38 and a <= 3.4028234663852886e38)
 
 
 @njit(error_model="numpy", fastmath=FASTMATH, cache=False)
