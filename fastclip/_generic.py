@@ -175,6 +175,26 @@ def _check_writeable(x: Any, what: str) -> None:
         )
 
 
+def _check_all_writeable(arrays: list[Any], what: str) -> None:
+    """Every target of a many-array in-place call can be written, checked before the
+    first write: the flag alone is not enough (an array-api-strict array over a
+    read-only or broadcast NumPy buffer reports itself writeable), so one element
+    of each is written back with its own value, which changes no byte."""
+    for a in arrays:
+        _check_writeable(a, what)
+    for k, a in enumerate(arrays):
+        if math.prod(a.shape) == 0:
+            continue
+        first = (0,) * len(a.shape)
+        try:
+            a[first] = a[first]
+        except Exception as exc:  # the library's own refusal, whatever its type
+            raise ValueError(
+                f"{what}_ cannot write array {k} ({type(exc).__name__}: {exc}); nothing was "
+                f"modified. {out_of_place_hint(what)}"
+            ) from exc
+
+
 def _scaled(xp: Any, x: Any, coef: Any) -> Any:
     """x * coef with the coefficient and the product in float64 (where the namespace
     computes in it), the product rounded once to x's dtype.
@@ -231,8 +251,7 @@ def clip_global(
 ) -> tuple[list[Any], Any]:
     xp = _xp(arrays[0])
     if inplace:
-        for a in arrays:
-            _check_writeable(a, "clip_by_global_norm")
+        _check_all_writeable(arrays, "clip_by_global_norm")
     norm_value = global_norm(arrays, pcode, p)
     if total_norm is not None:
         norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
@@ -301,7 +320,7 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
 @_quiet
 def scale_(arrays: list[Any], factor: float) -> None:
     xp = _xp(arrays[0])
-    for a in arrays:
-        _check_writeable(a, "scale")
-    for a in arrays:
-        a[...] = _scaled(xp, a, xp.asarray(factor, device=aac.device(a)))
+    _check_all_writeable(arrays, "scale")
+    outs = [_scaled(xp, a, xp.asarray(factor, device=aac.device(a))) for a in arrays]
+    for a, o in zip(arrays, outs):
+        a[...] = o
