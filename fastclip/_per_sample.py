@@ -447,6 +447,7 @@ def _cpu_path(
         else:
             out = _new(lib, x, tuple(x.shape[1:]))
             dst = lib.storage(out).reshape(-1)
+            f, out_scale = _factors_in_range(f, scale, wide)
             if x2.size:
                 _driver.run_with(
                     functools.partial(psk.kernel, "weighted_sum"),
@@ -454,13 +455,31 @@ def _cpu_path(
                     x2,
                     f,
                     dst,
-                    scale,
+                    out_scale,
                     COL_TILE,
                     ROW_BLOCK,
                 )
         outs.append(out)
     ndt = np.dtype(np.float64 if wide else np.float32)
     return outs, lib.wrap(norms, ndt, items[0]), clipped
+
+
+def _factors_in_range(f: np.ndarray, scale: float, wide: bool) -> tuple[np.ndarray, float]:
+    """Factors the weighted sum can take in float32, and the float64 output scale.
+
+    The weighted sum multiplies 32- and 16-bit rows by float32 factors; a factor
+    below float32's normal range (samples of norm 1e30 clipped to 1e-30: 1e-60)
+    would flush to 0 although every product is representable.  Dividing the
+    factors by a power of two near their largest, and multiplying the output's
+    float64 scale by it, is exact and keeps the largest factors in range.
+    """
+    if wide or not f.size:
+        return f, scale
+    top = float(np.max(f))
+    if not (0.0 < top < 2.0**-60):  # in range already (or 0, NaN, inf: nothing to gain)
+        return f, scale
+    _, e = np.frexp(top)
+    return np.ldexp(f, -e), scale * math.ldexp(1.0, int(e))
 
 
 # ------------------------------------------------------------- generic path

@@ -452,3 +452,30 @@ def test_native_byte_order_spelled_explicitly_still_works():
         np.testing.assert_allclose(fastclip.clip_by_norm(x, 1.0), ref.clip_by_norm(data, 1.0))
     fixed = data.astype(">f8").astype(np.dtype(">f8").newbyteorder("="))
     np.testing.assert_allclose(fastclip.norm(fixed), 5.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", None])
+def test_per_sample_tiny_factors_are_not_flushed(reduce):
+    """float32 samples of norm ~1e30 clipped to 1e-30: the factor (~1e-60) is below
+    float32's range but the clipped values are representable and must not come
+    out 0 (the factor used to be rounded to float32 first).  float16 cannot show
+    it: its products underflow long before a float32 factor does."""
+    dtype, big, c = "float32", 1e30, 1e-30
+    grads = [(np.linspace(0.5, 1.5, 2 * 3).reshape(2, 3) * big).astype(dtype)]
+    got = fastclip.clip_per_sample(grads, c, reduce=reduce)
+    g64 = grads[0].astype(np.float64)
+    norms = np.sqrt((g64**2).sum(axis=1))
+    f = np.minimum(1.0, c / (norms + 1e-6))
+    want = g64 * f[:, None]
+    if reduce == "sum":
+        want = want.sum(axis=0)
+    elif reduce == "mean":
+        want = want.mean(axis=0)
+    out = got.grads[0].astype(np.float64)
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    with np.errstate(under="ignore"):
+        expected = want.astype(dtype).astype(np.float64)
+    np.testing.assert_allclose(
+        out, expected, rtol=2e-2 if dtype == "float16" else 1e-6, atol=2 * tiny
+    )
+    assert np.all(out != 0) or np.all(expected == 0)
