@@ -297,8 +297,9 @@ def test_clip_by_global_norm_contract(
     # The norm is as precise as its least precise input (float32 blocks for float32).
     wide = all(np.asarray(x).dtype.char in "dD" for x in xs)  # float64 / complex128 only
     _assert_matches(norm_got, total, np.asarray(norm_got).dtype, rtol=None if wide else 3e-5)
-    for out, w, x in zip(outs, want, xs):
-        _assert_matches(out, w, _result_dtype(np.asarray(x)))
+    for out, w, x in zip(outs, want, xs):  # one coefficient: the norm's precision
+        dt = _result_dtype(np.asarray(x))
+        _assert_matches(out, w, dt, rtol=None if wide or dt.char not in "dD" else 3e-5)
 
 
 @given(xo=array_lists(), factor=st.sampled_from([0.0, 0.5, 2.0, 1e-30, -1.0, math.nan, 10**400]))
@@ -552,8 +553,9 @@ def test_torch_clip_grad_norm_contract(tos: Any, max_norm: float, norm_type: flo
     want, total = ref.clip_by_global_norm(g64, max_norm, norm_type, 1e-6)
     least = min(grads, key=lambda g: g.element_size()).dtype  # the norm's precision
     _assert_close_t(got, torch.from_numpy(np.asarray(total, np.float64)), least)
-    for g, w in zip(grads, want):
-        _assert_close_t(g, torch.from_numpy(w))
+    for g, w in zip(grads, want):  # one coefficient: the norm's precision
+        wider = least if g.element_size() > torch.tensor([], dtype=least).element_size() else None
+        _assert_close_t(g, torch.from_numpy(w), wider)
 
 
 def _assert_close_t(got: Any, want64: Any, precision: Any = None) -> None:
@@ -655,9 +657,10 @@ def test_fused_optimizer_refusal_changes_nothing(
             assert _state_equal_t(opt.state_dict(), state), "a refused step changed the state"
             continue
         assert not {"complex64", "shared"} & set(kinds), f"stepped parameters {kinds}"
-        if i == 0:
+        if i == 0:  # a clip coefficient is as precise as the least precise gradient
+            least = min((p.dtype for p in params), key=lambda d: torch.finfo(d).bits)
             for p, want in zip(params, reference):
-                _assert_close_t(p.detach(), want)
+                _assert_close_t(p.detach(), want, least if max_norm is not None else None)
 
 
 def _torch_reference_step(params: list[Any], adamw: bool, kw: dict[str, Any]) -> list[Any]:
