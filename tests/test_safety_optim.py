@@ -358,3 +358,23 @@ def test_nonfinite_error_refusal_leaves_state() -> None:
             opt.step()
         assert _snapshot(opt, [*good, *_grads(good)]) == before
         assert not any(opt.state.get(p) for p in good)
+
+
+def test_fused_steps_keep_coefficients_below_float32_range() -> None:
+    """float32 gradients of 1e30 clipped to 1e-30: the factor (~6e-61) is below
+    float32's range but the clipped gradients (~6e-31) are not; they must reach
+    the update (they used to be flushed to 0 with the factor)."""
+    g = [np.full(3, 1e30, np.float32)]
+    c = 1e-30
+    g64 = g[0].astype(np.float64) * (c / (np.sqrt(3) * 1e30 + 1e-6))
+    p = [np.zeros(3, np.float32)]
+    sgd_step_(p, g, lr=1.0, max_norm=c)
+    np.testing.assert_allclose(p[0], (-g64).astype(np.float32), rtol=1e-6)
+    p, m, v = [np.zeros(3, np.float32)], [np.zeros(3, np.float32)], [np.zeros(3, np.float32)]
+    adamw_step_(p, g, m, v, step=1, lr=0.1, max_norm=c)
+    want_p, want_m, _, _ = reference.adamw_step(
+        np.zeros(3), g64, np.zeros(3), np.zeros(3), None, 1, 0.1, 0.9, 0.999, 1e-8, 0.01, 1.0
+    )
+    np.testing.assert_allclose(m[0], want_m.astype(np.float32), rtol=1e-6)
+    assert np.all(m[0] != 0)
+    np.testing.assert_allclose(p[0], want_p.astype(np.float32), rtol=1e-5)

@@ -92,7 +92,10 @@ class NumpyLib:
 
     @staticmethod
     def wrap(values: Any, dtype: np.dtype, like: Any) -> np.ndarray:
-        return np.asarray(values, dtype=dtype)
+        # A float64 norm beyond float32's range is inf in a float32 result, as
+        # documented (complex64 data of 3e38): not a warning the caller caused.
+        with np.errstate(over="ignore"):
+            return np.asarray(values, dtype=dtype)
 
     @staticmethod
     def touched(arrays: list[Any]) -> None:

@@ -35,7 +35,7 @@ from numba.extending import intrinsic
 
 from ._elements import coef_like, narrow, widen
 from ._intrinsics import address_as_pointer
-from ._kernels import chunk_starts
+from ._kernels import chunk_starts, normal_in_type
 
 
 @intrinsic
@@ -87,6 +87,10 @@ def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
     """
     x = p[0]
     c = coef_like(coef, x)
+    # A factor float32 would flush (1e30 gradients clipped to 1e-30: 1e-60) is
+    # applied in float64 and the product rounded once; otherwise torch's float32
+    # arithmetic is kept (bit-parity with torch.optim after clip_grad_norm_).
+    exact = normal_in_type(c, coef)
     decay = coef_like(hp[A_DECAY], x)
     w1 = coef_like(hp[A_W1], x)
     b2 = coef_like(hp[A_BETA2], x)
@@ -97,7 +101,7 @@ def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
     small = hp[A_W1] < 0.5
     w1m = w1 - coef_like(1.0, x)
     for i in range(p.size):
-        gi = widen(g[i]) * c
+        gi = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
         mi = widen(m[i])
         if small:
             mi = fma(w1, gi - mi, mi)
@@ -117,6 +121,10 @@ def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-de
     """As ``seg_adamw`` with amsgrad: vmax = maximum(vmax, v), used in the denominator."""
     x = p[0]
     c = coef_like(coef, x)
+    # A factor float32 would flush (1e30 gradients clipped to 1e-30: 1e-60) is
+    # applied in float64 and the product rounded once; otherwise torch's float32
+    # arithmetic is kept (bit-parity with torch.optim after clip_grad_norm_).
+    exact = normal_in_type(c, coef)
     decay = coef_like(hp[A_DECAY], x)
     w1 = coef_like(hp[A_W1], x)
     b2 = coef_like(hp[A_BETA2], x)
@@ -127,7 +135,7 @@ def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-de
     small = hp[A_W1] < 0.5
     w1m = w1 - coef_like(1.0, x)
     for i in range(p.size):
-        gi = widen(g[i]) * c
+        gi = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
         mi = widen(m[i])
         if small:
             mi = fma(w1, gi - mi, mi)
@@ -155,6 +163,10 @@ def seg_sgd(p, g, buf, coef, hp):  # type: ignore[no-untyped-def]
     """
     x = p[0]
     c = coef_like(coef, x)
+    # A factor float32 would flush (1e30 gradients clipped to 1e-30: 1e-60) is
+    # applied in float64 and the product rounded once; otherwise torch's float32
+    # arithmetic is kept (bit-parity with torch.optim after clip_grad_norm_).
+    exact = normal_in_type(c, coef)
     wd = coef_like(hp[S_WD], x)
     mom = coef_like(hp[S_MOMENTUM], x)
     damp1 = coef_like(hp[S_DAMP1], x)
@@ -166,16 +178,18 @@ def seg_sgd(p, g, buf, coef, hp):  # type: ignore[no-untyped-def]
         if use_wd:
             for i in range(p.size):
                 pi = widen(p[i])
-                gi = fma(pi, wd, widen(g[i]) * c)
+                gw = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
+                gi = fma(pi, wd, gw)
                 p[i] = narrow(fma(gi, neg_lr, pi), p[i])
         else:
             for i in range(p.size):
                 pi = widen(p[i])
-                p[i] = narrow(fma(widen(g[i]) * c, neg_lr, pi), p[i])
+                gw = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
+                p[i] = narrow(fma(gw, neg_lr, pi), p[i])
         return
     for i in range(p.size):
         pi = widen(p[i])
-        gi = widen(g[i]) * c
+        gi = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
         if use_wd:
             gi = fma(pi, wd, gi)
         if mode == 1:
