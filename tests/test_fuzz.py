@@ -416,6 +416,8 @@ def test_adamw_step_contract(
     if not math.isfinite(float(total)) and nonfinite == "skip":
         assert _snapshot(everything) == before
         return
+    if dtype == "<f4" and max(float(np.max(np.abs(g))) for g in g64) * coef > 1e18:
+        return  # AdamW's g * g overflows float32 here, in torch.optim as in fastclip
     for p, pw, gw, m, v in zip(params, p64, g64, ms, vs):
         with np.errstate(all="ignore"):  # the oracle's g * g overflows for 1e200
             want = ref.adamw_step(

@@ -479,3 +479,15 @@ def test_per_sample_tiny_factors_are_not_flushed(reduce):
         out, expected, rtol=2e-2 if dtype == "float16" else 1e-6, atol=2 * tiny
     )
     assert np.all(out != 0) or np.all(expected == 0)
+
+
+@pytest.mark.parametrize("ord", [1, 2, 3, math.inf])
+def test_complex64_magnitudes_beyond_float32_are_not_inf(ord):
+    """|3e38 + 3e38j| = 4.2e38 is beyond float32: the magnitude is taken in float64
+    (it overflowed to inf in complex64, and normalize then returned 0)."""
+    x = np.array([3e38 + 3e38j, 1e38j], np.complex64)
+    want = ref.normalize(x, ord)
+    np.testing.assert_allclose(fastclip.normalize(x, ord), want.astype(np.complex64), rtol=1e-6)
+    got, _ = fastclip.clip_by_global_norm([x], 1e-30, ord, eps=0.0)
+    want_c, _ = ref.clip_by_global_norm([x], 1e-30, ord, eps=0.0)
+    np.testing.assert_allclose(got[0], want_c[0].astype(np.complex64), rtol=1e-6, atol=1e-44)

@@ -74,6 +74,12 @@ def abs1(w):  # type: ignore[no-untyped-def]
     raise NotImplementedError  # pragma: no cover
 
 
+def abs64(w):  # type: ignore[no-untyped-def]
+    """|w| of a widened value, in float64 (complex64 is widened to complex128 first:
+    |3e38 + 3e38j| = 4.2e38 overflows float32, and the norm came out inf)."""
+    raise NotImplementedError  # pragma: no cover
+
+
 def _is32(t: types.Type) -> bool:
     return t in (types.float32, types.uint16, types.int16, types.complex64)
 
@@ -156,3 +162,10 @@ def _abs2(w):  # type: ignore[no-untyped-def]
 @overload(abs1, inline="always")
 def _abs1(w):  # type: ignore[no-untyped-def]
     return lambda w: abs(w)
+
+
+@overload(abs64, inline="always")
+def _abs64(w):  # type: ignore[no-untyped-def]
+    if isinstance(w, types.Complex):
+        return lambda w: abs(np.complex128(w))
+    return lambda w: abs(np.float64(w))

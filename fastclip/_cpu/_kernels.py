@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from ._elements import abs1, abs2, acc_limit, acc_tiny, acc_zero, coef_like, narrow, widen
+from ._elements import abs1, abs2, abs64, acc_limit, acc_tiny, acc_zero, coef_like, narrow, widen
 from ._intrinsics import address_as_pointer, load_int32, load_int64
 
 BLOCK = 4096  # float32 partial-sum block (error ~2e-10 rel. on 6.4e7 elements)
@@ -48,7 +48,7 @@ def _block_sum_p(b, pcode, p, inv):  # type: ignore[no-untyped-def]
     else:
         acc64 = 0.0
         for i in range(b.size):
-            acc64 += (np.float64(abs1(widen(b[i]))) * inv) ** p
+            acc64 += (abs64(widen(b[i])) * inv) ** p
         return acc64
     if acc <= acc_limit(b[0]) and (pcode != 2 or acc >= acc_tiny(b[0])):
         return np.float64(acc)
@@ -58,11 +58,11 @@ def _block_sum_p(b, pcode, p, inv):  # type: ignore[no-untyped-def]
     acc64 = 0.0
     if pcode == 2:
         for i in range(b.size):
-            v = np.float64(abs1(widen(b[i])))  # widen before squaring
+            v = abs64(widen(b[i]))  # widen before squaring
             acc64 += v * v
     else:
         for i in range(b.size):
-            acc64 += np.float64(abs1(widen(b[i])))
+            acc64 += abs64(widen(b[i]))
     return acc64
 
 
@@ -76,7 +76,7 @@ def seg_pow_sum(a, lo, hi, pcode, p, inv):  # type: ignore[no-untyped-def]
         m = 0.0
         nan = False
         for i in range(seg.size):
-            v = np.float64(abs1(widen(seg[i])))
+            v = abs64(widen(seg[i]))
             if v > m:
                 m = v
             if v != v:
@@ -364,14 +364,14 @@ def cols_pow_sum(x, pcode, p, inv, tile):  # type: ignore[no-untyped-def]
             row = x[r, lo:hi]
             if pcode == 2:
                 for j in range(row.size):
-                    v = np.float64(abs1(widen(row[j])))
+                    v = abs64(widen(row[j]))
                     acc[j] += v * v
             elif pcode == 1:
                 for j in range(row.size):
-                    acc[j] += np.float64(abs1(widen(row[j])))
+                    acc[j] += abs64(widen(row[j]))
             else:
                 for j in range(row.size):
-                    acc[j] += (np.float64(abs1(widen(row[j]))) * sc[j]) ** p
+                    acc[j] += (abs64(widen(row[j])) * sc[j]) ** p
     return out
 
 

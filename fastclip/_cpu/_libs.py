@@ -153,7 +153,8 @@ class TorchLib:
     @staticmethod
     def wrap(values: Any, dtype: np.dtype, like: Any) -> Any:
         torch = sys.modules["torch"]
-        return torch.from_numpy(np.asarray(values, dtype=dtype))
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as NumpyLib.wrap
+            return torch.from_numpy(np.asarray(values, dtype=dtype))
 
     @staticmethod
     def touched(arrays: list[Any]) -> None:
