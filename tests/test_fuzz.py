@@ -413,8 +413,20 @@ def test_adamw_step_contract(
         assert _snapshot(everything) == before, "a refused step changed its inputs"
         return
     coef = 1.0 if max_norm is None else float(ref.coefficient(total, max_norm, 1e-6))
-    if not math.isfinite(float(total)) and nonfinite == "skip":
+    # "skip" is about the clipping norm: without max_norm no norm is taken.
+    if max_norm is not None and not math.isfinite(float(total)) and nonfinite == "skip":
         assert _snapshot(everything) == before
+        return
+    if not all(math.isfinite(float(h)) for h in (lr, b1, b2, wd)):
+        # An infinite learning rate: which non-finite value (inf or NaN) an element
+        # gets depends on the order of operations; that it is non-finite does not.
+        with np.errstate(all="ignore"):
+            want = [
+                ref.adamw_step(pw, gw, 0 * pw, 0 * pw, None, 1, lr, b1, b2, 1e-8, wd, coef)[0]
+                for pw, gw in zip(p64, g64)
+            ]
+        for p, w in zip(params, want):
+            np.testing.assert_array_equal(np.isfinite(p), np.isfinite(w))
         return
     if dtype == "<f4" and max(float(np.max(np.abs(g))) for g in g64) * coef > 1e18:
         return  # AdamW's g * g overflows float32 here, in torch.optim as in fastclip

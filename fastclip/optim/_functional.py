@@ -451,7 +451,10 @@ def adamw_step_(
     nonfinite : {"propagate", "error", "skip"}
         A NaN/inf norm: scale by the non-finite coefficient as torch does
         (parameters become NaN), raise :class:`fastclip.NonFiniteNormError`
-        before any write, or leave every array untouched.
+        before any write, or leave every array untouched.  Only the clipping
+        norm (or a NaN/negative ``clip_coef``) counts: without ``max_norm`` or
+        ``clip_coef`` nothing is checked, and non-finite gradients step as in
+        torch.optim.
 
     Returns
     -------
