@@ -25,10 +25,9 @@ from ._api import (
     normalize_,
     scale_,
 )
-from ._dispatch import GPUUnavailableError
+from ._errors import CacheWarning, GPUUnavailableError, NonFiniteNormError
 from ._info import info
 from ._per_sample import PerSampleClipResult, clip_per_sample
-from ._validate import CacheWarning, NonFiniteNormError
 from ._version import __version__
 from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from . import _config, _dispatch, _generic
+from ._errors import out_of_place_hint
+from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients
+from ._formulas import clip_coefficient as _clip_coefficient
+from ._memory import check_disjoint, check_self_overlap
 from ._validate import check_axis, check_bounds, check_eps, check_max_norm, check_ord, scalar_value
 
 Array = Any
@@ -331,8 +335,6 @@ def _check_orderable(items: list[Any]) -> None:
 def _check_value_targets(route: str, lib: Any, items: list[Any]) -> None:
     """What clip_by_value_ checks for each array, for all of them before any is written."""
     if route == _dispatch.ROUTE_CPU:
-        from ._validate import check_self_overlap, out_of_place_hint
-
         views = []
         for a in items:
             if lib.name == "torch" and not a.is_cpu:
@@ -352,10 +354,8 @@ def _check_value_targets(route: str, lib: Any, items: list[Any]) -> None:
             if not sv.flags.c_contiguous:
                 check_self_overlap(sv.shape, sv.strides, "clip_by_value")
             views.append(sv)
-        _check_disjoint(views)
+        check_disjoint(views)
     elif route == _dispatch.ROUTE_GPU:
-        from ._validate import check_self_overlap
-
         for a in items:
             if lib.is_float(a) and lib.kind(a) is None:
                 raise TypeError(f"clip_by_value on the GPU does not support {a.dtype}")
@@ -364,21 +364,6 @@ def _check_value_targets(route: str, lib: Any, items: list[Any]) -> None:
     elif route == _dispatch.ROUTE_GENERIC:
         for a in items:
             _generic._check_writeable(a, "clip_by_value")
-
-
-def _check_disjoint(views: list[np.ndarray]) -> None:
-    """ValueError when two arrays of an in-place list share memory (clamped twice)."""
-    if len(views) < 2:
-        return
-    bounds = [np.lib.array_utils.byte_bounds(v) if v.size else (0, 0) for v in views]
-    starts = np.array([b[0] for b in bounds], np.int64)
-    ends = np.array([b[1] for b in bounds], np.int64)
-    pair = _cpu().shared_pair(starts, ends, views)
-    if pair is not None:
-        raise ValueError(
-            f"arrays {pair[0]} and {pair[1]} of this in-place call share memory. Pass each "
-            "piece of memory once."
-        )
 
 
 # ------------------------------------------------------------- norm clipping
@@ -601,7 +586,7 @@ def _small_norm(x: Any, ord: Any) -> Any:
     if pcode != 2:
         return np.asarray(total, dtype=dtype)
     # float32 squares cannot over/underflow a float64 sum; float64 ones can
-    if dtype == _F64 and not driver._SAFE_LO < total < driver._SAFE_HI:
+    if dtype == _F64 and not SAFE_LO < total < SAFE_HI:
         return None
     return np.asarray(math.sqrt(total), dtype=dtype)
 
@@ -747,20 +732,14 @@ def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any
         n = scalar_value(total_norm, "total_norm")
         if n < 0:
             raise ValueError(f"total_norm must be >= 0 (or NaN/inf), got {n}")
-        r = c / (n + eps_v) if (n + eps_v) != 0 else math.inf
-        return 1.0 if r >= 1.0 else r
+        return _clip_coefficient(c, n, eps_v)
     import array_api_compat as aac
 
     if not aac.is_array_api_obj(total_norm) or isinstance(total_norm, bool):
         raise TypeError(
             f"total_norm must be a real number or an array, got {type(total_norm).__name__}"
         )
-    xp = aac.array_namespace(total_norm)
-    with np.errstate(divide="ignore", invalid="ignore"):  # NumPy-backed namespaces
-        den = total_norm + eps_v
-        r = c / den
-        one = xp.ones_like(r)
-        return xp.where((r >= one) | (den == 0), one, r)  # 0 / 0 (zero norm, eps=0): 1
+    return clip_coefficients(total_norm, c, eps_v, xp=aac.array_namespace(total_norm))
 
 
 def scale_(arrays: ArrayOrArrays, factor: Any) -> None:

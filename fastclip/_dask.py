@@ -47,7 +47,8 @@ import numpy as np
 
 from ._cpu import _driver
 from ._cpu._libs import NumpyLib, norm_dtype, refuse_dtype
-from ._validate import NonFiniteNormError
+from ._errors import NonFiniteNormError, nonfinite_message
+from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients, needs_rescale, pow2_inverse, root
 
 _FLOATS = frozenset(
     np.dtype(t) for t in (np.float16, np.float32, np.float64, np.complex64, np.complex128)
@@ -146,14 +147,14 @@ def _block_pairs(
     totals = pow_sums(pcode, None)
     m = np.where(totals == 0.0, 0.0, 1.0)
     s = totals
-    bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))  # 0 may be underflow
+    bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))  # 0 may be underflow
     if bad.any():
         maxes = pow_sums(0, None)
         fix = bad & (maxes > 0.0) & (maxes < math.inf)
         if fix.any():
             # A power-of-two scale, not 1 / max: that overflows for subnormal maxima
             # (see ``_driver.pow2_inverse``); the pair's m is then 1 / inv, exactly.
-            inv = np.where(fix, _driver.pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
+            inv = np.where(fix, pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
             scaled = pow_sums(3, inv.reshape(-1) if plan is not None else inv)
             m = np.where(fix, 1.0 / inv, m)
             s = np.where(fix, scaled, s)
@@ -179,7 +180,7 @@ def _combine_pairs(
 
 def _pairs_norm(pairs: np.ndarray, pcode: int, p: float) -> np.ndarray:
     with np.errstate(all="ignore"):
-        return np.asarray(pairs["m"] * _driver._root(pairs["s"], 3, p), np.float64)
+        return np.asarray(pairs["m"] * root(pairs["s"], 3, p), np.float64)
 
 
 def _combine_root_pairs(
@@ -198,7 +199,7 @@ def _combine_root_pairs(
 def _uses_pairs(arrays: list[Any], pcode: int) -> bool:
     """Pairs where the NumPy route would rescale (float64 L2, any other p)."""
     wide = any(_out_dtype(a) == np.float64 for a in arrays)
-    return _driver._needs_rescale(pcode, wide)
+    return needs_rescale(pcode, wide)
 
 
 def _combine(parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int) -> np.ndarray:
@@ -211,11 +212,11 @@ def _aggregate(
     parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float
 ) -> np.ndarray:
     with np.errstate(all="ignore"):
-        return np.asarray(_driver._root(_combine(parts, axis, keepdims, pcode), pcode, p))
+        return np.asarray(root(_combine(parts, axis, keepdims, pcode), pcode, p))
 
 
 def _coefficients(norms: np.ndarray, max_norm: float, eps: float, mode: str) -> np.ndarray:
-    return np.asarray(_driver._coefficients(norms, max_norm, eps, mode), np.float64)
+    return np.asarray(clip_coefficients(norms, max_norm, eps, mode), np.float64)
 
 
 def _scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
@@ -468,10 +469,7 @@ def clip_global(
         # The error must come before anything is returned or rebound: compute the norm now.
         value = float(norm64.compute())
         if not math.isfinite(value):
-            raise NonFiniteNormError(
-                f"the total norm is non-finite ({value}), so the arrays were not clipped; "
-                "pass error_if_nonfinite=False to scale them by it anyway"
-            )
+            raise NonFiniteNormError(nonfinite_message(value))
         norm64 = da.asarray(np.float64(value))
     coef = _coefficient_of(norm64, max_norm, eps, "clip")
     outs = [_scaled(a, coef, None) for a in arrays]

@@ -26,20 +26,12 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
+from ._errors import GPUUnavailableError
+
 ROUTE_CPU = "numba-cpu"
 ROUTE_GPU = "cupy-gpu"
 ROUTE_GENERIC = "array-api"
 ROUTE_DASK = "dask"
-
-GPU_MESSAGE = (
-    "this fastclip function has no GPU kernels yet (fastclip never copies device arrays "
-    "to the host silently). Move the data to the CPU yourself (e.g. tensor.cpu(), "
-    "cupy.asnumpy(a))."
-)
-
-
-class GPUUnavailableError(RuntimeError):
-    """A device array reached fastclip but its GPU route (CuPy) cannot run here."""
 
 
 def check_gpu_available() -> None:
@@ -215,9 +207,3 @@ def is_dask_array(x: Any) -> bool:
         return library_of(x) == "dask"
     except TypeError:
         return False
-
-
-def check_not_gpu(route: str) -> None:
-    """For functions without GPU kernels (the fused optimizers): NotImplementedError."""
-    if route == ROUTE_GPU:
-        raise NotImplementedError(GPU_MESSAGE)

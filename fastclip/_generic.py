@@ -15,7 +15,8 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._validate import NonFiniteNormError, out_of_place_hint
+from ._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
+from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients
 
 
 def _xp(x: Any) -> Any:
@@ -90,10 +91,9 @@ def _root(xp: Any, total: Any, pcode: int, p: float) -> Any:
     return total ** (1.0 / p)
 
 
-# Power sums outside this range may have lost precision to float64 under- or
-# overflow; the norm is then taken as m * (sum (|x| / m)^p)^(1/p), m = max |x|
-# (the same rule and range as the Numba route's ``robust_norm``).
-_SAFE_LO, _SAFE_HI = 1e-280, 1e280
+# Power sums outside (SAFE_LO, SAFE_HI) may have lost precision to float64 under-
+# or overflow; the norm is then taken as m * (sum (|x| / m)^p)^(1/p), m = max |x|
+# (the rule and range of ``_formulas.robust_norm``).
 
 
 def _needs_rescale(xp: Any, arrays: Sequence[Any], pcode: int) -> bool:
@@ -118,7 +118,7 @@ def _robust_norms(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] |
     safe = xp.where(ok, m, xp.ones_like(m))
     ratio = a / xp.reshape(safe, xp.max(a, axis=axes, keepdims=True).shape)
     scaled = _root(xp, xp.sum(ratio**p, axis=axes), 3, p) * safe
-    bad = ~((total > _SAFE_LO) & (total < _SAFE_HI))
+    bad = ~((total > SAFE_LO) & (total < SAFE_HI))
     return xp.where(bad & ok, scaled, value)
 
 
@@ -152,19 +152,9 @@ def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
         ok = (m > 0.0) & (m < math.inf)
         safe = xp.where(ok, m, xp.ones_like(m))
         s = xp.sum(xp.stack([xp.sum((a / safe) ** p) for a in wide]))
-        bad = ~((total > _SAFE_LO) & (total < _SAFE_HI))
+        bad = ~((total > SAFE_LO) & (total < SAFE_HI))
         value = xp.where(bad & ok, _root(xp, s, 3, p) * safe, value)
     return xp.astype(value, dtype)
-
-
-def _coefficient(xp: Any, norms: Any, max_norm: float, eps: float, mode: str) -> Any:
-    if mode == "normalize":
-        return 1.0 / (norms + eps)
-    den = norms + eps
-    r = max_norm / den
-    one = xp.asarray(1.0, dtype=r.dtype, device=aac.device(r))
-    # NaN stays NaN (no branch on the value); a zero norm with eps=0 has nothing to clip
-    return xp.where((r >= one) | (den == 0), one, r)
 
 
 def _check_writeable(x: Any, what: str) -> None:
@@ -227,7 +217,7 @@ def rescale(
     if inplace:
         _check_writeable(x, what)
     norms = _robust_norms(xp, x, pcode, p, axes)
-    coef = _coefficient(xp, norms, max_norm, eps, mode)
+    coef = clip_coefficients(norms, max_norm, eps, mode, xp=xp)
     if axes is not None:
         shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
         coef = xp.reshape(coef, shape)
@@ -256,11 +246,8 @@ def clip_global(
     if total_norm is not None:
         norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
     if error_if_nonfinite and not math.isfinite(float(norm_value)):
-        raise NonFiniteNormError(
-            f"the total norm is non-finite ({float(norm_value)}), so the arrays were not "
-            "clipped; pass error_if_nonfinite=False to scale them by it anyway"
-        )
-    coef = _coefficient(xp, xp.astype(norm_value, _wide(xp)), max_norm, eps, "clip")
+        raise NonFiniteNormError(nonfinite_message(float(norm_value)))
+    coef = clip_coefficients(xp.astype(norm_value, _wide(xp)), max_norm, eps, xp=xp)
     outs = [_scaled(xp, a, coef) for a in arrays]
     if inplace:
         for a, o in zip(arrays, outs):

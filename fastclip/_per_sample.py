@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _dispatch
+from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients, needs_rescale, robust_norm, root
 from ._validate import check_eps, check_max_norm, check_ord
 
 __all__ = ["PerSampleClipResult", "clip_per_sample"]
@@ -278,23 +279,6 @@ def _check_cpu_items(lib: Any, items: list[Any]) -> None:
 # ------------------------------------------------------------- shared maths
 
 
-def _factors(norms: np.ndarray, bounds: np.ndarray, eps: float) -> np.ndarray:
-    """min(1, C / (n + eps)) in float64; 1 for zero norms, NaN for NaN norms."""
-    with np.errstate(all="ignore"):
-        r = bounds / (norms + eps)
-        f = np.where(r >= 1.0, 1.0, r)
-        return np.where(norms == 0.0, 1.0, f)
-
-
-def _root(total: np.ndarray, pcode: int, p: float) -> np.ndarray:
-    if pcode in (0, 1):
-        return total
-    if pcode == 2:
-        return np.sqrt(total)
-    with np.errstate(all="ignore"):
-        return np.power(total, 1.0 / p)
-
-
 def _norms_and_factors(
     sums: np.ndarray,
     pcode: int,
@@ -310,17 +294,17 @@ def _norms_and_factors(
     power sums over/underflowed (``_robust_norms``).
     """
     if per_layer:
-        norms = _root(sums, pcode, p)
+        norms = root(sums, pcode, p)
         if fix is not None:
             fix(norms, sums)
-        factors = _factors(norms, bounds[:, None], eps)
+        factors = clip_coefficients(norms, bounds[:, None], eps)
         clipped = int(np.count_nonzero((factors < 1.0).any(axis=0)))
         return norms, factors, clipped
     total = _combine(sums, pcode)
-    norms = _root(total, pcode, p)
+    norms = root(total, pcode, p)
     if fix is not None:
         fix(norms, total)
-    f = _factors(norms, bounds[0], eps)
+    f = clip_coefficients(norms, bounds[0], eps)
     return norms, np.broadcast_to(f, sums.shape), int(np.count_nonzero(f < 1.0))
 
 
@@ -344,14 +328,13 @@ def _robust_norms(
     for every route).  None when ``pcode`` and the dtypes cannot leave the
     range (float32 L1/L2, the max-norm).
     """
-    from ._cpu import _driver
 
-    if not _driver._needs_rescale(pcode, wide):
+    if not needs_rescale(pcode, wide):
         return None
 
     def fix(norms: np.ndarray, totals: np.ndarray) -> None:
         with np.errstate(invalid="ignore"):
-            bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))
+            bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))
         if not bad.any():
             return
         maxes = np.zeros(totals.shape)
@@ -371,7 +354,7 @@ def _robust_norms(
             # what robust_norm asks first was already computed: no second pass for them
             known = {(pcode, p, 1.0): float(totals[index]), (0, p, 1.0): float(maxes[index])}
             pow_sum = _sample_pow_sum(rows_pow_sum, parts_k, int(index[-1]), known)
-            norms[index] = _driver.robust_norm(pow_sum, pcode, p, wide)
+            norms[index] = robust_norm(pow_sum, pcode, p, wide)
 
     return fix
 
@@ -527,9 +510,7 @@ def _generic_path(
         c = xp.asarray(bounds, dtype=wide)
         c = xp.reshape(c, (len(items), 1)) if per_layer else c[0]
         one = xp.ones_like(norms)
-        r = c / (norms + eps)
-        f = xp.where(r >= one, one, r)
-        f = xp.where(norms == 0, one, f)
+        f = clip_coefficients(norms, c, eps, xp=xp)
         below = f < one
         if per_layer:
             below = xp.any(below, axis=0)
@@ -566,9 +547,8 @@ def _generic_row_sums(xp: Any, g: Any, pcode: int, p: float, wide: Any) -> Any:
 def _fixed_on_host(xp: Any, fix: Any, norms: Any, totals: Any, device: Any) -> Any:
     """``fix`` applied to the generic route's norms: one host read to test the range,
     and only when a sample is out of it, every power sum read back (small: [n, B])."""
-    from ._cpu import _driver
 
-    bad = ~((totals > _driver._SAFE_LO) & (totals < _driver._SAFE_HI))
+    bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))
     if not bool(xp.any(bad)):
         return norms
     shape = tuple(totals.shape)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
+from ._hparams import adamw_hparams, sgd_hparams
+from ._validate import check_max_norm, check_nonfinite, check_ord
 from .optim import _functional as F
 
 __all__ = ["ClippedOptimizer", "FusedAdamW", "FusedSGD"]
@@ -34,11 +36,11 @@ class _FusedBase(Optimizer):
 
     def _setup_clip(self, max_norm: float | None, norm_type: float, nonfinite: str) -> None:
         if max_norm is not None:
-            F.check_max_norm(max_norm)
-        F.check_ord(norm_type)
+            check_max_norm(max_norm)
+        check_ord(norm_type)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.norm_type = float(norm_type)
-        self.nonfinite = F.check_nonfinite(nonfinite)
+        self.nonfinite = check_nonfinite(nonfinite)
         self.last_total_norm = None
         self.last_step_skipped = False
 
@@ -364,7 +366,7 @@ class FusedAdamW(_FusedBase):
             for i, value in zip(olds_at, values):
                 counts[i] = value
         beta1, beta2 = (float(b) for b in group["betas"])
-        hp = F.adamw_hparams(
+        hp = adamw_hparams(
             counts,
             float(group["lr"]),
             beta1,
@@ -465,7 +467,7 @@ class FusedSGD(_FusedBase):
                     bufs.append(buf)
             if not ps:
                 continue
-            hp = F.sgd_hparams(
+            hp = sgd_hparams(
                 len(ps),
                 float(group["lr"]),
                 momentum,

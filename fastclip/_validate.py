@@ -8,6 +8,9 @@ from typing import Any
 
 from numpy.exceptions import AxisError
 
+from ._errors import NonFiniteNormError, out_of_place_hint
+from ._memory import check_self_overlap
+
 __all__ = [
     "AxisError",
     "NonFiniteNormError",
@@ -15,27 +18,15 @@ __all__ = [
     "check_bounds",
     "check_eps",
     "check_max_norm",
+    "check_nonfinite",
     "check_ord",
     "check_self_overlap",
+    "clip_mode",
+    "norm_args",
     "out_of_place_hint",
     "scalar_value",
     "too_large_message",
 ]
-
-
-class CacheWarning(RuntimeWarning):
-    """fastclip's on-disk kernel cache was unsafe, unreadable or unavailable.
-
-    The message says what was found and what fastclip did about it (a private
-    ``fastclip-<uid>`` folder, a recompiled entry, or no on-disk cache).
-    """
-
-
-class NonFiniteNormError(RuntimeError):
-    """The norm is NaN or inf and ``error_if_nonfinite=True`` was asked for.
-
-    A ``RuntimeError``, as ``torch.nn.utils.clip_grad_norm_`` raises.
-    """
 
 
 def scalar_value(value: Any, name: str, hint: str = "") -> float:
@@ -153,23 +144,31 @@ def check_bounds(min: Any, max: Any) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def check_self_overlap(shape: Any, strides: Any, what: str) -> None:
-    """ValueError for an in-place target whose elements share memory.
-
-    A stride of 0 over an axis longer than 1 (``expand``, ``broadcast_to``,
-    ``as_strided``) makes several elements one memory location: writing them
-    in place is ambiguous, and torch's own in-place ops refuse it.  Only
-    non-contiguous arrays can be such views, so callers check those only.
-    """
-    if any(n > 1 and s == 0 for n, s in zip(shape, strides)):
-        raise ValueError(
-            f"{what}_ got an array whose elements share memory (stride 0, as from expand "
-            f"or broadcast_to), which cannot be written in place; {out_of_place_hint(what)}"
-        )
+NONFINITE_POLICIES = ("propagate", "error", "skip")
 
 
-def out_of_place_hint(what: str) -> str:
-    """What to do instead of the in-place ``what_`` (``scale_`` has no twin)."""
-    if what == "scale":
-        return "scale a copy of it instead"
-    return f"use the out-of-place fastclip.{what}() instead"
+def check_nonfinite(policy: Any) -> str:
+    """The fused steps' and clippers' ``nonfinite`` policy, checked."""
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    return str(policy)
+
+
+def clip_mode(max_norm: Any, total_norm: Any, clip_coef: Any, what: str) -> str:
+    """The clip arguments' rules, shared by the CPU and GPU routes: ``"coef"``
+    (a given coefficient, exclusive of ``max_norm``/``total_norm``), ``"none"``
+    (no clipping) or ``"norm"`` (clip to ``max_norm``)."""
+    if clip_coef is not None:
+        if max_norm is not None or total_norm is not None:
+            raise ValueError(f"{what}: pass either clip_coef or max_norm (and total_norm)")
+        return "coef"
+    if max_norm is None:
+        if total_norm is not None:
+            raise ValueError(f"{what}: total_norm needs max_norm")
+        return "none"
+    return "norm"
+
+
+def norm_args(max_norm: Any, norm_type: Any, eps: Any) -> tuple[float, int, float, float]:
+    """Validated ``(max_norm, pcode, p, eps)`` for ``"norm"`` clipping."""
+    return (check_max_norm(max_norm), *check_ord(norm_type), check_eps(eps))

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from . import _api, _dispatch
+from ._memory import shared_pair
 from ._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord, scalar_value
 
 __all__ = ["AGC", "AutoClip", "GlobalNormClipper", "ZClip"]
@@ -240,8 +241,6 @@ def _check_writable(items: list[Any], what: str) -> None:
         views.append(view)
         index.append(i)
     if len(starts) > 1:
-        from ._cpu._driver import shared_pair
-
         pair = shared_pair(np.array(starts, np.int64), np.array(ends, np.int64), views)
         if pair is not None:
             raise ValueError(

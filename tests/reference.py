@@ -136,12 +136,12 @@ def clip_per_sample(
         bounds = np.broadcast_to(np.asarray(max_norm, np.float64), (len(g),))
         if per_layer:
             norms = sums if ord == math.inf else sums ** (1 / ord)
-            f = np.where(norms == 0, 1.0, np.minimum(1.0, bounds[:, None] / (norms + eps)))
+            f = np.where(norms + eps == 0, 1.0, np.minimum(1.0, bounds[:, None] / (norms + eps)))
             clipped = int((f < 1).any(axis=0).sum())
         else:
             tot = sums.max(axis=0) if ord == math.inf else sums.sum(axis=0)
             norms = tot if ord == math.inf else tot ** (1 / ord)
-            f1 = np.where(norms == 0, 1.0, np.minimum(1.0, bounds[0] / (norms + eps)))
+            f1 = np.where(norms + eps == 0, 1.0, np.minimum(1.0, bounds[0] / (norms + eps)))
             clipped = int((f1 < 1).sum())
             f = np.broadcast_to(f1, (len(g), b))
         outs = []

@@ -353,7 +353,7 @@ def _per_sample_oracle(g64: list[np.ndarray], c: float, ord: float) -> tuple[Any
     rows = [np.concatenate([g[i].reshape(-1) for g in g64]) for i in range(b)]
     norms = np.array([ref.norm(r, ord) for r in rows], np.float64)
     with np.errstate(all="ignore"):
-        f = np.where(norms == 0, 1.0, np.minimum(1.0, c / (norms + 1e-6)))
+        f = np.minimum(1.0, c / (norms + 1e-6))  # norms + 1e-6 > 0
         sums = [(g * f.reshape((b,) + (1,) * (g.ndim - 1))).sum(axis=0) for g in g64]
     return norms, sums
 

@@ -32,12 +32,12 @@ def opacus(grads, max_norm, per_layer=False, reduce="sum", eps=1e-6, ord=2.0):
         norms = per
         c = torch.tensor(np.broadcast_to(max_norm, (len(g),)).tolist(), dtype=torch.float64)
         f = (c.to(per.device)[:, None] / (norms + eps)).clamp(max=1.0)
-        f = torch.where(norms == 0, torch.ones_like(f), f)
+        f = torch.where(norms + eps == 0, torch.ones_like(f), f)
         clipped = int((f < 1).any(dim=0).sum())
     else:
         norms = torch.linalg.vector_norm(per, ord, dim=0)
         f1 = (max_norm / (norms + eps)).clamp(max=1.0)
-        f1 = torch.where(norms == 0, torch.ones_like(f1), f1)
+        f1 = torch.where(norms + eps == 0, torch.ones_like(f1), f1)
         clipped = int((f1 < 1).sum())
         f = f1.expand(len(g), b)
     outs = []

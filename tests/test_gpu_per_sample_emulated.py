@@ -87,9 +87,9 @@ def _root(v, pcode, p):
 
 def _factor(norm, bound, eps):
     with np.errstate(all="ignore"):
-        r = np.float64(bound) / (np.float64(norm) + eps)
-    f = 1.0 if r >= 1.0 else float(r)
-    return 1.0 if norm == 0.0 else f
+        den = np.float64(norm) + eps
+        r = np.float64(bound) / den
+    return 1.0 if (r >= 1.0 or den == 0.0) else float(r)
 
 
 LAUNCHES: list[tuple[str, tuple, tuple, tuple]] = []

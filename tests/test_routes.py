@@ -87,13 +87,6 @@ def test_route_of_real_arrays():
         _dispatch.route_of([1.0, 2.0])
 
 
-def test_check_not_gpu_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="GPU"):
-        _dispatch.check_not_gpu(_dispatch.ROUTE_GPU)
-    _dispatch.check_not_gpu(_dispatch.ROUTE_CPU)  # no error for the others
-    _dispatch.check_not_gpu(_dispatch.ROUTE_GENERIC)
-
-
 def _fake_cuda_tensor():
     """A real torch.Tensor subclass (torch's FakeTensor) that reports device cuda:0.
 

@@ -55,7 +55,7 @@ from numba import njit
 from numba.core import config as _numba_config
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 
-from .._validate import CacheWarning
+from .._errors import CacheWarning
 from . import _kernels
 
 #: Set to the reason when on-disk caching had to be disabled (reported by ``info()``).

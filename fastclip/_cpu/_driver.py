@@ -24,8 +24,18 @@ import numpy as np
 
 from .. import _config as cfg
 from .._dispatch import route_of_many
+from .._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
+from .._formulas import (
+    SAFE_HI,
+    SAFE_LO,
+    clip_coefficients,
+    needs_rescale,
+    pow2_inverse,
+    robust_norm,
+    root,
+)
 from .._generic import int_bound
-from .._validate import NonFiniteNormError, check_self_overlap, out_of_place_hint
+from .._memory import check_no_overlap, check_self_overlap, raise_first_overlap
 from . import _build
 from ._libs import NumpyLib, float_storage, lib_for, norm_dtype
 
@@ -158,15 +168,15 @@ class _Plan:
     def norms(self, pcode: int, p: float, wide: bool) -> np.ndarray:
         """Norm of every slice, rescaled by its max where power sums over/underflow."""
         totals = self.pow_sums(pcode, p)
-        values = _root(totals, pcode, p)
-        if _needs_rescale(pcode, wide):
-            bad = ~((totals > _SAFE_LO) & (totals < _SAFE_HI))
+        values = root(totals, pcode, p)
+        if needs_rescale(pcode, wide):
+            bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))
             if bad.any():
                 maxes = self.pow_sums(0, p)
                 fix = bad & (maxes > 0) & (maxes < math.inf)
                 if fix.any():
                     inv = np.where(fix, pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
-                    scaled = _root(self.pow_sums(3, p, inv), 3, p) / inv
+                    scaled = root(self.pow_sums(3, p, inv), 3, p) / inv
                     values = np.where(fix, scaled, values)
         return np.asarray(values, np.float64)
 
@@ -183,56 +193,6 @@ class _Plan:
             run("rows_scale", x2.size, x2, dst, coefs, dst is x2)
         else:
             run("cols_scale", x2.size, x2, dst, coefs, dst is x2, cfg.COL_TILE)
-
-
-def _root(total: Any, pcode: int, p: float) -> Any:
-    if pcode in (0, 1):
-        return total
-    if pcode == 2:
-        return np.sqrt(total)
-    return np.power(total, 1.0 / p)
-
-
-# Power sums outside this range may have lost precision to float64 under- or
-# overflow (float64 L2 of |x| < 1e-140 or > 1e140, any p > 0 at other ranges);
-# the norm is then recomputed as max|x| * (sum (|x| / max|x|)^p)^(1/p).
-_SAFE_LO, _SAFE_HI = 1e-280, 1e280
-
-
-def _needs_rescale(pcode: int, wide: bool) -> bool:
-    """float32 L1/L2 sums cannot leave the safe range; float64 L2 and any other p can."""
-    return pcode == 3 or (pcode == 2 and wide)
-
-
-def pow2_inverse(m: Any) -> Any:
-    """A power of two ``inv`` with ``m * inv`` near 1, for max-rescaling (elementwise).
-
-    ``1 / m`` itself is no good: for a subnormal ``m`` (float64 below 2.2e-308) it
-    overflows to inf, and the rescaled norm became inf (then clipping zeroed the
-    data).  ``inv = 2**k`` with ``k`` kept in [-1022, 1023] is finite, and so is
-    ``1 / inv``; both are exact, so scaling by them loses no bits.  ``m * inv`` lies
-    in [0.5, 1) except at the very ends of the range: down to 2**-51 for the
-    smallest subnormals (their squares, 2**-102, are still normal) and up to 4
-    next to float64's maximum.
-    """
-    _, e = np.frexp(m)
-    return np.ldexp(1.0, np.clip(-e, -1022, 1023))
-
-
-def robust_norm(pow_sum: Any, pcode: int, p: float, wide: bool) -> float:
-    """Norm from ``pow_sum(pcode, p, inv) -> float``, rescaled when it over/underflows.
-
-    ``pow_sum(pc, p, inv)`` returns ``sum (|x| * inv)**p`` for pc 3 (max |x| for
-    pc 0); the rescaled norm is ``(sum (|x| * inv)**p)**(1/p) / inv`` with ``inv``
-    a power of two from ``pow2_inverse`` (so it is finite even for subnormal data).
-    """
-    total = float(pow_sum(pcode, p, 1.0))
-    if _needs_rescale(pcode, wide) and not _SAFE_LO < total < _SAFE_HI:
-        m = float(pow_sum(0, p, 1.0))
-        if 0.0 < m < math.inf:
-            inv = float(pow2_inverse(m))
-            return float(_root(float(pow_sum(3, p, inv)), 3, p)) / inv
-    return float(_root(total, pcode, p))
 
 
 def _flat_norm(sv: np.ndarray, pcode: int, p: float) -> float:
@@ -259,16 +219,6 @@ def norm(
     if keepdims:
         values = values.reshape(tuple(1 if i in axes else s for i, s in enumerate(sv.shape)))
     return lib.wrap(values, dtype, x)
-
-
-def _coefficients(norms: np.ndarray, max_norm: float, eps: float, mode: str) -> np.ndarray:
-    """Clip: min(1, max_norm / (norm + eps)); normalize: 1 / (norm + eps).  NaN propagates."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if mode == "normalize":
-            return 1.0 / (norms + eps)
-        den = norms + eps
-        r = max_norm / den
-        return np.where((r >= 1.0) | (den == 0.0), 1.0, r)  # zero norm, eps=0: 1
 
 
 def rescale(
@@ -298,7 +248,7 @@ def rescale(
     else:
         plan = _Plan(sv, axes)
         values = plan.norms(pcode, p, dtype == np.float64)
-        plan.scale(_coefficients(values, max_norm, eps, mode), None if inplace else out_sv)
+        plan.scale(clip_coefficients(values, max_norm, eps, mode), None if inplace else out_sv)
         norms = lib.wrap(values.reshape(plan.kept_shape), dtype, x)
     if inplace:
         lib.touched([x])
@@ -319,7 +269,7 @@ def _clip_whole(
         )
     else:
         value = _flat_norm(src, pcode, p)
-        coef = float(_coefficients(np.float64(value), max_norm, eps, mode))
+        coef = float(clip_coefficients(np.float64(value), max_norm, eps, mode))
         run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
     if inplace and not contiguous:
         sv[...] = src.reshape(sv.shape)  # copy out
@@ -511,7 +461,7 @@ def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> _Packed:
         )
     packed.dtype = _group_norm_dtype(groups.keys())
     if writing:
-        _check_no_overlap(packed.extents)
+        check_no_overlap(packed.extents)
     return packed
 
 
@@ -589,68 +539,10 @@ def _fast_torch_pack(tensors: Sequence[Any], packed: _Packed, writing: bool) -> 
     addrs = np.fromiter(map(T.data_ptr, tensors), np.int64, n)
     sizes = np.fromiter(map(T.numel, tensors), np.int64, n)
     if writing and not run_serial("extents_disjoint", addrs, sizes, storage_dtype.itemsize):
-        _raise_first_overlap(addrs, sizes, storage_dtype.itemsize)
+        raise_first_overlap(addrs, sizes, storage_dtype.itemsize)
     packed.tables.append(_Table(_like(storage_dtype), addrs, sizes))
     packed.dtype = norm_dtype(storage_dtype)
     return True
-
-
-def _check_no_overlap(extents: list[tuple[int, int, Any]]) -> None:
-    """ValueError when two arrays of an in-place call share memory (scaled twice).
-
-    ``extents`` are (first byte, end byte, strided view or None); extents that
-    overlap are checked exactly with ``np.shares_memory`` when both are strided
-    views (``a[::2]`` and ``a[1::2]`` interleave without sharing an element).
-    """
-    if len(extents) < 2:
-        return
-    starts = np.fromiter((e[0] for e in extents), np.int64, len(extents))
-    ends = np.fromiter((e[1] for e in extents), np.int64, len(extents))
-    pair = shared_pair(starts, ends, [e[2] for e in extents])
-    if pair is not None:
-        _raise_overlap(*pair)
-
-
-def shared_pair(starts: np.ndarray, ends: np.ndarray, views: Sequence[Any]) -> Any:
-    """The first (i, j) whose byte ranges [start, end) overlap and really share
-    memory (exactly, with ``np.shares_memory``, when both are strided views),
-    or None."""
-    for i, j in _overlapping_extents(starts, ends):
-        vi, vj = views[i], views[j]
-        if vi is None or vj is None or np.shares_memory(vi, vj):
-            return i, j
-    return None
-
-
-def _overlapping_extents(starts: np.ndarray, ends: np.ndarray) -> Any:
-    """Yield index pairs whose [start, end) ranges intersect (sweep after a vectorised test)."""
-    order = np.argsort(starts, kind="stable")
-    s, e = starts[order], ends[order]
-    if s.size < 2 or not np.any(np.maximum.accumulate(e)[:-1] > s[1:]):
-        return
-    active: list[int] = []
-    for pos in range(s.size):
-        active = [q for q in active if e[q] > s[pos]]
-        for q in active:
-            i, j = sorted((int(order[q]), int(order[pos])))
-            yield i, j
-        active.append(pos)
-
-
-def _raise_first_overlap(addrs: np.ndarray, sizes: np.ndarray, itemsize: int) -> None:
-    """ValueError naming two contiguous rows that share bytes; returns if none do."""
-    nonempty = sizes > 0
-    index = np.nonzero(nonempty)[0]
-    ends = addrs + sizes * itemsize
-    for i, j in _overlapping_extents(addrs[nonempty], ends[nonempty]):
-        _raise_overlap(int(index[i]), int(index[j]))
-
-
-def _raise_overlap(i: int, j: int) -> None:
-    raise ValueError(
-        f"arrays {i} and {j} of this in-place call share memory; they would be scaled "
-        "twice. Pass each piece of memory once."
-    )
 
 
 # NumPy headers in bulk --------------------------------------------------
@@ -735,7 +627,7 @@ def _fast_numpy_pack(arrays: list[Any], packed: _Packed, writing: bool) -> bool:
     if n_bad:
         return False
     if not disjoint:  # overlap, or an order too scrambled to check in the kernel
-        _raise_first_overlap(addrs, sizes, dtype.itemsize)
+        raise_first_overlap(addrs, sizes, dtype.itemsize)
     packed.tables.append(_Table(_like(dtype), addrs, sizes, total))
     packed.dtype = norm_dtype(dtype)
     return True
@@ -770,7 +662,7 @@ def clip_global(
         dst = pack(lib, outs, what, writing=False)
         value = src.norm(pcode, p) if total_norm is None else total_norm
         _raise_if_nonfinite(value, error_if_nonfinite)
-        coef = float(_coefficients(np.float64(value), max_norm, eps, "clip"))
+        coef = float(clip_coefficients(np.float64(value), max_norm, eps, "clip"))
         _scale_into(src, dst, coef)
         assert src.dtype is not None
         return outs, lib.wrap(value, src.dtype, arrays[0])
@@ -784,7 +676,7 @@ def clip_global(
         and not packed.copies
         and total_norm is None
         and not error_if_nonfinite
-        and not _needs_rescale(pcode, packed.dtype == np.float64)
+        and not needs_rescale(pcode, packed.dtype == np.float64)
     ):
         t = packed.tables[0]
         args = (t.addrs, t.sizes, t.like, pcode, p, max_norm, eps, cfg.CHUNK)
@@ -792,7 +684,7 @@ def clip_global(
     else:
         value = packed.norm(pcode, p) if total_norm is None else total_norm
         _raise_if_nonfinite(value, error_if_nonfinite)
-        packed.scale(float(_coefficients(np.float64(value), max_norm, eps, "clip")))
+        packed.scale(float(clip_coefficients(np.float64(value), max_norm, eps, "clip")))
     lib.touched(arrays)
     assert packed.dtype is not None
     return arrays, lib.wrap(value, packed.dtype, arrays[0])
@@ -805,10 +697,7 @@ def _scale_into(src: _Packed, dst: _Packed, coef: float) -> None:
 
 def _raise_if_nonfinite(value: float, error_if_nonfinite: bool) -> None:
     if error_if_nonfinite and not math.isfinite(value):
-        raise NonFiniteNormError(
-            f"the total norm is non-finite ({value}), so the arrays were not clipped; "
-            "pass error_if_nonfinite=False to scale them by it anyway"
-        )
+        raise NonFiniteNormError(nonfinite_message(value))
 
 
 def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None) -> None:

@@ -58,24 +58,23 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
     return sig, codegen
 
 
-# Columns of the AdamW hyperparameter matrix.
-A_DECAY = 0  # 1 - lr * weight_decay
-A_W1 = 1  # 1 - beta1 (the lerp weight)
-A_BETA2 = 2
-A_W2 = 3  # 1 - beta2
-A_EPS = 4
-A_NEG_STEP = 5  # -lr / (1 - beta1**step)
-A_BC2_SQRT = 6  # sqrt(1 - beta2**step)
-A_COLS = 7
-
-# Columns of the SGD hyperparameter matrix.
-S_WD = 0
-S_MOMENTUM = 1
-S_DAMP1 = 2  # 1 - dampening
-S_NEG_LR = 3
-S_MODE = 4  # 0 no momentum, 1 first step (buffer = grad), 2 momentum
-S_NESTEROV = 5
-S_COLS = 6
+# The hyper-parameter matrices' columns (one row per tensor) live in _hparams,
+# beside the code that fills them; the CUDA kernels mirror them as FC_A_*/FC_S_*.
+from .._hparams import (  # noqa: E402
+    A_BC2_SQRT,
+    A_BETA2,
+    A_DECAY,
+    A_EPS,
+    A_NEG_STEP,
+    A_W1,
+    A_W2,
+    S_DAMP1,
+    S_MODE,
+    S_MOMENTUM,
+    S_NEG_LR,
+    S_NESTEROV,
+    S_WD,
+)
 
 
 @njit(fastmath=False, error_model="numpy", cache=False)

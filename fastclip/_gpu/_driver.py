@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
+from .._errors import NonFiniteNormError, nonfinite_message, raise_overlap
 from .._generic import int_bound
-from .._validate import NonFiniteNormError, check_self_overlap
+from .._memory import check_self_overlap, overlapping_extents
 from . import _plan, _source
 from ._libs import lib_for
 
@@ -172,12 +173,10 @@ class _Packed:
             ptrs.append(lib.ptr(buf))
             sizes.append(lib.numel(buf))
         if writing and len(extents) > 1:
-            from .._cpu._driver import _overlapping_extents, _raise_overlap
-
             starts = np.array([e[0] for e in extents], np.uint64).view(np.int64)
             ends = np.array([e[1] for e in extents], np.uint64).view(np.int64)
-            for i, j in _overlapping_extents(starts, ends):
-                _raise_overlap(i, j)
+            for i, j in overlapping_extents(starts, ends):
+                raise_overlap(i, j)
         self._keepalive = [c for _, c in self.copies]
         self.groups = [_Group(lib, k, p, s, self.like) for k, (p, s) in by_kind.items()]
         self.norm_kind = "float64" if "float64" in by_kind else "float32"
@@ -260,10 +259,7 @@ def _on_device(lib: Any, like: Any) -> Any:
 def _raise_if_nonfinite(lib: Any, norm: Any) -> None:
     value = lib.host_float(norm)  # the one documented synchronisation
     if not math.isfinite(value):
-        raise NonFiniteNormError(
-            f"the total norm is non-finite ({value}), so the arrays were not clipped; "
-            "pass error_if_nonfinite=False to scale them by it anyway"
-        )
+        raise NonFiniteNormError(nonfinite_message(value))
 
 
 # ------------------------------------------------------------ public flows

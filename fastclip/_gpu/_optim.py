@@ -42,7 +42,10 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
-from .._validate import NonFiniteNormError
+from .._errors import NonFiniteNormError, nonfinite_step_message
+from .._formulas import clip_coefficient
+from .._memory import overlapping_extents
+from .._validate import clip_mode, norm_args
 from . import _driver, _plan, _source
 from ._source import ELEMENT_TYPES
 
@@ -213,11 +216,9 @@ class Step:
                         self.copies.append((a, c))
             bufs.append(out)
         if len(starts) > 1:
-            from .._cpu._driver import _overlapping_extents
-
             s = np.array(starts, np.uint64).view(np.int64)
             e = np.array(ends, np.uint64).view(np.int64)
-            for _ in _overlapping_extents(s, e):
+            for _ in overlapping_extents(s, e):
                 raise ValueError(
                     f"{what}: two of the arrays written in place (parameters, state) share "
                     "memory; pass each piece of memory once"
@@ -382,8 +383,6 @@ def clip_plan(
     device).  Raises :class:`fastclip.NonFiniteNormError` for ``"error"``
     (one host sync); ``"skip"`` sets the kernel's guard.
     """
-    from ..optim._functional import clip_mode, norm_args
-
     like = grads[0]
     plan = GpuClip()
     mode = clip_mode(max_norm, total_norm, clip_coef, what)
@@ -409,19 +408,14 @@ def clip_plan(
     c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
     kind = "float64" if any(lib.kind(g) == "float64" for g in grads) else "float32"
     if isinstance(total_norm, float):  # known on the host: decided there, as the CPU path
-        from ..optim._functional import coefficient
-
         plan.norm = _full(lib, total_norm, kind, like)
         if not math.isfinite(total_norm):
             if nonfinite == "error":
-                raise NonFiniteNormError(
-                    f"{what}: the total gradient norm is non-finite ({total_norm}); "
-                    "nothing was updated"
-                )
+                raise NonFiniteNormError(nonfinite_step_message(what, total_norm))
             if nonfinite == "skip":
                 plan.skip = True
                 return plan
-        plan.coef_host = coefficient(c, total_norm, eps_v)
+        plan.coef_host = clip_coefficient(c, total_norm, eps_v)
         return plan
     if total_norm is None:
         packed = _driver._Packed(lib, grads, what, writing=False)
@@ -434,9 +428,7 @@ def clip_plan(
     if nonfinite == "error":
         value = lib.host_float(norm)  # the documented synchronisation
         if not math.isfinite(value):
-            raise NonFiniteNormError(
-                f"{what}: the total gradient norm is non-finite ({value}); nothing was updated"
-            )
+            raise NonFiniteNormError(nonfinite_step_message(what, value))
     elif nonfinite == "skip":
         plan.guard = norm
         plan.guard_mode = GUARD_NORM_F64 if kind == "float64" else GUARD_NORM_F32

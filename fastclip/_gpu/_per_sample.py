@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
+from .._formulas import SAFE_HI, SAFE_LO, needs_rescale
 from . import _driver, _plan
 from . import _source as _base_source
 
@@ -223,8 +224,6 @@ def clip_per_sample_gpu(
             )
 
         # norms, factors and the clipped count, on the device
-        from .._cpu import _driver as cpu_rules  # the range and rule robust_norm uses
-
         n = len(items)
         table = np.empty(3 * n, np.int64)
         table[:n] = np.asarray(offsets, np.int64) * batch
@@ -251,8 +250,8 @@ def clip_per_sample_gpu(
                     np.float64(eps),
                     np.int32(1 if per_layer else 0),
                     np.int32(stage),
-                    np.float64(cpu_rules._SAFE_LO),
-                    np.float64(cpu_rules._SAFE_HI),
+                    np.float64(SAFE_LO),
+                    np.float64(SAFE_HI),
                     null if maxp is None else ptr(maxp, lib),
                     null if scaledp is None else ptr(scaledp, lib),
                     null if scale is None else ptr(scale, lib),
@@ -262,7 +261,7 @@ def clip_per_sample_gpu(
                 ),
             )
 
-        if cpu_rules._needs_rescale(pcode, norm_kind == "float64"):
+        if needs_rescale(pcode, norm_kind == "float64"):
             scale = lib.empty((n * batch if per_layer else batch,), "float64", like)
             maxp = lib.empty((max(1, batch * per_row),), "float64", like)
             scaledp = lib.empty((max(1, batch * per_row),), "float64", like)

@@ -270,8 +270,10 @@ __global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int pcode, do
         double norm = (pcode == 0 || pcode == 1) ? v : (pcode == 2 ? sqrt(v) : pow(v, 1.0 / p));
         norms_out[i] = (N)norm;
         if (coefs != nullptr) {
-            double r = (mode == 2) ? 1.0 / (norm + eps) : max_norm / (norm + eps);
-            coefs[i] = (mode == 1 && r >= 1.0) ? 1.0 : r;
+            double den = norm + eps;
+            double r = (mode == 2) ? 1.0 / den : max_norm / den;
+            // clip: the zero-norm rule of fastclip/_formulas.py (0 / 0 gives 1, not NaN)
+            coefs[i] = (mode == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
         }
     }
 }

@@ -92,11 +92,12 @@ __device__ __forceinline__ double ps_root(double v, int pcode, double p) {
     return pow(v, 1.0 / p);
 }
 
-// min(1, bound / (norm + eps)); 1 for a zero norm; NaN stays NaN (NaN >= 1 is false).
+// min(1, bound / (norm + eps)), fastclip's one zero-norm rule (fastclip/_formulas.py):
+// 1 where norm + eps == 0 (0 / 0: nothing to clip); NaN stays NaN (NaN >= 1 is false).
 __device__ __forceinline__ double ps_factor(double norm, double bound, double eps) {
-    double r = bound / (norm + eps);
-    double f = (r >= 1.0) ? 1.0 : r;
-    return (norm == 0.0) ? 1.0 : f;
+    double den = norm + eps;
+    double r = bound / den;
+    return (r >= 1.0 || den == 0.0) ? 1.0 : r;
 }
 
 // Power sum of row b of one array from its chunk partials (in chunk order).

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._cpu import _build, _driver
 from .._cpu import _optim_kernels as K
+from .._memory import shared_pair
 
 __all__ = ["Group", "K", "groups", "kernel", "run"]
 
@@ -129,7 +130,7 @@ def _check_written_disjoint(packs: list[Any], what: str) -> None:
     starts = np.concatenate([e[0] for e in extents])
     ends = np.concatenate([e[1] for e in extents])
     views = [v for e in extents for v in e[2]]
-    if _driver.shared_pair(starts, ends, views) is not None:
+    if shared_pair(starts, ends, views) is not None:
         raise ValueError(
             f"{what}: two of the arrays written in place (parameters, state) share "
             "memory; pass each piece of memory once"

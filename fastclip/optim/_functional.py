@@ -15,21 +15,15 @@ from typing import Any
 import numpy as np
 
 from .. import _dispatch
-from .._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord, scalar_value
-
-NONFINITE_POLICIES = ("propagate", "error", "skip")
-
-
-def check_nonfinite(policy: Any) -> str:
-    if policy not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
-    return str(policy)
+from .._errors import NonFiniteNormError, nonfinite_step_message
+from .._formulas import clip_coefficient
+from .._hparams import adamw_hparams, sgd_hparams
+from .._validate import check_nonfinite, clip_mode, norm_args, scalar_value
 
 
 def cpu_lib(arrays: Sequence[Any], what: str) -> Any:
     """The core's CPU adapter for ``arrays`` (NumPy or torch CPU), or an error."""
     route = _dispatch.route_of_many(list(arrays))
-    _dispatch.check_not_gpu(route)
     if route != _dispatch.ROUTE_CPU:
         raise TypeError(
             f"{what} runs on NumPy arrays and torch CPU tensors (fused Numba kernels); got "
@@ -93,13 +87,6 @@ def gpu_scalar(value: Any, name: str, library: str) -> Any:
     return scalar_value(value, name)
 
 
-def coefficient(max_norm: float, total: float, eps: float) -> float:
-    """min(1, max_norm / (total + eps)); NaN propagates, total = inf gives 0 (as the core)."""
-    den = total + eps
-    r = max_norm / den if den != 0 else math.inf
-    return 1.0 if r >= 1.0 else r
-
-
 class Clip:
     """The clip part of a fused step: coefficient, norm and whether to skip."""
 
@@ -110,26 +97,6 @@ class Clip:
         self.norm: float | None = None
         self.norm_dtype: Any = np.dtype(np.float32)
         self.skip = False
-
-
-def clip_mode(max_norm: Any, total_norm: Any, clip_coef: Any, what: str) -> str:
-    """The clip arguments' rules, shared by the CPU and GPU routes: ``"coef"``
-    (a given coefficient, exclusive of ``max_norm``/``total_norm``), ``"none"``
-    (no clipping) or ``"norm"`` (clip to ``max_norm``)."""
-    if clip_coef is not None:
-        if max_norm is not None or total_norm is not None:
-            raise ValueError(f"{what}: pass either clip_coef or max_norm (and total_norm)")
-        return "coef"
-    if max_norm is None:
-        if total_norm is not None:
-            raise ValueError(f"{what}: total_norm needs max_norm")
-        return "none"
-    return "norm"
-
-
-def norm_args(max_norm: Any, norm_type: Any, eps: Any) -> tuple[float, int, float, float]:
-    """Validated ``(max_norm, pcode, p, eps)`` for ``"norm"`` clipping."""
-    return (check_max_norm(max_norm), *check_ord(norm_type), check_eps(eps))
 
 
 def clip_plan(
@@ -178,13 +145,11 @@ def clip_plan(
     plan.norm = value
     if not math.isfinite(value):
         if nonfinite == "error":
-            raise NonFiniteNormError(
-                f"{what}: the total gradient norm is non-finite ({value}); nothing was updated"
-            )
+            raise NonFiniteNormError(nonfinite_step_message(what, value))
         if nonfinite == "skip":
             plan.skip = True
             return plan
-    plan.coef = coefficient(c, value, eps_v)
+    plan.coef = clip_coefficient(c, value, eps_v)
     return plan
 
 
@@ -252,55 +217,6 @@ def check_sgd_args(lr: float, momentum: float, dampening: float, wd: float, nest
         raise ValueError(f"Invalid weight_decay value: {wd}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-
-def adamw_hparams(
-    steps: list[float], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
-) -> np.ndarray:
-    """The kernel's per-tensor hyperparameter rows, computed as torch does (Python floats)."""
-    from .._cpu import _optim_kernels as K
-
-    hp = np.empty((len(steps), K.A_COLS), np.float64)
-    hp[:, K.A_DECAY] = 1 - lr * weight_decay
-    hp[:, K.A_W1] = 1 - beta1
-    hp[:, K.A_BETA2] = beta2
-    hp[:, K.A_W2] = 1 - beta2
-    hp[:, K.A_EPS] = eps
-    cache: dict[float, tuple[float, float]] = {}
-    for i, s in enumerate(steps):
-        pair = cache.get(s)
-        if pair is None:
-            bias_correction1 = 1 - beta1**s
-            bias_correction2 = 1 - beta2**s
-            pair = cache[s] = (-(lr / bias_correction1), bias_correction2**0.5)
-        hp[i, K.A_NEG_STEP], hp[i, K.A_BC2_SQRT] = pair
-    return hp
-
-
-def sgd_hparams(
-    n: int,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    first: Sequence[bool] | None,
-) -> np.ndarray:
-    from .._cpu import _optim_kernels as K
-
-    hp = np.empty((n, K.S_COLS), np.float64)
-    hp[:, K.S_WD] = weight_decay
-    hp[:, K.S_MOMENTUM] = momentum
-    hp[:, K.S_DAMP1] = 1 - dampening
-    hp[:, K.S_NEG_LR] = -lr
-    hp[:, K.S_NESTEROV] = 1.0 if nesterov else 0.0
-    if momentum == 0:
-        hp[:, K.S_MODE] = 0.0
-    elif first is None:
-        hp[:, K.S_MODE] = 2.0
-    else:
-        hp[:, K.S_MODE] = np.where(np.asarray(first, bool), 1.0, 2.0)
-    return hp
 
 
 def prepare_adamw(

@@ -1,0 +1,122 @@
+"""The formulas every route shares, written once: the clip coefficient, the root
+of a power sum, and the rescaled norm for power sums beyond float64's range.
+
+A leaf: imports nothing from fastclip (NumPy and ``math`` only).
+
+The clip coefficient is ``min(1, max_norm / (norm + eps))``, torch's
+``clip_grad_norm_`` formula (``clip_coef = max_norm / (total_norm + 1e-6)``,
+clamped to 1).  Its one special case, the **zero-norm rule**: when
+``norm + eps == 0`` (a zero norm with ``eps = 0``) the quotient is ``0 / 0`` or
+``c / 0``, and the coefficient is 1 (nothing to clip).  A zero norm with
+``eps > 0`` follows the formula, so ``max_norm = 0`` gives 0 as in torch and
+Opacus (``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)``).  NaN propagates
+(``NaN >= 1`` is false) and an infinite norm gives 0.  The CUDA kernels
+(``_gpu/*.cu``) and the Numba kernels (``_cpu/_kernels.py``,
+``_cpu/_optim_kernels.py``) write the same rule in their own languages;
+``tests/api/test_zero_norm_rule.py`` checks every route against this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SAFE_HI",
+    "SAFE_LO",
+    "clip_coefficient",
+    "clip_coefficients",
+    "needs_rescale",
+    "pow2_inverse",
+    "robust_norm",
+    "root",
+]
+
+
+def clip_coefficient(max_norm: float, norm: float, eps: float) -> float:
+    """``min(1, max_norm / (norm + eps))`` for Python floats, with the zero-norm rule."""
+    den = norm + eps
+    r = max_norm / den if den != 0 else math.inf
+    return 1.0 if r >= 1.0 else r
+
+
+def clip_coefficients(
+    norms: Any, max_norm: Any, eps: float, mode: str = "clip", xp: Any = None
+) -> Any:
+    """The coefficients of many norms, elementwise, in the array library ``xp``.
+
+    ``mode="clip"``: ``min(1, max_norm / (norm + eps))`` with the zero-norm
+    rule (``max_norm`` may be an array of per-row bounds);
+    ``mode="normalize"``: ``1 / (norm + eps)``.  Without ``xp`` the norms are
+    taken as float64 NumPy values.  The result stays an array of ``norms``'
+    library and device: no host synchronisation for device arrays.
+    """
+    if xp is None:
+        xp, norms = np, np.asarray(norms, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = norms + eps
+        if mode == "normalize":
+            return 1.0 / den
+        # No branch on the value: the coefficient is multiplied in even when it is 1,
+        # as torch's clip_grad_norm_ does to avoid a host synchronisation.
+        r = max_norm / den
+        one = xp.ones_like(r)
+        return xp.where((r >= one) | (den == 0), one, r)
+
+
+def root(total: Any, pcode: int, p: float) -> Any:
+    """The norm from a power sum: ``total`` for max (pcode 0) and L1 (pcode 1),
+    ``sqrt`` for L2 (pcode 2), ``total ** (1/p)`` otherwise (pcode 3)."""
+    if pcode in (0, 1):
+        return total
+    if pcode == 2:
+        return np.sqrt(total)
+    with np.errstate(all="ignore"):
+        return np.power(total, 1.0 / p)
+
+
+# Power sums outside this range may have lost precision to float64 under- or
+# overflow (float64 L2 of |x| < 1e-140 or > 1e140, any p > 0 at other ranges);
+# the norm is then recomputed as max|x| * (sum (|x| / max|x|)^p)^(1/p).
+SAFE_LO, SAFE_HI = 1e-280, 1e280
+
+
+def needs_rescale(pcode: int, wide: bool) -> bool:
+    """float32 L1/L2 sums cannot leave the safe range; float64 L2 and any other p can."""
+    return pcode == 3 or (pcode == 2 and wide)
+
+
+def pow2_inverse(m: Any) -> Any:
+    """A power of two ``inv`` with ``m * inv`` near 1, for max-rescaling (elementwise).
+
+    ``1 / m`` itself is no good: for a subnormal ``m`` (float64 below 2.2e-308) it
+    overflows to inf, and the rescaled norm became inf (then clipping zeroed the
+    data).  ``inv = 2**k`` with ``k`` kept in [-1022, 1023] is finite, and so is
+    ``1 / inv``; both are exact, so scaling by them loses no bits.  ``m * inv`` lies
+    in [0.5, 1) except at the very ends of the range: down to 2**-51 for the
+    smallest subnormals (their squares, 2**-102, are still normal) and up to 4
+    next to float64's maximum.
+    """
+    _, e = np.frexp(m)
+    return np.ldexp(1.0, np.clip(-e, -1022, 1023))
+
+
+def robust_norm(
+    pow_sum: Callable[[int, float, float], float], pcode: int, p: float, wide: bool
+) -> float:
+    """Norm from ``pow_sum(pcode, p, inv) -> float``, rescaled when it over/underflows.
+
+    ``pow_sum(pc, p, inv)`` returns ``sum (|x| * inv)**p`` for pc 3 (max |x| for
+    pc 0); the rescaled norm is ``(sum (|x| * inv)**p)**(1/p) / inv`` with ``inv``
+    a power of two from ``pow2_inverse`` (so it is finite even for subnormal data).
+    """
+    total = float(pow_sum(pcode, p, 1.0))
+    if needs_rescale(pcode, wide) and not SAFE_LO < total < SAFE_HI:
+        m = float(pow_sum(0, p, 1.0))
+        if 0.0 < m < math.inf:
+            inv = float(pow2_inverse(m))
+            return float(root(float(pow_sum(3, p, inv)), 3, p)) / inv
+    return float(root(total, pcode, p))
