@@ -12,6 +12,7 @@ kernels compile on first use per dtype and are cached on disk.
 
 from . import adaptive, optim
 from ._api import (
+    PerSampleClipResult,
     clip_by_global_norm,
     clip_by_global_norm_,
     clip_by_norm,
@@ -19,6 +20,7 @@ from ._api import (
     clip_by_value,
     clip_by_value_,
     clip_coefficient,
+    clip_per_sample,
     global_norm,
     norm,
     normalize,
@@ -27,7 +29,6 @@ from ._api import (
 )
 from ._errors import CacheWarning, GPUUnavailableError, NonFiniteNormError
 from ._info import info
-from ._per_sample import PerSampleClipResult, clip_per_sample
 from ._version import __version__
 from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 

@@ -29,7 +29,11 @@ __all__ = [
     "SAFE_LO",
     "clip_coefficient",
     "clip_coefficients",
+    "combine_parts",
+    "int_bound",
     "needs_rescale",
+    "per_sample_norms_and_factors",
+    "per_sample_rescaler",
     "pow2_inverse",
     "robust_norm",
     "root",
@@ -120,3 +124,120 @@ def robust_norm(
             inv = float(pow2_inverse(m))
             return float(root(float(pow_sum(3, p, inv)), 3, p)) / inv
     return float(root(total, pcode, p))
+
+
+def int_bound(v: float | None, lo_end: int, hi_end: int, lower: bool) -> int | None:
+    """A float bound for integer data in [lo_end, hi_end], or None for no bound.
+
+    Same result as clipping in float64 and converting back with saturation: a
+    lower bound rounds up, an upper bound down; -inf below (inf above) is no
+    bound at all, and a bound beyond the integer range (inf, 1e30 on int8)
+    saturates at the range's end instead of overflowing.
+    """
+    if v is None or math.isnan(v):
+        return None
+    if math.isinf(v):
+        if (v < 0) == lower:  # -inf as a lower bound, inf as an upper one
+            return None
+        return hi_end if v > 0 else lo_end
+    i = math.ceil(v) if lower else math.floor(v)
+    return min(max(i, lo_end), hi_end)
+
+
+# ---------------------------------------------------- per-sample clipping
+# Shared by the CPU and generic routes (the GPU route runs the same rules in
+# _gpu/per_sample_kernels.cu).
+
+
+def per_sample_norms_and_factors(
+    sums: np.ndarray,
+    pcode: int,
+    p: float,
+    bounds: np.ndarray,
+    per_layer: bool,
+    eps: float,
+    fix: Any = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """[n, B] power sums -> norms ([B] or [n, B]), factors [n, B], count clipped.
+
+    ``fix(norms, totals)``, if given, replaces in place the norms of samples whose
+    power sums over/underflowed (``per_sample_rescaler``).
+    """
+    if per_layer:
+        norms = root(sums, pcode, p)
+        if fix is not None:
+            fix(norms, sums)
+        factors = clip_coefficients(norms, bounds[:, None], eps)
+        clipped = int(np.count_nonzero((factors < 1.0).any(axis=0)))
+        return norms, factors, clipped
+    total = combine_parts(sums, pcode)
+    norms = root(total, pcode, p)
+    if fix is not None:
+        fix(norms, total)
+    f = clip_coefficients(norms, bounds[0], eps)
+    return norms, np.broadcast_to(f, sums.shape), int(np.count_nonzero(f < 1.0))
+
+
+def combine_parts(values: Any, pcode: int) -> Any:
+    """Power sums of the parts of a sample (axis 0) -> the sample's: max for inf, else sum."""
+    return np.max(values, axis=0) if pcode == 0 else np.sum(values, axis=0)
+
+
+def per_sample_rescaler(
+    pcode: int, p: float, wide: bool, per_layer: bool, n_arrays: int, rows_pow_sum: Any
+) -> Any:
+    """A ``fix`` for ``per_sample_norms_and_factors``: the core's ``robust_norm`` rule per sample.
+
+    ``rows_pow_sum(k, rows, pc, pp, inv)`` gives the power sums of rows
+    ``rows`` (int64 indices) of array ``k``, row ``rows[i]`` scaled by
+    ``inv[i]``.  Only samples outside the range where the float64 power sum
+    is exact are looked at again, so the common case costs one vectorised
+    range test.  Their max |x| comes from one call per array; a max of 0
+    (all zeros), NaN or inf already has its exact norm from pass 1 (0, NaN,
+    inf), and every other such sample gets ``robust_norm`` itself (one rule
+    for every route).  None when ``pcode`` and the dtypes cannot leave the
+    range (float32 L1/L2, the max-norm).
+    """
+
+    if not needs_rescale(pcode, wide):
+        return None
+
+    def fix(norms: np.ndarray, totals: np.ndarray) -> None:
+        with np.errstate(invalid="ignore"):
+            bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))
+        if not bad.any():
+            return
+        maxes = np.zeros(totals.shape)
+        if per_layer:
+            for k in range(n_arrays):
+                rows = np.flatnonzero(bad[k])
+                if rows.size:
+                    maxes[k, rows] = rows_pow_sum(k, rows, 0, p, np.ones(rows.size))
+        else:
+            rows = np.flatnonzero(bad)
+            parts = [rows_pow_sum(k, rows, 0, p, np.ones(rows.size)) for k in range(n_arrays)]
+            maxes[rows] = combine_parts(np.array(parts), 0)
+        with np.errstate(invalid="ignore"):
+            finite_nonzero = bad & (maxes > 0.0) & (maxes < math.inf)
+        for index in zip(*np.nonzero(finite_nonzero)):
+            parts_k = (int(index[0]),) if per_layer else tuple(range(n_arrays))
+            # what robust_norm asks first was already computed: no second pass for them
+            known = {(pcode, p, 1.0): float(totals[index]), (0, p, 1.0): float(maxes[index])}
+            pow_sum = _sample_pow_sum(rows_pow_sum, parts_k, int(index[-1]), known)
+            norms[index] = robust_norm(pow_sum, pcode, p, wide)
+
+    return fix
+
+
+def _sample_pow_sum(rows_pow_sum: Any, parts: tuple[int, ...], b: int, known: dict) -> Any:
+    """``robust_norm``'s ``pow_sum(pc, pp, inv)`` for sample ``b`` over arrays ``parts``."""
+    row = np.array([b], np.int64)
+
+    def pow_sum(pc: int, pp: float, inv: float) -> float:
+        key = (pc, pp, inv)
+        if key not in known:
+            values = [float(rows_pow_sum(k, row, pc, pp, np.full(1, inv))[0]) for k in parts]
+            known[key] = float(combine_parts(np.array(values, np.float64), pc))
+        return float(known[key])
+
+    return pow_sum

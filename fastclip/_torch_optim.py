@@ -5,7 +5,6 @@ Re-exported by ``fastclip.torch``.  Importing this module imports torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,9 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
+from . import _dispatch
 from ._hparams import adamw_hparams, sgd_hparams
+from ._typing import StepClip
 from ._validate import check_max_norm, check_nonfinite, check_ord
 from .optim import _functional as F
 
@@ -57,34 +58,31 @@ class _FusedBase(Optimizer):
                     grads.append(g)
         return grads
 
-    def _clip(self, grads: list[torch.Tensor], gpu: bool) -> Any:
-        """Norm and coefficient over every gradient of every group: an ``F.Clip``
-        (CPU) or a ``_gpu._optim.GpuClip``.  Sets ``last_total_norm`` and
-        ``last_step_skipped`` only once the plan stands (an error leaves them)."""
-        if gpu:
-            return self._clip_gpu(grads)
-        lib = F.cpu_lib(grads, type(self).__name__)
-        plan = F.clip_plan(
-            lib,
-            grads,
-            self.max_norm,
-            self.norm_type,
-            None,
-            None,
-            1e-6,
-            self.nonfinite,
-            type(self).__name__,
-        )
-        # in the norm's dtype (float64 when a gradient is float64), as on the GPU:
-        # a float64 norm of 1e200 must not be reported as float32's inf
-        self.last_total_norm = (
-            None
-            if plan.norm is None
-            else torch.tensor(
-                plan.norm,
-                dtype=torch.float64 if plan.norm_dtype == np.float64 else torch.float32,
+    def _backend(self, lists: list[Any]) -> Any:
+        """The CPU or GPU backend of a step's parallel lists (TypeError otherwise)."""
+        return _dispatch.backend_for_step(lists, type(self).__name__)
+
+    def _clip(self, grads: list[torch.Tensor]) -> Any:
+        """Norm and coefficient over every gradient of every group (the route's
+        plan: host values on the CPU, device values on the GPU).  Sets
+        ``last_total_norm`` and ``last_step_skipped`` only once the plan stands
+        (an error leaves them)."""
+        backend = self._backend([grads])
+        clip = StepClip(self.max_norm, self.norm_type, None, None, 1e-6, self.nonfinite)
+        plan = backend.step_plan(grads, clip, type(self).__name__)
+        if backend.on_gpu:
+            self.last_total_norm = plan.norm
+        else:
+            # in the norm's dtype (float64 when a gradient is float64), as on the GPU:
+            # a float64 norm of 1e200 must not be reported as float32's inf
+            self.last_total_norm = (
+                None
+                if plan.norm is None
+                else torch.tensor(
+                    plan.norm,
+                    dtype=torch.float64 if plan.norm_dtype == np.float64 else torch.float32,
+                )
             )
-        )
         self.last_step_skipped = plan.skip
         return plan
 
@@ -100,66 +98,18 @@ class _FusedBase(Optimizer):
             self.last_step_skipped = False
         return loss, grads
 
-    def _clip_gpu(self, grads: list[torch.Tensor]) -> Any:
-        """The GPU plan: device norm and coefficient (``_gpu._optim.GpuClip``).
-
-        No host sync, except ``nonfinite="error"`` and ``"skip"``: both read the
-        norm back once, "skip" because the step counts (AdamW) and first-step
-        momentum buffers (SGD) are decided on the host.
-        """
-        from ._gpu import _driver
-        from ._gpu import _optim as G
-
-        what = type(self).__name__
-        lib = F.gpu_lib([grads], what)
-        policy = "propagate" if self.nonfinite == "skip" else self.nonfinite
-        with _driver._on_device(lib, grads[0]):
-            plan = G.clip_plan(
-                lib, grads, self.max_norm, self.norm_type, None, None, 1e-6, policy, what
-            )
-            if self.nonfinite == "skip" and plan.norm is not None:
-                plan.skip = not math.isfinite(lib.host_float(plan.norm))  # the documented sync
-        self.last_total_norm = plan.norm
-        self.last_step_skipped = plan.skip
-        return plan
-
-    def _prepare(self, lists: list[Any], gpu: bool, ams: Any) -> Any:
+    def _prepare(self, lists: list[Any], ams: Any) -> Any:
         """Validate and pack one fused launch before anything is written:
-        AdamW (``ams`` a bool) or SGD (``ams`` None).  ``(lib, prepared)``."""
-        what = type(self).__name__
-        if not gpu:
-            lib = F.cpu_lib(lists[0], what)
-            if ams is None:
-                return lib, F.prepare_sgd(lib, *lists)
-            return lib, F.prepare_adamw(lib, *lists)
-        from ._gpu import _driver
-        from ._gpu import _optim as G
-
-        lib = F.gpu_lib(lists, what)
-        with _driver._on_device(lib, lists[0][0]):
-            if ams is None:
-                return lib, G.Step(lib, lists, [True, False, True], what)
-            return lib, G.Step(lib, lists, [True, False, True, True, True], what)
+        AdamW (``ams`` a bool) or SGD (``ams`` None).  ``(backend, prepared)``."""
+        backend = self._backend(lists)
+        return backend, backend.step_prepare(lists, ams, type(self).__name__)
 
     def _run(
         self, prepared: Any, lists: list[Any], hp: np.ndarray, plan: Any, sign: float, ams: Any
     ) -> None:
         """Launch a prepared step (one fused launch per dtype)."""
-        lib, work = prepared
-        if isinstance(plan, F.Clip):
-            if ams is None:
-                F.run_sgd(lib, lists[0], work, hp, sign * plan.coef)
-            else:
-                F.run_adamw(lib, lists[0], work, hp, sign * plan.coef, bool(ams))
-            return
-        from ._gpu import _driver
-
-        with _driver._on_device(lib, lists[0][0]):
-            if ams is None:
-                work.launch_sgd(hp, plan, sign)
-            else:
-                work.launch_adamw(hp, plan, sign, bool(ams))
-            lib.touched(lists[0])
+        backend, work = prepared
+        backend.step_run(work, lists, hp, plan, sign, ams)
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -270,7 +220,7 @@ class FusedAdamW(_FusedBase):
         loss, grads = self._begin_step(closure)
         if not grads:
             return loss
-        gpu = F.is_gpu(grads[0])
+        gpu = self._backend([grads]).on_gpu
         launches: dict[tuple[bool, bool], list[list[Any]]] = {}
         fresh: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         old_steps: list[torch.Tensor] = []
@@ -286,8 +236,8 @@ class FusedAdamW(_FusedBase):
         work = []
         for (ams, maximize), lists in launches.items():  # one launch per key and dtype
             arrays = [*lists[:4], lists[4] if ams else None]
-            work.append((self._prepare(arrays, gpu, ams), arrays, lists[5], ams, maximize))
-        plan = self._clip(grads, gpu)
+            work.append((self._prepare(arrays, ams), arrays, lists[5], ams, maximize))
+        plan = self._clip(grads)
         if plan.skip:
             return loss
         for prepared, arrays, rows, ams, maximize in work:
@@ -446,7 +396,6 @@ class FusedSGD(_FusedBase):
         loss, grads = self._begin_step(closure)
         if not grads:
             return loss
-        gpu = F.is_gpu(grads[0])
         work = []
         fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
@@ -478,8 +427,8 @@ class FusedSGD(_FusedBase):
             )
             lists = [ps, gs, bufs if momentum != 0 else None]
             sign = -1.0 if group["maximize"] else 1.0
-            work.append((self._prepare(lists, gpu, None), lists, hp, sign))
-        plan = self._clip(grads, gpu)
+            work.append((self._prepare(lists, None), lists, hp, sign))
+        plan = self._clip(grads)
         if plan.skip:
             return loss
         for prepared, lists, hp, sign in work:  # one launch per group and dtype

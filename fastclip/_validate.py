@@ -24,6 +24,7 @@ __all__ = [
     "clip_mode",
     "norm_args",
     "out_of_place_hint",
+    "reduction_axes",
     "scalar_value",
     "too_large_message",
 ]
@@ -129,6 +130,13 @@ def check_axis(axis: Any, ndim: int) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"repeated axis in {axis!r}")
     return tuple(sorted(out))
+
+
+def reduction_axes(x: Any, axis: Any) -> tuple[int, ...] | None:
+    """``axis`` of ``x`` checked as reduction axes (sorted, non-negative), or None."""
+    if axis is None:
+        return None
+    return check_axis(axis, len(x.shape))
 
 
 def check_bounds(min: Any, max: Any) -> tuple[float | None, float | None]:

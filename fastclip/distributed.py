@@ -82,7 +82,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _api, _dispatch, _generic
+from . import _api, _dispatch
 from ._validate import NonFiniteNormError, check_eps, check_max_norm, check_ord
 
 __all__ = [
@@ -209,18 +209,7 @@ def _check_targets(arrays: list[Any]) -> Any:
     """
     if not arrays:
         return None
-    what = "clip_by_global_norm"
-    route, lib = _api._route_many(arrays)
-    if route == _dispatch.ROUTE_CPU:
-        return _api._cpu().pack(lib, arrays, what, writing=True)
-    if route == _dispatch.ROUTE_GPU:
-        gpu = _api._gpu()
-        with gpu._on_device(lib, arrays[0]):
-            gpu._Packed(lib, arrays, what, writing=True)
-    elif route == _dispatch.ROUTE_GENERIC:
-        for a in arrays:
-            _generic._check_writeable(a, what)
-    return None
+    return _dispatch.backend_for(arrays).check_targets(arrays, "clip_by_global_norm")
 
 
 def _local_norm(counted: list[Any], pcode: int, p: float, packed: Any = None) -> Any:
@@ -230,12 +219,10 @@ def _local_norm(counted: list[Any], pcode: int, p: float, packed: Any = None) ->
     """
     if not counted:
         return 0.0
-    if packed is not None:
-        return float(packed.norm(pcode, p))
-    route, lib = _api._route_many(counted)
-    if route == _dispatch.ROUTE_CPU:
-        # The packed tables of the CPU driver: float64, over/underflow-safe, not rounded.
-        return float(_api._cpu().pack(lib, counted, "norm", writing=False).norm(pcode, p))
+    # The CPU route's float64 norm: over/underflow-safe, not rounded to the dtype.
+    exact = _dispatch.backend_for(counted).norm64(counted, pcode, p, packed)
+    if exact is not None:
+        return float(exact)
     value = _api.global_norm(counted, math.inf if pcode == 0 else p)
     if isinstance(value, torch.Tensor):
         return value.detach().to(torch.float64)
@@ -567,8 +554,8 @@ def clip_by_global_norm_(
     out = _output(red.total, loc, loc.arrays)
     if not loc.arrays:
         return out
-    route, _ = _api._route_many(loc.arrays)
-    given: Any = red.total if route == _dispatch.ROUTE_GPU else float(red.total)
+    on_gpu = _dispatch.backend_for(loc.arrays).on_gpu
+    given: Any = red.total if on_gpu else float(red.total)
     with torch.no_grad():
         _api.clip_by_global_norm_(
             loc.arrays, max_norm, math.inf if red.pcode == 0 else red.p, eps=eps, total_norm=given

@@ -24,7 +24,8 @@ from _gpu_emulation import mem
 
 from fastclip import NonFiniteNormError
 from fastclip import _config as cfg
-from fastclip._cpu import _optim_kernels as K
+from fastclip import _hparams as H
+from fastclip import _hparams as K
 from fastclip._gpu import _driver
 from fastclip._gpu import _optim as G
 from fastclip.optim import _functional as F
@@ -287,7 +288,7 @@ def test_adamw_against_float64_reference(clip, amsgrad, maximize, steps, mode):
         g = [(rng.normal(size=s) * 3).astype(d) for s, d in zip(SHAPES, dts)]
         kwargs, coef = _clip_args(clip, g)
         counts = F._steps(step, len(p))
-        hp = F.adamw_hparams(counts, lr, b1, b2, eps, wd)
+        hp = H.adamw_hparams(counts, lr, b1, b2, eps, wd)
         norm = G.adamw_step_gpu(
             HostLib, p, g, m, v, x, hp, maximize, kwargs["max_norm"], 2.0,
             kwargs["total_norm"], kwargs["clip_coef"], 1e-6, "propagate",
@@ -348,7 +349,7 @@ def test_sgd_against_float64_reference(clip, variant, maximize, mode):
         kwargs, coef = _clip_args(clip, g)
         # all first on step 0; on step 1 every other buffer is reset (per-tensor modes)
         first = [k == 0 or (k == 1 and i % 2 == 1) for i in range(len(SHAPES))]
-        hp = F.sgd_hparams(
+        hp = H.sgd_hparams(
             len(p), lr, hv["momentum"], hv["dampening"], hv["weight_decay"], hv["nesterov"], first
         )
         bufs = b if hv["momentum"] else None
@@ -382,7 +383,7 @@ def _adamw_lists(n=3, value=1.0, dtype=np.float32):
 def _call_adamw(p, g, m, v, policy, x=None, **kw):
     args = dict(max_norm=1.0, total_norm=None, clip_coef=None)
     args.update(kw)
-    hp = F.adamw_hparams([1.0] * len(p), 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    hp = H.adamw_hparams([1.0] * len(p), 1e-2, 0.9, 0.999, 1e-8, 0.01)
     return G.adamw_step_gpu(
         HostLib, p, g, m, v, x, hp, False, args["max_norm"], 2.0,
         args["total_norm"], args["clip_coef"], 1e-6, policy,
@@ -505,7 +506,7 @@ def test_tables_are_cached_and_uniform_hyperparameters_upload_nothing():
     assert n == 2
     _call_adamw(p, g, m, v, "propagate")
     assert len(_driver._TABLES) == n
-    hp = F.adamw_hparams([1.0, 2.0, 3.0], 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    hp = H.adamw_hparams([1.0, 2.0, 3.0], 1e-2, 0.9, 0.999, 1e-8, 0.01)
     G.adamw_step_gpu(HostLib, p, g, m, v, None, hp, False, None, 2.0, None, None, 1e-6, "skip")
     assert len(_driver._TABLES) == n + 1  # per-tensor rows: one upload
 
@@ -559,8 +560,11 @@ class TorchHostLib(HostLib):
 def torch_route(monkeypatch):
     from fastclip._torch_optim import FusedAdamW, FusedSGD
 
-    monkeypatch.setattr(F, "is_gpu", lambda first: True)
-    monkeypatch.setattr(F, "gpu_lib", lambda lists, what: TorchHostLib)
+    import fastclip._gpu
+    from fastclip import _dispatch
+
+    backend = _dispatch.Backend(_dispatch.ROUTE_GPU, fastclip._gpu, TorchHostLib)
+    monkeypatch.setattr(_dispatch, "backend_for_step", lambda lists, what: backend)
     monkeypatch.setattr(TorchHostLib, "syncs", 0)
     return FusedAdamW, FusedSGD
 

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fastclip._config as cfg
-import fastclip._per_sample as ps
-from fastclip._per_sample import clip_per_sample
+from fastclip import clip_per_sample
 
 # ----------------------------------------------------------------- helpers
 
@@ -167,8 +166,8 @@ def test_oracle_numpy(reduce, ord, per_layer, dtype):
 def test_multi_tile_parallel_paths(monkeypatch, reduce, per_layer):
     """Force parallel kernels, many column tiles and a row-block remainder."""
     monkeypatch.setattr(cfg, "PARALLEL_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(ps, "COL_TILE", 3)
-    monkeypatch.setattr(ps, "ROW_BLOCK", 6)
+    monkeypatch.setattr(cfg, "PER_SAMPLE_COL_TILE", 3)
+    monkeypatch.setattr(cfg, "PER_SAMPLE_ROW_BLOCK", 6)
     arrs = make(np.random.default_rng(2), [(13, 17), (13, 2, 5)], np.float32)
     res = clip_per_sample(arrs, 1.5, per_layer=per_layer, reduce=reduce)
     outs, _norms, clipped = oracle(arrs, 1.5, 2, per_layer, reduce)

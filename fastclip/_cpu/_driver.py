@@ -29,12 +29,12 @@ from .._formulas import (
     SAFE_HI,
     SAFE_LO,
     clip_coefficients,
+    int_bound,
     needs_rescale,
     pow2_inverse,
     robust_norm,
     root,
 )
-from .._generic import int_bound
 from .._memory import check_no_overlap, check_self_overlap, raise_first_overlap
 from . import _build
 from ._libs import NumpyLib, float_storage, lib_for, norm_dtype

@@ -33,6 +33,21 @@ from llvmlite import ir  # noqa: F401  (IRBuilder.fma, used by the intrinsic bel
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from .._hparams import (
+    A_BC2_SQRT,
+    A_BETA2,
+    A_DECAY,
+    A_EPS,
+    A_NEG_STEP,
+    A_W1,
+    A_W2,
+    S_DAMP1,
+    S_MODE,
+    S_MOMENTUM,
+    S_NEG_LR,
+    S_NESTEROV,
+    S_WD,
+)
 from ._elements import coef_like, narrow, widen
 from ._intrinsics import address_as_pointer
 from ._kernels import chunk_starts, normal_in_type
@@ -56,25 +71,6 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
         return builder.fma(args[0], args[1], args[2])
 
     return sig, codegen
-
-
-# The hyper-parameter matrices' columns (one row per tensor) live in _hparams,
-# beside the code that fills them; the CUDA kernels mirror them as FC_A_*/FC_S_*.
-from .._hparams import (  # noqa: E402
-    A_BC2_SQRT,
-    A_BETA2,
-    A_DECAY,
-    A_EPS,
-    A_NEG_STEP,
-    A_W1,
-    A_W2,
-    S_DAMP1,
-    S_MODE,
-    S_MOMENTUM,
-    S_NEG_LR,
-    S_NESTEROV,
-    S_WD,
-)
 
 
 @njit(fastmath=False, error_model="numpy", cache=False)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._errors import NonFiniteNormError, nonfinite_message, raise_overlap
-from .._generic import int_bound
+from .._formulas import int_bound
 from .._memory import check_self_overlap, overlapping_extents
 from . import _plan, _source
 from ._libs import lib_for

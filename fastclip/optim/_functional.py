@@ -1,156 +1,23 @@
 """Functional fused clip-and-step optimizers on lists of arrays.
 
-Routes: NumPy arrays and torch CPU tensors run the Numba kernels
-(``optim._cpu``); CuPy arrays and torch CUDA tensors run the CUDA kernels of
-``_gpu/optim_kernels.cu`` (``_gpu._optim``), zero-copy, on the caller's stream,
-without host synchronisation.
+Validation of every argument here, then one call to the backend of
+``_dispatch.backend_for_step``: NumPy arrays and torch CPU tensors run the
+Numba kernels (``_cpu/_fused_step.py``); CuPy arrays and torch CUDA tensors run
+the CUDA kernels of ``_gpu/optim_kernels.cu`` (``_gpu/_fused_step.py``),
+zero-copy, on the caller's stream, without host synchronisation.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .. import _dispatch
-from .._errors import NonFiniteNormError, nonfinite_step_message
-from .._formulas import clip_coefficient
 from .._hparams import adamw_hparams, sgd_hparams
-from .._validate import check_nonfinite, clip_mode, norm_args, scalar_value
-
-
-def cpu_lib(arrays: Sequence[Any], what: str) -> Any:
-    """The core's CPU adapter for ``arrays`` (NumPy or torch CPU), or an error."""
-    route = _dispatch.route_of_many(list(arrays))
-    if route != _dispatch.ROUTE_CPU:
-        raise TypeError(
-            f"{what} runs on NumPy arrays and torch CPU tensors (fused Numba kernels); got "
-            f"{type(arrays[0]).__module__}.{type(arrays[0]).__qualname__}. Use the clippers of "
-            "fastclip.adaptive with your own optimizer for other Array API libraries."
-        )
-    from .._cpu._libs import lib_for
-
-    return lib_for(_dispatch.library_of(arrays[0]))
-
-
-def is_gpu(first: Any) -> bool:
-    """True when ``first`` (a list's first array) takes the GPU route."""
-    return _dispatch.route_of(first) == _dispatch.ROUTE_GPU
-
-
-def gpu_lib(lists: Sequence[Sequence[Any] | None], what: str) -> Any:
-    """The core's GPU adapter for parallel lists (CuPy or torch CUDA), or an error.
-
-    Every array of every list must be a device array of the first one's
-    library (device ids are compared by the driver).  Raises
-    ``GPUUnavailableError`` where CuPy or a device is missing.
-    """
-    first = next(lst[0] for lst in lists if lst)
-    name = _dispatch.library_of(first)
-    for lst in lists:
-        for a in lst or ():
-            if _dispatch.library_of(a) != name or _dispatch.route_of(a) != _dispatch.ROUTE_GPU:
-                where = getattr(a, "device", type(a).__module__)
-                raise TypeError(
-                    f"{what}: every array must be a {name} array on the GPU like the first "
-                    f"parameter, got {type(a).__module__}.{type(a).__qualname__} on {where}; "
-                    "fastclip never moves data between host and device silently"
-                )
-    _dispatch.check_gpu_available()
-    from .._gpu._libs import lib_for
-
-    return lib_for(name)
-
-
-def gpu_scalar(value: Any, name: str, library: str) -> Any:
-    """A GPU step's ``total_norm`` / ``clip_coef``: None, a host float, or a 0-d
-    device array of ``library`` (kept on the device: no sync)."""
-    if value is None or type(value) is float:
-        return value
-    if hasattr(value, "shape") and not isinstance(value, np.ndarray):
-        try:
-            route = _dispatch.route_of(value)
-        except TypeError:
-            route = None
-        if route == _dispatch.ROUTE_GPU:
-            if _dispatch.library_of(value) != library:
-                raise TypeError(
-                    f"{name} is a {_dispatch.library_of(value)} array but the arrays are "
-                    f"{library} arrays"
-                )
-            dtype = str(value.dtype)
-            if math.prod(value.shape) != 1 or "complex" in dtype or "bool" in dtype:
-                raise TypeError(f"{name} must be a real number or a 0-d real array")
-            return value
-    return scalar_value(value, name)
-
-
-class Clip:
-    """The clip part of a fused step: coefficient, norm and whether to skip."""
-
-    __slots__ = ("coef", "norm", "norm_dtype", "skip")
-
-    def __init__(self) -> None:
-        self.coef = 1.0
-        self.norm: float | None = None
-        self.norm_dtype: Any = np.dtype(np.float32)
-        self.skip = False
-
-
-def clip_plan(
-    lib: Any,
-    grads: list[Any],
-    max_norm: Any,
-    norm_type: Any,
-    total_norm: Any,
-    clip_coef: Any,
-    eps: Any,
-    nonfinite: str,
-    what: str,
-) -> Clip:
-    """Compute the norm (one read pass, the core's kernel) and the coefficient.
-
-    Raises :class:`fastclip.NonFiniteNormError` for ``nonfinite="error"`` and a
-    non-finite norm; sets ``skip`` for ``"skip"``.  Nothing is written here.
-    """
-    from . import _cpu
-
-    plan = Clip()
-    mode = clip_mode(max_norm, total_norm, clip_coef, what)
-    if mode == "coef":
-        plan.coef = scalar_value(clip_coef, "clip_coef")
-        if not plan.coef >= 0.0:
-            if nonfinite == "error":
-                raise NonFiniteNormError(f"{what}: the clip coefficient is {plan.coef}")
-            if nonfinite == "skip":
-                plan.skip = True
-        return plan
-    if mode == "none":
-        return plan
-    c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
-    if total_norm is None:
-        # The core's norm (robust_norm): one power-sum pass, plus a rescaled pass
-        # only when the float64 sum left its exact range (|g| ~ 1e200 or 1e-200),
-        # so the fused steps clip with the norm the core functions return.
-        value, plan.norm_dtype = _cpu.global_norm(lib, grads, pcode, p)
-    else:
-        value = scalar_value(total_norm, "total_norm")
-        plan.norm_dtype = (
-            np.dtype(np.float64)
-            if any(str(g.dtype).endswith("float64") for g in grads)
-            else np.dtype(np.float32)
-        )
-    plan.norm = value
-    if not math.isfinite(value):
-        if nonfinite == "error":
-            raise NonFiniteNormError(nonfinite_step_message(what, value))
-        if nonfinite == "skip":
-            plan.skip = True
-            return plan
-    plan.coef = clip_coefficient(c, value, eps_v)
-    return plan
+from .._typing import StepClip
+from .._validate import check_nonfinite, scalar_value
 
 
 def _as_list(arrays: Any, name: str) -> list[Any]:
@@ -159,10 +26,21 @@ def _as_list(arrays: Any, name: str) -> list[Any]:
     return _dispatch.as_array_list(arrays)
 
 
-def _norm_result(lib: Any, plan: Clip, like: Any) -> Any:
-    if plan.norm is None:
-        return None
-    return lib.wrap(plan.norm, plan.norm_dtype, like)
+def _step_clip(
+    backend: Any,
+    max_norm: Any,
+    norm_type: Any,
+    total_norm: Any,
+    clip_coef: Any,
+    eps: Any,
+    policy: str,
+) -> StepClip:
+    """The clip arguments; on the GPU route a device ``total_norm`` / ``clip_coef``
+    stays on the device (no sync); the CPU route reads them as Python floats."""
+    if backend.on_gpu:
+        total_norm = backend.step_scalar(total_norm, "total_norm")
+        clip_coef = backend.step_scalar(clip_coef, "clip_coef")
+    return StepClip(max_norm, norm_type, total_norm, clip_coef, eps, policy)
 
 
 def _steps(step: Any, n: int) -> list[float]:
@@ -217,81 +95,6 @@ def check_sgd_args(lr: float, momentum: float, dampening: float, wd: float, nest
         raise ValueError(f"Invalid weight_decay value: {wd}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-
-def prepare_adamw(
-    lib: Any,
-    params: list[Any],
-    grads: list[Any],
-    exp_avgs: list[Any],
-    exp_avg_sqs: list[Any],
-    max_exp_avg_sqs: list[Any] | None,
-) -> list[Any]:
-    """Validate and pack an AdamW launch (per-dtype groups); writes nothing."""
-    from . import _cpu
-
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-    return _cpu.groups(lib, lists, [True, False, True, True, True], "adamw_step")
-
-
-def run_adamw(
-    lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float, amsgrad: bool
-) -> None:
-    """Run the AdamW kernel on groups from :func:`prepare_adamw` (one launch per dtype)."""
-    from .._config import CHUNK
-    from . import _cpu
-
-    for g in gs:
-        rows = hp if len(g.index) == len(params) else hp[g.index]
-        _cpu.run(
-            "tab_adamw",
-            g.n,
-            g.addrs(0),
-            g.addrs(1),
-            g.addrs(2),
-            g.addrs(3),
-            g.addrs(4),
-            g.sizes,
-            g.like,
-            coef,
-            rows,
-            amsgrad,
-            CHUNK,
-        )
-        g.copy_out()
-    lib.touched(params)
-
-
-def prepare_sgd(
-    lib: Any, params: list[Any], grads: list[Any], buffers: list[Any] | None
-) -> list[Any]:
-    """Validate and pack an SGD launch (per-dtype groups); writes nothing."""
-    from . import _cpu
-
-    return _cpu.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
-
-
-def run_sgd(lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float) -> None:
-    """Run the SGD kernel on groups from :func:`prepare_sgd` (one launch per dtype)."""
-    from .._config import CHUNK
-    from . import _cpu
-
-    for g in gs:
-        rows = hp if len(g.index) == len(params) else hp[g.index]
-        _cpu.run(
-            "tab_sgd",
-            g.n,
-            g.addrs(0),
-            g.addrs(1),
-            g.addrs(2),
-            g.sizes,
-            g.like,
-            coef,
-            rows,
-            CHUNK,
-        )
-        g.copy_out()
-    lib.touched(params)
 
 
 def adamw_step_(
@@ -420,8 +223,7 @@ def adamw_step_(
     vs = _as_list(exp_avg_sqs, "exp_avg_sqs")
     xs = None if max_exp_avg_sqs is None else _as_list(max_exp_avg_sqs, "max_exp_avg_sqs")
     policy = check_nonfinite(nonfinite)
-    gpu = is_gpu(ps[0])  # CuPy / torch CUDA: the CUDA kernels, no host sync
-    lib = gpu_lib([ps, gs, ms, vs, xs], "adamw_step_") if gpu else cpu_lib(ps, "adamw_step_")
+    backend = _dispatch.backend_for_step([ps, gs, ms, vs, xs], "adamw_step_")
     if len(gs) != len(ps):
         raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
     beta1, beta2 = _betas(betas)
@@ -432,24 +234,10 @@ def adamw_step_(
     )
     check_adamw_args(lr_v, beta1, beta2, eps_v, wd_v)
     hp = adamw_hparams(_steps(step, len(ps)), lr_v, beta1, beta2, eps_v, wd_v)
-    if gpu:
-        from .._gpu import _optim
-
-        return _optim.adamw_step_gpu(
-            lib, ps, gs, ms, vs, xs, hp, bool(maximize), max_norm, norm_type,
-            gpu_scalar(total_norm, "total_norm", lib.name),
-            gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
-        )  # fmt: skip
+    clip = _step_clip(backend, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy)
     # every list is validated (shapes, dtypes, writability, overlaps) before the
     # norm decides anything: a NaN norm with "skip" must not hide a bad call
-    groups = prepare_adamw(lib, ps, gs, ms, vs, xs)
-    plan = clip_plan(
-        lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "adamw_step_"
-    )
-    if not plan.skip:
-        coef = -plan.coef if maximize else plan.coef
-        run_adamw(lib, ps, groups, hp, coef, xs is not None)
-    return _norm_result(lib, plan, ps[0])
+    return backend.adamw_step_(ps, gs, ms, vs, xs, hp=hp, maximize=bool(maximize), clip=clip)
 
 
 def sgd_step_(
@@ -528,8 +316,7 @@ def sgd_step_(
     bufs = None
     if momentum != 0 and momentum_buffers is not None:
         bufs = _as_list(momentum_buffers, "momentum_buffers")
-    gpu = is_gpu(ps[0])  # CuPy / torch CUDA: the CUDA kernels, no host sync
-    lib = gpu_lib([ps, gs, bufs], "sgd_step_") if gpu else cpu_lib(ps, "sgd_step_")
+    backend = _dispatch.backend_for_step([ps, gs, bufs], "sgd_step_")
     if len(gs) != len(ps):
         raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
     lr_v, wd_v = scalar_value(lr, "lr"), scalar_value(weight_decay, "weight_decay")
@@ -543,19 +330,5 @@ def sgd_step_(
     if len(first) != len(ps):
         raise ValueError(f"first_step: got {len(first)} values for {len(ps)} parameters")
     hp = sgd_hparams(len(ps), lr_v, momentum, dampening, wd_v, bool(nesterov), first)
-    if gpu:
-        from .._gpu import _optim
-
-        return _optim.sgd_step_gpu(
-            lib, ps, gs, bufs, hp, bool(maximize), max_norm, norm_type,
-            gpu_scalar(total_norm, "total_norm", lib.name),
-            gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
-        )  # fmt: skip
-    groups = prepare_sgd(lib, ps, gs, bufs)  # validate everything before the skip decision
-    plan = clip_plan(
-        lib, gs, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy, "sgd_step_"
-    )
-    if not plan.skip:
-        coef = -plan.coef if maximize else plan.coef
-        run_sgd(lib, ps, groups, hp, coef)
-    return _norm_result(lib, plan, ps[0])
+    clip = _step_clip(backend, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy)
+    return backend.sgd_step_(ps, gs, bufs, hp=hp, maximize=bool(maximize), clip=clip)

@@ -1,4 +1,4 @@
-"""The generic route: pure Array API code for every other library.
+"""The generic route's operations: pure Array API code for every other library.
 
 array-api-strict, JAX, Dask, torch on non-CPU/CUDA devices, ... all come here
 through ``array_api_compat.array_namespace``.  Sums are taken in float64 where
@@ -15,8 +15,8 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
-from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients
+from .._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
+from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, int_bound
 
 
 def _xp(x: Any) -> Any:
@@ -51,7 +51,7 @@ def _norm_dtype(xp: Any, x: Any) -> Any:
     return xp.float64 if wide else xp.float32
 
 
-def _wide(xp: Any) -> Any:
+def wide_dtype(xp: Any) -> Any:
     """float64 when the namespace really computes in it (not JAX without x64)."""
     if aac.is_jax_namespace(xp):
         import jax
@@ -68,7 +68,7 @@ def _check_float(xp: Any, x: Any, what: str) -> None:
 
 def _pow_sum(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None) -> Any:
     """sum |x|**p (or max |x|) over ``axes`` in the wide dtype."""
-    a = xp.astype(xp.abs(x), _wide(xp))
+    a = xp.astype(xp.abs(x), wide_dtype(xp))
     if pcode == 0:
         if math.prod(x.shape) == 0:
             return xp.sum(a, axis=axes)  # zeros of the reduced shape
@@ -112,7 +112,7 @@ def _robust_norms(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] |
     value = _root(xp, total, pcode, p)
     if not _needs_rescale(xp, [x], pcode) or math.prod(x.shape) == 0:
         return value
-    a = xp.astype(xp.abs(x), _wide(xp))
+    a = xp.astype(xp.abs(x), wide_dtype(xp))
     m = xp.reshape(xp.max(a, axis=axes, keepdims=True), total.shape)
     ok = (m > 0.0) & (m < math.inf)
     safe = xp.where(ok, m, xp.ones_like(m))
@@ -123,8 +123,9 @@ def _robust_norms(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] |
 
 
 @_quiet
-def norm(x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
-    xp = _xp(x)
+def norm(
+    xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+) -> Any:
     _check_float(xp, x, "norm")
     red = None if axes is None else axes
     value = _robust_norms(xp, x, pcode, p, red)
@@ -135,8 +136,7 @@ def norm(x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: b
 
 
 @_quiet
-def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
-    xp = _xp(arrays[0])
+def global_norm(xp: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any:
     for a in arrays:
         _check_float(xp, a, "norm")
     parts = [_pow_sum(xp, a, pcode, p, None) for a in arrays]
@@ -147,7 +147,7 @@ def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
     live = [a for a in arrays if math.prod(a.shape) > 0]
     if live and _needs_rescale(xp, arrays, pcode):
         # As ``_robust_norms``, over all arrays: m = the largest max |x| of any.
-        wide = [xp.astype(xp.abs(a), _wide(xp)) for a in live]
+        wide = [xp.astype(xp.abs(a), wide_dtype(xp)) for a in live]
         m = xp.max(xp.stack([xp.max(a) for a in wide]))
         ok = (m > 0.0) & (m < math.inf)
         safe = xp.where(ok, m, xp.ones_like(m))
@@ -157,7 +157,7 @@ def global_norm(arrays: Sequence[Any], pcode: int, p: float) -> Any:
     return xp.astype(value, dtype)
 
 
-def _check_writeable(x: Any, what: str) -> None:
+def check_writeable(x: Any, what: str) -> None:
     if not aac.is_writeable_array(x):
         raise TypeError(
             f"{what}_ cannot modify {type(x).__module__}.{type(x).__name__} arrays in place "
@@ -165,13 +165,13 @@ def _check_writeable(x: Any, what: str) -> None:
         )
 
 
-def _check_all_writeable(arrays: list[Any], what: str) -> None:
+def check_all_writeable(arrays: list[Any], what: str) -> None:
     """Every target of a many-array in-place call can be written, checked before the
     first write: the flag alone is not enough (an array-api-strict array over a
     read-only or broadcast NumPy buffer reports itself writeable), so one element
     of each is written back with its own value, which changes no byte."""
     for a in arrays:
-        _check_writeable(a, what)
+        check_writeable(a, what)
     for k, a in enumerate(arrays):
         if math.prod(a.shape) == 0:
             continue
@@ -192,7 +192,7 @@ def _scaled(xp: Any, x: Any, coef: Any) -> Any:
     Rounding the coefficient to float32 first would flush factors below ~1e-45 to
     0 and turn ones above ~3e38 into inf although the products are representable.
     """
-    wide = _wide(xp)
+    wide = wide_dtype(xp)
     c = xp.astype(coef, wide)
     if xp.isdtype(x.dtype, "complex floating"):
         cwide = xp.complex128 if wide == xp.float64 else xp.complex64
@@ -202,6 +202,7 @@ def _scaled(xp: Any, x: Any, coef: Any) -> Any:
 
 @_quiet
 def rescale(
+    xp: Any,
     x: Any,
     pcode: int,
     p: float,
@@ -211,11 +212,10 @@ def rescale(
     mode: str,
     inplace: bool,
 ) -> tuple[Any, Any]:
-    xp = _xp(x)
     what = "clip_by_norm" if mode == "clip" else "normalize"
     _check_float(xp, x, what)
     if inplace:
-        _check_writeable(x, what)
+        check_writeable(x, what)
     norms = _robust_norms(xp, x, pcode, p, axes)
     coef = clip_coefficients(norms, max_norm, eps, mode, xp=xp)
     if axes is not None:
@@ -230,6 +230,7 @@ def rescale(
 
 @_quiet
 def clip_global(
+    xp: Any,
     arrays: list[Any],
     max_norm: float,
     pcode: int,
@@ -239,15 +240,14 @@ def clip_global(
     error_if_nonfinite: bool,
     inplace: bool,
 ) -> tuple[list[Any], Any]:
-    xp = _xp(arrays[0])
     if inplace:
-        _check_all_writeable(arrays, "clip_by_global_norm")
-    norm_value = global_norm(arrays, pcode, p)
+        check_all_writeable(arrays, "clip_by_global_norm")
+    norm_value = global_norm(xp, arrays, pcode, p)
     if total_norm is not None:
         norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
     if error_if_nonfinite and not math.isfinite(float(norm_value)):
         raise NonFiniteNormError(nonfinite_message(float(norm_value)))
-    coef = clip_coefficients(xp.astype(norm_value, _wide(xp)), max_norm, eps, xp=xp)
+    coef = clip_coefficients(xp.astype(norm_value, wide_dtype(xp)), max_norm, eps, xp=xp)
     outs = [_scaled(xp, a, coef) for a in arrays]
     if inplace:
         for a, o in zip(arrays, outs):
@@ -256,35 +256,16 @@ def clip_global(
     return outs, norm_value
 
 
-def int_bound(v: float | None, lo_end: int, hi_end: int, lower: bool) -> int | None:
-    """A float bound for integer data in [lo_end, hi_end], or None for no bound.
-
-    Same result as clipping in float64 and converting back with saturation: a
-    lower bound rounds up, an upper bound down; -inf below (inf above) is no
-    bound at all, and a bound beyond the integer range (inf, 1e30 on int8)
-    saturates at the range's end instead of overflowing.
-    """
-    if v is None or math.isnan(v):
-        return None
-    if math.isinf(v):
-        if (v < 0) == lower:  # -inf as a lower bound, inf as an upper one
-            return None
-        return hi_end if v > 0 else lo_end
-    i = math.ceil(v) if lower else math.floor(v)
-    return min(max(i, lo_end), hi_end)
-
-
-def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
-    xp = _xp(x)
+def clip_by_value(xp: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
     if xp.isdtype(x.dtype, "complex floating"):
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
     if inplace:
-        _check_writeable(x, "clip_by_value")
+        check_writeable(x, "clip_by_value")
     if x.dtype == xp.bool:
         # bool as 0/1, clamped to [ceil(min), floor(max)] within [0, 1] like other integers
         as_int = xp.astype(x, xp.int8)
         lo_i, hi_i = int_bound(lo, 0, 1, True), int_bound(hi, 0, 1, False)
-        clipped = clip_by_value(as_int, lo_i, hi_i, False) != 0
+        clipped = clip_by_value(xp, as_int, lo_i, hi_i, False) != 0
         if inplace:
             x[...] = clipped
             return x
@@ -305,9 +286,27 @@ def clip_by_value(x: Any, lo: float | None, hi: float | None, inplace: bool) -> 
 
 
 @_quiet
-def scale_(arrays: list[Any], factor: float) -> None:
-    xp = _xp(arrays[0])
-    _check_all_writeable(arrays, "scale")
+def scale_(xp: Any, arrays: list[Any], factor: float) -> None:
+    check_all_writeable(arrays, "scale")
     outs = [_scaled(xp, a, xp.asarray(factor, device=aac.device(a))) for a in arrays]
     for a, o in zip(arrays, outs):
         a[...] = o
+
+
+def check_value_targets(xp: Any, arrays: list[Any]) -> None:
+    """What clip_by_value_ checks for each array, for all of them before any is written."""
+    for a in arrays:
+        check_writeable(a, "clip_by_value")
+
+
+def clamp_many_(xp: Any, arrays: list[Any], lo: float | None, hi: float | None) -> None:
+    """clip_by_value_ on every array, all validated before the first is written."""
+    check_value_targets(xp, arrays)
+    for a in arrays:
+        clip_by_value(xp, a, lo, hi, True)
+
+
+def check_targets(xp: Any, arrays: list[Any], what: str) -> None:
+    """Validate in-place targets of a global clip (nothing written)."""
+    for a in arrays:
+        check_writeable(a, what)

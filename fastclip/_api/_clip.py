@@ -1,0 +1,203 @@
+"""Clipping one array: by value (``clip_by_value``), by norm (``clip_by_norm``),
+and normalising (``normalize``), each out of place and in place.
+
+Each function validates its arguments, then makes one call to the backend that
+``_dispatch`` binds for its array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import _dispatch
+from .._typing import Array
+from .._validate import check_bounds, check_eps, check_max_norm, check_ord, reduction_axes
+
+
+def clip_by_value(x: Array, min: float | None = None, max: float | None = None) -> Array:
+    r"""Clamp every element to ``[min, max]``, into a new array.
+
+    .. math:: y_i = \min(\max(x_i, \mathrm{min}), \mathrm{max})
+
+    Parameters
+    ----------
+    x : array
+        Any real dtype, integer and bool included (complex raises TypeError).
+    min, max : float, optional
+        Bounds (Python numbers or 0-d arrays); at least one is required,
+        ``min <= max``, neither NaN.  For integer arrays the bounds are rounded
+        inward (``ceil(min)``, ``floor(max)``).
+
+    Returns
+    -------
+    array
+        Same library, dtype, shape and device as ``x``; ``x`` is untouched.
+        NaN elements stay NaN (as ``torch.clamp`` and ``numpy.clip``).
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> fastclip.clip_by_value(np.array([-2.0, 0.5, 3.0]), -1, 1)
+    array([-1. ,  0.5,  1. ])
+    """
+    lo, hi = check_bounds(min, max)
+    return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=False)
+
+
+def clip_by_value_(x: Array, min: float | None = None, max: float | None = None) -> Array:
+    r"""Clamp every element to ``[min, max]`` in place (weight clipping); returns ``x``.
+
+    Same semantics as :func:`clip_by_value`.  Read-only NumPy arrays raise
+    ValueError and immutable arrays (JAX) raise TypeError, before any write.
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> w = np.array([-0.5, 0.005, 0.2], dtype=np.float32)
+    >>> fastclip.clip_by_value_(w, -0.01, 0.01) is w
+    True
+    >>> w
+    array([-0.01 ,  0.005,  0.01 ], dtype=float32)
+    """
+    lo, hi = check_bounds(min, max)
+    return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=True)
+
+
+def _rescale(
+    x: Any, max_norm: float, ord: Any, axis: Any, eps: Any, mode: str, inplace: bool
+) -> Any:
+    pcode, p = check_ord(ord)
+    eps_v = check_eps(eps)
+    backend = _dispatch.backend_of(x)
+    axes = reduction_axes(x, axis)
+    return backend.rescale(
+        x, pcode, p, axes=axes, max_norm=max_norm, eps=eps_v, mode=mode, inplace=inplace
+    )
+
+
+def clip_by_norm(
+    x: Array,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    eps: float = 1e-6,
+) -> Array:
+    r"""Scale ``x`` down so its norm is at most ``max_norm``, into a new array.
+
+    .. math:: y = x \cdot \min\Big(1, \frac{c}{\|x\|_p + \varepsilon}\Big)
+
+    The coefficient is always multiplied in (no branch on its value), as in
+    ``torch.nn.utils.clip_grad_norm_``; ``eps`` keeps the division finite at
+    ``x = 0``.  With ``axis``, each slice along the kept axes is clipped on its
+    own: ``clip_by_norm(g, c, axis=1)`` on ``[B, D]`` clips every row (per-sample
+    clipping; a Keras ``MaxNorm(c, axis=...)`` constraint uses the same axes).
+
+    Parameters
+    ----------
+    x : array
+        float16, bfloat16, float32, float64 or complex.
+    max_norm : float
+        ``c >= 0`` (``inf`` disables clipping); NaN or negative raise ValueError.
+    ord : float, default 2
+        Any real ``p > 0`` or ``inf``.
+    axis : int or tuple of int, optional
+        Reduction axes of the norm; ``None`` = the whole array.
+    eps : float, default 1e-6
+        Added to the norm in the denominator.
+
+    Returns
+    -------
+    array
+        Same library, dtype, shape and device as ``x``.  A NaN norm makes the
+        output NaN (it propagates, as in torch).
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> g = np.array([3.0, 4.0])
+    >>> fastclip.clip_by_norm(g, 1.0, eps=0.0)
+    array([0.6, 0.8])
+    >>> fastclip.clip_by_norm(np.array([[3.0, 4.0], [0.3, 0.4]]), 1.0, axis=1, eps=0.0)
+    array([[0.6, 0.8],
+           [0.3, 0.4]])
+    """
+    c = check_max_norm(max_norm)
+    return _rescale(x, c, ord, axis, eps, "clip", False)[0]
+
+
+def clip_by_norm_(
+    x: Array,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    eps: float = 1e-6,
+) -> Array:
+    r"""Clip by norm in place; returns the norm(s) *before* clipping.
+
+    Same formula and arguments as :func:`clip_by_norm`; ``x`` (a NumPy
+    array, a torch tensor or its ``.grad``) is modified in its own memory.
+
+    Returns
+    -------
+    array
+        0-d norm (``axis=None``) or one norm per kept slice, float32
+        (float64 for float64 input), in ``x``'s library.
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> g = np.array([3.0, 4.0], dtype=np.float32)
+    >>> fastclip.clip_by_norm_(g, 1.0, eps=0.0)
+    array(5., dtype=float32)
+    >>> g
+    array([0.6, 0.8], dtype=float32)
+    """
+    if axis is None and type(x) is np.ndarray:
+        fast = _dispatch.small_clip_(x, max_norm, ord, eps)
+        if fast is not None:
+            return fast
+    c = check_max_norm(max_norm)
+    return _rescale(x, c, ord, axis, eps, "clip", True)[1]
+
+
+def normalize(
+    x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, eps: float = 1e-6
+) -> Array:
+    r"""Divide by the norm: ``x / (||x||_p + eps)``, into a new array.
+
+    .. math:: y = \frac{x}{\|x\|_p + \varepsilon}
+
+    The "clipping" that always rescales to (almost) unit norm, whole array or
+    per slice (``axis`` = reduction axes, like Keras ``UnitNorm``).
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> fastclip.normalize(np.array([3.0, 4.0]), eps=0.0)
+    array([0.6, 0.8])
+    >>> fastclip.normalize(np.array([1.0, 3.0]), ord=1, eps=0.0)
+    array([0.25, 0.75])
+    """
+    return _rescale(x, 0.0, ord, axis, eps, "normalize", False)[0]
+
+
+def normalize_(
+    x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, eps: float = 1e-6
+) -> Array:
+    r"""Divide by the norm in place; returns the norm(s) before normalising.
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> v = np.array([[3.0, 4.0], [0.0, 2.0]])
+    >>> fastclip.normalize_(v, axis=1, eps=0.0)
+    array([5., 2.])
+    >>> v
+    array([[0.6, 0.8],
+           [0. , 1. ]])
+    """
+    return _rescale(x, 0.0, ord, axis, eps, "normalize", True)[1]

@@ -1,0 +1,195 @@
+"""Clipping many arrays together: ``clip_by_global_norm`` (out of place and in
+place), ``scale_`` and the many-array value clamp ``clip_values_``.
+
+Each function validates its arguments, then makes one call to the backend that
+``_dispatch`` binds for its arrays.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+from .. import _dispatch
+from .._typing import Array, ArrayOrArrays
+from .._validate import check_bounds, check_eps, check_max_norm, check_ord, scalar_value
+from ._norms import zero_norm
+
+
+def clip_values_(arrays: ArrayOrArrays, min: float | None = None, max: float | None = None) -> None:
+    """:func:`clip_by_value_` on many arrays with one kernel launch per dtype (private).
+
+    Every array is validated (dtype, writeability, shared elements, one
+    library) before the first is written, so a refused list is left unchanged.
+    """
+    lo, hi = check_bounds(min, max)
+    items = _dispatch.as_array_list(arrays)
+    if not items:
+        return
+    backend = _dispatch.backend_for(items)
+    _check_orderable(items)
+    backend.clamp_many_(items, lo, hi)
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _check_orderable(items: list[Any]) -> None:
+    """TypeError for complex (no order) or non-numeric arrays anywhere in the list."""
+    for dtype in set(map(_DTYPE, items)):
+        name = str(dtype)
+        i = next(i for i, a in enumerate(items) if a.dtype == dtype)
+        if "complex" in name:
+            raise TypeError(
+                f"clip_by_value is not defined for complex arrays (they have no order); "
+                f"array {i} is {name}. Clip the real and imaginary parts separately, or use "
+                "clip_by_norm to bound the magnitude"
+            )
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
+            raise TypeError(
+                "clip_by_value needs numeric arrays (bool, integer or floating); "
+                f"array {i} is {name}"
+            )
+
+
+def _total_norm_value(total_norm: Any) -> float | None:
+    if total_norm is None:
+        return None
+    value = scalar_value(total_norm, "total_norm")
+    if value < 0:
+        raise ValueError(f"total_norm must be >= 0 (or NaN/inf), got {value}")
+    return value
+
+
+def _clip_global(
+    arrays: Any,
+    max_norm: Any,
+    ord: Any,
+    eps: Any,
+    total_norm: Any,
+    error_if_nonfinite: bool,
+    inplace: bool,
+) -> tuple[list[Any], Any]:
+    c = check_max_norm(max_norm)
+    pcode, p = check_ord(ord)
+    eps_v = check_eps(eps)
+    items = _dispatch.as_array_list(arrays)
+    if not items:
+        return [], zero_norm()
+    backend = _dispatch.backend_for(items)
+    given: Any = backend.scalar_arg(total_norm, "total_norm")  # device: no host sync
+    if given is None:
+        given = _total_norm_value(total_norm)
+    return backend.clip_global(
+        items,
+        pcode,
+        p,
+        max_norm=c,
+        eps=eps_v,
+        total_norm=given,
+        error_if_nonfinite=bool(error_if_nonfinite),
+        inplace=inplace,
+    )
+
+
+def clip_by_global_norm(
+    arrays: ArrayOrArrays,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    eps: float = 1e-6,
+    total_norm: Any = None,
+    error_if_nonfinite: bool = False,
+) -> tuple[list[Array], Array]:
+    r"""Scale many arrays by one coefficient so their global norm is at most ``max_norm``.
+
+    .. math:: y_k = x_k \cdot \min\Big(1, \frac{c}{\|(x_1,\ldots,x_n)\|_p + \varepsilon}\Big)
+
+    Parameters
+    ----------
+    arrays : array or iterable of arrays
+        From one library, on one device; dtypes may differ.
+    max_norm : float
+        ``c >= 0``.
+    ord : float, default 2
+        Any real ``p > 0`` or ``inf``.
+    eps : float, default 1e-6
+        Added to the norm in the denominator (torch uses 1e-6; optax uses 0).
+    total_norm : float or 0-d array, optional
+        Use this norm instead of computing it (e.g. one reduced across ranks).
+    error_if_nonfinite : bool, default False
+        Raise :class:`fastclip.NonFiniteNormError` (a RuntimeError) when the
+        norm is NaN or inf, before anything is written.  By default a
+        non-finite norm propagates: every output becomes NaN (or 0 for inf).
+
+    Returns
+    -------
+    (list of arrays, array)
+        New arrays (same library, dtypes, shapes, device) and the 0-d total
+        norm before clipping.
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> out, total = fastclip.clip_by_global_norm([np.array([3.0]), np.array([4.0])], 1.0, eps=0)
+    >>> total, out
+    (array(5.), [array([0.6]), array([0.8])])
+    """
+    return _clip_global(arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, False)
+
+
+def clip_by_global_norm_(
+    arrays: ArrayOrArrays,
+    max_norm: float,
+    ord: float = 2,
+    *,
+    eps: float = 1e-6,
+    total_norm: Any = None,
+    error_if_nonfinite: bool = False,
+) -> Array:
+    r"""Global-norm clipping in place; returns the total norm before clipping.
+
+    Same formula and arguments as :func:`clip_by_global_norm`.  All arrays are
+    validated (dtypes, writeability, one library, no two sharing memory)
+    before any is modified.
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> grads = [np.array([3.0], np.float32), np.array([4.0], np.float32)]
+    >>> fastclip.clip_by_global_norm_(grads, 1.0)
+    array(5., dtype=float32)
+    >>> grads
+    [array([0.6], dtype=float32), array([0.8], dtype=float32)]
+    """
+    if total_norm is None and not error_if_nonfinite and type(arrays) is list and len(arrays) == 1:
+        fast = _dispatch.small_clip_(arrays[0], max_norm, ord, eps)
+        if fast is not None:
+            return fast
+    return _clip_global(arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, True)[1]
+
+
+def scale_(arrays: ArrayOrArrays, factor: Any) -> None:
+    r"""Multiply arrays in place by a scalar or 0-d array: ``x_k *= factor``.
+
+    One kernel launch per dtype for any number of arrays.  16-bit data is
+    multiplied in float32 and rounded once.
+
+    Examples
+    --------
+    >>> import numpy as np, fastclip
+    >>> a, b = np.ones(2, np.float32), np.ones(3, np.float32)
+    >>> fastclip.scale_([a, b], 0.5)
+    >>> a, b
+    (array([0.5, 0.5], dtype=float32), array([0.5, 0.5, 0.5], dtype=float32))
+    """
+    items = _dispatch.as_array_list(arrays)
+    if not items:
+        return
+    backend = _dispatch.backend_for(items)
+    value: Any = backend.scalar_arg(factor, "factor")  # device: no host sync
+    if value is None:
+        value = scalar_value(factor, "factor")
+    backend.scale_(items, value)

@@ -1,0 +1,119 @@
+"""Per-sample clipping on the CPU route (NumPy arrays, torch CPU tensors).
+
+Pass 1 reads every per-sample gradient once for its per-sample power sums
+(``rows_pow_sum``); pass 2 reads it again and writes only the batch reduction
+(``out[d] = sum_b f_b g[b, d]``, the fused weighted-sum kernel), never the
+clipped per-sample copies.  Norms and factors follow ``_formulas``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+from .. import _config as cfg
+from .._formulas import per_sample_norms_and_factors, per_sample_rescaler
+from . import _driver  # merge: becomes the split modules (run / run_with)
+from . import _per_sample_kernels as psk
+from ._libs import float_storage, norm_dtype  # merge: becomes ._adapters
+
+
+def check_cpu_items(lib: Any, items: list[Any]) -> None:
+    if lib.name == "torch":
+        for x in items:
+            if x.device.type != "cpu":
+                raise TypeError(
+                    f"all tensors in one call must be on one device, got cpu and {x.device}"
+                )
+
+
+def _new(lib: Any, like: Any, shape: tuple[int, ...]) -> Any:
+    if lib.name == "torch":
+        return sys.modules["torch"].empty(shape, dtype=like.dtype)
+    return np.empty(shape, like.dtype)
+
+
+def clip_per_sample(
+    lib: Any,
+    items: list[Any],
+    batch: int,
+    pcode: int,
+    p: float,
+    bounds: np.ndarray,
+    per_layer: bool,
+    reduce: str | None,
+    eps: float,
+) -> tuple[list[Any], Any, int]:
+    check_cpu_items(lib, items)
+    views = []
+    for x in items:
+        sv = float_storage(lib, x, "clip_per_sample")
+        width = math.prod(sv.shape[1:])
+        views.append(np.ascontiguousarray(sv).reshape(batch, width))  # copies only if strided
+    ones = np.ones(batch)
+    sums = np.empty((len(views), batch))
+    for k, x2 in enumerate(views):
+        sums[k] = _driver.run("rows_pow_sum", x2.size, x2, pcode, p, ones)
+    wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
+
+    def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
+        x2 = views[k]
+        if rows.size == 1:
+            x2 = x2[rows[0] : rows[0] + 1]
+        elif rows.size != x2.shape[0]:  # all rows: no copy
+            x2 = x2[rows]
+        return _driver.run("rows_pow_sum", x2.size, x2, pc, pp, inv)
+
+    fix = per_sample_rescaler(pcode, p, wide, per_layer, len(views), rows_pow_sum)
+    norms, factors, clipped = per_sample_norms_and_factors(
+        sums, pcode, p, bounds, per_layer, eps, fix
+    )
+    outs = []
+    scale = 1.0 / batch if reduce == "mean" else 1.0
+    for k, (x, x2) in enumerate(zip(items, views)):
+        f = np.ascontiguousarray(factors[k])
+        if reduce is None:
+            out = _new(lib, x, tuple(x.shape))
+            dst = lib.storage(out).reshape(x2.shape)
+            if x2.size:
+                _driver.run("rows_scale", x2.size, x2, dst, f, False)
+        else:
+            out = _new(lib, x, tuple(x.shape[1:]))
+            dst = lib.storage(out).reshape(-1)
+            f, out_scale = _factors_in_range(f, scale, wide)
+            if x2.size:
+                _driver.run_with(
+                    functools.partial(psk.kernel, "weighted_sum"),
+                    x2.size,
+                    x2,
+                    f,
+                    dst,
+                    out_scale,
+                    cfg.PER_SAMPLE_COL_TILE,
+                    cfg.PER_SAMPLE_ROW_BLOCK,
+                )
+        outs.append(out)
+    ndt = np.dtype(np.float64 if wide else np.float32)
+    return outs, lib.wrap(norms, ndt, items[0]), clipped
+
+
+def _factors_in_range(f: np.ndarray, scale: float, wide: bool) -> tuple[np.ndarray, float]:
+    """Factors the weighted sum can take in float32, and the float64 output scale.
+
+    The weighted sum multiplies 32- and 16-bit rows by float32 factors; a factor
+    below float32's normal range (samples of norm 1e30 clipped to 1e-30: 1e-60)
+    would flush to 0 although every product is representable.  Dividing the
+    factors by a power of two near their largest, and multiplying the output's
+    float64 scale by it, is exact and keeps the largest factors in range.
+    """
+    if wide or not f.size:
+        return f, scale
+    top = float(np.max(f))
+    if not (0.0 < top < 2.0**-60):  # in range already (or 0, NaN, inf: nothing to gain)
+        return f, scale
+    _, e = np.frexp(top)
+    return np.ldexp(f, -e), scale * math.ldexp(1.0, int(e))

@@ -1,0 +1,18 @@
+"""What the GPU route offers callers that reduce norms themselves (``fastclip.distributed``).
+
+``check_targets`` makes every check of an in-place global clip (dtypes, one
+device, no shared memory) before anything is written or launched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import _driver  # merge: becomes `from ._core import Packed` / `._adapters import on_device`
+
+
+def check_targets(lib: Any, arrays: Sequence[Any], what: str) -> None:
+    """Validate in-place targets (nothing written or launched)."""
+    with _driver._on_device(lib, arrays[0]):
+        _driver._Packed(lib, arrays, what, writing=True)
