@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-import fastclip._per_sample as ps
+import fastclip as ps
 
 SHAPES = [(784 * 1024,), (1024,), (1024 * 256,), (256,), (256 * 10,), (10,)]
 

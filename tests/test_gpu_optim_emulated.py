@@ -558,10 +558,9 @@ class TorchHostLib(HostLib):
 
 @pytest.fixture
 def torch_route(monkeypatch):
-    from fastclip._torch_optim import FusedAdamW, FusedSGD
-
     import fastclip._gpu
     from fastclip import _dispatch
+    from fastclip._torch_optim import FusedAdamW, FusedSGD
 
     backend = _dispatch.Backend(_dispatch.ROUTE_GPU, fastclip._gpu, TorchHostLib)
     monkeypatch.setattr(_dispatch, "backend_for_step", lambda lists, what: backend)
