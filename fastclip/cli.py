@@ -71,8 +71,8 @@ def _parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._bench.backends import BACKENDS
     from ._bench.data import DTYPES
+    from ._bench.registry import BACKENDS
     from ._bench.workloads import WORKLOADS
 
     parser = argparse.ArgumentParser(
@@ -182,8 +182,8 @@ def _bench_config(
     parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
 ) -> tuple[Any, dict[str, Any] | None]:
     from ._bench import BenchConfig
-    from ._bench.backends import BACKENDS
     from ._bench.data import DTYPES
+    from ._bench.registry import BACKENDS
     from ._bench.report import load_json
     from ._bench.workloads import WORKLOADS
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fastclip._bench import BenchConfig, run, timing
-from fastclip._bench import backends as bb
+from fastclip._bench import registry as bb
 from fastclip._bench.data import CaseData
 from fastclip._bench.progress import Progress
 from fastclip._bench.report import compare, format_table, load_json, write_json
@@ -208,7 +208,7 @@ def test_not_implemented_is_skipped_with_reason(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_gpu_backends_skipped_with_reason_without_gpu() -> None:
-    if bb._gpu_storage() is not None:
+    if bb.gpu_storage() is not None:
         pytest.skip("a CUDA GPU is usable here")
     report = run(_cfg(backends=("fastclip", "fastclip-gpu", "torch-cuda-foreach", "cupy")))
     skipped = report["skipped_backends"]

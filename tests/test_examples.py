@@ -1,4 +1,4 @@
-"""Run every script of examples/ on tiny sizes, in subprocesses (as a user would)."""
+"""Run every script of docs/examples/ on tiny sizes, in subprocesses (as a user would)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
+EXAMPLES = os.path.join(ROOT, "docs", "examples")
 
 
 def run(script: str, *args: str) -> str:

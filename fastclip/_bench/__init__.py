@@ -6,7 +6,9 @@ Small modules, one job each:
   many tiny tensors, per-row clipping, value clipping, norms;
 * ``data``       the arrays (one base pool, one work pool), the float64 reference
   and the correctness check;
-* ``backends``   fastclip (CPU, GPU) and the peers (NumPy, torch, CuPy, optax);
+* ``registry``   the backends by name: fastclip (CPU, GPU) and the peers (NumPy, torch,
+  CuPy, optax, Opacus), each with its probe, timer and storage;
+* ``peers``      one module per library: what each backend's timed call does;
 * ``timing``     interleaved repeated timing, CUDA events, the measured bandwidth floor;
 * ``machine``    CPU model, cores, GPUs, library versions;
 * ``report``     the table, ``--compare``, JSON; ``plot`` draws ``--plot``;

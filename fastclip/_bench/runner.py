@@ -12,8 +12,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import backends as _backends
-from . import timing
+from . import registry, timing
 from .data import DTYPES, CaseData, Unsupported
 from .machine import describe
 from .progress import Progress
@@ -56,27 +55,27 @@ def run(cfg: BenchConfig, stderr: TextIO | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_start = _loadavg()
     stderr = stderr if stderr is not None else sys.stderr
-    registry = _backends.BACKENDS
-    names = list(cfg.backends or registry)
+    known = registry.BACKENDS
+    names = list(cfg.backends or known)
     for d in cfg.dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}")
-    usable: list[_backends.Backend] = []
+    usable: list[registry.Backend] = []
     skipped: dict[str, str] = {}
     for n in names:
-        b = registry[n]
+        b = known[n]
         why = b.probe()
         if why is None:
             usable.append(b)
         else:
             skipped[n] = why
-    gpu = any(_backends.device_of(b) == "cuda" for b in usable)
+    gpu = any(registry.device_of(b) == "cuda" for b in usable)
     cases = _cases(cfg, gpu)
 
     progress = Progress(len(cases) * len(cfg.dtypes) + 1, stderr, cfg.progress)
     progress.update("measuring the bandwidth floor")
     bw: dict[str, Any] = {}
-    if any(_backends.device_of(b) == "cpu" for b in usable):
+    if any(registry.device_of(b) == "cpu" for b in usable):
         bw["cpu"] = timing.host_bandwidth()
     if gpu:
         bw["cuda"] = timing.cuda_bandwidth()
@@ -127,7 +126,7 @@ def _ticker(progress: Progress, prefix: str) -> Callable[[str], None]:
 
 
 def _record(
-    case: Case, dtype: str, b: _backends.Backend, nbytes: int, inplace: bool, status: str, **kw: Any
+    case: Case, dtype: str, b: registry.Backend, nbytes: int, inplace: bool, status: str, **kw: Any
 ) -> dict[str, Any]:
     return {
         "workload": case.workload,
@@ -140,7 +139,7 @@ def _record(
         "inplace": inplace,
         "backend": b.name,
         "role": b.role,
-        "device": _backends.device_of(b),
+        "device": registry.device_of(b),
         "status": status,
         **kw,
     }
@@ -149,7 +148,7 @@ def _record(
 def run_case(
     case: Case,
     dtype: str,
-    usable: list[_backends.Backend],
+    usable: list[registry.Backend],
     cfg: BenchConfig,
     bw: dict[str, Any],
     tick: Callable[[str], None],
@@ -165,15 +164,15 @@ def run_case(
     rows: dict[str, dict[str, Any]] = {}
     ops: dict[str, timing.Timed] = {}
     for b in usable:
-        device = _backends.device_of(b)
+        device = registry.device_of(b)
         base = _record(case, dtype, b, data.nbytes, cfg.inplace, "ok")
         if case.large and device == "cpu" and not cfg.large:
             rows[b.name] = {**base, "status": "n/a", "reason": "CPU runs of GPT-2 XL need --large"}
             continue
         tick(b.name)
-        timer = _backends.timer_of(b)
+        timer = registry.timer_of(b)
         try:
-            storage = _backends.storage_of(b)
+            storage = registry.storage_of(b)
             if storage not in ("own", "none"):
                 data.reset(storage)
             op = _quiet(b.make(data, cfg.inplace))
@@ -218,7 +217,7 @@ def run_case(
     return out
 
 
-def _memory_shortfall(case: Case, dtype: str, usable: list[_backends.Backend]) -> str | None:
+def _memory_shortfall(case: Case, dtype: str, usable: list[registry.Backend]) -> str | None:
     """Why an ``adamw`` case cannot run here, or None: every backend keeps its own
     parameters and two moments (3 copies of the gradients' bytes) alive while the
     rounds interleave, on top of the gradients, the initial parameters and slack."""
@@ -229,7 +228,7 @@ def _memory_shortfall(case: Case, dtype: str, usable: list[_backends.Backend]) -
     except (ValueError, OSError, AttributeError):  # not Linux: do not guess
         return None
     item = 8 if dtype == "float64" else 4
-    host = sum(1 for b in usable if _backends.device_of(b) == "cpu")
+    host = sum(1 for b in usable if registry.device_of(b) == "cpu")
     need = case.size * item * (3 * host + 4)
     if need <= 0.9 * avail:
         return None

@@ -193,9 +193,9 @@ def host_bandwidth(repeat: int = 10) -> dict[str, Any]:
 
 def cuda_bandwidth(repeat: int = 20) -> dict[str, Any] | None:
     """Device-to-device read+write bandwidth (in-place scale of 1 GiB), or None."""
-    from .backends import _gpu_storage
+    from .peers import gpu_storage
 
-    storage = _gpu_storage()
+    storage = gpu_storage()
     if storage is None:
         return None
     if storage == "torch-cuda":

@@ -1,6 +1,6 @@
 """A torch training loop with ZClip spike clipping and fastclip's fused AdamW.
 
-Run:  python examples/torch_zclip_adamw.py [--tiny] [--steps N]
+Run:  python docs/examples/torch_zclip_adamw.py [--tiny] [--steps N]
 
 ``ClippedOptimizer(FusedAdamW(...), ZClip())`` clips every step with ZClip's
 z-score rule, then runs the fused AdamW kernel (one launch for all tensors).
@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from fastclip._torch_optim import ClippedOptimizer, FusedAdamW
 from fastclip.adaptive import ZClip
+from fastclip.torch import ClippedOptimizer, FusedAdamW
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """A NumPy-only MLP trained with a hand-written SGD step and fastclip's global-norm clipping.
 
-Run:  python examples/numpy_mlp_sgd.py [--tiny] [--steps N]
+Run:  python docs/examples/numpy_mlp_sgd.py [--tiny] [--steps N]
 
 No deep-learning framework: forward and backward passes are written with NumPy,
 ``fastclip.clip_by_global_norm_`` clips the gradients in place (one multi-array

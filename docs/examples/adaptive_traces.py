@@ -1,6 +1,6 @@
 """Gradient-norm traces of one training run with and without adaptive clipping.
 
-Run:  python examples/adaptive_traces.py [--tiny] [--steps N] [--out traces.png]
+Run:  python docs/examples/adaptive_traces.py [--tiny] [--steps N] [--out traces.png]
 
 The same small regression MLP (NumPy, hand-written backward) is trained with
 noisy labels that produce occasional gradient spikes, four times: no
