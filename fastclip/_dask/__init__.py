@@ -270,6 +270,14 @@ def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> Any
     )
 
 
+def _scalar64(value: Any) -> Any:
+    """A given norm or factor (a number or one-element array) as a 0-d float64 dask array."""
+    import dask.array as da
+
+    out = da.asarray(value).astype(np.float64)
+    return out.reshape(()) if out.ndim != 0 else out
+
+
 def _rebind(x: Any, value: Any) -> None:
     x[...] = value  # dask's __setitem__: x now refers to the new graph
 
@@ -318,9 +326,7 @@ def clip_global(
     if total_norm is None:
         norm64 = _global_norm64(arrays, pcode, p)
     else:
-        norm64 = da.asarray(total_norm).astype(np.float64)
-        if norm64.ndim != 0:
-            norm64 = norm64.reshape(())
+        norm64 = _scalar64(total_norm)
     if error_if_nonfinite:
         # The error must come before anything is returned or rebound: compute the norm now.
         value = float(norm64.compute())
@@ -370,12 +376,8 @@ def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None)
 
 
 def scale_(lib: Any, arrays: list[Any], factor: Any) -> None:
-    import dask.array as da
-
     _checked(arrays, "scale")
-    coef = da.asarray(factor).astype(np.float64)
-    if coef.ndim != 0:
-        coef = coef.reshape(())
+    coef = _scalar64(factor)
     outs = [_scaled(a, coef, None) for a in arrays]
     for a, o in zip(arrays, outs):
         _rebind(a, o)
