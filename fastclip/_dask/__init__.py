@@ -45,14 +45,34 @@ from typing import Any
 
 import numpy as np
 
-from ._cpu import _driver
-from ._cpu._libs import NumpyLib, norm_dtype, refuse_dtype
-from ._errors import NonFiniteNormError, nonfinite_message
-from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients, needs_rescale, pow2_inverse, root
-
-_FLOATS = frozenset(
-    np.dtype(t) for t in (np.float16, np.float32, np.float64, np.complex64, np.complex128)
+from .._errors import NonFiniteNormError, nonfinite_message
+from ._blocks import (
+    FLOATS,
+    PAIR,
+    block_pairs,
+    block_pow_sums,
+    clip_block,
+    coefficients,
+    combine_root,
+    combine_root_pairs,
+    out_dtype,
+    pairs_norm,
+    refuse_dtype,
+    scale_block,
+    uses_pairs,
 )
+
+__all__ = [
+    "DaskLib",
+    "check_known_chunks",
+    "clamp_many_",
+    "clip_by_value",
+    "clip_global",
+    "global_norm",
+    "norm",
+    "rescale",
+    "scale_",
+]
 
 
 class DaskLib:
@@ -62,7 +82,7 @@ class DaskLib:
 
     @staticmethod
     def is_float(x: Any) -> bool:
-        return np.dtype(x.dtype) in _FLOATS
+        return np.dtype(x.dtype) in FLOATS
 
 
 # ------------------------------------------------------------------ checks
@@ -80,9 +100,9 @@ def check_known_chunks(x: Any) -> None:
 
 def _check_float(x: Any, what: str) -> None:
     dt = np.dtype(x.dtype)
-    if dt.kind in "fc" and dt not in _FLOATS:  # byte-swapped or long double
+    if dt.kind in "fc" and dt not in FLOATS:  # byte-swapped or long double
         refuse_dtype(dt)
-    if dt not in _FLOATS:
+    if dt not in FLOATS:
         raise TypeError(
             f"{what} needs floating-point arrays (float16, float32, float64"
             f"{', complex' if what == 'norm' else ''}); got {x.dtype}"
@@ -94,156 +114,6 @@ def _checked(arrays: list[Any], what: str) -> None:
         check_known_chunks(a)
     for a in arrays:
         _check_float(a, what)
-
-
-def _out_dtype(x: Any) -> np.dtype:
-    return norm_dtype(NumpyLib.storage(np.empty(0, x.dtype)).dtype)
-
-
-# ------------------------------------------------------- block functions
-
-
-def _block_pow_sums(
-    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float, **_: Any
-) -> np.ndarray:
-    """float64 power sums (max for inf) of one NumPy block along ``axis``, keepdims."""
-    sv = NumpyLib.storage(np.asarray(block))
-    shape = tuple(1 if i in axis else s for i, s in enumerate(sv.shape))
-    if sv.size == 0:
-        return np.zeros(shape, np.float64)
-    if len(axis) == sv.ndim:
-        flat = sv.reshape(-1)
-        value = _driver.run("arr_pow_sum", flat.size, flat, pcode, p, 1.0, _driver.cfg.CHUNK)
-        return np.full(shape, value, np.float64)
-    plan = _driver._Plan(sv, tuple(sorted(axis)))
-    return np.asarray(plan.pow_sums(pcode, p), np.float64).reshape(shape)
-
-
-#: A partial power sum that survives float64 over/underflow: sum |x|^p = m^p * s.
-_PAIR = np.dtype([("m", np.float64), ("s", np.float64)])
-
-
-def _block_pairs(
-    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float, **_: Any
-) -> np.ndarray:
-    """Partial power sums of one block as ``(m, s)`` pairs (see the module notes)."""
-    sv = NumpyLib.storage(np.asarray(block))
-    shape = tuple(1 if i in axis else s for i, s in enumerate(sv.shape))
-    out = np.zeros(shape, _PAIR)
-    if sv.size == 0:
-        return out  # (0, 0): the identity
-    whole = len(axis) == sv.ndim
-    flat = sv.reshape(-1) if whole else None
-    plan = None if whole else _driver._Plan(sv, tuple(sorted(axis)))
-
-    def pow_sums(pc: int, inv: np.ndarray | None) -> np.ndarray:
-        if plan is not None:
-            return np.asarray(plan.pow_sums(pc, p, inv), np.float64).reshape(shape)
-        assert flat is not None
-        scale = 1.0 if inv is None else float(inv.reshape(-1)[0])
-        value = _driver.run("arr_pow_sum", flat.size, flat, pc, p, scale, _driver.cfg.CHUNK)
-        return np.full(shape, value, np.float64)
-
-    totals = pow_sums(pcode, None)
-    m = np.where(totals == 0.0, 0.0, 1.0)
-    s = totals
-    bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))  # 0 may be underflow
-    if bad.any():
-        maxes = pow_sums(0, None)
-        fix = bad & (maxes > 0.0) & (maxes < math.inf)
-        if fix.any():
-            # A power-of-two scale, not 1 / max: that overflows for subnormal maxima
-            # (see ``_driver.pow2_inverse``); the pair's m is then 1 / inv, exactly.
-            inv = np.where(fix, pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
-            scaled = pow_sums(3, inv.reshape(-1) if plan is not None else inv)
-            m = np.where(fix, 1.0 / inv, m)
-            s = np.where(fix, scaled, s)
-    out["m"] = m
-    out["s"] = s
-    return out
-
-
-def _combine_pairs(
-    parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, p: float
-) -> np.ndarray:
-    """Pairs combined along ``axis``: ``M = max m``, ``S = sum s (m / M)^p``."""
-    m, s = parts["m"], parts["s"]
-    big = np.max(m, axis=axis, keepdims=True)
-    with np.errstate(all="ignore"):
-        ratio = np.where(big > 0.0, m / np.where(big > 0.0, big, 1.0), 0.0)
-        terms = np.where(np.isfinite(s), s * ratio**p, s)  # inf * 0 must stay inf
-    out = np.empty(np.sum(terms, axis=axis, keepdims=keepdims).shape, _PAIR)
-    out["s"] = np.sum(terms, axis=axis, keepdims=keepdims)
-    out["m"] = big if keepdims else np.squeeze(big, axis=axis)
-    return out
-
-
-def _pairs_norm(pairs: np.ndarray, pcode: int, p: float) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        return np.asarray(pairs["m"] * root(pairs["s"], 3, p), np.float64)
-
-
-def _combine_root_pairs(
-    parts: np.ndarray,
-    axis: tuple[int, ...],
-    keepdims: bool,
-    pcode: int,
-    p: float,
-    root: bool,
-    **_: Any,
-) -> np.ndarray:
-    pairs = _combine_pairs(parts, axis, keepdims, p)
-    return _pairs_norm(pairs, pcode, p) if root else pairs
-
-
-def _uses_pairs(arrays: list[Any], pcode: int) -> bool:
-    """Pairs where the NumPy route would rescale (float64 L2, any other p)."""
-    wide = any(_out_dtype(a) == np.float64 for a in arrays)
-    return needs_rescale(pcode, wide)
-
-
-def _combine(parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int) -> np.ndarray:
-    if pcode == 0:
-        return np.max(parts, axis=axis, keepdims=keepdims)  # NaN propagates
-    return np.sum(parts, axis=axis, keepdims=keepdims)
-
-
-def _aggregate(
-    parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float
-) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        return np.asarray(root(_combine(parts, axis, keepdims, pcode), pcode, p))
-
-
-def _coefficients(norms: np.ndarray, max_norm: float, eps: float, mode: str) -> np.ndarray:
-    return np.asarray(clip_coefficients(norms, max_norm, eps, mode), np.float64)
-
-
-def _scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
-    """``block * coef`` with the CPU scale kernels; ``coef`` is 0-d or keepdims-shaped."""
-    block = np.asarray(block)
-    out = np.empty(block.shape, block.dtype)
-    if block.size == 0:
-        return out
-    sv, out_sv = NumpyLib.storage(block), NumpyLib.storage(out)
-    if axes is None or len(axes) == sv.ndim:
-        src = np.ascontiguousarray(sv).reshape(-1)
-        value = float(np.asarray(coef).reshape(-1)[0])
-        dst = out_sv.reshape(-1)
-        _driver.run("arr_scale", src.size, src, dst, value, False, _driver.cfg.CHUNK)
-        return out
-    plan = _driver._Plan(sv, axes)
-    coefs = np.ascontiguousarray(np.broadcast_to(coef, plan_shape(sv.shape, axes)).reshape(-1))
-    plan.scale(coefs.astype(np.float64), out_sv)
-    return out
-
-
-def plan_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if i in axes else s for i, s in enumerate(shape))
-
-
-def _clip_block(block: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
-    return np.asarray(_driver.clip_by_value(NumpyLib, np.asarray(block), lo, hi, False))
 
 
 # ------------------------------------------------------------- lazy graphs
@@ -265,14 +135,14 @@ def _reduce(
     """
     import dask.array as da
 
-    pairs = _uses_pairs([x], pcode) if pairs is None else pairs
+    pairs = uses_pairs([x], pcode) if pairs is None else pairs
     out_ndim = x.ndim if keepdims else x.ndim - len(axes)
     if not pairs:
         return da.reduction(
             x,
-            _partial(_block_pow_sums, pcode=pcode, p=p),
-            _partial(_combine_root, pcode=pcode, p=p, root=root),
-            combine=_partial(_combine_root, pcode=pcode, p=p, root=False),
+            _partial(block_pow_sums, pcode=pcode, p=p),
+            _partial(combine_root, pcode=pcode, p=p, root=root),
+            combine=_partial(combine_root, pcode=pcode, p=p, root=False),
             axis=axes,
             keepdims=keepdims,
             dtype=np.float64,
@@ -283,13 +153,13 @@ def _reduce(
     # dask gives every stage of a reduction one dtype: reduce the pairs, then root them
     partials = da.reduction(
         x,
-        _partial(_block_pairs, pcode=pcode, p=p),
-        _partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
-        combine=_partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
+        _partial(block_pairs, pcode=pcode, p=p),
+        _partial(combine_root_pairs, pcode=pcode, p=p, root=False),
+        combine=_partial(combine_root_pairs, pcode=pcode, p=p, root=False),
         axis=axes,
         keepdims=keepdims,
-        dtype=_PAIR,
-        meta=np.empty((0,) * out_ndim, _PAIR),
+        dtype=PAIR,
+        meta=np.empty((0,) * out_ndim, PAIR),
         concatenate=True,
         name="fastclip-pow-sum-pairs",
     )
@@ -299,27 +169,13 @@ def _reduce(
 def _rooted(pairs: Any, pcode: int, p: float) -> Any:
     """Lazy float64 norms of lazy ``(m, s)`` pairs."""
     return pairs.map_blocks(
-        _pairs_norm,
+        pairs_norm,
         pcode=pcode,
         p=p,
         dtype=np.float64,
         meta=np.empty((0,) * pairs.ndim, np.float64),
         token="fastclip-norm-pairs",
     )
-
-
-def _combine_root(
-    parts: np.ndarray,
-    axis: tuple[int, ...],
-    keepdims: bool,
-    pcode: int,
-    p: float,
-    root: bool,
-    **_: Any,
-) -> np.ndarray:
-    if root:
-        return _aggregate(parts, axis, keepdims, pcode, p)
-    return _combine(parts, axis, keepdims, pcode)
 
 
 def _partial(func: Any, **kwargs: Any) -> Any:
@@ -340,34 +196,34 @@ def norm(
 ) -> Any:
     _checked([x], "norm")
     values = _reduce(x, pcode, p, _all_axes(x, axes), keepdims, root=True)
-    return values.astype(_out_dtype(x))
+    return values.astype(out_dtype(x))
 
 
 def _global_norm64(arrays: list[Any], pcode: int, p: float) -> Any:
     import dask.array as da
 
-    pairs = _uses_pairs(arrays, pcode)
+    pairs = uses_pairs(arrays, pcode)
     parts = [_reduce(a, pcode, p, _all_axes(a, None), False, False, pairs) for a in arrays]
     stacked = da.stack(parts) if len(parts) > 1 else parts[0][None]
     if pairs:
         total = da.reduction(
             stacked,
-            _partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
-            _partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
-            combine=_partial(_combine_root_pairs, pcode=pcode, p=p, root=False),
+            _partial(combine_root_pairs, pcode=pcode, p=p, root=False),
+            _partial(combine_root_pairs, pcode=pcode, p=p, root=False),
+            combine=_partial(combine_root_pairs, pcode=pcode, p=p, root=False),
             axis=(0,),
             keepdims=False,
-            dtype=_PAIR,
-            meta=np.empty((), _PAIR),
+            dtype=PAIR,
+            meta=np.empty((), PAIR),
             concatenate=True,
             name="fastclip-global-pairs",
         )
         return _rooted(total, pcode, p)
     return da.reduction(
         stacked,
-        _partial(_combine_root, pcode=pcode, p=p, root=False),
-        _partial(_combine_root, pcode=pcode, p=p, root=True),
-        combine=_partial(_combine_root, pcode=pcode, p=p, root=False),
+        _partial(combine_root, pcode=pcode, p=p, root=False),
+        _partial(combine_root, pcode=pcode, p=p, root=True),
+        combine=_partial(combine_root, pcode=pcode, p=p, root=False),
         axis=(0,),
         keepdims=False,
         dtype=np.float64,
@@ -378,7 +234,7 @@ def _global_norm64(arrays: list[Any], pcode: int, p: float) -> Any:
 
 
 def _global_dtype(arrays: list[Any]) -> np.dtype:
-    wide = any(_out_dtype(a) == np.float64 for a in arrays)
+    wide = any(out_dtype(a) == np.float64 for a in arrays)
     return np.dtype(np.float64) if wide else np.dtype(np.float32)
 
 
@@ -392,7 +248,7 @@ def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
     import dask.array as da
 
     return da.map_blocks(
-        _scale_block,
+        scale_block,
         x,
         coef,
         axes=axes,
@@ -404,7 +260,7 @@ def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
 
 def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> Any:
     return norms64.map_blocks(
-        _coefficients,
+        coefficients,
         max_norm=max_norm,
         eps=eps,
         mode=mode,
@@ -412,6 +268,14 @@ def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> Any
         meta=np.empty((0,) * norms64.ndim, np.float64),
         token="fastclip-coefficient",
     )
+
+
+def _scalar64(value: Any) -> Any:
+    """A given norm or factor (a number or one-element array) as a 0-d float64 dask array."""
+    import dask.array as da
+
+    out = da.asarray(value).astype(np.float64)
+    return out.reshape(()) if out.ndim != 0 else out
 
 
 def _rebind(x: Any, value: Any) -> None:
@@ -437,7 +301,7 @@ def rescale(
     coef = _coefficient_of(norms64, max_norm, eps, mode)
     out = _scaled(x, coef, None if whole else reduce_axes)
     kept = tuple(s for i, s in enumerate(x.shape) if i not in reduce_axes)
-    norms = norms64.reshape(kept).astype(_out_dtype(x))
+    norms = norms64.reshape(kept).astype(out_dtype(x))
     if inplace:
         _rebind(x, out)
         out = x
@@ -462,9 +326,7 @@ def clip_global(
     if total_norm is None:
         norm64 = _global_norm64(arrays, pcode, p)
     else:
-        norm64 = da.asarray(total_norm).astype(np.float64)
-        if norm64.ndim != 0:
-            norm64 = norm64.reshape(())
+        norm64 = _scalar64(total_norm)
     if error_if_nonfinite:
         # The error must come before anything is returned or rebound: compute the norm now.
         value = float(norm64.compute())
@@ -489,10 +351,10 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
     if dtype.kind not in "fiub":
         raise TypeError(f"clip_by_value needs a real numeric or bool array, got {dtype}")
-    if not dtype.isnative or (dtype.kind == "f" and dtype not in _FLOATS):
+    if not dtype.isnative or (dtype.kind == "f" and dtype not in FLOATS):
         refuse_dtype(dtype)  # at graph construction, not deep inside compute()
     out = da.map_blocks(
-        _clip_block,
+        clip_block,
         x,
         lo=lo,
         hi=hi,
@@ -514,12 +376,8 @@ def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None)
 
 
 def scale_(lib: Any, arrays: list[Any], factor: Any) -> None:
-    import dask.array as da
-
     _checked(arrays, "scale")
-    coef = da.asarray(factor).astype(np.float64)
-    if coef.ndim != 0:
-        coef = coef.reshape(())
+    coef = _scalar64(factor)
     outs = [_scaled(a, coef, None) for a in arrays]
     for a, o in zip(arrays, outs):
         _rebind(a, o)
