@@ -41,9 +41,9 @@ def _cpu() -> Any:
 def _gpu() -> Any:
     """The GPU driver (CuPy kernels); a clear error where CuPy is missing."""
     _dispatch.check_gpu_available()
-    from ._gpu import _driver
+    from . import _gpu
 
-    return _driver
+    return _gpu
 
 
 def _dask() -> Any:

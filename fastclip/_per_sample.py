@@ -181,11 +181,10 @@ def clip_per_sample(
     if route == _dispatch.ROUTE_GPU:
         # CUDA kernels on the caller's stream; reads n_clipped back once, at the end
         _dispatch.check_gpu_available()
-        from ._gpu import _per_sample as gpu_per_sample
-        from ._gpu._libs import lib_for as gpu_lib_for
+        from . import _gpu as gpu
 
-        outs, norms, n_clipped = gpu_per_sample.clip_per_sample_gpu(
-            gpu_lib_for(_dispatch.library_of(items[0])),
+        outs, norms, n_clipped = gpu.clip_per_sample_gpu(
+            gpu.lib_for(_dispatch.library_of(items[0])),
             items,
             batch,
             pcode,

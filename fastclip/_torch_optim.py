@@ -107,13 +107,12 @@ class _FusedBase(Optimizer):
         norm back once, "skip" because the step counts (AdamW) and first-step
         momentum buffers (SGD) are decided on the host.
         """
-        from ._gpu import _driver
-        from ._gpu import _optim as G
+        from . import _gpu as G
 
         what = type(self).__name__
         lib = F.gpu_lib([grads], what)
         policy = "propagate" if self.nonfinite == "skip" else self.nonfinite
-        with _driver._on_device(lib, grads[0]):
+        with G.on_device(lib, grads[0]):
             plan = G.clip_plan(
                 lib, grads, self.max_norm, self.norm_type, None, None, 1e-6, policy, what
             )
@@ -132,11 +131,10 @@ class _FusedBase(Optimizer):
             if ams is None:
                 return lib, F.prepare_sgd(lib, *lists)
             return lib, F.prepare_adamw(lib, *lists)
-        from ._gpu import _driver
-        from ._gpu import _optim as G
+        from . import _gpu as G
 
         lib = F.gpu_lib(lists, what)
-        with _driver._on_device(lib, lists[0][0]):
+        with G.on_device(lib, lists[0][0]):
             if ams is None:
                 return lib, G.Step(lib, lists, [True, False, True], what)
             return lib, G.Step(lib, lists, [True, False, True, True, True], what)
@@ -152,9 +150,9 @@ class _FusedBase(Optimizer):
             else:
                 F.run_adamw(lib, lists[0], work, hp, sign * plan.coef, bool(ams))
             return
-        from ._gpu import _driver
+        from . import _gpu as G
 
-        with _driver._on_device(lib, lists[0][0]):
+        with G.on_device(lib, lists[0][0]):
             if ams is None:
                 work.launch_sgd(hp, plan, sign)
             else:

@@ -59,7 +59,7 @@ def gpu_lib(lists: Sequence[Sequence[Any] | None], what: str) -> Any:
                     "fastclip never moves data between host and device silently"
                 )
     _dispatch.check_gpu_available()
-    from .._gpu._libs import lib_for
+    from .._gpu import lib_for
 
     return lib_for(name)
 
@@ -433,9 +433,9 @@ def adamw_step_(
     check_adamw_args(lr_v, beta1, beta2, eps_v, wd_v)
     hp = adamw_hparams(_steps(step, len(ps)), lr_v, beta1, beta2, eps_v, wd_v)
     if gpu:
-        from .._gpu import _optim
+        from .. import _gpu
 
-        return _optim.adamw_step_gpu(
+        return _gpu.adamw_step_gpu(
             lib, ps, gs, ms, vs, xs, hp, bool(maximize), max_norm, norm_type,
             gpu_scalar(total_norm, "total_norm", lib.name),
             gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
@@ -544,9 +544,9 @@ def sgd_step_(
         raise ValueError(f"first_step: got {len(first)} values for {len(ps)} parameters")
     hp = sgd_hparams(len(ps), lr_v, momentum, dampening, wd_v, bool(nesterov), first)
     if gpu:
-        from .._gpu import _optim
+        from .. import _gpu
 
-        return _optim.sgd_step_gpu(
+        return _gpu.sgd_step_gpu(
             lib, ps, gs, bufs, hp, bool(maximize), max_norm, norm_type,
             gpu_scalar(total_norm, "total_norm", lib.name),
             gpu_scalar(clip_coef, "clip_coef", lib.name), clip_eps, policy,
