@@ -3,7 +3,7 @@
 No GPU here, so "device memory" is NumPy memory and pointers are host
 addresses: :func:`mem` views ``n`` elements at a raw address (as a kernel
 reads them) and :class:`HostLib` is the GPU adapter interface of
-``fastclip._gpu._libs`` over NumPy arrays.  Each test file subclasses
+``fastclip._gpu._adapters`` over NumPy arrays.  Each test file subclasses
 ``HostLib`` for what it needs to see differently.
 """
 

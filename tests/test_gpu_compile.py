@@ -18,35 +18,36 @@ import subprocess
 
 import pytest
 
-from fastclip._gpu import _optim, _per_sample, _source
+from fastclip._gpu import _axes, _modules, _optim, _optim_plan, _per_sample, _tables
 
-#: module -> (kernel name prefix, number of launched instantiations)
+#: module -> (feature, kernel name prefix, number of launched instantiations, its drivers)
 MODULES = {
-    "kernels": (_source, "fastclip_", 6 * 4 + 2 * 2),
-    "optim_kernels": (_optim, "fastclip_", 2 * 4),
-    "per_sample_kernels": (_per_sample, "fastclip_ps_", 4 * 4 + 2),
+    "kernels": ("core", "fastclip_", 6 * 4 + 2 * 2, (_tables, _axes, _optim_plan)),
+    "optim_kernels": ("optim", "fastclip_", 2 * 4, (_optim,)),
+    "per_sample_kernels": ("per_sample", "fastclip_ps_", 4 * 4 + 2, (_per_sample,)),
 }
 
 
-def _full_source(mod) -> str:
-    return mod.source() + "\n" + mod.explicit_instantiations() + "\n"
+def _full_source(feature) -> str:
+    return _modules.source(feature) + "\n" + _modules.explicit_instantiations(feature) + "\n"
 
 
 @pytest.mark.parametrize("which", MODULES)
 def test_every_launched_kernel_is_in_the_source(which):
-    mod, prefix, count = MODULES[which]
-    own = mod.own_source()
-    names = mod.name_expressions()
+    feature, prefix, count, drivers = MODULES[which]
+    own = _modules.own_source(feature)
+    names = _modules.name_expressions(feature)
     assert len(names) == len(set(names)) == count
     kernels = {expr.split("<")[0] for expr in names}
     for name in kernels:
         assert name.startswith(prefix)
         assert f"__global__ void {name}(" in own
     assert set(re.findall(r"__global__ void (\w+)\(", own)) == kernels  # none left out
-    if mod is not _source:  # each driver launches exactly these names
-        driver = pathlib.Path(mod.__file__).read_text()
-        for name in kernels:
-            assert f'"{name}"' in driver
+    # the feature's drivers launch exactly these names, each with its own module
+    driver = "".join(pathlib.Path(mod.__file__).read_text() for mod in drivers)
+    for name in kernels:
+        assert f'"{name}"' in driver
+    assert f'kernel("{feature}"' in driver
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -55,9 +56,9 @@ def test_kernels_compile_with_nvcc(which, arch, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: the NVRTC check below covers this machine if it can")
-    mod = MODULES[which][0]
+    feature = MODULES[which][0]
     cu = tmp_path / f"{which}_check.cu"
-    cu.write_text(_full_source(mod))
+    cu.write_text(_full_source(feature))
     ptx = tmp_path / f"{which}.ptx"
     result = subprocess.run(
         [nvcc, "-ptx", f"-arch={arch}", "-std=c++17", str(cu), "-o", str(ptx)],
@@ -70,8 +71,8 @@ def test_kernels_compile_with_nvcc(which, arch, tmp_path):
     text = ptx.read_text()
     # only this module's launched instantiations become entries (kernels.cu's
     # templates appended before the others are not instantiated there)
-    assert text.count(".entry") == len(mod.name_expressions())
-    if mod is _optim:  # float32 math correctly rounded, never approximated (CPU parity)
+    assert text.count(".entry") == len(_modules.name_expressions(feature))
+    if feature == "optim":  # float32 math correctly rounded, never approximated (CPU parity)
         assert "div.approx" not in text and "sqrt.approx" not in text
 
 
@@ -108,16 +109,14 @@ def test_each_driver_builds_its_own_source(which, monkeypatch):
     import sys
     import types
 
-    from fastclip._gpu import _driver
-
     calls = []
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(Device=lambda i: contextlib.nullcontext())
     fake.RawModule = lambda **kw: calls.append(kw) or "module"
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    mod = MODULES[which][0]
-    build = _driver._module if mod is _source else mod._module
-    assert build.__wrapped__(0) == "module"
+    feature = MODULES[which][0]
+    assert _modules.module.__wrapped__(feature, 0) == "module"
     (kw,) = calls
-    assert kw["code"] == mod.source() and kw["name_expressions"] == mod.name_expressions()
+    assert kw["code"] == _modules.source(feature)
+    assert kw["name_expressions"] == _modules.name_expressions(feature)
     assert "-std=c++17" in kw["options"]

@@ -20,7 +20,8 @@ import pytest
 from _gpu_emulation import mem
 
 from fastclip import _config as cfg
-from fastclip._gpu import _driver
+from fastclip import _gpu as gpu
+from fastclip._gpu import _adapters, _modules, _tables
 
 CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
 
@@ -161,10 +162,12 @@ CTYPES_BY_KIND = {"float16", "float32", "float64"}
 
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
-    monkeypatch.setattr(_driver, "_kernel", lambda device, name, targ: _emulate(name, targ))
-    monkeypatch.setattr(_driver, "_on_device", lambda lib, like: contextlib.nullcontext())
+    monkeypatch.setattr(
+        _modules, "kernel", lambda feature, device, name, targ: _emulate(name, targ)
+    )
+    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
     monkeypatch.setattr(cfg, "GPU_CHUNK", 7)  # many chunks per array
-    _driver._TABLES.clear()
+    _tables.TABLES.clear()
 
 
 def _ref_norm(arrays, p):
@@ -183,18 +186,18 @@ def test_global_norm_and_clip(pcode, p, dtype):
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(n).astype(dtype) for n in (5, 0, 23, 7, 1)]
     expected = _ref_norm(arrays, p)
-    got = _driver.global_norm(HostLib, arrays, pcode, p)
+    got = gpu.global_norm(HostLib, arrays, pcode, p)
     assert got.dtype == (np.float64 if dtype == np.float64 else np.float32)
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
     work = [a.copy() for a in arrays]
-    _, total = _driver.clip_global(HostLib, work, 1.0, pcode, p, 1e-6, None, False, True)
+    _, total = gpu.clip_global(HostLib, work, 1.0, pcode, p, 1e-6, None, False, True)
     np.testing.assert_allclose(float(total), expected, rtol=1e-6)
     coef = min(1.0, 1.0 / (expected + 1e-6))
     for w, a in zip(work, arrays, strict=True):
         np.testing.assert_allclose(w, a * coef, rtol=1e-6, atol=1e-7)
 
-    outs, total = _driver.clip_global(HostLib, arrays, 0.5, pcode, p, 0.0, 2.0, False, False)
+    outs, total = gpu.clip_global(HostLib, arrays, 0.5, pcode, p, 0.0, 2.0, False, False)
     np.testing.assert_allclose(float(total), 2.0)  # the given total norm is used
     for o, a in zip(outs, arrays, strict=True):
         np.testing.assert_allclose(o, a * 0.25, rtol=1e-6)
@@ -207,7 +210,7 @@ def test_mixed_dtypes_and_non_contiguous_in_place():
     arrays = [base[:, ::2], rng.standard_normal(9).astype(np.float32), rng.standard_normal(4)]
     expected = _ref_norm(arrays, 2.0)
     before = [a.copy() for a in arrays]
-    _, total = _driver.clip_global(HostLib, arrays, 1.0, 2, 2.0, 0.0, None, False, True)
+    _, total = gpu.clip_global(HostLib, arrays, 1.0, 2, 2.0, 0.0, None, False, True)
     np.testing.assert_allclose(float(total), expected, rtol=1e-6)
     for a, b in zip(arrays, before, strict=True):
         np.testing.assert_allclose(a, b / expected, rtol=1e-6)
@@ -219,7 +222,7 @@ def test_mixed_dtypes_and_non_contiguous_in_place():
 def test_overlapping_in_place_arrays_raise_before_any_launch():
     a = np.ones(10)
     with pytest.raises(ValueError, match="share memory"):
-        _driver.clip_global(HostLib, [a[:6], a[4:]], 1.0, 2, 2.0, 0.0, None, False, True)
+        gpu.clip_global(HostLib, [a[:6], a[4:]], 1.0, 2, 2.0, 0.0, None, False, True)
     np.testing.assert_array_equal(a, np.ones(10))
 
 
@@ -229,11 +232,11 @@ def test_stride_0_in_place_targets_raise_before_any_launch():
     other = np.ones(5)
     x = np.lib.stride_tricks.as_strided(base, (4, 3), (0, 8))
     calls = [
-        lambda: _driver.clip_global(HostLib, [other, x], 1.0, 2, 2.0, 0.0, None, False, True),
-        lambda: _driver.scale_(HostLib, [other, x], 0.5),
-        lambda: _driver.clamp_many_(HostLib, [other, x], -0.1, 0.1),
-        lambda: _driver.rescale(HostLib, x, 2, 2.0, None, 1.0, 0.0, "clip", True),
-        lambda: _driver.rescale(HostLib, x, 2, 2.0, (1,), 1.0, 0.0, "clip", True),
+        lambda: gpu.clip_global(HostLib, [other, x], 1.0, 2, 2.0, 0.0, None, False, True),
+        lambda: gpu.scale_(HostLib, [other, x], 0.5),
+        lambda: gpu.clamp_many_(HostLib, [other, x], -0.1, 0.1),
+        lambda: gpu.rescale(HostLib, x, 2, 2.0, None, 1.0, 0.0, "clip", True),
+        lambda: gpu.rescale(HostLib, x, 2, 2.0, (1,), 1.0, 0.0, "clip", True),
     ]
     for call in calls:
         with pytest.raises(ValueError, match="share memory"):
@@ -245,7 +248,7 @@ def test_stride_0_in_place_targets_raise_before_any_launch():
 def test_error_if_nonfinite_modifies_nothing():
     arrays = [np.array([1.0, np.nan]), np.array([2.0])]
     with pytest.raises(RuntimeError, match="non-finite"):
-        _driver.clip_global(HostLib, arrays, 1.0, 2, 2.0, 0.0, None, True, True)
+        gpu.clip_global(HostLib, arrays, 1.0, 2, 2.0, 0.0, None, True, True)
     np.testing.assert_array_equal(arrays[1], [2.0])
 
 
@@ -258,40 +261,40 @@ def test_axis_norms_and_clipping(shape, axes, pcode, p):
     x = np.random.default_rng(2).standard_normal(shape)
     a = np.abs(x)
     ref = a.max(axis=axes) if p == math.inf else (a**p).sum(axis=axes) ** (1 / p)
-    np.testing.assert_allclose(_driver.norm(HostLib, x, pcode, p, axes, False), ref, rtol=1e-6)
-    keep = _driver.norm(HostLib, x, pcode, p, axes, True)
+    np.testing.assert_allclose(gpu.norm(HostLib, x, pcode, p, axes, False), ref, rtol=1e-6)
+    keep = gpu.norm(HostLib, x, pcode, p, axes, True)
     assert keep.shape == tuple(1 if i in axes else s for i, s in enumerate(shape))
     coef = np.minimum(1.0, 1.0 / (np.expand_dims(ref, axes) + 1e-6))
-    out, norms = _driver.rescale(HostLib, x, pcode, p, axes, 1.0, 1e-6, "clip", False)
+    out, norms = gpu.rescale(HostLib, x, pcode, p, axes, 1.0, 1e-6, "clip", False)
     np.testing.assert_allclose(out, x * coef, rtol=1e-6)
     np.testing.assert_allclose(norms, ref, rtol=1e-6)
     work = x.copy()
-    _driver.rescale(HostLib, work, pcode, p, axes, 1.0, 1e-6, "clip", True)
+    gpu.rescale(HostLib, work, pcode, p, axes, 1.0, 1e-6, "clip", True)
     np.testing.assert_allclose(work, x * coef, rtol=1e-6)
 
 
 def test_whole_array_normalize_and_value_clipping():
     x = np.array([3.0, -4.0, 0.5])
-    out, norm = _driver.rescale(HostLib, x, 2, 2.0, None, 0.0, 0.0, "normalize", False)
+    out, norm = gpu.rescale(HostLib, x, 2, 2.0, None, 0.0, 0.0, "normalize", False)
     np.testing.assert_allclose(out, x / np.linalg.norm(x))
     np.testing.assert_allclose(float(norm), np.linalg.norm(x))
-    y = _driver.clip_by_value(HostLib, x, -1.0, 1.0, False)
+    y = gpu.clip_by_value(HostLib, x, -1.0, 1.0, False)
     np.testing.assert_array_equal(y, [1.0, -1.0, 0.5])
     np.testing.assert_array_equal(x, [3.0, -4.0, 0.5])
     arrays = [x.copy(), np.array([np.nan, 7.0])]
-    _driver.clamp_many_(HostLib, arrays, None, 2.0)
+    gpu.clamp_many_(HostLib, arrays, None, 2.0)
     np.testing.assert_array_equal(arrays[0], [2.0, -4.0, 0.5])
     np.testing.assert_array_equal(arrays[1], [np.nan, 2.0])
-    _driver.scale_(HostLib, arrays, np.asarray(0.5))
+    gpu.scale_(HostLib, arrays, np.asarray(0.5))
     np.testing.assert_array_equal(arrays[0], [1.0, -2.0, 0.25])
 
 
 def test_table_upload_is_cached():
     arrays = [np.ones(5), np.ones(3)]
-    _driver.global_norm(HostLib, arrays, 2, 2.0)
-    n_tables = len(_driver._TABLES)
-    _driver.global_norm(HostLib, arrays, 2, 2.0)
-    assert len(_driver._TABLES) == n_tables == 1
+    gpu.global_norm(HostLib, arrays, 2, 2.0)
+    n_tables = len(_tables.TABLES)
+    gpu.global_norm(HostLib, arrays, 2, 2.0)
+    assert len(_tables.TABLES) == n_tables == 1
 
 
 @pytest.mark.parametrize("readonly", [False, True])
@@ -302,7 +305,7 @@ def test_out_of_place_axis_copy_in_never_writes_the_input(readonly, mode, max_no
     x = np.full((2, 1, 3), 5.0)
     x.flags.writeable = not readonly
     before = x.copy()
-    out, norms = _driver.rescale(HostLib, x, 2, 2.0, (1,), max_norm, 1e-6, mode, False)
+    out, norms = gpu.rescale(HostLib, x, 2, 2.0, (1,), max_norm, 1e-6, mode, False)
     n = np.abs(before)  # the norm over a size-1 axis is |x|
     coef = 1.0 / (n + 1e-6) if mode == "normalize" else np.minimum(1.0, 1.0 / (n + 1e-6))
     np.testing.assert_allclose(out, before * coef, rtol=1e-12)
@@ -311,7 +314,7 @@ def test_out_of_place_axis_copy_in_never_writes_the_input(readonly, mode, max_no
     base = np.arange(1.0, 25.0).reshape(2, 4, 3)
     base_before = base.copy()
     view = base.transpose(0, 2, 1)
-    out, _ = _driver.rescale(HostLib, view, 2, 2.0, (0, 1), 1.0, 0.0, "clip", False)
+    out, _ = gpu.rescale(HostLib, view, 2, 2.0, (0, 1), 1.0, 0.0, "clip", False)
     ref_norm = np.sqrt((base_before.transpose(0, 2, 1) ** 2).sum(axis=(0, 1), keepdims=True))
     np.testing.assert_allclose(out, base_before.transpose(0, 2, 1) / ref_norm, rtol=1e-12)
     np.testing.assert_array_equal(base, base_before)
@@ -321,7 +324,7 @@ def test_out_of_place_axis_copy_in_never_writes_the_input(readonly, mode, max_no
 def test_tiny_coefficient_is_applied_in_float64(axes):
     """1e30 clipped to 1e-30: the factor 1e-60 underflows float32, the product does not."""
     x = np.array([[1e30], [2e30]], np.float32)
-    out, _ = _driver.rescale(HostLib, x, 2, 2.0, axes, 1e-30, 0.0, "clip", False)
+    out, _ = gpu.rescale(HostLib, x, 2, 2.0, axes, 1e-30, 0.0, "clip", False)
     x64 = x.astype(np.float64)
     n = np.sqrt((x64**2).sum(axis=axes, keepdims=axes is not None))
     np.testing.assert_allclose(out, (x64 * (1e-30 / n)).astype(np.float32), rtol=1e-6)
@@ -341,5 +344,5 @@ def test_integer_clip_by_value_saturates_infinite_bounds(lo, hi, dtype):
     if hi is not None and hi != math.inf:
         v = [int(info.min) if hi == -math.inf else min(e, math.floor(hi)) for e in v]
     v = [min(max(e, int(info.min)), int(info.max)) for e in v]
-    out = _driver.clip_by_value(HostLib, x, lo, hi, False)
+    out = gpu.clip_by_value(HostLib, x, lo, hi, False)
     np.testing.assert_array_equal(out, np.array(v, dtype))

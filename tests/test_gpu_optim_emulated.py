@@ -24,10 +24,9 @@ from _gpu_emulation import mem
 
 from fastclip import NonFiniteNormError
 from fastclip import _config as cfg
-from fastclip import _hparams as H
+from fastclip import _gpu as G
 from fastclip import _hparams as K
-from fastclip._gpu import _driver
-from fastclip._gpu import _optim as G
+from fastclip._gpu import _adapters, _modules, _tables
 from fastclip.optim import _functional as F
 
 DT = {"float": np.float32, "double": np.float64, "__half": np.float16}
@@ -206,18 +205,22 @@ def _emulate(device, name, targ):
 class HostLib(_gpu_emulation.HostLib):
     """The GPU adapter interface over NumPy memory (pointers = host addresses)."""
 
-    kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in G._ITEMSIZE else None)
+    kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in _tables.ITEMSIZE else None)
     device_id = staticmethod(lambda x: 1 if getattr(x, "_other_device", False) else 0)
 
 
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
-    monkeypatch.setattr(_driver, "_kernel", _emulate)
-    monkeypatch.setattr(G, "_kernel", _emulate)
-    monkeypatch.setattr(_driver, "_on_device", lambda lib, like: contextlib.nullcontext())
+    monkeypatch.setattr(
+        _modules, "kernel", lambda feature, device, name, targ: _emulate(device, name, targ)
+    )
+    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
+    monkeypatch.setattr(
+        G, "on_device", lambda lib, like: contextlib.nullcontext()
+    )  # the torch drop-ins' lookup
     monkeypatch.setattr(cfg, "GPU_CHUNK", 7)  # many chunks per array
     monkeypatch.setattr(HostLib, "syncs", 0)
-    _driver._TABLES.clear()
+    _tables.TABLES.clear()
     LAUNCHES.clear()
 
 
@@ -288,7 +291,7 @@ def test_adamw_against_float64_reference(clip, amsgrad, maximize, steps, mode):
         g = [(rng.normal(size=s) * 3).astype(d) for s, d in zip(SHAPES, dts)]
         kwargs, coef = _clip_args(clip, g)
         counts = F._steps(step, len(p))
-        hp = H.adamw_hparams(counts, lr, b1, b2, eps, wd)
+        hp = F.adamw_hparams(counts, lr, b1, b2, eps, wd)
         norm = G.adamw_step_gpu(
             HostLib, p, g, m, v, x, hp, maximize, kwargs["max_norm"], 2.0,
             kwargs["total_norm"], kwargs["clip_coef"], 1e-6, "propagate",
@@ -349,7 +352,7 @@ def test_sgd_against_float64_reference(clip, variant, maximize, mode):
         kwargs, coef = _clip_args(clip, g)
         # all first on step 0; on step 1 every other buffer is reset (per-tensor modes)
         first = [k == 0 or (k == 1 and i % 2 == 1) for i in range(len(SHAPES))]
-        hp = H.sgd_hparams(
+        hp = F.sgd_hparams(
             len(p), lr, hv["momentum"], hv["dampening"], hv["weight_decay"], hv["nesterov"], first
         )
         bufs = b if hv["momentum"] else None
@@ -383,7 +386,7 @@ def _adamw_lists(n=3, value=1.0, dtype=np.float32):
 def _call_adamw(p, g, m, v, policy, x=None, **kw):
     args = dict(max_norm=1.0, total_norm=None, clip_coef=None)
     args.update(kw)
-    hp = H.adamw_hparams([1.0] * len(p), 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    hp = F.adamw_hparams([1.0] * len(p), 1e-2, 0.9, 0.999, 1e-8, 0.01)
     return G.adamw_step_gpu(
         HostLib, p, g, m, v, x, hp, False, args["max_norm"], 2.0,
         args["total_norm"], args["clip_coef"], 1e-6, policy,
@@ -502,23 +505,23 @@ def test_bad_input_raises_before_any_write(case, nonfinite):
 def test_tables_are_cached_and_uniform_hyperparameters_upload_nothing():
     p, g, m, v = _adamw_lists()
     _call_adamw(p, g, m, v, "propagate")
-    n = len(_driver._TABLES)  # the step's table and the norm's table
+    n = len(_tables.TABLES)  # the step's table and the norm's table
     assert n == 2
     _call_adamw(p, g, m, v, "propagate")
-    assert len(_driver._TABLES) == n
-    hp = H.adamw_hparams([1.0, 2.0, 3.0], 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    assert len(_tables.TABLES) == n
+    hp = F.adamw_hparams([1.0, 2.0, 3.0], 1e-2, 0.9, 0.999, 1e-8, 0.01)
     G.adamw_step_gpu(HostLib, p, g, m, v, None, hp, False, None, 2.0, None, None, 1e-6, "skip")
-    assert len(_driver._TABLES) == n + 1  # per-tensor rows: one upload
+    assert len(_tables.TABLES) == n + 1  # per-tensor rows: one upload
 
 
 def test_source_helpers():
-    names = G.name_expressions()
+    names = _modules.name_expressions("optim")
     assert len(names) == 8 and all(n.startswith("fastclip_") for n in names)
-    text = G.explicit_instantiations()
+    text = _modules.explicit_instantiations("optim")
     assert text.count("template __global__ void") == 8
     assert "<__nv_bfloat16>" in text and "T*" not in text
     # the kernel's column macros are the CPU kernels' columns
-    src = G.source()
+    src = _modules.source("optim")
     for name in ("A_DECAY", "A_W1", "A_BETA2", "A_W2", "A_EPS", "A_NEG_STEP", "A_BC2_SQRT",
                  "A_COLS", "S_WD", "S_MOMENTUM", "S_DAMP1", "S_NEG_LR", "S_MODE",
                  "S_NESTEROV", "S_COLS"):  # fmt: skip

@@ -26,7 +26,8 @@ from _gpu_emulation import mem
 import fastclip
 from fastclip import _config as cfg
 from fastclip import _dispatch
-from fastclip._gpu import _driver, _libs
+from fastclip import _gpu as gpu
+from fastclip._gpu import _adapters, _modules, _tables
 from fastclip._gpu import _per_sample as gps
 
 try:
@@ -245,13 +246,15 @@ class HostLib(_gpu_emulation.HostLib):
 
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
-    monkeypatch.setattr(gps, "_kernel", lambda device, name, targ: _emulate(name, targ))
-    monkeypatch.setattr(_driver, "_on_device", lambda lib, like: contextlib.nullcontext())
+    monkeypatch.setattr(
+        _modules, "kernel", lambda feature, device, name, targ: _emulate(name, targ)
+    )
+    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
     monkeypatch.setattr(gps, "POW_CHUNK", 4)  # many chunks per row, ragged last chunk
     monkeypatch.setattr(gps, "PASS2_BLOCK", 4)
     monkeypatch.setattr(gps, "TARGET_BLOCKS", 64)  # row groups for the small arrays
     monkeypatch.setattr(gps, "MIN_SPLIT_ROWS", 2)
-    _driver._TABLES.clear()
+    _tables.TABLES.clear()
     LAUNCHES.clear()
     REGIONS.clear()
     HostLib.devices = {}
@@ -385,9 +388,9 @@ def test_table_upload_is_cached_between_steps():
     arrays = _data([(5,), (3,)], np.float32, seed=7)
     _check(arrays, [1.0, 1.0], 2, 2.0, False, "sum")
     _check(arrays, [1.0, 1.0], 2, 2.0, False, "sum")
-    assert len(_driver._TABLES) == 1
+    assert len(_tables.TABLES) == 1
     _check(arrays, [2.0, 1.0], 2, 2.0, True, "sum")  # other bounds: another table
-    assert len(_driver._TABLES) == 2
+    assert len(_tables.TABLES) == 2
 
 
 def test_bad_arrays_raise_before_any_launch():
@@ -408,9 +411,8 @@ def test_public_function_routes_gpu_arrays_to_the_driver(monkeypatch):
     equal to the CPU route to 1e-6."""
     arrays = list(_reg(*_data([(5,), (3, 4)], np.float32, seed=8)))
     expected = fastclip.clip_per_sample(arrays, [1.0, 0.5], per_layer=True, reduce="mean")
-    monkeypatch.setattr(_dispatch, "route_of_many", lambda items: _dispatch.ROUTE_GPU)
-    monkeypatch.setattr(_dispatch, "check_gpu_available", lambda: None)
-    monkeypatch.setattr(_libs, "lib_for", lambda name: HostLib)
+    backend = _dispatch.Backend(_dispatch.ROUTE_GPU, gpu, HostLib)
+    monkeypatch.setattr(_dispatch, "backend_for", lambda items: backend)
     got = fastclip.clip_per_sample(arrays, [1.0, 0.5], per_layer=True, reduce="mean")
     assert type(got) is fastclip.PerSampleClipResult
     assert got.n_clipped == expected.n_clipped

@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._typing import StepClip
-from . import (
-    _driver,  # merge: becomes `from ._adapters import on_device`
-    _optim,
-)
+from . import _adapters, _optim, _optim_plan
 
 
 def adamw_step_(
@@ -61,8 +58,8 @@ def step_plan(lib: Any, grads: list[Any], clip: StepClip, what: str) -> Any:
     """
     skip = clip.nonfinite == "skip"
     policy = "propagate" if skip else clip.nonfinite
-    with _driver._on_device(lib, grads[0]):
-        plan = _optim.clip_plan(
+    with _adapters.on_device(lib, grads[0]):
+        plan = _optim_plan.clip_plan(
             lib, grads, clip.max_norm, clip.norm_type, None, None, clip.eps, policy, what
         )
         if skip and plan.norm is not None:
@@ -73,7 +70,7 @@ def step_plan(lib: Any, grads: list[Any], clip: StepClip, what: str) -> Any:
 def step_prepare(lib: Any, lists: list[Any], amsgrad: bool | None, what: str) -> Any:
     """Validate and pack one launch: AdamW (``amsgrad`` a bool) or SGD (None)."""
     written = [True, False, True] if amsgrad is None else [True, False, True, True, True]
-    with _driver._on_device(lib, lists[0][0]):
+    with _adapters.on_device(lib, lists[0][0]):
         return _optim.Step(lib, lists, written, what)
 
 
@@ -87,7 +84,7 @@ def step_run(
     amsgrad: bool | None,
 ) -> None:
     """Launch a prepared step (one fused launch per dtype)."""
-    with _driver._on_device(lib, lists[0][0]):
+    with _adapters.on_device(lib, lists[0][0]):
         if amsgrad is None:
             prepared.launch_sgd(hp, plan, sign)
         else:

@@ -26,22 +26,23 @@ CuPy's current stream for CuPy arrays; scratch memory comes from the same
 library's stream-ordered allocator.
 
 Pure host-side planning (:func:`plan_rows`, :func:`plan_weighted_sum`) is
-NumPy-only; CuPy is imported only when a module is built.
+NumPy-only; CuPy is imported only when a module is built (``_modules``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from importlib import resources
 from typing import Any
 
 import numpy as np
 
 from .. import _config as cfg
 from .._formulas import SAFE_HI, SAFE_LO, needs_rescale
-from . import _driver, _plan
-from . import _source as _base_source
+from . import _adapters, _modules
+from ._modules import ELEMENT_TYPES
+from ._tables import ITEMSIZE, device_table, elementwise_grid, grid_size, ptr, u64
+
+__all__ = ["clip_per_sample_gpu", "plan_rows", "plan_weighted_sum"]
 
 # ------------------------------------------------------------------ tunables
 
@@ -58,50 +59,6 @@ TARGET_BLOCKS: int = 1_024
 MIN_SPLIT_ROWS: int = 16
 #: grid.y limit of CUDA.
 MAX_GRID_Y: int = 65_535
-
-# -------------------------------------------------------------------- source
-
-_PER_ELEMENT = (
-    "fastclip_ps_pow_partials",
-    "fastclip_ps_weighted_sum",
-    "fastclip_ps_combine",
-    "fastclip_ps_scale_rows",
-)
-_PER_NORM = ("fastclip_ps_factors",)
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-
-
-def own_source() -> str:
-    """The text of ``per_sample_kernels.cu`` alone."""
-    return resources.files("fastclip._gpu").joinpath("per_sample_kernels.cu").read_text()
-
-
-def source() -> str:
-    """What the RawModule compiles: ``kernels.cu`` followed by ``per_sample_kernels.cu``."""
-    return _base_source.source() + "\n" + own_source()
-
-
-def name_expressions() -> list[str]:
-    """Every template instantiation the per-sample driver launches."""
-    names = [f"{k}<{t}>" for k in _PER_ELEMENT for t in _base_source.ELEMENT_TYPES.values()]
-    names += [f"{k}<{t}>" for k in _PER_NORM for t in _base_source.NORM_TYPES]
-    return names
-
-
-def explicit_instantiations() -> str:
-    """C++ explicit instantiations of every per-sample kernel (nvcc/NVRTC compile checks)."""
-    return _base_source.instantiations(own_source(), name_expressions())
-
-
-@functools.cache
-def _module(device_id: int) -> Any:
-    """The RawModule of the per-sample kernels for one device, built on first use."""
-    return _driver.raw_module(device_id, source(), name_expressions())
-
-
-def _kernel(device_id: int, name: str, targ: str) -> Any:
-    return _module(device_id).get_function(f"{name}<{targ}>")
-
 
 # ------------------------------------------------------------------ planning
 
@@ -134,7 +91,7 @@ def plan_weighted_sum(
     every group keeps at least ``min_rows`` rows.
     """
     units = (cols + vector - 1) // vector
-    grid_x = _plan.grid_size((units + block - 1) // block, cfg.GPU_MAX_BLOCKS)
+    grid_x = grid_size((units + block - 1) // block, cfg.GPU_MAX_BLOCKS)
     want = max(1, target_blocks // grid_x)
     splits = max(1, min(want, rows // max(1, min_rows)))
     rows_per_split = (rows + splits - 1) // splits
@@ -144,7 +101,7 @@ def plan_weighted_sum(
 
 def _vector(lib: Any, x: Any, kind: str, cols: int) -> int:
     """Columns per pass-2 thread: as the kernel decides (aligned rows: one 16-byte vector)."""
-    v = 16 // _ITEMSIZE[kind]
+    v = 16 // ITEMSIZE[kind]
     return v if lib.ptr(x) % 16 == 0 and cols % v == 0 else 1
 
 
@@ -185,14 +142,13 @@ def clip_per_sample_gpu(
     """(outputs, norms, n_clipped) as ``_per_sample._cpu_path``, on the arrays' device.
 
     ``items`` are validated ``[B, ...]`` real floating arrays of one library
-    (``lib``: an adapter of ``_libs``); ``bounds`` one float64 bound per array.
+    (``lib``: an adapter of ``_adapters``); ``bounds`` one float64 bound per array.
     Reads ``n_clipped`` back at the end: the one host synchronisation.
     """
     device, kinds = _check_items(lib, items)
     like = items[0]
-    u64, ptr = _driver._u64, _driver._ptr
     null = u64(0)
-    with _driver._on_device(lib, like):
+    with _adapters.on_device(lib, like):
         views = [x if lib.contiguous(x) else lib.as_contiguous(x) for x in items]
         cols = [math.prod(tuple(x.shape)[1:]) for x in items]
 
@@ -204,9 +160,11 @@ def clip_per_sample_gpu(
             if d == 0:
                 continue
             items_k = batch * n_chunks[k]
-            kern = _kernel(device, "fastclip_ps_pow_partials", _driver._CPP[kinds[k]])
+            kern = _modules.kernel(
+                "per_sample", device, "fastclip_ps_pow_partials", ELEMENT_TYPES[kinds[k]]
+            )
             kern(
-                (_plan.grid_size(items_k, cfg.GPU_MAX_BLOCKS),),
+                (grid_size(items_k, cfg.GPU_MAX_BLOCKS),),
                 (cfg.GPU_BLOCK,),
                 (
                     ptr(v, lib),
@@ -229,12 +187,14 @@ def clip_per_sample_gpu(
         table[:n] = np.asarray(offsets, np.int64) * batch
         table[n : 2 * n] = n_chunks
         table[2 * n :] = np.ascontiguousarray(bounds, np.float64).view(np.int64)
-        dev_table = _driver._device_table(lib, like, table)
+        dev_table = device_table(lib, like, table)
         norm_kind = "float64" if "float64" in kinds else "float32"
         norms = lib.empty((n, batch) if per_layer else (batch,), norm_kind, like)
         factors = lib.empty((n * batch if per_layer else batch,), "float64", like)
         count = lib.empty((), "float64", like)
-        factors_kern = _kernel(device, "fastclip_ps_factors", _driver._CPP[norm_kind])
+        factors_kern = _modules.kernel(
+            "per_sample", device, "fastclip_ps_factors", ELEMENT_TYPES[norm_kind]
+        )
 
         def launch_factors(stage: int, maxp: Any, scaledp: Any, scale: Any) -> None:
             factors_kern(
@@ -271,9 +231,11 @@ def clip_per_sample_gpu(
                     if d == 0:
                         continue
                     items_k = batch * n_chunks[k]
-                    kern = _kernel(device, "fastclip_ps_pow_partials", _driver._CPP[kinds[k]])
+                    kern = _modules.kernel(
+                        "per_sample", device, "fastclip_ps_pow_partials", ELEMENT_TYPES[kinds[k]]
+                    )
                     kern(
-                        (_plan.grid_size(items_k, cfg.GPU_MAX_BLOCKS),),
+                        (grid_size(items_k, cfg.GPU_MAX_BLOCKS),),
                         (cfg.GPU_BLOCK,),
                         (
                             ptr(v, lib),
@@ -309,10 +271,12 @@ def clip_per_sample_gpu(
                 vec = _vector(lib, v, kinds[k], d)
                 units = (d + vec - 1) // vec
                 grid = (
-                    _plan.grid_size((units + PASS2_BLOCK - 1) // PASS2_BLOCK, cfg.GPU_MAX_BLOCKS),
+                    grid_size((units + PASS2_BLOCK - 1) // PASS2_BLOCK, cfg.GPU_MAX_BLOCKS),
                     min(batch, MAX_GRID_Y),
                 )
-                kern = _kernel(device, "fastclip_ps_scale_rows", _driver._CPP[kinds[k]])
+                kern = _modules.kernel(
+                    "per_sample", device, "fastclip_ps_scale_rows", ELEMENT_TYPES[kinds[k]]
+                )
                 kern(
                     grid,
                     (PASS2_BLOCK,),
@@ -340,8 +304,8 @@ def clip_per_sample_gpu(
                     continue
                 grid_x, grid_y, rows_per_split, n_splits = plans[k]
                 f_k = u64(fbase + 8 * batch * k if per_layer else fbase)
-                targ = _driver._CPP[kinds[k]]
-                kern = _kernel(device, "fastclip_ps_weighted_sum", targ)
+                targ = ELEMENT_TYPES[kinds[k]]
+                kern = _modules.kernel("per_sample", device, "fastclip_ps_weighted_sum", targ)
                 kern(
                     (grid_x, grid_y),
                     (PASS2_BLOCK,),
@@ -358,9 +322,9 @@ def clip_per_sample_gpu(
                     ),
                 )
                 if n_splits > 1:
-                    kern = _kernel(device, "fastclip_ps_combine", targ)
+                    kern = _modules.kernel("per_sample", device, "fastclip_ps_combine", targ)
                     kern(
-                        (_plan.elementwise_grid(d, PASS2_BLOCK, cfg.GPU_MAX_BLOCKS),),
+                        (elementwise_grid(d, PASS2_BLOCK, cfg.GPU_MAX_BLOCKS),),
                         (PASS2_BLOCK,),
                         (
                             ptr(scratch, lib),

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import _driver  # merge: becomes `from ._core import Packed` / `._adapters import on_device`
+from . import _adapters, _tables
 
 
 def check_targets(lib: Any, arrays: Sequence[Any], what: str) -> None:
     """Validate in-place targets (nothing written or launched)."""
-    with _driver._on_device(lib, arrays[0]):
-        _driver._Packed(lib, arrays, what, writing=True)
+    with _adapters.on_device(lib, arrays[0]):
+        _tables.Packed(lib, arrays, what, writing=True)

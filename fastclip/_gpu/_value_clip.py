@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._memory import check_self_overlap
-from . import _driver as _core  # merge: becomes `from . import _core`
+from . import _core
 
 
 def check_value_targets(lib: Any, arrays: list[Any]) -> None:

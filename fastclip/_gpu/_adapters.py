@@ -1,4 +1,5 @@
-"""Adapters for device arrays: CuPy arrays and torch CUDA tensors.
+"""Adapters for device arrays: CuPy arrays and torch CUDA tensors, and the
+device and stream context every launch runs in (:func:`on_device`).
 
 Kernels receive raw device pointers, so both libraries are used zero-copy; each
 adapter allocates outputs and scratch with its own library's allocator (so
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["KINDS", "CupyAdapter", "TorchCudaAdapter", "check_kind", "lib_for", "on_device"]
+
 KINDS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -24,7 +27,7 @@ def _cupy() -> Any:
     return cupy
 
 
-class CupyLib:
+class CupyAdapter:
     name = "cupy"
 
     @staticmethod
@@ -124,7 +127,7 @@ class CupyLib:
 _TORCH_KINDS: dict[Any, str] = {}
 
 
-class TorchCudaLib:
+class TorchCudaAdapter:
     name = "torch"
 
     @staticmethod
@@ -214,7 +217,7 @@ class TorchCudaLib:
         """Launch on torch's current stream of x's device (ordered with torch's work)."""
         torch = sys.modules["torch"]
         s = torch.cuda.current_stream(x.device)
-        return _cupy().cuda.ExternalStream(s.cuda_stream, TorchCudaLib.device_id(x))
+        return _cupy().cuda.ExternalStream(s.cuda_stream, TorchCudaAdapter.device_id(x))
 
     @staticmethod
     def stream_id(x: Any) -> int:
@@ -242,5 +245,26 @@ class TorchCudaLib:
             sys.modules["torch"].autograd.graph.increment_version(arrays)
 
 
-def lib_for(name: str) -> type[CupyLib] | type[TorchCudaLib]:
-    return CupyLib if name == "cupy" else TorchCudaLib
+def lib_for(name: str) -> type[CupyAdapter] | type[TorchCudaAdapter]:
+    """The adapter of a library name ("cupy", else torch CUDA)."""
+    return CupyAdapter if name == "cupy" else TorchCudaAdapter
+
+
+def on_device(lib: Any, like: Any) -> Any:
+    """The device of ``like`` and its library's launch stream, as one context."""
+    import cupy
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(cupy.cuda.Device(lib.device_id(like)))
+    stack.enter_context(lib.stream(like))
+    return stack
+
+
+def check_kind(lib: Any, x: Any, what: str) -> str:
+    """The storage kind of ``x``; TypeError for a dtype the kernels do not take."""
+    kind = lib.kind(x)
+    if kind is None:
+        raise TypeError(
+            f"{what} on the GPU needs float16, bfloat16, float32 or float64 arrays, got {x.dtype}"
+        )
+    return kind
