@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import _api, _dispatch
+from .._formulas import clip_coefficients
 from .._validate import check_eps
 from ._base import Clipper, check_writable, copies, ord_value, real_param
 
@@ -39,7 +40,7 @@ class AGC(Clipper):
     r"""Adaptive gradient clipping, unit-wise (Brock, De, Smith, Simonyan 2021).
 
     "High-Performance Large-Scale Image Recognition Without Normalization",
-    arXiv:2102.06171, section 4.  For every *unit* :math:`i` of a parameter
+    arXiv:2102.06171, section 4 [1]_.  For every *unit* :math:`i` of a parameter
     :math:`W` (a row of output channels, see ``axis``) with gradient :math:`G`:
 
     .. math::
@@ -76,6 +77,12 @@ class AGC(Clipper):
     ---------------------
     The global norm of the gradients before clipping, computed from the unit
     norms (no extra pass).
+
+    References
+    ----------
+    .. [1] A. Brock, S. De, S. L. Smith, K. Simonyan, "High-Performance
+       Large-Scale Image Recognition Without Normalization", ICML 2021.
+       https://arxiv.org/abs/2102.06171
 
     Examples
     --------
@@ -143,8 +150,11 @@ class AGC(Clipper):
             wide = wide or gn.dtype == xp.float64
             total = _accumulate(total, gn, self.ord, xp)
             mx = xp.maximum(pn, xp.asarray(self.eps, dtype=pn.dtype)) * self.clipping
-            ratio = mx / xp.maximum(gn, xp.asarray(1e-6, dtype=gn.dtype))
-            c = xp.where(ratio >= 1.0, xp.ones_like(ratio), ratio)
+            # AGC floors the gradient norm (timm's and optax's max(||G_i||, 1e-6)) where
+            # clip_grad_norm_ adds eps: the shared min(1, m / norm) with eps = 0 after
+            # the floor (the floored norm is never 0, so the zero-norm rule never applies).
+            floor = xp.maximum(gn, xp.asarray(1e-6, dtype=gn.dtype))
+            c = clip_coefficients(floor, mx, 0.0, xp=xp)
             coefs.append(xp.astype(c, g.dtype) if c.dtype != g.dtype else c)
         return coefs, total, wide
 

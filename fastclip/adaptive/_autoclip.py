@@ -122,7 +122,7 @@ class AutoClip(GlobalNormBased):
     r"""AutoClip: clip to the ``percentile``-th percentile of all gradient norms so far.
 
     Seetharaman, Wichern, Pardo, Le Roux (2020), "AutoClip: Adaptive Gradient
-    Clipping for Source Separation Networks", arXiv:2007.14469.  At step
+    Clipping for Source Separation Networks", arXiv:2007.14469 [1]_.  At step
     :math:`t` with global norm :math:`\|g_t\|` the reference code does
 
     .. code-block:: python
@@ -159,6 +159,12 @@ class AutoClip(GlobalNormBased):
     -----
     Memory is O(t) (O(N) with a window): the exact percentile of all past
     norms needs them all.  ``state_dict()["norms"]`` lists them in arrival order.
+
+    References
+    ----------
+    .. [1] P. Seetharaman, G. Wichern, B. Pardo, J. Le Roux, "AutoClip: Adaptive
+       Gradient Clipping for Source Separation Networks", IEEE MLSP 2020.
+       https://arxiv.org/abs/2007.14469
 
     Examples
     --------

@@ -92,7 +92,8 @@ class GlobalNormClipper(GlobalNormBased):
               + \varepsilon}\Big)
 
     exactly ``torch.nn.utils.clip_grad_norm_`` (``eps = 1e-6``) behind the
-    clipper interface, so a training loop can switch clippers freely.
+    clipper interface, so a training loop can switch clippers freely.  Global-norm
+    clipping against exploding gradients is from Pascanu, Mikolov and Bengio [1]_.
 
     Parameters
     ----------
@@ -104,6 +105,11 @@ class GlobalNormClipper(GlobalNormBased):
         Added to the norm in the denominator.
     nonfinite : {"propagate", "error", "skip"}
         See the module docstring.
+
+    References
+    ----------
+    .. [1] R. Pascanu, T. Mikolov, Y. Bengio, "On the difficulty of training
+       Recurrent Neural Networks", ICML 2013. https://arxiv.org/abs/1211.5063
 
     Examples
     --------

@@ -45,7 +45,7 @@ class ZClip(GlobalNormBased):
     r"""ZClip: z-score clipping of gradient-norm spikes against EMA statistics.
 
     Kumar, Owen, Ashraf, Wei, Qiu, Li (2025), "ZClip: Adaptive Spike Mitigation
-    for LLM Pre-Training", arXiv:2504.02507; reference implementation
+    for LLM Pre-Training", arXiv:2504.02507 [1]_; reference implementation
     ``zclip.py`` of github.com/bluorion-com/ZClip.  With :math:`g_t` the global
     norm of step :math:`t`:
 
@@ -115,6 +115,11 @@ class ZClip(GlobalNormBased):
     * the statistics are updated with the spike's clip target
       :math:`g^*_t` before the ``max_norm`` cap (the reference's ``clip_val``);
     * the warm-up statistics use the raw norms, never the capped ones.
+
+    References
+    ----------
+    .. [1] Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training",
+       2025. https://arxiv.org/abs/2504.02507
 
     Examples
     --------
