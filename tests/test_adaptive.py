@@ -516,3 +516,108 @@ def test_load_state_dict_is_strict_and_leaves_the_clipper_unchanged_on_failure()
     clone = ZClip()
     clone.load_state_dict(before)
     assert clone.state_dict() == before
+
+
+# ------------------------------------------------- public path and pickles
+
+# Pickles (protocol 4) written by fastclip.adaptive when it was one module:
+# AutoClip(percentile=50, history=3) after the norms 1, 4, 2, 8 and
+# ZClip(warmup_steps=2) after the norms 1, 3, 2.
+OLD_AUTOCLIP = (
+    "gASV5QEAAAAAAACMEWZhc3RjbGlwLmFkYXB0aXZllIwIQXV0b0NsaXCUk5QpgZR9lCiMB2hpc3RvcnmUSwOMCnBlcmNl"
+    "bnRpbGWUR0BJAAAAAAAAjANvcmSUR0AAAAAAAAAAjANlcHOURz6wxvegte2NjAlub25maW5pdGWUjAlwcm9wYWdhdGWU"
+    "jARzdGVwlEsEjA9sYXN0X3RvdGFsX25vcm2UR0AgAAAAAAAAjA5sYXN0X3RocmVzaG9sZJRHQBAAAAAAAACMEWxhc3Rf"
+    "c3RlcF9za2lwcGVklImMBl9zdGF0c5RoAIwLX1BlcmNlbnRpbGWUk5QpgZR9lCiMAXGURz/gAAAAAAAAjAJsb5RdlChH"
+    "wBAAAAAAAABLAYaUR7/wAAAAAAAASwCGlEfAAAAAAAAAAEsChpRljAJoaZRdlEdAIAAAAAAAAEsDhpRhjAV3aGVyZZR9"
+    "lChLAUsASwJLAEsDSwF1jARuX2xvlEsCjARuX2hplEsBjARuYW5zlEsAjARkZWFklI+UKEsAkHVijAZfbm9ybXOUjAtj"
+    "b2xsZWN0aW9uc5SMBWRlcXVllJOUKVKUKEsBR0AQAAAAAAAAhpRLAkdAAAAAAAAAAIaUSwNHQCAAAAAAAACGlGWMCV9u"
+    "ZXh0X2tleZRLBHViLg=="
+)
+OLD_ZCLIP = (
+    "gASVgwEAAAAAAACMEWZhc3RjbGlwLmFkYXB0aXZllIwFWkNsaXCUk5QpgZR9lCiMBWFscGhhlEc/7wo9cKPXCowIel90"
+    "aHJlc2iUR0AEAAAAAAAAjAx3YXJtdXBfc3RlcHOUSwKMBG1vZGWUjAZ6c2NvcmWUjAhtYXhfbm9ybZROjAtjbGlwX29w"
+    "dGlvbpSMEGFkYXB0aXZlX3NjYWxpbmeUjAtjbGlwX2ZhY3RvcpRHP/AAAAAAAACMA2Vwc5RHPrDG96C17Y2MFHNraXBf"
+    "dXBkYXRlX29uX3NwaWtllImMA29yZJRHQAAAAAAAAACMCW5vbmZpbml0ZZSMCXByb3BhZ2F0ZZSMBHN0ZXCUSwOMD2xh"
+    "c3RfdG90YWxfbm9ybZRHQAAAAAAAAACMDmxhc3RfdGhyZXNob2xklE6MEWxhc3Rfc3RlcF9za2lwcGVklImMBG1lYW6U"
+    "R0AAAAAAAAAAjAN2YXKURz/vCj1wo9cKjAtpbml0aWFsaXplZJSIjAZidWZmZXKUXZR1Yi4="
+)
+
+
+def _ran_clippers() -> list:
+    """Every public clipper, each after a few steps (so with statistics to pickle)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for c in [*_clippers(), AGC(clipping=0.05)]:
+        for v in norm_sequence(rng, 12, spikes=0.2):
+            g = one(v)
+            c(g, [np.ones_like(g[0])]) if isinstance(c, AGC) else c(g)
+        out.append(c)
+    return out
+
+
+def _pickled_modules(data: bytes) -> set[str]:
+    """The modules a pickle's classes are looked up in."""
+    modules = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            modules.add(module)
+            return super().find_class(module, name)
+
+    Recording(io.BytesIO(data)).load()
+    return modules
+
+
+@pytest.mark.parametrize("cls", [GlobalNormClipper, AutoClip, ZClip, AGC])
+def test_public_classes_live_at_fastclip_adaptive(cls: type) -> None:
+    assert cls.__module__ == "fastclip.adaptive"
+    assert getattr(fastclip.adaptive, cls.__name__) is cls is getattr(fastclip, cls.__name__)
+    assert cls.__name__ in fastclip.adaptive.__all__
+    assert repr(cls) == f"<class 'fastclip.adaptive.{cls.__name__}'>"
+    assert cls.__doc__ and "References" in cls.__doc__ and "https://arxiv.org/abs/" in cls.__doc__
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_pickled_clipper_round_trips_with_its_state(idx: int) -> None:
+    a = _ran_clippers()[idx]
+    data = pickle.dumps(a, protocol=4)
+    assert _pickled_modules(data) <= {"fastclip.adaptive", "collections"}
+    b = pickle.loads(data)
+    assert type(b) is type(a) and repr(b) == repr(a)
+    assert repr(a).startswith(type(a).__name__ + "(")
+    assert b.state_dict() == a.state_dict()
+    for name in ("step", "last_total_norm", "last_threshold", "last_step_skipped"):
+        assert getattr(b, name) == getattr(a, name)
+    # the restored statistics carry on as the original's
+    rng = np.random.default_rng(idx)
+    for v in norm_sequence(rng, 20, spikes=0.2):
+        ga, gb = one(v), one(v)
+        if isinstance(a, AGC):
+            pa = [np.ones_like(ga[0])]
+            assert float(a(ga, pa)) == float(b(gb, pa))
+        else:
+            assert float(a(ga)) == float(b(gb))
+        assert a.last_threshold == b.last_threshold
+        np.testing.assert_array_equal(ga[0], gb[0])
+    assert b.state_dict() == a.state_dict()
+
+
+def test_pickles_of_the_single_module_still_load() -> None:
+    import base64
+
+    auto = pickle.loads(base64.b64decode(OLD_AUTOCLIP))
+    fresh = AutoClip(percentile=50, history=3)
+    for v in (1.0, 4.0, 2.0, 8.0):
+        fresh(one(v))
+    assert type(auto) is AutoClip and auto.state_dict() == fresh.state_dict()
+    z = pickle.loads(base64.b64decode(OLD_ZCLIP))
+    zfresh = ZClip(warmup_steps=2)
+    for v in (1.0, 3.0, 2.0):
+        zfresh(one(v))
+    assert type(z) is ZClip and z.state_dict() == zfresh.state_dict()
+    for v in (0.5, 30.0, 2.5, 1.0):
+        for old, new in ((auto, fresh), (z, zfresh)):
+            go, gn = one(v), one(v)
+            assert float(old(go)) == float(new(gn))
+            assert old.last_threshold == new.last_threshold
+            np.testing.assert_array_equal(go[0], gn[0])
