@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _dispatch
 from .._errors import NonFiniteNormError
 from .._memory import shared_pair
 from .._validate import NONFINITE_POLICIES, check_nonfinite, check_ord, scalar_value
@@ -164,10 +165,7 @@ def _layout(a: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, Any] | 
             for n, s in zip(t.shape, t.stride()):
                 lo, hi = lo + min(0, (n - 1) * s * item), hi + max(0, (n - 1) * s * item)
             return tuple(t.shape), tuple(t.stride()), lo, hi, None
-        # layer: the lead replaces this with a _dispatch call
-        from .._cpu._libs import TorchLib
-
-        view = TorchLib.storage(t)
+        view = _dispatch.backend_of(t).lib.storage(t)  # the CPU route's storage view
     else:
         try:  # array-api-strict and other CPU libraries that export DLPack
             view = np.from_dlpack(a)
