@@ -480,15 +480,16 @@ def backend_for_step(lists: Sequence[Sequence[Any] | None], what: str) -> Backen
     return _bind(route, library_of(first), first)
 
 
-def backend_for(arrays: Sequence[Any]) -> Backend:
+def backend_for(arrays: Sequence[Any], *, defer_numpy: bool = True) -> Backend:
     """The common backend of a non-empty list (TypeError if libraries or devices differ).
 
-    A list of plain NumPy arrays is not walked here: the CPU route's bulk
-    header read checks every item's exact type (``defer_numpy``).
+    With ``defer_numpy`` a list starting with a plain ndarray is not walked
+    here: the CPU route's bulk header read (``pack``) checks every item's exact
+    type.  Operations that do not pack their arrays pass ``defer_numpy=False``.
     """
     if len(arrays) == 1:
         return backend_of(arrays[0])
-    route = route_of_many(arrays, defer_numpy=True)
+    route = route_of_many(arrays, defer_numpy=defer_numpy)
     return _bind(route, library_of(arrays[0]), arrays[0])
 
 

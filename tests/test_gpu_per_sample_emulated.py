@@ -412,7 +412,7 @@ def test_public_function_routes_gpu_arrays_to_the_driver(monkeypatch):
     arrays = list(_reg(*_data([(5,), (3, 4)], np.float32, seed=8)))
     expected = fastclip.clip_per_sample(arrays, [1.0, 0.5], per_layer=True, reduce="mean")
     backend = _dispatch.Backend(_dispatch.ROUTE_GPU, gpu, HostLib)
-    monkeypatch.setattr(_dispatch, "backend_for", lambda items: backend)
+    monkeypatch.setattr(_dispatch, "backend_for", lambda items, **kw: backend)
     got = fastclip.clip_per_sample(arrays, [1.0, 0.5], per_layer=True, reduce="mean")
     assert type(got) is fastclip.PerSampleClipResult
     assert got.n_clipped == expected.n_clipped

@@ -161,7 +161,7 @@ def test_value_clipping_gpu_route_checks_every_array_first(monkeypatch):
     any clamp is launched, and a float dtype the kernels lack is a TypeError."""
     import _gpu_emulation
 
-    from fastclip import _dispatch
+    from fastclip._gpu import _value_clip as gpu_value_clip
 
     class Lib(_gpu_emulation.HostLib):
         kind = staticmethod(lambda x: "float32" if x.dtype == np.float32 else None)
@@ -170,10 +170,10 @@ def test_value_clipping_gpu_route_checks_every_array_first(monkeypatch):
     base = np.array([7], np.int32)
     shared = np.lib.stride_tricks.as_strided(base, shape=(3,), strides=(0,))
     with Unchanged(floats, base), pytest.raises(ValueError, match="share memory"):
-        _api._check_value_targets(_dispatch.ROUTE_GPU, Lib, [floats, shared])
+        gpu_value_clip.check_value_targets(Lib, [floats, shared])
     with pytest.raises(TypeError, match="does not support float16"):
-        _api._check_value_targets(_dispatch.ROUTE_GPU, Lib, [floats, floats.astype("f2")])
-    _api._check_value_targets(_dispatch.ROUTE_GPU, Lib, [floats, base])  # valid: no error
+        gpu_value_clip.check_value_targets(Lib, [floats, floats.astype("f2")])
+    gpu_value_clip.check_value_targets(Lib, [floats, base])  # valid: no error
 
 
 def test_clip_grad_value_mixed_list_matches_torch():

@@ -165,7 +165,7 @@ def clip_per_sample(
     if not (reduce is None or (isinstance(reduce, str) and reduce in _REDUCES)):
         raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
     eps_value = check_eps(eps)
-    backend = _dispatch.backend_for(items)
+    backend = _dispatch.backend_for(items, defer_numpy=False)  # no packing: check all here
     outs, norms, n_clipped = backend.clip_per_sample(
         items,
         batch,
