@@ -32,9 +32,9 @@ def _cpu() -> Any:
     ``import fastclip``)."""
     global _DRIVER
     if _DRIVER is None:
-        from ._cpu import _driver
+        from . import _cpu as cpu_route
 
-        _DRIVER = _driver
+        _DRIVER = cpu_route
     return _DRIVER
 
 

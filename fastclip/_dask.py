@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from ._cpu import _driver
-from ._cpu._libs import NumpyLib, norm_dtype, refuse_dtype
+from . import _config, _cpu
+from ._cpu import NumpyLib, norm_dtype, refuse_dtype
 from ._errors import NonFiniteNormError, nonfinite_message
 from ._formulas import SAFE_HI, SAFE_LO, clip_coefficients, needs_rescale, pow2_inverse, root
 
@@ -113,9 +113,9 @@ def _block_pow_sums(
         return np.zeros(shape, np.float64)
     if len(axis) == sv.ndim:
         flat = sv.reshape(-1)
-        value = _driver.run("arr_pow_sum", flat.size, flat, pcode, p, 1.0, _driver.cfg.CHUNK)
+        value = _cpu.run("arr_pow_sum", flat.size, flat, pcode, p, 1.0, _config.CHUNK)
         return np.full(shape, value, np.float64)
-    plan = _driver._Plan(sv, tuple(sorted(axis)))
+    plan = _cpu.AxisPlan(sv, tuple(sorted(axis)))
     return np.asarray(plan.pow_sums(pcode, p), np.float64).reshape(shape)
 
 
@@ -134,14 +134,14 @@ def _block_pairs(
         return out  # (0, 0): the identity
     whole = len(axis) == sv.ndim
     flat = sv.reshape(-1) if whole else None
-    plan = None if whole else _driver._Plan(sv, tuple(sorted(axis)))
+    plan = None if whole else _cpu.AxisPlan(sv, tuple(sorted(axis)))
 
     def pow_sums(pc: int, inv: np.ndarray | None) -> np.ndarray:
         if plan is not None:
             return np.asarray(plan.pow_sums(pc, p, inv), np.float64).reshape(shape)
         assert flat is not None
         scale = 1.0 if inv is None else float(inv.reshape(-1)[0])
-        value = _driver.run("arr_pow_sum", flat.size, flat, pc, p, scale, _driver.cfg.CHUNK)
+        value = _cpu.run("arr_pow_sum", flat.size, flat, pc, p, scale, _config.CHUNK)
         return np.full(shape, value, np.float64)
 
     totals = pow_sums(pcode, None)
@@ -153,7 +153,7 @@ def _block_pairs(
         fix = bad & (maxes > 0.0) & (maxes < math.inf)
         if fix.any():
             # A power-of-two scale, not 1 / max: that overflows for subnormal maxima
-            # (see ``_driver.pow2_inverse``); the pair's m is then 1 / inv, exactly.
+            # (see ``_formulas.pow2_inverse``); the pair's m is then 1 / inv, exactly.
             inv = np.where(fix, pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
             scaled = pow_sums(3, inv.reshape(-1) if plan is not None else inv)
             m = np.where(fix, 1.0 / inv, m)
@@ -230,9 +230,9 @@ def _scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | No
         src = np.ascontiguousarray(sv).reshape(-1)
         value = float(np.asarray(coef).reshape(-1)[0])
         dst = out_sv.reshape(-1)
-        _driver.run("arr_scale", src.size, src, dst, value, False, _driver.cfg.CHUNK)
+        _cpu.run("arr_scale", src.size, src, dst, value, False, _config.CHUNK)
         return out
-    plan = _driver._Plan(sv, axes)
+    plan = _cpu.AxisPlan(sv, axes)
     coefs = np.ascontiguousarray(np.broadcast_to(coef, plan_shape(sv.shape, axes)).reshape(-1))
     plan.scale(coefs.astype(np.float64), out_sv)
     return out
@@ -243,7 +243,7 @@ def plan_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]
 
 
 def _clip_block(block: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
-    return np.asarray(_driver.clip_by_value(NumpyLib, np.asarray(block), lo, hi, False))
+    return np.asarray(_cpu.clip_by_value(NumpyLib, np.asarray(block), lo, hi, False))
 
 
 # ------------------------------------------------------------- lazy graphs

@@ -20,7 +20,6 @@ any work):
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from typing import Any, NamedTuple
@@ -196,7 +195,7 @@ def clip_per_sample(
             eps_value,
         )
     elif route == _dispatch.ROUTE_CPU:
-        from ._cpu._libs import lib_for
+        from ._cpu import lib_for
 
         lib = lib_for(_dispatch.library_of(items[0]))
         _check_cpu_items(lib, items)
@@ -393,9 +392,8 @@ def _cpu_path(
     reduce: str | None,
     eps: float,
 ) -> tuple[list[Any], Any, int]:
-    from ._cpu import _driver
-    from ._cpu import _per_sample_kernels as psk
-    from ._cpu._libs import float_storage, norm_dtype
+    from . import _cpu
+    from ._cpu import float_storage, norm_dtype
 
     views = []
     for x in items:
@@ -405,7 +403,7 @@ def _cpu_path(
     ones = np.ones(batch)
     sums = np.empty((len(views), batch))
     for k, x2 in enumerate(views):
-        sums[k] = _driver.run("rows_pow_sum", x2.size, x2, pcode, p, ones)
+        sums[k] = _cpu.run("rows_pow_sum", x2.size, x2, pcode, p, ones)
     wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
 
     def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
@@ -414,7 +412,7 @@ def _cpu_path(
             x2 = x2[rows[0] : rows[0] + 1]
         elif rows.size != x2.shape[0]:  # all rows: no copy
             x2 = x2[rows]
-        return _driver.run("rows_pow_sum", x2.size, x2, pc, pp, inv)
+        return _cpu.run("rows_pow_sum", x2.size, x2, pc, pp, inv)
 
     fix = _robust_norms(pcode, p, wide, per_layer, len(views), rows_pow_sum)
     norms, factors, clipped = _norms_and_factors(sums, pcode, p, bounds, per_layer, eps, fix)
@@ -426,14 +424,14 @@ def _cpu_path(
             out = _new(lib, x, tuple(x.shape))
             dst = lib.storage(out).reshape(x2.shape)
             if x2.size:
-                _driver.run("rows_scale", x2.size, x2, dst, f, False)
+                _cpu.run("rows_scale", x2.size, x2, dst, f, False)
         else:
             out = _new(lib, x, tuple(x.shape[1:]))
             dst = lib.storage(out).reshape(-1)
             f, out_scale = _factors_in_range(f, scale, wide)
             if x2.size:
-                _driver.run_with(
-                    functools.partial(psk.kernel, "weighted_sum"),
+                _cpu.run(
+                    "weighted_sum",
                     x2.size,
                     x2,
                     f,

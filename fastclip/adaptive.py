@@ -189,7 +189,7 @@ def _layout(a: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, Any] | 
             for n, s in zip(t.shape, t.stride()):
                 lo, hi = lo + min(0, (n - 1) * s * item), hi + max(0, (n - 1) * s * item)
             return tuple(t.shape), tuple(t.stride()), lo, hi, None
-        from ._cpu._libs import TorchLib
+        from ._cpu import TorchLib
 
         view = TorchLib.storage(t)
     else:

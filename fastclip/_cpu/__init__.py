@@ -1,0 +1,92 @@
+"""The CPU route: NumPy arrays and torch CPU tensors, clipped by Numba kernels.
+
+Imported only lazily by the dispatcher (``import fastclip`` imports no numba).
+Layout rules (documented in README, "Routes"):
+
+* C-contiguous data is used in place, zero-copy.
+* Non-contiguous data is *copied in* to a contiguous buffer for the kernel; an
+  in-place call then *copies out* into the caller's memory, so in-place stays in
+  place.  Reductions over leading or trailing axes of contiguous data need no copy.
+* Lists of arrays become one table of (address, size) per storage dtype, so N
+  arrays cost one kernel launch per dtype, not N.
+
+The modules, top to bottom (an import only points down; ``_adapters`` is the leaf):
+
+* ``_core`` (the route ops), ``_optim`` (fused-step groups);
+* ``_pack`` (tables of lists), ``_axes`` (per-slice plans), ``_headers`` (the bulk
+  NumPy header read);
+* ``_launch`` (serial / parallel launches, threading layer, fork);
+* ``_build`` (lazy, disk-cached numba twins: ``jit_pair``, ``kernel``);
+* ``_kernels``, ``_header_kernels``, ``_optim_kernels``, ``_per_sample_kernels``;
+* ``_elements``, ``_intrinsics``;
+* ``_adapters`` (``NumpyLib``, ``TorchLib``: storage views, wrapping, ``touched``).
+
+Every op takes the adapter (``lib``) first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _build
+from ._adapters import NumpyLib, TorchLib, float_storage, lib_for, norm_dtype, refuse_dtype
+from ._axes import AxisPlan
+from ._build import jit_pair, kernel
+from ._core import (
+    clamp_many_,
+    clip_by_value,
+    clip_global,
+    global_norm,
+    int_bound,
+    norm,
+    rescale,
+    scale_,
+)
+from ._launch import run, run_serial, run_with, threading_layer
+from ._optim import Group, global_norm_and_dtype, groups
+from ._pack import Packed, Table, pack
+
+__all__ = [
+    "AxisPlan",
+    "Group",
+    "NumpyLib",
+    "Packed",
+    "Table",
+    "TorchLib",
+    "clamp_many_",
+    "clip_by_value",
+    "clip_global",
+    "float_storage",
+    "global_norm",
+    "global_norm_and_dtype",
+    "groups",
+    "int_bound",
+    "jit_pair",
+    "kernel",
+    "lib_for",
+    "norm",
+    "norm_dtype",
+    "pack",
+    "refuse_dtype",
+    "rescale",
+    "run",
+    "run_serial",
+    "run_with",
+    "scale_",
+    "status",
+    "threading_layer",
+]
+
+
+def status() -> dict[str, Any]:
+    """The route's state for ``fastclip.info()``.
+
+    ``threading_layer``: numba's layer once a parallel kernel ran, else None;
+    ``cache_dir``: the folder the kernels are cached in, once the first kernel
+    was built; ``cache_disabled_reason``: why on-disk caching is off, or None.
+    """
+    return {
+        "threading_layer": threading_layer(),
+        "cache_dir": _build.cache_dir,
+        "cache_disabled_reason": _build.cache_disabled_reason,
+    }

@@ -1,7 +1,7 @@
 """Functional fused clip-and-step optimizers on lists of arrays.
 
 Routes: NumPy arrays and torch CPU tensors run the Numba kernels
-(``optim._cpu``); CuPy arrays and torch CUDA tensors run the CUDA kernels of
+(``_cpu._optim``); CuPy arrays and torch CUDA tensors run the CUDA kernels of
 ``_gpu/optim_kernels.cu`` (``_gpu._optim``), zero-copy, on the caller's stream,
 without host synchronisation.
 """
@@ -30,7 +30,7 @@ def cpu_lib(arrays: Sequence[Any], what: str) -> Any:
             f"{type(arrays[0]).__module__}.{type(arrays[0]).__qualname__}. Use the clippers of "
             "fastclip.adaptive with your own optimizer for other Array API libraries."
         )
-    from .._cpu._libs import lib_for
+    from .._cpu import lib_for
 
     return lib_for(_dispatch.library_of(arrays[0]))
 
@@ -115,7 +115,7 @@ def clip_plan(
     Raises :class:`fastclip.NonFiniteNormError` for ``nonfinite="error"`` and a
     non-finite norm; sets ``skip`` for ``"skip"``.  Nothing is written here.
     """
-    from . import _cpu
+    from .. import _cpu
 
     plan = Clip()
     mode = clip_mode(max_norm, total_norm, clip_coef, what)
@@ -134,7 +134,7 @@ def clip_plan(
         # The core's norm (robust_norm): one power-sum pass, plus a rescaled pass
         # only when the float64 sum left its exact range (|g| ~ 1e200 or 1e-200),
         # so the fused steps clip with the norm the core functions return.
-        value, plan.norm_dtype = _cpu.global_norm(lib, grads, pcode, p)
+        value, plan.norm_dtype = _cpu.global_norm_and_dtype(lib, grads, pcode, p)
     else:
         value = scalar_value(total_norm, "total_norm")
         plan.norm_dtype = (
@@ -228,7 +228,7 @@ def prepare_adamw(
     max_exp_avg_sqs: list[Any] | None,
 ) -> list[Any]:
     """Validate and pack an AdamW launch (per-dtype groups); writes nothing."""
-    from . import _cpu
+    from .. import _cpu
 
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
     return _cpu.groups(lib, lists, [True, False, True, True, True], "adamw_step")
@@ -238,8 +238,8 @@ def run_adamw(
     lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float, amsgrad: bool
 ) -> None:
     """Run the AdamW kernel on groups from :func:`prepare_adamw` (one launch per dtype)."""
+    from .. import _cpu
     from .._config import CHUNK
-    from . import _cpu
 
     for g in gs:
         rows = hp if len(g.index) == len(params) else hp[g.index]
@@ -266,15 +266,15 @@ def prepare_sgd(
     lib: Any, params: list[Any], grads: list[Any], buffers: list[Any] | None
 ) -> list[Any]:
     """Validate and pack an SGD launch (per-dtype groups); writes nothing."""
-    from . import _cpu
+    from .. import _cpu
 
     return _cpu.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
 
 
 def run_sgd(lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float) -> None:
     """Run the SGD kernel on groups from :func:`prepare_sgd` (one launch per dtype)."""
+    from .. import _cpu
     from .._config import CHUNK
-    from . import _cpu
 
     for g in gs:
         rows = hp if len(g.index) == len(params) else hp[g.index]
