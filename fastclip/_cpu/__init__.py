@@ -37,21 +37,17 @@ from ._core import (
     clip_by_value,
     clip_global,
     global_norm,
-    int_bound,
     norm,
     rescale,
     scale_,
 )
-from ._launch import run, run_serial, run_with, threading_layer
-from ._optim import Group, global_norm_and_dtype, groups
-from ._pack import Packed, Table, pack
+from ._launch import run, run_with, threading_layer
+from ._optim import global_norm_and_dtype, groups
+from ._pack import pack
 
 __all__ = [
     "AxisPlan",
-    "Group",
     "NumpyLib",
-    "Packed",
-    "Table",
     "TorchLib",
     "clamp_many_",
     "clip_by_value",
@@ -60,7 +56,6 @@ __all__ = [
     "global_norm",
     "global_norm_and_dtype",
     "groups",
-    "int_bound",
     "jit_pair",
     "kernel",
     "lib_for",
@@ -70,7 +65,6 @@ __all__ = [
     "refuse_dtype",
     "rescale",
     "run",
-    "run_serial",
     "run_with",
     "scale_",
     "status",
