@@ -30,7 +30,7 @@ import numpy as np
 
 from fastclip import _config as cfg
 from fastclip._bench import timing
-from fastclip._cpu._build import kernel
+from fastclip._cpu import kernel
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 

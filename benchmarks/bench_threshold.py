@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from fastclip import _config as cfg
-from fastclip._cpu._build import kernel
+from fastclip._cpu import kernel
 
 
 def median_time(fn, repeat: int = 31) -> float:  # type: ignore[no-untyped-def]

@@ -80,7 +80,7 @@ def info() -> dict[str, Any]:
     """
     import numba
 
-    from ._cpu import _build, _driver
+    cpu = _dispatch.cpu_status()
 
     configured_layer = getattr(numba.config, "THREADING_LAYER", "default")
     routes = {}
@@ -112,14 +112,14 @@ def info() -> dict[str, Any]:
                 "jax",
             )
         },
-        "numba_threading_layer": _driver.threading_layer()
+        "numba_threading_layer": cpu["threading_layer"]
         or f"not started yet (configured: {configured_layer})",
         "numba_threads": numba.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "numba_cache": "disabled: " + _build.cache_disabled_reason
-        if _build.cache_disabled_reason
-        else f"on, in {_build.cache_dir}"
-        if _build.cache_dir
+        "numba_cache": "disabled: " + cpu["cache_disabled_reason"]
+        if cpu["cache_disabled_reason"]
+        else f"on, in {cpu['cache_dir']}"
+        if cpu["cache_dir"]
         else "on (numba cache=True; folder chosen at the first compile)",
         "routes": routes,
         "gpus": _gpus(),

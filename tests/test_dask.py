@@ -25,8 +25,8 @@ import reference as ref  # noqa: E402
 from _backends import assert_close, sample  # noqa: E402
 
 import fastclip  # noqa: E402
-from fastclip import _dispatch  # noqa: E402
-from fastclip._cpu import _driver  # noqa: E402
+from fastclip import _cpu, _dispatch  # noqa: E402
+from fastclip._cpu import _axes, _core, _pack  # noqa: E402
 
 ORDS = [1, 2, math.inf, 3]
 DTYPES = ["float32", "float64"]
@@ -236,13 +236,14 @@ def _refusing_scheduler(dsk, keys, **kwargs):
 def test_every_function_stays_lazy(monkeypatch):
     """No Numba kernel runs and no scheduler is called until .compute()."""
     launches = []
-    real_run = _driver.run
+    real_run = _cpu.run
 
     def counting_run(name, n, *args):
         launches.append(name)
         return real_run(name, n, *args)
 
-    monkeypatch.setattr(_driver, "run", counting_run)
+    for module in (_cpu, _axes, _core, _pack):  # every module that looks ``run`` up
+        monkeypatch.setattr(module, "run", counting_run)
     x = _data((13, 17), "float32")
     with dask.config.set(scheduler=_refusing_scheduler):
         d = _dask(x, (5, 6))

@@ -1,8 +1,9 @@
-"""Turn the plain-Python kernels of ``_kernels.py`` into numba dispatchers, lazily.
+"""Turn the plain-Python kernels of the kernel modules into numba dispatchers, lazily.
 
-Each kernel gets a serial and a ``parallel=True`` twin, created on first use
-(``functools.cache``) and compiled by numba on first call per dtype, never at
-import.  Both are cached on disk (``cache=True``) under distinct qualified
+``jit_pair(func)`` gives each kernel a serial and a ``parallel=True`` twin,
+created on first use (``functools.cache``) and compiled by numba on first call
+per dtype, never at import; ``kernel(name, parallel)`` finds ``name`` in
+``_kernels``, ``_header_kernels``, ``_optim_kernels`` or ``_per_sample_kernels``.  Both are cached on disk (``cache=True``) under distinct qualified
 names so their cache files never collide; where no cache location is
 writable numba raises at decoration time, and we fall back to an uncached
 dispatcher rather than fail.
@@ -44,6 +45,7 @@ recompilation instead of an error.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import stat
 import types
@@ -312,7 +314,34 @@ def _jit(func: Callable[..., Any], parallel: bool) -> Any:
 
 
 @functools.cache
+def jit_pair(func: Callable[..., Any]) -> Callable[[bool], Any]:
+    """The lazy serial and parallel numba twins of ``func``: ``jit_pair(func)(parallel)``.
+
+    Each twin is built on its first request and compiled on its first call per
+    dtype, disk-cached under its own name (``<qualname>_ser`` / ``_par``).
+    """
+
+    @functools.cache
+    def twin(parallel: bool) -> Any:
+        return _jit(_clone(func, "_par" if parallel else "_ser"), parallel)
+
+    return twin
+
+
+# Searched in this order by ``kernel``; the last two are imported on first use.
+_KERNEL_MODULES = ("_kernels", "_header_kernels", "_optim_kernels", "_per_sample_kernels")
+
+
+def _kernel_function(name: str) -> Callable[..., Any]:
+    for module_name in _KERNEL_MODULES:
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        func = getattr(module, name, None)
+        if func is not None:
+            return func  # type: ignore[no-any-return]
+    raise AttributeError(f"no CPU kernel named {name!r}")
+
+
+@functools.cache
 def kernel(name: str, parallel: bool) -> Any:
-    """The dispatcher for ``_kernels.<name>``, serial or parallel."""
-    func = getattr(_kernels, name)
-    return _jit(_clone(func, "_par" if parallel else "_ser"), parallel)
+    """The dispatcher for the kernel ``name`` of the kernel modules, serial or parallel."""
+    return jit_pair(_kernel_function(name))(parallel)

@@ -18,9 +18,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._formulas import SAFE_HI, SAFE_LO
-from . import _driver  # merge: becomes `from ._launch import run`
-
-run = _driver.run
+from ._launch import run
 
 _FAST_ORDS = {2: 2, 1: 1, math.inf: 0}
 

@@ -21,7 +21,8 @@ from .._errors import NonFiniteNormError, nonfinite_step_message
 from .._formulas import clip_coefficient
 from .._typing import StepClip
 from .._validate import clip_mode, norm_args, scalar_value
-from ..optim import _cpu as optim_cpu  # merge: becomes `from . import _optim as optim_cpu`
+from . import _optim
+from ._launch import run
 
 
 class Clip:
@@ -60,7 +61,7 @@ def clip_plan(lib: Any, grads: list[Any], clip: StepClip, what: str) -> Clip:
         # The core's norm (robust_norm): one power-sum pass, plus a rescaled pass
         # only when the float64 sum left its exact range (|g| ~ 1e200 or 1e-200),
         # so the fused steps clip with the norm the core functions return.
-        value, plan.norm_dtype = optim_cpu.global_norm(lib, grads, pcode, p)
+        value, plan.norm_dtype = _optim.global_norm_and_dtype(lib, grads, pcode, p)
     else:
         value = scalar_value(total_norm, "total_norm")
         plan.norm_dtype = (
@@ -95,7 +96,7 @@ def prepare_adamw(
 ) -> list[Any]:
     """Validate and pack an AdamW launch (per-dtype groups); writes nothing."""
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-    return optim_cpu.groups(lib, lists, [True, False, True, True, True], "adamw_step")
+    return _optim.groups(lib, lists, [True, False, True, True, True], "adamw_step")
 
 
 def run_adamw(
@@ -104,7 +105,7 @@ def run_adamw(
     """Run the AdamW kernel on groups from :func:`prepare_adamw` (one launch per dtype)."""
     for g in gs:
         rows = hp if len(g.index) == len(params) else hp[g.index]
-        optim_cpu.run(
+        run(
             "tab_adamw",
             g.n,
             g.addrs(0),
@@ -127,14 +128,14 @@ def prepare_sgd(
     lib: Any, params: list[Any], grads: list[Any], buffers: list[Any] | None
 ) -> list[Any]:
     """Validate and pack an SGD launch (per-dtype groups); writes nothing."""
-    return optim_cpu.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
+    return _optim.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
 
 
 def run_sgd(lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float) -> None:
     """Run the SGD kernel on groups from :func:`prepare_sgd` (one launch per dtype)."""
     for g in gs:
         rows = hp if len(g.index) == len(params) else hp[g.index]
-        optim_cpu.run(
+        run(
             "tab_sgd",
             g.n,
             g.addrs(0),

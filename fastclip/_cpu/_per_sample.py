@@ -8,7 +8,6 @@ clipped per-sample copies.  Norms and factors follow ``_formulas``.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from typing import Any
@@ -17,9 +16,8 @@ import numpy as np
 
 from .. import _config as cfg
 from .._formulas import per_sample_norms_and_factors, per_sample_rescaler
-from . import _driver  # merge: becomes the split modules (run / run_with)
-from . import _per_sample_kernels as psk
-from ._libs import float_storage, norm_dtype  # merge: becomes ._adapters
+from ._adapters import float_storage, norm_dtype
+from ._launch import run
 
 
 def check_cpu_items(lib: Any, items: list[Any]) -> None:
@@ -57,7 +55,7 @@ def clip_per_sample(
     ones = np.ones(batch)
     sums = np.empty((len(views), batch))
     for k, x2 in enumerate(views):
-        sums[k] = _driver.run("rows_pow_sum", x2.size, x2, pcode, p, ones)
+        sums[k] = run("rows_pow_sum", x2.size, x2, pcode, p, ones)
     wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
 
     def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
@@ -66,7 +64,7 @@ def clip_per_sample(
             x2 = x2[rows[0] : rows[0] + 1]
         elif rows.size != x2.shape[0]:  # all rows: no copy
             x2 = x2[rows]
-        return _driver.run("rows_pow_sum", x2.size, x2, pc, pp, inv)
+        return run("rows_pow_sum", x2.size, x2, pc, pp, inv)
 
     fix = per_sample_rescaler(pcode, p, wide, per_layer, len(views), rows_pow_sum)
     norms, factors, clipped = per_sample_norms_and_factors(
@@ -80,14 +78,14 @@ def clip_per_sample(
             out = _new(lib, x, tuple(x.shape))
             dst = lib.storage(out).reshape(x2.shape)
             if x2.size:
-                _driver.run("rows_scale", x2.size, x2, dst, f, False)
+                run("rows_scale", x2.size, x2, dst, f, False)
         else:
             out = _new(lib, x, tuple(x.shape[1:]))
             dst = lib.storage(out).reshape(-1)
             f, out_scale = _factors_in_range(f, scale, wide)
             if x2.size:
-                _driver.run_with(
-                    functools.partial(psk.kernel, "weighted_sum"),
+                run(
+                    "weighted_sum",
                     x2.size,
                     x2,
                     f,

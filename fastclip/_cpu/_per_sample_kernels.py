@@ -1,6 +1,6 @@
 # mypy: ignore-errors
 # (numba kernel code: typed by numba at compile time, not by mypy)
-"""Numba kernels for per-sample clipping (DP-SGD), built lazily like ``_build.kernel``.
+"""Numba kernels for per-sample clipping (DP-SGD), built lazily by ``_build.py``.
 
 Pass 1 (per-sample power sums) reuses ``_kernels.rows_pow_sum`` on a
 contiguous ``[B, D]`` view.  Pass 2 lives here: ``weighted_sum`` computes
@@ -10,18 +10,14 @@ output, so the clipped per-sample copies are never materialised.
 Each parallel work item owns a tile of ``tile`` columns and streams every
 row's slice of it; rows are added in the storage's accumulation type (float32
 for 32- and 16-bit data) inside blocks of ``rblock`` rows, and block sums are
-combined in float64 (FIELD-NOTES, "accumulate accurately").
+combined in float64, as in ``_kernels.py`` (its ``BLOCK`` has the measurement).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import numpy as np
 from numba import prange
 
-from . import _build
 from ._elements import acc_zero, coef_like, narrow, widen
 
 
@@ -63,10 +59,3 @@ def weighted_sum(x, f, out, scale, tile, rblock):  # type: ignore[no-untyped-def
                 acc64[j] += acc[j]
         for j in range(o.size):
             o[j] = narrow(acc64[j] * scale, o[j])
-
-
-@functools.cache
-def kernel(name: str, parallel: bool) -> Any:
-    """The dispatcher for ``<name>`` of this module, serial or parallel (compiled on first call)."""
-    func = globals()[name]
-    return _build._jit(_build._clone(func, "_par" if parallel else "_ser"), parallel)

@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import _driver  # merge: becomes `from ._pack import pack`
+from ._pack import pack
 
 
 def check_targets(lib: Any, arrays: Sequence[Any], what: str) -> Any:
     """Validate in-place targets (nothing written); the packed tables, for ``norm64``."""
-    return _driver.pack(lib, arrays, what, writing=True)
+    return pack(lib, arrays, what, writing=True)
 
 
 def norm64(lib: Any, arrays: Sequence[Any], pcode: int, p: float, checked: Any = None) -> float:
     """The global norm as a Python float, from float64 power sums."""
-    packed = checked if checked is not None else _driver.pack(lib, arrays, "norm", writing=False)
+    packed = checked if checked is not None else pack(lib, arrays, "norm", writing=False)
     return float(packed.norm(pcode, p))

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._errors import out_of_place_hint
 from .._memory import check_disjoint, check_self_overlap
-from . import _driver as _core  # merge: becomes `from . import _core`
+from . import _core
 
 
 def check_value_targets(lib: Any, arrays: list[Any]) -> None:

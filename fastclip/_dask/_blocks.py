@@ -20,10 +20,8 @@ from .. import _config as cfg
 # The CPU route's names used by the Dask route, all imported here (``__init__`` takes
 # ``refuse_dtype`` from this module): its kernel launcher, per-axis plan, NumPy adapter,
 # dtype rules and clip by value.
-from .._cpu._driver import _Plan as AxisPlan
-from .._cpu._driver import clip_by_value as cpu_clip_by_value
-from .._cpu._driver import run
-from .._cpu._libs import NumpyLib, norm_dtype, refuse_dtype
+from .. import _cpu
+from .._cpu import AxisPlan, NumpyLib, norm_dtype, refuse_dtype
 from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, needs_rescale, pow2_inverse, root
 
 __all__ = [
@@ -78,7 +76,7 @@ def _summer(
             return np.asarray(plan.pow_sums(pc, p, inv), np.float64).reshape(shape)
         assert flat is not None
         scale = 1.0 if inv is None else float(inv.reshape(-1)[0])
-        value = run("arr_pow_sum", flat.size, flat, pc, p, scale, cfg.CHUNK)
+        value = _cpu.run("arr_pow_sum", flat.size, flat, pc, p, scale, cfg.CHUNK)
         return np.full(shape, value, np.float64)
 
     return pow_sums
@@ -221,7 +219,7 @@ def scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | Non
         src = np.ascontiguousarray(sv).reshape(-1)
         value = float(np.asarray(coef).reshape(-1)[0])
         dst = out_sv.reshape(-1)
-        run("arr_scale", src.size, src, dst, value, False, cfg.CHUNK)
+        _cpu.run("arr_scale", src.size, src, dst, value, False, cfg.CHUNK)
         return out
     plan = AxisPlan(sv, axes)
     coefs = np.ascontiguousarray(np.broadcast_to(coef, plan_shape(sv.shape, axes)).reshape(-1))
@@ -231,4 +229,4 @@ def scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | Non
 
 def clip_block(block: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
     """One block clipped to ``[lo, hi]`` by the CPU route (integers and bools included)."""
-    return np.asarray(cpu_clip_by_value(NumpyLib, np.asarray(block), lo, hi, False))
+    return np.asarray(_cpu.clip_by_value(NumpyLib, np.asarray(block), lo, hi, False))

@@ -1,40 +1,22 @@
-"""CPU driver of the fused optimizer kernels: packing, grouping and launching.
+"""CPU driver of the fused optimizer kernels: packing and grouping.
 
 Arrays are grouped by dtype (one launch per dtype), each group's lists are
-packed into (address, size) tables by the core driver (``_cpu._driver.pack``:
-zero-copy for contiguous data, copy-in/copy-out otherwise), and the kernels of
-``_cpu._optim_kernels`` run serial or parallel by size, with the same
-threading rules as the core (``_driver.run``).
+packed into (address, size) tables by the core's ``_pack.pack`` (zero-copy for
+contiguous data, copy-in/copy-out otherwise), and the kernels of
+``_optim_kernels`` (``tab_adamw``, ``tab_sgd``) run by name through the core's
+``_launch.run``: serial or parallel by size, with the same threading rules.
 """
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .._cpu import _build, _driver
-from .._cpu import _optim_kernels as K
 from .._memory import shared_pair
-
-__all__ = ["Group", "K", "groups", "kernel", "run"]
-
-
-@functools.cache
-def kernel(name: str, parallel: bool) -> Any:
-    """The numba dispatcher for ``_optim_kernels.<name>`` (lazy, disk-cached)."""
-    func = getattr(K, name)
-    return _build._jit(_build._clone(func, "_par" if parallel else "_ser"), parallel)
-
-
-def run(name: str, n: int, *args: Any) -> Any:
-    """Run an optimizer kernel on ``n`` elements with the core's threading rules
-    (``_driver.run_with``: serial below the threshold or after fork, the lock
-    under ``workqueue``)."""
-    return _driver.run_with(functools.partial(kernel, name), n, *args)
+from ._pack import pack
 
 
 class Group:
@@ -108,7 +90,7 @@ def groups(
                 packs.append(packs[0])
                 continue
             sub = list(lst) if len(index) == n else [lst[i] for i in index]
-            packs.append(_driver.pack(lib, sub, what, writing=w))
+            packs.append(pack(lib, sub, what, writing=w))
             if w:
                 written.append(packs[-1])
         if packs[0].tables[0].like.dtype.kind == "c":
@@ -137,8 +119,8 @@ def _check_written_disjoint(packs: list[Any], what: str) -> None:
         )
 
 
-def global_norm(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
-    """The core's global norm of the gradients (``_driver.robust_norm``: rescaled
-    where the float64 power sum over/underflows) and its dtype."""
-    packed = _driver.pack(lib, grads, "norm", writing=False)
+def global_norm_and_dtype(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
+    """The core's global norm of the gradients as a float (``robust_norm``:
+    rescaled where the float64 power sum over/underflows) and its dtype."""
+    packed = pack(lib, grads, "norm", writing=False)
     return packed.norm(pcode, p), packed.dtype

@@ -1,0 +1,89 @@
+"""Per-slice norms and scaling of one array: ``AxisPlan`` (rows, cols or a copy).
+
+Reductions over trailing axes of contiguous data run the ``rows_*`` kernels on a
+``[m, k]`` view, over leading axes the ``cols_*`` kernels on a ``[k, m]`` view;
+anything else (middle axes, non-contiguous data) is copied in to a contiguous
+``[m, k]`` buffer, and an in-place call copies the result out again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _config as cfg
+from .._formulas import SAFE_HI, SAFE_LO, needs_rescale, pow2_inverse, root
+from ._launch import run
+
+
+def _as_2d(sv: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
+    """``sv`` reshaped to ``shape`` without a copy, or None if that needs a copy."""
+    r = sv.reshape(shape)
+    if r.size == 0 or np.may_share_memory(r, sv):
+        return r
+    return None
+
+
+class AxisPlan:
+    """How one array is reduced along ``axes``: rows (trailing), cols (leading) or a copy."""
+
+    def __init__(self, sv: np.ndarray, axes: tuple[int, ...]):
+        nd = sv.ndim
+        kept = tuple(i for i in range(nd) if i not in axes)
+        self.kept_shape = tuple(sv.shape[i] for i in kept)
+        m = math.prod(self.kept_shape)
+        k = math.prod(sv.shape[i] for i in axes)
+        self.copied_from: np.ndarray | None = None  # transposed view of the caller's data
+        x2 = None
+        if axes == tuple(range(nd - len(axes), nd)):
+            self.kind = "rows"
+            x2 = _as_2d(sv, (m, k))
+        elif axes == tuple(range(len(axes))):
+            self.kind = "cols"
+            x2 = _as_2d(sv, (k, m))
+        if x2 is None:  # middle axes or non-contiguous data: copy in
+            self.kind = "rows"
+            self.copied_from = sv.transpose(kept + axes)
+            # Always a fresh buffer: ``scale`` works on it in place, and a transposed
+            # view can already be C-contiguous (size-1 axes, channels_last tensors),
+            # where ``np.ascontiguousarray`` would hand back the caller's own memory.
+            x2 = np.array(self.copied_from, order="C", copy=True).reshape(m, k)
+        self.x2 = x2
+        self.perm = kept + axes
+
+    def pow_sums(self, pcode: int, p: float, inv: np.ndarray | None = None) -> np.ndarray:
+        n_slices = self.x2.shape[0] if self.kind == "rows" else self.x2.shape[1]
+        inv = np.ones(n_slices) if inv is None else inv
+        if self.kind == "rows":
+            return run("rows_pow_sum", self.x2.size, self.x2, pcode, p, inv)
+        return run("cols_pow_sum", self.x2.size, self.x2, pcode, p, inv, cfg.COL_TILE)
+
+    def norms(self, pcode: int, p: float, wide: bool) -> np.ndarray:
+        """Norm of every slice, rescaled by its max where power sums over/underflow."""
+        totals = self.pow_sums(pcode, p)
+        values = root(totals, pcode, p)
+        if needs_rescale(pcode, wide):
+            bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))
+            if bad.any():
+                maxes = self.pow_sums(0, p)
+                fix = bad & (maxes > 0) & (maxes < math.inf)
+                if fix.any():
+                    inv = np.where(fix, pow2_inverse(np.where(fix, maxes, 1.0)), 1.0)
+                    scaled = root(self.pow_sums(3, p, inv), 3, p) / inv
+                    values = np.where(fix, scaled, values)
+        return np.asarray(values, np.float64)
+
+    def scale(self, coefs: np.ndarray, out_sv: np.ndarray | None) -> None:
+        """Multiply each reduced slice by its coefficient: into ``out_sv`` or in place."""
+        x2 = self.x2
+        if self.copied_from is not None:
+            run("rows_scale", x2.size, x2, x2, coefs, True)
+            target = self.copied_from if out_sv is None else out_sv.transpose(self.perm)
+            target[...] = x2.reshape(target.shape)
+            return
+        dst = x2 if out_sv is None else out_sv.reshape(x2.shape)
+        if self.kind == "rows":
+            run("rows_scale", x2.size, x2, dst, coefs, dst is x2)
+        else:
+            run("cols_scale", x2.size, x2, dst, coefs, dst is x2, cfg.COL_TILE)

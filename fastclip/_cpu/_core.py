@@ -1,0 +1,235 @@
+"""The CPU route's operations: norms, clipping by norm and by value, scaling.
+
+Each takes the adapter (``NumpyLib`` or ``TorchLib``) first, validates memory
+before any write, and wraps results in the caller's array type:
+
+* one array, whole: the ``arr_*`` kernels on its flat storage (a contiguous
+  copy in and out where the data is strided);
+* one array, per slice: ``AxisPlan``;
+* lists: ``pack`` into tables, then the ``tab_*`` kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _config as cfg
+from .._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
+from .._formulas import clip_coefficients, int_bound, needs_rescale, robust_norm
+from .._memory import check_self_overlap
+from ._adapters import float_storage, norm_dtype
+from ._axes import AxisPlan
+from ._launch import run
+from ._pack import Packed, pack
+
+
+def _flat_norm(sv: np.ndarray, pcode: int, p: float) -> float:
+    flat = sv.reshape(-1)  # a copy when sv is not contiguous: read-only use
+    wide = norm_dtype(sv.dtype) == np.float64
+
+    def pow_sum(pc: int, pp: float, inv: float) -> float:
+        return float(run("arr_pow_sum", flat.size, flat, pc, pp, inv, cfg.CHUNK))
+
+    return robust_norm(pow_sum, pcode, p, wide)
+
+
+def norm(
+    lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+) -> Any:
+    sv = float_storage(lib, x, "norm")
+    dtype = norm_dtype(sv.dtype)
+    if axes is None or len(axes) == sv.ndim:
+        value = _flat_norm(sv, pcode, p)
+        shape = (1,) * sv.ndim if keepdims else ()
+        return lib.wrap(np.full(shape, value), dtype, x)
+    plan = AxisPlan(sv, axes)
+    values = plan.norms(pcode, p, dtype == np.float64).reshape(plan.kept_shape)
+    if keepdims:
+        values = values.reshape(tuple(1 if i in axes else s for i, s in enumerate(sv.shape)))
+    return lib.wrap(values, dtype, x)
+
+
+def rescale(
+    lib: Any,
+    x: Any,
+    pcode: int,
+    p: float,
+    axes: tuple[int, ...] | None,
+    max_norm: float,
+    eps: float,
+    mode: str,
+    inplace: bool,
+) -> tuple[Any, Any]:
+    """clip_by_norm / normalize, whole array or per slice: returns (output, norms before)."""
+    what = "clip_by_norm" if mode == "clip" else "normalize"
+    sv = float_storage(lib, x, what)
+    if inplace and not lib.writeable(x):
+        raise ValueError(f"{what}_ got a read-only array; {out_of_place_hint(what)}")
+    if inplace and not sv.flags.c_contiguous:
+        check_self_overlap(sv.shape, sv.strides, what)
+    dtype = norm_dtype(sv.dtype)
+    out = x if inplace else lib.empty_like(x)
+    out_sv = sv if inplace else lib.storage(out)
+    if axes is None or len(axes) == sv.ndim:
+        value = _clip_whole(sv, out_sv, pcode, p, max_norm, eps, mode)
+        norms: Any = lib.wrap(value, dtype, x)
+    else:
+        plan = AxisPlan(sv, axes)
+        values = plan.norms(pcode, p, dtype == np.float64)
+        plan.scale(clip_coefficients(values, max_norm, eps, mode), None if inplace else out_sv)
+        norms = lib.wrap(values.reshape(plan.kept_shape), dtype, x)
+    if inplace:
+        lib.touched([x])
+    return out, norms
+
+
+def _clip_whole(
+    sv: np.ndarray, out_sv: np.ndarray, pcode: int, p: float, max_norm: float, eps: float, mode: str
+) -> float:
+    """Norm of all of ``sv`` and the scaled result into ``out_sv`` (which may be ``sv``)."""
+    inplace = out_sv is sv
+    contiguous = sv.flags.c_contiguous
+    src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
+    dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
+    if mode == "clip" and (pcode < 2 or (pcode == 2 and sv.dtype not in _WIDE_STORAGE)):
+        value = float(
+            run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK)
+        )
+    else:
+        value = _flat_norm(src, pcode, p)
+        coef = float(clip_coefficients(np.float64(value), max_norm, eps, mode))
+        run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
+    if inplace and not contiguous:
+        sv[...] = src.reshape(sv.shape)  # copy out
+    return value
+
+
+# Storage dtypes whose norms are float64 (and may need max-rescaling for L2).
+_WIDE_STORAGE = frozenset((np.dtype(np.float64), np.dtype(np.complex128)))
+
+
+def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
+    if inplace and not lib.writeable(x):
+        raise ValueError(
+            f"clip_by_value_ got a read-only array; {out_of_place_hint('clip_by_value')}"
+        )
+    sv = lib.storage(x)
+    if sv.dtype.kind == "c":
+        raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
+    if sv.dtype.kind not in "biuf":
+        raise TypeError(
+            f"clip_by_value needs numeric arrays (bool, integer or floating), got {sv.dtype}"
+        )
+    if inplace and not sv.flags.c_contiguous:
+        check_self_overlap(sv.shape, sv.strides, "clip_by_value")
+    out = x if inplace else lib.empty_like(x)
+    out_sv = sv if inplace else lib.storage(out)
+    if not lib.is_float(x):
+        # Integer and bool data: NumPy's own clip, which is exact for them.
+        _clip_integers(sv, out_sv, lo, hi)
+    else:
+        vmin = -math.inf if lo is None else lo
+        vmax = math.inf if hi is None else hi
+        contiguous = sv.flags.c_contiguous
+        src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
+        dst = out_sv.reshape(-1) if not inplace else src  # fresh outputs are contiguous
+        run("arr_clamp", src.size, src, dst, vmin, vmax, dst is src, cfg.CHUNK)
+        if inplace and not contiguous:
+            sv[...] = src.reshape(sv.shape)  # copy out
+    if inplace:
+        lib.touched([x])
+    return out
+
+
+def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: float | None) -> None:
+    if sv.dtype.kind == "b":  # bool: clamp 0/1 as int8 within [0, 1], then back to bool
+        lo_b, hi_b = int_bound(lo, 0, 1, True), int_bound(hi, 0, 1, False)
+        out_sv[...] = np.clip(sv.astype(np.int8), lo_b, hi_b) != 0
+        return
+    info = np.iinfo(sv.dtype)
+    lo_v = int_bound(lo, int(info.min), int(info.max), True)
+    hi_v = int_bound(hi, int(info.min), int(info.max), False)
+    if lo_v is None and hi_v is None:
+        out_sv[...] = sv
+        return
+    np.clip(sv, lo_v, hi_v, out=out_sv)
+
+
+def global_norm(lib: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any:
+    packed = pack(lib, arrays, "norm", writing=False)
+    value = packed.norm(pcode, p)
+    assert packed.dtype is not None
+    return lib.wrap(value, packed.dtype, arrays[0])
+
+
+def clip_global(
+    lib: Any,
+    arrays: list[Any],
+    max_norm: float,
+    pcode: int,
+    p: float,
+    eps: float,
+    total_norm: float | None,
+    error_if_nonfinite: bool,
+    inplace: bool,
+) -> tuple[list[Any], Any]:
+    """Global-norm clipping of a list: returns (outputs, total norm before clipping)."""
+    what = "clip_by_global_norm"
+    if not inplace:
+        src = pack(lib, arrays, what, writing=False)
+        outs = [lib.empty_like(a) for a in arrays]
+        dst = pack(lib, outs, what, writing=False)
+        value = src.norm(pcode, p) if total_norm is None else total_norm
+        _raise_if_nonfinite(value, error_if_nonfinite)
+        coef = float(clip_coefficients(np.float64(value), max_norm, eps, "clip"))
+        _scale_into(src, dst, coef)
+        assert src.dtype is not None
+        return outs, lib.wrap(value, src.dtype, arrays[0])
+
+    if len(arrays) == 1 and total_norm is None and not error_if_nonfinite:
+        out, norm_value = rescale(lib, arrays[0], pcode, p, None, max_norm, eps, "clip", True)
+        return [out], norm_value
+    packed = pack(lib, arrays, what, writing=True)
+    if (
+        len(packed.tables) == 1
+        and not packed.copies
+        and total_norm is None
+        and not error_if_nonfinite
+        and not needs_rescale(pcode, packed.dtype == np.float64)
+    ):
+        t = packed.tables[0]
+        args = (t.addrs, t.sizes, t.like, pcode, p, max_norm, eps, cfg.CHUNK)
+        value = float(run("tab_clip", t.n, *args))
+    else:
+        value = packed.norm(pcode, p) if total_norm is None else total_norm
+        _raise_if_nonfinite(value, error_if_nonfinite)
+        packed.scale(float(clip_coefficients(np.float64(value), max_norm, eps, "clip")))
+    lib.touched(arrays)
+    assert packed.dtype is not None
+    return arrays, lib.wrap(value, packed.dtype, arrays[0])
+
+
+def _scale_into(src: Packed, dst: Packed, coef: float) -> None:
+    for ts, td in zip(src.tables, dst.tables):
+        run("tab_scale", ts.n, ts.addrs, td.addrs, ts.sizes, ts.like, coef, False, cfg.CHUNK)
+
+
+def _raise_if_nonfinite(value: float, error_if_nonfinite: bool) -> None:
+    if error_if_nonfinite and not math.isfinite(value):
+        raise NonFiniteNormError(nonfinite_message(value))
+
+
+def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None) -> None:
+    packed = pack(lib, arrays, "clip_by_value", writing=True)
+    packed.clamp(-math.inf if lo is None else lo, math.inf if hi is None else hi)
+    lib.touched(arrays)
+
+
+def scale_(lib: Any, arrays: list[Any], factor: float) -> None:
+    packed = pack(lib, arrays, "scale", writing=True)
+    packed.scale(factor)
+    lib.touched(arrays)

@@ -1,0 +1,193 @@
+"""Which library and which route an array belongs to: one dict lookup per type.
+
+Routes (``fastclip.info()`` prints them for every installed library):
+
+* ``numba-cpu``  NumPy arrays and torch CPU tensors: Numba kernels, zero-copy.
+* ``cupy-gpu``   CuPy arrays and torch CUDA tensors: CuPy kernels on the device,
+  zero-copy, on the caller's stream.  Without a usable CuPy they raise
+  ``GPUUnavailableError`` rather than silently copy to the host.
+* ``dask``       Dask arrays: lazy, chunk by chunk with the Numba kernels on the
+  NumPy blocks (``fastclip._dask``).
+* ``array-api``  any other Array API library (array-api-strict, JAX, ...,
+  and torch tensors on devices other than CPU/CUDA): the generic implementation.
+
+Detection goes through ``array_api_compat.is_*_array``, which looks a type's
+module up in ``sys.modules`` and never imports torch, cupy or jax.  The choice
+is cached per ``type(x)`` (einops does the same), so a list of 2,000 tensors
+costs 2,000 ``type()`` calls, not 2,000 namespace inspections.
+
+A leaf (imports nothing from fastclip): the dispatcher binds routes from these
+answers, and the CPU route uses ``route_of_many`` for the full check of a list
+whose bulk header read it could not take.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import array_api_compat as aac
+import numpy as np
+
+ROUTE_CPU = "numba-cpu"
+ROUTE_GPU = "cupy-gpu"
+ROUTE_GENERIC = "array-api"
+ROUTE_DASK = "dask"
+
+
+# type -> library key ("numpy", "torch", "cupy", "dask", or "xp" for other Array API types)
+_LIBRARY: dict[type, str] = {}
+
+
+def library_of(x: Any) -> str:
+    """'numpy', 'torch', 'cupy', 'dask' or 'xp'; TypeError for non-arrays."""
+    t = type(x)
+    lib = _LIBRARY.get(t)
+    if lib is None:
+        if aac.is_numpy_array(x):
+            lib = "numpy"
+        elif aac.is_torch_array(x):
+            lib = "torch"
+        elif aac.is_cupy_array(x):
+            lib = "cupy"
+        elif aac.is_dask_array(x):
+            lib = "dask"
+        elif aac.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool)):
+            lib = "xp"
+        else:
+            raise TypeError(
+                f"expected an array (NumPy, torch, CuPy or any Array API array), got "
+                f"{t.__module__}.{t.__qualname__}"
+            )
+        _LIBRARY[t] = lib
+    return lib
+
+
+def route_of(x: Any) -> str:
+    """The route one array takes (see the module docstring)."""
+    lib = library_of(x)
+    if lib == "numpy":
+        return ROUTE_CPU
+    if lib == "torch":
+        if x.is_neg() or x.is_conj():
+            _refuse_lazy_view(x, "the array")
+        kind = x.device.type
+        if kind == "cpu":
+            return ROUTE_CPU
+        if kind == "cuda":
+            return ROUTE_GPU
+        return ROUTE_GENERIC  # mps, xpu, meta, ...: torch's own ops via array-api-compat
+    if lib == "cupy":
+        return ROUTE_GPU
+    if lib == "dask":
+        return ROUTE_DASK
+    return ROUTE_GENERIC
+
+
+def as_array_list(arrays: Any) -> list[Any]:
+    """A list from one array or an iterable of arrays (generators are consumed once)."""
+    if isinstance(arrays, (list, tuple)):
+        return list(arrays)
+    if hasattr(arrays, "shape") and hasattr(arrays, "dtype"):
+        return [arrays]
+    if isinstance(arrays, Mapping):  # iterating would give the keys
+        raise TypeError(
+            f"expected an array or an iterable of arrays, got a {type(arrays).__name__}; "
+            "pass list(d.values())"
+        )
+    try:
+        return list(arrays)
+    except TypeError:
+        raise TypeError(
+            f"expected an array or an iterable of arrays, got {type(arrays).__name__}"
+        ) from None
+
+
+def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
+    """The common route of a non-empty list; TypeError if libraries or devices differ.
+
+    Torch CPU lists are checked tensor by tensor (``is_cpu``) by the CPU driver
+    while it gathers addresses.  With ``defer_numpy``, a list starting with a
+    plain ndarray is not walked here: the CPU driver's bulk header read checks
+    every item's exact type and calls back here for any list it cannot take.
+    """
+    first = arrays[0]
+    if defer_numpy and type(first) is np.ndarray:
+        return ROUTE_CPU
+    lib = library_of(first)
+    types_seen = set(map(type, arrays))
+    if lib == "numpy":
+        _refuse_numpy_scalars(arrays, types_seen)
+    for t in types_seen:
+        if t is not type(first):
+            other = _LIBRARY.get(t) or library_of(next(a for a in arrays if type(a) is t))
+            if other != lib:
+                raise TypeError(
+                    f"all arrays in one call must come from the same library, got {lib} and {other}"
+                )
+    route = route_of(first)
+    if lib == "torch":
+        check_plain_tensors(arrays)
+    if lib == "torch" and route != ROUTE_CPU:
+        device = first.device
+        for a in arrays:
+            if a.device != device:
+                raise TypeError(
+                    f"all tensors in one call must be on one device, got {device} and {a.device}"
+                )
+    elif lib == "xp":
+        namespace = aac.array_namespace(first)
+        for a in arrays:
+            if aac.array_namespace(a) is not namespace:
+                raise TypeError("all arrays in one call must come from the same Array API library")
+    return route
+
+
+def _refuse_numpy_scalars(arrays: Sequence[Any], types_seen: set[type]) -> None:
+    """TypeError for a NumPy scalar (``np.float32(3.0)``) in a list of arrays.
+
+    Scalars have no memory of their own to read through an address table or
+    to write in place, so lists take arrays only.
+    """
+    scalar_types = [t for t in types_seen if issubclass(t, np.generic)]
+    if scalar_types:
+        i = next(i for i, a in enumerate(arrays) if type(a) in scalar_types)
+        raise TypeError(
+            f"item {i} of the list is a NumPy scalar ({type(arrays[i]).__name__}), not an "
+            "array; pass np.asarray(x) (a 0-d array) instead. NumPy scalars are immutable, "
+            "so no in-place function can modify one"
+        )
+
+
+def check_plain_tensors(tensors: Sequence[Any]) -> None:
+    """TypeError for a lazily negated or conjugated torch tensor anywhere in the list.
+
+    Such views (``._neg_view()``, ``.conj()`` of a complex tensor, the
+    ``.imag`` of a conjugated one) hold their values' sign or conjugation in a
+    bit, not in memory, and fastclip's kernels read and write memory directly.
+    Refused before any work on every route, for every function, so an
+    in-place call never writes the un-negated values.
+    """
+    T = sys.modules["torch"].Tensor
+    if any(map(T.is_neg, tensors)) or any(map(T.is_conj, tensors)):
+        i = next(i for i, t in enumerate(tensors) if t.is_neg() or t.is_conj())
+        _refuse_lazy_view(tensors[i], f"tensor {i} of the list")
+
+
+def _refuse_lazy_view(t: Any, what: str) -> None:
+    kind = "negated" if t.is_neg() else "conjugated"
+    raise TypeError(
+        f"{what} is a lazily {kind} torch view (its sign or conjugation is a flag, not "
+        "memory; e.g. from ._neg_view(), .conj(), or .imag of a conjugated tensor), which "
+        "fastclip's kernels cannot read or write; pass t.resolve_neg().resolve_conj() (a "
+        "copy: for an in-place clip, clip the copy and copy it back)"
+    )
+
+
+def is_dask_array(x: Any) -> bool:
+    """True for dask arrays (never imports dask)."""
+    try:
+        return library_of(x) == "dask"
+    except TypeError:
+        return False
