@@ -28,7 +28,7 @@ norm).
 
 Imports no CuPy at module level: the source/name helpers are used by compile
 checks on machines without a GPU, and the host side is tested on the CPU with
-NumPy emulations of the kernels (``tests/test_gpu_optim_emulated.py``).
+NumPy emulations of the kernels (``tests/gpu/emulated/test_gpu_optim_emulated.py``).
 """
 
 from __future__ import annotations

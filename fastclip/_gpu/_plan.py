@@ -1,7 +1,7 @@
 """Host-side planning for the GPU kernels: chunk tables and launch sizes.
 
 Pure NumPy, no CuPy: unit-tested on every machine against plain-Python
-expectations (``tests/test_gpu_plan.py``).
+expectations (``tests/gpu/test_gpu_plan.py``).
 """
 
 from __future__ import annotations
