@@ -7,7 +7,7 @@ Opacus' flat clipping written with torch ops (what ``DPOptimizer.clip_and_accumu
 does): per-parameter per-sample norms, ``torch.stack(...).norm(dim=1)``,
 ``clamp(C / (norm + 1e-6), max=1)``, then ``torch.einsum("i,i...", factor, g)``
 per parameter.  The two implementations are interleaved, repeated, and the
-medians and their ratio are reported (FIELD-NOTES: the machine is noisy).
+medians and their ratio are reported (the machine is shared and noisy: single runs vary by 2x).
 
 Run:  OPENBLAS_CORETYPE= python benchmarks/bench_per_sample.py [--repeats 15] [--batch 256]
 """

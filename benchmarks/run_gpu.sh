@@ -15,13 +15,14 @@ if [ -d .gpu-wheels ]; then
 fi
 python3 -c "import array_api_compat" 2>/dev/null || echo "array-api-compat missing: carry a wheel" | tee -a "$OUT/gpu-env.txt"
 nvidia-smi -L | tee "$OUT/gpu-device.txt"
-python3 -m pytest tests/test_gpu.py tests/test_norms.py tests/test_clip_norm.py tests/test_clip_global.py \
-  tests/test_clip_value.py tests/test_normalize.py tests/test_routes.py -q -p no:cacheprovider \
+python3 -m pytest tests/gpu/test_gpu.py tests/api/test_norms.py tests/api/test_clip_norm.py \
+  tests/api/test_clip_global.py tests/api/test_clip_value.py tests/api/test_normalize.py \
+  tests/routes/test_routes.py -q -p no:cacheprovider \
   -o addopts="" -k "cupy or torch_cuda or gpu or GPU" 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 # fused optimizers and per-sample clipping on the GPU (issues 5 and 6)
-python3 -m pytest tests/test_gpu_optim.py tests/test_gpu_per_sample.py -q -p no:cacheprovider \
+python3 -m pytest tests/gpu/test_gpu_optim.py tests/gpu/test_gpu_per_sample.py -q -p no:cacheprovider \
   -o addopts="" 2>&1 | tail -60 | tee "$OUT/gpu-tests-optim-per-sample.txt"
 python3 benchmarks/bench_gpu.py --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"
-# clip + AdamW step on GPT-2 small, fastclip's fused CUDA step against torch's (issue 5)
+# clip + AdamW step on GPT-2 small, fastclip's fused CUDA step against torch's
 python3 -m fastclip bench --workloads adamw --backends fastclip-gpu,torch-cuda-foreach,torch-cuda-fused \
   --repeat 9 --json "$OUT/gpu-adamw.json" 2>&1 | tee "$OUT/gpu-adamw.txt"

@@ -66,7 +66,7 @@ doctest_default_flags = (
 
 # -- Names that exist only once a later issue lands (issue 6: per-sample clipping).
 # If fastclip exports them, the reference documents them and the recipe says so;
-# otherwise the pages say they are planned.  tests/test_docs.py reads this list.
+# otherwise the pages say they are planned.  tests/tooling/test_docs.py reads this list.
 OPTIONAL_API = ["clip_per_sample", "PerSampleClipResult"]
 PRESENT_OPTIONAL = [name for name in OPTIONAL_API if hasattr(fastclip, name)]
 if "clip_per_sample" in PRESENT_OPTIONAL:

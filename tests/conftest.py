@@ -1,8 +1,15 @@
 """Shared fixtures: the backend matrix, hypothesis' CI profile, config patches.
 
-Helpers live in ``_backends.py`` and the float64 oracles in ``reference.py``;
-this file puts the tests directory on ``sys.path`` so test modules can import
-them under ``--import-mode=importlib``.
+Helpers live in ``_backends.py`` and the float64 oracles in ``reference.py``
+(and the GPU host emulation, shared by ``api/`` and ``gpu/emulated/``, in
+``_gpu_emulation.py``); this file puts the tests directory on ``sys.path`` so
+test modules in every subfolder can import them under ``--import-mode=importlib``.
+
+The folders mirror the package: ``api/`` (the public operations, on the
+backend matrix), ``routes/`` (dispatch, threads, numba cache, Dask, Array API),
+``gpu/`` (CUDA; ``gpu/emulated/`` runs the GPU drivers on NumPy memory),
+``integration/`` (torch parity, real peers, multi-process gloo groups) and
+``tooling/`` (CLI, benchmarks, docs, examples).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from _backends import Backend, backend_params
 # Deterministic for CI (SciPy does the same): the same examples every run.
 settings.register_profile("fastclip-ci", derandomize=True, max_examples=40, deadline=None)
 settings.register_profile("fastclip-dev", max_examples=300, deadline=None)
-# The long contract-fuzzer run (tests/test_fuzz.py): random, many examples.
+# The long contract-fuzzer run (tests/api/test_fuzz.py): random, many examples.
 settings.register_profile("fastclip-fuzz", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("FASTCLIP_HYPOTHESIS_PROFILE", "fastclip-ci"))
 

@@ -1,6 +1,6 @@
 """float64 NumPy oracles for every fastclip operation.
 
-Written straight from the formulas in the issue, independent of fastclip:
+Written straight from the papers' and peers' formulas, independent of fastclip:
 all arithmetic in float64 (complex values enter through ``|z|``), NaN and inf
 propagating as IEEE arithmetic makes them.
 """

@@ -11,7 +11,7 @@ here, in registers, with the exact IEEE/bfloat16 rules:
 * ``int16`` views carry **float16** bits: LLVM ``fpext``/``fptrunc`` on ``half``.
 
 Both were checked bit-exact against torch/NumPy on all 65,536 patterns
-(``tests/test_intrinsics.py``).
+(``tests/routes/test_intrinsics.py``).
 """
 
 from __future__ import annotations

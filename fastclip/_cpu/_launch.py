@@ -33,7 +33,7 @@ _state = _ThreadState()
 
 def _after_fork_in_child() -> None:
     # GNU OpenMP kills a forked child that starts a parallel region when the
-    # parent already had one (tests/test_threads_fork.py,
+    # parent already had one (tests/routes/test_threads_fork.py,
     # test_fork_after_a_parallel_kernel).  Serial kernels are safe there.
     if _state.layer == "omp":
         _state.serial_only = True

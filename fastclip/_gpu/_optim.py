@@ -27,8 +27,9 @@ when it is NaN/inf (so the caller cannot know without reading the returned
 norm).
 
 Imports no CuPy at module level (the kernels' source and names are in
-``_modules``, used by compile checks on machines without a GPU), and the host side is tested on the CPU with
-NumPy emulations of the kernels (``tests/test_gpu_optim_emulated.py``).
+``_modules``, used by compile checks on machines without a GPU), and the host
+side is tested on the CPU with NumPy emulations of the kernels
+(``tests/gpu/emulated/test_gpu_optim_emulated.py``).
 """
 
 from __future__ import annotations

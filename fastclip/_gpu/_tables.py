@@ -6,7 +6,7 @@ A group of tensors of one dtype becomes one int64 device table
 ``[ptrs of every list | sizes | chunk_tensor | chunk_start]`` (one H2D copy,
 cached while the addresses stay the same).  The table maths is pure NumPy, no
 CuPy: unit-tested on every machine against plain-Python expectations
-(``tests/test_gpu_plan.py``).
+(``tests/gpu/test_gpu_plan.py``).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ __all__ = ["AGC", "AutoClip", "GlobalNormClipper", "ZClip"]
 # The public path, in reprs, docs and pickles, is ``fastclip.adaptive.<name>`` (as
 # torch sets ``clip_grad_norm_.__module__ = "torch.nn.utils"``).  ``_Percentile``
 # too: an AutoClip's statistics are one, so every pickled AutoClip names
-# ``fastclip.adaptive._Percentile`` (tests/test_adaptive.py loads such pickles).
+# ``fastclip.adaptive._Percentile`` (tests/api/test_adaptive.py loads such pickles).
 for _cls in (AGC, AutoClip, GlobalNormClipper, ZClip, _Percentile):
     _cls.__module__ = __name__
 del _cls

@@ -40,7 +40,7 @@ __all__ = [
 
 def _check_policy(policy: Any) -> str:
     """``check_nonfinite``, with a TypeError for a non-string (``["skip"]``), as
-    ``tests/test_safety_adaptive.py::test_bad_states_are_refused_and_leave_the_clipper_unchanged``
+    ``tests/api/test_safety_adaptive.py::test_bad_states_are_refused_and_leave_the_clipper_unchanged``
     expects of a loaded state."""
     if not isinstance(policy, str):
         raise TypeError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")

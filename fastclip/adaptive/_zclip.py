@@ -92,7 +92,7 @@ class ZClip(GlobalNormBased):
         As above.
     max_norm : float, optional
         Hard cap applied on every step, warm-up included.  The reference's
-        default is 1.0 (``max_grad_norm``); here, as the issue asks, None.
+        default is 1.0 (``max_grad_norm``); here None: no cap unless asked for.
     clip_option : {"adaptive_scaling", "mean"}
         zscore mode's clip target.
     clip_factor : float, default 1.0

@@ -25,7 +25,7 @@ import pytest
 
 import fastclip
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 PAGES = sorted(DOCS.glob("*.rst"))
 FLAGS = (
     doctest.ELLIPSIS

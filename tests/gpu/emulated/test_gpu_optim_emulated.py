@@ -1,7 +1,7 @@
 """The fused optimizers' GPU driver (``_gpu/_optim.py``) run on the CPU against NumPy
 emulations of ``optim_kernels.cu`` and of the core's norm kernels.
 
-As ``tests/test_gpu_host_emulated.py`` does for the core: "device memory" is
+As ``tests/gpu/emulated/test_gpu_host_emulated.py`` does for the core: "device memory" is
 NumPy (or torch CPU) memory, pointers are host addresses, and each kernel is
 replaced by a NumPy transcription of its CUDA source that reads its tables,
 hyper-parameter rows, coefficient and guard through the raw addresses it is

@@ -1,4 +1,4 @@
-"""Worker side of tests/test_distributed.py: run in processes spawned by torch.multiprocessing.
+"""Worker side of test_distributed.py: run in processes spawned by torch.multiprocessing.
 
 Every rank builds its shards of one known global set of arrays, runs every
 scenario (collectives in the same order on every rank) and pickles what it
@@ -436,7 +436,7 @@ def _refusal(world: int, rank: int, kind: str, strict: bool, via: str) -> dict[s
 
 
 def run_safety_suite(rank: int, world: int, port: int, outdir: str) -> None:
-    """Entry point of every spawned rank of tests/test_safety_distributed.py."""
+    """Entry point of every spawned rank of tests/integration/test_safety_distributed.py."""
     _run(rank, world, port, outdir, _safety_scenarios)
 
 
@@ -449,7 +449,7 @@ def _safety_scenarios(rec: _Recorder, world: int, rank: int) -> None:
 
 
 def run_suite(rank: int, world: int, port: int, outdir: str) -> None:
-    """Entry point of every spawned rank of tests/test_distributed.py."""
+    """Entry point of every spawned rank of tests/integration/test_distributed.py."""
     _run(rank, world, port, outdir, _scenarios)
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 TIMEOUT = 300
-TESTS_DIR = os.path.dirname(__file__)
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = ["workqueue", "omp"]
 
 PRELUDE = f"""

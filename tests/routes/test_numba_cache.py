@@ -35,7 +35,7 @@ import pytest
 if not hasattr(os, "geteuid"):  # pragma: no cover - the folder checks use POSIX ownership
     pytest.skip("POSIX file ownership is needed", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_NORM = 1.0
 
 SCRIPT = r"""

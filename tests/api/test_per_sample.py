@@ -318,7 +318,7 @@ def test_gpu_route_without_a_gpu_raises_before_any_work(monkeypatch):
     except fastclip.GPUUnavailableError:
         pass
     else:
-        pytest.skip("a GPU is usable here: tests/test_gpu_per_sample.py runs the route")
+        pytest.skip("a GPU is usable here: tests/gpu/test_gpu_per_sample.py runs the route")
     monkeypatch.setattr(_dispatch, "route_of", lambda x: _dispatch.ROUTE_GPU)
     x = np.ones((2, 2))
     with pytest.raises(fastclip.GPUUnavailableError, match="GPU route"):

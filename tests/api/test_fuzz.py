@@ -14,7 +14,7 @@ arguments that may be invalid.  The contract checked:
   refuses keeps its state.
 
 The CI profile (conftest.py) keeps it to a few seconds per test; a long run is
-``FASTCLIP_HYPOTHESIS_PROFILE=fastclip-fuzz python -m pytest tests/test_fuzz.py``.
+``FASTCLIP_HYPOTHESIS_PROFILE=fastclip-fuzz python -m pytest tests/api/test_fuzz.py``.
 """
 
 from __future__ import annotations
