@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from fastclip._torch_optim import ClippedOptimizer, FusedAdamW
 from fastclip.adaptive import ZClip
+from fastclip.torch import ClippedOptimizer, FusedAdamW
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

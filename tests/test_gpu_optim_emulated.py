@@ -557,7 +557,7 @@ class TorchHostLib(HostLib):
 
 @pytest.fixture
 def torch_route(monkeypatch):
-    from fastclip._torch_optim import FusedAdamW, FusedSGD
+    from fastclip.torch import FusedAdamW, FusedSGD
 
     monkeypatch.setattr(F, "is_gpu", lambda first: True)
     monkeypatch.setattr(F, "gpu_lib", lambda lists, what: TorchHostLib)
