@@ -301,7 +301,8 @@ def get_total_norm(
     Returns a Replicate DTensor holding the full norm (as torch does: call
     ``.full_tensor()`` for a plain tensor) when the DTensors share one mesh.
     """
-    from fastclip.torch._clip_grad import torch_nonfinite_message  # fastclip.torch imports us
+    # imported here, not at the top: fastclip.torch imports this package as it loads
+    from fastclip.torch._clip_grad import torch_nonfinite_message
 
     total = global_norm(tensors, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -318,7 +319,8 @@ def clip_grad_norm_(
     DTensors' mesh (see :func:`clip_by_global_norm_`); returns it as a
     Replicate DTensor on that mesh, like ``torch.nn.utils.clip_grad_norm_``.
     """
-    from fastclip.torch._clip_grad import torch_nonfinite_message  # fastclip.torch imports us
+    # imported here, not at the top: fastclip.torch imports this package as it loads
+    from fastclip.torch._clip_grad import torch_nonfinite_message
 
     try:
         total = clip_by_global_norm_(
