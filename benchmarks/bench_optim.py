@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_core import copy_bandwidth, gpt2_small_shapes
 
-from fastclip._torch_optim import FusedAdamW
 from fastclip.optim import adamw_step_
+from fastclip.torch import FusedAdamW
 
 
 def make_params(shapes: list[tuple[int, ...]], grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ __all__ = [
     "nonfinite_step_message",
     "out_of_place_hint",
     "raise_overlap",
+    "torch_nonfinite_message",
 ]
 
 
@@ -53,6 +54,19 @@ def nonfinite_message(value: float) -> str:
 def nonfinite_step_message(what: str, value: float) -> str:
     """What a fused step with ``nonfinite="error"`` says on every route."""
     return f"{what}: the total gradient norm is non-finite ({value}); nothing was updated"
+
+
+def torch_nonfinite_message(norm_type: float) -> str:
+    """torch's words for a non-finite total norm with ``error_if_nonfinite=True``.
+
+    Said by ``fastclip.torch`` and by ``fastclip.distributed``'s
+    ``get_total_norm`` / ``clip_grad_norm_`` (the DTensor path of the same calls).
+    """
+    return (
+        f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+        "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+        "by the non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
 
 
 def out_of_place_hint(what: str) -> str:

@@ -17,8 +17,8 @@ from fastclip.optim import adamw_step_, sgd_step_
 
 torch = pytest.importorskip("torch")
 
-from fastclip._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD  # noqa: E402
 from fastclip.adaptive import AutoClip, GlobalNormClipper, ZClip  # noqa: E402
+from fastclip.torch import ClippedOptimizer, FusedAdamW, FusedSGD  # noqa: E402
 
 # ----------------------------------------------------------- float64 oracles
 
@@ -492,3 +492,74 @@ def test_state_sharing_memory_with_parameters_raises_and_writes_nothing():
             call()
         np.testing.assert_array_equal(p, np.ones(3, np.float32))
         np.testing.assert_array_equal(base, np.zeros((3, 4), np.float32))
+
+
+# ------------------------------------------------- public paths and pickles
+
+
+def test_public_names_report_their_public_module() -> None:
+    """Every public name of fastclip.torch and fastclip.distributed says so in
+    ``__module__`` (reprs, docs and pickles name it), whichever file of the
+    package defines it, as torch sets ``clip_grad_norm_.__module__ = "torch.nn.utils"``."""
+    import importlib
+
+    import fastclip.distributed as fcd
+    import fastclip.torch as fct
+
+    for module in (fct, fcd):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            assert obj.__module__ == module.__name__, name
+            found = getattr(importlib.import_module(obj.__module__), obj.__qualname__)
+            assert found is obj, name
+
+
+def _trained_adamw(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW(model.parameters(), lr=1e-2, amsgrad=True, max_norm=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(2, 4)).pow(2).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k, state in a["state"].items():
+        assert state.keys() == b["state"][k].keys()
+        for name, value in state.items():
+            assert torch.equal(value, b["state"][k][name]), (k, name)
+
+
+def test_pickled_fused_adamw_and_its_state_dict_round_trip() -> None:
+    """A pickled state dict loads into a new FusedAdamW and steps identically;
+    a pickled optimizer is a FusedAdamW again, found at ``fastclip.torch``."""
+    import pickle
+
+    model, opt = _trained_adamw()
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    _assert_same_state(sd, opt.state_dict())
+
+    twin = copy.deepcopy(model)
+    loaded = FusedAdamW(twin.parameters(), lr=1e-2, amsgrad=True, max_norm=0.5)
+    loaded.load_state_dict(sd)
+    for m, o in ((model, opt), (twin, loaded)):
+        o.zero_grad()
+        m(torch.ones(2, 4)).pow(2).sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(opt.state_dict(), loaded.state_dict())
+
+    blob = pickle.dumps(opt)
+    assert b"fastclip.torch" in blob and b"fastclip.torch._" not in blob
+    clone = pickle.loads(blob)
+    assert type(clone) is FusedAdamW
+    _assert_same_state(clone.state_dict(), opt.state_dict())
+
+    clipped = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ZClip())
+    again = pickle.loads(pickle.dumps(clipped))
+    assert type(again) is ClippedOptimizer and type(again.clipper) is ZClip

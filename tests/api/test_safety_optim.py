@@ -20,7 +20,7 @@ from fastclip.optim import adamw_step_, sgd_step_
 
 torch = pytest.importorskip("torch")
 
-from fastclip._torch_optim import FusedAdamW, FusedSGD  # noqa: E402
+from fastclip.torch import FusedAdamW, FusedSGD  # noqa: E402
 
 POLICIES = ["propagate", "error", "skip"]
 

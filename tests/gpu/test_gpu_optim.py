@@ -22,7 +22,7 @@ torch = require_gpu_module()
 import cupy  # noqa: E402
 import cupyx  # noqa: E402
 
-from fastclip._torch_optim import FusedAdamW, FusedSGD  # noqa: E402
+from fastclip.torch import FusedAdamW, FusedSGD  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

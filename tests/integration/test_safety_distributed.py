@@ -102,7 +102,7 @@ def test_refusal_is_collective_and_writes_nothing(
 
 def test_long_reason_is_cut_on_a_character_boundary() -> None:
     """A reason longer than the row's text columns arrives cut, marked, still valid UTF-8."""
-    import fastclip.distributed as fcd
+    from fastclip.distributed import _reduce as fcd
 
     error = ValueError("é" * 400)
     text = fcd._reason_bytes(error)

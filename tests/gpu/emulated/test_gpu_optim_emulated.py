@@ -563,7 +563,7 @@ class TorchHostLib(HostLib):
 def torch_route(monkeypatch):
     import fastclip._gpu
     from fastclip import _dispatch
-    from fastclip._torch_optim import FusedAdamW, FusedSGD
+    from fastclip.torch import FusedAdamW, FusedSGD
 
     backend = _dispatch.Backend(_dispatch.ROUTE_GPU, fastclip._gpu, TorchHostLib)
     monkeypatch.setattr(_dispatch, "backend_for_step", lambda lists, what: backend)

@@ -1,4 +1,4 @@
-"""PyTorch integration: ``ClippedOptimizer`` and the fused ``FusedAdamW`` / ``FusedSGD``.
+"""``FusedAdamW`` and ``FusedSGD``: torch optimizers that clip and update in one fused pass.
 
 Re-exported by ``fastclip.torch``.  Importing this module imports torch.
 """
@@ -10,15 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.optim import Optimizer
 
-from . import _dispatch
-from ._hparams import adamw_hparams, sgd_hparams
-from ._typing import StepClip
-from ._validate import check_max_norm, check_nonfinite, check_ord
-from .optim import _functional as F
+from fastclip._hparams import adamw_hparams, sgd_hparams
+from fastclip.optim import _functional as F  # check_adamw_args, check_sgd_args
 
-__all__ = ["ClippedOptimizer", "FusedAdamW", "FusedSGD"]
+from ._fused_base import FusedOptimizerBase
+
+__all__ = ["FusedAdamW", "FusedSGD"]
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -26,97 +24,7 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class _FusedBase(Optimizer):
-    """Shared clip logic of the fused optimizers."""
-
-    max_norm: float | None
-    norm_type: float
-    nonfinite: str
-    last_total_norm: torch.Tensor | None
-    last_step_skipped: bool
-
-    def _setup_clip(self, max_norm: float | None, norm_type: float, nonfinite: str) -> None:
-        if max_norm is not None:
-            check_max_norm(max_norm)
-        check_ord(norm_type)
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.norm_type = float(norm_type)
-        self.nonfinite = check_nonfinite(nonfinite)
-        self.last_total_norm = None
-        self.last_step_skipped = False
-
-    def _all_grads(self) -> list[torch.Tensor]:
-        grads = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    if g.is_sparse:
-                        raise RuntimeError(
-                            f"{type(self).__name__} does not support sparse gradients"
-                        )
-                    grads.append(g)
-        return grads
-
-    def _backend(self, lists: list[Any]) -> Any:
-        """The CPU or GPU backend of a step's parallel lists (TypeError otherwise)."""
-        return _dispatch.backend_for_step(lists, type(self).__name__)
-
-    def _clip(self, grads: list[torch.Tensor]) -> Any:
-        """Norm and coefficient over every gradient of every group (the route's
-        plan: host values on the CPU, device values on the GPU).  Sets
-        ``last_total_norm`` and ``last_step_skipped`` only once the plan stands
-        (an error leaves them)."""
-        backend = self._backend([grads])
-        clip = StepClip(self.max_norm, self.norm_type, None, None, 1e-6, self.nonfinite)
-        plan = backend.step_plan(grads, clip, type(self).__name__)
-        if backend.on_gpu:
-            self.last_total_norm = plan.norm
-        else:
-            # in the norm's dtype (float64 when a gradient is float64), as on the GPU:
-            # a float64 norm of 1e200 must not be reported as float32's inf
-            self.last_total_norm = (
-                None
-                if plan.norm is None
-                else torch.tensor(
-                    plan.norm,
-                    dtype=torch.float64 if plan.norm_dtype == np.float64 else torch.float32,
-                )
-            )
-        self.last_step_skipped = plan.skip
-        return plan
-
-    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[Any, list[torch.Tensor]]:
-        """``closure()``'s loss (None without one) and every group's gradients."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = self._all_grads()
-        if not grads:
-            self.last_total_norm = None
-            self.last_step_skipped = False
-        return loss, grads
-
-    def _prepare(self, lists: list[Any], ams: Any) -> Any:
-        """Validate and pack one fused launch before anything is written:
-        AdamW (``ams`` a bool) or SGD (``ams`` None).  ``(backend, prepared)``."""
-        backend = self._backend(lists)
-        return backend, backend.step_prepare(lists, ams, type(self).__name__)
-
-    def _run(
-        self, prepared: Any, lists: list[Any], hp: np.ndarray, plan: Any, sign: float, ams: Any
-    ) -> None:
-        """Launch a prepared step (one fused launch per dtype)."""
-        backend, work = prepared
-        backend.step_run(work, lists, hp, plan, sign, ams)
-
-    def __repr__(self) -> str:
-        head = super().__repr__()
-        return head.replace("(", f"(max_norm={self.max_norm}, ", 1) if self.max_norm else head
-
-
-class FusedAdamW(_FusedBase):
+class FusedAdamW(FusedOptimizerBase):
     r"""Drop-in ``torch.optim.AdamW`` whose step clips and updates in one fused pass.
 
     Same constructor arguments, defaults, ``param_groups`` and per-parameter
@@ -161,7 +69,7 @@ class FusedAdamW(_FusedBase):
     Examples
     --------
     >>> import torch
-    >>> from fastclip._torch_optim import FusedAdamW  # re-exported as fastclip.torch.FusedAdamW
+    >>> from fastclip.torch import FusedAdamW
     >>> model = torch.nn.Linear(4, 2)
     >>> opt = FusedAdamW(model.parameters(), lr=1e-3, max_norm=1.0)
     >>> model(torch.ones(3, 4)).pow(2).sum().backward()
@@ -327,7 +235,7 @@ class FusedAdamW(_FusedBase):
         return [ps, gs, ms, vs, xs, [hp]]
 
 
-class FusedSGD(_FusedBase):
+class FusedSGD(FusedOptimizerBase):
     r"""Drop-in ``torch.optim.SGD`` whose step clips and updates in one fused pass.
 
     Same constructor arguments, defaults and state (``momentum_buffer``) as
@@ -340,7 +248,7 @@ class FusedSGD(_FusedBase):
     Examples
     --------
     >>> import torch
-    >>> from fastclip._torch_optim import FusedSGD  # re-exported as fastclip.torch.FusedSGD
+    >>> from fastclip.torch import FusedSGD
     >>> w = torch.nn.Parameter(torch.zeros(2))
     >>> opt = FusedSGD([w], lr=1.0, momentum=0.9, max_norm=1.0)
     >>> w.grad = torch.tensor([3.0, 4.0])
@@ -438,106 +346,6 @@ class FusedSGD(_FusedBase):
         return loss
 
 
-class ClippedOptimizer(Optimizer):
-    r"""Wrap any ``torch.optim.Optimizer`` so that every ``step()`` clips first.
-
-    ``step()`` calls ``clipper(grads, params)`` on the gradients of all
-    parameters that have one (under ``torch.no_grad()``), then the wrapped
-    optimizer's ``step()``.  ``clipper`` is any callable with that signature:
-    a :mod:`fastclip.adaptive` clipper (``GlobalNormClipper``, ``AutoClip``,
-    ``ZClip``, ``AGC``) or your own.
-
-    ``param_groups``, ``state`` and ``defaults`` *are* the wrapped optimizer's
-    (shared objects), so learning-rate schedulers and ``zero_grad`` act on it.
-    ``state_dict()`` holds both the optimizer's and the clipper's state.
-
-    With ``torch.amp.GradScaler`` call ``scaler.step(clipped)``: the scaler
-    unscales the gradients first, then skips the whole step (clipper
-    included, so its statistics never see the bad step) when it finds inf or
-    NaN, exactly as it does for a plain optimizer.
-
-    Attributes
-    ----------
-    last_total_norm : the clipper's return value of the last step.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from fastclip.adaptive import ZClip
-    >>> from fastclip._torch_optim import ClippedOptimizer  # re-exported as fastclip.torch.ClippedOptimizer
-    >>> model = torch.nn.Linear(4, 1)
-    >>> opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ZClip())
-    >>> model(torch.ones(2, 4)).sum().backward()
-    >>> opt.step()
-    >>> opt.clipper.state_dict()["step"]
-    1
-    """
-
-    def __init__(self, optimizer: Optimizer, clipper: Callable[..., Any]) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-        if not callable(clipper):
-            raise TypeError("clipper must be callable as clipper(grads, params)")
-        super().__init__([torch.zeros(0)], {})  # hooks and bookkeeping; groups replaced below
-        self.optimizer = optimizer
-        self.clipper = clipper
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self.defaults = optimizer.defaults
-        self.last_total_norm: Any = None
-
-    def _params_and_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params, grads = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    grads.append(p.grad)
-        return params, grads
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Evaluate ``closure`` (if any), clip every gradient, then step the wrapped optimizer."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params, grads = self._params_and_grads()
-        if grads:
-            self.last_total_norm = self.clipper(grads, params)
-        if getattr(self.clipper, "last_step_skipped", False):
-            return loss
-        self.optimizer.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "optimizer", None) is None:  # during Optimizer.__init__
-            super().add_param_group(param_group)
-            return
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"optimizer": wrapped.state_dict(), "clipper": clipper.state_dict()}``."""
-        sd: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
-        if hasattr(self.clipper, "state_dict"):
-            sd["clipper"] = self.clipper.state_dict()
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        if "clipper" in state_dict and hasattr(self.clipper, "load_state_dict"):
-            self.clipper.load_state_dict(state_dict["clipper"])
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-
-    def __repr__(self) -> str:
-        return f"ClippedOptimizer({self.optimizer!r}, clipper={self.clipper!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+for _cls in (FusedAdamW, FusedSGD):
+    _cls.__module__ = "fastclip.torch"  # the public path: reprs, docs and pickles name it
+del _cls

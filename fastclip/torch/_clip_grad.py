@@ -1,44 +1,9 @@
-"""Drop-in replacements for ``torch.nn.utils`` gradient clipping, on fastclip kernels.
+"""The ``torch.nn.utils``-compatible clipping functions of :mod:`fastclip.torch`.
 
-Same signatures, defaults and return values as ``torch.nn.utils``:
-
->>> import torch, fastclip.torch as fct
->>> model = torch.nn.Linear(3, 2)
->>> model(torch.ones(4, 3)).sum().backward()
->>> total = fct.clip_grad_norm_(model.parameters(), max_norm=1.0)
->>> bool(fct.get_total_norm([p.grad for p in model.parameters()]) <= 1.0 + 1e-5)
-True
-
-Differences from torch, all deliberate and documented:
-
-* norms are accumulated accurately (float32 blocks combined in float64, and
-  in float32 for 16-bit gradients, where torch accumulates in the gradient's
-  own dtype); the returned norm has torch's dtype (the promoted dtype of the
-  gradients);
-* ``foreach`` is accepted for compatibility and ignored on the CPU: fastclip
-  always uses its multi-tensor kernel (one launch per dtype);
-* bad arguments raise before any gradient is written: ``max_norm`` < 0 or
-  NaN, ``norm_type`` NaN and ``clip_value`` < 0 are a ValueError (torch
-  computes with them: flipped signs or NaN gradients), as is an expanded
-  gradient (stride 0, whose elements share memory; torch raises a
-  RuntimeError from its in-place multiply);
-* ``clip_grad_value_`` validates every gradient before clamping any, so a
-  refused list (an expanded or complex gradient anywhere) is left unchanged;
-  complex gradients are a TypeError (torch raises NotImplementedError:
-  complex numbers have no order);
-* lazily negated or conjugated gradients (``._neg_view()``, ``.conj()``)
-  are a TypeError naming ``.resolve_neg()`` / ``.resolve_conj()``: fastclip's
-  kernels work on memory, where the flag is not applied;
-* a Python int beyond float64's range (``10**400``) as ``max_norm``,
-  ``norm_type`` or ``clip_value`` is a ValueError (torch raises OverflowError);
-* ``norm_type`` <= 0 (0 counts non-zeros, negative p, ``-inf`` the smallest
-  ``|x|``: not norms, and fastclip's kernels refuse them) is computed with
-  ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per
-  tensor, then over the per-tensor values); the scaling still runs on
-  fastclip's kernel;
-* DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
-  DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
-  DTensor, as torch returns.
+``clip_grad_norm_`` reads as torch's own ``clip_grad.py``: the total norm, then
+the scaling by it.  For a norm (``norm_type`` > 0) both steps run as one call of
+fastclip's ``clip_by_global_norm_`` (one pass over packed tables per dtype on
+the CPU); that fused path is an internal detail with the same results.
 """
 
 from __future__ import annotations
@@ -51,15 +16,12 @@ from typing import Union
 
 import torch
 
-from . import _api
-from ._torch_optim import ClippedOptimizer, FusedAdamW, FusedSGD
-from ._validate import NonFiniteNormError, check_max_norm, scalar_value
-from .distributed import has_dtensor
+from fastclip import _api
+from fastclip._errors import NonFiniteNormError, torch_nonfinite_message
+from fastclip._validate import check_max_norm, scalar_value
+from fastclip.distributed import has_dtensor
 
 __all__ = [
-    "ClippedOptimizer",
-    "FusedAdamW",
-    "FusedSGD",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
@@ -117,11 +79,7 @@ def _norm_type(norm_type: object) -> float:
 
 
 def _nonfinite_error(norm_type: float) -> NonFiniteNormError:
-    return NonFiniteNormError(
-        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-        "so it cannot be clipped. To disable this error and scale the gradients by the "
-        "non-finite norm anyway, set `error_if_nonfinite=False`"
-    )
+    return NonFiniteNormError(torch_nonfinite_message(norm_type))
 
 
 def _torch_defined(norm_type: float) -> bool:
@@ -164,7 +122,7 @@ def get_total_norm(
             raise _nonfinite_error(norm_type)
         return total
     if has_dtensor(tensors):  # sharded gradients: reduce over the DTensors' mesh
-        from . import distributed
+        from fastclip import distributed
 
         return distributed.get_total_norm(tensors, norm_type, error_if_nonfinite)
     with torch.no_grad():
@@ -189,15 +147,16 @@ def clip_grads_with_norm_(
     if not grads:
         return
     if has_dtensor(grads) or has_dtensor([total_norm]):
-        from . import distributed
+        from fastclip import distributed
 
         grads = distributed.local_tensors(grads)
         if has_dtensor([total_norm]):
             total_norm = total_norm.full_tensor()  # type: ignore[attr-defined]  # Replicate DTensor
-    _scale_by_norm(grads, max_norm, total_norm)
+    _clip_grads_with_norm(grads, max_norm, total_norm)
 
 
-def _scale_by_norm(grads: list[torch.Tensor], max_norm: float, total_norm: object) -> None:
+def _clip_grads_with_norm(grads: list[torch.Tensor], max_norm: float, total_norm: object) -> None:
+    """``clip_grads_with_norm_`` on gradients already gathered (DTensors unwrapped)."""
     device = grads[0].device
     total = (
         total_norm.detach().to(device)
@@ -205,6 +164,7 @@ def _scale_by_norm(grads: list[torch.Tensor], max_norm: float, total_norm: objec
         else torch.tensor(scalar_value(total_norm, "total_norm"), device=device)
     )
     # The coefficient stays a tensor on the gradients' device: no host sync on GPUs.
+    # Clamped to 1 rather than tested (`if coef < 1:`): the test would read it on the host.
     coef = torch.clamp(max_norm / (total.to(torch.float64) + _EPS), max=1.0)
     with torch.no_grad():
         _api.scale_(grads, coef)
@@ -228,12 +188,23 @@ def clip_grad_norm_(
     grads = _grads(parameters, warn_empty_generator=True)
     if not grads:
         return torch.tensor(0.0)
-    if _torch_defined(norm_type):  # torch's formula for the "norm", fastclip's scaling
-        total = get_total_norm(grads, norm_type, error_if_nonfinite)  # raises before writing
-        _scale_by_norm(grads, max_norm, total)
-        return total
+    if not _torch_defined(norm_type):  # a norm: the two steps below as one fastclip call
+        return _norm_and_clip_fused(grads, max_norm, norm_type, error_if_nonfinite)
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)  # raises first
+    _clip_grads_with_norm(grads, max_norm, total_norm)
+    return total_norm
+
+
+def _norm_and_clip_fused(
+    grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
+) -> torch.Tensor:
+    """``get_total_norm`` then ``clip_grads_with_norm_`` as one fastclip call, for a norm.
+
+    Same norm, coefficient and result; the list is validated and packed once,
+    and checked for the in-place write before its norm is computed.
+    """
     if has_dtensor(grads):  # FSDP2 / tensor parallel: reduce over the DTensors' mesh
-        from . import distributed
+        from fastclip import distributed
 
         return distributed.clip_grad_norm_(grads, max_norm, norm_type, error_if_nonfinite)
     try:
@@ -264,3 +235,8 @@ def clip_grad_value_(
     grads = _grads(parameters)
     if grads:
         _api.clip_values_(grads, -clip_value, clip_value)
+
+
+for _function in (clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm):
+    _function.__module__ = "fastclip.torch"  # the public path, as torch.nn.utils does
+del _function
