@@ -32,6 +32,8 @@ from ._info import info
 from ._version import __version__
 from .adaptive import AGC, AutoClip, GlobalNormClipper, ZClip
 
+info.__module__ = "fastclip"  # the public path in docs and reprs
+
 __all__ = [
     "AGC",
     "AutoClip",

@@ -101,16 +101,16 @@ class Backend:
     def on_gpu(self) -> bool:
         return self.route == ROUTE_GPU
 
-    def norm(self, x: Any, pcode: int, p: float, *, axes: Any, keepdims: bool) -> Any:
-        return self.ops.norm(self.lib, x, pcode, p, axes, keepdims)
+    def norm(self, x: Any, ord_code: int, p: float, *, axes: Any, keepdims: bool) -> Any:
+        return self.ops.norm(self.lib, x, ord_code, p, axes, keepdims)
 
-    def global_norm(self, arrays: Sequence[Any], pcode: int, p: float) -> Any:
-        return self.ops.global_norm(self.lib, arrays, pcode, p)
+    def global_norm(self, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
+        return self.ops.global_norm(self.lib, arrays, ord_code, p)
 
     def rescale(
         self,
         x: Any,
-        pcode: int,
+        ord_code: int,
         p: float,
         *,
         axes: Any,
@@ -119,12 +119,12 @@ class Backend:
         mode: str,
         inplace: bool,
     ) -> tuple[Any, Any]:
-        return self.ops.rescale(self.lib, x, pcode, p, axes, max_norm, eps, mode, inplace)
+        return self.ops.rescale(self.lib, x, ord_code, p, axes, max_norm, eps, mode, inplace)
 
     def clip_global(
         self,
         arrays: list[Any],
-        pcode: int,
+        ord_code: int,
         p: float,
         *,
         max_norm: float,
@@ -134,7 +134,7 @@ class Backend:
         inplace: bool,
     ) -> tuple[list[Any], Any]:
         return self.ops.clip_global(
-            self.lib, arrays, max_norm, pcode, p, eps, total_norm, error_if_nonfinite, inplace
+            self.lib, arrays, max_norm, ord_code, p, eps, total_norm, error_if_nonfinite, inplace
         )
 
     def clip_by_value(self, x: Any, lo: float | None, hi: float | None, *, inplace: bool) -> Any:
@@ -150,7 +150,7 @@ class Backend:
         self,
         items: list[Any],
         batch: int,
-        pcode: int,
+        ord_code: int,
         p: float,
         *,
         bounds: Any,
@@ -166,7 +166,7 @@ class Backend:
             from . import _generic as ops
 
             lib = aac.array_namespace(items[0])
-        return ops.clip_per_sample(lib, items, batch, pcode, p, bounds, per_layer, reduce, eps)
+        return ops.clip_per_sample(lib, items, batch, ord_code, p, bounds, per_layer, reduce, eps)
 
     def check_targets(self, arrays: list[Any], what: str) -> Any:
         """Every check an in-place clip of ``arrays`` makes before its first write,
@@ -181,29 +181,36 @@ class Backend:
         ops: Any = self.ops  # not in RouteOps: the Dask route has no in-place writes
         return ops.check_targets(self.lib, arrays, what)
 
-    def norm64(self, arrays: list[Any], pcode: int, p: float, checked: Any = None) -> Any:
+    def norm64(self, arrays: list[Any], ord_code: int, p: float, checked: Any = None) -> Any:
         """The global norm as an exact float64 Python float on the CPU route
         (from float64 power sums, not rounded to the arrays' dtype); None on the
         other routes (callers use ``fastclip.global_norm`` there)."""
         if self.route != ROUTE_CPU:
             return None
         ops: Any = self.ops  # the CPU route's own operation
-        return ops.norm64(self.lib, arrays, pcode, p, checked)
+        return ops.norm64(self.lib, arrays, ord_code, p, checked)
 
     # -- fused clip-and-step (fastclip.optim, fastclip.torch's fused optimizers)
 
     def adamw_step_(
         self, ps: list[Any], gs: list[Any], ms: list[Any], vs: list[Any], xs: Any, *,
-        hp: Any, maximize: bool, clip: StepClip,
+        hparams: Any, maximize: bool, clip: StepClip,
     ) -> Any:  # fmt: skip
         ops: Any = self.ops  # the CPU and GPU routes only (see backend_for_step)
-        return ops.adamw_step_(self.lib, ps, gs, ms, vs, xs, hp, maximize, clip)
+        return ops.adamw_step_(self.lib, ps, gs, ms, vs, xs, hparams, maximize, clip)
 
     def sgd_step_(
-        self, ps: list[Any], gs: list[Any], bufs: Any, *, hp: Any, maximize: bool, clip: StepClip
+        self,
+        ps: list[Any],
+        gs: list[Any],
+        bufs: Any,
+        *,
+        hparams: Any,
+        maximize: bool,
+        clip: StepClip,
     ) -> Any:
         ops: Any = self.ops
-        return ops.sgd_step_(self.lib, ps, gs, bufs, hp, maximize, clip)
+        return ops.sgd_step_(self.lib, ps, gs, bufs, hparams, maximize, clip)
 
     def step_plan(self, grads: list[Any], clip: StepClip, what: str) -> Any:
         """The norm and coefficient of a step (host values on the CPU route, device
@@ -217,10 +224,10 @@ class Backend:
         return ops.step_prepare(self.lib, lists, amsgrad, what)
 
     def step_run(
-        self, prepared: Any, lists: list[Any], hp: Any, plan: Any, sign: float, amsgrad: Any
+        self, prepared: Any, lists: list[Any], hparams: Any, plan: Any, sign: float, amsgrad: Any
     ) -> None:
         ops: Any = self.ops
-        ops.step_run(self.lib, prepared, lists, hp, plan, sign, amsgrad)
+        ops.step_run(self.lib, prepared, lists, hparams, plan, sign, amsgrad)
 
     def step_scalar(self, value: Any, name: str) -> Any:
         """A fused step's ``total_norm`` / ``clip_coef``: None, a host float, or on

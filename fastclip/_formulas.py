@@ -71,12 +71,12 @@ def clip_coefficients(
         return xp.where((r >= one) | (den == 0), one, r)
 
 
-def root(total: Any, pcode: int, p: float) -> Any:
-    """The norm from a power sum: ``total`` for max (pcode 0) and L1 (pcode 1),
-    ``sqrt`` for L2 (pcode 2), ``total ** (1/p)`` otherwise (pcode 3)."""
-    if pcode in (0, 1):
+def root(total: Any, ord_code: int, p: float) -> Any:
+    """The norm from a power sum: ``total`` for max (ord_code 0) and L1 (ord_code 1),
+    ``sqrt`` for L2 (ord_code 2), ``total ** (1/p)`` otherwise (ord_code 3)."""
+    if ord_code in (0, 1):
         return total
-    if pcode == 2:
+    if ord_code == 2:
         return np.sqrt(total)
     with np.errstate(all="ignore"):
         return np.power(total, 1.0 / p)
@@ -88,9 +88,9 @@ def root(total: Any, pcode: int, p: float) -> Any:
 SAFE_LO, SAFE_HI = 1e-280, 1e280
 
 
-def needs_rescale(pcode: int, wide: bool) -> bool:
+def needs_rescale(ord_code: int, wide: bool) -> bool:
     """float32 L1/L2 sums cannot leave the safe range; float64 L2 and any other p can."""
-    return pcode == 3 or (pcode == 2 and wide)
+    return ord_code == 3 or (ord_code == 2 and wide)
 
 
 def pow2_inverse(m: Any) -> Any:
@@ -109,21 +109,21 @@ def pow2_inverse(m: Any) -> Any:
 
 
 def robust_norm(
-    pow_sum: Callable[[int, float, float], float], pcode: int, p: float, wide: bool
+    pow_sum: Callable[[int, float, float], float], ord_code: int, p: float, wide: bool
 ) -> float:
-    """Norm from ``pow_sum(pcode, p, inv) -> float``, rescaled when it over/underflows.
+    """Norm from ``pow_sum(ord_code, p, inv) -> float``, rescaled when it over/underflows.
 
     ``pow_sum(pc, p, inv)`` returns ``sum (|x| * inv)**p`` for pc 3 (max |x| for
     pc 0); the rescaled norm is ``(sum (|x| * inv)**p)**(1/p) / inv`` with ``inv``
     a power of two from ``pow2_inverse`` (so it is finite even for subnormal data).
     """
-    total = float(pow_sum(pcode, p, 1.0))
-    if needs_rescale(pcode, wide) and not SAFE_LO < total < SAFE_HI:
+    total = float(pow_sum(ord_code, p, 1.0))
+    if needs_rescale(ord_code, wide) and not SAFE_LO < total < SAFE_HI:
         m = float(pow_sum(0, p, 1.0))
         if 0.0 < m < math.inf:
             inv = float(pow2_inverse(m))
             return float(root(float(pow_sum(3, p, inv)), 3, p)) / inv
-    return float(root(total, pcode, p))
+    return float(root(total, ord_code, p))
 
 
 def int_bound(v: float | None, lo_end: int, hi_end: int, lower: bool) -> int | None:
@@ -151,7 +151,7 @@ def int_bound(v: float | None, lo_end: int, hi_end: int, lower: bool) -> int | N
 
 def per_sample_norms_and_factors(
     sums: np.ndarray,
-    pcode: int,
+    ord_code: int,
     p: float,
     bounds: np.ndarray,
     per_layer: bool,
@@ -164,27 +164,27 @@ def per_sample_norms_and_factors(
     power sums over/underflowed (``per_sample_rescaler``).
     """
     if per_layer:
-        norms = root(sums, pcode, p)
+        norms = root(sums, ord_code, p)
         if fix is not None:
             fix(norms, sums)
         factors = clip_coefficients(norms, bounds[:, None], eps)
         clipped = int(np.count_nonzero((factors < 1.0).any(axis=0)))
         return norms, factors, clipped
-    total = combine_parts(sums, pcode)
-    norms = root(total, pcode, p)
+    total = combine_parts(sums, ord_code)
+    norms = root(total, ord_code, p)
     if fix is not None:
         fix(norms, total)
     f = clip_coefficients(norms, bounds[0], eps)
     return norms, np.broadcast_to(f, sums.shape), int(np.count_nonzero(f < 1.0))
 
 
-def combine_parts(values: Any, pcode: int) -> Any:
+def combine_parts(values: Any, ord_code: int) -> Any:
     """Power sums of the parts of a sample (axis 0) -> the sample's: max for inf, else sum."""
-    return np.max(values, axis=0) if pcode == 0 else np.sum(values, axis=0)
+    return np.max(values, axis=0) if ord_code == 0 else np.sum(values, axis=0)
 
 
 def per_sample_rescaler(
-    pcode: int, p: float, wide: bool, per_layer: bool, n_arrays: int, rows_pow_sum: Any
+    ord_code: int, p: float, wide: bool, per_layer: bool, n_arrays: int, rows_pow_sum: Any
 ) -> Any:
     """A ``fix`` for ``per_sample_norms_and_factors``: the core's ``robust_norm`` rule per sample.
 
@@ -195,11 +195,11 @@ def per_sample_rescaler(
     range test.  Their max |x| comes from one call per array; a max of 0
     (all zeros), NaN or inf already has its exact norm from pass 1 (0, NaN,
     inf), and every other such sample gets ``robust_norm`` itself (one rule
-    for every route).  None when ``pcode`` and the dtypes cannot leave the
+    for every route).  None when ``ord_code`` and the dtypes cannot leave the
     range (float32 L1/L2, the max-norm).
     """
 
-    if not needs_rescale(pcode, wide):
+    if not needs_rescale(ord_code, wide):
         return None
 
     def fix(norms: np.ndarray, totals: np.ndarray) -> None:
@@ -222,9 +222,9 @@ def per_sample_rescaler(
         for index in zip(*np.nonzero(finite_nonzero)):
             parts_k = (int(index[0]),) if per_layer else tuple(range(n_arrays))
             # what robust_norm asks first was already computed: no second pass for them
-            known = {(pcode, p, 1.0): float(totals[index]), (0, p, 1.0): float(maxes[index])}
+            known = {(ord_code, p, 1.0): float(totals[index]), (0, p, 1.0): float(maxes[index])}
             pow_sum = _sample_pow_sum(rows_pow_sum, parts_k, int(index[-1]), known)
-            norms[index] = robust_norm(pow_sum, pcode, p, wide)
+            norms[index] = robust_norm(pow_sum, ord_code, p, wide)
 
     return fix
 

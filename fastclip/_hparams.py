@@ -37,12 +37,12 @@ def adamw_hparams(
     steps: list[float], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> np.ndarray:
     """The kernel's per-tensor hyperparameter rows, computed as torch does (Python floats)."""
-    hp = np.empty((len(steps), A_COLS), np.float64)
-    hp[:, A_DECAY] = 1 - lr * weight_decay
-    hp[:, A_W1] = 1 - beta1
-    hp[:, A_BETA2] = beta2
-    hp[:, A_W2] = 1 - beta2
-    hp[:, A_EPS] = eps
+    hparams = np.empty((len(steps), A_COLS), np.float64)
+    hparams[:, A_DECAY] = 1 - lr * weight_decay
+    hparams[:, A_W1] = 1 - beta1
+    hparams[:, A_BETA2] = beta2
+    hparams[:, A_W2] = 1 - beta2
+    hparams[:, A_EPS] = eps
     cache: dict[float, tuple[float, float]] = {}
     for i, s in enumerate(steps):
         pair = cache.get(s)
@@ -50,8 +50,8 @@ def adamw_hparams(
             bias_correction1 = 1 - beta1**s
             bias_correction2 = 1 - beta2**s
             pair = cache[s] = (-(lr / bias_correction1), bias_correction2**0.5)
-        hp[i, A_NEG_STEP], hp[i, A_BC2_SQRT] = pair
-    return hp
+        hparams[i, A_NEG_STEP], hparams[i, A_BC2_SQRT] = pair
+    return hparams
 
 
 def sgd_hparams(
@@ -65,16 +65,16 @@ def sgd_hparams(
 ) -> np.ndarray:
     """The SGD kernel's per-tensor rows; ``first`` marks tensors whose momentum
     buffer starts this step (``None``: every buffer exists)."""
-    hp = np.empty((n, S_COLS), np.float64)
-    hp[:, S_WD] = weight_decay
-    hp[:, S_MOMENTUM] = momentum
-    hp[:, S_DAMP1] = 1 - dampening
-    hp[:, S_NEG_LR] = -lr
-    hp[:, S_NESTEROV] = 1.0 if nesterov else 0.0
+    hparams = np.empty((n, S_COLS), np.float64)
+    hparams[:, S_WD] = weight_decay
+    hparams[:, S_MOMENTUM] = momentum
+    hparams[:, S_DAMP1] = 1 - dampening
+    hparams[:, S_NEG_LR] = -lr
+    hparams[:, S_NESTEROV] = 1.0 if nesterov else 0.0
     if momentum == 0:
-        hp[:, S_MODE] = 0.0
+        hparams[:, S_MODE] = 0.0
     elif first is None:
-        hp[:, S_MODE] = 2.0
+        hparams[:, S_MODE] = 2.0
     else:
-        hp[:, S_MODE] = np.where(np.asarray(first, bool), 1.0, 2.0)
-    return hp
+        hparams[:, S_MODE] = np.where(np.asarray(first, bool), 1.0, 2.0)
+    return hparams

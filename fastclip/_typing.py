@@ -26,7 +26,7 @@ ArrayOrArrays = Any
 
 
 class Ord(enum.IntEnum):
-    """How the kernels reduce: the ``pcode`` they take beside ``p``.
+    """How the kernels reduce: the ``ord_code`` they take beside ``p``.
 
     ``check_ord`` maps ``ord=inf`` to ``INF``, 1 to ``L1``, 2 to ``L2`` and any
     other ``p > 0`` to ``P`` (``sum |x|**p``).  Kernels receive plain ints (an
@@ -66,22 +66,28 @@ class StepClip:
 class RouteOps(Protocol):
     """The operations every route implements, with its adapter ``lib`` first.
 
-    ``pcode``/``p`` are ``check_ord``'s result; ``axes`` are validated reduction
+    ``ord_code``/``p`` are ``check_ord``'s result; ``axes`` are validated reduction
     axes or None; ``mode`` is ``"clip"`` or ``"normalize"``.  Every in-place
     operation validates all its arrays before its first write.
     """
 
     def norm(
-        self, lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+        self,
+        lib: Any,
+        x: Any,
+        ord_code: int,
+        p: float,
+        axes: tuple[int, ...] | None,
+        keepdims: bool,
     ) -> Any: ...
 
-    def global_norm(self, lib: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any: ...
+    def global_norm(self, lib: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any: ...
 
     def rescale(
         self,
         lib: Any,
         x: Any,
-        pcode: int,
+        ord_code: int,
         p: float,
         axes: tuple[int, ...] | None,
         max_norm: float,
@@ -95,7 +101,7 @@ class RouteOps(Protocol):
         lib: Any,
         arrays: list[Any],
         max_norm: float,
-        pcode: int,
+        ord_code: int,
         p: float,
         eps: float,
         total_norm: Any,
@@ -118,7 +124,7 @@ class RouteOps(Protocol):
         lib: Any,
         items: list[Any],
         batch: int,
-        pcode: int,
+        ord_code: int,
         p: float,
         bounds: Any,
         per_layer: bool,

@@ -73,7 +73,7 @@ def too_large_message(name: str, hint: str = "") -> str:
 
 
 def check_ord(ord: Any) -> tuple[int, float]:
-    """Validate ``ord`` -> (pcode, p): pcode 0 = inf, 1 = L1, 2 = L2, 3 = other p > 0."""
+    """Validate ``ord`` -> (ord_code, p): ord_code 0 = inf, 1 = L1, 2 = L2, 3 = other p > 0."""
     known = _KNOWN_ORDS.get(ord) if type(ord) is int or type(ord) is float else None
     if known is not None:
         return known
@@ -178,5 +178,5 @@ def clip_mode(max_norm: Any, total_norm: Any, clip_coef: Any, what: str) -> str:
 
 
 def norm_args(max_norm: Any, norm_type: Any, eps: Any) -> tuple[float, int, float, float]:
-    """Validated ``(max_norm, pcode, p, eps)`` for ``"norm"`` clipping."""
+    """Validated ``(max_norm, ord_code, p, eps)`` for ``"norm"`` clipping."""
     return (check_max_norm(max_norm), *check_ord(norm_type), check_eps(eps))

@@ -49,8 +49,27 @@ def clip_by_value(x: Array, min: float | None = None, max: float | None = None) 
 def clip_by_value_(x: Array, min: float | None = None, max: float | None = None) -> Array:
     r"""Clamp every element to ``[min, max]`` in place (weight clipping); returns ``x``.
 
-    Same semantics as :func:`clip_by_value`.  Read-only NumPy arrays raise
-    ValueError and immutable arrays (JAX) raise TypeError, before any write.
+    Same semantics as :func:`clip_by_value`.
+
+    Parameters
+    ----------
+    x : array
+        Any real dtype, integer and bool included, modified in its own memory.
+    min, max : float, optional
+        Bounds, as for :func:`clip_by_value`.
+
+    Returns
+    -------
+    array
+        ``x`` itself.
+
+    Raises
+    ------
+    ValueError
+        A read-only NumPy array (or one whose elements share memory), before
+        any write.
+    TypeError
+        Immutable arrays (JAX), complex arrays.
 
     Examples
     --------
@@ -68,12 +87,12 @@ def clip_by_value_(x: Array, min: float | None = None, max: float | None = None)
 def _rescale(
     x: Any, max_norm: float, ord: Any, axis: Any, eps: Any, mode: str, inplace: bool
 ) -> Any:
-    pcode, p = check_ord(ord)
+    ord_code, p = check_ord(ord)
     eps_v = check_eps(eps)
     backend = _dispatch.backend_of(x)
     axes = reduction_axes(x, axis)
     return backend.rescale(
-        x, pcode, p, axes=axes, max_norm=max_norm, eps=eps_v, mode=mode, inplace=inplace
+        x, ord_code, p, axes=axes, max_norm=max_norm, eps=eps_v, mode=mode, inplace=inplace
     )
 
 
@@ -174,6 +193,23 @@ def normalize(
     The "clipping" that always rescales to (almost) unit norm, whole array or
     per slice (``axis`` = reduction axes, like Keras ``UnitNorm``).
 
+    Parameters
+    ----------
+    x : array
+        float16, bfloat16, float32, float64 or complex.
+    ord : float, default 2
+        Any real ``p > 0`` or ``inf``.
+    axis : int or tuple of int, optional
+        Reduction axes of the norm; ``None`` = the whole array.
+    eps : float, default 1e-6
+        Added to the norm in the denominator (``eps = 0`` with a zero norm
+        gives NaN: 0 / 0).
+
+    Returns
+    -------
+    array
+        Same library, dtype, shape and device as ``x``; ``x`` is untouched.
+
     Examples
     --------
     >>> import numpy as np, fastclip
@@ -189,6 +225,15 @@ def normalize_(
     x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, eps: float = 1e-6
 ) -> Array:
     r"""Divide by the norm in place; returns the norm(s) before normalising.
+
+    Same formula and arguments as :func:`normalize`; ``x`` is modified in its
+    own memory (read-only arrays raise before any write).
+
+    Returns
+    -------
+    array
+        0-d norm (``axis=None``) or one norm per kept slice, float32 (float64
+        for float64 input), in ``x``'s library.
 
     Examples
     --------

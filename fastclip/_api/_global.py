@@ -73,7 +73,7 @@ def _clip_global(
     inplace: bool,
 ) -> tuple[list[Any], Any]:
     c = check_max_norm(max_norm)
-    pcode, p = check_ord(ord)
+    ord_code, p = check_ord(ord)
     eps_v = check_eps(eps)
     items = _dispatch.as_array_list(arrays)
     if not items:
@@ -84,7 +84,7 @@ def _clip_global(
         given = _total_norm_value(total_norm)
     return backend.clip_global(
         items,
-        pcode,
+        ord_code,
         p,
         max_norm=c,
         eps=eps_v,
@@ -129,6 +129,17 @@ def clip_by_global_norm(
     (list of arrays, array)
         New arrays (same library, dtypes, shapes, device) and the 0-d total
         norm before clipping.
+
+    Notes
+    -----
+    Lists of arrays at least ``fastclip._config.PARALLEL_MIN_ELEMENTS`` long in
+    total run the parallel Numba kernels; set that value (an int) to move the
+    threshold.
+
+    References
+    ----------
+    Pascanu, Mikolov and Bengio, "On the difficulty of training Recurrent Neural
+    Networks", ICML 2013, https://arxiv.org/abs/1211.5063
 
     Examples
     --------

@@ -82,9 +82,9 @@ def norm(
         fast = _dispatch.small_norm(x, ord)
         if fast is not None:
             return fast
-    pcode, p = check_ord(ord)
+    ord_code, p = check_ord(ord)
     backend = _dispatch.backend_of(x)
-    return backend.norm(x, pcode, p, axes=reduction_axes(x, axis), keepdims=bool(keepdims))
+    return backend.norm(x, ord_code, p, axes=reduction_axes(x, axis), keepdims=bool(keepdims))
 
 
 def global_norm(arrays: ArrayOrArrays, ord: float = 2) -> Array:
@@ -121,11 +121,11 @@ def global_norm(arrays: ArrayOrArrays, ord: float = 2) -> Array:
     >>> fastclip.global_norm([])
     array(0., dtype=float32)
     """
-    pcode, p = check_ord(ord)
+    ord_code, p = check_ord(ord)
     items = _dispatch.as_array_list(arrays)
     if not items:
         return zero_norm()
-    return _dispatch.backend_for(items).global_norm(items, pcode, p)
+    return _dispatch.backend_for(items).global_norm(items, ord_code, p)
 
 
 def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any:

@@ -135,7 +135,13 @@ def clip_per_sample(
     and ``norms`` are device arrays and nothing waits for the device except
     ``n_clipped``: it is counted on the device and read back once, at the end
     of the call after every kernel has been queued (one synchronisation per
-    call, like ``.item()``).
+    call, like ``.item()``).  The GPU kernels' block size is
+    ``fastclip._config.GPU_BLOCK``.
+
+    References
+    ----------
+    Abadi et al., "Deep Learning with Differential Privacy", CCS 2016,
+    https://arxiv.org/abs/1607.00133
 
     Examples
     --------
@@ -159,7 +165,7 @@ def clip_per_sample(
     if not items:
         raise ValueError("clip_per_sample needs at least one array")
     batch = _check_batch(items)
-    pcode, p = check_ord(ord)
+    ord_code, p = check_ord(ord)
     per_layer = bool(per_layer)
     bounds = _check_bounds(max_norm, per_layer, len(items))
     if not (reduce is None or (isinstance(reduce, str) and reduce in _REDUCES)):
@@ -169,7 +175,7 @@ def clip_per_sample(
     outs, norms, n_clipped = backend.clip_per_sample(
         items,
         batch,
-        pcode,
+        ord_code,
         p,
         bounds=bounds,
         per_layer=per_layer,

@@ -52,18 +52,18 @@ class AxisPlan:
         self.x2 = x2
         self.perm = kept + axes
 
-    def pow_sums(self, pcode: int, p: float, inv: np.ndarray | None = None) -> np.ndarray:
+    def pow_sums(self, ord_code: int, p: float, inv: np.ndarray | None = None) -> np.ndarray:
         n_slices = self.x2.shape[0] if self.kind == "rows" else self.x2.shape[1]
         inv = np.ones(n_slices) if inv is None else inv
         if self.kind == "rows":
-            return run("rows_pow_sum", self.x2.size, self.x2, pcode, p, inv)
-        return run("cols_pow_sum", self.x2.size, self.x2, pcode, p, inv, cfg.COL_TILE)
+            return run("rows_pow_sum", self.x2.size, self.x2, ord_code, p, inv)
+        return run("cols_pow_sum", self.x2.size, self.x2, ord_code, p, inv, cfg.COL_TILE)
 
-    def norms(self, pcode: int, p: float, wide: bool) -> np.ndarray:
+    def norms(self, ord_code: int, p: float, wide: bool) -> np.ndarray:
         """Norm of every slice, rescaled by its max where power sums over/underflow."""
-        totals = self.pow_sums(pcode, p)
-        values = root(totals, pcode, p)
-        if needs_rescale(pcode, wide):
+        totals = self.pow_sums(ord_code, p)
+        values = root(totals, ord_code, p)
+        if needs_rescale(ord_code, wide):
             bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))
             if bad.any():
                 maxes = self.pow_sums(0, p)

@@ -27,27 +27,27 @@ from ._launch import run
 from ._pack import Packed, pack
 
 
-def _flat_norm(sv: np.ndarray, pcode: int, p: float) -> float:
+def _flat_norm(sv: np.ndarray, ord_code: int, p: float) -> float:
     flat = sv.reshape(-1)  # a copy when sv is not contiguous: read-only use
     wide = norm_dtype(sv.dtype) == np.float64
 
     def pow_sum(pc: int, pp: float, inv: float) -> float:
         return float(run("arr_pow_sum", flat.size, flat, pc, pp, inv, cfg.CHUNK))
 
-    return robust_norm(pow_sum, pcode, p, wide)
+    return robust_norm(pow_sum, ord_code, p, wide)
 
 
 def norm(
-    lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+    lib: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
 ) -> Any:
     sv = float_storage(lib, x, "norm")
     dtype = norm_dtype(sv.dtype)
     if axes is None or len(axes) == sv.ndim:
-        value = _flat_norm(sv, pcode, p)
+        value = _flat_norm(sv, ord_code, p)
         shape = (1,) * sv.ndim if keepdims else ()
         return lib.wrap(np.full(shape, value), dtype, x)
     plan = AxisPlan(sv, axes)
-    values = plan.norms(pcode, p, dtype == np.float64).reshape(plan.kept_shape)
+    values = plan.norms(ord_code, p, dtype == np.float64).reshape(plan.kept_shape)
     if keepdims:
         values = values.reshape(tuple(1 if i in axes else s for i, s in enumerate(sv.shape)))
     return lib.wrap(values, dtype, x)
@@ -56,7 +56,7 @@ def norm(
 def rescale(
     lib: Any,
     x: Any,
-    pcode: int,
+    ord_code: int,
     p: float,
     axes: tuple[int, ...] | None,
     max_norm: float,
@@ -75,11 +75,11 @@ def rescale(
     out = x if inplace else lib.empty_like(x)
     out_sv = sv if inplace else lib.storage(out)
     if axes is None or len(axes) == sv.ndim:
-        value = _clip_whole(sv, out_sv, pcode, p, max_norm, eps, mode)
+        value = _clip_whole(sv, out_sv, ord_code, p, max_norm, eps, mode)
         norms: Any = lib.wrap(value, dtype, x)
     else:
         plan = AxisPlan(sv, axes)
-        values = plan.norms(pcode, p, dtype == np.float64)
+        values = plan.norms(ord_code, p, dtype == np.float64)
         plan.scale(clip_coefficients(values, max_norm, eps, mode), None if inplace else out_sv)
         norms = lib.wrap(values.reshape(plan.kept_shape), dtype, x)
     if inplace:
@@ -88,19 +88,25 @@ def rescale(
 
 
 def _clip_whole(
-    sv: np.ndarray, out_sv: np.ndarray, pcode: int, p: float, max_norm: float, eps: float, mode: str
+    sv: np.ndarray,
+    out_sv: np.ndarray,
+    ord_code: int,
+    p: float,
+    max_norm: float,
+    eps: float,
+    mode: str,
 ) -> float:
     """Norm of all of ``sv`` and the scaled result into ``out_sv`` (which may be ``sv``)."""
     inplace = out_sv is sv
     contiguous = sv.flags.c_contiguous
     src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
-    if mode == "clip" and (pcode < 2 or (pcode == 2 and sv.dtype not in _WIDE_STORAGE)):
+    if mode == "clip" and (ord_code < 2 or (ord_code == 2 and sv.dtype not in _WIDE_STORAGE)):
         value = float(
-            run("arr_clip", src.size, src, dst, pcode, p, max_norm, eps, dst is src, cfg.CHUNK)
+            run("arr_clip", src.size, src, dst, ord_code, p, max_norm, eps, dst is src, cfg.CHUNK)
         )
     else:
-        value = _flat_norm(src, pcode, p)
+        value = _flat_norm(src, ord_code, p)
         coef = float(clip_coefficients(np.float64(value), max_norm, eps, mode))
         run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
     if inplace and not contiguous:
@@ -159,9 +165,9 @@ def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: flo
     np.clip(sv, lo_v, hi_v, out=out_sv)
 
 
-def global_norm(lib: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any:
+def global_norm(lib: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
     packed = pack(lib, arrays, "norm", writing=False)
-    value = packed.norm(pcode, p)
+    value = packed.norm(ord_code, p)
     assert packed.dtype is not None
     return lib.wrap(value, packed.dtype, arrays[0])
 
@@ -170,7 +176,7 @@ def clip_global(
     lib: Any,
     arrays: list[Any],
     max_norm: float,
-    pcode: int,
+    ord_code: int,
     p: float,
     eps: float,
     total_norm: float | None,
@@ -183,7 +189,7 @@ def clip_global(
         src = pack(lib, arrays, what, writing=False)
         outs = [lib.empty_like(a) for a in arrays]
         dst = pack(lib, outs, what, writing=False)
-        value = src.norm(pcode, p) if total_norm is None else total_norm
+        value = src.norm(ord_code, p) if total_norm is None else total_norm
         _raise_if_nonfinite(value, error_if_nonfinite)
         coef = float(clip_coefficients(np.float64(value), max_norm, eps, "clip"))
         _scale_into(src, dst, coef)
@@ -191,7 +197,7 @@ def clip_global(
         return outs, lib.wrap(value, src.dtype, arrays[0])
 
     if len(arrays) == 1 and total_norm is None and not error_if_nonfinite:
-        out, norm_value = rescale(lib, arrays[0], pcode, p, None, max_norm, eps, "clip", True)
+        out, norm_value = rescale(lib, arrays[0], ord_code, p, None, max_norm, eps, "clip", True)
         return [out], norm_value
     packed = pack(lib, arrays, what, writing=True)
     if (
@@ -199,13 +205,13 @@ def clip_global(
         and not packed.copies
         and total_norm is None
         and not error_if_nonfinite
-        and not needs_rescale(pcode, packed.dtype == np.float64)
+        and not needs_rescale(ord_code, packed.dtype == np.float64)
     ):
         t = packed.tables[0]
-        args = (t.addrs, t.sizes, t.like, pcode, p, max_norm, eps, cfg.CHUNK)
+        args = (t.addrs, t.sizes, t.like, ord_code, p, max_norm, eps, cfg.CHUNK)
         value = float(run("tab_clip", t.n, *args))
     else:
-        value = packed.norm(pcode, p) if total_norm is None else total_norm
+        value = packed.norm(ord_code, p) if total_norm is None else total_norm
         _raise_if_nonfinite(value, error_if_nonfinite)
         packed.scale(float(clip_coefficients(np.float64(value), max_norm, eps, "clip")))
     lib.touched(arrays)

@@ -23,8 +23,8 @@ from ._launch import run
 _FAST_ORDS = {2: 2, 1: 1, math.inf: 0}
 
 
-def _fast_pcode(ord: Any) -> int | None:
-    """pcode of a plain Python 1, 2 or inf (the fast paths' orders), else None."""
+def _fast_ord_code(ord: Any) -> int | None:
+    """ord_code of a plain Python 1, 2 or inf (the fast paths' orders), else None."""
     return _FAST_ORDS.get(ord) if type(ord) in (int, float) else None
 
 
@@ -45,8 +45,8 @@ def small_clip_(x: Any, max_norm: Any, ord: Any, eps: Any) -> Any:
     """
     if type(x) is not np.ndarray or x.dtype != _F32:
         return None
-    pcode = _fast_pcode(ord)
-    if pcode is None or type(max_norm) not in (int, float) or type(eps) not in (int, float):
+    ord_code = _fast_ord_code(ord)
+    if ord_code is None or type(max_norm) not in (int, float) or type(eps) not in (int, float):
         return None
     if not (max_norm >= 0.0 and 0.0 <= eps < math.inf):
         return None
@@ -61,7 +61,7 @@ def small_clip_(x: Any, max_norm: Any, ord: Any, eps: Any) -> Any:
         flat.size,
         flat,
         flat,
-        pcode,
+        ord_code,
         float(ord),
         float(max_norm),
         float(eps),
@@ -87,12 +87,12 @@ def small_norm(x: Any, ord: Any) -> Any:
     dtype = x.dtype
     if dtype != _F32 and dtype != _F64:
         return None
-    pcode = _fast_pcode(ord)
-    if pcode is None:
+    ord_code = _fast_ord_code(ord)
+    if ord_code is None:
         return None
     flat = x.reshape(-1)
-    total = run("arr_pow_sum", flat.size, flat, pcode, float(ord), 1.0, cfg.CHUNK)
-    if pcode != 2:
+    total = run("arr_pow_sum", flat.size, flat, ord_code, float(ord), 1.0, cfg.CHUNK)
+    if ord_code != 2:
         return np.asarray(total, dtype=dtype)
     # float32 squares cannot over/underflow a float64 sum; float64 ones can
     if dtype == _F64 and not SAFE_LO < total < SAFE_HI:

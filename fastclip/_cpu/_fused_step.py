@@ -56,12 +56,12 @@ def clip_plan(lib: Any, grads: list[Any], clip: StepClip, what: str) -> Clip:
         return plan
     if mode == "none":
         return plan
-    c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
+    c, ord_code, p, eps_v = norm_args(max_norm, norm_type, eps)
     if total_norm is None:
         # The core's norm (robust_norm): one power-sum pass, plus a rescaled pass
         # only when the float64 sum left its exact range (|g| ~ 1e200 or 1e-200),
         # so the fused steps clip with the norm the core functions return.
-        value, plan.norm_dtype = _optim.global_norm_and_dtype(lib, grads, pcode, p)
+        value, plan.norm_dtype = _optim.global_norm_and_dtype(lib, grads, ord_code, p)
     else:
         value = scalar_value(total_norm, "total_norm")
         plan.norm_dtype = (
@@ -100,11 +100,11 @@ def prepare_adamw(
 
 
 def run_adamw(
-    lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float, amsgrad: bool
+    lib: Any, params: list[Any], gs: list[Any], hparams: np.ndarray, coef: float, amsgrad: bool
 ) -> None:
     """Run the AdamW kernel on groups from :func:`prepare_adamw` (one launch per dtype)."""
     for g in gs:
-        rows = hp if len(g.index) == len(params) else hp[g.index]
+        rows = hparams if len(g.index) == len(params) else hparams[g.index]
         run(
             "tab_adamw",
             g.n,
@@ -131,10 +131,10 @@ def prepare_sgd(
     return _optim.groups(lib, [params, grads, buffers], [True, False, True], "sgd_step")
 
 
-def run_sgd(lib: Any, params: list[Any], gs: list[Any], hp: np.ndarray, coef: float) -> None:
+def run_sgd(lib: Any, params: list[Any], gs: list[Any], hparams: np.ndarray, coef: float) -> None:
     """Run the SGD kernel on groups from :func:`prepare_sgd` (one launch per dtype)."""
     for g in gs:
-        rows = hp if len(g.index) == len(params) else hp[g.index]
+        rows = hparams if len(g.index) == len(params) else hparams[g.index]
         run(
             "tab_sgd",
             g.n,
@@ -158,7 +158,7 @@ def adamw_step_(
     ms: list[Any],
     vs: list[Any],
     xs: list[Any] | None,
-    hp: np.ndarray,
+    hparams: np.ndarray,
     maximize: bool,
     clip: StepClip,
 ) -> Any:
@@ -169,7 +169,7 @@ def adamw_step_(
     plan = clip_plan(lib, gs, clip, "adamw_step_")
     if not plan.skip:
         coef = -plan.coef if maximize else plan.coef
-        run_adamw(lib, ps, groups, hp, coef, xs is not None)
+        run_adamw(lib, ps, groups, hparams, coef, xs is not None)
     return norm_result(lib, plan, ps[0])
 
 
@@ -178,7 +178,7 @@ def sgd_step_(
     ps: list[Any],
     gs: list[Any],
     bufs: list[Any] | None,
-    hp: np.ndarray,
+    hparams: np.ndarray,
     maximize: bool,
     clip: StepClip,
 ) -> Any:
@@ -187,7 +187,7 @@ def sgd_step_(
     plan = clip_plan(lib, gs, clip, "sgd_step_")
     if not plan.skip:
         coef = -plan.coef if maximize else plan.coef
-        run_sgd(lib, ps, groups, hp, coef)
+        run_sgd(lib, ps, groups, hparams, coef)
     return norm_result(lib, plan, ps[0])
 
 
@@ -211,13 +211,13 @@ def step_run(
     lib: Any,
     prepared: Any,
     lists: list[Any],
-    hp: np.ndarray,
+    hparams: np.ndarray,
     plan: Clip,
     sign: float,
     amsgrad: bool | None,
 ) -> None:
     """Launch a prepared step (one fused launch per dtype)."""
     if amsgrad is None:
-        run_sgd(lib, lists[0], prepared, hp, sign * plan.coef)
+        run_sgd(lib, lists[0], prepared, hparams, sign * plan.coef)
     else:
-        run_adamw(lib, lists[0], prepared, hp, sign * plan.coef, bool(amsgrad))
+        run_adamw(lib, lists[0], prepared, hparams, sign * plan.coef, bool(amsgrad))

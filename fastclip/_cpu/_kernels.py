@@ -3,7 +3,7 @@
 """Numba CPU kernels: tiny scalar loops, no validation (``_core`` and ``_pack`` validate).
 
 Every reduction returns a float64 "power sum": sum |x|**p for finite p, or
-max |x| for p = inf (``pcode`` 0 = inf, 1 = L1, 2 = L2, 3 = any other p).
+max |x| for p = inf (``ord_code`` 0 = inf, 1 = L1, 2 = L2, 3 = any other p).
 
 Accuracy without losing speed (measured: ``BLOCK`` below): elements are summed in the
 accumulator type of their storage (float32 for 32- and 16-bit data) inside
@@ -31,18 +31,18 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # no nnan/ninf: keep isfinite
 
 
 @njit(error_model="numpy", fastmath=FASTMATH, cache=False, inline="always")
-def _block_sum_p(b, pcode, p, inv):  # type: ignore[no-untyped-def]
-    """float64 sum of |x|**p over the whole 1-D block ``b`` (pcode 1/2/3).
+def _block_sum_p(b, ord_code, p, inv):  # type: ignore[no-untyped-def]
+    """float64 sum of |x|**p over the whole 1-D block ``b`` (ord_code 1/2/3).
 
     Loops run over ``range(b.size)`` of a slice: indexing with ``range(lo, hi)``
     keeps numba's negative-index wraparound in the loop and stops LLVM from
     vectorising it (measured 10x slower).
     """
     acc = acc_zero(b[0])
-    if pcode == 2:
+    if ord_code == 2:
         for i in range(b.size):
             acc += abs2(widen(b[i]))
-    elif pcode == 1:
+    elif ord_code == 1:
         for i in range(b.size):
             acc += abs1(widen(b[i]))
     else:
@@ -50,13 +50,13 @@ def _block_sum_p(b, pcode, p, inv):  # type: ignore[no-untyped-def]
         for i in range(b.size):
             acc64 += (abs64(widen(b[i])) * inv) ** p
         return acc64
-    if acc <= acc_limit(b[0]) and (pcode != 2 or acc >= acc_tiny(b[0])):
+    if acc <= acc_limit(b[0]) and (ord_code != 2 or acc >= acc_tiny(b[0])):
         return np.float64(acc)
     # Overflowed, NaN, or squares that may have underflowed float32 (|x| < ~1e-19):
     # redo this block in float64.  The block is in L1 cache by now, so the rare
     # redo (all-zero blocks included) costs a fraction of the memory pass.
     acc64 = 0.0
-    if pcode == 2:
+    if ord_code == 2:
         for i in range(b.size):
             v = abs64(widen(b[i]))  # widen before squaring
             acc64 += v * v
@@ -67,12 +67,12 @@ def _block_sum_p(b, pcode, p, inv):  # type: ignore[no-untyped-def]
 
 
 @njit(error_model="numpy", fastmath=FASTMATH, cache=False)
-def seg_pow_sum(a, lo, hi, pcode, p, inv):  # type: ignore[no-untyped-def]
-    """Power sum (or max |x| for pcode 0) of the 1-D array a[lo:hi]."""
+def seg_pow_sum(a, lo, hi, ord_code, p, inv):  # type: ignore[no-untyped-def]
+    """Power sum (or max |x| for ord_code 0) of the 1-D array a[lo:hi]."""
     if hi <= lo:
         return 0.0
     seg = a[lo:hi]
-    if pcode == 0:
+    if ord_code == 0:
         m = 0.0
         nan = False
         for i in range(seg.size):
@@ -86,15 +86,15 @@ def seg_pow_sum(a, lo, hi, pcode, p, inv):  # type: ignore[no-untyped-def]
     nblocks = (seg.size + BLOCK - 1) // BLOCK
     for b in range(nblocks):
         s = b * BLOCK
-        total += _block_sum_p(seg[s : min(s + BLOCK, seg.size)], pcode, p, inv)
+        total += _block_sum_p(seg[s : min(s + BLOCK, seg.size)], ord_code, p, inv)
     return total
 
 
 @njit(error_model="numpy", cache=False)
-def combine(partials, pcode):  # type: ignore[no-untyped-def]
+def combine(partials, ord_code):  # type: ignore[no-untyped-def]
     """Combine per-chunk power sums (max for inf, NaN-propagating)."""
     total = 0.0
-    if pcode == 0:
+    if ord_code == 0:
         for v in partials:
             if v > total or v != v:
                 total = v
@@ -191,13 +191,13 @@ def coefficient(norm, max_norm, eps):  # type: ignore[no-untyped-def]
 
 
 @njit(error_model="numpy", cache=False)
-def root(total, pcode, p):  # type: ignore[no-untyped-def]
+def root(total, ord_code, p):  # type: ignore[no-untyped-def]
     """Power sum -> norm."""
-    if pcode == 0:
+    if ord_code == 0:
         return total
-    if pcode == 1:
+    if ord_code == 1:
         return total
-    if pcode == 2:
+    if ord_code == 2:
         return np.sqrt(total)
     return total ** (1.0 / p)
 
@@ -205,15 +205,15 @@ def root(total, pcode, p):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- one array
 
 
-def arr_pow_sum(a, pcode, p, inv, chunk):  # type: ignore[no-untyped-def]
+def arr_pow_sum(a, ord_code, p, inv, chunk):  # type: ignore[no-untyped-def]
     """Power sum of a 1-D array, chunk-parallel."""
     n = a.size
     nchunks = (n + chunk - 1) // chunk
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
         lo = c * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, n), pcode, p, inv)
-    return combine(partials, pcode)
+        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, n), ord_code, p, inv)
+    return combine(partials, ord_code)
 
 
 def arr_scale(src, dst, coef, inplace, chunk):  # type: ignore[no-untyped-def]
@@ -225,15 +225,15 @@ def arr_scale(src, dst, coef, inplace, chunk):  # type: ignore[no-untyped-def]
         seg_scale(src, dst, lo, min(lo + chunk, n), coef, inplace)
 
 
-def arr_clip(src, dst, pcode, p, max_norm, eps, inplace, chunk):  # type: ignore[no-untyped-def]
+def arr_clip(src, dst, ord_code, p, max_norm, eps, inplace, chunk):  # type: ignore[no-untyped-def]
     """Fused norm + clip of one 1-D array: returns the norm before clipping."""
     n = src.size
     nchunks = (n + chunk - 1) // chunk
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
         lo = c * chunk
-        partials[c] = seg_pow_sum(src, lo, min(lo + chunk, n), pcode, p, 1.0)
-    norm = root(combine(partials, pcode), pcode, p)
+        partials[c] = seg_pow_sum(src, lo, min(lo + chunk, n), ord_code, p, 1.0)
+    norm = root(combine(partials, ord_code), ord_code, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
         lo = c * chunk
@@ -263,7 +263,7 @@ def chunk_starts(sizes, chunk):  # type: ignore[no-untyped-def]
     return starts
 
 
-def tab_pow_sum(addrs, sizes, like, pcode, p, inv, chunk):  # type: ignore[no-untyped-def]
+def tab_pow_sum(addrs, sizes, like, ord_code, p, inv, chunk):  # type: ignore[no-untyped-def]
     """Power sum over all elements of all arrays in the (address, size) table."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
@@ -272,8 +272,8 @@ def tab_pow_sum(addrs, sizes, like, pcode, p, inv, chunk):  # type: ignore[no-un
         t = np.searchsorted(starts, c, side="right") - 1
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), pcode, p, inv)
-    return combine(partials, pcode)
+        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, inv)
+    return combine(partials, ord_code)
 
 
 def tab_scale(src_addrs, dst_addrs, sizes, like, coef, inplace, chunk):  # type: ignore[no-untyped-def]
@@ -288,7 +288,7 @@ def tab_scale(src_addrs, dst_addrs, sizes, like, coef, inplace, chunk):  # type:
         seg_scale(src, dst, lo, min(lo + chunk, sizes[t]), coef, inplace)
 
 
-def tab_clip(addrs, sizes, like, pcode, p, max_norm, eps, chunk):  # type: ignore[no-untyped-def]
+def tab_clip(addrs, sizes, like, ord_code, p, max_norm, eps, chunk):  # type: ignore[no-untyped-def]
     """Fused global-norm clip of one dtype group, in place; returns the norm."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
@@ -297,8 +297,8 @@ def tab_clip(addrs, sizes, like, pcode, p, max_norm, eps, chunk):  # type: ignor
         t = np.searchsorted(starts, c, side="right") - 1
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), pcode, p, 1.0)
-    norm = root(combine(partials, pcode), pcode, p)
+        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, 1.0)
+    norm = root(combine(partials, ord_code), ord_code, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
         t = np.searchsorted(starts, c, side="right") - 1
@@ -323,15 +323,15 @@ def tab_clamp(src_addrs, dst_addrs, sizes, like, vmin, vmax, inplace, chunk):  #
 # ------------------------------------------------------------ along an axis
 
 
-def rows_pow_sum(x, pcode, p, inv):  # type: ignore[no-untyped-def]
+def rows_pow_sum(x, ord_code, p, inv):  # type: ignore[no-untyped-def]
     """Power sum of each row of a 2-D array (reduction over the last axis).
 
-    ``inv[r]`` scales row r's values for pcode 3 (over/underflow-safe rescaling).
+    ``inv[r]`` scales row r's values for ord_code 3 (over/underflow-safe rescaling).
     """
     m, k = x.shape
     out = np.empty(m, np.float64)
     for r in prange(m):
-        out[r] = seg_pow_sum(x[r], 0, k, pcode, p, inv[r])
+        out[r] = seg_pow_sum(x[r], 0, k, ord_code, p, inv[r])
     return out
 
 
@@ -342,7 +342,7 @@ def rows_scale(src, dst, coefs, inplace):  # type: ignore[no-untyped-def]
         seg_scale(src[r], dst[r], 0, k, coefs[r], inplace)
 
 
-def cols_pow_sum(x, pcode, p, inv, tile):  # type: ignore[no-untyped-def]
+def cols_pow_sum(x, ord_code, p, inv, tile):  # type: ignore[no-untyped-def]
     """Power sum of each column of a 2-D array (reduction over the first axis).
 
     Columns are processed in tiles so the row loop streams contiguous memory
@@ -354,7 +354,7 @@ def cols_pow_sum(x, pcode, p, inv, tile):  # type: ignore[no-untyped-def]
     for t in prange(ntiles):
         lo = t * tile
         hi = min(lo + tile, m)
-        if pcode == 0:
+        if ord_code == 0:
             for j in range(lo, hi):
                 out[j] = seg_pow_sum(x[:, j], 0, k, 0, p, 1.0)
             continue
@@ -362,11 +362,11 @@ def cols_pow_sum(x, pcode, p, inv, tile):  # type: ignore[no-untyped-def]
         sc = inv[lo:hi]
         for r in range(k):
             row = x[r, lo:hi]
-            if pcode == 2:
+            if ord_code == 2:
                 for j in range(row.size):
                     v = abs64(widen(row[j]))
                     acc[j] += v * v
-            elif pcode == 1:
+            elif ord_code == 1:
                 for j in range(row.size):
                     acc[j] += abs64(widen(row[j]))
             else:

@@ -119,8 +119,8 @@ def _check_written_disjoint(packs: list[Any], what: str) -> None:
         )
 
 
-def global_norm_and_dtype(lib: Any, grads: list[Any], pcode: int, p: float) -> tuple[float, Any]:
+def global_norm_and_dtype(lib: Any, grads: list[Any], ord_code: int, p: float) -> tuple[float, Any]:
     """The core's global norm of the gradients as a float (``robust_norm``:
     rescaled where the float64 power sum over/underflows) and its dtype."""
     packed = pack(lib, grads, "norm", writing=False)
-    return packed.norm(pcode, p), packed.dtype
+    return packed.norm(ord_code, p), packed.dtype

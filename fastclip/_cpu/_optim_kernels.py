@@ -8,7 +8,7 @@ norm kernels of ``_kernels.py`` do), and multiplies the gradient by the
 global-norm clip coefficient *inside* the update: the gradients are read once
 by the norm kernel and once here, and never written.
 
-Per-tensor hyperparameters travel as a float64 matrix ``hp[t, k]`` so that
+Per-tensor hyperparameters travel as a float64 matrix ``hparams[t, k]`` so that
 several parameter groups (e.g. no weight decay on biases) and per-tensor step
 counts still cost one launch.
 
@@ -74,7 +74,7 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=False, error_model="numpy", cache=False)
-def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
+def seg_adamw(p, g, m, v, coef, hparams):  # type: ignore[no-untyped-def]
     """One slice of AdamW (torch.optim.AdamW, amsgrad=False), gradient times ``coef``.
 
     torch: p *= 1 - lr*wd; m.lerp_(g, 1-b1); v = v*b2 + (1-b2)*g*g;
@@ -86,14 +86,14 @@ def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
     # applied in float64 and the product rounded once; otherwise torch's float32
     # arithmetic is kept (bit-parity with torch.optim after clip_grad_norm_).
     exact = normal_in_type(c, coef)
-    decay = coef_like(hp[A_DECAY], x)
-    w1 = coef_like(hp[A_W1], x)
-    b2 = coef_like(hp[A_BETA2], x)
-    w2 = coef_like(hp[A_W2], x)
-    eps = coef_like(hp[A_EPS], x)
-    neg_step = coef_like(hp[A_NEG_STEP], x)
-    bc2 = coef_like(hp[A_BC2_SQRT], x)
-    small = hp[A_W1] < 0.5
+    decay = coef_like(hparams[A_DECAY], x)
+    w1 = coef_like(hparams[A_W1], x)
+    b2 = coef_like(hparams[A_BETA2], x)
+    w2 = coef_like(hparams[A_W2], x)
+    eps = coef_like(hparams[A_EPS], x)
+    neg_step = coef_like(hparams[A_NEG_STEP], x)
+    bc2 = coef_like(hparams[A_BC2_SQRT], x)
+    small = hparams[A_W1] < 0.5
     w1m = w1 - coef_like(1.0, x)
     for i in range(p.size):
         gi = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
@@ -112,7 +112,7 @@ def seg_adamw(p, g, m, v, coef, hp):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=False, error_model="numpy", cache=False)
-def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-def]
+def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hparams):  # type: ignore[no-untyped-def]
     """As ``seg_adamw`` with amsgrad: vmax = maximum(vmax, v), used in the denominator."""
     x = p[0]
     c = coef_like(coef, x)
@@ -120,14 +120,14 @@ def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-de
     # applied in float64 and the product rounded once; otherwise torch's float32
     # arithmetic is kept (bit-parity with torch.optim after clip_grad_norm_).
     exact = normal_in_type(c, coef)
-    decay = coef_like(hp[A_DECAY], x)
-    w1 = coef_like(hp[A_W1], x)
-    b2 = coef_like(hp[A_BETA2], x)
-    w2 = coef_like(hp[A_W2], x)
-    eps = coef_like(hp[A_EPS], x)
-    neg_step = coef_like(hp[A_NEG_STEP], x)
-    bc2 = coef_like(hp[A_BC2_SQRT], x)
-    small = hp[A_W1] < 0.5
+    decay = coef_like(hparams[A_DECAY], x)
+    w1 = coef_like(hparams[A_W1], x)
+    b2 = coef_like(hparams[A_BETA2], x)
+    w2 = coef_like(hparams[A_W2], x)
+    eps = coef_like(hparams[A_EPS], x)
+    neg_step = coef_like(hparams[A_NEG_STEP], x)
+    bc2 = coef_like(hparams[A_BC2_SQRT], x)
+    small = hparams[A_W1] < 0.5
     w1m = w1 - coef_like(1.0, x)
     for i in range(p.size):
         gi = widen(g[i]) * c if exact else coef_like(np.float64(widen(g[i])) * coef, x)
@@ -150,7 +150,7 @@ def seg_adamw_amsgrad(p, g, m, v, vmax, coef, hp):  # type: ignore[no-untyped-de
 
 
 @njit(fastmath=False, error_model="numpy", cache=False)
-def seg_sgd(p, g, buf, coef, hp):  # type: ignore[no-untyped-def]
+def seg_sgd(p, g, buf, coef, hparams):  # type: ignore[no-untyped-def]
     """One slice of torch.optim.SGD, gradient times ``coef``.
 
     torch: g = g + wd*p; buf = g (first step) or buf*momentum + (1-dampening)*g;
@@ -162,13 +162,13 @@ def seg_sgd(p, g, buf, coef, hp):  # type: ignore[no-untyped-def]
     # applied in float64 and the product rounded once; otherwise torch's float32
     # arithmetic is kept (bit-parity with torch.optim after clip_grad_norm_).
     exact = normal_in_type(c, coef)
-    wd = coef_like(hp[S_WD], x)
-    mom = coef_like(hp[S_MOMENTUM], x)
-    damp1 = coef_like(hp[S_DAMP1], x)
-    neg_lr = coef_like(hp[S_NEG_LR], x)
-    mode = int(hp[S_MODE])
-    nesterov = hp[S_NESTEROV] != 0.0
-    use_wd = hp[S_WD] != 0.0
+    wd = coef_like(hparams[S_WD], x)
+    mom = coef_like(hparams[S_MOMENTUM], x)
+    damp1 = coef_like(hparams[S_DAMP1], x)
+    neg_lr = coef_like(hparams[S_NEG_LR], x)
+    mode = int(hparams[S_MODE])
+    nesterov = hparams[S_NESTEROV] != 0.0
+    use_wd = hparams[S_WD] != 0.0
     if mode == 0:
         if use_wd:
             for i in range(p.size):
@@ -203,7 +203,9 @@ def seg_sgd(p, g, buf, coef, hp):  # type: ignore[no-untyped-def]
 # ------------------------------------------------------- table kernels
 
 
-def tab_adamw(p_addrs, g_addrs, m_addrs, v_addrs, x_addrs, sizes, like, coef, hp, amsgrad, chunk):  # type: ignore[no-untyped-def]
+def tab_adamw(
+    p_addrs, g_addrs, m_addrs, v_addrs, x_addrs, sizes, like, coef, hparams, amsgrad, chunk
+):  # type: ignore[no-untyped-def]
     """AdamW on every row of the tables; ``x_addrs`` (max_exp_avg_sq) read only with amsgrad."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
@@ -220,12 +222,12 @@ def tab_adamw(p_addrs, g_addrs, m_addrs, v_addrs, x_addrs, sizes, like, coef, hp
         v = carray(address_as_pointer(v_addrs[t], like), n)[lo:hi]
         if amsgrad:
             x = carray(address_as_pointer(x_addrs[t], like), n)[lo:hi]
-            seg_adamw_amsgrad(p, g, m, v, x, coef, hp[t])
+            seg_adamw_amsgrad(p, g, m, v, x, coef, hparams[t])
         else:
-            seg_adamw(p, g, m, v, coef, hp[t])
+            seg_adamw(p, g, m, v, coef, hparams[t])
 
 
-def tab_sgd(p_addrs, g_addrs, b_addrs, sizes, like, coef, hp, chunk):  # type: ignore[no-untyped-def]
+def tab_sgd(p_addrs, g_addrs, b_addrs, sizes, like, coef, hparams, chunk):  # type: ignore[no-untyped-def]
     """SGD on every row of the tables; ``b_addrs`` (momentum buffers) unused in mode 0."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
@@ -238,8 +240,8 @@ def tab_sgd(p_addrs, g_addrs, b_addrs, sizes, like, coef, hp, chunk):  # type: i
             continue
         p = carray(address_as_pointer(p_addrs[t], like), n)[lo:hi]
         g = carray(address_as_pointer(g_addrs[t], like), n)[lo:hi]
-        if hp[t, S_MODE] != 0.0:
+        if hparams[t, S_MODE] != 0.0:
             b = carray(address_as_pointer(b_addrs[t], like), n)[lo:hi]
         else:
             b = p  # unused
-        seg_sgd(p, g, b, coef, hp[t])
+        seg_sgd(p, g, b, coef, hparams[t])

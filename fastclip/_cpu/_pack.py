@@ -49,15 +49,17 @@ class Packed:
         self.copies: list[tuple[np.ndarray, np.ndarray]] = []  # (caller view, contiguous copy)
         self.extents: list[tuple[int, int, Any]] = []  # (start, end, view) for overlap checks
 
-    def norm(self, pcode: int, p: float) -> float:
+    def norm(self, ord_code: int, p: float) -> float:
         """Global norm of all tables, rescaled where power sums over/underflow."""
-        return robust_norm(self.total_pow_sum, pcode, p, self.dtype == np.float64)
+        return robust_norm(self.total_pow_sum, ord_code, p, self.dtype == np.float64)
 
-    def total_pow_sum(self, pcode: int, p: float, inv: float = 1.0) -> float:
+    def total_pow_sum(self, ord_code: int, p: float, inv: float = 1.0) -> float:
         total = 0.0
         for t in self.tables:
-            s = float(run("tab_pow_sum", t.n, t.addrs, t.sizes, t.like, pcode, p, inv, cfg.CHUNK))
-            if pcode != 0:
+            s = float(
+                run("tab_pow_sum", t.n, t.addrs, t.sizes, t.like, ord_code, p, inv, cfg.CHUNK)
+            )
+            if ord_code != 0:
                 total += s
             elif s != s or total != total:
                 total = math.nan

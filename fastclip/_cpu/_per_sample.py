@@ -39,7 +39,7 @@ def clip_per_sample(
     lib: Any,
     items: list[Any],
     batch: int,
-    pcode: int,
+    ord_code: int,
     p: float,
     bounds: np.ndarray,
     per_layer: bool,
@@ -55,7 +55,7 @@ def clip_per_sample(
     ones = np.ones(batch)
     sums = np.empty((len(views), batch))
     for k, x2 in enumerate(views):
-        sums[k] = run("rows_pow_sum", x2.size, x2, pcode, p, ones)
+        sums[k] = run("rows_pow_sum", x2.size, x2, ord_code, p, ones)
     wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
 
     def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
@@ -66,9 +66,9 @@ def clip_per_sample(
             x2 = x2[rows]
         return run("rows_pow_sum", x2.size, x2, pc, pp, inv)
 
-    fix = per_sample_rescaler(pcode, p, wide, per_layer, len(views), rows_pow_sum)
+    fix = per_sample_rescaler(ord_code, p, wide, per_layer, len(views), rows_pow_sum)
     norms, factors, clipped = per_sample_norms_and_factors(
-        sums, pcode, p, bounds, per_layer, eps, fix
+        sums, ord_code, p, bounds, per_layer, eps, fix
     )
     outs = []
     scale = 1.0 / batch if reduce == "mean" else 1.0

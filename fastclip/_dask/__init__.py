@@ -121,7 +121,7 @@ def _checked(arrays: list[Any], what: str) -> None:
 
 def _reduce(
     x: Any,
-    pcode: int,
+    ord_code: int,
     p: float,
     axes: tuple[int, ...],
     keepdims: bool,
@@ -135,14 +135,14 @@ def _reduce(
     """
     import dask.array as da
 
-    pairs = uses_pairs([x], pcode) if pairs is None else pairs
+    pairs = uses_pairs([x], ord_code) if pairs is None else pairs
     out_ndim = x.ndim if keepdims else x.ndim - len(axes)
     if not pairs:
         return da.reduction(
             x,
-            _partial(block_pow_sums, pcode=pcode, p=p),
-            _partial(combine_root, pcode=pcode, p=p, root=root),
-            combine=_partial(combine_root, pcode=pcode, p=p, root=False),
+            _partial(block_pow_sums, ord_code=ord_code, p=p),
+            _partial(combine_root, ord_code=ord_code, p=p, root=root),
+            combine=_partial(combine_root, ord_code=ord_code, p=p, root=False),
             axis=axes,
             keepdims=keepdims,
             dtype=np.float64,
@@ -153,9 +153,9 @@ def _reduce(
     # dask gives every stage of a reduction one dtype: reduce the pairs, then root them
     partials = da.reduction(
         x,
-        _partial(block_pairs, pcode=pcode, p=p),
-        _partial(combine_root_pairs, pcode=pcode, p=p, root=False),
-        combine=_partial(combine_root_pairs, pcode=pcode, p=p, root=False),
+        _partial(block_pairs, ord_code=ord_code, p=p),
+        _partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
+        combine=_partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
         axis=axes,
         keepdims=keepdims,
         dtype=PAIR,
@@ -163,14 +163,14 @@ def _reduce(
         concatenate=True,
         name="fastclip-pow-sum-pairs",
     )
-    return _rooted(partials, pcode, p) if root else partials
+    return _rooted(partials, ord_code, p) if root else partials
 
 
-def _rooted(pairs: Any, pcode: int, p: float) -> Any:
+def _rooted(pairs: Any, ord_code: int, p: float) -> Any:
     """Lazy float64 norms of lazy ``(m, s)`` pairs."""
     return pairs.map_blocks(
         pairs_norm,
-        pcode=pcode,
+        ord_code=ord_code,
         p=p,
         dtype=np.float64,
         meta=np.empty((0,) * pairs.ndim, np.float64),
@@ -192,25 +192,25 @@ def _all_axes(x: Any, axes: tuple[int, ...] | None) -> tuple[int, ...]:
 
 
 def norm(
-    lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+    lib: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
 ) -> Any:
     _checked([x], "norm")
-    values = _reduce(x, pcode, p, _all_axes(x, axes), keepdims, root=True)
+    values = _reduce(x, ord_code, p, _all_axes(x, axes), keepdims, root=True)
     return values.astype(out_dtype(x))
 
 
-def _global_norm64(arrays: list[Any], pcode: int, p: float) -> Any:
+def _global_norm64(arrays: list[Any], ord_code: int, p: float) -> Any:
     import dask.array as da
 
-    pairs = uses_pairs(arrays, pcode)
-    parts = [_reduce(a, pcode, p, _all_axes(a, None), False, False, pairs) for a in arrays]
+    pairs = uses_pairs(arrays, ord_code)
+    parts = [_reduce(a, ord_code, p, _all_axes(a, None), False, False, pairs) for a in arrays]
     stacked = da.stack(parts) if len(parts) > 1 else parts[0][None]
     if pairs:
         total = da.reduction(
             stacked,
-            _partial(combine_root_pairs, pcode=pcode, p=p, root=False),
-            _partial(combine_root_pairs, pcode=pcode, p=p, root=False),
-            combine=_partial(combine_root_pairs, pcode=pcode, p=p, root=False),
+            _partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
+            _partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
+            combine=_partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
             axis=(0,),
             keepdims=False,
             dtype=PAIR,
@@ -218,12 +218,12 @@ def _global_norm64(arrays: list[Any], pcode: int, p: float) -> Any:
             concatenate=True,
             name="fastclip-global-pairs",
         )
-        return _rooted(total, pcode, p)
+        return _rooted(total, ord_code, p)
     return da.reduction(
         stacked,
-        _partial(combine_root, pcode=pcode, p=p, root=False),
-        _partial(combine_root, pcode=pcode, p=p, root=True),
-        combine=_partial(combine_root, pcode=pcode, p=p, root=False),
+        _partial(combine_root, ord_code=ord_code, p=p, root=False),
+        _partial(combine_root, ord_code=ord_code, p=p, root=True),
+        combine=_partial(combine_root, ord_code=ord_code, p=p, root=False),
         axis=(0,),
         keepdims=False,
         dtype=np.float64,
@@ -238,9 +238,9 @@ def _global_dtype(arrays: list[Any]) -> np.dtype:
     return np.dtype(np.float64) if wide else np.dtype(np.float32)
 
 
-def global_norm(lib: Any, arrays: list[Any], pcode: int, p: float) -> Any:
+def global_norm(lib: Any, arrays: list[Any], ord_code: int, p: float) -> Any:
     _checked(arrays, "norm")
-    return _global_norm64(arrays, pcode, p).astype(_global_dtype(arrays))
+    return _global_norm64(arrays, ord_code, p).astype(_global_dtype(arrays))
 
 
 def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
@@ -285,7 +285,7 @@ def _rebind(x: Any, value: Any) -> None:
 def rescale(
     lib: Any,
     x: Any,
-    pcode: int,
+    ord_code: int,
     p: float,
     axes: tuple[int, ...] | None,
     max_norm: float,
@@ -297,7 +297,7 @@ def rescale(
     _checked([x], what)
     whole = axes is None or len(axes) == x.ndim
     reduce_axes = _all_axes(x, axes)
-    norms64 = _reduce(x, pcode, p, reduce_axes, True, root=True)
+    norms64 = _reduce(x, ord_code, p, reduce_axes, True, root=True)
     coef = _coefficient_of(norms64, max_norm, eps, mode)
     out = _scaled(x, coef, None if whole else reduce_axes)
     kept = tuple(s for i, s in enumerate(x.shape) if i not in reduce_axes)
@@ -312,7 +312,7 @@ def clip_global(
     lib: Any,
     arrays: list[Any],
     max_norm: float,
-    pcode: int,
+    ord_code: int,
     p: float,
     eps: float,
     total_norm: Any,
@@ -324,7 +324,7 @@ def clip_global(
     _checked(arrays, "clip_by_global_norm")
     dtype = _global_dtype(arrays)
     if total_norm is None:
-        norm64 = _global_norm64(arrays, pcode, p)
+        norm64 = _global_norm64(arrays, ord_code, p)
     else:
         norm64 = _scalar64(total_norm)
     if error_if_nonfinite:

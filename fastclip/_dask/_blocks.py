@@ -62,7 +62,7 @@ def plan_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]
 def _summer(
     sv: np.ndarray, axis: tuple[int, ...], shape: tuple[int, ...], p: float
 ) -> Callable[[int, np.ndarray | None], np.ndarray]:
-    """``pow_sums(pcode, inv)``: float64 power sums of storage ``sv`` along ``axis``.
+    """``pow_sums(ord_code, inv)``: float64 power sums of storage ``sv`` along ``axis``.
 
     Shaped ``shape`` (keepdims); ``inv`` scales the data first (keepdims-shaped over
     the whole array, flat per slice), as the CPU kernels do.
@@ -83,14 +83,14 @@ def _summer(
 
 
 def block_pow_sums(
-    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float, **_: Any
+    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, ord_code: int, p: float, **_: Any
 ) -> np.ndarray:
     """float64 power sums (max for inf) of one NumPy block along ``axis``, keepdims."""
     sv = NumpyLib.storage(np.asarray(block))
     shape = plan_shape(sv.shape, axis)
     if sv.size == 0:
         return np.zeros(shape, np.float64)
-    return _summer(sv, axis, shape, p)(pcode, None)
+    return _summer(sv, axis, shape, p)(ord_code, None)
 
 
 #: A partial power sum that survives float64 over/underflow: sum |x|^p = m^p * s.
@@ -98,7 +98,7 @@ PAIR = np.dtype([("m", np.float64), ("s", np.float64)])
 
 
 def block_pairs(
-    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float, **_: Any
+    block: np.ndarray, axis: tuple[int, ...], keepdims: bool, ord_code: int, p: float, **_: Any
 ) -> np.ndarray:
     """Partial power sums of one block as ``(m, s)`` pairs (see the notes of ``fastclip._dask``)."""
     sv = NumpyLib.storage(np.asarray(block))
@@ -109,7 +109,7 @@ def block_pairs(
     whole = len(axis) == sv.ndim
     pow_sums = _summer(sv, axis, shape, p)
 
-    totals = pow_sums(pcode, None)
+    totals = pow_sums(ord_code, None)
     m = np.where(totals == 0.0, 0.0, 1.0)
     s = totals
     bad = ~((totals > SAFE_LO) & (totals < SAFE_HI))  # 0 may be underflow
@@ -128,10 +128,10 @@ def block_pairs(
     return out
 
 
-def uses_pairs(arrays: list[Any], pcode: int) -> bool:
+def uses_pairs(arrays: list[Any], ord_code: int) -> bool:
     """Pairs where the NumPy route would rescale (float64 L2, any other p)."""
     wide = any(out_dtype(a) == np.float64 for a in arrays)
-    return needs_rescale(pcode, wide)
+    return needs_rescale(ord_code, wide)
 
 
 # ----------------------------------------------------------- combination
@@ -152,7 +152,7 @@ def _combine_pairs(
     return out
 
 
-def pairs_norm(pairs: np.ndarray, pcode: int, p: float) -> np.ndarray:
+def pairs_norm(pairs: np.ndarray, ord_code: int, p: float) -> np.ndarray:
     """float64 norms ``M * S^(1/p)`` of ``(M, S)`` pairs."""
     with np.errstate(all="ignore"):
         return np.asarray(pairs["m"] * root(pairs["s"], 3, p), np.float64)
@@ -162,42 +162,42 @@ def combine_root_pairs(
     parts: np.ndarray,
     axis: tuple[int, ...],
     keepdims: bool,
-    pcode: int,
+    ord_code: int,
     p: float,
     root: bool,
     **_: Any,
 ) -> np.ndarray:
     """Pairs combined along ``axis``; their norms with ``root``."""
     pairs = _combine_pairs(parts, axis, keepdims, p)
-    return pairs_norm(pairs, pcode, p) if root else pairs
+    return pairs_norm(pairs, ord_code, p) if root else pairs
 
 
-def _combine(parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int) -> np.ndarray:
-    if pcode == 0:
+def _combine(parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, ord_code: int) -> np.ndarray:
+    if ord_code == 0:
         return np.max(parts, axis=axis, keepdims=keepdims)  # NaN propagates
     return np.sum(parts, axis=axis, keepdims=keepdims)
 
 
 def _aggregate(
-    parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, pcode: int, p: float
+    parts: np.ndarray, axis: tuple[int, ...], keepdims: bool, ord_code: int, p: float
 ) -> np.ndarray:
     with np.errstate(all="ignore"):
-        return np.asarray(root(_combine(parts, axis, keepdims, pcode), pcode, p))
+        return np.asarray(root(_combine(parts, axis, keepdims, ord_code), ord_code, p))
 
 
 def combine_root(
     parts: np.ndarray,
     axis: tuple[int, ...],
     keepdims: bool,
-    pcode: int,
+    ord_code: int,
     p: float,
     root: bool,
     **_: Any,
 ) -> np.ndarray:
     """Power sums (maxima for inf) combined along ``axis``; their norms with ``root``."""
     if root:
-        return _aggregate(parts, axis, keepdims, pcode, p)
-    return _combine(parts, axis, keepdims, pcode)
+        return _aggregate(parts, axis, keepdims, ord_code, p)
+    return _combine(parts, axis, keepdims, ord_code)
 
 
 # -------------------------------------------------------------- scaling

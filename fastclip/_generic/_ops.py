@@ -66,27 +66,27 @@ def _check_float(xp: Any, x: Any, what: str) -> None:
         raise TypeError(f"{what} needs floating-point arrays, got {x.dtype}")
 
 
-def _pow_sum(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None) -> Any:
+def _pow_sum(xp: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None) -> Any:
     """sum |x|**p (or max |x|) over ``axes`` in the wide dtype."""
     a = xp.astype(xp.abs(x), wide_dtype(xp))
-    if pcode == 0:
+    if ord_code == 0:
         if math.prod(x.shape) == 0:
             return xp.sum(a, axis=axes)  # zeros of the reduced shape
         m = xp.max(a, axis=axes)
         # max() may drop NaN in some libraries: make NaN win explicitly.
         has_nan = xp.any(xp.isnan(a), axis=axes)
         return xp.where(has_nan, xp.asarray(math.nan, dtype=m.dtype, device=aac.device(x)), m)
-    if pcode == 2:
+    if ord_code == 2:
         return xp.sum(a * a, axis=axes)
-    if pcode == 1:
+    if ord_code == 1:
         return xp.sum(a, axis=axes)
     return xp.sum(a**p, axis=axes)
 
 
-def _root(xp: Any, total: Any, pcode: int, p: float) -> Any:
-    if pcode in (0, 1):
+def _root(xp: Any, total: Any, ord_code: int, p: float) -> Any:
+    if ord_code in (0, 1):
         return total
-    if pcode == 2:
+    if ord_code == 2:
         return xp.sqrt(total)
     return total ** (1.0 / p)
 
@@ -96,21 +96,23 @@ def _root(xp: Any, total: Any, pcode: int, p: float) -> Any:
 # (the rule and range of ``_formulas.robust_norm``).
 
 
-def _needs_rescale(xp: Any, arrays: Sequence[Any], pcode: int) -> bool:
+def _needs_rescale(xp: Any, arrays: Sequence[Any], ord_code: int) -> bool:
     """float64 L2 and any other p can leave float64's range (float32 L1/L2 cannot)."""
-    return pcode == 3 or (pcode == 2 and any(_norm_dtype(xp, a) == xp.float64 for a in arrays))
+    return ord_code == 3 or (
+        ord_code == 2 and any(_norm_dtype(xp, a) == xp.float64 for a in arrays)
+    )
 
 
-def _robust_norms(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None) -> Any:
+def _robust_norms(xp: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None) -> Any:
     """Norms over ``axes``, rescaled by max |x| where the plain power sum under/overflows.
 
     Branch-free (``where``, no host sync), so traced code (``jax.jit``) works.
     Dividing by the maximum, not multiplying by its inverse, stays finite for
     subnormal maxima, whose inverse overflows.
     """
-    total = _pow_sum(xp, x, pcode, p, axes)
-    value = _root(xp, total, pcode, p)
-    if not _needs_rescale(xp, [x], pcode) or math.prod(x.shape) == 0:
+    total = _pow_sum(xp, x, ord_code, p, axes)
+    value = _root(xp, total, ord_code, p)
+    if not _needs_rescale(xp, [x], ord_code) or math.prod(x.shape) == 0:
         return value
     a = xp.astype(xp.abs(x), wide_dtype(xp))
     m = xp.reshape(xp.max(a, axis=axes, keepdims=True), total.shape)
@@ -124,11 +126,11 @@ def _robust_norms(xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] |
 
 @_quiet
 def norm(
-    xp: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+    xp: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
 ) -> Any:
     _check_float(xp, x, "norm")
     red = None if axes is None else axes
-    value = _robust_norms(xp, x, pcode, p, red)
+    value = _robust_norms(xp, x, ord_code, p, red)
     if keepdims:
         shape = tuple(1 if (red is None or i in red) else s for i, s in enumerate(x.shape))
         value = xp.reshape(value, shape)
@@ -136,16 +138,16 @@ def norm(
 
 
 @_quiet
-def global_norm(xp: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any:
+def global_norm(xp: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
     for a in arrays:
         _check_float(xp, a, "norm")
-    parts = [_pow_sum(xp, a, pcode, p, None) for a in arrays]
+    parts = [_pow_sum(xp, a, ord_code, p, None) for a in arrays]
     stacked = xp.stack(parts)
-    total = _pow_sum(xp, stacked, 0, p, None) if pcode == 0 else xp.sum(stacked)
+    total = _pow_sum(xp, stacked, 0, p, None) if ord_code == 0 else xp.sum(stacked)
     dtype = xp.float64 if any(_norm_dtype(xp, a) == xp.float64 for a in arrays) else xp.float32
-    value = _root(xp, total, pcode, p)
+    value = _root(xp, total, ord_code, p)
     live = [a for a in arrays if math.prod(a.shape) > 0]
-    if live and _needs_rescale(xp, arrays, pcode):
+    if live and _needs_rescale(xp, arrays, ord_code):
         # As ``_robust_norms``, over all arrays: m = the largest max |x| of any.
         wide = [xp.astype(xp.abs(a), wide_dtype(xp)) for a in live]
         m = xp.max(xp.stack([xp.max(a) for a in wide]))
@@ -204,7 +206,7 @@ def _scaled(xp: Any, x: Any, coef: Any) -> Any:
 def rescale(
     xp: Any,
     x: Any,
-    pcode: int,
+    ord_code: int,
     p: float,
     axes: tuple[int, ...] | None,
     max_norm: float,
@@ -216,7 +218,7 @@ def rescale(
     _check_float(xp, x, what)
     if inplace:
         check_writeable(x, what)
-    norms = _robust_norms(xp, x, pcode, p, axes)
+    norms = _robust_norms(xp, x, ord_code, p, axes)
     coef = clip_coefficients(norms, max_norm, eps, mode, xp=xp)
     if axes is not None:
         shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
@@ -233,7 +235,7 @@ def clip_global(
     xp: Any,
     arrays: list[Any],
     max_norm: float,
-    pcode: int,
+    ord_code: int,
     p: float,
     eps: float,
     total_norm: float | None,
@@ -242,7 +244,7 @@ def clip_global(
 ) -> tuple[list[Any], Any]:
     if inplace:
         check_all_writeable(arrays, "clip_by_global_norm")
-    norm_value = global_norm(xp, arrays, pcode, p)
+    norm_value = global_norm(xp, arrays, ord_code, p)
     if total_norm is not None:
         norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
     if error_if_nonfinite and not math.isfinite(float(norm_value)):

@@ -18,7 +18,7 @@ def clip_per_sample(
     xp: Any,
     items: list[Any],
     batch: int,
-    pcode: int,
+    ord_code: int,
     p: float,
     bounds: np.ndarray,
     per_layer: bool,
@@ -28,15 +28,15 @@ def clip_per_sample(
     wide = wide_dtype(xp)
     with np.errstate(all="ignore"):  # over/underflow is detected and rescaled below
         flat = [xp.reshape(xp.astype(x, wide), (batch, math.prod(x.shape[1:]))) for x in items]
-        sums = [_row_sums(xp, g, pcode, p, wide) for g in flat]
+        sums = [_row_sums(xp, g, ord_code, p, wide) for g in flat]
     any_wide = any(x.dtype == xp.float64 for x in items)
     with np.errstate(all="ignore"):
         total = xp.stack(sums)
         if not per_layer:
-            total = xp.max(total, axis=0) if pcode == 0 else xp.sum(total, axis=0)
-        if pcode == 2:
+            total = xp.max(total, axis=0) if ord_code == 0 else xp.sum(total, axis=0)
+        if ord_code == 2:
             norms = xp.sqrt(total)
-        elif pcode == 3:
+        elif ord_code == 3:
             norms = total ** (1.0 / p)
         else:
             norms = total
@@ -46,7 +46,7 @@ def clip_per_sample(
             g = g * xp.asarray(inv[:, None], dtype=g.dtype, device=aac.device(g))
             return np.array([float(v) for v in _row_sums(xp, g, pc, pp, g.dtype)])
 
-        fix = per_sample_rescaler(pcode, p, any_wide, per_layer, len(items), rows_pow_sum)
+        fix = per_sample_rescaler(ord_code, p, any_wide, per_layer, len(items), rows_pow_sum)
         if fix is not None:
             norms = _fixed_on_host(xp, fix, norms, total, aac.device(items[0]))
         c = xp.asarray(bounds, dtype=wide)
@@ -72,16 +72,16 @@ def clip_per_sample(
     return outs, xp.astype(norms, ndt), clipped
 
 
-def _row_sums(xp: Any, g: Any, pcode: int, p: float, wide: Any) -> Any:
+def _row_sums(xp: Any, g: Any, ord_code: int, p: float, wide: Any) -> Any:
     """Power sum (or max |x|) of every row of a [B, D] array, in ``wide``."""
     a = xp.abs(g)
     if g.shape[1] == 0:
         return xp.zeros((g.shape[0],), dtype=wide)
-    if pcode == 0:
+    if ord_code == 0:
         return xp.max(a, axis=1)
-    if pcode == 1:
+    if ord_code == 1:
         return xp.sum(a, axis=1)
-    if pcode == 2:
+    if ord_code == 2:
         return xp.sum(a * a, axis=1)
     return xp.sum(a**p, axis=1)
 

@@ -41,7 +41,7 @@ def axis_norms(
     layout: str,
     a: int,
     b: int,
-    pcode: int,
+    ord_code: int,
     p: float,
     max_norm: float,
     eps: float,
@@ -63,7 +63,7 @@ def axis_norms(
                 ptr(x2, lib),
                 np.int64(a),
                 np.int64(b),
-                np.int32(pcode),
+                np.int32(ord_code),
                 np.float64(p),
                 ptr(pow_sums, lib),
             ),
@@ -78,7 +78,7 @@ def axis_norms(
                 ptr(x2, lib),
                 np.int64(a),
                 np.int64(b),
-                np.int32(pcode),
+                np.int32(ord_code),
                 np.float64(p),
                 ptr(pow_sums, lib),
             ),
@@ -93,7 +93,7 @@ def axis_norms(
         (
             ptr(pow_sums, lib),
             np.int64(n_slices),
-            np.int32(pcode),
+            np.int32(ord_code),
             np.float64(p),
             np.float64(max_norm),
             np.float64(eps),
@@ -127,7 +127,7 @@ def axis_scale(lib: Any, src: Any, dst: Any, n: int, inner: int, outer: int, coe
 def rescale_axes(
     lib: Any,
     x: Any,
-    pcode: int,
+    ord_code: int,
     p: float,
     axes: tuple[int, ...],
     max_norm: float,
@@ -143,7 +143,7 @@ def rescale_axes(
         if layout != "copy" and lib.contiguous(x):
             x2 = lib.reshape(x, (a, b))
             norms, coefs = axis_norms(
-                lib, x2, layout, a, b, pcode, p, max_norm, eps, mode, norm_kind, x
+                lib, x2, layout, a, b, ord_code, p, max_norm, eps, mode, norm_kind, x
             )
             if out is not None:  # out is x itself or a fresh contiguous array
                 dst = lib.reshape(out, (a, b))
@@ -158,7 +158,7 @@ def rescale_axes(
         xt = lib.permute(x, perm)
         x2 = lib.reshape(lib.as_contiguous(xt), (m, k))
         norms, coefs = axis_norms(
-            lib, x2, "rows", m, k, pcode, p, max_norm, eps, mode, norm_kind, x
+            lib, x2, "rows", m, k, ord_code, p, max_norm, eps, mode, norm_kind, x
         )
         if out is not None:
             # Scale into a fresh buffer, never into x2: a permuted view that is

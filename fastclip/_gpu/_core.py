@@ -47,17 +47,17 @@ def _raise_if_nonfinite(lib: Any, norm: Any) -> None:
         raise NonFiniteNormError(nonfinite_message(value))
 
 
-def global_norm(lib: Any, arrays: Sequence[Any], pcode: int, p: float) -> Any:
+def global_norm(lib: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
     with _adapters.on_device(lib, arrays[0]):
         packed = Packed(lib, arrays, "norm", writing=False)
-        return packed.finish(pcode, p, 0.0, 0.0, 0)[0]
+        return packed.finish(ord_code, p, 0.0, 0.0, 0)[0]
 
 
 def clip_global(
     lib: Any,
     arrays: list[Any],
     max_norm: float,
-    pcode: int,
+    ord_code: int,
     p: float,
     eps: float,
     total_norm: Any,
@@ -73,7 +73,7 @@ def clip_global(
                 if hasattr(total_norm, "shape")
                 else lib.full_f64(float(total_norm), arrays[0])
             )
-        norm, coef = src.finish(pcode, p, max_norm, eps, 1, given)
+        norm, coef = src.finish(ord_code, p, max_norm, eps, 1, given)
         if error_if_nonfinite:
             _raise_if_nonfinite(lib, norm)
         if inplace:
@@ -138,14 +138,14 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
 
 
 def norm(
-    lib: Any, x: Any, pcode: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
+    lib: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
 ) -> Any:
     check_kind(lib, x, "norm")
     shape = tuple(x.shape)
     if axes is None or len(axes) == len(shape):
-        value = global_norm(lib, [x], pcode, p)
+        value = global_norm(lib, [x], ord_code, p)
         return lib.reshape(value, (1,) * len(shape)) if keepdims else value
-    _, norms = rescale_axes(lib, x, pcode, p, axes, 0.0, 0.0, 0, None)
+    _, norms = rescale_axes(lib, x, ord_code, p, axes, 0.0, 0.0, 0, None)
     kept = tuple(s for i, s in enumerate(shape) if i not in axes)
     if keepdims:
         kept = tuple(1 if i in axes else s for i, s in enumerate(shape))
@@ -155,7 +155,7 @@ def norm(
 def rescale(
     lib: Any,
     x: Any,
-    pcode: int,
+    ord_code: int,
     p: float,
     axes: tuple[int, ...] | None,
     max_norm: float,
@@ -173,11 +173,11 @@ def rescale(
     if axes is None or len(axes) == len(shape):
         with _adapters.on_device(lib, x):
             src = Packed(lib, [x], what, writing=False)
-            norm_value, coef = src.finish(pcode, p, max_norm, eps, mode_code)
+            norm_value, coef = src.finish(ord_code, p, max_norm, eps, mode_code)
             dst = None if inplace else Packed(lib, [out], what, writing=False)
             src.launch_scale(dst, coef)
     else:
-        _, norms = rescale_axes(lib, x, pcode, p, axes, max_norm, eps, mode_code, out)
+        _, norms = rescale_axes(lib, x, ord_code, p, axes, max_norm, eps, mode_code, out)
         kept = tuple(s for i, s in enumerate(shape) if i not in axes)
         norm_value = lib.reshape(norms, kept)
     if inplace:

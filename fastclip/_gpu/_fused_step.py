@@ -23,12 +23,12 @@ def adamw_step_(
     ms: list[Any],
     vs: list[Any],
     xs: list[Any] | None,
-    hp: np.ndarray,
+    hparams: np.ndarray,
     maximize: bool,
     clip: StepClip,
 ) -> Any:
     """One fused AdamW step on the device; the 0-d device norm (None without ``max_norm``)."""
-    return _optim.adamw_step_gpu(lib, ps, gs, ms, vs, xs, hp, maximize, *_clip_args(clip))
+    return _optim.adamw_step_gpu(lib, ps, gs, ms, vs, xs, hparams, maximize, *_clip_args(clip))
 
 
 def sgd_step_(
@@ -36,12 +36,12 @@ def sgd_step_(
     ps: list[Any],
     gs: list[Any],
     bufs: list[Any] | None,
-    hp: np.ndarray,
+    hparams: np.ndarray,
     maximize: bool,
     clip: StepClip,
 ) -> Any:
     """One fused SGD step on the device; the 0-d device norm (None without ``max_norm``)."""
-    return _optim.sgd_step_gpu(lib, ps, gs, bufs, hp, maximize, *_clip_args(clip))
+    return _optim.sgd_step_gpu(lib, ps, gs, bufs, hparams, maximize, *_clip_args(clip))
 
 
 def _clip_args(clip: StepClip) -> tuple[Any, ...]:
@@ -78,7 +78,7 @@ def step_run(
     lib: Any,
     prepared: Any,
     lists: list[Any],
-    hp: np.ndarray,
+    hparams: np.ndarray,
     plan: Any,
     sign: float,
     amsgrad: bool | None,
@@ -86,7 +86,7 @@ def step_run(
     """Launch a prepared step (one fused launch per dtype)."""
     with _adapters.on_device(lib, lists[0][0]):
         if amsgrad is None:
-            prepared.launch_sgd(hp, plan, sign)
+            prepared.launch_sgd(hparams, plan, sign)
         else:
-            prepared.launch_adamw(hp, plan, sign, bool(amsgrad))
+            prepared.launch_adamw(hparams, plan, sign, bool(amsgrad))
         lib.touched(lists[0])

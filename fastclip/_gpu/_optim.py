@@ -139,10 +139,10 @@ class Step:
             sizes = [lib.numel(pbufs[i]) for i in index]
             self.groups.append(Group(lib, kind, ptrs, sizes, self.like, index))
 
-    def _rows(self, g: Group, hp: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """(device hp matrix or None, the scalar row) for group ``g``."""
+    def _rows(self, g: Group, hparams: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(device hparams matrix or None, the scalar row) for group ``g``."""
         assert g.index is not None  # a step's groups know their positions in the lists
-        rows = hp if len(g.index) == self.n else hp[g.index]
+        rows = hparams if len(g.index) == self.n else hparams[g.index]
         rows = np.ascontiguousarray(rows, np.float64)
         if rows.shape[0] == 1 or bool(np.all(rows == rows[0])):
             return None, rows[0]
@@ -169,12 +169,12 @@ class Step:
         )
         k((grid,), (cfg.GPU_BLOCK,), args)
 
-    def launch_adamw(self, hp: np.ndarray, clip: GpuClip, sign: float, amsgrad: bool) -> None:
-        """One ``fastclip_adamw`` launch per dtype (``hp``: rows of _optim_kernels.A_*)."""
+    def launch_adamw(self, hparams: np.ndarray, clip: GpuClip, sign: float, amsgrad: bool) -> None:
+        """One ``fastclip_adamw`` launch per dtype (``hparams``: rows of _optim_kernels.A_*)."""
         for g in self.groups:
             if not g.n_chunks:
                 continue
-            dev, row = self._rows(g, hp)
+            dev, row = self._rows(g, hparams)
             tail = (
                 ptr_or_null(self.lib, dev),
                 *(np.float64(x) for x in row[:7]),
@@ -183,12 +183,12 @@ class Step:
             self._launch("fastclip_adamw", g, clip, sign, tail)
         self._done()
 
-    def launch_sgd(self, hp: np.ndarray, clip: GpuClip, sign: float) -> None:
-        """One ``fastclip_sgd`` launch per dtype (``hp``: rows of _optim_kernels.S_*)."""
+    def launch_sgd(self, hparams: np.ndarray, clip: GpuClip, sign: float) -> None:
+        """One ``fastclip_sgd`` launch per dtype (``hparams``: rows of _optim_kernels.S_*)."""
         for g in self.groups:
             if not g.n_chunks:
                 continue
-            dev, row = self._rows(g, hp)
+            dev, row = self._rows(g, hparams)
             tail = (
                 ptr_or_null(self.lib, dev),
                 *(np.float64(x) for x in row[:4]),
@@ -210,7 +210,7 @@ def adamw_step_gpu(
     exp_avgs: list[Any],
     exp_avg_sqs: list[Any],
     max_exp_avg_sqs: list[Any] | None,
-    hp: np.ndarray,
+    hparams: np.ndarray,
     maximize: bool,
     max_norm: float | None,
     norm_type: Any,
@@ -232,7 +232,7 @@ def adamw_step_gpu(
             lib, grads, max_norm, norm_type, total_norm, clip_coef, clip_eps, nonfinite, what
         )
         if not plan.skip:
-            step.launch_adamw(hp, plan, -1.0 if maximize else 1.0, max_exp_avg_sqs is not None)
+            step.launch_adamw(hparams, plan, -1.0 if maximize else 1.0, max_exp_avg_sqs is not None)
             lib.touched(params)
         return plan.norm
 
@@ -242,7 +242,7 @@ def sgd_step_gpu(
     params: list[Any],
     grads: list[Any],
     buffers: list[Any] | None,
-    hp: np.ndarray,
+    hparams: np.ndarray,
     maximize: bool,
     max_norm: float | None,
     norm_type: Any,
@@ -259,6 +259,6 @@ def sgd_step_gpu(
             lib, grads, max_norm, norm_type, total_norm, clip_coef, clip_eps, nonfinite, what
         )
         if not plan.skip:
-            step.launch_sgd(hp, plan, -1.0 if maximize else 1.0)
+            step.launch_sgd(hparams, plan, -1.0 if maximize else 1.0)
             lib.touched(params)
         return plan.norm

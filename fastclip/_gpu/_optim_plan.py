@@ -140,7 +140,7 @@ def clip_plan(
         return plan
     if mode == "none":
         return plan
-    c, pcode, p, eps_v = norm_args(max_norm, norm_type, eps)
+    c, ord_code, p, eps_v = norm_args(max_norm, norm_type, eps)
     kind = "float64" if any(lib.kind(g) == "float64" for g in grads) else "float32"
     if isinstance(total_norm, float):  # known on the host: decided there, as the CPU path
         plan.norm = _full(lib, total_norm, kind, like)
@@ -155,7 +155,7 @@ def clip_plan(
     if total_norm is None:
         packed = Packed(lib, grads, what, writing=False)
         kind = packed.norm_kind
-        norm, coef = packed.finish(pcode, p, c, eps_v, 1)
+        norm, coef = packed.finish(ord_code, p, c, eps_v, 1)
     else:
         _check_device(lib, total_norm, like, "total_norm")
         norm, coef = _finish_given(lib, lib.to_f64(total_norm), c, eps_v, kind, like)

@@ -132,7 +132,7 @@ def clip_per_sample_gpu(
     lib: Any,
     items: list[Any],
     batch: int,
-    pcode: int,
+    ord_code: int,
     p: float,
     bounds: np.ndarray,
     per_layer: bool,
@@ -172,7 +172,7 @@ def clip_per_sample_gpu(
                     np.int64(d),
                     np.int64(POW_CHUNK),
                     np.int64(n_chunks[k]),
-                    np.int32(pcode),
+                    np.int32(ord_code),
                     np.float64(p),
                     np.int32(0),
                     null,
@@ -205,7 +205,7 @@ def clip_per_sample_gpu(
                     ptr(dev_table, lib),
                     np.int64(n),
                     np.int64(batch),
-                    np.int32(pcode),
+                    np.int32(ord_code),
                     np.float64(p),
                     np.float64(eps),
                     np.int32(1 if per_layer else 0),
@@ -221,7 +221,7 @@ def clip_per_sample_gpu(
                 ),
             )
 
-        if needs_rescale(pcode, norm_kind == "float64"):
+        if needs_rescale(ord_code, norm_kind == "float64"):
             scale = lib.empty((n * batch if per_layer else batch,), "float64", like)
             maxp = lib.empty((max(1, batch * per_row),), "float64", like)
             scaledp = lib.empty((max(1, batch * per_row),), "float64", like)
@@ -243,7 +243,7 @@ def clip_per_sample_gpu(
                             np.int64(d),
                             np.int64(POW_CHUNK),
                             np.int64(n_chunks[k]),
-                            np.int32(pcode),
+                            np.int32(ord_code),
                             np.float64(p),
                             np.int32(mode),
                             ptr(scale, lib),

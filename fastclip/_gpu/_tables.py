@@ -200,13 +200,13 @@ class Packed:
         table = (g.sizes, g.chunk_tensor, g.chunk_start, np.int64(g.n_chunks))
         k((grid,), (cfg.GPU_BLOCK,), (*head, *table, np.int64(cfg.GPU_CHUNK), *tail))
 
-    def launch_partials(self, partials: Any, pcode: int, p: float) -> int:
+    def launch_partials(self, partials: Any, ord_code: int, p: float) -> int:
         """One partial-sum launch per dtype; returns the number of partials written."""
         offset = 0
         base = self.lib.ptr(partials)
         for g in self.groups:
             if g.n_chunks:
-                tail = (np.int32(pcode), np.float64(p), u64(base + 8 * offset))
+                tail = (np.int32(ord_code), np.float64(p), u64(base + 8 * offset))
                 self._launch("fastclip_partial_pow_sum", g, (g.ptrs,), tail)
             offset += g.n_chunks
         return offset
@@ -231,20 +231,20 @@ class Packed:
             self.lib.write_back(view, copy)
 
     def finish(
-        self, pcode: int, p: float, max_norm: float, eps: float, mode: int, given: Any = None
+        self, ord_code: int, p: float, max_norm: float, eps: float, mode: int, given: Any = None
     ) -> tuple[Any, Any]:
         """Partials -> (0-d norm, 0-d float64 coefficient), all on the device."""
         lib = self.lib
         n_chunks = sum(g.n_chunks for g in self.groups)
         partials = lib.empty((max(1, n_chunks),), "float64", self.like)
-        self.launch_partials(partials, pcode, p)
+        self.launch_partials(partials, ord_code, p)
         norm = lib.empty((), self.norm_kind, self.like)
         coef = lib.empty((), "float64", self.like)
         k = _modules.kernel("core", self.device, "fastclip_finish", ELEMENT_TYPES[self.norm_kind])
         args = (
             ptr(partials, lib),
             np.int64(n_chunks),
-            np.int32(pcode),
+            np.int32(ord_code),
             np.float64(p),
             np.float64(max_norm),
             np.float64(eps),

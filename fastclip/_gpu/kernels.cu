@@ -6,8 +6,8 @@
 // Every index is 64-bit; loops are grid-stride; 16-byte vector loads are used
 // when a chunk's address is 16-byte aligned.
 //
-// Reductions produce float64 "power sums": sum |x|^p (pcode 1, 2, 3) or
-// max |x| (pcode 0 = inf, NaN-propagating).  16- and 32-bit data accumulate in
+// Reductions produce float64 "power sums": sum |x|^p (ord_code 1, 2, 3) or
+// max |x| (ord_code 0 = inf, NaN-propagating).  16- and 32-bit data accumulate in
 // float32 per thread (float64 for float64 data and for general p); a thread
 // whose float32 sum is not finite recomputes its share in float64, so |x| ~ 1e20
 // never overflows.  Block results are combined in float64.
@@ -49,10 +49,10 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // ------------------------------------------------------------- reductions
 
 template <typename A>
-__device__ __forceinline__ A pow_term(A a, int pcode, double p) {
+__device__ __forceinline__ A pow_term(A a, int ord_code, double p) {
     a = fabs(a);
-    if (pcode == 2) return a * a;
-    if (pcode == 1) return a;
+    if (ord_code == 2) return a * a;
+    if (ord_code == 1) return a;
     return (A)pow((double)a, p);
 }
 
@@ -63,35 +63,35 @@ __device__ __forceinline__ double max_nan(double a, double b) {
     return a > b ? a : b;
 }
 
-__device__ __forceinline__ double combine(double a, double b, int pcode) {
-    return pcode == 0 ? max_nan(a, b) : a + b;
+__device__ __forceinline__ double combine(double a, double b, int ord_code) {
+    return ord_code == 0 ? max_nan(a, b) : a + b;
 }
 
-__device__ __forceinline__ double warp_reduce(double v, int pcode) {
+__device__ __forceinline__ double warp_reduce(double v, int ord_code) {
     for (int offset = 16; offset > 0; offset >>= 1)
-        v = combine(v, __shfl_down_sync(0xffffffffu, v, offset), pcode);
+        v = combine(v, __shfl_down_sync(0xffffffffu, v, offset), ord_code);
     return v;
 }
 
 // Block-wide reduction; the result is valid in thread 0.  Identity 0 works for
 // both the sum and the max of absolute values.
-__device__ double block_reduce(double v, int pcode) {
+__device__ double block_reduce(double v, int ord_code) {
     __shared__ double shared[32];
     int lane = threadIdx.x & 31;
     int warp = threadIdx.x >> 5;
-    v = warp_reduce(v, pcode);
+    v = warp_reduce(v, ord_code);
     __syncthreads();  // shared[] may still be read by a previous call
     if (lane == 0) shared[warp] = v;
     __syncthreads();
     int nwarps = (blockDim.x + 31) >> 5;
     v = (threadIdx.x < nwarps) ? shared[lane] : 0.0;
-    if (warp == 0) v = warp_reduce(v, pcode);
+    if (warp == 0) v = warp_reduce(v, ord_code);
     return v;
 }
 
 // One thread's power sum over elements tid, tid + stride, ... of s[0:n].
 template <typename T, typename A>
-__device__ A thread_pow_sum(const T* s, i64 n, int pcode, double p) {
+__device__ A thread_pow_sum(const T* s, i64 n, int ord_code, double p) {
     const int V = Vec<T>::V;
     A acc = 0;
     i64 done = 0;
@@ -102,48 +102,48 @@ __device__ A thread_pow_sum(const T* s, i64 n, int pcode, double p) {
             vec.load(s + i * V);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                A t = pow_term((A)ld(vec.u.v, j), pcode, p);
-                acc = (pcode == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
+                A t = pow_term((A)ld(vec.u.v, j), ord_code, p);
+                acc = (ord_code == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
             }
         }
         done = nv * V;
     }
     for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) {
-        A t = pow_term((A)ld(s, i), pcode, p);
-        acc = (pcode == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
+        A t = pow_term((A)ld(s, i), ord_code, p);
+        acc = (ord_code == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
     }
     return acc;
 }
 
 template <typename T>
-__device__ double chunk_pow_sum(const T* s, i64 n, int pcode, double p) {
+__device__ double chunk_pow_sum(const T* s, i64 n, int ord_code, double p) {
     typedef typename AccOf<T>::type A;
     double d;
-    if (pcode == 3) {
-        d = thread_pow_sum<T, double>(s, n, pcode, p);
+    if (ord_code == 3) {
+        d = thread_pow_sum<T, double>(s, n, ord_code, p);
     } else {
-        A acc = thread_pow_sum<T, A>(s, n, pcode, p);
+        A acc = thread_pow_sum<T, A>(s, n, ord_code, p);
         d = (double)acc;
-        if (pcode != 0 && !isfinite(acc)) {
+        if (ord_code != 0 && !isfinite(acc)) {
             // float32 overflow (or NaN/inf data): redo this thread's share in float64
-            d = thread_pow_sum<T, double>(s, n, pcode, p);
+            d = thread_pow_sum<T, double>(s, n, ord_code, p);
         }
     }
-    return block_reduce(d, pcode);
+    return block_reduce(d, ord_code);
 }
 
 // partials[c] = power sum of chunk c of the tensor table.
 template <typename T>
 __global__ void fastclip_partial_pow_sum(const u64* ptrs, const i64* sizes,
                                          const i64* chunk_tensor, const i64* chunk_start,
-                                         i64 n_chunks, i64 chunk_size, int pcode, double p,
+                                         i64 n_chunks, i64 chunk_size, int ord_code, double p,
                                          double* partials) {
     for (i64 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         i64 t = chunk_tensor[c];
         i64 start = chunk_start[c];
         i64 end = min(start + chunk_size, sizes[t]);
         const T* base = reinterpret_cast<const T*>(ptrs[t]);
-        double v = chunk_pow_sum<T>(base + start, end - start, pcode, p);
+        double v = chunk_pow_sum<T>(base + start, end - start, ord_code, p);
         if (threadIdx.x == 0) partials[c] = v;
     }
 }
@@ -153,17 +153,17 @@ __global__ void fastclip_partial_pow_sum(const u64* ptrs, const i64* sizes,
 // 2: normalise 1 / (n + eps)).  NaN propagates into the coefficient; a zero
 // norm with eps = 0 clips by 1.
 template <typename N>
-__global__ void fastclip_finish(const double* partials, i64 n, int pcode, double p,
+__global__ void fastclip_finish(const double* partials, i64 n, int ord_code, double p,
                                 double max_norm, double eps, int mode,
                                 const double* given_total, N* norm_out, double* coef_out) {
     double v = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) v = combine(v, partials[i], pcode);
-    v = block_reduce(v, pcode);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) v = combine(v, partials[i], ord_code);
+    v = block_reduce(v, ord_code);
     if (threadIdx.x == 0) {
         double norm;
         if (given_total != nullptr) norm = given_total[0];
-        else if (pcode == 0 || pcode == 1) norm = v;
-        else if (pcode == 2) norm = sqrt(v);
+        else if (ord_code == 0 || ord_code == 1) norm = v;
+        else if (ord_code == 2) norm = sqrt(v);
         else norm = pow(v, 1.0 / p);
         if (norm_out != nullptr) norm_out[0] = (N)norm;
         if (coef_out != nullptr) {
@@ -237,10 +237,10 @@ __global__ void fastclip_clamp(const u64* src_ptrs, const u64* dst_ptrs, const i
 
 // pow_sums[r] for each row of a contiguous [m, k] array (one block per row).
 template <typename T>
-__global__ void fastclip_rows_pow_sum(const T* x, i64 m, i64 k, int pcode, double p,
+__global__ void fastclip_rows_pow_sum(const T* x, i64 m, i64 k, int ord_code, double p,
                                       double* pow_sums) {
     for (i64 r = blockIdx.x; r < m; r += gridDim.x) {
-        double v = chunk_pow_sum<T>(x + r * k, k, pcode, p);
+        double v = chunk_pow_sum<T>(x + r * k, k, ord_code, p);
         if (threadIdx.x == 0) pow_sums[r] = v;
     }
 }
@@ -248,13 +248,13 @@ __global__ void fastclip_rows_pow_sum(const T* x, i64 m, i64 k, int pcode, doubl
 // pow_sums[j] for each column of a contiguous [k, m] array (one thread per column:
 // consecutive threads read consecutive addresses).  Accumulates in float64.
 template <typename T>
-__global__ void fastclip_cols_pow_sum(const T* x, i64 k, i64 m, int pcode, double p,
+__global__ void fastclip_cols_pow_sum(const T* x, i64 k, i64 m, int ord_code, double p,
                                       double* pow_sums) {
     for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += (i64)gridDim.x * blockDim.x) {
         double acc = 0.0;
         for (i64 r = 0; r < k; ++r) {
-            double t = pow_term((double)ld(x, r * m + j), pcode, p);
-            acc = combine(acc, t, pcode);
+            double t = pow_term((double)ld(x, r * m + j), ord_code, p);
+            acc = combine(acc, t, ord_code);
         }
         pow_sums[j] = acc;
     }
@@ -262,12 +262,12 @@ __global__ void fastclip_cols_pow_sum(const T* x, i64 k, i64 m, int pcode, doubl
 
 // norms and coefficients from power sums, elementwise (mode as in finish).
 template <typename N>
-__global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int pcode, double p,
+__global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int ord_code, double p,
                                     double max_norm, double eps, int mode, N* norms_out,
                                     double* coefs) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         double v = pow_sums[i];
-        double norm = (pcode == 0 || pcode == 1) ? v : (pcode == 2 ? sqrt(v) : pow(v, 1.0 / p));
+        double norm = (ord_code == 0 || ord_code == 1) ? v : (ord_code == 2 ? sqrt(v) : pow(v, 1.0 / p));
         norms_out[i] = (N)norm;
         if (coefs != nullptr) {
             double den = norm + eps;

@@ -27,7 +27,7 @@
 // Hyper-parameters are host scalars (bias corrections computed in float64 on
 // the host, exactly as the CPU path does), passed as kernel arguments; when
 // they differ between tensors (per-tensor step counts, several parameter
-// groups) `hp` points to a device matrix of rows in the CPU kernels' column
+// groups) `hparams` points to a device matrix of rows in the CPU kernels' column
 // order (_optim_kernels.A_* / S_*) and the scalar arguments are ignored.
 //
 // Arithmetic: float32 for float16/bfloat16/float32 storage, float64 for
@@ -124,7 +124,7 @@ template <typename T>
 __global__ void fastclip_adamw(const u64* ptrs, i64 n_tensors, const i64* sizes,
                                const i64* chunk_tensor, const i64* chunk_start, i64 n_chunks,
                                i64 chunk_size, const double* coef_dev, double coef_host,
-                               int guard_mode, const void* guard, const double* hp,
+                               int guard_mode, const void* guard, const double* hparams,
                                double decay, double w1, double beta2, double w2, double eps,
                                double neg_step, double bc2_sqrt, int amsgrad) {
     typedef typename AccOf<T>::type A;
@@ -137,8 +137,8 @@ __global__ void fastclip_adamw(const u64* ptrs, i64 n_tensors, const i64* sizes,
         i64 n = min(start + chunk_size, sizes[t]) - start;
         double h_w1 = w1;
         AdamW<A> f;
-        if (hp != nullptr) {
-            const double* row = hp + t * FC_A_COLS;
+        if (hparams != nullptr) {
+            const double* row = hparams + t * FC_A_COLS;
             h_w1 = row[FC_A_W1];
             f.decay = (A)row[FC_A_DECAY];
             f.b2 = (A)row[FC_A_BETA2];
@@ -240,7 +240,7 @@ template <typename T>
 __global__ void fastclip_sgd(const u64* ptrs, i64 n_tensors, const i64* sizes,
                              const i64* chunk_tensor, const i64* chunk_start, i64 n_chunks,
                              i64 chunk_size, const double* coef_dev, double coef_host,
-                             int guard_mode, const void* guard, const double* hp, double wd,
+                             int guard_mode, const void* guard, const double* hparams, double wd,
                              double momentum, double damp1, double neg_lr, int mode,
                              int nesterov) {
     typedef typename AccOf<T>::type A;
@@ -253,8 +253,8 @@ __global__ void fastclip_sgd(const u64* ptrs, i64 n_tensors, const i64* sizes,
         i64 n = min(start + chunk_size, sizes[t]) - start;
         Sgd<A> f;
         double h_wd = wd;
-        if (hp != nullptr) {
-            const double* row = hp + t * FC_S_COLS;
+        if (hparams != nullptr) {
+            const double* row = hparams + t * FC_S_COLS;
             h_wd = row[FC_S_WD];
             f.mom = (A)row[FC_S_MOMENTUM];
             f.damp1 = (A)row[FC_S_DAMP1];

@@ -58,7 +58,7 @@ __device__ double chunk_scaled_pow_sum(const T* s, i64 n, double m, double p) {
 
 // partials[b * n_chunks + c] = power sum (or max |x|) of elements
 // [c * chunk, min((c + 1) * chunk, cols)) of row b of a contiguous [rows, cols] array.
-// mode 0: every row, as pcode says.  The rescaling passes (see the header) touch
+// mode 0: every row, as ord_code says.  The rescaling passes (see the header) touch
 // only the rows of marked samples, the sample of row b being s_offset + b:
 // mode 1: max |x| where scale[s] != 0; mode 2: sum (|x| / scale[s])^p where
 // scale[s] > 0.  Their other work items write nothing (those partials are never
@@ -66,7 +66,7 @@ __device__ double chunk_scaled_pow_sum(const T* s, i64 n, double m, double p) {
 // block takes the same branch around block_reduce's barriers.
 template <typename T>
 __global__ void fastclip_ps_pow_partials(const T* x, i64 rows, i64 cols, i64 chunk,
-                                         i64 n_chunks, int pcode, double p, int mode,
+                                         i64 n_chunks, int ord_code, double p, int mode,
                                          const double* scale, i64 s_offset,
                                          double* partials) {
     const i64 n_items = rows * n_chunks;
@@ -79,16 +79,16 @@ __global__ void fastclip_ps_pow_partials(const T* x, i64 rows, i64 cols, i64 chu
         const T* seg = x + b * cols + start;
         double v;
         if (mode == 2) v = chunk_scaled_pow_sum<T>(seg, n, m, p);
-        else v = chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : pcode, p);
+        else v = chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : ord_code, p);
         if (threadIdx.x == 0) partials[w] = v;
     }
 }
 
 // ----------------------------------------------------------------- factors
 
-__device__ __forceinline__ double ps_root(double v, int pcode, double p) {
-    if (pcode == 0 || pcode == 1) return v;
-    if (pcode == 2) return sqrt(v);
+__device__ __forceinline__ double ps_root(double v, int ord_code, double p) {
+    if (ord_code == 0 || ord_code == 1) return v;
+    if (ord_code == 2) return sqrt(v);
     return pow(v, 1.0 / p);
 }
 
@@ -102,10 +102,10 @@ __device__ __forceinline__ double ps_factor(double norm, double bound, double ep
 
 // Power sum of row b of one array from its chunk partials (in chunk order).
 __device__ __forceinline__ double ps_row_sum(const double* partials, i64 offset, i64 n_chunks,
-                                             i64 b, int pcode) {
+                                             i64 b, int ord_code) {
     const double* q = partials + offset + b * n_chunks;
     double s = 0.0;
-    for (i64 c = 0; c < n_chunks; ++c) s = combine(s, q[c], pcode);
+    for (i64 c = 0; c < n_chunks; ++c) s = combine(s, q[c], ord_code);
     return s;
 }
 
@@ -113,14 +113,14 @@ __device__ __forceinline__ double ps_row_sum(const double* partials, i64 offset,
 // all arrays' row b combined.
 __device__ __forceinline__ double ps_sample_sum(const double* partials, const i64* offsets,
                                                 const i64* chunks, i64 n_arrays, i64 rows,
-                                                int per_layer, i64 s, int pcode) {
+                                                int per_layer, i64 s, int ord_code) {
     if (per_layer) {
         const i64 k = s / rows;
-        return ps_row_sum(partials, offsets[k], chunks[k], s - k * rows, pcode);
+        return ps_row_sum(partials, offsets[k], chunks[k], s - k * rows, ord_code);
     }
     double v = 0.0;
     for (i64 k = 0; k < n_arrays; ++k)
-        v = combine(v, ps_row_sum(partials, offsets[k], chunks[k], s, pcode), pcode);
+        v = combine(v, ps_row_sum(partials, offsets[k], chunks[k], s, ord_code), ord_code);
     return v;
 }
 
@@ -133,7 +133,7 @@ __device__ __forceinline__ double ps_sample_sum(const double* partials, const i6
 // one), as a float64.  scale == nullptr in stage 0: no sample was rescaled.
 template <typename N>
 __global__ void fastclip_ps_factors(const double* partials, const i64* table, i64 n_arrays,
-                                    i64 rows, int pcode, double p, double eps, int per_layer,
+                                    i64 rows, int ord_code, double p, double eps, int per_layer,
                                     int stage, double safe_lo, double safe_hi,
                                     const double* max_partials, const double* scaled_partials,
                                     double* scale, N* norms, double* factors,
@@ -144,7 +144,7 @@ __global__ void fastclip_ps_factors(const double* partials, const i64* table, i6
     const i64 n_samples = per_layer ? n_arrays * rows : rows;
     if (stage == 1) {
         for (i64 s = threadIdx.x; s < n_samples; s += blockDim.x) {
-            double t = ps_sample_sum(partials, offsets, chunks, n_arrays, rows, per_layer, s, pcode);
+            double t = ps_sample_sum(partials, offsets, chunks, n_arrays, rows, per_layer, s, ord_code);
             scale[s] = (t > safe_lo && t < safe_hi) ? 0.0 : -1.0;
         }
         return;
@@ -170,8 +170,8 @@ __global__ void fastclip_ps_factors(const double* partials, const i64* table, i6
                 norm = scale[s] * ps_root(t, 3, p);
             } else {
                 double t = ps_sample_sum(partials, offsets, chunks, n_arrays, rows, per_layer, s,
-                                         pcode);
-                norm = ps_root(t, pcode, p);
+                                         ord_code);
+                norm = ps_root(t, ord_code, p);
             }
             double f = ps_factor(norm, bounds[k], eps);
             norms[s] = (N)norm;

@@ -273,7 +273,11 @@ def clip_by_global_norm_(
     given: Any = red.total if on_gpu else float(red.total)
     with torch.no_grad():
         _api.clip_by_global_norm_(
-            loc.arrays, max_norm, math.inf if red.pcode == 0 else red.p, eps=eps, total_norm=given
+            loc.arrays,
+            max_norm,
+            math.inf if red.ord_code == 0 else red.p,
+            eps=eps,
+            total_norm=given,
         )
     return out
 

@@ -117,7 +117,7 @@ def _check_targets(arrays: list[Any]) -> Any:
     return _dispatch.backend_for(arrays).check_targets(arrays, "clip_by_global_norm")
 
 
-def _local_norm(counted: list[Any], pcode: int, p: float, packed: Any = None) -> Any:
+def _local_norm(counted: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
     """This rank's norm as a float (CPU) or a float64 0-d device tensor (GPU).
 
     ``packed``: the CPU tables of exactly ``counted``, already built and checked.
@@ -125,10 +125,10 @@ def _local_norm(counted: list[Any], pcode: int, p: float, packed: Any = None) ->
     if not counted:
         return 0.0
     # The CPU route's float64 norm: over/underflow-safe, not rounded to the dtype.
-    exact = _dispatch.backend_for(counted).norm64(counted, pcode, p, packed)
+    exact = _dispatch.backend_for(counted).norm64(counted, ord_code, p, packed)
     if exact is not None:
         return float(exact)
-    value = _api.global_norm(counted, math.inf if pcode == 0 else p)
+    value = _api.global_norm(counted, math.inf if ord_code == 0 else p)
     if isinstance(value, torch.Tensor):
         return value.detach().to(torch.float64)
     return float(value)  # another library: read on the host
@@ -216,25 +216,27 @@ def _check_rows(rows: np.ndarray, own_error: BaseException | None) -> None:
             )
 
 
-def _combine(norms: torch.Tensor, pcode: int, p: float) -> torch.Tensor:
+def _combine(norms: torch.Tensor, ord_code: int, p: float) -> torch.Tensor:
     """The global norm from the ranks' norms, on their device (NaN and inf propagate)."""
     m = norms.amax()  # torch's amax propagates NaN
-    if pcode == 0:
+    if ord_code == 0:
         return m
     ok = torch.isfinite(m) & (m > 0)
     scale = torch.where(ok, m, torch.ones_like(m))
     s = torch.sum(torch.pow(norms / scale, p))
-    total = scale * (torch.sqrt(s) if pcode == 2 else s if pcode == 1 else torch.pow(s, 1.0 / p))
+    total = scale * (
+        torch.sqrt(s) if ord_code == 2 else s if ord_code == 1 else torch.pow(s, 1.0 / p)
+    )
     return torch.where(ok, total, m)  # 0, inf or NaN: the max says it all
 
 
 class Reduced:
     """The global norm of one call and this rank's view of it."""
 
-    def __init__(self, total: torch.Tensor, loc: _Local, pcode: int, p: float, group: Any):
+    def __init__(self, total: torch.Tensor, loc: _Local, ord_code: int, p: float, group: Any):
         self.total = total  # float64 0-d, on the arrays' device
         self.loc = loc
-        self.pcode = pcode
+        self.ord_code = ord_code
         self.p = p
         self.group = group
 
@@ -254,12 +256,12 @@ def reduce_norms(
     rank = dist.get_rank(group)
     error: BaseException | None = None
     loc = _Local()
-    pcode, p = 2, 2.0
+    ord_code, p = 2, 2.0
     c = e = 0.0
     norm: Any = 0.0
     dtypes_sig = repl_sig = 0.0
     try:
-        pcode, p = check_ord(ord)
+        ord_code, p = check_ord(ord)
         if op == OP_CLIP:
             c, e = check_max_norm(max_norm), check_eps(eps)
         repl = list(replicated) if isinstance(replicated, (list, tuple, set)) else [replicated]
@@ -275,7 +277,7 @@ def reduce_norms(
         packed = _check_targets(loc.arrays) if op == OP_CLIP else None
         if packed is not None and len(loc.counted) != len(loc.arrays):
             packed = None  # replicated arrays not counted here: pack the counted ones
-        norm = _local_norm(loc.counted, pcode, p, packed)
+        norm = _local_norm(loc.counted, ord_code, p, packed)
     except Exception as exc:  # reported to every rank through the gather, then raised
         error = exc
     device = _device(loc, group)
@@ -284,7 +286,7 @@ def reduce_norms(
         raise error  # no host read of the rows on the device: the others cannot be told
     row = torch.zeros(_WIDTH, dtype=torch.float64, device=device)
     values = [0.0, float(error is not None), op, float(len(arrays)), dtypes_sig, repl_sig]
-    values += [p if pcode != 0 else math.inf, c, e]
+    values += [p if ord_code != 0 else math.inf, c, e]
     for i, v in enumerate(values):
         if i != _NORM and v != 0.0:
             row[i].fill_(v)  # a fill kernel, not a host-to-device copy
@@ -300,8 +302,8 @@ def reduce_norms(
     rows = _gather(row, group)
     if strict or host_rows:
         _check_rows(rows.cpu().numpy(), error)
-    total = _combine(rows[:, _NORM], pcode, p)
-    return Reduced(total, loc, pcode, p, group)
+    total = _combine(rows[:, _NORM], ord_code, p)
+    return Reduced(total, loc, ord_code, p, group)
 
 
 def result_array(total: torch.Tensor, loc: _Local, like: list[Any]) -> Any:

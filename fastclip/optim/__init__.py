@@ -24,3 +24,7 @@ coefficient read from device memory, no host synchronisation except
 from ._functional import adamw_step_, sgd_step_
 
 __all__ = ["adamw_step_", "sgd_step_"]
+
+# Docs, reprs and pickles show the public path (as torch sets
+# ``clip_grad_norm_.__module__ = "torch.nn.utils"``).
+adamw_step_.__module__ = sgd_step_.__module__ = "fastclip.optim"

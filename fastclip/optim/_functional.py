@@ -203,6 +203,11 @@ def adamw_step_(
     one below about 1e-154 loses precision), where the CPU route rescales by
     the largest element as the core's CPU functions do.
 
+    References
+    ----------
+    Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+    https://arxiv.org/abs/1711.05101
+
     Examples
     --------
     >>> import numpy as np
@@ -233,11 +238,13 @@ def adamw_step_(
         scalar_value(weight_decay, "weight_decay"),
     )
     check_adamw_args(lr_v, beta1, beta2, eps_v, wd_v)
-    hp = adamw_hparams(_steps(step, len(ps)), lr_v, beta1, beta2, eps_v, wd_v)
+    hparams = adamw_hparams(_steps(step, len(ps)), lr_v, beta1, beta2, eps_v, wd_v)
     clip = _step_clip(backend, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy)
     # every list is validated (shapes, dtypes, writability, overlaps) before the
     # norm decides anything: a NaN norm with "skip" must not hide a bad call
-    return backend.adamw_step_(ps, gs, ms, vs, xs, hp=hp, maximize=bool(maximize), clip=clip)
+    return backend.adamw_step_(
+        ps, gs, ms, vs, xs, hparams=hparams, maximize=bool(maximize), clip=clip
+    )
 
 
 def sgd_step_(
@@ -329,6 +336,6 @@ def sgd_step_(
         first = [bool(f) for f in first_step]
     if len(first) != len(ps):
         raise ValueError(f"first_step: got {len(first)} values for {len(ps)} parameters")
-    hp = sgd_hparams(len(ps), lr_v, momentum, dampening, wd_v, bool(nesterov), first)
+    hparams = sgd_hparams(len(ps), lr_v, momentum, dampening, wd_v, bool(nesterov), first)
     clip = _step_clip(backend, max_norm, norm_type, total_norm, clip_coef, clip_eps, policy)
-    return backend.sgd_step_(ps, gs, bufs, hp=hp, maximize=bool(maximize), clip=clip)
+    return backend.sgd_step_(ps, gs, bufs, hparams=hparams, maximize=bool(maximize), clip=clip)

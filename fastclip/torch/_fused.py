@@ -165,7 +165,7 @@ class FusedAdamW(FusedOptimizerBase):
         old_steps: list[torch.Tensor],
         new_steps: list[torch.Tensor],
     ) -> list[list[Any]] | None:
-        """[params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [hp rows]] of the
+        """[params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [hparams rows]] of the
         group's parameters that have a gradient, or None when none has.
 
         Nothing is stored here: state a parameter lacks is created and appended
@@ -224,7 +224,7 @@ class FusedAdamW(FusedOptimizerBase):
             for i, value in zip(olds_at, values):
                 counts[i] = value
         beta1, beta2 = (float(b) for b in group["betas"])
-        hp = adamw_hparams(
+        hparams = adamw_hparams(
             counts,
             float(group["lr"]),
             beta1,
@@ -232,7 +232,7 @@ class FusedAdamW(FusedOptimizerBase):
             float(group["eps"]),
             float(group["weight_decay"]),
         )
-        return [ps, gs, ms, vs, xs, [hp]]
+        return [ps, gs, ms, vs, xs, [hparams]]
 
 
 class FusedSGD(FusedOptimizerBase):
@@ -324,7 +324,7 @@ class FusedSGD(FusedOptimizerBase):
                     bufs.append(buf)
             if not ps:
                 continue
-            hp = sgd_hparams(
+            hparams = sgd_hparams(
                 len(ps),
                 float(group["lr"]),
                 momentum,
@@ -335,12 +335,12 @@ class FusedSGD(FusedOptimizerBase):
             )
             lists = [ps, gs, bufs if momentum != 0 else None]
             sign = -1.0 if group["maximize"] else 1.0
-            work.append((self._prepare(lists, None), lists, hp, sign))
+            work.append((self._prepare(lists, None), lists, hparams, sign))
         plan = self._clip(grads)
         if plan.skip:
             return loss
-        for prepared, lists, hp, sign in work:  # one launch per group and dtype
-            self._run(prepared, lists, hp, plan, sign, None)
+        for prepared, lists, hparams, sign in work:  # one launch per group and dtype
+            self._run(prepared, lists, hparams, plan, sign, None)
         for p, buf in fresh:
             self.state[p]["momentum_buffer"] = buf
         return loss

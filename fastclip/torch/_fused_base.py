@@ -102,11 +102,11 @@ class FusedOptimizerBase(Optimizer):
         return backend, backend.step_prepare(lists, ams, type(self).__name__)
 
     def _run(
-        self, prepared: Any, lists: list[Any], hp: np.ndarray, plan: Any, sign: float, ams: Any
+        self, prepared: Any, lists: list[Any], hparams: np.ndarray, plan: Any, sign: float, ams: Any
     ) -> None:
         """Launch a prepared step (one fused launch per dtype)."""
         backend, work = prepared
-        backend.step_run(work, lists, hp, plan, sign, ams)
+        backend.step_run(work, lists, hparams, plan, sign, ams)
 
     def __repr__(self) -> str:
         head = super().__repr__()

@@ -205,3 +205,22 @@ def test_unavailable_numba_cache_falls_back_with_a_warning(tmp_path):
     assert report["clipped"] == pytest.approx([0.6, 0.8], rel=1e-12)
     assert any("cache" in w.lower() for w in report["warnings"]), report["warnings"]
     assert report["cache"].startswith("disabled")
+
+
+def test_public_objects_name_their_public_module():
+    """Docs, reprs and pickles show ``fastclip.norm``, ``fastclip.optim.adamw_step_``,
+    not the private module a function lives in (the package layout may change)."""
+    import importlib
+    import pickle
+
+    import fastclip
+    import fastclip.optim
+
+    for module in (fastclip, fastclip.optim):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj) and not isinstance(obj, type(fastclip)):
+                public = obj.__module__  # e.g. fastclip.AGC is fastclip.adaptive.AGC
+                assert not any(part.startswith("_") for part in public.split(".")), (name, public)
+                assert getattr(importlib.import_module(public), name) is obj
+                assert pickle.loads(pickle.dumps(obj)) is obj

@@ -29,22 +29,22 @@ CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
 _mem = mem
 
 
-def _pow_sum(v, pcode, p):
+def _pow_sum(v, ord_code, p):
     a = np.abs(v.astype(np.float64))
-    if pcode == 0:
+    if ord_code == 0:
         return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
-    return float(np.sum(a**2 if pcode == 2 else (a if pcode == 1 else a**p)))
+    return float(np.sum(a**2 if ord_code == 2 else (a if ord_code == 1 else a**p)))
 
 
-def _combine(vals, pcode):
+def _combine(vals, ord_code):
     vals = np.asarray(vals, np.float64)
-    if pcode == 0:
+    if ord_code == 0:
         return np.nan if np.isnan(vals).any() else (vals.max() if vals.size else 0.0)
     return float(vals.sum())
 
 
-def _root(v, pcode, p):
-    return v if pcode in (0, 1) else (math.sqrt(v) if pcode == 2 else v ** (1 / p))
+def _root(v, ord_code, p):
+    return v if ord_code in (0, 1) else (math.sqrt(v) if ord_code == 2 else v ** (1 / p))
 
 
 def _coef(norm, max_norm, eps, mode):
@@ -66,18 +66,20 @@ def _emulate(name, targ):
     dt = CTYPES.get(targ)
 
     def partial(grid, block, a):
-        ptrs, sizes, ct, cs, nc, chunk, pcode, p, partials = a
+        ptrs, sizes, ct, cs, nc, chunk, ord_code, p, partials = a
         ptr_a, size_a, ct_a, cs_a = _table(ptrs, sizes, ct, cs, int(nc))
         out = _mem(partials, int(nc), np.float64)
         for c in range(int(nc)):
             t, s = int(ct_a[c]), int(cs_a[c])
             e = min(s + int(chunk), int(size_a[t]))
-            out[c] = _pow_sum(_mem(ptr_a[t], size_a[t], dt)[s:e], int(pcode), float(p))
+            out[c] = _pow_sum(_mem(ptr_a[t], size_a[t], dt)[s:e], int(ord_code), float(p))
 
     def finish(grid, block, a):
-        partials, n, pcode, p, max_norm, eps, mode, given, norm_out, coef_out = a
-        total = _combine(_mem(partials, int(n), np.float64), int(pcode))
-        norm = _mem(given, 1, np.float64)[0] if int(given) else _root(total, int(pcode), float(p))
+        partials, n, ord_code, p, max_norm, eps, mode, given, norm_out, coef_out = a
+        total = _combine(_mem(partials, int(n), np.float64), int(ord_code))
+        norm = (
+            _mem(given, 1, np.float64)[0] if int(given) else _root(total, int(ord_code), float(p))
+        )
         _mem(norm_out, 1, dt)[0] = norm
         _mem(coef_out, 1, np.float64)[0] = _coef(norm, float(max_norm), float(eps), int(mode))
 
@@ -107,23 +109,23 @@ def _emulate(name, targ):
             _mem(dst_a[t], size_a[t], dt)[s:e] = x.astype(dt)
 
     def rows(grid, block, a):
-        x, m, k, pcode, p, out = a
+        x, m, k, ord_code, p, out = a
         xs = _mem(x, int(m) * int(k), dt).reshape(int(m), int(k))
         o = _mem(out, int(m), np.float64)
         for r in range(int(m)):
-            o[r] = _pow_sum(xs[r], int(pcode), float(p))
+            o[r] = _pow_sum(xs[r], int(ord_code), float(p))
 
     def cols(grid, block, a):
-        x, k, m, pcode, p, out = a
+        x, k, m, ord_code, p, out = a
         xs = _mem(x, int(k) * int(m), dt).reshape(int(k), int(m))
         o = _mem(out, int(m), np.float64)
         for j in range(int(m)):
-            o[j] = _pow_sum(xs[:, j], int(pcode), float(p))
+            o[j] = _pow_sum(xs[:, j], int(ord_code), float(p))
 
     def coefs(grid, block, a):
-        pow_sums, n, pcode, p, max_norm, eps, mode, norms, co = a
+        pow_sums, n, ord_code, p, max_norm, eps, mode, norms, co = a
         ps = _mem(pow_sums, int(n), np.float64)
-        nv = np.array([_root(v, int(pcode), float(p)) for v in ps], np.float64)
+        nv = np.array([_root(v, int(ord_code), float(p)) for v in ps], np.float64)
         _mem(norms, int(n), dt)[:] = nv
         _mem(co, int(n), np.float64)[:] = _coef(nv, float(max_norm), float(eps), int(mode))
 
@@ -180,24 +182,24 @@ def _ref_norm(arrays, p):
 PCODES = [(2, 2.0), (1, 1.0), (0, math.inf), (3, 3.0)]
 
 
-@pytest.mark.parametrize(("pcode", "p"), PCODES)
+@pytest.mark.parametrize(("ord_code", "p"), PCODES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_global_norm_and_clip(pcode, p, dtype):
+def test_global_norm_and_clip(ord_code, p, dtype):
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(n).astype(dtype) for n in (5, 0, 23, 7, 1)]
     expected = _ref_norm(arrays, p)
-    got = gpu.global_norm(HostLib, arrays, pcode, p)
+    got = gpu.global_norm(HostLib, arrays, ord_code, p)
     assert got.dtype == (np.float64 if dtype == np.float64 else np.float32)
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
     work = [a.copy() for a in arrays]
-    _, total = gpu.clip_global(HostLib, work, 1.0, pcode, p, 1e-6, None, False, True)
+    _, total = gpu.clip_global(HostLib, work, 1.0, ord_code, p, 1e-6, None, False, True)
     np.testing.assert_allclose(float(total), expected, rtol=1e-6)
     coef = min(1.0, 1.0 / (expected + 1e-6))
     for w, a in zip(work, arrays, strict=True):
         np.testing.assert_allclose(w, a * coef, rtol=1e-6, atol=1e-7)
 
-    outs, total = gpu.clip_global(HostLib, arrays, 0.5, pcode, p, 0.0, 2.0, False, False)
+    outs, total = gpu.clip_global(HostLib, arrays, 0.5, ord_code, p, 0.0, 2.0, False, False)
     np.testing.assert_allclose(float(total), 2.0)  # the given total norm is used
     for o, a in zip(outs, arrays, strict=True):
         np.testing.assert_allclose(o, a * 0.25, rtol=1e-6)
@@ -256,20 +258,20 @@ def test_error_if_nonfinite_modifies_nothing():
     ("shape", "axes"),
     [((4, 6), (1,)), ((4, 6), (0,)), ((3, 4, 5), (1, 2)), ((3, 4, 5), (0, 1)), ((3, 4, 5), (1,))],
 )
-@pytest.mark.parametrize(("pcode", "p"), PCODES)
-def test_axis_norms_and_clipping(shape, axes, pcode, p):
+@pytest.mark.parametrize(("ord_code", "p"), PCODES)
+def test_axis_norms_and_clipping(shape, axes, ord_code, p):
     x = np.random.default_rng(2).standard_normal(shape)
     a = np.abs(x)
     ref = a.max(axis=axes) if p == math.inf else (a**p).sum(axis=axes) ** (1 / p)
-    np.testing.assert_allclose(gpu.norm(HostLib, x, pcode, p, axes, False), ref, rtol=1e-6)
-    keep = gpu.norm(HostLib, x, pcode, p, axes, True)
+    np.testing.assert_allclose(gpu.norm(HostLib, x, ord_code, p, axes, False), ref, rtol=1e-6)
+    keep = gpu.norm(HostLib, x, ord_code, p, axes, True)
     assert keep.shape == tuple(1 if i in axes else s for i, s in enumerate(shape))
     coef = np.minimum(1.0, 1.0 / (np.expand_dims(ref, axes) + 1e-6))
-    out, norms = gpu.rescale(HostLib, x, pcode, p, axes, 1.0, 1e-6, "clip", False)
+    out, norms = gpu.rescale(HostLib, x, ord_code, p, axes, 1.0, 1e-6, "clip", False)
     np.testing.assert_allclose(out, x * coef, rtol=1e-6)
     np.testing.assert_allclose(norms, ref, rtol=1e-6)
     work = x.copy()
-    gpu.rescale(HostLib, work, pcode, p, axes, 1.0, 1e-6, "clip", True)
+    gpu.rescale(HostLib, work, ord_code, p, axes, 1.0, 1e-6, "clip", True)
     np.testing.assert_allclose(work, x * coef, rtol=1e-6)
 
 

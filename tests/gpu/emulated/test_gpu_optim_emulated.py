@@ -41,7 +41,7 @@ def _mem(ptr, n, dtype):
 
 def _partial(dt):
     def run(grid, block, a):
-        ptrs, sizes, ct, cs, nc, chunk, pcode, p, partials = a
+        ptrs, sizes, ct, cs, nc, chunk, ord_code, p, partials = a
         nc = int(nc)
         ct_a, cs_a = _mem(ct, nc, np.int64), _mem(cs, nc, np.int64)
         n_t = int(ct_a.max()) + 1 if nc else 0
@@ -51,7 +51,7 @@ def _partial(dt):
             t, s = int(ct_a[c]), int(cs_a[c])
             x = np.abs(_mem(ptr_a[t], size_a[t], dt)[s : min(s + int(chunk), size_a[t])])
             x = x.astype(np.float64)
-            if int(pcode) == 0:
+            if int(ord_code) == 0:
                 out[c] = np.nan if np.isnan(x).any() else (x.max() if x.size else 0.0)
             else:
                 out[c] = (x ** float(p)).sum()
@@ -61,11 +61,11 @@ def _partial(dt):
 
 def _finish(dt):
     def run(grid, block, a):
-        partials, n, pcode, p, max_norm, eps, mode, given, norm_out, coef_out = a
+        partials, n, ord_code, p, max_norm, eps, mode, given, norm_out, coef_out = a
         v = _mem(partials, int(n), np.float64)
         if int(given):
             norm = float(_mem(given, 1, np.float64)[0])
-        elif int(pcode) == 0:
+        elif int(ord_code) == 0:
             norm = float(np.nan if np.isnan(v).any() else (v.max() if v.size else 0.0))
         else:
             norm = float(v.sum()) ** (1.0 / float(p))
@@ -91,7 +91,7 @@ def _skips(mode, guard):
 
 def _head(a, n_lists, dt):
     """Decode the common head of a fused kernel's arguments (as optim_kernels.cu does)."""
-    ptrs, n_t, sizes, ct, cs, nc, chunk, coef_dev, coef_host, guard_mode, guard, hp = a[:12]
+    ptrs, n_t, sizes, ct, cs, nc, chunk, coef_dev, coef_host, guard_mode, guard, hparams = a[:12]
     n_t, nc, chunk = int(n_t), int(nc), int(chunk)
     assert nc > 0 and n_t > 0
     acc = np.float64 if dt == np.float64 else np.float32
@@ -106,7 +106,7 @@ def _head(a, n_lists, dt):
         nc=nc,
         chunk=chunk,
         n_t=n_t,
-        hp=int(hp),
+        hparams=int(hparams),
     )
     return table, acc, acc(c)
 
@@ -132,9 +132,9 @@ def _adamw(dt):
         tab, A, c = head
         scal = np.array([float(x) for x in a[12:19]])
         ams = int(a[19])
-        rows = _mem(tab["hp"], tab["n_t"] * K.A_COLS, np.float64).reshape(-1, K.A_COLS)
+        rows = _mem(tab["hparams"], tab["n_t"] * K.A_COLS, np.float64).reshape(-1, K.A_COLS)
         for t, (p, g, m, v, x) in _chunks(tab, 5, dt):
-            row = rows[t] if tab["hp"] else scal
+            row = rows[t] if tab["hparams"] else scal
             decay, w1, b2, w2, eps, neg_step, bc2 = (A(r) for r in row)
             gi = g.astype(A) * c
             mi = m.astype(A)
@@ -164,9 +164,9 @@ def _sgd(dt):
             return
         tab, A, c = head
         scal = np.array([float(x) for x in a[12:16]] + [float(a[16]), float(a[17])])
-        rows = _mem(tab["hp"], tab["n_t"] * K.S_COLS, np.float64).reshape(-1, K.S_COLS)
+        rows = _mem(tab["hparams"], tab["n_t"] * K.S_COLS, np.float64).reshape(-1, K.S_COLS)
         for t, (p, g, b) in _chunks(tab, 3, dt):
-            row = rows[t] if tab["hp"] else scal
+            row = rows[t] if tab["hparams"] else scal
             wd, mom, damp1, neg_lr = (A(r) for r in row[:4])
             mode, nesterov = int(row[K.S_MODE]), row[K.S_NESTEROV] != 0
             pi = p.astype(A)
@@ -232,7 +232,7 @@ RTOL = {np.float16: 5e-3, np.float32: 2e-5, np.float64: 1e-12}
 
 
 def _dtypes(mode):
-    if mode == "mixed":  # three dtype groups, interleaved: hp rows by index
+    if mode == "mixed":  # three dtype groups, interleaved: hparams rows by index
         return [[np.float32, np.float64, np.float16][i % 3] for i in range(len(SHAPES))]
     return [mode] * len(SHAPES)
 
@@ -291,9 +291,9 @@ def test_adamw_against_float64_reference(clip, amsgrad, maximize, steps, mode):
         g = [(rng.normal(size=s) * 3).astype(d) for s, d in zip(SHAPES, dts)]
         kwargs, coef = _clip_args(clip, g)
         counts = F._steps(step, len(p))
-        hp = F.adamw_hparams(counts, lr, b1, b2, eps, wd)
+        hparams = F.adamw_hparams(counts, lr, b1, b2, eps, wd)
         norm = G.adamw_step_gpu(
-            HostLib, p, g, m, v, x, hp, maximize, kwargs["max_norm"], 2.0,
+            HostLib, p, g, m, v, x, hparams, maximize, kwargs["max_norm"], 2.0,
             kwargs["total_norm"], kwargs["clip_coef"], 1e-6, "propagate",
         )  # fmt: skip
         if clip == "max_norm":
@@ -352,12 +352,12 @@ def test_sgd_against_float64_reference(clip, variant, maximize, mode):
         kwargs, coef = _clip_args(clip, g)
         # all first on step 0; on step 1 every other buffer is reset (per-tensor modes)
         first = [k == 0 or (k == 1 and i % 2 == 1) for i in range(len(SHAPES))]
-        hp = F.sgd_hparams(
+        hparams = F.sgd_hparams(
             len(p), lr, hv["momentum"], hv["dampening"], hv["weight_decay"], hv["nesterov"], first
         )
         bufs = b if hv["momentum"] else None
         G.sgd_step_gpu(
-            HostLib, p, g, bufs, hp, maximize, kwargs["max_norm"], 2.0,
+            HostLib, p, g, bufs, hparams, maximize, kwargs["max_norm"], 2.0,
             kwargs["total_norm"], kwargs["clip_coef"], 1e-6, "propagate",
         )  # fmt: skip
         sign = -1.0 if maximize else 1.0
@@ -386,9 +386,9 @@ def _adamw_lists(n=3, value=1.0, dtype=np.float32):
 def _call_adamw(p, g, m, v, policy, x=None, **kw):
     args = dict(max_norm=1.0, total_norm=None, clip_coef=None)
     args.update(kw)
-    hp = F.adamw_hparams([1.0] * len(p), 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    hparams = F.adamw_hparams([1.0] * len(p), 1e-2, 0.9, 0.999, 1e-8, 0.01)
     return G.adamw_step_gpu(
-        HostLib, p, g, m, v, x, hp, False, args["max_norm"], 2.0,
+        HostLib, p, g, m, v, x, hparams, False, args["max_norm"], 2.0,
         args["total_norm"], args["clip_coef"], 1e-6, policy,
     )  # fmt: skip
 
@@ -509,8 +509,8 @@ def test_tables_are_cached_and_uniform_hyperparameters_upload_nothing():
     assert n == 2
     _call_adamw(p, g, m, v, "propagate")
     assert len(_tables.TABLES) == n
-    hp = F.adamw_hparams([1.0, 2.0, 3.0], 1e-2, 0.9, 0.999, 1e-8, 0.01)
-    G.adamw_step_gpu(HostLib, p, g, m, v, None, hp, False, None, 2.0, None, None, 1e-6, "skip")
+    hparams = F.adamw_hparams([1.0, 2.0, 3.0], 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    G.adamw_step_gpu(HostLib, p, g, m, v, None, hparams, False, None, 2.0, None, None, 1e-6, "skip")
     assert len(_tables.TABLES) == n + 1  # per-tensor rows: one upload
 
 

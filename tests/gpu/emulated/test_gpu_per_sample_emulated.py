@@ -64,26 +64,26 @@ def _acc(dt):
     return np.float64 if dt == np.float64 else np.float32
 
 
-def _pow_sum(v, pcode, p):
+def _pow_sum(v, ord_code, p):
     a = np.abs(v.astype(np.float64))
-    if pcode == 0:
+    if ord_code == 0:
         return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
     with np.errstate(all="ignore"):  # a GPU's float64 over/underflows silently, to inf or 0
-        return float(np.sum(a**2 if pcode == 2 else (a if pcode == 1 else a**p)))
+        return float(np.sum(a**2 if ord_code == 2 else (a if ord_code == 1 else a**p)))
 
 
-def _combine(s, v, pcode):
-    if pcode != 0:
+def _combine(s, v, ord_code):
+    if ord_code != 0:
         return s + v
     if math.isnan(s) or math.isnan(v):
         return math.nan
     return max(s, v)
 
 
-def _root(v, pcode, p):
-    if pcode in (0, 1):
+def _root(v, ord_code, p):
+    if ord_code in (0, 1):
         return v
-    return math.sqrt(v) if pcode == 2 else (v ** (1.0 / p) if v == v else v)
+    return math.sqrt(v) if ord_code == 2 else (v ** (1.0 / p) if v == v else v)
 
 
 def _factor(norm, bound, eps):
@@ -100,7 +100,7 @@ def _emulate(name, targ):
     dt = CTYPES[targ]
 
     def pow_partials(a):
-        x, rows, cols, chunk, n_chunks, pcode, p, mode, scale, s_offset, partials = a
+        x, rows, cols, chunk, n_chunks, ord_code, p, mode, scale, s_offset, partials = a
         rows, cols, chunk, n_chunks = int(rows), int(cols), int(chunk), int(n_chunks)
         mode, s_offset = int(mode), int(s_offset)
         xs = _mem(x, rows * cols, dt)
@@ -118,12 +118,18 @@ def _emulate(name, targ):
                 with np.errstate(all="ignore"):
                     out[w] = float(np.sum((np.abs(seg.astype(np.float64)) / m) ** float(p)))
             else:
-                out[w] = _pow_sum(seg, 0 if mode == 1 else int(pcode), float(p))
+                out[w] = _pow_sum(seg, 0 if mode == 1 else int(ord_code), float(p))
 
     def factors(a):
-        (partials, table, n_arrays, rows, pcode, p, eps, per_layer, stage, lo, hi) = a[:11]
+        (partials, table, n_arrays, rows, ord_code, p, eps, per_layer, stage, lo, hi) = a[:11]
         max_partials, scaled_partials, scale, norms, facs, n_clipped = a[11:]
-        k_n, rows, pcode, p, layer = int(n_arrays), int(rows), int(pcode), float(p), int(per_layer)
+        k_n, rows, ord_code, p, layer = (
+            int(n_arrays),
+            int(rows),
+            int(ord_code),
+            float(p),
+            int(per_layer),
+        )
         tab = _mem(table, 3 * k_n, np.int64)
         offsets, chunks, bounds = tab[:k_n], tab[k_n : 2 * k_n], tab[2 * k_n :].view(np.float64)
         total = int(max((o + rows * c for o, c in zip(offsets, chunks)), default=0))
@@ -148,7 +154,7 @@ def _emulate(name, targ):
 
         if int(stage) == 1:
             for s in range(n_samples):
-                t = sample_sum(partials, s, pcode)
+                t = sample_sum(partials, s, ord_code)
                 scales[s] = 0.0 if float(lo) < t < float(hi) else -1.0
             return
         if int(stage) == 2:
@@ -167,7 +173,7 @@ def _emulate(name, targ):
                 if scales.size and scales[s] > 0.0:
                     norm = scales[s] * _root(sample_sum(scaled_partials, s, 1), 3, p)
                 else:
-                    norm = _root(sample_sum(partials, s, pcode), pcode, p)
+                    norm = _root(sample_sum(partials, s, ord_code), ord_code, p)
                 f = _factor(norm, bounds[k], float(eps))
                 nout[s] = norm
                 fout[s] = f
@@ -264,9 +270,9 @@ def emulated(monkeypatch):
 # -------------------------------------------------------------------- oracle
 
 
-def oracle(arrays, bounds, pcode, p, per_layer, reduce, eps):
-    """The float64 reference, ``reference.clip_per_sample``, called with (pcode, p)."""
-    ord = math.inf if pcode == 0 else p
+def oracle(arrays, bounds, ord_code, p, per_layer, reduce, eps):
+    """The float64 reference, ``reference.clip_per_sample``, called with (ord_code, p)."""
+    ord = math.inf if ord_code == 0 else p
     return ref.clip_per_sample(arrays, bounds, ord, per_layer, reduce, eps)
 
 
@@ -274,14 +280,14 @@ def _tol(dtype):
     return {np.float16: 2e-3, np.float32: 1e-6, np.float64: 1e-12}.get(dtype, 1e-2)
 
 
-def _check(arrays, bounds, pcode, p, per_layer, reduce, eps=1e-6, rtol=None):
+def _check(arrays, bounds, ord_code, p, per_layer, reduce, eps=1e-6, rtol=None):
     HostLib.syncs = 0
     _reg(*arrays)
     outs, norms, n_clipped = gps.clip_per_sample_gpu(
-        HostLib, arrays, arrays[0].shape[0], pcode, p, np.asarray(bounds, np.float64),
+        HostLib, arrays, arrays[0].shape[0], ord_code, p, np.asarray(bounds, np.float64),
         per_layer, reduce, eps,
     )  # fmt: skip
-    ref_outs, ref_norms, ref_clipped = oracle(arrays, bounds, pcode, p, per_layer, reduce, eps)
+    ref_outs, ref_norms, ref_clipped = oracle(arrays, bounds, ord_code, p, per_layer, reduce, eps)
     assert n_clipped == ref_clipped and type(n_clipped) is int
     assert HostLib.syncs == 1, "exactly one device-to-host read per call"
     wide = any(a.dtype == np.float64 for a in arrays)
@@ -313,16 +319,16 @@ def _data(shapes, dtype, seed=0, batch=9):
 
 @pytest.mark.parametrize("reduce", ["sum", "mean", None])
 @pytest.mark.parametrize("per_layer", [False, True])
-@pytest.mark.parametrize(("pcode", "p"), PCODES)
-def test_formula_matches_float64_oracle(pcode, p, per_layer, reduce):
+@pytest.mark.parametrize(("ord_code", "p"), PCODES)
+def test_formula_matches_float64_oracle(ord_code, p, per_layer, reduce):
     arrays = _data([(5,), (3, 4), (0,), (37,), (1,)], np.float32)
     bounds = [1.5, 0.7, 1.0, 2.5, 0.1] if per_layer else [1.0] * 5
-    _check(arrays, bounds, pcode, p, per_layer, reduce)
+    _check(arrays, bounds, ord_code, p, per_layer, reduce)
     names = [launch[0] for launch in LAUNCHES]
     # not for the empty array; general p: two more per array over marked rows only,
     # and the factors kernel's three stages (mark, max, final)
-    assert names.count("fastclip_ps_pow_partials") == (12 if pcode == 3 else 4)
-    assert names.count("fastclip_ps_factors") == (3 if pcode == 3 else 1)
+    assert names.count("fastclip_ps_pow_partials") == (12 if ord_code == 3 else 4)
+    assert names.count("fastclip_ps_factors") == (3 if ord_code == 3 else 1)
     if reduce is not None:
         assert names.count("fastclip_ps_weighted_sum") == 4
         assert names.count("fastclip_ps_combine") >= 1  # row groups were exercised
@@ -438,8 +444,8 @@ def test_plans():
 @pytest.mark.parametrize("scale", [1e200, 1e-200])
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("reduce", ["sum", None])
-@pytest.mark.parametrize(("pcode", "p"), [(2, 2.0), (3, 3.0)])
-def test_extreme_magnitudes_are_rescaled_on_the_device(scale, per_layer, reduce, pcode, p):
+@pytest.mark.parametrize(("ord_code", "p"), [(2, 2.0), (3, 3.0)])
+def test_extreme_magnitudes_are_rescaled_on_the_device(scale, per_layer, reduce, ord_code, p):
     """float64 samples of 1e200 (squares overflow) and 1e-200 (squares underflow): finite,
     correct norms and factors (the core's max-rescaling rule), still one host read.  The
     float64 oracle runs on the unscaled data: norms and p-norm clipping are homogeneous,
@@ -452,9 +458,9 @@ def test_extreme_magnitudes_are_rescaled_on_the_device(scale, per_layer, reduce,
     HostLib.syncs = 0
     _reg(*arrays)
     outs, norms, n_clipped = gps.clip_per_sample_gpu(
-        HostLib, arrays, 9, pcode, p, np.asarray(bounds) * scale, per_layer, reduce, 0.0
+        HostLib, arrays, 9, ord_code, p, np.asarray(bounds) * scale, per_layer, reduce, 0.0
     )
-    ref_outs, ref_norms, ref_clipped = oracle(base, bounds, pcode, p, per_layer, reduce, 0.0)
+    ref_outs, ref_norms, ref_clipped = oracle(base, bounds, ord_code, p, per_layer, reduce, 0.0)
     assert HostLib.syncs == 1
     assert np.isfinite(norms).all() and n_clipped == ref_clipped
     np.testing.assert_allclose(norms, ref_norms * scale, rtol=1e-12)
