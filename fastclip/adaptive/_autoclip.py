@@ -181,9 +181,6 @@ class AutoClip(GlobalNormBased):
     array([16.5, 22. ])
     """
 
-    percentile: float
-    history: int | None
-
     def __init__(
         self,
         percentile: float = 10,
