@@ -128,7 +128,8 @@ class FusedAdamW(FusedOptimizerBase):
         loss, grads = self._begin_step(closure)
         if not grads:
             return loss
-        gpu = self._backend([grads]).on_gpu
+        grads_backend = self._backend([grads])  # checked once: the plan reuses it
+        gpu = grads_backend.on_gpu
         launches: dict[tuple[bool, bool], list[list[Any]]] = {}
         fresh: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         old_steps: list[torch.Tensor] = []
@@ -145,7 +146,7 @@ class FusedAdamW(FusedOptimizerBase):
         for (ams, maximize), lists in launches.items():  # one launch per key and dtype
             arrays = [*lists[:4], lists[4] if ams else None]
             work.append((self._prepare(arrays, ams), arrays, lists[5], ams, maximize))
-        plan = self._clip(grads)
+        plan = self._clip(grads, grads_backend)
         if plan.skip:
             return loss
         for prepared, arrays, rows, ams, maximize in work:

@@ -59,12 +59,13 @@ class FusedOptimizerBase(Optimizer):
         """The CPU or GPU backend of a step's parallel lists (TypeError otherwise)."""
         return _dispatch.backend_for_step(lists, type(self).__name__)
 
-    def _clip(self, grads: list[torch.Tensor]) -> Any:
+    def _clip(self, grads: list[torch.Tensor], backend: Any = None) -> Any:
         """Norm and coefficient over every gradient of every group (the route's
         plan: host values on the CPU, device values on the GPU).  Sets
         ``last_total_norm`` and ``last_step_skipped`` only once the plan stands
         (an error leaves them)."""
-        backend = self._backend([grads])
+        if backend is None:  # the gradients' backend, unless the step has it already
+            backend = self._backend([grads])
         clip = StepClip(self.max_norm, self.norm_type, None, None, 1e-6, self.nonfinite)
         plan = backend.step_plan(grads, clip, type(self).__name__)
         if backend.on_gpu:
