@@ -25,6 +25,7 @@ from ._libraries import (
     ROUTE_GENERIC,
     ROUTE_GPU,
     as_array_list,
+    check_autograd_writable,
     check_plain_tensors,
     is_dask_array,
     library_of,
@@ -101,6 +102,12 @@ class Backend:
     def on_gpu(self) -> bool:
         return self.route == ROUTE_GPU
 
+    def _check_writes(self, arrays: Sequence[Any], what: str) -> None:
+        """torch's in-place rule (``check_autograd_writable``), before any write;
+        other libraries have no autograd to bypass."""
+        if getattr(self.lib, "name", None) == "torch":
+            check_autograd_writable(arrays, what)
+
     def norm(self, x: Any, ord_code: int, p: float, *, axes: Any, keepdims: bool) -> Any:
         return self.ops.norm(self.lib, x, ord_code, p, axes, keepdims)
 
@@ -119,6 +126,8 @@ class Backend:
         mode: str,
         inplace: bool,
     ) -> tuple[Any, Any]:
+        if inplace:
+            self._check_writes([x], "clip_by_norm_" if mode == "clip" else "normalize_")
         return self.ops.rescale(self.lib, x, ord_code, p, axes, max_norm, eps, mode, inplace)
 
     def clip_global(
@@ -133,17 +142,31 @@ class Backend:
         error_if_nonfinite: bool,
         inplace: bool,
     ) -> tuple[list[Any], Any]:
+        if inplace:
+            self._check_writes(arrays, "clip_by_global_norm_")
         return self.ops.clip_global(
             self.lib, arrays, max_norm, ord_code, p, eps, total_norm, error_if_nonfinite, inplace
         )
 
     def clip_by_value(self, x: Any, lo: float | None, hi: float | None, *, inplace: bool) -> Any:
+        if inplace:
+            self._check_writes([x], "clip_by_value_")
         return self.ops.clip_by_value(self.lib, x, lo, hi, inplace)
 
+    def clamp_many(self, arrays: list[Any], lo: float | None, hi: float | None) -> list[Any]:
+        """New clamped arrays: one launch per dtype on the CPU route (its tables
+        read the inputs and write the outputs), one call per array elsewhere."""
+        if self.route == ROUTE_CPU:
+            ops: Any = self.ops  # the CPU route's own operation
+            return ops.clamp_many(self.lib, arrays, lo, hi)
+        return [self.ops.clip_by_value(self.lib, a, lo, hi, False) for a in arrays]
+
     def clamp_many_(self, arrays: list[Any], lo: float | None, hi: float | None) -> None:
+        self._check_writes(arrays, "clip_by_value_")
         self.ops.clamp_many_(self.lib, arrays, lo, hi)
 
     def scale_(self, arrays: list[Any], factor: Any) -> None:
+        self._check_writes(arrays, "scale_")
         self.ops.scale_(self.lib, arrays, factor)
 
     def clip_per_sample(

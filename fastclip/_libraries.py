@@ -191,3 +191,37 @@ def is_dask_array(x: Any) -> bool:
         return library_of(x) == "dask"
     except TypeError:
         return False
+
+
+def check_autograd_writable(tensors: Sequence[Any], what: str) -> None:
+    """RuntimeError, before any write, for a torch tensor that requires grad while
+    grad mode is on: torch's own rule for in-place operations, kept by fastclip.
+
+    fastclip's kernels write memory directly, so autograd never sees the write.
+    torch refuses ``p.mul_(0.5)`` on a leaf that requires grad outside
+    ``torch.no_grad()`` ("a leaf Variable that requires grad is being used in an
+    in-place operation"), and for a non-leaf it would record the operation in the
+    graph, which a kernel outside torch cannot do.  ``clip_by_global_norm_
+    (model.parameters(), 1.0)`` (the habit of ``torch.nn.utils.clip_grad_norm_``)
+    would otherwise rescale the weights instead of their gradients.
+    """
+    torch = sys.modules["torch"]
+    if not torch.is_grad_enabled():
+        return
+    T = torch.Tensor
+    flags = list(map(T.requires_grad.__get__, tensors))
+    if not any(flags):
+        return
+    i = flags.index(True)
+    t = tensors[i]
+    where = "" if len(tensors) == 1 else f"tensor {i} of the list "
+    kind = "a leaf tensor that requires grad" if t.is_leaf else "a tensor that requires grad"
+    raise RuntimeError(
+        f"{what}: {where}is {kind}; an in-place write outside torch.no_grad() would "
+        "bypass autograd (torch refuses it too: 'a leaf Variable that requires grad is "
+        "being used in an in-place operation'). To clip gradients, pass them: "
+        "fastclip.torch.clip_grad_norm_(model.parameters(), max_norm) reads each "
+        "parameter's .grad (or pass [p.grad for p in params]). To clip the weights "
+        "themselves (weight clipping, max-norm constraints), call it inside "
+        "`with torch.no_grad():`."
+    )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any
 
+import numpy as np
 from numpy.exceptions import AxisError
 
 from ._errors import NonFiniteNormError, out_of_place_hint
@@ -180,3 +182,24 @@ def clip_mode(max_norm: Any, total_norm: Any, clip_coef: Any, what: str) -> str:
 def norm_args(max_norm: Any, norm_type: Any, eps: Any) -> tuple[float, int, float, float]:
     """Validated ``(max_norm, ord_code, p, eps)`` for ``"norm"`` clipping."""
     return (check_max_norm(max_norm), *check_ord(norm_type), check_eps(eps))
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def check_orderable(items: list[Any]) -> None:
+    """TypeError for complex (no order) or non-numeric arrays anywhere in the list."""
+    for dtype in set(map(_DTYPE, items)):
+        name = str(dtype)
+        i = next(i for i, a in enumerate(items) if a.dtype == dtype)
+        if "complex" in name:
+            raise TypeError(
+                f"clip_by_value is not defined for complex arrays (they have no order); "
+                f"array {i} is {name}. Clip the real and imaginary parts separately, or use "
+                "clip_by_norm to bound the magnitude"
+            )
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
+            raise TypeError(
+                "clip_by_value needs numeric arrays (bool, integer or floating); "
+                f"array {i} is {name}"
+            )

@@ -7,24 +7,41 @@ Each function validates its arguments, then makes one call to the backend that
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .. import _dispatch
 from .._typing import Array
-from .._validate import check_bounds, check_eps, check_max_norm, check_ord, reduction_axes
+from .._validate import (
+    check_bounds,
+    check_eps,
+    check_max_norm,
+    check_ord,
+    check_orderable,
+    reduction_axes,
+)
 
 
-def clip_by_value(x: Array, min: float | None = None, max: float | None = None) -> Array:
-    r"""Clamp every element to ``[min, max]``, into a new array.
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def clip_by_value(
+    x: Array | Iterable[Array], min: float | None = None, max: float | None = None
+) -> Any:
+    r"""Clamp every element to ``[min, max]``, into a new array (or new arrays).
 
     .. math:: y_i = \min(\max(x_i, \mathrm{min}), \mathrm{max})
 
     Parameters
     ----------
-    x : array
+    x : array, or list or iterable of arrays
         Any real dtype, integer and bool included (complex raises TypeError).
+        A list (one library, one device; dtypes may differ) is clamped with
+        one kernel launch per dtype on the CPU route (one call per array on
+        the others).
     min, max : float, optional
         Bounds (Python numbers or 0-d arrays); at least one is required,
         ``min <= max``, neither NaN.  For integer arrays the bounds are rounded
@@ -32,36 +49,57 @@ def clip_by_value(x: Array, min: float | None = None, max: float | None = None) 
 
     Returns
     -------
-    array
-        Same library, dtype, shape and device as ``x``; ``x`` is untouched.
-        NaN elements stay NaN (as ``torch.clamp`` and ``numpy.clip``).
+    array or list of arrays
+        Same library, dtype, shape and device as ``x`` (for a list, a list of
+        new arrays in its order); ``x`` is untouched.  NaN elements stay NaN
+        (as ``torch.clamp`` and ``numpy.clip``).
 
     Examples
     --------
     >>> import numpy as np, fastclip
     >>> fastclip.clip_by_value(np.array([-2.0, 0.5, 3.0]), -1, 1)
     array([-1. ,  0.5,  1. ])
+    >>> fastclip.clip_by_value([np.array([-2.0]), np.array([3.0, 0.5])], -1, 1)
+    [array([-1.]), array([1. , 0.5])]
     """
     lo, hi = check_bounds(min, max)
-    return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=False)
+    if _is_array(x):
+        return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=False)
+    items = _dispatch.as_array_list(x)
+    if not items:
+        return []
+    backend = _dispatch.backend_for(items, defer_numpy=False)
+    check_orderable(items)
+    return backend.clamp_many(items, lo, hi)
 
 
-def clip_by_value_(x: Array, min: float | None = None, max: float | None = None) -> Array:
+def clip_by_value_(
+    x: Array | Iterable[Array], min: float | None = None, max: float | None = None
+) -> Any:
     r"""Clamp every element to ``[min, max]`` in place (weight clipping); returns ``x``.
 
-    Same semantics as :func:`clip_by_value`.
+    Same semantics as :func:`clip_by_value`.  WGAN-style weight clipping of a
+    whole torch model is one line (torch tensors that require grad are written
+    only under ``torch.no_grad()``, as torch's own in-place operations):
+
+    .. code-block:: python
+
+        with torch.no_grad():
+            fastclip.clip_by_value_(critic.parameters(), -0.01, 0.01)
 
     Parameters
     ----------
-    x : array
+    x : array, or list or iterable of arrays
         Any real dtype, integer and bool included, modified in its own memory.
+        A list (one library, one device; dtypes may differ) takes one kernel
+        launch per dtype; every array is validated before the first is written.
     min, max : float, optional
         Bounds, as for :func:`clip_by_value`.
 
     Returns
     -------
-    array
-        ``x`` itself.
+    array or list of arrays
+        ``x`` itself; for an iterable, the list of its arrays.
 
     Raises
     ------
@@ -70,6 +108,9 @@ def clip_by_value_(x: Array, min: float | None = None, max: float | None = None)
         any write.
     TypeError
         Immutable arrays (JAX), complex arrays.
+    RuntimeError
+        A torch tensor that requires grad, outside ``torch.no_grad()``
+        (autograd would not see the write; torch refuses it too).
 
     Examples
     --------
@@ -81,7 +122,14 @@ def clip_by_value_(x: Array, min: float | None = None, max: float | None = None)
     array([-0.01 ,  0.005,  0.01 ], dtype=float32)
     """
     lo, hi = check_bounds(min, max)
-    return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=True)
+    if _is_array(x):
+        return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=True)
+    items = _dispatch.as_array_list(x)
+    if items:
+        backend = _dispatch.backend_for(items)
+        check_orderable(items)
+        backend.clamp_many_(items, lo, hi)
+    return items
 
 
 def _rescale(

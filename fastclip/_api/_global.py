@@ -7,14 +7,18 @@ Each function validates its arguments, then makes one call to the backend that
 
 from __future__ import annotations
 
-import operator
 from typing import Any
-
-import numpy as np
 
 from .. import _dispatch
 from .._typing import Array, ArrayOrArrays
-from .._validate import check_bounds, check_eps, check_max_norm, check_ord, scalar_value
+from .._validate import (
+    check_bounds,
+    check_eps,
+    check_max_norm,
+    check_ord,
+    check_orderable,
+    scalar_value,
+)
 from ._norms import zero_norm
 
 
@@ -29,29 +33,8 @@ def clip_values_(arrays: ArrayOrArrays, min: float | None = None, max: float | N
     if not items:
         return
     backend = _dispatch.backend_for(items)
-    _check_orderable(items)
+    check_orderable(items)
     backend.clamp_many_(items, lo, hi)
-
-
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _check_orderable(items: list[Any]) -> None:
-    """TypeError for complex (no order) or non-numeric arrays anywhere in the list."""
-    for dtype in set(map(_DTYPE, items)):
-        name = str(dtype)
-        i = next(i for i, a in enumerate(items) if a.dtype == dtype)
-        if "complex" in name:
-            raise TypeError(
-                f"clip_by_value is not defined for complex arrays (they have no order); "
-                f"array {i} is {name}. Clip the real and imaginary parts separately, or use "
-                "clip_by_norm to bound the magnitude"
-            )
-        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
-            raise TypeError(
-                "clip_by_value needs numeric arrays (bool, integer or floating); "
-                f"array {i} is {name}"
-            )
 
 
 def _total_norm_value(total_norm: Any) -> float | None:

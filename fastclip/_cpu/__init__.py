@@ -49,7 +49,7 @@ from ._optim import global_norm_and_dtype, groups
 from ._pack import pack
 from ._per_sample import clip_per_sample
 from ._targets import check_targets, norm64
-from ._value_clip import clamp_many_
+from ._value_clip import clamp_many, clamp_many_
 
 __all__ = [
     "AxisPlan",
@@ -57,6 +57,7 @@ __all__ = [
     "TorchLib",
     "adamw_step_",
     "check_targets",
+    "clamp_many",
     "clamp_many_",
     "clip_by_value",
     "clip_global",

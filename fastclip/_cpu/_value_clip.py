@@ -1,18 +1,24 @@
-"""Value clipping of many arrays at once on the CPU route (``clip_values_``).
+"""Value clipping of many arrays at once on the CPU route (``clip_by_value`` and
+``clip_by_value_`` of a list).
 
-Floating-point lists take one kernel launch per dtype (``_core.clamp_many_``,
-through the packed address tables); a list with integer or bool arrays is
-checked whole first (every target writeable, numeric, without stride-0
-self-overlap, no two sharing memory) and then clamped array by array.
+Floating-point lists take one kernel launch per dtype (through the packed
+address tables), in place (``clamp_many_``) or into new arrays
+(``clamp_many``); a list with integer or bool arrays is checked whole first
+(every target writeable, numeric, without stride-0 self-overlap, no two sharing
+memory) and then clamped array by array.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from .. import _config as cfg
 from .._errors import out_of_place_hint
 from .._memory import check_disjoint, check_self_overlap
 from . import _core
+from ._launch import run
+from ._pack import pack
 
 
 def check_value_targets(lib: Any, arrays: list[Any]) -> None:
@@ -47,3 +53,19 @@ def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None)
     check_value_targets(lib, arrays)
     for a in arrays:
         _core.clip_by_value(lib, a, lo, hi, True)
+
+
+def clamp_many(lib: Any, arrays: list[Any], lo: float | None, hi: float | None) -> list[Any]:
+    """New clamped arrays: one launch per dtype from the inputs' tables into the
+    outputs' (float lists); array by array otherwise.  Nothing is written to the
+    inputs (strided ones are read through contiguous copies)."""
+    if not all(lib.is_float(a) for a in arrays):
+        return [_core.clip_by_value(lib, a, lo, hi, False) for a in arrays]
+    src = pack(lib, arrays, "clip_by_value", writing=False)
+    outs = [lib.empty_like(a) for a in arrays]
+    dst = pack(lib, outs, "clip_by_value", writing=False)  # same dtypes: same table order
+    vmin = -math.inf if lo is None else lo
+    vmax = math.inf if hi is None else hi
+    for ts, td in zip(src.tables, dst.tables):
+        run("tab_clamp", ts.n, ts.addrs, td.addrs, ts.sizes, ts.like, vmin, vmax, False, cfg.CHUNK)
+    return outs
