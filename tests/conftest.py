@@ -22,7 +22,7 @@ from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _backends import Backend, backend_params
+from _backends import CPU, Backend, backend_params
 
 # Deterministic for CI (SciPy does the same): the same examples every run.
 settings.register_profile("fastclip-ci", derandomize=True, max_examples=40, deadline=None)
@@ -36,6 +36,21 @@ settings.load_profile(os.environ.get("FASTCLIP_HYPOTHESIS_PROFILE", "fastclip-ci
 def backend(request: pytest.FixtureRequest) -> Backend:
     """Each backend of the matrix (GPU ones skip with a reason where none is usable)."""
     return request.param
+
+
+@pytest.fixture(params=backend_params(CPU))
+def cpu_backend(request: pytest.FixtureRequest) -> Backend:
+    """Each CPU backend of the matrix (NumPy, read-only NumPy, torch, array-api-strict)."""
+    return request.param
+
+
+@pytest.fixture
+def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB bandwidth probe for ``fastclip bench`` instead of 256 MiB (the
+    figure is meaningless, the code path is not)."""
+    from fastclip._bench import timing
+
+    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
 
 
 @pytest.fixture

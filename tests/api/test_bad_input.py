@@ -6,14 +6,13 @@ exception, that all of them still hold exactly their old values.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import pytest
 import reference as ref
 import torch
-from _backends import Backend, assert_close, sample
+from _backends import Backend, assert_close, sample, to_f64, unchanged
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.exceptions import AxisError
@@ -21,26 +20,6 @@ from numpy.exceptions import AxisError
 import fastclip
 import fastclip.torch as fct
 from fastclip._cpu import _headers
-
-
-@contextlib.contextmanager
-def unchanged(*arrays):
-    """Assert, after the block, that every array holds exactly its old values."""
-    snapshots = [(a, _np(a)) for a in arrays]
-    yield
-    for a, before in snapshots:
-        np.testing.assert_array_equal(_np(a), before)
-
-
-def _np(a):
-    if isinstance(a, torch.Tensor):
-        return (
-            a.detach().to(torch.float64).numpy().copy()
-            if a.dtype.is_floating_point
-            else a.numpy().copy()
-        )
-    return np.array(a, copy=True)
-
 
 NORM_FUNCS = [
     ("norm", lambda x, **kw: fastclip.norm(x, **kw)),
@@ -258,21 +237,6 @@ def _readonly(a):
     return a
 
 
-def test_read_only_array_to_in_place_functions_raises_value_error():
-    x = _readonly(sample((3, 4), seed=8).astype(np.float32))
-    for call in (
-        lambda: fastclip.clip_by_norm_(x, 0.1),
-        lambda: fastclip.clip_by_norm_(x, 0.1, axis=1),
-        lambda: fastclip.normalize_(x),
-        lambda: fastclip.clip_by_value_(x, -0.1, 0.1),
-        lambda: fastclip.clip_by_value_(_readonly(np.arange(4)), 0, 1),
-        lambda: fastclip.clip_by_global_norm_([x], 0.1),
-        lambda: fastclip.scale_([x], 0.5),
-    ):
-        with unchanged(x), pytest.raises(ValueError):
-            call()
-
-
 @pytest.mark.parametrize("count", [2, 8, 12])
 @pytest.mark.parametrize(("name", "func"), IN_PLACE_GLOBAL, ids=ids(IN_PLACE_GLOBAL))
 def test_only_the_last_array_read_only_modifies_nothing(name, func, count):
@@ -283,15 +247,17 @@ def test_only_the_last_array_read_only_modifies_nothing(name, func, count):
         func(arrays)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32", "int64"])
 def test_numpy_readonly_backend_in_place_raises_value_error(dtype):
     b = Backend.NUMPY_READONLY
     x = b.asarray(sample((3, 4), seed=10), dtype)
     calls = [lambda: fastclip.clip_by_value_(x, -0.1, 0.1)]
-    if dtype != "int32":
+    if dtype not in ("int32", "int64"):
         calls += [
             lambda: fastclip.clip_by_norm_(x, 0.1),
+            lambda: fastclip.normalize_(x),
             lambda: fastclip.clip_by_norm_(x, 0.1, axis=0),
+            lambda: fastclip.clip_by_norm_(x, 0.1, axis=1),
             lambda: fastclip.normalize_(x, axis=1),
             lambda: fastclip.clip_by_global_norm_([x], 0.1),
             lambda: fastclip.clip_by_global_norm_([b.asarray(np.ones(3), dtype), x], 0.1),
@@ -300,16 +266,6 @@ def test_numpy_readonly_backend_in_place_raises_value_error(dtype):
     for call in calls:
         with unchanged(x), pytest.raises(ValueError):
             call()
-
-
-def test_read_only_arrays_work_out_of_place():
-    x = _readonly(sample((3, 4), seed=9).astype(np.float32))
-    assert_close(fastclip.clip_by_norm(x, 0.1), ref.clip_by_norm(x, 0.1), "float32")
-    assert_close(fastclip.normalize(x, axis=1), ref.normalize(x, axis=1), "float32")
-    outs, total = fastclip.clip_by_global_norm([x, x], 0.1)
-    expected, expected_total = ref.clip_by_global_norm([x, x], 0.1)
-    assert_close(total, expected_total, "float32")
-    assert_close(outs[1], expected[1], "float32")
 
 
 # ---------------------------------------- elements sharing memory (stride 0)
@@ -351,7 +307,7 @@ def test_in_place_on_stride_0_views_raises_value_error_and_writes_nothing(kind, 
         with unchanged(x, *others), pytest.raises(ValueError, match="share memory"):
             call()
     # out of place it is an ordinary (broadcast) array
-    assert_close(_np(fastclip.clip_by_norm(x, 0.1)), ref.clip_by_norm(_np(x), 0.1), dtype)
+    assert_close(to_f64(fastclip.clip_by_norm(x, 0.1)), ref.clip_by_norm(to_f64(x), 0.1), dtype)
 
 
 def test_sparse_tensors_raise_type_error_and_write_nothing():

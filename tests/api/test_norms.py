@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 import reference as ref
-from _backends import CPU, Backend, assert_close, norm_dtype, params, sample
+from _backends import CPU, FRACTIONAL_ORDS, Backend, assert_close, norm_dtype, params, sample
+from _backends import ORDS as BASE_ORDS
 
 import fastclip
 
-ORDS = [1, 2, math.inf, 3, 0.5, 1.5]
+ORDS = (*BASE_ORDS, *FRACTIONAL_ORDS)
 AXES_3D = [None, 0, 1, 2, -1, -3, (0, 1), (1, 2), (0, 2), (-1, 0), (0, 1, 2)]
 AXES_4D = [(1, 2), (0, 3), (1,), (2, 3), (0, 1), (0, 2)]  # middle, outer, single, trailing, ...
 

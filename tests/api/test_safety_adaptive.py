@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import reference
 from _backends import Backend
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -56,27 +57,16 @@ def snapshot(clipper: Any) -> str:
     )
 
 
-def timm_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
-    """timm ``adaptive_clip_grad`` (norm_type 2, output-first units) in float64."""
-
-    def unitwise(x: np.ndarray) -> np.ndarray:
-        if x.ndim <= 1:
-            return np.sqrt(np.sum(x * x))
-        return np.sqrt(np.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
-
-    max_norm = np.maximum(unitwise(p), eps) * clip
-    gn = unitwise(g)
-    return np.where(gn < max_norm, g, g * (max_norm / np.maximum(gn, 1e-6)))
-
-
 class RefThreshold:
-    """The clip threshold of each step, from the papers' formulas in float64."""
+    """The clip threshold of each step of the ``FACTORIES`` clippers, from the
+    float64 references of ``reference.py`` (AutoClip's percentile, ZClip's
+    transcription); None where the clipper leaves the gradients alone."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self.norms: list[float] = []  # AutoClip's history, ZClip's warm-up buffer
-        self.mean: float | None = None
-        self.var = 0.0
+        self.norms: list[float] = []  # AutoClip's history
+        warmup = 5 if kind == "zclip_warmup" else 2
+        self.zclip = reference.ZClipReference(warmup_steps=warmup)
 
     def step(self, g: float) -> float | None:
         if self.kind == "global":
@@ -84,21 +74,8 @@ class RefThreshold:
         if self.kind.startswith("autoclip"):
             self.norms.append(g)
             window = self.norms[-2:] if self.kind == "autoclip_window" else self.norms
-            return float(np.percentile(np.asarray(window, np.float64), 30))
-        warmup = 5 if self.kind == "zclip_warmup" else 2
-        if self.mean is None:  # ZClip warm-up: collect, then population mean and variance
-            self.norms.append(g)
-            if len(self.norms) == warmup:
-                self.mean = float(np.mean(self.norms))
-                self.var = float(np.var(self.norms))
-            return None
-        std = self.var**0.5
-        z = (g - self.mean) / (std + 1e-6)
-        target = self.mean + 2.5 * std / (z / 2.5) if z > 2.5 else None
-        x = g if target is None else target
-        self.mean = 0.97 * self.mean + 0.03 * x
-        self.var = 0.97 * self.var + 0.03 * (x - self.mean) ** 2
-        return target
+            return reference.percentile(window, 30)
+        return self.zclip.step(g)
 
 
 FACTORIES = {
@@ -162,7 +139,9 @@ def test_agc_refuses_a_bad_second_gradient_before_any_write(backend: Backend, ho
     else:
         gs = agc.clip(gs, ps)[0]
     for got, p, g in zip(gs, P64, G64):
-        np.testing.assert_allclose(backend.to_numpy(got), timm_agc(p, g, 0.05, 1e-3), rtol=1e-12)
+        np.testing.assert_allclose(
+            backend.to_numpy(got), reference.timm_agc(p, g, 0.05, 1e-3), rtol=1e-12
+        )
     assert agc.step == 2
 
 
@@ -207,7 +186,9 @@ def test_agc_interleaved_views_do_not_share_memory_and_are_clipped(lib: str) -> 
     gs = [mem[..., 0], mem[..., 1]]
     AGC(clipping=0.05)(gs, ps)
     for got, p, g in zip(gs, P64, G64):
-        np.testing.assert_allclose(np.asarray(got), timm_agc(p, g, 0.05, 1e-3), rtol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(got), reference.timm_agc(p, g, 0.05, 1e-3), rtol=1e-12
+        )
 
 
 def test_agc_clips_torch_gradients_that_require_grad() -> None:
@@ -216,7 +197,9 @@ def test_agc_clips_torch_gradients_that_require_grad() -> None:
     gs = [torch.tensor(g, requires_grad=True) for g in G64]
     AGC(clipping=0.05)(gs, [torch.tensor(p) for p in P64])
     for got, p, g in zip(gs, P64, G64):
-        np.testing.assert_allclose(got.detach().numpy(), timm_agc(p, g, 0.05, 1e-3), rtol=1e-12)
+        np.testing.assert_allclose(
+            got.detach().numpy(), reference.timm_agc(p, g, 0.05, 1e-3), rtol=1e-12
+        )
 
 
 # ---------------------------------------------------- global-norm clippers

@@ -21,19 +21,13 @@ import math
 import numpy as np
 import pytest
 import reference as ref
-from _backends import CPU, Backend, assert_close, backend_params
+from _backends import Backend, assert_close, backend_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastclip
 
-CPU_BACKENDS = backend_params(CPU)
 WRITEABLE_CPU = backend_params([Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT])
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def cpu_backend(request: pytest.FixtureRequest) -> Backend:
-    return request.param
 
 
 def _snapshot(x):

@@ -22,13 +22,12 @@ da = pytest.importorskip(
 )
 import dask  # noqa: E402
 import reference as ref  # noqa: E402
-from _backends import assert_close, sample  # noqa: E402
+from _backends import ORDS, assert_close, norm_dtype, sample  # noqa: E402
 
 import fastclip  # noqa: E402
 from fastclip import _cpu, _dispatch  # noqa: E402
 from fastclip._cpu import _axes, _core, _pack  # noqa: E402
 
-ORDS = [1, 2, math.inf, 3]
 DTYPES = ["float32", "float64"]
 
 # 2-D chunkings of a (13, 17) array: single chunk, uneven along both axes, one-wide.
@@ -49,10 +48,6 @@ def _data(shape, dtype: str, seed: int = 0) -> np.ndarray:
     return sample(shape, seed).astype(dtype)
 
 
-def _norm_dtype(dtype: str) -> np.dtype:
-    return np.dtype(np.float64 if dtype == "float64" else np.float32)
-
-
 # ----------------------------------------------------------------- norms
 
 
@@ -66,7 +61,7 @@ def test_norm_matches_numpy(chunks, dtype, ord, axis, keepdims):
     got = fastclip.norm(_dask(x, CHUNKS_2D[chunks]), ord, axis=axis, keepdims=keepdims)
     assert isinstance(got, da.Array)
     value = got.compute()
-    assert value.dtype == _norm_dtype(dtype)
+    assert value.dtype == np.dtype(norm_dtype(dtype))
     assert_close(value, ref.norm(x, ord, axis=axis, keepdims=keepdims), dtype)
 
 

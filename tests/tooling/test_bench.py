@@ -22,11 +22,8 @@ from fastclip._bench.report import compare, format_table, load_json, write_json
 from fastclip._bench.workloads import WORKLOADS, cases_for, gpt2_shapes
 from fastclip.cli import main
 
-
-@pytest.fixture(autouse=True)
-def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 1 MiB bandwidth probe instead of 256 MiB (the figure is meaningless, the path is not)."""
-    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
+# Every test here runs with the 1 MiB bandwidth probe of tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("small_probe")
 
 
 def _cfg(**kw: object) -> BenchConfig:

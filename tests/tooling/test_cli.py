@@ -9,13 +9,10 @@ import sys
 
 import pytest
 
-from fastclip._bench import timing
 from fastclip.cli import _parse_size, main
 
-
-@pytest.fixture(autouse=True)
-def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
+# Every test here runs with the 1 MiB bandwidth probe of tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("small_probe")
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
