@@ -23,6 +23,22 @@ REAL_FLOATS = ("float16", "bfloat16", "float32", "float64")
 COMPLEX = ("complex64", "complex128")
 #: The norm orders every operation runs on: the three special cases and a general p.
 ORDS = (1, 2, math.inf, 3)
+#: Bounds for integer and bool clip_by_value that saturate at the dtype's range.
+SATURATING_INT_BOUNDS = (
+    (-math.inf, math.inf),
+    (None, math.inf),
+    (-math.inf, None),
+    (math.inf, None),
+    (None, -math.inf),
+    (-1e30, 1e30),
+    (1e30, None),
+    (None, -1e30),
+    (-2.5, 1e30),
+    (-1e30, 0.5),
+    (1e300, math.inf),
+)
+#: Dtypes with no kernels: byte-swapped floats and ints, long double, complex long double.
+UNSUPPORTED_DTYPES = (">f4", ">f8", ">f2", np.longdouble, np.clongdouble, ">i4")
 #: Orders below 1 and between 1 and 2 (the general-p kernels' other branches).
 FRACTIONAL_ORDS = (0.5, 1.5)
 

@@ -89,17 +89,23 @@ def clip_by_value(x: Any, lo: float | None = None, hi: float | None = None) -> n
 
     Integer and bool data (bools as the integers 0 and 1) are clamped to the
     bounds rounded inward, ``ceil(lo)`` and ``floor(hi)``, and stay in their
-    dtype's range.
+    dtype's range (huge and infinite bounds saturate at it).
     """
     a = np.asarray(x)
     if a.dtype.kind in "biu":
         info = np.iinfo(a.dtype) if a.dtype.kind != "b" else None
         low, high = (0, 1) if info is None else (int(info.min), int(info.max))
+
+        def bound(b: float, lower: bool) -> int:
+            if math.isinf(b):  # clips everything to +-inf, which saturates at the range
+                return high + 1 if b > 0 else low - 1
+            return math.ceil(b) if lower else math.floor(b)
+
         v = [int(e) for e in a.reshape(-1)]  # Python ints: no overflow
         if lo is not None:
-            v = [max(e, math.ceil(lo)) for e in v]
+            v = [max(e, bound(lo, True)) for e in v]
         if hi is not None:
-            v = [min(e, math.floor(hi)) for e in v]
+            v = [min(e, bound(hi, False)) for e in v]
         v = [min(max(e, low), high) for e in v]  # results stay in the dtype's range
         return np.array(v, dtype=a.dtype).reshape(a.shape)
     v = a.astype(np.float64)
