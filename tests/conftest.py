@@ -27,7 +27,7 @@ from _backends import CPU, Backend, backend_params
 # Deterministic for CI (SciPy does the same): the same examples every run.
 settings.register_profile("fastclip-ci", derandomize=True, max_examples=40, deadline=None)
 settings.register_profile("fastclip-dev", max_examples=300, deadline=None)
-# The long contract-fuzzer run (tests/api/test_fuzz.py): random, many examples.
+# The long contract-fuzzer run (tests/api/test_fuzz*.py): random, many examples.
 settings.register_profile("fastclip-fuzz", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("FASTCLIP_HYPOTHESIS_PROFILE", "fastclip-ci"))
 
