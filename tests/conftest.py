@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -51,6 +52,27 @@ def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     from fastclip._bench import timing
 
     monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
+
+
+@pytest.fixture
+def bench_config() -> Any:
+    """A factory of tiny ``fastclip bench`` configurations: one workload, one
+    size, two rounds, the fastclip and NumPy backends, no progress bar;
+    keyword arguments replace any field."""
+    from fastclip._bench import BenchConfig
+
+    def make(**kw: Any) -> Any:
+        base: dict[str, Any] = dict(
+            workloads=("single",),
+            sizes=(1000,),
+            repeat=2,
+            backends=("fastclip", "numpy"),
+            progress=False,
+        )
+        base.update(kw)
+        return BenchConfig(**base)
+
+    return make
 
 
 @pytest.fixture
