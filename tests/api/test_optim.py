@@ -24,8 +24,9 @@ from fastclip.torch import ClippedOptimizer, FusedAdamW, FusedSGD  # noqa: E402
 
 
 def _coef(grads, max_norm, eps=1e-6):
-    total = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads))
-    return min(1.0, max_norm / (total + eps)), total
+    """The clip coefficient and global norm of ``grads`` (float64 oracle)."""
+    total = float(reference.global_norm([np.asarray(g, np.float64) for g in grads]))
+    return float(reference.coefficient(total, max_norm, eps)), total
 
 
 SHAPES = [(17,), (5, 9), (3, 4, 5), (1,), (0,), (70_000,)]
