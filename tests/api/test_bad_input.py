@@ -13,13 +13,10 @@ import pytest
 import reference as ref
 import torch
 from _backends import Backend, assert_close, sample, to_f64, unchanged
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from numpy.exceptions import AxisError
 
 import fastclip
 import fastclip.torch as fct
-from fastclip._cpu import _headers
 
 NORM_FUNCS = [
     ("norm", lambda x, **kw: fastclip.norm(x, **kw)),
@@ -437,60 +434,6 @@ def test_overlapping_arrays_in_one_in_place_call_raise_value_error(name, func, c
     arrays = make(a)
     with unchanged(a, *arrays), pytest.raises(ValueError):
         func(arrays)
-
-
-def _slices_overlap(bounds):
-    """Brute-force oracle: do two non-empty [lo, hi) element ranges intersect?"""
-    live = [(lo, hi) for lo, hi in bounds if hi > lo]
-    return any(
-        a_lo < b_hi and b_lo < a_hi
-        for k, (a_lo, a_hi) in enumerate(live)
-        for b_lo, b_hi in live[k + 1 :]
-    )
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    bounds=st.lists(
-        st.tuples(st.integers(0, 200), st.integers(0, 12)).map(lambda t: (t[0], t[0] + t[1])),
-        min_size=fastclip._config.FAST_HEADERS_MIN_ARRAYS,
-        max_size=40,
-    ),
-    order=st.sampled_from(["as drawn", "sorted", "reversed"]),
-)
-def test_overlap_check_of_the_bulk_header_path_matches_brute_force(bounds, order):
-    """Slices of one buffer, in any order: the kernel's disjointness check (an
-    insertion sort that gives up on scrambled orders) raises exactly when two
-    slices share an element, and clips correctly otherwise."""
-    if order != "as drawn":
-        bounds = sorted(bounds, reverse=order == "reversed")
-    buf = np.array(sample(212, seed=63), np.float32)
-    views = [buf[lo:hi] for lo, hi in bounds]
-    if _slices_overlap(bounds):
-        with unchanged(buf), pytest.raises(ValueError, match="share memory"):
-            fastclip.clip_by_global_norm_(views, 0.1)
-    else:
-        expected, total = ref.clip_by_global_norm([v.copy() for v in views], 0.1)
-        got = fastclip.clip_by_global_norm_(views, 0.1)
-        assert_close(got, total, "float32")
-        for v, e in zip(views, expected):
-            assert_close(v, e, "float32")
-
-
-def test_many_disjoint_arrays_in_descending_address_order_are_accepted():
-    """An order the kernel's insertion sort gives up on falls back to the NumPy sort."""
-    buf = np.array(sample(3_000, seed=64), np.float32)
-    views = [buf[i : i + 10] for i in range(0, 3_000, 10)][::-1]
-    disjoint = _headers.read_headers(views, views[0].dtype, True)[4]
-    assert not disjoint  # the kernel gave up: this exercises the NumPy sort
-    expected, total = ref.clip_by_global_norm([v.copy() for v in views], 0.1)
-    got = fastclip.clip_by_global_norm_(views, 0.1)
-    assert_close(got, total, "float32")
-    for v, e in zip(views, expected):
-        assert_close(v, e, "float32")
-    views.append(buf[5:15])  # overlaps two of them
-    with unchanged(buf), pytest.raises(ValueError, match="share memory"):
-        fastclip.clip_by_global_norm_(views, 0.1)
 
 
 @pytest.mark.parametrize(("name", "func"), IN_PLACE_GLOBAL, ids=ids(IN_PLACE_GLOBAL))
