@@ -1,4 +1,9 @@
-"""fastclip.adaptive against plain float64 transcriptions of the papers' reference code."""
+"""fastclip.adaptive against plain float64 transcriptions of the papers' reference code.
+
+This file owns GlobalNormClipper, AutoClip and ZClip and the clippers' shared interface
+(policies, state dicts, pickles, public paths); AGC is in test_agc.py, refusals and
+loaded states in test_safety_adaptive.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Every item of the issue's "Bad input" list: the right exception, and nothing modified.
 
+This file owns the argument and array checks shared by the public functions (types,
+bounds, orders, axes, read-only, stride 0, overlap, mixed libraries and devices); route-
+specific fast paths are in tests/routes/.
+
 Each test snapshots every input array before the call and checks, after the
 exception, that all of them still hold exactly their old values.
 """

@@ -1,4 +1,11 @@
-"""fastclip.clip_by_global_norm ((new arrays, total)) and clip_by_global_norm_ (returns total)."""
+"""fastclip.clip_by_global_norm ((new arrays, total)) and clip_by_global_norm_ (returns total).
+
+This file owns clip_by_global_norm and clip_by_global_norm_ (total_norm=,
+error_if_nonfinite=, mixed dtypes, views) on the backend matrix; the zero-norm rule is
+in test_zero_norm_rule.py, the bulk-header path's overlap check in
+tests/routes/test_routes.py, torch.nn.utils parity in
+tests/integration/test_torch_parity.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""fastclip.clip_by_norm (new array) and clip_by_norm_ (in place, returns the norms before)."""
+"""fastclip.clip_by_norm (new array) and clip_by_norm_ (in place, returns the norms before).
+
+This file owns clip_by_norm and clip_by_norm_ on the backend matrix; the zero-norm rule
+is in test_zero_norm_rule.py, bad arguments in test_bad_input.py, the Dask route in
+tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
 

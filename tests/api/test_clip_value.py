@@ -1,4 +1,9 @@
-"""fastclip.clip_by_value (new array) and clip_by_value_ (in place, returns x)."""
+"""fastclip.clip_by_value (new array) and clip_by_value_ (in place, returns x).
+
+This file owns clip_by_value and clip_by_value_ on the backend matrix, integer and bool
+data included (saturating bounds too); many-array value clipping is in
+test_safety_api.py, the Dask route in tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
 

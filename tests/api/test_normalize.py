@@ -1,4 +1,8 @@
-"""fastclip.normalize (new array) and normalize_ (in place, returns the norms before)."""
+"""fastclip.normalize (new array) and normalize_ (in place, returns the norms before).
+
+This file owns normalize and normalize_ on the backend matrix; bad arguments are in
+test_bad_input.py, the Dask route in tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""fastclip.norm and fastclip.global_norm against the float64 oracle on every backend."""
+"""fastclip.norm and fastclip.global_norm against the float64 oracle on every backend.
+
+This file owns norm and global_norm on the backend matrix (dtypes, orders, axes,
+keepdims, empty and non-finite inputs, accuracy, small chunks); the zero-norm rule is in
+test_zero_norm_rule.py, the Dask route in tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Fused clip-and-step optimizers against torch.optim and float64 transcriptions."""
+"""Fused clip-and-step optimizers against torch.optim and float64 transcriptions.
+
+This file owns fastclip.optim (adamw_step_, sgd_step_) and fastclip.torch's FusedAdamW,
+FusedSGD and ClippedOptimizer; their refusals are in test_safety_optim.py, their GPU
+driver in tests/gpu/.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""clip_per_sample: parity with Opacus and optax formulas, float64 oracle, bad input."""
+"""clip_per_sample: parity with Opacus and optax formulas, float64 oracle, bad input.
+
+This file owns clip_per_sample on the CPU backends; its GPU route is in tests/gpu/, the
+peers run side by side in tests/integration/test_real_peers.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Data safety of fastclip.adaptive: a refused call changes nothing, a loaded state is sound.
 
+This file owns the refusals and loaded states of fastclip.adaptive; the clippers' values
+are in test_adaptive.py and test_agc.py.
+
 Every refused call is checked on the bytes of every input and on the clipper's
 whole state (``state_dict`` and the ``last_*`` attributes); every accepted one
 against float64 NumPy transcriptions of the papers' formulas: AGC (Brock et

@@ -1,5 +1,9 @@
 """Data safety of the public API: nothing is written before every input is validated.
 
+This file owns validate-before-write for many-array value clipping, lazily negated
+views, scalars in lists, huge integers and the per-sample extremes; single-operation
+refusals are in test_bad_input.py.
+
 One regression test (or group) per item of the issue's "Data safety" list that
 the API layer answers, across the CPU backend matrix where it applies:
 

@@ -1,5 +1,9 @@
 """Data safety of the core routes: one regression test per item, across the backends.
 
+This file owns out-of-place non-writes, subnormal and tiny norms, rounding of extreme
+coefficients and refused dtypes, on the CPU backends; their Dask twins are in
+tests/routes/test_dask.py, integer clipping in test_clip_value.py.
+
 1. Out-of-place calls never write their input, also where the per-slice plan's
    transposed view is already contiguous (size-1 axes, channels_last tensors)
    and for read-only inputs.

@@ -1,6 +1,8 @@
 """Data safety of the fused optimizers: a refused step changes nothing, validation comes
 before the non-finite decision, the fused norm is the core's, torch's argument rules.
 
+This file owns the refusals of the fused optimizers; their values are in test_optim.py.
+
 Every refused call is checked byte for byte (params, grads, state) and on the
 optimizer's ``state_dict``; every accepted one against ``torch.optim`` or the
 float64 transcriptions of ``tests/reference.py``.

@@ -1,5 +1,8 @@
 """One zero-norm rule on every route: the clip coefficient of ``fastclip._formulas``.
 
+This file owns the zero-norm rule on every route (matrix, Dask, fused steps, per-sample,
+CUDA sources); the operations' other values are in their own test_<op>.py.
+
 ``min(1, c / (norm + eps))``, 1 where ``norm + eps == 0`` (0 / 0: nothing to
 clip), 0 for an infinite norm, NaN for a NaN norm.  Each route is observed
 through what it writes: an element ``v`` next to the special values comes out

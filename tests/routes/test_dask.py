@@ -1,5 +1,9 @@
 """The Dask route: lazy norms and clipping chunk by chunk, against float64 NumPy.
 
+This file owns what is Dask's own (chunkings, laziness, graphs, the distributed
+scheduler, graph-time refusals); the operations' values on the other backends are in
+tests/api/.
+
 Covers several chunkings (uneven, single chunk, axis clipping across chunk
 boundaries along every axis, 3-D with tuple axes), ord 1/2/inf/3, float16/32/64,
 laziness (no kernel runs and no scheduler call before ``.compute()``), the

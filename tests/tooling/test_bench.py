@@ -1,5 +1,9 @@
 """``fastclip._bench``: workloads, the correctness check, JSON, --compare, the plot.
 
+This file owns the benchmark's single and many-array workloads, its check, JSON,
+--compare, the plot and the progress bar; the adamw and per-sample workloads are in
+test_bench_workloads.py.
+
 Everything runs on tiny sizes with a 1 MiB bandwidth probe, so the file takes a
 few seconds; the real figures come from ``fastclip bench`` itself.
 """

@@ -1,4 +1,8 @@
-"""The ``fastclip`` command line: help, argument errors (exit 2), ``info``."""
+"""The ``fastclip`` command line: help, argument errors (exit 2), ``info``.
+
+This file owns the command line; the benchmark it runs is in test_bench.py and
+test_bench_workloads.py.
+"""
 
 from __future__ import annotations
 

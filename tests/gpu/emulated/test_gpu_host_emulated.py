@@ -1,5 +1,8 @@
 """The GPU driver's host side, run on the CPU against Python emulations of its kernels.
 
+This file owns the core GPU driver's host side (tables, launches, syncs); shared
+emulation helpers are in tests/_gpu_emulation.py.
+
 No GPU here, so the CUDA kernels cannot run; but everything the driver does
 around them can: grouping, table packing and upload, pointer offsets into the
 table, launch arguments in kernel order, scratch buffers, copy-in/copy-out,

@@ -1,6 +1,9 @@
 """The per-sample GPU driver's host side, run on the CPU against NumPy emulations of
 its kernels (``fastclip/_gpu/per_sample_kernels.cu``).
 
+This file owns the per-sample GPU driver's host side; shared emulation helpers are in
+tests/_gpu_emulation.py.
+
 As in ``tests/gpu/emulated/test_gpu_host_emulated.py``: "device memory" is NumPy memory,
 pointers are host addresses, and each kernel is replaced by a NumPy
 transcription of its CUDA source that reads and writes through the raw
