@@ -72,3 +72,12 @@ def test_agc_explicit_axes_and_nonfinite() -> None:
         AGC(nonfinite="error")([bad], [p])
     AGC()([bad], [p])  # propagate: the NaN unit becomes NaN, the others are clipped
     assert np.isnan(bad[0]).all() and np.isfinite(bad[1:]).all()
+
+
+def test_agc_validates_its_inputs_at_call_time() -> None:
+    """Parameters are required, and optax's unit layout has no rule for 5-D tensors
+    (the constructor's argument checks are in test_safety_adaptive.py)."""
+    with pytest.raises(ValueError):
+        AGC()([np.ones(2)])  # no params
+    with pytest.raises(ValueError):
+        AGC(axis="optax")([np.ones((1, 2, 3, 4, 5))], [np.ones((1, 2, 3, 4, 5))])
