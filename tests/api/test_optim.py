@@ -1,8 +1,8 @@
 """Fused clip-and-step optimizers against torch.optim and float64 transcriptions.
 
 This file owns fastclip.optim (adamw_step_, sgd_step_) and fastclip.torch's FusedAdamW,
-FusedSGD and ClippedOptimizer; their refusals and argument checks are in test_safety_optim.py, their GPU
-driver in tests/gpu/.
+FusedSGD and ClippedOptimizer; their refusals and argument checks are in
+test_safety_optim.py, their GPU driver in tests/gpu/.
 """
 
 from __future__ import annotations
