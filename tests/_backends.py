@@ -315,3 +315,20 @@ def unchanged(*arrays: Any) -> Any:
     yield
     for a, before in snapshots:
         assert _element_bytes(a) == before, "an input array was modified"
+
+
+def clipper_state(clipper: Any) -> str:
+    """Everything a call to a fastclip.adaptive clipper may change, as one comparable
+    string (NaN == NaN in JSON)."""
+    import json
+
+    return json.dumps(
+        [
+            clipper.state_dict(),
+            clipper.step,
+            clipper.last_total_norm,
+            clipper.last_threshold,
+            clipper.last_step_skipped,
+        ],
+        sort_keys=True,
+    )
