@@ -1,8 +1,8 @@
 """fastclip.adaptive against plain float64 transcriptions of the papers' reference code.
 
 This file owns GlobalNormClipper, AutoClip and ZClip and the clippers' shared interface
-(policies, state dicts, pickles, public paths); AGC is in test_agc.py, refusals and
-loaded states in test_safety_adaptive.py.
+(policies, state dict and pickle round trips, public paths); AGC is in test_agc.py,
+refusals in test_safety_adaptive.py, refused and loaded states in test_adaptive_state.py.
 """
 
 from __future__ import annotations
