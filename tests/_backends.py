@@ -9,8 +9,10 @@ reason unless a device is usable (never on "the package imports").
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,26 @@ import pytest
 FLOAT16 = ("float16", "bfloat16")
 REAL_FLOATS = ("float16", "bfloat16", "float32", "float64")
 COMPLEX = ("complex64", "complex128")
+#: The norm orders every operation runs on: the three special cases and a general p.
+ORDS = (1, 2, math.inf, 3)
+#: Bounds for integer and bool clip_by_value that saturate at the dtype's range.
+SATURATING_INT_BOUNDS = (
+    (-math.inf, math.inf),
+    (None, math.inf),
+    (-math.inf, None),
+    (math.inf, None),
+    (None, -math.inf),
+    (-1e30, 1e30),
+    (1e30, None),
+    (None, -1e30),
+    (-2.5, 1e30),
+    (-1e30, 0.5),
+    (1e300, math.inf),
+)
+#: Dtypes with no kernels: byte-swapped floats and ints, long double, complex long double.
+UNSUPPORTED_DTYPES = (">f4", ">f8", ">f2", np.longdouble, np.clongdouble, ">i4")
+#: Orders below 1 and between 1 and 2 (the general-p kernels' other branches).
+FRACTIONAL_ORDS = (0.5, 1.5)
 
 #: Relative tolerance on element values and norms, per dtype (see ``rtol``).
 _RTOL = {
@@ -263,3 +285,50 @@ def require_gpu_module() -> Any:
             f"CUDA device present but the GPU route cannot run: {exc}", allow_module_level=True
         )
     return torch
+
+
+def to_f64(x: Any) -> np.ndarray:
+    """Any CPU array (NumPy, torch, array-api-strict) or number as float64 NumPy (a copy)."""
+    if hasattr(x, "detach"):
+        import torch
+
+        return x.detach().to(torch.float64).numpy()
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        return np.from_dlpack(x).astype(np.float64)
+    return np.array(x, dtype=np.float64)
+
+
+def _element_bytes(a: Any) -> bytes:
+    if hasattr(a, "detach"):
+        import torch
+
+        t = a.detach().cpu().contiguous().reshape(-1)
+        return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return np.array(a, copy=True).tobytes()
+
+
+@contextlib.contextmanager
+def unchanged(*arrays: Any) -> Any:
+    """Assert, after the block, that every array holds exactly its old bytes
+    (NumPy arrays and torch tensors; NaN payloads and signed zeros included)."""
+    snapshots = [(a, _element_bytes(a)) for a in arrays]
+    yield
+    for a, before in snapshots:
+        assert _element_bytes(a) == before, "an input array was modified"
+
+
+def clipper_state(clipper: Any) -> str:
+    """Everything a call to a fastclip.adaptive clipper may change, as one comparable
+    string (NaN == NaN in JSON)."""
+    import json
+
+    return json.dumps(
+        [
+            clipper.state_dict(),
+            clipper.step,
+            clipper.last_total_norm,
+            clipper.last_threshold,
+            clipper.last_step_skipped,
+        ],
+        sort_keys=True,
+    )

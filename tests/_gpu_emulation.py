@@ -11,9 +11,32 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 from typing import Any
 
 import numpy as np
+
+#: The CUDA element types of the kernels' name expressions, as NumPy dtypes.
+CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
+#: (ord_code, p) pairs as the drivers pass them: 2-norm, 1-norm, max, a general p.
+PCODES = [(2, 2.0), (1, 1.0), (0, math.inf), (3, 3.0)]
+
+
+def pow_sum(v: np.ndarray, ord_code: int, p: float) -> float:
+    """A kernel's partial result in float64: the max of |v| (NaN wins) for ord_code 0,
+    else the sum of |v|, |v|**2 or |v|**p (over- and underflowing silently, as a GPU)."""
+    a = np.abs(v.astype(np.float64))
+    if ord_code == 0:
+        return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
+    with np.errstate(all="ignore"):
+        return float(np.sum(a**2 if ord_code == 2 else (a if ord_code == 1 else a**p)))
+
+
+def root(v: float, ord_code: int, p: float) -> float:
+    """The norm from a combined partial: itself for max and 1, its square or p-th root."""
+    if ord_code in (0, 1):
+        return v
+    return math.sqrt(v) if ord_code == 2 else v ** (1.0 / p)
 
 
 def mem(

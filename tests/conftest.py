@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _backends import Backend, backend_params
+from _backends import CPU, Backend, backend_params
 
 # Deterministic for CI (SciPy does the same): the same examples every run.
 settings.register_profile("fastclip-ci", derandomize=True, max_examples=40, deadline=None)
 settings.register_profile("fastclip-dev", max_examples=300, deadline=None)
-# The long contract-fuzzer run (tests/api/test_fuzz.py): random, many examples.
+# The long contract-fuzzer run (tests/api/test_fuzz*.py): random, many examples.
 settings.register_profile("fastclip-fuzz", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("FASTCLIP_HYPOTHESIS_PROFILE", "fastclip-ci"))
 
@@ -36,6 +37,42 @@ settings.load_profile(os.environ.get("FASTCLIP_HYPOTHESIS_PROFILE", "fastclip-ci
 def backend(request: pytest.FixtureRequest) -> Backend:
     """Each backend of the matrix (GPU ones skip with a reason where none is usable)."""
     return request.param
+
+
+@pytest.fixture(params=backend_params(CPU))
+def cpu_backend(request: pytest.FixtureRequest) -> Backend:
+    """Each CPU backend of the matrix (NumPy, read-only NumPy, torch, array-api-strict)."""
+    return request.param
+
+
+@pytest.fixture
+def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB bandwidth probe for ``fastclip bench`` instead of 256 MiB (the
+    figure is meaningless, the code path is not)."""
+    from fastclip._bench import timing
+
+    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
+
+
+@pytest.fixture
+def bench_config() -> Any:
+    """A factory of tiny ``fastclip bench`` configurations: one workload, one
+    size, two rounds, the fastclip and NumPy backends, no progress bar;
+    keyword arguments replace any field."""
+    from fastclip._bench import BenchConfig
+
+    def make(**kw: Any) -> Any:
+        base: dict[str, Any] = dict(
+            workloads=("single",),
+            sizes=(1000,),
+            repeat=2,
+            backends=("fastclip", "numpy"),
+            progress=False,
+        )
+        base.update(kw)
+        return BenchConfig(**base)
+
+    return make
 
 
 @pytest.fixture

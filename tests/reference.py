@@ -89,17 +89,23 @@ def clip_by_value(x: Any, lo: float | None = None, hi: float | None = None) -> n
 
     Integer and bool data (bools as the integers 0 and 1) are clamped to the
     bounds rounded inward, ``ceil(lo)`` and ``floor(hi)``, and stay in their
-    dtype's range.
+    dtype's range (huge and infinite bounds saturate at it).
     """
     a = np.asarray(x)
     if a.dtype.kind in "biu":
         info = np.iinfo(a.dtype) if a.dtype.kind != "b" else None
         low, high = (0, 1) if info is None else (int(info.min), int(info.max))
+
+        def bound(b: float, lower: bool) -> int:
+            if math.isinf(b):  # clips everything to +-inf, which saturates at the range
+                return high + 1 if b > 0 else low - 1
+            return math.ceil(b) if lower else math.floor(b)
+
         v = [int(e) for e in a.reshape(-1)]  # Python ints: no overflow
         if lo is not None:
-            v = [max(e, math.ceil(lo)) for e in v]
+            v = [max(e, bound(lo, True)) for e in v]
         if hi is not None:
-            v = [min(e, math.floor(hi)) for e in v]
+            v = [min(e, bound(hi, False)) for e in v]
         v = [min(max(e, low), high) for e in v]  # results stay in the dtype's range
         return np.array(v, dtype=a.dtype).reshape(a.shape)
     v = a.astype(np.float64)
@@ -174,3 +180,102 @@ def sgd_step(p, g, buf, lr, mom, damp, wd, nesterov, first, coef):  # type: igno
         buf = g.copy() if first else mom * buf + (1 - damp) * g
         g = g + mom * buf if nesterov else buf
     return p - lr * g, buf
+
+
+# ------------------------------------------------ fastclip.adaptive's papers
+
+
+def percentile(history: list[float], p: float) -> float:
+    """AutoClip's threshold: the ``p``-th percentile of the norm history (NumPy's linear rule)."""
+    with np.errstate(invalid="ignore"):
+        return float(np.percentile(np.asarray(history, np.float64), p))
+
+
+class ZClipReference:
+    """Transcription of bluorion-com/ZClip ``zclip.py`` (float64, on plain norms).
+
+    Returns the clip threshold used at each step (None = untouched).
+    """
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=None, eps=1e-6, warmup_steps=25,
+                 mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0,
+                 skip_update_on_spike=False):  # fmt: skip
+        self.alpha, self.z_thresh, self.max_grad_norm = alpha, z_thresh, max_grad_norm
+        self.eps, self.warmup_steps, self.mode = eps, warmup_steps, mode
+        self.clip_option, self.clip_factor = clip_option, clip_factor
+        self.skip_update_on_spike = skip_update_on_spike
+        self.buffer: list[float] = []
+        self.initialized = False
+        self.mean = self.var = None
+
+    def _initialize_ema(self):
+        self.mean = sum(self.buffer) / len(self.buffer)
+        self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+        self.initialized = True
+        self.buffer = []
+
+    def _update_ema(self, grad_norm):
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * grad_norm
+        self.var = self.alpha * self.var + (1 - self.alpha) * (grad_norm - self.mean) ** 2
+
+    def _compute_clip_val(self, grad_norm):
+        std = self.var**0.5
+        if self.mode == "percentile":
+            threshold = self.mean + self.z_thresh * std
+            if grad_norm > threshold:
+                return threshold
+        else:
+            z = (grad_norm - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    eta = z / self.z_thresh
+                    threshold = self.mean + (self.z_thresh * std) / eta
+                    return threshold * self.clip_factor
+                return self.mean
+        return None
+
+    def step(self, total_norm):
+        if not self.initialized:
+            self.buffer.append(total_norm)
+            if len(self.buffer) >= self.warmup_steps:
+                self._initialize_ema()
+            return self.max_grad_norm
+        clip_val = self._compute_clip_val(total_norm)
+        used = clip_val
+        if self.max_grad_norm is not None:
+            used = self.max_grad_norm if clip_val is None else min(clip_val, self.max_grad_norm)
+        if not (clip_val is not None and self.skip_update_on_spike):
+            self._update_ema(clip_val if clip_val is not None else total_norm)
+        return used
+
+
+def timm_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
+    """timm ``adaptive_clip_grad`` (norm_type 2) in float64 NumPy."""
+
+    def unitwise(x):
+        if x.ndim <= 1:
+            return np.sqrt(np.sum(x * x))
+        return np.sqrt(np.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
+
+    max_norm = np.maximum(unitwise(p), eps) * clip
+    gn = unitwise(g)
+    clipped = g * (max_norm / np.maximum(gn, 1e-6))
+    return np.where(gn < max_norm, g, clipped)
+
+
+def optax_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
+    """optax ``adaptive_grad_clip`` in float64 NumPy."""
+
+    def unitwise(x):
+        if np.squeeze(x).ndim <= 1:
+            sq = np.sum(x * x, keepdims=True)
+        elif x.ndim in (2, 3):
+            sq = np.sum(x * x, axis=0, keepdims=True)
+        else:
+            sq = np.sum(x * x, axis=(0, 1, 2), keepdims=True)
+        return np.broadcast_to(np.sqrt(sq), x.shape)
+
+    g_norm, p_norm = unitwise(g), unitwise(p)
+    max_norm = np.maximum(p_norm, eps) * clip
+    clipped = g * (max_norm / np.maximum(g_norm, 1e-6))
+    return np.where(g_norm < max_norm, g, clipped)

@@ -1,4 +1,9 @@
-"""fastclip.adaptive against plain float64 transcriptions of the papers' reference code."""
+"""fastclip.adaptive against plain float64 transcriptions of the papers' reference code.
+
+This file owns GlobalNormClipper, AutoClip and ZClip and the clippers' shared interface
+(policies, state dict and pickle round trips, public paths); AGC is in test_agc.py,
+refusals in test_safety_adaptive.py, refused and loaded states in test_adaptive_state.py.
+"""
 
 from __future__ import annotations
 
@@ -10,76 +15,12 @@ import pickle
 
 import numpy as np
 import pytest
+import reference
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastclip
 from fastclip.adaptive import AGC, AutoClip, GlobalNormClipper, ZClip, _Percentile
-
-# ------------------------------------------------------------- references
-
-
-def ref_percentile(history: list[float], p: float) -> float:
-    with np.errstate(invalid="ignore"):
-        return float(np.percentile(np.asarray(history, np.float64), p))
-
-
-class RefZClip:
-    """Transcription of bluorion-com/ZClip ``zclip.py`` (float64, on plain norms).
-
-    Returns the clip threshold used at each step (None = untouched).
-    """
-
-    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=None, eps=1e-6, warmup_steps=25,
-                 mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0,
-                 skip_update_on_spike=False):  # fmt: skip
-        self.alpha, self.z_thresh, self.max_grad_norm = alpha, z_thresh, max_grad_norm
-        self.eps, self.warmup_steps, self.mode = eps, warmup_steps, mode
-        self.clip_option, self.clip_factor = clip_option, clip_factor
-        self.skip_update_on_spike = skip_update_on_spike
-        self.buffer: list[float] = []
-        self.initialized = False
-        self.mean = self.var = None
-
-    def _initialize_ema(self):
-        self.mean = sum(self.buffer) / len(self.buffer)
-        self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
-        self.initialized = True
-        self.buffer = []
-
-    def _update_ema(self, grad_norm):
-        self.mean = self.alpha * self.mean + (1 - self.alpha) * grad_norm
-        self.var = self.alpha * self.var + (1 - self.alpha) * (grad_norm - self.mean) ** 2
-
-    def _compute_clip_val(self, grad_norm):
-        std = self.var**0.5
-        if self.mode == "percentile":
-            threshold = self.mean + self.z_thresh * std
-            if grad_norm > threshold:
-                return threshold
-        else:
-            z = (grad_norm - self.mean) / (std + self.eps)
-            if z > self.z_thresh:
-                if self.clip_option == "adaptive_scaling":
-                    eta = z / self.z_thresh
-                    threshold = self.mean + (self.z_thresh * std) / eta
-                    return threshold * self.clip_factor
-                return self.mean
-        return None
-
-    def step(self, total_norm):
-        if not self.initialized:
-            self.buffer.append(total_norm)
-            if len(self.buffer) >= self.warmup_steps:
-                self._initialize_ema()
-            return self.max_grad_norm
-        clip_val = self._compute_clip_val(total_norm)
-        used = clip_val
-        if self.max_grad_norm is not None:
-            used = self.max_grad_norm if clip_val is None else min(clip_val, self.max_grad_norm)
-        if not (clip_val is not None and self.skip_update_on_spike):
-            self._update_ema(clip_val if clip_val is not None else total_norm)
-        return used
 
 
 def norm_sequence(rng: np.random.Generator, n: int, spikes: float = 0.03) -> list[float]:
@@ -112,7 +53,7 @@ def test_percentile_structure_equals_numpy(p: float, window: int | None) -> None
         if window is not None and len(hist) > window:
             stats.remove(i - window)
             hist.pop(0)
-        assert stats.value() == ref_percentile(hist, p)
+        assert stats.value() == reference.percentile(hist, p)
 
 
 @given(
@@ -136,7 +77,7 @@ def test_percentile_property(values: list[float], p: float, window: int | None) 
         if window is not None and len(hist) > window:
             stats.remove(i - window)
             hist.pop(0)
-        got, want = stats.value(), ref_percentile(hist, p)
+        got, want = stats.value(), reference.percentile(hist, p)
         assert got == want or (math.isnan(got) and math.isnan(want))
 
 
@@ -153,7 +94,7 @@ def test_autoclip_against_reference(history: int | None) -> None:
         hist.append(v)
         if history is not None:
             hist = hist[-history:]
-        thr = ref_percentile(hist, 10)
+        thr = reference.percentile(hist, 10)
         assert float(total) == pytest.approx(v, rel=1e-15)
         assert clipper.last_threshold == thr
         coef = min(1.0, thr / (float(total) + 1e-6))
@@ -204,7 +145,7 @@ def _ref_kwargs(cfg: dict) -> dict:
 def test_zclip_against_reference(cfg: dict) -> None:
     rng = np.random.default_rng(len(str(cfg)))
     norms = norm_sequence(rng, 1500, spikes=0.05)
-    ours, ref = ZClip(**cfg), RefZClip(**_ref_kwargs(cfg))
+    ours, ref = ZClip(**cfg), reference.ZClipReference(**_ref_kwargs(cfg))
     for step, v in enumerate(norms):
         g = one(v)
         total = ours(g)
@@ -297,7 +238,7 @@ def test_nonfinite_propagate_matches_references() -> None:
     a(g)
     assert math.isnan(a.last_threshold) and math.isnan(g[0][0])
     # ZClip: NaN poisons the mean as in the reference
-    z, ref = ZClip(warmup_steps=2), RefZClip(warmup_steps=2)
+    z, ref = ZClip(warmup_steps=2), reference.ZClipReference(warmup_steps=2)
     for v in (1.0, 1.2, math.nan, 1.0):
         z(one(v))
         ref.step(v)
@@ -380,120 +321,6 @@ def test_array_api_strict_route() -> None:
     assert float(g[0][0]) == pytest.approx(0.6)
     new, _ = AGC(clipping=0.1).clip([xp.asarray([[3.0, 4.0]])], [xp.asarray([[1.0, 0.0]])])
     assert float(new[0][0, 0]) == pytest.approx(0.06)
-
-
-def test_validation() -> None:
-    with pytest.raises(ValueError):
-        AutoClip(percentile=101)
-    with pytest.raises(ValueError):
-        AutoClip(history=0)
-    with pytest.raises(ValueError):
-        ZClip(mode="median")
-    with pytest.raises(ValueError):
-        ZClip(alpha=1.0)
-    with pytest.raises(ValueError):
-        GlobalNormClipper(-1.0)
-    with pytest.raises(ValueError):
-        GlobalNormClipper(1.0, nonfinite="ignore")
-    with pytest.raises(ValueError):
-        AGC()([np.ones(2)])  # no params
-    with pytest.raises(ValueError):
-        AGC(axis="optax")([np.ones((1, 2, 3, 4, 5))], [np.ones((1, 2, 3, 4, 5))])
-    with pytest.raises(ValueError, match="clipping"):
-        AGC(clipping=0.0)
-    for bad in ("a", None, [0.1]):
-        with pytest.raises(TypeError, match="clipping"):
-            AGC(clipping=bad)
-
-
-# ----------------------------------------------------------------------- AGC
-
-
-def timm_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
-    """timm ``adaptive_clip_grad`` (norm_type 2) in float64 NumPy."""
-
-    def unitwise(x):
-        if x.ndim <= 1:
-            return np.sqrt(np.sum(x * x))
-        return np.sqrt(np.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
-
-    max_norm = np.maximum(unitwise(p), eps) * clip
-    gn = unitwise(g)
-    clipped = g * (max_norm / np.maximum(gn, 1e-6))
-    return np.where(gn < max_norm, g, clipped)
-
-
-def optax_agc(p: np.ndarray, g: np.ndarray, clip: float, eps: float) -> np.ndarray:
-    """optax ``adaptive_grad_clip`` in float64 NumPy."""
-
-    def unitwise(x):
-        if np.squeeze(x).ndim <= 1:
-            sq = np.sum(x * x, keepdims=True)
-        elif x.ndim in (2, 3):
-            sq = np.sum(x * x, axis=0, keepdims=True)
-        else:
-            sq = np.sum(x * x, axis=(0, 1, 2), keepdims=True)
-        return np.broadcast_to(np.sqrt(sq), x.shape)
-
-    g_norm, p_norm = unitwise(g), unitwise(p)
-    max_norm = np.maximum(p_norm, eps) * clip
-    clipped = g * (max_norm / np.maximum(g_norm, 1e-6))
-    return np.where(g_norm < max_norm, g, clipped)
-
-
-SHAPES = [(), (7,), (1, 9), (6, 4), (3, 4, 5), (8, 3, 3, 3), (3, 3, 4, 8)]
-
-
-@pytest.mark.parametrize("layout", ["torch", "optax"])
-@pytest.mark.parametrize("lib", ["numpy", "torch"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_agc_against_timm_and_optax(layout: str, lib: str, dtype: str) -> None:
-    rng = np.random.default_rng(7)
-    ref = timm_agc if layout == "torch" else optax_agc
-    ps = [rng.normal(size=s) * rng.choice([1e-4, 1.0], size=s) for s in SHAPES]
-    ps[1][:] = 0.0  # a zero-initialised vector: the eps floor decides
-    gs = [rng.normal(size=s) * 0.05 * rng.choice([0.01, 1.0, 30.0]) for s in SHAPES]
-    if lib == "torch":
-        torch = pytest.importorskip("torch")
-        conv = lambda a: torch.tensor(a, dtype=getattr(torch, dtype))  # noqa: E731
-        back = lambda t: t.double().numpy().copy()  # noqa: E731
-    else:
-        conv = lambda a: np.asarray(a, dtype=dtype)  # noqa: E731
-        back = lambda a: np.array(a, np.float64)  # noqa: E731
-    P = [conv(p) for p in ps]
-    G = [conv(g) for g in gs]
-    P_in = [back(p) for p in P]
-    G_in = [back(g) for g in G]
-    want = [ref(p, g, 0.02, 1e-3) for p, g in zip(P_in, G_in)]
-    agc = AGC(clipping=0.02, eps=1e-3, axis=layout)
-    new, total_oop = agc.clip(G, P)
-    total = agc(G, P)
-    rtol = 1e-12 if dtype == "float64" else 2e-6
-    for a, b, w in zip(G, new, want):
-        np.testing.assert_allclose(back(a), w, rtol=rtol, atol=1e-300)
-        np.testing.assert_allclose(back(b), w, rtol=rtol, atol=1e-300)
-    expected_total = math.sqrt(sum(float(np.sum(g * g)) for g in G_in))
-    assert float(total) == pytest.approx(expected_total, rel=rtol * 10)
-    assert float(total_oop) == float(total)
-
-
-def test_agc_explicit_axes_and_nonfinite() -> None:
-    rng = np.random.default_rng(2)
-    p, g = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
-    a = g.copy()
-    AGC(0.05, axis=1)([a], [p])
-    np.testing.assert_allclose(a, timm_agc(p, g, 0.05, 1e-3), rtol=1e-13)
-    bad = g.copy()
-    bad[0, 0] = math.nan
-    keep = bad.copy()
-    agc = AGC(nonfinite="skip")
-    agc([bad], [p])
-    assert agc.last_step_skipped
-    np.testing.assert_array_equal(bad, keep)
-    with pytest.raises(fastclip.NonFiniteNormError):
-        AGC(nonfinite="error")([bad], [p])
-    AGC()([bad], [p])  # propagate: the NaN unit becomes NaN, the others are clipped
-    assert np.isnan(bad[0]).all() and np.isfinite(bad[1:]).all()
 
 
 def test_load_state_dict_is_strict_and_leaves_the_clipper_unchanged_on_failure() -> None:

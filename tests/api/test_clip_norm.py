@@ -1,4 +1,9 @@
-"""fastclip.clip_by_norm (new array) and clip_by_norm_ (in place, returns the norms before)."""
+"""fastclip.clip_by_norm (new array) and clip_by_norm_ (in place, returns the norms before).
+
+This file owns clip_by_norm and clip_by_norm_ on the backend matrix; the zero-norm rule
+is in test_zero_norm_rule.py, bad arguments in test_bad_input.py, the Dask route in
+tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,10 @@ import math
 import numpy as np
 import pytest
 import reference as ref
-from _backends import CPU, WRITEABLE, Backend, assert_close, norm_dtype, params, sample
+from _backends import CPU, ORDS, WRITEABLE, Backend, assert_close, norm_dtype, params, sample
 
 import fastclip
 
-ORDS = [1, 2, math.inf, 3]
 AXES = [None, 0, -1, (0, 1), (1, 2), (0, 2), (0, 1, 2)]
 # Slices with very different norms, so one max_norm clips some and leaves others.
 SCALES = np.array([0.01, 0.3, 1.0, 5.0]).reshape(4, 1, 1)

@@ -1,11 +1,28 @@
-"""fastclip.clip_by_value (new array) and clip_by_value_ (in place, returns x)."""
+"""fastclip.clip_by_value (new array) and clip_by_value_ (in place, returns x).
+
+This file owns clip_by_value and clip_by_value_ on the backend matrix, integer and bool
+data included (saturating bounds too); many-array value clipping is in
+test_safety_api.py, the Dask route in tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import reference as ref
-from _backends import CPU, WRITEABLE, Backend, assert_close, params, sample
+from _backends import (
+    CPU,
+    SATURATING_INT_BOUNDS,
+    WRITEABLE,
+    Backend,
+    assert_close,
+    params,
+    sample,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastclip
 
@@ -124,3 +141,44 @@ def test_clip_by_value_zero_size_and_array_bounds(backend, dtype):
     lo = np.asarray(-0.2) if not backend.is_torch else backend.module().tensor(-0.2)
     got = fastclip.clip_by_value(y, lo, 0.2)  # a 0-d array bound
     assert_close(backend.to_numpy(got), ref.clip_by_value(backend.to_numpy(y), -0.2, 0.2), dtype)
+
+
+# ------------------------------------ integers: saturating and huge bounds
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "int64", "bool"])
+@pytest.mark.parametrize(("lo", "hi"), SATURATING_INT_BOUNDS)
+def test_integer_clip_by_value_saturates(cpu_backend, dtype, lo, hi):
+    raw = np.array([-128, -3, 0, 1, 5, 127]) if dtype != "bool" else np.array([0, 1, 1, 0])
+    data = raw.astype(dtype) if dtype != "uint8" else np.abs(raw).astype(dtype)
+    x = cpu_backend.asarray(data, dtype)
+    before = cpu_backend.to_numpy(x)
+    out = fastclip.clip_by_value(x, lo, hi)
+    np.testing.assert_array_equal(cpu_backend.to_numpy(out), ref.clip_by_value(data, lo, hi))
+    np.testing.assert_array_equal(cpu_backend.to_numpy(x), before)
+    if cpu_backend.writeable:
+        fastclip.clip_by_value_(x, lo, hi)
+        np.testing.assert_array_equal(cpu_backend.to_numpy(x), ref.clip_by_value(data, lo, hi))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    dtype=st.sampled_from(["int8", "uint8", "int16", "int64", "bool"]),
+    lo=st.one_of(st.none(), st.floats(allow_nan=False)),
+    hi=st.one_of(st.none(), st.floats(allow_nan=False)),
+    seed=st.integers(0, 10),
+)
+def test_integer_clip_by_value_matches_the_oracle(dtype, lo, hi, seed):
+    rng = np.random.default_rng(seed)
+    if dtype == "bool":
+        data = rng.integers(0, 2, 12).astype(bool)
+    else:
+        info = np.iinfo(dtype)
+        data = rng.integers(int(info.min), int(info.max), 12, endpoint=True, dtype=dtype)
+    if lo is not None and hi is not None and lo > hi:
+        lo, hi = hi, lo
+    if lo is None and hi is None:
+        hi = math.inf  # one bound is required
+    np.testing.assert_array_equal(
+        fastclip.clip_by_value(data, lo, hi), ref.clip_by_value(data, lo, hi)
+    )

@@ -1,17 +1,20 @@
-"""fastclip.normalize (new array) and normalize_ (in place, returns the norms before)."""
+"""fastclip.normalize (new array) and normalize_ (in place, returns the norms before).
+
+This file owns normalize and normalize_ on the backend matrix; bad arguments are in
+test_bad_input.py, the Dask route in tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import reference as ref
 from _backends import CPU, WRITEABLE, Backend, assert_close, norm_dtype, params, sample
+from _backends import ORDS as BASE_ORDS
 
 import fastclip
 
-ORDS = [1, 2, math.inf, 3, 0.5]
+ORDS = (*BASE_ORDS, 0.5)
 AXES = [None, 1, -1, (0, 2), (1, 2)]
 
 

@@ -1,4 +1,9 @@
-"""fastclip.norm and fastclip.global_norm against the float64 oracle on every backend."""
+"""fastclip.norm and fastclip.global_norm against the float64 oracle on every backend.
+
+This file owns norm and global_norm on the backend matrix (dtypes, orders, axes,
+keepdims, empty and non-finite inputs, accuracy, small chunks); the zero-norm rule is in
+test_zero_norm_rule.py, the Dask route in tests/routes/test_dask.py.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ import math
 import numpy as np
 import pytest
 import reference as ref
-from _backends import CPU, Backend, assert_close, norm_dtype, params, sample
+from _backends import CPU, FRACTIONAL_ORDS, Backend, assert_close, norm_dtype, params, sample
+from _backends import ORDS as BASE_ORDS
 
 import fastclip
 
-ORDS = [1, 2, math.inf, 3, 0.5, 1.5]
+ORDS = (*BASE_ORDS, *FRACTIONAL_ORDS)
 AXES_3D = [None, 0, 1, 2, -1, -3, (0, 1), (1, 2), (0, 2), (-1, 0), (0, 1, 2)]
 AXES_4D = [(1, 2), (0, 3), (1,), (2, 3), (0, 1), (0, 2)]  # middle, outer, single, trailing, ...
 

@@ -1,4 +1,8 @@
-"""clip_per_sample: parity with Opacus and optax formulas, float64 oracle, bad input."""
+"""clip_per_sample: parity with Opacus and optax formulas, float64 oracle, bad input.
+
+This file owns clip_per_sample on the CPU backends; its GPU route is in tests/gpu/, the
+peers run side by side in tests/integration/test_real_peers.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
+from _backends import to_f64
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -18,19 +23,13 @@ from fastclip import clip_per_sample
 # ----------------------------------------------------------------- helpers
 
 
-def _f64(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
 def oracle(arrays, max_norm, ord=2, per_layer=False, reduce="sum", eps=1e-6):
     """The float64 reference (``reference.clip_per_sample``) on any backend's arrays."""
-    return ref.clip_per_sample([_f64(a) for a in arrays], max_norm, ord, per_layer, reduce, eps)
+    return ref.clip_per_sample([to_f64(a) for a in arrays], max_norm, ord, per_layer, reduce, eps)
 
 
 def assert_rel(actual, expected, rtol):
-    a, e = _f64(actual), _f64(expected)
+    a, e = to_f64(actual), to_f64(expected)
     assert a.shape == e.shape
     scale = max(np.linalg.norm(e), 1e-300)
     assert np.linalg.norm(a - e) <= rtol * scale, (np.linalg.norm(a - e) / scale, rtol)

@@ -1,5 +1,9 @@
 """Hypothesis properties of norms and clipping (NumPy route, float32 and float64).
 
+This file owns the algebraic properties that tie the operations together (bounded,
+idempotent, exact under the threshold, NaN-propagating, homogeneous, global = one
+coefficient); each operation's examples are in its own test_<op>.py.
+
 The profile (deterministic, modest example counts) is loaded in conftest.py.
 """
 

@@ -1,5 +1,9 @@
 """Data safety of the public API: nothing is written before every input is validated.
 
+This file owns validate-before-write for many-array value clipping, lazily negated
+views, scalars in lists, huge integers and the per-sample extremes; single-operation
+refusals are in test_bad_input.py.
+
 One regression test (or group) per item of the issue's "Data safety" list that
 the API layer answers, across the CPU backend matrix where it applies:
 
@@ -25,7 +29,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from _backends import Backend, backend_params
+from _backends import Backend, backend_params, to_f64
 
 import fastclip
 import fastclip.torch as fct
@@ -60,14 +64,6 @@ class Unchanged:
     def __exit__(self, *exc):
         assert [_owner_bytes(a) for a in self.arrays] == self.before, "an input was modified"
         return False
-
-
-def _f64(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).numpy()
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float64)
-    return np.from_dlpack(x).astype(np.float64)
 
 
 class _Holder:
@@ -111,9 +107,9 @@ def test_value_clipping_of_a_mixed_list(backend):
             _api.clip_values_(items, -1.5, 2.5)
         return
     _api.clip_values_(items, -1.5, 2.5)
-    np.testing.assert_array_equal(_f64(floats), np.clip(DATA.astype(np.float32), -1.5, 2.5))
-    np.testing.assert_array_equal(_f64(ints), np.clip([-7, 0, 9], -1, 2))
-    np.testing.assert_array_equal(_f64(wide), np.clip(DATA * 3, -1.5, 2.5))
+    np.testing.assert_array_equal(to_f64(floats), np.clip(DATA.astype(np.float32), -1.5, 2.5))
+    np.testing.assert_array_equal(to_f64(ints), np.clip([-7, 0, 9], -1, 2))
+    np.testing.assert_array_equal(to_f64(wide), np.clip(DATA * 3, -1.5, 2.5))
 
 
 def test_clip_grad_value_expanded_after_int32_writes_nothing():
@@ -409,12 +405,12 @@ def test_per_sample_extreme_magnitudes(backend, scale, ord, per_layer, reduce):
     with Unchanged(*xs):
         got = fastclip.clip_per_sample(xs, c, ord, per_layer=per_layer, reduce=reduce, eps=0.0)
     outs, norms, clipped = ref.clip_per_sample(base, bounds, ord, per_layer, reduce, 0.0)
-    got_norms = _f64(got.norms)
+    got_norms = to_f64(got.norms)
     assert np.isfinite(got_norms).all()
     np.testing.assert_allclose(got_norms, norms * scale, rtol=1e-12)
     assert got.n_clipped == clipped
     for o, e in zip(got.grads, outs, strict=True):
-        np.testing.assert_allclose(_f64(o), e * scale, rtol=1e-12, atol=1e-12 * scale)
+        np.testing.assert_allclose(to_f64(o), e * scale, rtol=1e-12, atol=1e-12 * scale)
 
 
 def test_per_sample_float32_large_values_unchanged_path():
@@ -434,8 +430,8 @@ def test_per_sample_subnormal_samples(backend, per_layer):
         [backend.asarray(x, "float64")], [1.0] if per_layer else 1.0, per_layer=per_layer
     )
     expected = np.hypot(x[:, 0], x[:, 1])
-    np.testing.assert_allclose(_f64(got.norms).reshape(-1), expected, rtol=1e-12)
+    np.testing.assert_allclose(to_f64(got.norms).reshape(-1), expected, rtol=1e-12)
     # factors: 1 for the two tiny samples, 1 / (5 + 1e-6) for the last (Opacus' eps)
     want = x[0] + x[1] + x[2] / (5.0 + 1e-6)
-    np.testing.assert_allclose(_f64(got.grads[0]), want, rtol=1e-12)
+    np.testing.assert_allclose(to_f64(got.grads[0]), want, rtol=1e-12)
     assert got.n_clipped == 1

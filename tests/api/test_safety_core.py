@@ -1,5 +1,9 @@
 """Data safety of the core routes: one regression test per item, across the backends.
 
+This file owns out-of-place non-writes, subnormal and tiny norms, rounding of extreme
+coefficients and refused dtypes, on the CPU backends; their Dask twins are in
+tests/routes/test_dask.py, integer clipping in test_clip_value.py.
+
 1. Out-of-place calls never write their input, also where the per-slice plan's
    transposed view is already contiguous (size-1 axes, channels_last tensors)
    and for read-only inputs.
@@ -21,35 +25,13 @@ import math
 import numpy as np
 import pytest
 import reference as ref
-from _backends import CPU, Backend, assert_close, backend_params
+from _backends import UNSUPPORTED_DTYPES, Backend, assert_close, backend_params, unchanged
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastclip
 
-CPU_BACKENDS = backend_params(CPU)
 WRITEABLE_CPU = backend_params([Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT])
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def cpu_backend(request: pytest.FixtureRequest) -> Backend:
-    return request.param
-
-
-def _snapshot(x):
-    """The bytes behind ``x`` (NumPy or torch), to prove nothing was written."""
-    if hasattr(x, "detach"):
-        return x.detach().clone()
-    return np.array(x, copy=True)
-
-
-def _assert_unchanged(x, before):
-    if hasattr(x, "detach"):
-        import torch
-
-        assert torch.equal(x, before)
-        return
-    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), before.view(np.uint8))
 
 
 # --------------------------------------------- 1. out of place never writes
@@ -103,18 +85,6 @@ def test_channels_last_tensor_is_not_written(dtype, axis):
     # in place still writes the tensor itself, with the same values
     fastclip.clip_by_norm_(t, 1.0, axis=axis)
     assert_close(t.to(torch.float64).numpy(), ref.clip_by_norm(data, 1.0, axis=axis), dtype)
-
-
-def test_dask_out_of_place_per_slice_leaves_numpy_source_alone():
-    da = pytest.importorskip("dask.array")
-    data = np.full((2, 1, 3), 5.0)
-    src = data.copy()
-    x = da.from_array(src, chunks=(1, 1, 3))
-    out = fastclip.clip_by_norm(x, 1.0, axis=1).compute()
-    np.testing.assert_allclose(out, ref.clip_by_norm(data, 1.0, axis=1), rtol=1e-12)
-    out = fastclip.normalize(x, axis=1).compute()
-    np.testing.assert_allclose(out, ref.normalize(data, axis=1), rtol=1e-12)
-    np.testing.assert_array_equal(src, data)
 
 
 @settings(max_examples=40, deadline=None)
@@ -190,18 +160,6 @@ def test_subnormal_clip_in_place(backend):
     y = backend.asarray(data)
     fastclip.clip_by_global_norm_([y, backend.asarray(data)], 1.0)
     np.testing.assert_array_equal(backend.to_numpy(y), data)
-
-
-@pytest.mark.parametrize("chunks", [2, 1, (1, 1)])
-def test_subnormal_dask_norms(chunks):
-    da = pytest.importorskip("dask.array")
-    data = np.array([1e-310, 2e-310])
-    x = da.from_array(data, chunks=chunks if chunks != (1, 1) else 1)
-    expected = ref.norm(data)
-    np.testing.assert_allclose(fastclip.norm(x).compute(), expected, rtol=1e-12)
-    np.testing.assert_allclose(fastclip.global_norm([x, x]).compute(), ref.global_norm([data] * 2))
-    np.testing.assert_array_equal(fastclip.clip_by_norm(x, 1.0).compute(), data)
-    np.testing.assert_allclose(fastclip.norm(x, 3).compute(), ref.norm(data, 3), rtol=1e-12)
 
 
 @settings(max_examples=60, deadline=None)
@@ -292,92 +250,6 @@ def test_float32_scaling_rounds_the_product_once(values, e, max_e):
 
 # ------------------------------- 4. integer bounds, byte order, long double
 
-INT_BOUNDS = [
-    (-math.inf, math.inf),
-    (None, math.inf),
-    (-math.inf, None),
-    (math.inf, None),
-    (None, -math.inf),
-    (-1e30, 1e30),
-    (1e30, None),
-    (None, -1e30),
-    (-2.5, 1e30),
-    (-1e30, 0.5),
-    (1e300, math.inf),
-]
-
-
-def _int_oracle(data: np.ndarray, lo, hi) -> np.ndarray:
-    """np.clip in float64 with the bounds rounded inward, then a saturating
-    conversion back (bools as 0 and 1), computed exactly on Python ints: an
-    infinite bound clips everything to infinity, which saturates at the range."""
-    if data.dtype.kind == "b":
-        low, high = 0, 1
-    else:
-        info = np.iinfo(data.dtype)
-        low, high = int(info.min), int(info.max)
-
-    def bound(v, lower):
-        if math.isinf(v):
-            return high + 1 if v > 0 else low - 1  # beyond the range either way
-        return math.ceil(v) if lower else math.floor(v)
-
-    out = []
-    for e in (int(v) for v in data.reshape(-1)):
-        if lo is not None:
-            e = max(e, bound(lo, True))
-        if hi is not None:
-            e = min(e, bound(hi, False))
-        out.append(min(max(e, low), high))
-    return np.array(out, dtype=data.dtype).reshape(data.shape)
-
-
-@pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "int64", "bool"])
-@pytest.mark.parametrize(("lo", "hi"), INT_BOUNDS)
-def test_integer_clip_by_value_saturates(cpu_backend, dtype, lo, hi):
-    raw = np.array([-128, -3, 0, 1, 5, 127]) if dtype != "bool" else np.array([0, 1, 1, 0])
-    data = raw.astype(dtype) if dtype != "uint8" else np.abs(raw).astype(dtype)
-    x = cpu_backend.asarray(data, dtype)
-    before = cpu_backend.to_numpy(x)
-    out = fastclip.clip_by_value(x, lo, hi)
-    np.testing.assert_array_equal(cpu_backend.to_numpy(out), _int_oracle(data, lo, hi))
-    np.testing.assert_array_equal(cpu_backend.to_numpy(x), before)
-    if cpu_backend.writeable:
-        fastclip.clip_by_value_(x, lo, hi)
-        np.testing.assert_array_equal(cpu_backend.to_numpy(x), _int_oracle(data, lo, hi))
-
-
-def test_integer_clip_by_value_dask():
-    da = pytest.importorskip("dask.array")
-    data = np.array([-128, -3, 0, 1, 5, 127], np.int8)
-    for lo, hi in INT_BOUNDS:
-        out = fastclip.clip_by_value(da.from_array(data, chunks=2), lo, hi).compute()
-        np.testing.assert_array_equal(out, _int_oracle(data, lo, hi))
-
-
-@settings(max_examples=80, deadline=None)
-@given(
-    dtype=st.sampled_from(["int8", "uint8", "int16", "int64", "bool"]),
-    lo=st.one_of(st.none(), st.floats(allow_nan=False)),
-    hi=st.one_of(st.none(), st.floats(allow_nan=False)),
-    seed=st.integers(0, 10),
-)
-def test_integer_clip_by_value_matches_the_oracle(dtype, lo, hi, seed):
-    rng = np.random.default_rng(seed)
-    if dtype == "bool":
-        data = rng.integers(0, 2, 12).astype(bool)
-    else:
-        info = np.iinfo(dtype)
-        data = rng.integers(int(info.min), int(info.max), 12, endpoint=True, dtype=dtype)
-    if lo is not None and hi is not None and lo > hi:
-        lo, hi = hi, lo
-    if lo is None and hi is None:
-        hi = math.inf  # one bound is required
-    np.testing.assert_array_equal(fastclip.clip_by_value(data, lo, hi), _int_oracle(data, lo, hi))
-
-
-BAD_DTYPES = [">f4", ">f8", ">f2", np.longdouble, np.clongdouble, ">i4"]
-
 
 def _calls(bad, good):
     """Every public function, in place and out of place, single and in lists."""
@@ -400,48 +272,26 @@ def _calls(bad, good):
     }
 
 
-@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", UNSUPPORTED_DTYPES, ids=str)
 def test_byte_swapped_and_long_double_are_refused_before_any_write(dtype):
     dt = np.dtype(dtype)
     good = np.full(4, 3.0)
     for name, call in _calls(np.arange(1, 5).astype(dt), good).items():
         bad = np.arange(1, 5).astype(dt)
         call = _calls(bad, good)[name]
-        good_before, bad_before = good.copy(), bad.copy()
-        if dt.kind in "iu" and "value" not in name:
-            with pytest.raises(TypeError):  # not floating point at all
-                call()
-        elif dt.kind == "c" and "value" in name:
-            with pytest.raises(TypeError, match="complex"):
-                call()
-        else:
-            match = "byte order" if not dt.isnative else "no kernels for"
-            with pytest.raises(TypeError, match=match) as info:
-                call()
-            if not dt.isnative:
-                assert "newbyteorder" in str(info.value)
-        _assert_unchanged(good, good_before)
-        _assert_unchanged(bad, bad_before)
-
-
-@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=str)
-def test_dask_refuses_byte_swapped_and_long_double_at_graph_time(dtype):
-    da = pytest.importorskip("dask.array")
-    dt = np.dtype(dtype)
-    src = np.arange(1, 5).astype(dt)
-    before = src.copy()
-    x = da.from_array(src, chunks=2)
-    calls = [lambda: fastclip.clip_by_value(x, -1.0, 1.0)]
-    if dt.kind in "fc":
-        calls += [lambda: fastclip.norm(x), lambda: fastclip.clip_by_norm(x, 1.0)]
-    for call in calls:
-        if dt.kind == "c" and call is calls[0]:
-            with pytest.raises(TypeError, match="complex"):
-                call()
-            continue
-        with pytest.raises(TypeError, match=r"byte order|no kernels for"):
-            call()
-    _assert_unchanged(src, before)
+        with unchanged(good, bad):
+            if dt.kind in "iu" and "value" not in name:
+                with pytest.raises(TypeError):  # not floating point at all
+                    call()
+            elif dt.kind == "c" and "value" in name:
+                with pytest.raises(TypeError, match="complex"):
+                    call()
+            else:
+                match = "byte order" if not dt.isnative else "no kernels for"
+                with pytest.raises(TypeError, match=match) as info:
+                    call()
+                if not dt.isnative:
+                    assert "newbyteorder" in str(info.value)
 
 
 def test_native_byte_order_spelled_explicitly_still_works():

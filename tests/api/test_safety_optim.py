@@ -1,6 +1,9 @@
 """Data safety of the fused optimizers: a refused step changes nothing, validation comes
 before the non-finite decision, the fused norm is the core's, torch's argument rules.
 
+This file owns the refusals and argument checks of the fused steps and optimizers;
+their values are in test_optim.py.
+
 Every refused call is checked byte for byte (params, grads, state) and on the
 optimizer's ``state_dict``; every accepted one against ``torch.optim`` or the
 float64 transcriptions of ``tests/reference.py``.
@@ -378,3 +381,54 @@ def test_fused_steps_keep_coefficients_below_float32_range() -> None:
     np.testing.assert_allclose(m[0], want_m.astype(np.float32), rtol=1e-6)
     assert np.all(m[0] != 0)
     np.testing.assert_allclose(p[0], want_p.astype(np.float32), rtol=1e-5)
+
+
+# ------------------------------------ argument checks of the steps and optimizers
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError):
+        FusedAdamW([torch.nn.Parameter(torch.ones(1))], capturable=True)
+    with pytest.raises(ValueError):
+        FusedSGD([torch.nn.Parameter(torch.ones(1))], nesterov=True)
+    with pytest.raises(ValueError):
+        sgd_step_([np.ones(2)], [np.ones(2)], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError):
+        adamw_step_([np.ones(2)], [np.ones(3)], [np.ones(2)], [np.ones(2)], step=1)
+    with pytest.raises(TypeError):
+        adamw_step_([np.ones(2, np.float32)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=1)
+    with pytest.raises(ValueError):
+        adamw_step_([np.ones(2)], [np.ones(2)], [np.ones(2)], [np.ones(2)], step=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(step="a"), "step"),
+        (dict(step=[1, "a"]), "step"),
+        (dict(step=1, lr="a"), "lr"),
+        (dict(step=1, eps=None), "eps"),
+        (dict(step=1, weight_decay="0.1"), "weight_decay"),
+        (dict(step=1, betas="ab"), "betas"),
+        (dict(step=1, betas=(0.9,)), "betas"),
+        (dict(step=1, betas=(0.9, "x")), "betas"),
+    ],
+)
+def test_adamw_step_bad_hyperparameter_types_name_the_argument(kwargs, match) -> None:
+    """A TypeError naming the argument (not float()'s message), before any write."""
+    # params, grads, exp_avgs, exp_avg_sqs: two arrays each
+    arrays = [[np.array([1.0, -2.0], np.float32) * (k + i) for i in range(2)] for k in range(4)]
+    before = [[x.copy() for x in a] for a in arrays]
+    with pytest.raises(TypeError, match=match):
+        adamw_step_(*arrays, **kwargs)
+    for a, b in zip(arrays, before):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_sgd_step_bad_hyperparameter_types_name_the_argument() -> None:
+    p, g = [np.ones(2, np.float32)], [np.ones(2, np.float32)]
+    for kwargs, match in ((dict(lr="a"), "lr"), (dict(lr=0.1, momentum="a"), "momentum")):
+        with pytest.raises(TypeError, match=match):
+            sgd_step_(p, g, **kwargs)
+        np.testing.assert_array_equal(p[0], np.ones(2, np.float32))

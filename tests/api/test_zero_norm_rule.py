@@ -1,5 +1,8 @@
 """One zero-norm rule on every route: the clip coefficient of ``fastclip._formulas``.
 
+This file owns the zero-norm rule on every route (matrix, Dask, fused steps, per-sample,
+CUDA sources); the operations' other values are in their own test_<op>.py.
+
 ``min(1, c / (norm + eps))``, 1 where ``norm + eps == 0`` (0 / 0: nothing to
 clip), 0 for an infinite norm, NaN for a NaN norm.  Each route is observed
 through what it writes: an element ``v`` next to the special values comes out
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import reference as ref
-from _backends import Backend
+from _backends import WRITEABLE, Backend, params
 
 import fastclip
 from fastclip import _formulas
@@ -114,6 +117,28 @@ def test_per_sample(backend: Backend, per_layer, name, data, c, eps):
     res = fastclip.clip_per_sample(g, c, eps=eps, reduce=None, per_layer=per_layer)
     _same(float(backend.to_numpy(res.grads)[0, -1]), want)
     assert res.n_clipped == int(coef < 1.0) + int(coef_zero < 1.0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize(("backend", "dtype"), params(WRITEABLE))
+def test_zero_norms_with_eps_zero_every_dtype_in_and_out_of_place(backend, dtype, inplace):
+    """max_norm = 0, eps = 0 and all-zero arrays: 0 / 0 is taken as "nothing to clip"
+    (coefficient 1) everywhere, as clip_coefficient says, never NaN."""
+    arrays = [backend.asarray(np.zeros(s), dtype) for s in [(3, 4), (5,)]]
+    if inplace:
+        total = fastclip.clip_by_global_norm_(arrays, 0.0, eps=0.0)
+        outs = arrays
+    else:
+        outs, total = fastclip.clip_by_global_norm(arrays, 0.0, eps=0.0)
+    assert float(total) == 0.0
+    for o in outs:
+        assert np.all(backend.to_numpy(o) == 0.0)
+    x = backend.asarray(np.array([[0.0, 0.0], [3.0, 4.0]]), dtype)
+    y = fastclip.clip_by_norm(x, 0.0, axis=1, eps=0.0)  # zero row kept, other row -> 0
+    assert np.array_equal(backend.to_numpy(y), np.zeros((2, 2)))
+    assert float(fastclip.clip_coefficient(0.0, 0.0, eps=0.0)) == 1.0
+    c = fastclip.clip_coefficient(backend.asarray(np.zeros(()), dtype), 0.0, eps=0.0)
+    assert float(backend.to_numpy(c)) == 1.0
 
 
 def test_cuda_sources_write_the_same_rule():

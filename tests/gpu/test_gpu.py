@@ -2,6 +2,9 @@
 64-bit index paths.  The whole CPU matrix also runs on the ``cupy`` and
 ``torch_cuda`` backends of ``tests/_backends.py``.  Everything here skips with
 its reason where no CUDA device is usable.
+
+This file owns what only a real GPU shows; the GPU members of the backend matrix run
+every tests/api/ file where a device is usable.
 """
 
 from __future__ import annotations

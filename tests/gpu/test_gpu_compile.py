@@ -1,5 +1,8 @@
 """Compile every CUDA kernel for sm_80 and sm_90 without a GPU (nvcc, else NVRTC).
 
+This file owns the CUDA sources' compilation; their values are checked on a device in
+the other tests/gpu/ files and, emulated, in tests/gpu/emulated/.
+
 The GPU drivers build their sources lazily with ``cupy.RawModule`` on the first
 GPU call: ``kernels.cu`` (norms and clipping), ``optim_kernels.cu`` (fused
 AdamW/SGD) and ``per_sample_kernels.cu`` (DP-SGD), the last two compiled

@@ -1,5 +1,8 @@
 """Fused clip-and-step optimizers on the GPU: CUDA tensors and CuPy arrays.
 
+This file owns the fused optimizers on a real GPU; their CPU values are in
+tests/api/test_optim.py.
+
 Parity with ``torch.optim.AdamW`` / ``SGD`` after ``clip_grad_norm_`` over
 100 steps, with the CPU kernels (same formulas: float32 to ~1 ulp, 16-bit to
 one rounding), every hyper-parameter variant, many tensors and a multi-chunk

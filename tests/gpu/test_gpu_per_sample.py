@@ -2,6 +2,9 @@
 formula computed by torch in float64 on the device, with the CPU route, and the edge
 cases (B = 1, wide rows, NaN and zero-norm samples, non-default streams, forced row
 groups).  Everything here skips with its reason where no CUDA device is usable.
+
+This file owns clip_per_sample on a real GPU; its CPU values are in
+tests/api/test_per_sample.py.
 """
 
 from __future__ import annotations

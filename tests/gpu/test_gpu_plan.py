@@ -1,5 +1,8 @@
 """Host-side planning of the GPU kernels, checked against plain-Python expectations.
 
+This file owns the GPU kernels' host-side launch planning; the drivers themselves run
+emulated in tests/gpu/emulated/.
+
 Runs on every machine (no CuPy, no GPU needed).
 """
 

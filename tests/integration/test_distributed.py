@@ -1,5 +1,8 @@
 """fastclip.distributed on real multi-process gloo groups (issue 6, part 2).
 
+This file owns fastclip.distributed's values across ranks; its collective refusals are
+in test_safety_distributed.py, the single-process operations in tests/api/.
+
 One spawn per world size (2 and 4 ranks, 127.0.0.1, GLOO_SOCKET_IFNAME=lo,
 a free port, 60 s collective timeout) runs every scenario of
 ``_dist_workers.run_suite`` in the same order on every rank; each rank

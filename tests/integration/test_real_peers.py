@@ -1,5 +1,8 @@
 """Parity with the real peer libraries, run side by side with fastclip: optax and Opacus.
 
+This file owns parity with optax and Opacus themselves; the float64 transcriptions of
+their formulas are checked in tests/api/.
+
 ``test_per_sample.py``, ``test_adaptive.py`` and ``test_clip_global.py`` check
 fastclip against hand transcriptions of the peers' formulas; here the peers
 themselves run on the same data (optax under ``jax.jit`` on JAX's CPU device,

@@ -1,5 +1,8 @@
 """Refusals of fastclip.distributed's in-place calls are collective (issue 13, data safety).
 
+This file owns the collective refusals of fastclip.distributed; its values are in
+test_distributed.py.
+
 When one rank passes a read-only, expanded (stride 0) or overlapping array,
 every rank must refuse together, with nothing modified anywhere: were the
 refusing rank alone to raise while the others clip, the replicas of one

@@ -1,5 +1,9 @@
 """fastclip.torch against torch.nn.utils on the gradients of real torch.nn models.
 
+This file owns parity of fastclip.torch with torch.nn.utils on real models; the core
+operations' values are in tests/api/, fastclip.torch's contract fuzzing in
+tests/api/test_fuzz_steps.py.
+
 Each test builds the same model twice (same seed, same batch, same backward),
 applies torch's function to one copy and fastclip's to the other, and compares
 the returned norms (value, dtype, shape) and the resulting gradients.

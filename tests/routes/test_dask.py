@@ -1,5 +1,9 @@
 """The Dask route: lazy norms and clipping chunk by chunk, against float64 NumPy.
 
+This file owns what is Dask's own (chunkings, laziness, graphs, the distributed
+scheduler, graph-time refusals); the operations' values on the other backends are in
+tests/api/.
+
 Covers several chunkings (uneven, single chunk, axis clipping across chunk
 boundaries along every axis, 3-D with tuple axes), ord 1/2/inf/3, float16/32/64,
 laziness (no kernel runs and no scheduler call before ``.compute()``), the
@@ -22,13 +26,20 @@ da = pytest.importorskip(
 )
 import dask  # noqa: E402
 import reference as ref  # noqa: E402
-from _backends import assert_close, sample  # noqa: E402
+from _backends import (  # noqa: E402
+    ORDS,
+    SATURATING_INT_BOUNDS,
+    UNSUPPORTED_DTYPES,
+    assert_close,
+    norm_dtype,
+    sample,
+    unchanged,
+)
 
 import fastclip  # noqa: E402
 from fastclip import _cpu, _dispatch  # noqa: E402
 from fastclip._cpu import _axes, _core, _pack  # noqa: E402
 
-ORDS = [1, 2, math.inf, 3]
 DTYPES = ["float32", "float64"]
 
 # 2-D chunkings of a (13, 17) array: single chunk, uneven along both axes, one-wide.
@@ -49,10 +60,6 @@ def _data(shape, dtype: str, seed: int = 0) -> np.ndarray:
     return sample(shape, seed).astype(dtype)
 
 
-def _norm_dtype(dtype: str) -> np.dtype:
-    return np.dtype(np.float64 if dtype == "float64" else np.float32)
-
-
 # ----------------------------------------------------------------- norms
 
 
@@ -66,7 +73,7 @@ def test_norm_matches_numpy(chunks, dtype, ord, axis, keepdims):
     got = fastclip.norm(_dask(x, CHUNKS_2D[chunks]), ord, axis=axis, keepdims=keepdims)
     assert isinstance(got, da.Array)
     value = got.compute()
-    assert value.dtype == _norm_dtype(dtype)
+    assert value.dtype == np.dtype(norm_dtype(dtype))
     assert_close(value, ref.norm(x, ord, axis=axis, keepdims=keepdims), dtype)
 
 
@@ -450,3 +457,57 @@ def test_local_cluster_processes_loopback():
     for o, w in zip(outs, want):
         assert_close(o, w, "float32", atol=1e-7)
     assert time.perf_counter() - start < 20
+
+
+# ----------------------------------------- data safety on the Dask route
+
+
+def test_dask_out_of_place_per_slice_leaves_numpy_source_alone():
+    da = pytest.importorskip("dask.array")
+    data = np.full((2, 1, 3), 5.0)
+    src = data.copy()
+    x = da.from_array(src, chunks=(1, 1, 3))
+    out = fastclip.clip_by_norm(x, 1.0, axis=1).compute()
+    np.testing.assert_allclose(out, ref.clip_by_norm(data, 1.0, axis=1), rtol=1e-12)
+    out = fastclip.normalize(x, axis=1).compute()
+    np.testing.assert_allclose(out, ref.normalize(data, axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(src, data)
+
+
+@pytest.mark.parametrize("chunks", [2, 1, (1, 1)])
+def test_subnormal_dask_norms(chunks):
+    da = pytest.importorskip("dask.array")
+    data = np.array([1e-310, 2e-310])
+    x = da.from_array(data, chunks=chunks if chunks != (1, 1) else 1)
+    expected = ref.norm(data)
+    np.testing.assert_allclose(fastclip.norm(x).compute(), expected, rtol=1e-12)
+    np.testing.assert_allclose(fastclip.global_norm([x, x]).compute(), ref.global_norm([data] * 2))
+    np.testing.assert_array_equal(fastclip.clip_by_norm(x, 1.0).compute(), data)
+    np.testing.assert_allclose(fastclip.norm(x, 3).compute(), ref.norm(data, 3), rtol=1e-12)
+
+
+def test_integer_clip_by_value_dask():
+    da = pytest.importorskip("dask.array")
+    data = np.array([-128, -3, 0, 1, 5, 127], np.int8)
+    for lo, hi in SATURATING_INT_BOUNDS:
+        out = fastclip.clip_by_value(da.from_array(data, chunks=2), lo, hi).compute()
+        np.testing.assert_array_equal(out, ref.clip_by_value(data, lo, hi))
+
+
+@pytest.mark.parametrize("dtype", UNSUPPORTED_DTYPES, ids=str)
+def test_dask_refuses_byte_swapped_and_long_double_at_graph_time(dtype):
+    da = pytest.importorskip("dask.array")
+    dt = np.dtype(dtype)
+    src = np.arange(1, 5).astype(dt)
+    x = da.from_array(src, chunks=2)
+    calls = [lambda: fastclip.clip_by_value(x, -1.0, 1.0)]
+    if dt.kind in "fc":
+        calls += [lambda: fastclip.norm(x), lambda: fastclip.clip_by_norm(x, 1.0)]
+    with unchanged(src):
+        for call in calls:
+            if dt.kind == "c" and call is calls[0]:
+                with pytest.raises(TypeError, match="complex"):
+                    call()
+                continue
+            with pytest.raises(TypeError, match=r"byte order|no kernels for"):
+                call()

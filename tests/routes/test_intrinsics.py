@@ -1,7 +1,11 @@
 """The CPU route's 16-bit conversions (``fastclip/_cpu/_intrinsics.py`` through
 ``_elements.widen`` / ``narrow``), bit-exact against NumPy (float16) and torch
 (bfloat16) on every one of the 65,536 bit patterns, and on float32 values that
-round (ties to even, overflow to inf, subnormals, NaN)."""
+round (ties to even, overflow to inf, subnormals, NaN).
+
+This file owns the CPU route's 16-bit conversions; 16-bit results of the operations are
+in tests/api/.
+"""
 
 from __future__ import annotations
 

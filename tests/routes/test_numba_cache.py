@@ -1,5 +1,8 @@
 """fastclip's on-disk numba cache (issue 13, data safety): unreadable entries and unsafe folders.
 
+This file owns the on-disk numba cache's safety; the no-cache fallback warning is in
+test_routes.py.
+
 Every case runs fresh Python processes with ``NUMBA_CACHE_DIR`` set to a
 temporary folder, since the cache is read when a process first compiles a
 kernel.  Each process clips two float32 arrays (compared with float64

@@ -1,5 +1,11 @@
 """Routes: what `import fastclip` loads, which route each array type takes, GPU refusals,
-autograd version counters, and the fallback when numba's on-disk cache is unavailable."""
+autograd version counters, the fallback when numba's on-disk cache is unavailable, and
+the CPU route's bulk-header overlap check (lists of ``FAST_HEADERS_MIN_ARRAYS`` or more).
+
+This file owns dispatch and what only a route does; what every route must
+compute is tested once per operation in ``tests/api/`` on the backend matrix,
+the Dask route in ``test_dask.py``, the numba cache in ``test_numba_cache.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,14 @@ import sys
 import numpy as np
 import pytest
 import reference as ref
-from _backends import Backend, assert_close, sample
+from _backends import Backend, assert_close, sample, unchanged
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastclip
+import fastclip._config
 from fastclip import _dispatch
+from fastclip._cpu import _headers
 
 TIMEOUT = 240
 
@@ -224,3 +234,60 @@ def test_public_objects_name_their_public_module():
                 assert not any(part.startswith("_") for part in public.split(".")), (name, public)
                 assert getattr(importlib.import_module(public), name) is obj
                 assert pickle.loads(pickle.dumps(obj)) is obj
+
+
+# ------------------------------ the CPU route's bulk-header overlap check
+
+
+def _slices_overlap(bounds):
+    """Brute-force oracle: do two non-empty [lo, hi) element ranges intersect?"""
+    live = [(lo, hi) for lo, hi in bounds if hi > lo]
+    return any(
+        a_lo < b_hi and b_lo < a_hi
+        for k, (a_lo, a_hi) in enumerate(live)
+        for b_lo, b_hi in live[k + 1 :]
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bounds=st.lists(
+        st.tuples(st.integers(0, 200), st.integers(0, 12)).map(lambda t: (t[0], t[0] + t[1])),
+        min_size=fastclip._config.FAST_HEADERS_MIN_ARRAYS,
+        max_size=40,
+    ),
+    order=st.sampled_from(["as drawn", "sorted", "reversed"]),
+)
+def test_overlap_check_of_the_bulk_header_path_matches_brute_force(bounds, order):
+    """Slices of one buffer, in any order: the kernel's disjointness check (an
+    insertion sort that gives up on scrambled orders) raises exactly when two
+    slices share an element, and clips correctly otherwise."""
+    if order != "as drawn":
+        bounds = sorted(bounds, reverse=order == "reversed")
+    buf = np.array(sample(212, seed=63), np.float32)
+    views = [buf[lo:hi] for lo, hi in bounds]
+    if _slices_overlap(bounds):
+        with unchanged(buf), pytest.raises(ValueError, match="share memory"):
+            fastclip.clip_by_global_norm_(views, 0.1)
+    else:
+        expected, total = ref.clip_by_global_norm([v.copy() for v in views], 0.1)
+        got = fastclip.clip_by_global_norm_(views, 0.1)
+        assert_close(got, total, "float32")
+        for v, e in zip(views, expected):
+            assert_close(v, e, "float32")
+
+
+def test_many_disjoint_arrays_in_descending_address_order_are_accepted():
+    """An order the kernel's insertion sort gives up on falls back to the NumPy sort."""
+    buf = np.array(sample(3_000, seed=64), np.float32)
+    views = [buf[i : i + 10] for i in range(0, 3_000, 10)][::-1]
+    disjoint = _headers.read_headers(views, views[0].dtype, True)[4]
+    assert not disjoint  # the kernel gave up: this exercises the NumPy sort
+    expected, total = ref.clip_by_global_norm([v.copy() for v in views], 0.1)
+    got = fastclip.clip_by_global_norm_(views, 0.1)
+    assert_close(got, total, "float32")
+    for v, e in zip(views, expected):
+        assert_close(v, e, "float32")
+    views.append(buf[5:15])  # overlaps two of them
+    with unchanged(buf), pytest.raises(ValueError, match="share memory"):
+        fastclip.clip_by_global_norm_(views, 0.1)

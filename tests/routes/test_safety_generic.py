@@ -1,5 +1,8 @@
 """The Array API route refuses a many-array in-place call before its first write.
 
+This file owns the Array API route's write probe; the refusals every route makes are in
+tests/api/test_bad_input.py.
+
 array-api-strict arrays over read-only or broadcast NumPy buffers report
 themselves writeable, so the route probes each target before writing any:
 a refused call leaves every input's bytes as they were, and an accepted one

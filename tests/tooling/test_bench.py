@@ -1,5 +1,9 @@
 """``fastclip._bench``: workloads, the correctness check, JSON, --compare, the plot.
 
+This file owns the benchmark's single and many-array workloads, its check, JSON,
+--compare, the plot and the progress bar; the adamw and per-sample workloads are in
+test_bench_workloads.py.
+
 Everything runs on tiny sizes with a 1 MiB bandwidth probe, so the file takes a
 few seconds; the real figures come from ``fastclip bench`` itself.
 """
@@ -10,35 +14,21 @@ import io
 import json
 import math
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
-from fastclip._bench import BenchConfig, run, timing
 from fastclip._bench import registry as bb
+from fastclip._bench import run, timing
 from fastclip._bench.data import CaseData
 from fastclip._bench.progress import Progress
 from fastclip._bench.report import compare, format_table, load_json, write_json
 from fastclip._bench.workloads import WORKLOADS, cases_for, gpt2_shapes
 from fastclip.cli import main
 
-
-@pytest.fixture(autouse=True)
-def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 1 MiB bandwidth probe instead of 256 MiB (the figure is meaningless, the path is not)."""
-    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
-
-
-def _cfg(**kw: object) -> BenchConfig:
-    base: dict[str, object] = dict(
-        workloads=("single",),
-        sizes=(1000,),
-        repeat=2,
-        backends=("fastclip", "numpy"),
-        progress=False,
-    )
-    base.update(kw)
-    return BenchConfig(**base)  # type: ignore[arg-type]
+# Every test here runs with the 1 MiB bandwidth probe of tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("small_probe")
 
 
 def _wrong_backend() -> bb.Backend:
@@ -132,9 +122,11 @@ def test_check_rejects_wrong_shape_and_count() -> None:
     assert d.check([a.reshape(10, 100) for a in arrays], "peer")[1] is False
 
 
-def test_wrong_backend_is_reported_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_backend_is_reported_failed(
+    bench_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(bb.BACKENDS, "wrong", _wrong_backend())
-    report = run(_cfg(backends=("fastclip", "numpy", "wrong")))
+    report = run(bench_config(backends=("fastclip", "numpy", "wrong")))
     by = {r["backend"]: r for r in report["results"]}
     assert by["wrong"]["status"] == "FAILED"
     assert "median_s" not in by["wrong"] and "gbps" not in by["wrong"]
@@ -173,7 +165,9 @@ def test_wrong_fastclip_result_exits_1(
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_raising_backend_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raising_backend_is_an_error_not_a_crash(
+    bench_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def make(d: CaseData, inplace: bool) -> bb.Op:
         def op() -> None:
             raise RuntimeError("boom")
@@ -185,12 +179,14 @@ def test_raising_backend_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch
         "boom",
         bb.Backend("boom", "peer", "cpu", "cpu", "host", "raises", lambda: None, make),
     )
-    report = run(_cfg(backends=("numpy", "boom")))
+    report = run(bench_config(backends=("numpy", "boom")))
     by = {r["backend"]: r for r in report["results"]}
     assert by["boom"]["status"] == "error" and "boom" in by["boom"]["reason"]
 
 
-def test_not_implemented_is_skipped_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_implemented_is_skipped_with_reason(
+    bench_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def make(d: CaseData, inplace: bool) -> bb.Op:
         def op() -> None:
             raise NotImplementedError("no GPU backend yet")
@@ -202,15 +198,15 @@ def test_not_implemented_is_skipped_with_reason(monkeypatch: pytest.MonkeyPatch)
         "gpu-ish",
         bb.Backend("gpu-ish", "fastclip", "cpu", "cpu", "host", "", lambda: None, make),
     )
-    report = run(_cfg(backends=("gpu-ish",)))
+    report = run(bench_config(backends=("gpu-ish",)))
     (r,) = report["results"]
     assert r["status"] == "skipped" and "no GPU backend yet" in r["reason"]
 
 
-def test_gpu_backends_skipped_with_reason_without_gpu() -> None:
+def test_gpu_backends_skipped_with_reason_without_gpu(bench_config: Any) -> None:
     if bb.gpu_storage() is not None:
         pytest.skip("a CUDA GPU is usable here")
-    report = run(_cfg(backends=("fastclip", "fastclip-gpu", "torch-cuda-foreach", "cupy")))
+    report = run(bench_config(backends=("fastclip", "fastclip-gpu", "torch-cuda-foreach", "cupy")))
     skipped = report["skipped_backends"]
     assert set(skipped) == {"fastclip-gpu", "torch-cuda-foreach", "cupy"}
     assert all(skipped.values())
@@ -221,10 +217,10 @@ def test_gpu_backends_skipped_with_reason_without_gpu() -> None:
 
 
 @pytest.mark.parametrize("inplace", [True, False])
-def test_all_kinds_all_cpu_backends(inplace: bool) -> None:
+def test_all_kinds_all_cpu_backends(bench_config: Any, inplace: bool) -> None:
     pytest.importorskip("torch")
     report = run(
-        _cfg(
+        bench_config(
             workloads=("single", "rows", "value", "norm"),
             sizes=(2048,),
             backends=("fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop"),
@@ -240,10 +236,10 @@ def test_all_kinds_all_cpu_backends(inplace: bool) -> None:
             assert r["median_s"] > 0 and r["first_call_s"] > 0 and r["floor_fraction"] > 0
 
 
-def test_many_arrays_and_16_bit() -> None:
+def test_many_arrays_and_16_bit(bench_config: Any) -> None:
     pytest.importorskip("torch")
     report = run(
-        _cfg(
+        bench_config(
             workloads=("tiny",),
             backends=("fastclip", "fastclip-torch", "numpy"),
             dtypes=("float16", "bfloat16"),
@@ -462,162 +458,3 @@ def test_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert "[" in captured.err and "single 1e3" in captured.err
     assert "#" not in captured.out.split("\n")[0]
-
-
-# ---------------------------------------------------------------- adamw workload
-
-
-def _small_adamw_case() -> object:
-    from fastclip._bench.workloads import Case
-
-    shapes = ((300, 40), (40,), (1000,), (7, 3, 5))
-    return Case("adamw", "adamw", "adamw small", shapes, sum(math.prod(s) for s in shapes))
-
-
-def _adamw_reference(d: CaseData) -> list[np.ndarray]:
-    """One torch.optim.AdamW step after clip_grad_norm_, in float64 (independent of the
-    check's closed form)."""
-    torch = pytest.importorskip("torch")
-    from fastclip._bench.data import ADAMW
-
-    params = [
-        torch.nn.Parameter(torch.from_numpy(p.astype(np.float64))) for p in d.param_copies("numpy")
-    ]
-    for p, g in zip(params, d.numpy_arrays()):
-        p.grad = torch.from_numpy(g.astype(np.float64))
-    opt = torch.optim.AdamW(params, **ADAMW, foreach=False)
-    torch.nn.utils.clip_grad_norm_(params, d.max_norm)
-    opt.step()
-    out = [p.detach().numpy() for p in params]
-    return out + [opt.state[p]["exp_avg"].numpy() for p in params]
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_adamw_check_accepts_torch_reference_and_rejects_wrong(dtype: str) -> None:
-    d = CaseData(_small_adamw_case(), dtype)  # type: ignore[arg-type]
-    good = _adamw_reference(d)
-    err, ok = d.check(good, "fastclip")
-    assert ok and err < (1e-12 if dtype == "float64" else 1e-6)
-    n = len(good) // 2
-    unclipped = [m / d.coef for m in good[n:]]  # moments without the clip coefficient
-    assert d.check(good[:n] + unclipped, "peer")[1] is False
-    stale = [p * 1.0 for p in d.param_copies("numpy")]  # parameters not updated
-    assert d.check(stale + good[n:], "fastclip")[1] is False
-    assert d.check(good[:-1], "peer") == (math.inf, False)
-    nan = [np.full_like(g, np.nan) for g in good]
-    assert d.check(nan, "peer") == (math.inf, False)
-
-
-def _run_small_case(case: object, backends: list) -> dict:  # type: ignore[type-arg]
-    """One small case, float32, one round, with a 10 GB/s floor: rows by backend."""
-    from fastclip._bench.runner import run_case
-
-    rows = run_case(
-        case,  # type: ignore[arg-type]
-        "float32",
-        backends,
-        _cfg(repeat=1),
-        {"cpu": {"bytes_per_s": 1e10}},
-        lambda s: None,
-    )
-    return {r["backend"]: r for r in rows}
-
-
-def test_adamw_workload_every_cpu_backend() -> None:
-    pytest.importorskip("torch")
-
-    names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "torch-fused"]
-    usable = [bb.BACKENDS[n] for n in names]
-    by = _run_small_case(_small_adamw_case(), usable)
-    for name in names:
-        r = by[name]
-        if name == "torch-fused" and r["status"] == "n/a":
-            assert "fused=True" in r["reason"]  # an older CPU build
-            continue
-        assert r["status"] == "ok", r
-        assert r["max_rel_err"] < 2e-6 and r["floor_fraction"] > 0
-    # 8 passes over the gradients' bytes
-    f = by["fastclip"]
-    assert f["floor_s"] == pytest.approx(8 * f["nbytes"] / 1e10)
-
-
-def test_adamw_16_bit_is_na_and_fused_peer_only_runs_adamw() -> None:
-    pytest.importorskip("torch")
-    report = run(
-        _cfg(workloads=("tiny",), backends=("fastclip", "torch-fused"), dtypes=("float32",))
-    )
-    (fused,) = [r for r in report["results"] if r["backend"] == "torch-fused"]
-    assert fused["status"] == "n/a" and "adamw workload only" in fused["reason"]
-    from fastclip._bench.runner import run_case
-
-    (row,) = run_case(
-        _small_adamw_case(),  # type: ignore[arg-type]
-        "float16",
-        [bb.BACKENDS["fastclip"]],
-        _cfg(),
-        {},
-        lambda s: None,
-    )
-    assert row["status"] == "n/a" and "float32 and float64" in row["reason"]
-
-
-def test_adamw_memory_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fastclip._bench.runner as runner
-
-    (case,) = cases_for("adamw", None, False)
-    assert case.size == 124_439_808 and case.passes == 8
-    monkeypatch.setattr(runner.os, "sysconf", lambda name: 1024 if "PAGES" in name else 4096)
-    (row,) = runner.run_case(case, "float32", [bb.BACKENDS["fastclip"]], _cfg(), {}, lambda s: None)
-    assert row["status"] == "n/a" and "GiB" in row["reason"] and "--backends" in row["reason"]
-
-
-# ---------------------------------------------------------------- per-sample workload
-
-
-def _small_per_sample_case() -> object:
-    from fastclip._bench.workloads import Case
-
-    shapes = ((32, 40, 30), (32, 30), (32, 500), (32, 3))
-    return Case("per-sample", "persample", "ps small", shapes, sum(math.prod(s) for s in shapes))
-
-
-def test_per_sample_check_accepts_the_opacus_formula_and_rejects_wrong() -> None:
-    torch = pytest.importorskip("torch")
-    d = CaseData(_small_per_sample_case(), "float64")  # type: ignore[arg-type]
-    assert 0 < np.count_nonzero(d.sample_coef < 1) < 32  # some samples clipped, some not
-    grads = [torch.from_numpy(a.copy()) for a in d.numpy_arrays()]
-    per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in grads]
-    norms = torch.stack(per_param, dim=1).norm(2, dim=1)
-    factor = (d.max_norm / (norms + 1e-6)).clamp(max=1.0)
-    good = [torch.einsum("i,i...", factor, g) for g in grads]  # Opacus, independently
-    err, ok = d.check(good, "fastclip")
-    assert ok and err < 1e-13
-    unclipped = [g.sum(0) for g in grads]
-    assert d.check(unclipped, "peer")[1] is False
-    assert d.check(good[:-1], "peer") == (math.inf, False)
-    assert d.check([g[None] for g in good], "peer") == (math.inf, False)
-
-
-def test_per_sample_workload_every_cpu_backend() -> None:
-    pytest.importorskip("torch")
-
-    names = ["fastclip", "fastclip-torch", "numpy", "torch-foreach", "torch-loop", "opacus"]
-    usable = [bb.BACKENDS[n] for n in names if bb.BACKENDS[n].probe() is None]
-    by = _run_small_case(_small_per_sample_case(), usable)
-    assert by["torch-loop"]["status"] == "n/a"
-    for name in ("fastclip", "fastclip-torch", "numpy", "torch-foreach", "opacus"):
-        if name not in by:
-            continue  # opacus not installed
-        assert by[name]["status"] == "ok", by[name]
-        assert by[name]["max_rel_err"] < 2e-6
-    f = by["fastclip"]
-    assert f["floor_s"] == pytest.approx(2 * f["nbytes"] / 1e10)
-    (case,) = cases_for("per-sample", None, False)
-    assert case.shapes[0] == (256, 784, 1024) and case.size == 256 * 1_068_810
-
-
-def test_opacus_backend_only_runs_per_sample() -> None:
-    pytest.importorskip("opacus")
-    report = run(_cfg(backends=("fastclip", "opacus")))
-    (row,) = [r for r in report["results"] if r["backend"] == "opacus"]
-    assert row["status"] == "n/a" and "per-sample workload only" in row["reason"]

@@ -1,4 +1,8 @@
-"""The ``fastclip`` command line: help, argument errors (exit 2), ``info``."""
+"""The ``fastclip`` command line: help, argument errors (exit 2), ``info``.
+
+This file owns the command line; the benchmark it runs is in test_bench.py and
+test_bench_workloads.py.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,10 @@ import sys
 
 import pytest
 
-from fastclip._bench import timing
 from fastclip.cli import _parse_size, main
 
-
-@pytest.fixture(autouse=True)
-def small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(timing, "HOST_PROBE_BYTES", 2**20)
+# Every test here runs with the 1 MiB bandwidth probe of tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("small_probe")
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -1,5 +1,7 @@
 """The documentation site (docs/): API reference completeness and page examples.
 
+This file owns the documentation site; docs/examples/ scripts run in test_examples.py.
+
 * every name in ``fastclip.__all__`` and ``fastclip.torch.__all__`` appears in
   an autosummary list of ``docs/api.rst`` (or is an optional name that
   ``docs/conf.py`` documents when present), and nothing listed is stale;

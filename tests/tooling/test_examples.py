@@ -1,4 +1,7 @@
-"""Run every script of docs/examples/ on tiny sizes, in subprocesses (as a user would)."""
+"""Run every script of docs/examples/ on tiny sizes, in subprocesses (as a user would).
+
+This file owns docs/examples/; the API reference is in test_docs.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The GPU driver's host side, run on the CPU against Python emulations of its kernels.
 
+This file owns the core GPU driver's host side (tables, launches, syncs); shared
+emulation helpers are in tests/_gpu_emulation.py.
+
 No GPU here, so the CUDA kernels cannot run; but everything the driver does
 around them can: grouping, table packing and upload, pointer offsets into the
 table, launch arguments in kernel order, scratch buffers, copy-in/copy-out,
@@ -17,23 +20,13 @@ import math
 import _gpu_emulation
 import numpy as np
 import pytest
-from _gpu_emulation import mem
+from _gpu_emulation import CTYPES, PCODES, mem, pow_sum, root
 
 from fastclip import _config as cfg
 from fastclip import _gpu as gpu
 from fastclip._gpu import _adapters, _modules, _tables
 
-CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
-
-
 _mem = mem
-
-
-def _pow_sum(v, ord_code, p):
-    a = np.abs(v.astype(np.float64))
-    if ord_code == 0:
-        return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
-    return float(np.sum(a**2 if ord_code == 2 else (a if ord_code == 1 else a**p)))
 
 
 def _combine(vals, ord_code):
@@ -41,10 +34,6 @@ def _combine(vals, ord_code):
     if ord_code == 0:
         return np.nan if np.isnan(vals).any() else (vals.max() if vals.size else 0.0)
     return float(vals.sum())
-
-
-def _root(v, ord_code, p):
-    return v if ord_code in (0, 1) else (math.sqrt(v) if ord_code == 2 else v ** (1 / p))
 
 
 def _coef(norm, max_norm, eps, mode):
@@ -72,14 +61,12 @@ def _emulate(name, targ):
         for c in range(int(nc)):
             t, s = int(ct_a[c]), int(cs_a[c])
             e = min(s + int(chunk), int(size_a[t]))
-            out[c] = _pow_sum(_mem(ptr_a[t], size_a[t], dt)[s:e], int(ord_code), float(p))
+            out[c] = pow_sum(_mem(ptr_a[t], size_a[t], dt)[s:e], int(ord_code), float(p))
 
     def finish(grid, block, a):
         partials, n, ord_code, p, max_norm, eps, mode, given, norm_out, coef_out = a
         total = _combine(_mem(partials, int(n), np.float64), int(ord_code))
-        norm = (
-            _mem(given, 1, np.float64)[0] if int(given) else _root(total, int(ord_code), float(p))
-        )
+        norm = _mem(given, 1, np.float64)[0] if int(given) else root(total, int(ord_code), float(p))
         _mem(norm_out, 1, dt)[0] = norm
         _mem(coef_out, 1, np.float64)[0] = _coef(norm, float(max_norm), float(eps), int(mode))
 
@@ -113,19 +100,19 @@ def _emulate(name, targ):
         xs = _mem(x, int(m) * int(k), dt).reshape(int(m), int(k))
         o = _mem(out, int(m), np.float64)
         for r in range(int(m)):
-            o[r] = _pow_sum(xs[r], int(ord_code), float(p))
+            o[r] = pow_sum(xs[r], int(ord_code), float(p))
 
     def cols(grid, block, a):
         x, k, m, ord_code, p, out = a
         xs = _mem(x, int(k) * int(m), dt).reshape(int(k), int(m))
         o = _mem(out, int(m), np.float64)
         for j in range(int(m)):
-            o[j] = _pow_sum(xs[:, j], int(ord_code), float(p))
+            o[j] = pow_sum(xs[:, j], int(ord_code), float(p))
 
     def coefs(grid, block, a):
         pow_sums, n, ord_code, p, max_norm, eps, mode, norms, co = a
         ps = _mem(pow_sums, int(n), np.float64)
-        nv = np.array([_root(v, int(ord_code), float(p)) for v in ps], np.float64)
+        nv = np.array([root(v, int(ord_code), float(p)) for v in ps], np.float64)
         _mem(norms, int(n), dt)[:] = nv
         _mem(co, int(n), np.float64)[:] = _coef(nv, float(max_norm), float(eps), int(mode))
 
@@ -177,9 +164,6 @@ def _ref_norm(arrays, p):
     if p == math.inf:
         return flat.max() if flat.size else 0.0
     return (flat**p).sum() ** (1 / p)
-
-
-PCODES = [(2, 2.0), (1, 1.0), (0, math.inf), (3, 3.0)]
 
 
 @pytest.mark.parametrize(("ord_code", "p"), PCODES)

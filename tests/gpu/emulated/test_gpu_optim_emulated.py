@@ -1,6 +1,9 @@
 """The fused optimizers' GPU driver (``_gpu/_optim.py``) run on the CPU against NumPy
 emulations of ``optim_kernels.cu`` and of the core's norm kernels.
 
+This file owns the fused optimizers' GPU driver's host side; shared emulation helpers
+are in tests/_gpu_emulation.py.
+
 As ``tests/gpu/emulated/test_gpu_host_emulated.py`` does for the core: "device memory" is
 NumPy (or torch CPU) memory, pointers are host addresses, and each kernel is
 replaced by a NumPy transcription of its CUDA source that reads its tables,

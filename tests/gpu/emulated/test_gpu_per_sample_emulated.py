@@ -1,6 +1,9 @@
 """The per-sample GPU driver's host side, run on the CPU against NumPy emulations of
 its kernels (``fastclip/_gpu/per_sample_kernels.cu``).
 
+This file owns the per-sample GPU driver's host side; shared emulation helpers are in
+tests/_gpu_emulation.py.
+
 As in ``tests/gpu/emulated/test_gpu_host_emulated.py``: "device memory" is NumPy memory,
 pointers are host addresses, and each kernel is replaced by a NumPy
 transcription of its CUDA source that reads and writes through the raw
@@ -21,7 +24,7 @@ import _gpu_emulation
 import numpy as np
 import pytest
 import reference as ref
-from _gpu_emulation import mem
+from _gpu_emulation import PCODES, mem, pow_sum, root
 
 import fastclip
 from fastclip import _config as cfg
@@ -37,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - ml_dtypes ships with the test extras' jax/tf deps
     BF16 = None
 
-CTYPES = {"float": np.float32, "double": np.float64, "__half": np.float16}
+CTYPES = dict(_gpu_emulation.CTYPES)
 if BF16 is not None:
     CTYPES["__nv_bfloat16"] = BF16
 KINDS = {"float16", "float32", "float64", "bfloat16"}
@@ -64,26 +67,12 @@ def _acc(dt):
     return np.float64 if dt == np.float64 else np.float32
 
 
-def _pow_sum(v, ord_code, p):
-    a = np.abs(v.astype(np.float64))
-    if ord_code == 0:
-        return np.nan if np.isnan(a).any() else (a.max() if a.size else 0.0)
-    with np.errstate(all="ignore"):  # a GPU's float64 over/underflows silently, to inf or 0
-        return float(np.sum(a**2 if ord_code == 2 else (a if ord_code == 1 else a**p)))
-
-
 def _combine(s, v, ord_code):
     if ord_code != 0:
         return s + v
     if math.isnan(s) or math.isnan(v):
         return math.nan
     return max(s, v)
-
-
-def _root(v, ord_code, p):
-    if ord_code in (0, 1):
-        return v
-    return math.sqrt(v) if ord_code == 2 else (v ** (1.0 / p) if v == v else v)
 
 
 def _factor(norm, bound, eps):
@@ -118,7 +107,7 @@ def _emulate(name, targ):
                 with np.errstate(all="ignore"):
                     out[w] = float(np.sum((np.abs(seg.astype(np.float64)) / m) ** float(p)))
             else:
-                out[w] = _pow_sum(seg, 0 if mode == 1 else int(ord_code), float(p))
+                out[w] = pow_sum(seg, 0 if mode == 1 else int(ord_code), float(p))
 
     def factors(a):
         (partials, table, n_arrays, rows, ord_code, p, eps, per_layer, stage, lo, hi) = a[:11]
@@ -171,9 +160,9 @@ def _emulate(name, targ):
             for k in range(k_n if layer else 1):
                 s = k * rows + b if layer else b
                 if scales.size and scales[s] > 0.0:
-                    norm = scales[s] * _root(sample_sum(scaled_partials, s, 1), 3, p)
+                    norm = scales[s] * root(sample_sum(scaled_partials, s, 1), 3, p)
                 else:
-                    norm = _root(sample_sum(partials, s, ord_code), ord_code, p)
+                    norm = root(sample_sum(partials, s, ord_code), ord_code, p)
                 f = _factor(norm, bounds[k], float(eps))
                 nout[s] = norm
                 fout[s] = f
@@ -303,7 +292,6 @@ def _check(arrays, bounds, ord_code, p, per_layer, reduce, eps=1e-6, rtol=None):
     return outs, norms, n_clipped
 
 
-PCODES = [(2, 2.0), (1, 1.0), (0, math.inf), (3, 3.0)]
 DTYPES = [np.float32, np.float64, np.float16] + ([BF16] if BF16 is not None else [])
 
 
