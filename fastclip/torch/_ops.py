@@ -1,0 +1,177 @@
+"""fastclip's torch entry points as torch custom operators, for ``torch.compile``.
+
+Dynamo cannot trace into numba's dispatcher (torch 2.13 fails with
+``AssertionError: exception table entry start instruction has no offset``), so
+under ``torch.compile`` the public functions call these operators instead: each
+is opaque to the compiler (``torch.library.custom_op``), declares the lists it
+writes in place (``mutates_args``), and has a fake implementation that gives
+the result's dtype, shape and device without computing it.  Their real
+implementation is the eager code, so compiled and eager calls give the same
+bits and raise the same errors.
+
+The operators are registered when ``fastclip.torch`` is imported (never by
+``import fastclip``).  Eager calls do not go through them: the dispatch of a
+custom op costs microseconds per call, which the 1-tensor case would feel.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from fastclip._validate import check_max_norm, scalar_value
+
+__all__ = [
+    "traced_clip_grad_norm_",
+    "traced_clip_grad_value_",
+    "traced_clip_grads_with_norm_",
+    "traced_get_total_norm",
+]
+
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _fake_norm(grads: list[Tensor]) -> Tensor:
+    """The 0-d norm as torch returns it: the gradients' promoted (real) dtype, their device."""
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    return grads[0].new_empty((), dtype=_REAL.get(dtype, dtype))
+
+
+@torch.library.custom_op("fastclip::clip_grad_norm_", mutates_args=("grads",))
+def clip_grad_norm(
+    grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
+) -> Tensor:
+    """``clip_grad_norm_`` on a non-empty list of gradients (validated arguments)."""
+    from . import _clip_grad as _cg  # at call time: _clip_grad imports this module
+
+    if not _cg._torch_defined(norm_type):
+        return _cg._norm_and_clip_fused(grads, max_norm, norm_type, error_if_nonfinite)
+    total = _cg.get_total_norm(grads, norm_type, error_if_nonfinite)
+    _cg._clip_grads_with_norm(grads, max_norm, total)
+    return total
+
+
+@clip_grad_norm.register_fake
+def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
+    return _fake_norm(grads)
+
+
+@torch.library.custom_op("fastclip::get_total_norm", mutates_args=())
+def get_total_norm(tensors: list[Tensor], norm_type: float, error_if_nonfinite: bool) -> Tensor:
+    """``get_total_norm`` on a non-empty list of tensors."""
+    from . import _clip_grad as _cg
+
+    total = _cg.get_total_norm(tensors, norm_type, error_if_nonfinite)
+    # a custom op may not return one of its inputs: a 1-element list's norm_type<=0
+    # result is a fresh tensor already, but the contract is checked, so make sure
+    return total.clone() if any(total is t for t in tensors) else total
+
+
+@get_total_norm.register_fake
+def _(tensors: list[Tensor], norm_type: float, error_if_nonfinite: bool) -> Tensor:
+    return _fake_norm(tensors)
+
+
+@torch.library.custom_op("fastclip::clip_grads_with_norm_", mutates_args=("grads",))
+def clip_grads_with_norm(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    """``clip_grads_with_norm_`` on a non-empty list of gradients."""
+    from . import _clip_grad as _cg
+
+    _cg._clip_grads_with_norm(grads, max_norm, total_norm)
+
+
+@clip_grads_with_norm.register_fake
+def _(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("fastclip::clip_grad_value_", mutates_args=("grads",))
+def clip_grad_value(grads: list[Tensor], clip_value: float) -> None:
+    """``clip_grad_value_`` on a non-empty list of gradients (validated ``clip_value``)."""
+    from . import _clip_grad as _cg
+
+    _cg._api.clip_values_(grads, -clip_value, clip_value)
+
+
+@clip_grad_value.register_fake
+def _(grads: list[Tensor], clip_value: float) -> None:
+    return None
+
+
+# What the public functions run while Dynamo traces them: the argument checks
+# and the ``.grad`` extraction are plain Python (traced, and specialised on by
+# Dynamo's guards), then one operator call gets the gradient list.
+
+
+def _grads(
+    parameters: Iterable[Tensor] | Tensor, warn_empty_generator: bool = False
+) -> list[Tensor]:
+    """``_clip_grad._grads`` written for Dynamo, which cannot call an ``attrgetter``."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if warn_empty_generator and is_generator and not parameters:
+            warnings.warn(
+                "`parameters` is an empty generator, no gradient clipping will occur.",
+                stacklevel=4,
+            )
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def traced_get_total_norm(
+    tensors: Iterable[Tensor] | Tensor, norm_type: float, error_if_nonfinite: bool
+) -> Tensor:
+    from . import _clip_grad as _cg
+
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    norm_type = _cg._norm_type(norm_type)
+    if not tensors:
+        return torch.tensor(0.0)
+    return get_total_norm(tensors, norm_type, bool(error_if_nonfinite))
+
+
+def traced_clip_grads_with_norm_(
+    parameters: Iterable[Tensor] | Tensor, max_norm: float, total_norm: object
+) -> None:
+
+    max_norm = check_max_norm(max_norm)
+    grads = _grads(parameters)
+    if not grads:
+        return
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(scalar_value(total_norm, "total_norm"), dtype=torch.float64)
+    clip_grads_with_norm(grads, max_norm, total_norm)
+
+
+def traced_clip_grad_norm_(
+    parameters: Iterable[Tensor] | Tensor,
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+) -> Tensor:
+    from . import _clip_grad as _cg
+
+    max_norm = check_max_norm(max_norm)
+    norm_type = _cg._norm_type(norm_type)
+    grads = _grads(parameters, warn_empty_generator=True)
+    if not grads:
+        return torch.tensor(0.0)
+    return clip_grad_norm(grads, max_norm, norm_type, bool(error_if_nonfinite))
+
+
+def traced_clip_grad_value_(parameters: Iterable[Tensor] | Tensor, clip_value: float) -> None:
+
+    clip_value = scalar_value(clip_value, "clip_value", "clip_value=math.inf clamps nothing")
+    if not clip_value >= 0:  # also NaN
+        raise ValueError(f"clip_value must be >= 0 and not NaN, got {clip_value}")
+    grads = _grads(parameters)
+    if grads:
+        clip_grad_value(grads, clip_value)
