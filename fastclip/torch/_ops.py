@@ -16,9 +16,12 @@ custom op costs microseconds per call, which the 1-tensor case would feel.
 
 from __future__ import annotations
 
+import itertools
 import types
 import warnings
+import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +29,8 @@ from torch import Tensor
 from fastclip._validate import check_max_norm, scalar_value
 
 __all__ = [
+    "fused_step",
+    "register",
     "traced_clip_grad_norm_",
     "traced_clip_grad_value_",
     "traced_clip_grads_with_norm_",
@@ -175,3 +180,56 @@ def traced_clip_grad_value_(parameters: Iterable[Tensor] | Tensor, clip_value: f
     grads = _grads(parameters)
     if grads:
         clip_grad_value(grads, clip_value)
+
+
+# The fused optimizers' step.  The operator gets every tensor the step reads or
+# writes (parameters and existing state are declared mutated), plus a handle
+# naming the optimizer, whose hyper-parameters it reads when it runs (a
+# scheduler's new learning rate needs no recompilation) and into which it
+# stores new state and ``last_total_norm``.  It writes only the tensors it was
+# given: a backend that functionalises the op (copies the mutated inputs,
+# copies the results back) stays correct.
+
+_OPTIMIZERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def register(optimizer: Any) -> int:
+    """A handle for ``optimizer`` (held weakly) that the step operator accepts."""
+    handle = next(_HANDLES)
+    _OPTIMIZERS[handle] = optimizer
+    return handle
+
+
+@torch.library.custom_op("fastclip::fused_step_", mutates_args=("params", "states"))
+def fused_step(
+    handle: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[Tensor],
+    group_sizes: list[int],
+    layout: list[int],
+) -> None:
+    """One eager ``step()`` of the optimizer ``handle`` names, on the tensors given.
+
+    ``params``/``grads``: the parameters with a gradient, group by group
+    (``group_sizes`` of them per group); ``states``: their existing state
+    tensors in the optimizer's ``STATE_KEYS`` order, ``layout[i]`` of them for
+    parameter ``i`` (0: no state yet, the step creates it).
+    """
+    optimizer = _OPTIMIZERS.get(handle)
+    if optimizer is None:
+        raise RuntimeError("fastclip::fused_step_: the optimizer of this compiled step is gone")
+    optimizer._step_on(params, grads, states, group_sizes, layout)
+
+
+@fused_step.register_fake
+def _(
+    handle: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[Tensor],
+    group_sizes: list[int],
+    layout: list[int],
+) -> None:
+    return None

@@ -209,3 +209,127 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(outputs[1], third, rtol=1e-5, atol=0)
         for s, e in zip(static, expected):
             torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-7)
+
+
+# --- optimizers: torch.compile(opt.step), as torch's own optimizers are compiled
+
+OPTIMIZERS = {
+    "adamw": (
+        lambda ps, **kw: fct.FusedAdamW(ps, lr=0.01, weight_decay=0.1, max_norm=0.5, **kw),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    ),
+    "adamw_amsgrad_maximize": (
+        lambda ps, **kw: fct.FusedAdamW(
+            ps, lr=0.01, amsgrad=True, maximize=True, max_norm=0.5, **kw
+        ),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True, maximize=True),
+    ),
+    "sgd_momentum": (
+        lambda ps, **kw: fct.FusedSGD(
+            ps, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01, max_norm=0.5, **kw
+        ),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    ),
+}
+
+
+def _graph_breaks(step) -> int:
+    torch._dynamo.reset()
+    breaks = torch._dynamo.explain(step)().graph_break_count
+    torch._dynamo.reset()
+    return breaks
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_optimizer_step_compiles_and_matches(name):
+    make, make_torch = OPTIMIZERS[name]
+    models = [_model(), _model(), _model()]  # compiled, eager, torch
+    compiled_opt, eager_opt = make(models[0].parameters()), make(models[1].parameters())
+    torch_opt = make_torch(models[2].parameters())
+    assert _graph_breaks(compiled_opt.step) <= _graph_breaks(torch_opt.step) == 0
+    # explain ran a step on its optimizer; start over on fresh copies
+    models = [_model(), _model(), _model()]
+    compiled_opt, eager_opt = make(models[0].parameters()), make(models[1].parameters())
+    torch_opt = make_torch(models[2].parameters())
+    step = torch.compile(compiled_opt.step, fullgraph=True)
+    for i in range(3):
+        for m in models:
+            _backward(m, i)
+        step()
+        eager_opt.step()
+        torch.nn.utils.clip_grad_norm_(models[2].parameters(), 0.5)
+        torch_opt.step()
+        _assert_close(compiled_opt.last_total_norm, eager_opt.last_total_norm, exact=True)
+        for c, e, t in zip(*(m.parameters() for m in models)):
+            assert torch.equal(c, e)
+            torch.testing.assert_close(c, t, rtol=1e-5, atol=1e-6)
+    # the state is torch's: same keys and values; it loads into torch's optimizer
+    ours, theirs = compiled_opt.state_dict(), torch_opt.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for k, state in ours["state"].items():
+        assert state.keys() == theirs["state"][k].keys()
+        for key, value in state.items():
+            torch.testing.assert_close(value, theirs["state"][k][key], rtol=1e-5, atol=1e-6)
+    make_torch(models[0].parameters()).load_state_dict(ours)
+
+
+def test_compiled_step_follows_the_learning_rate_and_skips():
+    """A scheduler's new lr takes effect; nonfinite="skip" leaves params and state as they were."""
+    compiled_model, eager_model = _model(), _model()
+    opts = [
+        fct.FusedAdamW(m.parameters(), lr=0.01, max_norm=0.5, nonfinite="skip")
+        for m in (compiled_model, eager_model)
+    ]
+    step = torch.compile(opts[0].step, fullgraph=True)
+    for i, lr in enumerate((0.01, 0.1, 0.1)):
+        for m, opt in zip((compiled_model, eager_model), opts):
+            _backward(m, i)
+            for group in opt.param_groups:
+                group["lr"] = lr
+        if i == 2:  # a non-finite gradient: the step is skipped
+            for m in (compiled_model, eager_model):
+                _grads(m)[0][0, 0] = math.inf
+        before = [p.clone() for p in compiled_model.parameters()]
+        step()
+        opts[1].step()
+        assert opts[0].last_step_skipped == opts[1].last_step_skipped == (i == 2)
+        for c, e in zip(compiled_model.parameters(), eager_model.parameters()):
+            assert torch.equal(c, e)
+    for c, b in zip(compiled_model.parameters(), before):
+        assert torch.equal(c, b)
+    states = [opt.state_dict()["state"] for opt in opts]
+    assert states[0].keys() == states[1].keys() and len(states[0]) == 4
+    for k, state in states[0].items():
+        assert state["step"].item() == states[1][k]["step"].item() == 2.0  # the skip counted none
+
+
+@pytest.mark.parametrize("name", ["adamw_amsgrad_maximize", "sgd_momentum"])
+def test_functionalising_backend_matches_eager(name):
+    """aot_eager hands the operator copies of the mutated tensors and copies them
+    back (inductor re-inplaces): the step must write only what it was given."""
+    make, _ = OPTIMIZERS[name]
+    compiled_model, eager_model = _model(), _model()
+    compiled_opt, eager_opt = make(compiled_model.parameters()), make(eager_model.parameters())
+    step = torch.compile(compiled_opt.step, backend="aot_eager", fullgraph=True)
+    for i in range(3):
+        for m in (compiled_model, eager_model):
+            _backward(m, i)
+        step()
+        eager_opt.step()
+        for c, e in zip(compiled_model.parameters(), eager_model.parameters()):
+            assert torch.equal(c, e)
+    for state, eager_state in zip(compiled_opt.state.values(), eager_opt.state.values()):
+        for key, value in state.items():
+            assert torch.equal(value, eager_state[key])
+
+
+def test_compiled_step_nonfinite_error_writes_nothing():
+    model = _model()
+    opt = fct.FusedAdamW(model.parameters(), lr=0.1, max_norm=0.5, nonfinite="error")
+    _grads(model)[0][0, 0] = math.nan
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(fastclip.NonFiniteNormError):
+        torch.compile(opt.step, fullgraph=True)()
+    assert not opt.state  # no state created by the refused step
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
