@@ -29,6 +29,7 @@ from torch import Tensor
 from fastclip._validate import check_max_norm, scalar_value
 
 __all__ = [
+    "clipper_call",
     "fused_step",
     "register",
     "traced_clip_grad_norm_",
@@ -233,3 +234,24 @@ def _(
     layout: list[int],
 ) -> None:
     return None
+
+
+@torch.library.custom_op("fastclip::clipper_call_", mutates_args=("grads",))
+def clipper_call(handle: int, grads: list[Tensor], params: list[Tensor]) -> Tensor:
+    """``clipper(grads, params)`` of the ``ClippedOptimizer`` ``handle`` names.
+
+    The clipper's own state (a ZClip's running mean, an AutoClip's history)
+    is updated when the operator runs; its return value becomes the
+    optimizer's ``last_total_norm``.  Returns ``last_step_skipped`` as a 0-d
+    bool tensor.
+    """
+    optimizer = _OPTIMIZERS.get(handle)
+    if optimizer is None:
+        raise RuntimeError("fastclip::clipper_call_: the optimizer of this compiled step is gone")
+    optimizer.last_total_norm = optimizer.clipper(grads, params)
+    return torch.tensor(bool(getattr(optimizer.clipper, "last_step_skipped", False)))
+
+
+@clipper_call.register_fake
+def _(handle: int, grads: list[Tensor], params: list[Tensor]) -> Tensor:
+    return torch.empty((), dtype=torch.bool)

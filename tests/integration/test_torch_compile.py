@@ -333,3 +333,99 @@ def test_compiled_step_nonfinite_error_writes_nothing():
     assert not opt.state  # no state created by the refused step
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+# --- ClippedOptimizer: the clipper runs in an operator, the wrapped step is traced
+
+
+def _clipped(params, inner: str, **clipper_kw):
+    from fastclip.adaptive import GlobalNormClipper
+
+    opt = (
+        fct.FusedSGD(params, lr=0.1, momentum=0.9)
+        if inner == "fused"
+        else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    )
+    return fct.ClippedOptimizer(opt, GlobalNormClipper(0.5, **clipper_kw))
+
+
+def test_clipped_optimizer_wrapping_fused_compiles_fullgraph():
+    models = [_model(), _model(), _model()]  # compiled, eager, torch
+    compiled_opt, eager_opt = (_clipped(m.parameters(), "fused") for m in models[:2])
+    torch_opt = torch.optim.SGD(models[2].parameters(), lr=0.1, momentum=0.9)
+    assert _graph_breaks(compiled_opt.step) == 0
+    models = [_model(), _model(), _model()]
+    compiled_opt, eager_opt = (_clipped(m.parameters(), "fused") for m in models[:2])
+    torch_opt = torch.optim.SGD(models[2].parameters(), lr=0.1, momentum=0.9)
+    step = torch.compile(compiled_opt.step, fullgraph=True)
+    for i in range(3):
+        for m in models:
+            _backward(m, i)
+        step()
+        eager_opt.step()
+        torch.nn.utils.clip_grad_norm_(models[2].parameters(), 0.5)
+        torch_opt.step()
+        assert compiled_opt.last_total_norm == eager_opt.last_total_norm
+        assert compiled_opt.clipper.step == eager_opt.clipper.step == i + 1  # its state moved
+        for c, e, t in zip(*(m.parameters() for m in models)):
+            assert torch.equal(c, e)
+            torch.testing.assert_close(c, t, rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_optimizer_wrapping_torch_breaks_as_torch_does():
+    """torch.optim's step breaks the graph on purpose (``_use_grad``, pytorch issue
+    104053) when it is called from a compiled function: clip + step written with
+    torch's own functions gives the reference count."""
+    models = [_model(), _model(), _model()]  # fastclip compiled, torch compiled, fastclip eager
+    compiled_opt, eager_opt = (
+        _clipped(models[0].parameters(), "torch"),
+        _clipped(models[2].parameters(), "torch"),
+    )
+    torch_opt = torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9)
+    params = list(models[1].parameters())
+
+    def torch_step():
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        torch_opt.step()
+
+    ours, theirs = _graph_breaks(compiled_opt.step), _graph_breaks(torch_step)
+    assert ours <= theirs
+    models = [_model(), _model(), _model()]
+    compiled_opt, eager_opt = (
+        _clipped(models[0].parameters(), "torch"),
+        _clipped(models[2].parameters(), "torch"),
+    )
+    torch_opt = torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9)
+    params = list(models[1].parameters())
+    steps = torch.compile(compiled_opt.step), torch.compile(torch_step)
+    for i in range(3):
+        for m in models:
+            _backward(m, i)
+        for step in steps:
+            step()
+        eager_opt.step()
+        for c, t, e in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(c, t, rtol=1e-6, atol=1e-7)  # torch compiled
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)  # inductor's last bits
+
+
+def test_clipped_optimizer_skip_policy_under_compile():
+    """nonfinite="skip" decides on the host: one graph break, the eager behaviour."""
+    compiled_model, eager_model = _model(), _model()
+    opts = [
+        _clipped(m.parameters(), "fused", nonfinite="skip") for m in (compiled_model, eager_model)
+    ]
+    step = torch.compile(opts[0].step)
+    for i in range(3):
+        for m in (compiled_model, eager_model):
+            _backward(m, i)
+            if i == 1:
+                _grads(m)[0][0, 0] = math.nan
+        step()
+        opts[1].step()
+        assert opts[0].clipper.last_step_skipped == opts[1].clipper.last_step_skipped == (i == 1)
+        for c, e in zip(compiled_model.parameters(), eager_model.parameters()):
+            assert torch.equal(c, e)
+    torch._dynamo.reset()
+    _backward(compiled_model, 5)
+    assert torch._dynamo.explain(opts[0].step)().graph_break_count == 1
