@@ -122,8 +122,8 @@ class FusedOptimizerBase(Optimizer):
         for group, size in zip(self.param_groups, group_sizes):
             twin.param_groups.append({**group, "params": params[at : at + size]})
             at += size
-        for p, g, count in zip(params, grads, layout):
-            if p.grad is not g:  # a copy of the parameter made by the compiler's backend
+        for p, g, count, mine in zip(params, grads, layout, own):
+            if p is not mine:  # a copy the compiler's backend made: the eager code reads .grad
                 p.grad = g
             if count:  # the keys present are a prefix of STATE_KEYS (optional ones last)
                 twin.state[p] = dict(zip(self.STATE_KEYS, states[k : k + count]))

@@ -429,3 +429,24 @@ def test_clipped_optimizer_skip_policy_under_compile():
     torch._dynamo.reset()
     _backward(compiled_model, 5)
     assert torch._dynamo.explain(opts[0].step)().graph_break_count == 1
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_fake_norm_dtype_is_the_real_one(dtypes):
+    """The fake implementation's dtype (what the compiled graph is built with) is
+    the eager result's, which is torch's, for mixed and 16-bit gradient lists."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(7).to(dtype) for dtype in dtypes]
+    compiled = torch.compile(fct.get_total_norm, fullgraph=True, backend="aot_eager")(tensors)
+    eager, expected = fct.get_total_norm(tensors), torch.nn.utils.get_total_norm(tensors)
+    assert compiled.dtype == eager.dtype == expected.dtype
+    assert torch.equal(compiled, eager)
+    torch.library.opcheck(torch.ops.fastclip.get_total_norm, (tensors, 2.0, False))
