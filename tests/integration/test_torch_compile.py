@@ -450,3 +450,25 @@ def test_fake_norm_dtype_is_the_real_one(dtypes):
     assert compiled.dtype == eager.dtype == expected.dtype
     assert torch.equal(compiled, eager)
     torch.library.opcheck(torch.ops.fastclip.get_total_norm, (tensors, 2.0, False))
+
+
+def test_empty_inputs_compile_as_torchs():
+    """No gradient (an empty generator, parameters without .grad): tensor(0.) and
+    no write, no graph break, no warning, as torch's compiled clip_grad_norm_."""
+    bare = torch.nn.Linear(2, 2)
+
+    def fast(x):
+        empty = fct.clip_grad_norm_((p for p in []), 1.0)
+        fct.clip_grad_value_(bare.parameters(), 1.0)
+        return empty + fct.clip_grad_norm_(bare.parameters(), 1.0) + fct.get_total_norm([]) + x
+
+    def reference(x):
+        empty = torch.nn.utils.clip_grad_norm_((p for p in []), 1.0)
+        return empty + torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0) + x
+
+    assert torch._dynamo.explain(fast)(torch.ones(1)).graph_break_count == 0
+    torch._dynamo.reset()
+    got = torch.compile(fast, fullgraph=True)(torch.ones(1))  # warnings are errors here
+    with pytest.warns(UserWarning, match="empty generator"):  # eager torch warns
+        expected = reference(torch.ones(1))
+    assert torch.equal(got, expected) and torch.equal(got, torch.ones(1))
