@@ -39,6 +39,15 @@ Differences from torch, all deliberate and documented:
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
   DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
   DTensor, as torch returns.
+
+``torch.compile``: the four functions compile with ``fullgraph=True`` and no
+graph break, and ``torch.compile(opt.step)`` works for ``FusedAdamW``,
+``FusedSGD`` (no break) and ``ClippedOptimizer``.  While Dynamo traces, each
+entry point calls a torch custom operator (``torch.ops.fastclip.*``,
+registered when this package is imported) that runs the eager code on the
+gradients: the same results and errors.  Eager calls skip the operator.  On
+CUDA the kernels run on torch's current stream, so the calls can be captured
+in a CUDA graph.  See the "torch.compile and CUDA graphs" recipe.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from fastclip._errors import NonFiniteNormError, torch_nonfinite_message
 from fastclip._validate import check_max_norm, scalar_value
 from fastclip.distributed import has_dtensor
 
+from . import _ops  # torch.compile: the functions below as custom operators
+
 __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -112,6 +114,8 @@ def get_total_norm(
     Raises :class:`fastclip.NonFiniteNormError` (a RuntimeError, with torch's message)
     when ``error_if_nonfinite`` and the norm is NaN or inf.
     """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+        return _ops.traced_get_total_norm(tensors, norm_type, error_if_nonfinite)
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     norm_type = _norm_type(norm_type)
     if not tensors:
@@ -142,6 +146,8 @@ def clip_grads_with_norm_(
 
     Mirrors ``torch.nn.utils.clip_grads_with_norm_``.
     """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+        return _ops.traced_clip_grads_with_norm_(parameters, max_norm, total_norm)
     max_norm = check_max_norm(max_norm)
     grads = _grads(parameters)
     if not grads:
@@ -183,6 +189,8 @@ def clip_grad_norm_(
     gradients are multiplied by ``min(1, max_norm / (total_norm + 1e-6))``,
     the total norm (before clipping) is returned in the gradients' dtype.
     """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+        return _ops.traced_clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite)
     max_norm = check_max_norm(max_norm)
     norm_type = _norm_type(norm_type)
     grads = _grads(parameters, warn_empty_generator=True)
@@ -229,6 +237,8 @@ def clip_grad_value_(
     Every gradient is validated before any is clamped; complex gradients are
     a TypeError (torch: NotImplementedError).
     """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+        return _ops.traced_clip_grad_value_(parameters, clip_value)
     clip_value = scalar_value(clip_value, "clip_value", "clip_value=math.inf clamps nothing")
     if not clip_value >= 0:  # also NaN
         raise ValueError(f"clip_value must be >= 0 and not NaN, got {clip_value}")

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import _ops
+
 __all__ = ["ClippedOptimizer"]
 
 
@@ -61,6 +63,7 @@ class ClippedOptimizer(Optimizer):
         self.state = optimizer.state
         self.defaults = optimizer.defaults
         self.last_total_norm: Any = None
+        self._handle = _ops.register(self)
 
     def _params_and_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params, grads = [], []
@@ -74,6 +77,8 @@ class ClippedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (if any), clip every gradient, then step the wrapped optimizer."""
+        if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+            return self._traced_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -82,6 +87,33 @@ class ClippedOptimizer(Optimizer):
         if grads:
             self.last_total_norm = self.clipper(grads, params)
         if getattr(self.clipper, "last_step_skipped", False):
+            return loss
+        self.optimizer.step()
+        return loss
+
+    def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
+        """``step()`` while Dynamo traces it: the clipper runs inside the
+        ``fastclip::clipper_call_`` operator, the wrapped optimizer's step is
+        traced as torch traces it.
+
+        Only a clipper that can skip a step (``nonfinite="skip"``, or one with
+        ``last_step_skipped`` and no ``nonfinite``) makes the decision a host
+        read, hence one graph break (``fullgraph=True`` refuses it).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads = self._params_and_grads()
+        clipper = self.clipper
+        if grads:
+            skipped = _ops.clipper_call(self._handle, grads, params)
+            if hasattr(clipper, "last_step_skipped") and (
+                getattr(clipper, "nonfinite", "skip") == "skip"
+            ):
+                if bool(skipped):  # data-dependent: Dynamo breaks the graph here
+                    return loss
+        elif getattr(clipper, "last_step_skipped", False):  # as eager: the last call's
             return loss
         self.optimizer.step()
         return loss
@@ -117,6 +149,7 @@ class ClippedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._handle = _ops.register(self)  # a copy or an unpickled optimizer: its own
 
 
 ClippedOptimizer.__module__ = "fastclip.torch"  # the public path: reprs, docs and pickles name it

@@ -78,6 +78,8 @@ class FusedAdamW(FusedOptimizerBase):
     True
     """
 
+    STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
     def __init__(
         self,
         params: Any,
@@ -125,9 +127,14 @@ class FusedAdamW(FusedOptimizerBase):
         written; new state and step counts are stored only after the kernels
         ran, so a refused or skipped step leaves the optimizer as it was.
         """
+        if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+            return self._traced_step(closure)
         loss, grads = self._begin_step(closure)
-        if not grads:
-            return loss
+        if grads:
+            self._update(grads)
+        return loss
+
+    def _update(self, grads: list[torch.Tensor]) -> None:
         grads_backend = self._backend([grads])  # checked once: the plan reuses it
         gpu = grads_backend.on_gpu
         launches: dict[tuple[bool, bool], list[list[Any]]] = {}
@@ -148,7 +155,7 @@ class FusedAdamW(FusedOptimizerBase):
             work.append((self._prepare(arrays, ams), arrays, lists[5], ams, maximize))
         plan = self._clip(grads, grads_backend)
         if plan.skip:
-            return loss
+            return
         for prepared, arrays, rows, ams, maximize in work:
             hps = np.concatenate(rows)
             self._run(prepared, arrays, hps, plan, -1.0 if maximize else 1.0, ams)
@@ -156,7 +163,6 @@ class FusedAdamW(FusedOptimizerBase):
             self.state[p].update(state)
         if old_steps:
             torch._foreach_copy_(old_steps, new_steps)
-        return loss
 
     def _group_lists(
         self,
@@ -258,6 +264,8 @@ class FusedSGD(FusedOptimizerBase):
     tensor([-0.6000, -0.8000])
     """
 
+    STATE_KEYS = ("momentum_buffer",)
+
     def __init__(
         self,
         params: Any,
@@ -302,9 +310,14 @@ class FusedSGD(FusedOptimizerBase):
         written; new momentum buffers are stored only after the kernels ran, so
         a refused or skipped step never leaves an unset buffer marked as set.
         """
+        if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
+            return self._traced_step(closure)
         loss, grads = self._begin_step(closure)
-        if not grads:
-            return loss
+        if grads:
+            self._update(grads)
+        return loss
+
+    def _update(self, grads: list[torch.Tensor]) -> None:
         work = []
         fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
@@ -339,12 +352,11 @@ class FusedSGD(FusedOptimizerBase):
             work.append((self._prepare(lists, None), lists, hparams, sign))
         plan = self._clip(grads)
         if plan.skip:
-            return loss
+            return
         for prepared, lists, hparams, sign in work:  # one launch per group and dtype
             self._run(prepared, lists, hparams, plan, sign, None)
         for p, buf in fresh:
             self.state[p]["momentum_buffer"] = buf
-        return loss
 
 
 for _cls in (FusedAdamW, FusedSGD):

@@ -9,8 +9,9 @@ written) and the prepare-then-run launches, through the backend
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torch.optim import Optimizer
 from fastclip import _dispatch
 from fastclip._typing import StepClip
 from fastclip._validate import check_max_norm, check_nonfinite, check_ord
+
+from . import _ops
 
 __all__ = ["FusedOptimizerBase"]
 
@@ -31,6 +34,7 @@ class FusedOptimizerBase(Optimizer):
     nonfinite: str
     last_total_norm: torch.Tensor | None
     last_step_skipped: bool
+    STATE_KEYS: ClassVar[tuple[str, ...]]  # a parameter's state tensors, in this order
 
     def _setup_clip(self, max_norm: float | None, norm_type: float, nonfinite: str) -> None:
         if max_norm is not None:
@@ -41,6 +45,96 @@ class FusedOptimizerBase(Optimizer):
         self.nonfinite = check_nonfinite(nonfinite)
         self.last_total_norm = None
         self.last_step_skipped = False
+        self._handle = _ops.register(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._handle = _ops.register(self)  # a copy or an unpickled optimizer: its own
+
+    def _update(self, grads: list[torch.Tensor]) -> None:
+        """The eager step after ``closure()``, on a non-empty list of gradients."""
+        raise NotImplementedError
+
+    def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
+        """``step()`` while Dynamo traces it (``torch.compile(opt.step)``).
+
+        The parameters' gradients and state are gathered in traced Python and
+        handed to one ``fastclip::fused_step_`` operator, which runs the eager
+        step on them: same validation, results and errors.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        states: list[torch.Tensor] = []
+        group_sizes: list[int] = []
+        layout: list[int] = []
+        for group in self.param_groups:
+            n = 0
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state.get(p)
+                tensors = [state[k] for k in self.STATE_KEYS if k in state] if state else []
+                params.append(p)
+                grads.append(g)
+                states += tensors
+                layout.append(len(tensors))
+                n += 1
+            group_sizes.append(n)
+        if not grads:
+            self.last_total_norm = None
+            self.last_step_skipped = False
+            return loss
+        _ops.fused_step(self._handle, params, grads, states, group_sizes, layout)
+        return loss
+
+    def _step_on(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[torch.Tensor],
+        group_sizes: list[int],
+        layout: list[int],
+    ) -> None:
+        """The eager step on the tensors ``fastclip::fused_step_`` was given.
+
+        A shallow twin of this optimizer holds them (its groups' settings are
+        this optimizer's, read now); new state and the clip report are then
+        stored here, keyed by this optimizer's own parameters.
+        """
+        own = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if len(own) != len(params) or len(group_sizes) != len(self.param_groups):
+            raise RuntimeError(
+                f"{type(self).__name__}: the compiled step's parameters no longer match "
+                "param_groups; call torch._dynamo.reset() after changing them"
+            )
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.param_groups = []
+        twin.state = defaultdict(dict)
+        at = k = 0
+        for group, size in zip(self.param_groups, group_sizes):
+            twin.param_groups.append({**group, "params": params[at : at + size]})
+            at += size
+        for p, g, count, mine in zip(params, grads, layout, own):
+            if p is not mine:  # a copy the compiler's backend made: the eager code reads .grad
+                p.grad = g
+            if count:  # the keys present are a prefix of STATE_KEYS (optional ones last)
+                twin.state[p] = dict(zip(self.STATE_KEYS, states[k : k + count]))
+                k += count
+        twin._update(grads)
+        self.last_total_norm = twin.last_total_norm
+        self.last_step_skipped = twin.last_step_skipped
+        for p, mine, count in zip(params, own, layout):
+            new = twin.state.get(p)
+            if new and not count:  # created by this step (existing state was written in place)
+                self.state[mine].update(new)
 
     def _all_grads(self) -> list[torch.Tensor]:
         grads = []
