@@ -47,8 +47,25 @@ class FusedOptimizerBase(Optimizer):
         self.last_step_skipped = False
         self._handle = _ops.register(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
+        # only: a deep copy or a pickle would otherwise lose the clip settings.
+        state = dict(super().__getstate__())
+        state["_fastclip_clip"] = (self.max_norm, self.norm_type, self.nonfinite)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by torch's load_state_dict (state and param_groups only):
+        # the clip settings are then the optimizer's own and stay.
+        state = dict(state)
+        clip = state.pop("_fastclip_clip", None)
         super().__setstate__(state)
+        if clip is None and not hasattr(self, "max_norm"):
+            clip = (None, 2.0, "propagate")  # pickled before the settings travelled
+        if clip is not None:
+            self.max_norm, self.norm_type, self.nonfinite = clip
+            self.last_total_norm = None
+            self.last_step_skipped = False
         self._handle = _ops.register(self)  # a copy or an unpickled optimizer: its own
 
     def _update(self, grads: list[torch.Tensor]) -> None:

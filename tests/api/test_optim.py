@@ -517,6 +517,15 @@ def test_pickled_fused_adamw_and_its_state_dict_round_trip() -> None:
     clone = pickle.loads(blob)
     assert type(clone) is FusedAdamW
     _assert_same_state(clone.state_dict(), opt.state_dict())
+    for copied in (clone, copy.deepcopy(opt)):  # the clip settings travel too
+        assert (copied.max_norm, copied.norm_type, copied.nonfinite) == (
+            opt.max_norm,
+            opt.norm_type,
+            opt.nonfinite,
+        )
+    sgd = FusedSGD(model.parameters(), lr=0.1, max_norm=0.25, norm_type=1.0, nonfinite="skip")
+    sgd_clone = pickle.loads(pickle.dumps(sgd))
+    assert (sgd_clone.max_norm, sgd_clone.norm_type, sgd_clone.nonfinite) == (0.25, 1.0, "skip")
 
     clipped = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ZClip())
     again = pickle.loads(pickle.dumps(clipped))
