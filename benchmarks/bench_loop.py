@@ -7,6 +7,8 @@ order:
 
 * ``loop fastclip``: torch ``AdamW(fused=True).step()``, then
   ``fastclip.torch.clip_grad_norm_`` (only the clip is timed);
+* ``loop fastclip, parallel``: the same with ``fastclip._config.THREADS =
+  "parallel"`` (no contention back-off: fastclip before the ``auto`` policy);
 * ``loop torch``: the same step, then ``torch.nn.utils.clip_grad_norm_``;
 * ``isolated fastclip`` / ``isolated torch``: the clip called twice in a row,
   the second call timed (no optimizer step before it);
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import gpt2_small_shapes
 
 import fastclip
+import fastclip._config as cfg
 import fastclip.torch as fct
 
 
@@ -70,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def fc_clip() -> object:
         return fct.clip_grad_norm_(params, 1.0)
+
+    def fc_clip_parallel() -> object:
+        policy, cfg.THREADS = cfg.THREADS, "parallel"
+        try:
+            return fct.clip_grad_norm_(params, 1.0)
+        finally:
+            cfg.THREADS = policy
 
     def torch_clip() -> object:
         return torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cases: dict[str, Callable[[], float]] = {
         "loop fastclip": loop(fc_clip),
+        "loop fastclip, parallel": loop(fc_clip_parallel),
         "loop torch": loop(torch_clip),
         "isolated fastclip": isolated(fc_clip),
         "isolated torch": isolated(torch_clip),

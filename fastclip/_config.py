@@ -33,12 +33,20 @@ PARALLEL_MIN_ELEMENTS: int = 150_000
 THREADS: str = os.environ.get("FASTCLIP_THREADS", "auto")
 
 #: ``auto``: a parallel launch slower than this many times the serial time
-#: per element of its size class starts a back-off.  On a contended
-#: 2-core machine the parallel launch was 50x the serial one (51 ms against
-#: 1.05 ms, ``python benchmarks/bench_busy.py``); on a quiet one parallel is
-#: 0.55-0.85x of serial above the threshold (the comment above), so 1.25
-#: leaves room for timing noise without missing contention.
-CONTENTION_RATIO: float = 1.25
+#: per element of its size class is a *strike*; ``CONTENTION_STRIKES`` in a
+#: row start a back-off.  On a contended 2-core machine parallel launches of
+#: 1e6 float32 took 15-50 ms against 1.05 ms serially, often alternating with
+#: fast ones (``python benchmarks/bench_busy.py``); on a quiet one parallel is
+#: 0.55-0.85x of serial above the threshold (the comment above).  Measured
+#: choices (a script interleaving ``THREADS="auto"`` and ``"parallel"`` calls,
+#: 40 rounds of 1e7, 2,000 x 1,000 and 3e5 float32, machine loaded ~1.7 by
+#: neighbours; then ``bench_busy.py``): 1.25 and one strike backed off 3-4
+#: times and cost 7-10% of median time against always-parallel; 2.0 and two
+#: strikes missed the alternating slow launches (``clip_by_norm_`` 3.5-11x
+#: NumPy's serial time); 2.0 and one strike: no back-off, auto/parallel
+#: 0.96-1.09, and 1.16-1.20x NumPy under two busy processes.
+CONTENTION_RATIO: float = 2.0
+CONTENTION_STRIKES: int = 1
 #: ``auto``: the first back-off lasts this long (ms); each slow probe after one
 #: doubles it, up to ``BACKOFF_MAX_MS``; a fast probe resets it.  A probe on a
 #: contended machine costs one slow parallel launch (up to ~50 ms for 1e6

@@ -14,15 +14,17 @@ The ``auto`` policy (the default) therefore times its own launches:
   runs serially, and every serial launch updates the serial time per element
   of that class (see ``record``); launches that compiled their kernel are not
   timed;
-* a parallel launch that takes more than ``cfg.CONTENTION_RATIO`` times the
-  serial time of its class starts a *back-off*: launches run serially for
-  ``cfg.BACKOFF_MIN_MS``, doubled (up to ``cfg.BACKOFF_MAX_MS``) each time the
-  next parallel probe is slow again, reset once a probe is fast.
+* ``cfg.CONTENTION_STRIKES`` parallel launches in a row that each take more
+  than ``cfg.CONTENTION_RATIO`` times the serial time of their class start a
+  *back-off*: launches run serially for ``cfg.BACKOFF_MIN_MS``; then one
+  parallel probe, and if it is slow again a back-off twice as long (up to
+  ``cfg.BACKOFF_MAX_MS``); a fast launch resets the length and the strikes.
 
 The timing costs two ``perf_counter_ns`` calls per launch above the threshold
 (about 0.2 us against 15 us or more of kernel).  Other signals were measured
-and rejected: ``/proc/loadavg``'s running count counts our own and torch's
-spinning OpenMP workers as load (and does not exist off Linux), and the
+and rejected: ``/proc/loadavg``'s running count was 2 right after one of our
+own parallel clips and 1 after 20 ms idle (our spinning worker counts as
+load), reading it cost 18 us, and it does not exist off Linux; the
 ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` of numba's pool cannot be chosen apart
 from torch's when torch was imported first (numba's ``omppool`` then binds
 ``GOMP_parallel`` to torch's own libgomp: one runtime, already initialised).
@@ -65,6 +67,7 @@ class Backoff:
         self.until_ns = 0  # serial until this perf_counter_ns
         self.length_ms = cfg.BACKOFF_MIN_MS  # the next back-off's length
         self.backoffs = 0  # back-offs started (reported by ``fastclip info``)
+        self.strikes = 0  # slow parallel launches in a row
         self.lock = threading.Lock()
 
     def parallel(self, key: Hashable, n: int, now_ns: int) -> bool:
@@ -92,12 +95,16 @@ class Backoff:
                 return
             if best is None:
                 return
-            if per_element > cfg.CONTENTION_RATIO * best:
+            if per_element <= cfg.CONTENTION_RATIO * best:
+                self.strikes = 0
+                self.length_ms = cfg.BACKOFF_MIN_MS
+                return
+            self.strikes += 1
+            if self.strikes >= cfg.CONTENTION_STRIKES:
                 self.until_ns = end_ns + int(self.length_ms * 1e6)
                 self.length_ms = min(2 * self.length_ms, cfg.BACKOFF_MAX_MS)
                 self.backoffs += 1
-            else:
-                self.length_ms = cfg.BACKOFF_MIN_MS
+                self.strikes -= 1  # the probe after a back-off needs only one strike
 
     def describe(self, now_ns: int | None = None) -> str:
         now_ns = time.perf_counter_ns() if now_ns is None else now_ns

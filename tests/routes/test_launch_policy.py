@@ -33,6 +33,7 @@ def fresh(monkeypatch):
     monkeypatch.setattr(cfg, "BACKOFF_MIN_MS", 50.0)
     monkeypatch.setattr(cfg, "BACKOFF_MAX_MS", 400.0)
     monkeypatch.setattr(cfg, "CONTENTION_RATIO", 1.25)
+    monkeypatch.setattr(cfg, "CONTENTION_STRIKES", 2)
     monkeypatch.setattr(_launch._state, "serial_only", False)
     monkeypatch.setattr(_launch._state, "backoff", Backoff())
     return _launch._state.backoff
@@ -51,11 +52,13 @@ def test_slow_parallel_backs_off_doubles_and_resets(fresh):
     fresh.record("k", N, True, 0, int(1.2 * N))  # 1.2x serial: within the ratio
     assert _launch.decide("k", N, 2 * N)
     t = 10 * MS
-    fresh.record("k", N, True, t - 2 * N, t)  # 2x serial: contention
+    fresh.record("k", N, True, t - 2 * N, t)  # 2x serial: one strike, still parallel
+    assert _launch.decide("k", N, t + 1)
+    fresh.record("k", N, True, t - 2 * N, t)  # the second in a row: contention
     assert not _launch.decide("k", N, t + 49 * MS)  # serial for BACKOFF_MIN_MS
     assert _launch.decide("k", N, t + 50 * MS)  # then one parallel probe
     t += 50 * MS
-    fresh.record("k", N, True, t - 50 * N, t)  # slow again: 100 ms this time
+    fresh.record("k", N, True, t - 50 * N, t)  # one slow probe suffices: 100 ms now
     assert not _launch.decide("k", N, t + 99 * MS)
     assert _launch.decide("k", N, t + 100 * MS)
     for _ in range(5):  # doubling stops at BACKOFF_MAX_MS
@@ -67,6 +70,23 @@ def test_slow_parallel_backs_off_doubles_and_resets(fresh):
     fresh.record("k", N, True, t - N // 2, t)  # a fast probe: back to the first length
     assert fresh.length_ms == 50.0 and _launch.decide("k", N, t + 1)
     assert fresh.backoffs == 7
+    fresh.record("k", N, True, t, t + 2 * N)  # after a fast launch: two strikes again
+    assert _launch.decide("k", N, t + 2 * N + 1)
+
+
+def test_with_one_strike_one_slow_launch_backs_off(fresh, monkeypatch):
+    monkeypatch.setattr(cfg, "CONTENTION_STRIKES", 1)  # the shipped value
+    fresh.record("k", N, False, 0, N)
+    fresh.record("k", N, True, 0, 2 * N)
+    assert not _launch.decide("k", N, 2 * N + 1) and fresh.backoffs == 1
+
+
+def test_a_fast_launch_between_slow_ones_clears_the_strike(fresh):
+    fresh.record("k", N, False, 0, N)
+    for _ in range(3):
+        fresh.record("k", N, True, 0, 3 * N)  # slow
+        fresh.record("k", N, True, 0, N // 2)  # fast
+    assert fresh.backoffs == 0 and _launch.decide("k", N, 1)
 
 
 def test_serial_rate_falls_at_once_and_rises_halfway(fresh):
