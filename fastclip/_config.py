@@ -6,6 +6,8 @@ Each value names the measurement behind it; re-measure with
 
 from __future__ import annotations
 
+import os
+
 #: Total elements below which the serial kernels run.  A parallel launch costs
 #: about 2-3 us with the ``omp`` layer (30-50 us with ``workqueue``).  Measured
 #: on the 2-core CI-like machine (``python benchmarks/bench_threshold.py``,
@@ -21,6 +23,37 @@ from __future__ import annotations
 #: NumPy's 27).  The crossover is ~100k in the tight loop and ~200k for single
 #: calls: 150k splits it.
 PARALLEL_MIN_ELEMENTS: int = 150_000
+
+#: The CPU thread policy above ``PARALLEL_MIN_ELEMENTS`` (``FASTCLIP_THREADS``
+#: in the environment when fastclip is imported; this value may be set at any
+#: time): ``"auto"`` runs in parallel unless parallel launches are measured
+#: slower than serial ones, then serially for a while (``_cpu/_policy.py``);
+#: ``"parallel"`` always (fastclip 0.x before the policy); ``"serial"`` never.
+#: Any other value raises ValueError at the first launch above the threshold.
+THREADS: str = os.environ.get("FASTCLIP_THREADS", "auto")
+
+#: ``auto``: a parallel launch slower than this many times the serial time
+#: per element of its size class is a *strike*; ``CONTENTION_STRIKES`` in a
+#: row start a back-off.  On a contended 2-core machine parallel launches of
+#: 1e6 float32 took 15-50 ms against 1.05 ms serially, often alternating with
+#: fast ones (``python benchmarks/bench_busy.py``); on a quiet one parallel is
+#: 0.55-0.85x of serial above the threshold (the comment above).  Measured
+#: choices (a script interleaving ``THREADS="auto"`` and ``"parallel"`` calls,
+#: 40 rounds of 1e7, 2,000 x 1,000 and 3e5 float32, machine loaded ~1.7 by
+#: neighbours; then ``bench_busy.py``): 1.25 and one strike backed off 3-4
+#: times and cost 7-10% of median time against always-parallel; 2.0 and two
+#: strikes missed the alternating slow launches (``clip_by_norm_`` 3.5-11x
+#: NumPy's serial time); 2.0 and one strike: no back-off, auto/parallel
+#: 0.96-1.09, and 1.16-1.20x NumPy under two busy processes.
+CONTENTION_RATIO: float = 2.0
+CONTENTION_STRIKES: int = 1
+#: ``auto``: the first back-off lasts this long (ms); each slow probe after one
+#: doubles it, up to ``BACKOFF_MAX_MS``; a fast probe resets it.  A probe on a
+#: contended machine costs one slow parallel launch (up to ~50 ms for 1e6
+#: elements, measured as above), so 2 s bounds that cost to ~2.5% of the time
+#: while the contention lasts, and 50 ms lets parallel back in soon after it ends.
+BACKOFF_MIN_MS: float = 50.0
+BACKOFF_MAX_MS: float = 2_000.0
 
 #: Elements per work item of the chunk-parallel kernels (one array may span
 #: many chunks; tiny arrays are one chunk each).  256 KiB of float32: big

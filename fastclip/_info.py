@@ -115,6 +115,7 @@ def info() -> dict[str, Any]:
         "numba_threading_layer": cpu["threading_layer"]
         or f"not started yet (configured: {configured_layer})",
         "numba_threads": numba.get_num_threads(),
+        "cpu_threads": cpu["threads"],
         "cpu_count": os.cpu_count(),
         "numba_cache": "disabled: " + cpu["cache_disabled_reason"]
         if cpu["cache_disabled_reason"]

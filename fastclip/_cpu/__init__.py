@@ -44,7 +44,7 @@ from ._core import (
     scale_,
 )
 from ._fused_step import adamw_step_, sgd_step_, step_plan, step_prepare, step_run
-from ._launch import run, run_with, threading_layer
+from ._launch import policy, run, run_with, threading_layer
 from ._optim import global_norm_and_dtype, groups
 from ._pack import pack
 from ._per_sample import clip_per_sample
@@ -73,6 +73,7 @@ __all__ = [
     "norm64",
     "norm_dtype",
     "pack",
+    "policy",
     "refuse_dtype",
     "rescale",
     "run",
@@ -91,11 +92,13 @@ def status() -> dict[str, Any]:
     """The route's state for ``fastclip.info()``.
 
     ``threading_layer``: numba's layer once a parallel kernel ran, else None;
+    ``threads``: the serial/parallel policy in force, in words (``_launch.policy``);
     ``cache_dir``: the folder the kernels are cached in, once the first kernel
     was built; ``cache_disabled_reason``: why on-disk caching is off, or None.
     """
     return {
         "threading_layer": threading_layer(),
+        "threads": policy(),
         "cache_dir": _build.cache_dir,
         "cache_disabled_reason": _build.cache_disabled_reason,
     }

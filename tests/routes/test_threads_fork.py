@@ -65,8 +65,10 @@ FORK = (
     + """
 x = rng.standard_normal(N).astype(np.float32)
 want_x = ref.clip_by_norm(x, 10.0)
-assert close(fastclip.clip_by_norm(x, 10.0), want_x)  # the parent runs a parallel kernel first
+cfg.THREADS = "parallel"  # the parent runs parallel kernels first (no auto serial probe)
+assert close(fastclip.clip_by_norm(x, 10.0), want_x)
 fastclip.clip_by_global_norm_([x, x[:0]], 10.0)
+cfg.THREADS = "auto"  # the child runs under the default policy
 y = rng.standard_normal(N).astype(np.float32)
 want_y, want_total = ref.clip_by_global_norm([y, y[:5].copy()], 3.0)
 pid = os.fork()
@@ -76,6 +78,8 @@ if pid == 0:
         ys = [y, y[:5].copy()]
         total = fastclip.clip_by_global_norm_(ys, 3.0)
         ok = close(total, want_total) and close(ys[0], want_y[0]) and close(ys[1], want_y[1])
+        from fastclip._cpu import _launch  # the rule, as documented: serial only under omp
+        ok = ok and ("serial only" in _launch.policy()) == (_launch.threading_layer() == "omp")
     finally:
         os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
