@@ -83,3 +83,18 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cfg, "CHUNK", 7)
     monkeypatch.setattr(cfg, "COL_TILE", 3)
     monkeypatch.setattr(cfg, "PARALLEL_MIN_ELEMENTS", 0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _parallel_kernels_where_parallel_is_asked() -> Any:
+    """Launches above the threshold run the parallel twins, as tests that patch
+    ``PARALLEL_MIN_ELEMENTS`` small expect: the default ``auto`` policy would
+    run a size class's first launch serially and back off to serial on a busy
+    CI machine, so which twin a test exercised would depend on the load.  The
+    ``auto`` policy itself is tested in ``routes/test_launch_policy.py``."""
+    from fastclip import _config as cfg
+
+    before = cfg.THREADS
+    cfg.THREADS = "parallel"
+    yield
+    cfg.THREADS = before
