@@ -54,6 +54,7 @@ from ._clip_grad import (
 )
 from ._clipped import ClippedOptimizer
 from ._fused import FusedAdamW, FusedSGD
+from ._grad_norm import grad_norm
 
 __all__ = [  # TensorOrTensors, the parameters' type, is importable but not listed
     "ClippedOptimizer",
@@ -63,4 +64,5 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "grad_norm",
 ]
