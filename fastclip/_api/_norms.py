@@ -132,9 +132,9 @@ def global_norm(arrays: ArrayOrArrays, ord: float = 2, *, per_array: bool = Fals
     array(5., dtype=float32)
     >>> fastclip.global_norm([])
     array(0., dtype=float32)
-    >>> total, per = fastclip.global_norm(grads, per_array=True)
-    >>> total, per
-    (array(5., dtype=float32), array([2., 4.], dtype=float32))
+    >>> pair = [np.array([3.0, 4.0], np.float32), np.array([12.0], np.float32)]
+    >>> fastclip.global_norm(pair, per_array=True)
+    (array(13., dtype=float32), array([ 5., 12.], dtype=float32))
     """
     ord_code, p = check_ord(ord)
     items = _dispatch.as_array_list(arrays)

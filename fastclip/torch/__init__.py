@@ -36,6 +36,13 @@ Differences from torch, all deliberate and documented:
   ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per
   tensor, then over the per-tensor values); the scaling still runs on
   fastclip's kernel;
+* ``clip_grad_norm_`` and ``get_total_norm`` also accept an ``nn.Module`` (its
+  parameters' gradients), and a non-finite norm with ``error_if_nonfinite=True``
+  raises :class:`fastclip.NonFiniteNormError` (torch's message, then which
+  gradients are not finite: ``.indices`` among the gradients that are not None,
+  and ``.names`` when a Module was given), before any gradient is written;
+* :func:`grad_norm` is Lightning's ``grad_norm`` logging dict (per-parameter
+  and total gradient norms) from one launch per dtype;
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
   DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
   DTensor, as torch returns.
