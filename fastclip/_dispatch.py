@@ -111,7 +111,12 @@ class Backend:
     def norm(self, x: Any, ord_code: int, p: float, *, axes: Any, keepdims: bool) -> Any:
         return self.ops.norm(self.lib, x, ord_code, p, axes, keepdims)
 
-    def global_norm(self, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
+    def global_norm(
+        self, arrays: Sequence[Any], ord_code: int, p: float, *, per_array: bool = False
+    ) -> Any:
+        """The 0-d global norm; with ``per_array``, ``(total, 1-D per-array norms)``."""
+        if per_array:
+            return self.ops.global_norm(self.lib, arrays, ord_code, p, True)
         return self.ops.global_norm(self.lib, arrays, ord_code, p)
 
     def rescale(
@@ -141,12 +146,17 @@ class Backend:
         total_norm: Any,
         error_if_nonfinite: bool,
         inplace: bool,
-    ) -> tuple[list[Any], Any]:
+        per_array: bool = False,
+    ) -> tuple[list[Any], Any, Any]:
+        """(outputs, 0-d total norm, 1-D per-array norms or None without ``per_array``)."""
         if inplace:
             self._check_writes(arrays, "clip_by_global_norm_")
-        return self.ops.clip_global(
-            self.lib, arrays, max_norm, ord_code, p, eps, total_norm, error_if_nonfinite, inplace
-        )
+        args = (arrays, max_norm, ord_code, p, eps, total_norm, error_if_nonfinite, inplace)
+        if not per_array:  # the routes' two-value form (the one their other callers use)
+            outs, total = self.ops.clip_global(self.lib, *args)
+            return outs, total, None
+        outs, total, per = self.ops.clip_global(self.lib, *args, True)
+        return outs, total, per
 
     def clip_by_value(self, x: Any, lo: float | None, hi: float | None, *, inplace: bool) -> Any:
         if inplace:

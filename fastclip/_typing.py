@@ -81,7 +81,12 @@ class RouteOps(Protocol):
         keepdims: bool,
     ) -> Any: ...
 
-    def global_norm(self, lib: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any: ...
+    def global_norm(
+        self, lib: Any, arrays: Sequence[Any], ord_code: int, p: float, per_array: bool = False
+    ) -> Any:
+        """The 0-d norm; with ``per_array``, ``(total, per)``: ``per`` the 1-D norms of
+        the arrays in the caller's order, in the norm dtype, from the same pass."""
+        ...
 
     def rescale(
         self,
@@ -107,7 +112,12 @@ class RouteOps(Protocol):
         total_norm: Any,
         error_if_nonfinite: bool,
         inplace: bool,
-    ) -> tuple[list[Any], Any]: ...
+        per_array: bool = False,
+    ) -> tuple[Any, ...]:
+        """(outputs, total norm before clipping), and with ``per_array`` also the 1-D
+        per-array norms before clipping; a non-finite total with ``error_if_nonfinite``
+        raises ``NonFiniteNormError`` with ``indices`` before any write."""
+        ...
 
     def clip_by_value(
         self, lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _dispatch
-from .._typing import Array, ArrayOrArrays
+from .._typing import ArrayOrArrays
 from .._validate import (
     check_bounds,
     check_eps,
@@ -19,7 +19,7 @@ from .._validate import (
     check_orderable,
     scalar_value,
 )
-from ._norms import zero_norm
+from ._norms import no_norms, zero_norm
 
 
 def clip_values_(arrays: ArrayOrArrays, min: float | None = None, max: float | None = None) -> None:
@@ -54,13 +54,14 @@ def _clip_global(
     total_norm: Any,
     error_if_nonfinite: bool,
     inplace: bool,
-) -> tuple[list[Any], Any]:
+    per_array: bool = False,
+) -> tuple[list[Any], Any, Any]:
     c = check_max_norm(max_norm)
     ord_code, p = check_ord(ord)
     eps_v = check_eps(eps)
     items = _dispatch.as_array_list(arrays)
     if not items:
-        return [], zero_norm()
+        return [], zero_norm(), no_norms() if per_array else None
     backend = _dispatch.backend_for(items)
     given: Any = backend.scalar_arg(total_norm, "total_norm")  # device: no host sync
     if given is None:
@@ -74,6 +75,7 @@ def _clip_global(
         total_norm=given,
         error_if_nonfinite=bool(error_if_nonfinite),
         inplace=inplace,
+        per_array=bool(per_array),
     )
 
 
@@ -85,7 +87,8 @@ def clip_by_global_norm(
     eps: float = 1e-6,
     total_norm: Any = None,
     error_if_nonfinite: bool = False,
-) -> tuple[list[Array], Array]:
+    per_array: bool = False,
+) -> Any:
     r"""Scale many arrays by one coefficient so their global norm is at most ``max_norm``.
 
     .. math:: y_k = x_k \cdot \min\Big(1, \frac{c}{\|(x_1,\ldots,x_n)\|_p + \varepsilon}\Big)
@@ -104,14 +107,19 @@ def clip_by_global_norm(
         Use this norm instead of computing it (e.g. one reduced across ranks).
     error_if_nonfinite : bool, default False
         Raise :class:`fastclip.NonFiniteNormError` (a RuntimeError) when the
-        norm is NaN or inf, before anything is written.  By default a
-        non-finite norm propagates: every output becomes NaN (or 0 for inf).
+        norm is NaN or inf, before anything is written; its ``indices`` are
+        the positions of the arrays whose own norm is not finite.  By default
+        a non-finite norm propagates: every output becomes NaN (or 0 for inf).
+    per_array : bool, default False
+        Also return each array's norm before clipping, from the same pass
+        (see :func:`global_norm`).
 
     Returns
     -------
-    (list of arrays, array)
+    (list of arrays, array), or (list of arrays, array, array) with ``per_array``
         New arrays (same library, dtypes, shapes, device) and the 0-d total
-        norm before clipping.
+        norm before clipping; with ``per_array`` also the 1-D per-array norms
+        before clipping (``global_norm(arrays, ord, per_array=True)[1]``).
 
     Notes
     -----
@@ -131,7 +139,10 @@ def clip_by_global_norm(
     >>> total, out
     (array(5.), [array([0.6]), array([0.8])])
     """
-    return _clip_global(arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, False)
+    outs, total, per = _clip_global(
+        arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, False, per_array
+    )
+    return (outs, total, per) if per_array else (outs, total)
 
 
 def clip_by_global_norm_(
@@ -142,12 +153,16 @@ def clip_by_global_norm_(
     eps: float = 1e-6,
     total_norm: Any = None,
     error_if_nonfinite: bool = False,
-) -> Array:
+    per_array: bool = False,
+) -> Any:
     r"""Global-norm clipping in place; returns the total norm before clipping.
 
     Same formula and arguments as :func:`clip_by_global_norm`.  All arrays are
     validated (dtypes, writeability, one library, no two sharing memory)
-    before any is modified.
+    before any is modified, and a :class:`fastclip.NonFiniteNormError` is
+    raised before any write.  With ``per_array=True`` the result is
+    ``(total, per)``: ``per`` the 1-D norms of the arrays before clipping,
+    computed by the same launch (one per dtype) that clips them.
 
     Examples
     --------
@@ -157,7 +172,14 @@ def clip_by_global_norm_(
     array(5., dtype=float32)
     >>> grads
     [array([0.6], dtype=float32), array([0.8], dtype=float32)]
+    >>> fastclip.clip_by_global_norm_(grads, 0.5, per_array=True)
+    (array(1., dtype=float32), array([0.6, 0.8], dtype=float32))
     """
+    if per_array:
+        _, total, per = _clip_global(
+            arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, True, True
+        )
+        return total, per
     if total_norm is None and not error_if_nonfinite and type(arrays) is list and len(arrays) == 1:
         fast = _dispatch.small_clip_(arrays[0], max_norm, ord, eps)
         if fast is not None:

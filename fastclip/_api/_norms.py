@@ -22,6 +22,11 @@ def zero_norm() -> Any:
     return np.asarray(0.0, dtype=np.float32)
 
 
+def no_norms() -> Any:
+    """The per-array norms of no arrays: an empty float32 NumPy array (``zero_norm``'s dtype)."""
+    return np.zeros(0, dtype=np.float32)
+
+
 def norm(
     x: Array, ord: float = 2, *, axis: int | tuple[int, ...] | None = None, keepdims: bool = False
 ) -> Array:
@@ -87,7 +92,7 @@ def norm(
     return backend.norm(x, ord_code, p, axes=reduction_axes(x, axis), keepdims=bool(keepdims))
 
 
-def global_norm(arrays: ArrayOrArrays, ord: float = 2) -> Array:
+def global_norm(arrays: ArrayOrArrays, ord: float = 2, *, per_array: bool = False) -> Any:
     r"""p-norm of all elements of many arrays together.
 
     .. math:: \Big(\sum_k \sum_i |x_{k,i}|^p\Big)^{1/p}
@@ -99,13 +104,20 @@ def global_norm(arrays: ArrayOrArrays, ord: float = 2) -> Array:
         All from one library and on one device; dtypes may differ.
     ord : float, default 2
         Any real ``p > 0`` or ``inf``.
+    per_array : bool, default False
+        Also return the norm of each array (``||x_k||_p``), from the same
+        pass over the data: the kernels' per-chunk partial sums are combined
+        per array as well as in total, so no array is read twice.
 
     Returns
     -------
-    array
-        0-d norm in the arrays' library (float64 if any array is float64,
-        else float32).  An empty list gives ``0.0`` (as torch), as a NumPy
-        float32 0-d array.
+    array, or (array, array) with ``per_array``
+        The 0-d norm in the arrays' library (float64 if any array is
+        float64, else float32); with ``per_array``, ``(total, per)`` where
+        ``per`` is the 1-D array of the ``n`` arrays' norms, in the caller's
+        order, with the total's dtype, library and device (zero-size arrays
+        have norm 0).  An empty list gives ``0.0`` (as torch), as a NumPy
+        float32 0-d array (and an empty float32 ``per``).
 
     Notes
     -----
@@ -120,12 +132,18 @@ def global_norm(arrays: ArrayOrArrays, ord: float = 2) -> Array:
     array(5., dtype=float32)
     >>> fastclip.global_norm([])
     array(0., dtype=float32)
+    >>> pair = [np.array([3.0, 4.0], np.float32), np.array([12.0], np.float32)]
+    >>> fastclip.global_norm(pair, per_array=True)
+    (array(13., dtype=float32), array([ 5., 12.], dtype=float32))
     """
     ord_code, p = check_ord(ord)
     items = _dispatch.as_array_list(arrays)
     if not items:
-        return zero_norm()
-    return _dispatch.backend_for(items).global_norm(items, ord_code, p)
+        return (zero_norm(), no_norms()) if per_array else zero_norm()
+    backend = _dispatch.backend_for(items)
+    if per_array:
+        return backend.global_norm(items, ord_code, p, per_array=True)
+    return backend.global_norm(items, ord_code, p)
 
 
 def clip_coefficient(total_norm: Any, max_norm: float, eps: float = 1e-6) -> Any:

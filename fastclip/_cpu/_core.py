@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from .. import _config as cfg
-from .._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
+from .._errors import nonfinite_error, out_of_place_hint
 from .._formulas import clip_coefficients, int_bound, needs_rescale, robust_norm
 from .._memory import check_self_overlap
+from . import _per_array
 from ._adapters import float_storage, norm_dtype
 from ._axes import AxisPlan
 from ._launch import run
@@ -165,11 +166,16 @@ def _clip_integers(sv: np.ndarray, out_sv: np.ndarray, lo: float | None, hi: flo
     np.clip(sv, lo_v, hi_v, out=out_sv)
 
 
-def global_norm(lib: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
+def global_norm(
+    lib: Any, arrays: Sequence[Any], ord_code: int, p: float, per_array: bool = False
+) -> Any:
+    """The global norm; with ``per_array``, ``(total, per-array norms)`` from the same pass."""
     packed = pack(lib, arrays, "norm", writing=False)
-    value = packed.norm(ord_code, p)
     assert packed.dtype is not None
-    return lib.wrap(value, packed.dtype, arrays[0])
+    if not per_array:
+        return lib.wrap(packed.norm(ord_code, p), packed.dtype, arrays[0])
+    value, per = _per_array.norms(packed, len(arrays), ord_code, p)
+    return lib.wrap(value, packed.dtype, arrays[0]), lib.wrap(per, packed.dtype, arrays[0])
 
 
 def clip_global(
@@ -182,24 +188,27 @@ def clip_global(
     total_norm: float | None,
     error_if_nonfinite: bool,
     inplace: bool,
-) -> tuple[list[Any], Any]:
-    """Global-norm clipping of a list: returns (outputs, total norm before clipping)."""
+    per_array: bool = False,
+) -> tuple[Any, ...]:
+    """Global-norm clipping of a list: returns (outputs, total norm before clipping),
+    and with ``per_array`` also the per-array norms before clipping."""
     what = "clip_by_global_norm"
     if not inplace:
         src = pack(lib, arrays, what, writing=False)
         outs = [lib.empty_like(a) for a in arrays]
         dst = pack(lib, outs, what, writing=False)
-        value = src.norm(ord_code, p) if total_norm is None else total_norm
-        _raise_if_nonfinite(value, error_if_nonfinite)
+        value, per = _norms(
+            src, len(arrays), ord_code, p, total_norm, error_if_nonfinite, per_array
+        )
         coef = float(clip_coefficients(np.float64(value), max_norm, eps, "clip"))
         _scale_into(src, dst, coef)
-        assert src.dtype is not None
-        return outs, lib.wrap(value, src.dtype, arrays[0])
+        return _result(outs, _wrapped(lib, src, arrays[0], value, per))
 
     if len(arrays) == 1 and total_norm is None and not error_if_nonfinite:
         out, norm_value = rescale(lib, arrays[0], ord_code, p, None, max_norm, eps, "clip", True)
-        return [out], norm_value
+        return ([out], norm_value, norm_value.reshape(1)) if per_array else ([out], norm_value)
     packed = pack(lib, arrays, what, writing=True)
+    per = None
     if (
         len(packed.tables) == 1
         and not packed.copies
@@ -208,25 +217,59 @@ def clip_global(
         and not needs_rescale(ord_code, packed.dtype == np.float64)
     ):
         t = packed.tables[0]
-        args = (t.addrs, t.sizes, t.like, ord_code, p, max_norm, eps, cfg.CHUNK)
-        value = float(run("tab_clip", t.n, *args))
+        if per_array:  # the same fused launch, also keeping each array's power sum
+            value, per = _per_array.clip_with_norms(t, ord_code, p, max_norm, eps)
+        else:
+            args = (t.addrs, t.sizes, t.like, ord_code, p, max_norm, eps, cfg.CHUNK)
+            value = float(run("tab_clip", t.n, *args))
     else:
-        value = packed.norm(ord_code, p) if total_norm is None else total_norm
-        _raise_if_nonfinite(value, error_if_nonfinite)
+        value, per = _norms(
+            packed, len(arrays), ord_code, p, total_norm, error_if_nonfinite, per_array
+        )
         packed.scale(float(clip_coefficients(np.float64(value), max_norm, eps, "clip")))
     lib.touched(arrays)
+    return _result(arrays, _wrapped(lib, packed, arrays[0], value, per))
+
+
+def _result(outs: list[Any], norms: tuple[Any, Any]) -> tuple[Any, ...]:
+    """(outputs, total) or, with per-array norms, (outputs, total, per)."""
+    return (outs, norms[0]) if norms[1] is None else (outs, *norms)
+
+
+def _wrapped(lib: Any, packed: Packed, like: Any, value: float, per: Any) -> tuple[Any, Any]:
     assert packed.dtype is not None
-    return arrays, lib.wrap(value, packed.dtype, arrays[0])
+    total = lib.wrap(value, packed.dtype, like)
+    return total, None if per is None else lib.wrap(per, packed.dtype, like)
+
+
+def _norms(
+    packed: Packed,
+    n: int,
+    ord_code: int,
+    p: float,
+    total_norm: float | None,
+    error_if_nonfinite: bool,
+    per_array: bool,
+) -> tuple[float, Any]:
+    """(total norm, float64 per-array norms or None), raising NonFiniteNormError
+    (with the arrays whose norms are not finite) before anything is written."""
+    per = None
+    if per_array or (error_if_nonfinite and total_norm is None):
+        value, per = _per_array.norms(packed, n, ord_code, p)  # the same single pass
+    else:
+        value = packed.norm(ord_code, p) if total_norm is None else total_norm
+    if total_norm is not None:
+        value = total_norm
+    if error_if_nonfinite and not math.isfinite(value):
+        if per is None:  # a given non-finite total: find the culprits, if any (one pass)
+            per = _per_array.norms(packed, n, ord_code, p)[1]
+        raise nonfinite_error(value, _per_array.nonfinite_indices(per))
+    return value, per if per_array else None
 
 
 def _scale_into(src: Packed, dst: Packed, coef: float) -> None:
     for ts, td in zip(src.tables, dst.tables):
         run("tab_scale", ts.n, ts.addrs, td.addrs, ts.sizes, ts.like, coef, False, cfg.CHUNK)
-
-
-def _raise_if_nonfinite(value: float, error_if_nonfinite: bool) -> None:
-    if error_if_nonfinite and not math.isfinite(value):
-        raise NonFiniteNormError(nonfinite_message(value))
 
 
 def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None) -> None:

@@ -27,17 +27,27 @@ from ._launch import run, run_serial
 
 
 class Table:
-    """One storage dtype's arrays as parallel (address, size) columns."""
+    """One storage dtype's arrays as parallel (address, size) columns.
 
-    __slots__ = ("addrs", "like", "n", "sizes")
+    ``index``: the rows' positions in the caller's list, or None when the
+    table is the whole list in order (the fast paths: one dtype).
+    """
+
+    __slots__ = ("addrs", "index", "like", "n", "sizes")
 
     def __init__(
-        self, like: np.ndarray, addrs: np.ndarray, sizes: np.ndarray, n: int | None = None
+        self,
+        like: np.ndarray,
+        addrs: np.ndarray,
+        sizes: np.ndarray,
+        n: int | None = None,
+        index: np.ndarray | None = None,
     ):
         self.like = like
         self.addrs = addrs
         self.sizes = sizes
         self.n = int(sizes.sum()) if n is None else n
+        self.index = index
 
 
 class Packed:
@@ -140,8 +150,8 @@ def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> Packed:
         if _fast_torch_pack(arrays, packed, writing):
             return packed
         rows = _torch_rows(arrays, what, writing)
-    groups: dict[np.dtype, tuple[list[int], list[int]]] = {}
-    for storage_dtype, addr, size, view, copy in rows:
+    groups: dict[np.dtype, tuple[list[int], list[int], list[int]]] = {}
+    for i, (storage_dtype, addr, size, view, copy) in enumerate(rows):
         if copy is not None:
             packed.copies.append((view, copy))
         if writing and size:
@@ -150,13 +160,15 @@ def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> Packed:
             else:
                 start, end = np.lib.array_utils.byte_bounds(view)
                 packed.extents.append((start, end, view))
-        g = groups.setdefault(storage_dtype, ([], []))
+        g = groups.setdefault(storage_dtype, ([], [], []))
         g[0].append(addr)
         g[1].append(size)
-    for storage_dtype, (addrs, sizes) in groups.items():
-        packed.tables.append(
-            Table(_like(storage_dtype), np.array(addrs, np.int64), np.array(sizes, np.int64))
-        )
+        g[2].append(i)
+    for storage_dtype, (addrs, sizes, index) in groups.items():
+        table = Table(_like(storage_dtype), np.array(addrs, np.int64), np.array(sizes, np.int64))
+        if len(groups) > 1:
+            table.index = np.array(index, np.int64)
+        packed.tables.append(table)
     packed.dtype = _group_norm_dtype(groups.keys())
     if writing:
         check_no_overlap(packed.extents)

@@ -45,22 +45,16 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import NonFiniteNormError, nonfinite_message
+from .._errors import nonfinite_error
 from ._blocks import (
     FLOATS,
-    PAIR,
-    block_pairs,
-    block_pow_sums,
     clip_block,
     coefficients,
-    combine_root,
-    combine_root_pairs,
     out_dtype,
-    pairs_norm,
     refuse_dtype,
     scale_block,
-    uses_pairs,
 )
+from ._graphs import all_axes, global_norm64, reduce
 
 __all__ = [
     "DaskLib",
@@ -116,78 +110,6 @@ def _checked(arrays: list[Any], what: str) -> None:
         _check_float(a, what)
 
 
-# ------------------------------------------------------------- lazy graphs
-
-
-def _reduce(
-    x: Any,
-    ord_code: int,
-    p: float,
-    axes: tuple[int, ...],
-    keepdims: bool,
-    root: bool,
-    pairs: bool | None = None,
-) -> Any:
-    """Lazy float64 norms (``root``) or partial power sums of ``x`` over ``axes``.
-
-    With ``pairs`` (default: where the NumPy route rescales) partials are
-    ``(m, s)`` pairs; norms are float64 either way.
-    """
-    import dask.array as da
-
-    pairs = uses_pairs([x], ord_code) if pairs is None else pairs
-    out_ndim = x.ndim if keepdims else x.ndim - len(axes)
-    if not pairs:
-        return da.reduction(
-            x,
-            _partial(block_pow_sums, ord_code=ord_code, p=p),
-            _partial(combine_root, ord_code=ord_code, p=p, root=root),
-            combine=_partial(combine_root, ord_code=ord_code, p=p, root=False),
-            axis=axes,
-            keepdims=keepdims,
-            dtype=np.float64,
-            meta=np.empty((0,) * out_ndim, np.float64),
-            concatenate=True,
-            name="fastclip-norm" if root else "fastclip-pow-sum",
-        )
-    # dask gives every stage of a reduction one dtype: reduce the pairs, then root them
-    partials = da.reduction(
-        x,
-        _partial(block_pairs, ord_code=ord_code, p=p),
-        _partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
-        combine=_partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
-        axis=axes,
-        keepdims=keepdims,
-        dtype=PAIR,
-        meta=np.empty((0,) * out_ndim, PAIR),
-        concatenate=True,
-        name="fastclip-pow-sum-pairs",
-    )
-    return _rooted(partials, ord_code, p) if root else partials
-
-
-def _rooted(pairs: Any, ord_code: int, p: float) -> Any:
-    """Lazy float64 norms of lazy ``(m, s)`` pairs."""
-    return pairs.map_blocks(
-        pairs_norm,
-        ord_code=ord_code,
-        p=p,
-        dtype=np.float64,
-        meta=np.empty((0,) * pairs.ndim, np.float64),
-        token="fastclip-norm-pairs",
-    )
-
-
-def _partial(func: Any, **kwargs: Any) -> Any:
-    import functools
-
-    return functools.partial(func, **kwargs)
-
-
-def _all_axes(x: Any, axes: tuple[int, ...] | None) -> tuple[int, ...]:
-    return tuple(range(x.ndim)) if axes is None else axes
-
-
 # --------------------------------------------------------------- the route
 
 
@@ -195,42 +117,8 @@ def norm(
     lib: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None, keepdims: bool
 ) -> Any:
     _checked([x], "norm")
-    values = _reduce(x, ord_code, p, _all_axes(x, axes), keepdims, root=True)
+    values = reduce(x, ord_code, p, all_axes(x, axes), keepdims, root=True)
     return values.astype(out_dtype(x))
-
-
-def _global_norm64(arrays: list[Any], ord_code: int, p: float) -> Any:
-    import dask.array as da
-
-    pairs = uses_pairs(arrays, ord_code)
-    parts = [_reduce(a, ord_code, p, _all_axes(a, None), False, False, pairs) for a in arrays]
-    stacked = da.stack(parts) if len(parts) > 1 else parts[0][None]
-    if pairs:
-        total = da.reduction(
-            stacked,
-            _partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
-            _partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
-            combine=_partial(combine_root_pairs, ord_code=ord_code, p=p, root=False),
-            axis=(0,),
-            keepdims=False,
-            dtype=PAIR,
-            meta=np.empty((), PAIR),
-            concatenate=True,
-            name="fastclip-global-pairs",
-        )
-        return _rooted(total, ord_code, p)
-    return da.reduction(
-        stacked,
-        _partial(combine_root, ord_code=ord_code, p=p, root=False),
-        _partial(combine_root, ord_code=ord_code, p=p, root=True),
-        combine=_partial(combine_root, ord_code=ord_code, p=p, root=False),
-        axis=(0,),
-        keepdims=False,
-        dtype=np.float64,
-        meta=np.empty((), np.float64),
-        concatenate=True,
-        name="fastclip-global-norm",
-    )
 
 
 def _global_dtype(arrays: list[Any]) -> np.dtype:
@@ -238,9 +126,15 @@ def _global_dtype(arrays: list[Any]) -> np.dtype:
     return np.dtype(np.float64) if wide else np.dtype(np.float32)
 
 
-def global_norm(lib: Any, arrays: list[Any], ord_code: int, p: float) -> Any:
+def global_norm(
+    lib: Any, arrays: list[Any], ord_code: int, p: float, per_array: bool = False
+) -> Any:
     _checked(arrays, "norm")
-    return _global_norm64(arrays, ord_code, p).astype(_global_dtype(arrays))
+    dtype = _global_dtype(arrays)
+    if per_array:
+        total, per = global_norm64(arrays, ord_code, p, True)
+        return total.astype(dtype), per.astype(dtype)
+    return global_norm64(arrays, ord_code, p).astype(dtype)
 
 
 def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
@@ -296,8 +190,8 @@ def rescale(
     what = "clip_by_norm" if mode == "clip" else "normalize"
     _checked([x], what)
     whole = axes is None or len(axes) == x.ndim
-    reduce_axes = _all_axes(x, axes)
-    norms64 = _reduce(x, ord_code, p, reduce_axes, True, root=True)
+    reduce_axes = all_axes(x, axes)
+    norms64 = reduce(x, ord_code, p, reduce_axes, True, root=True)
     coef = _coefficient_of(norms64, max_norm, eps, mode)
     out = _scaled(x, coef, None if whole else reduce_axes)
     kept = tuple(s for i, s in enumerate(x.shape) if i not in reduce_axes)
@@ -318,27 +212,43 @@ def clip_global(
     total_norm: Any,
     error_if_nonfinite: bool,
     inplace: bool,
-) -> tuple[list[Any], Any]:
+    per_array: bool = False,
+) -> tuple[Any, ...]:
     import dask.array as da
 
     _checked(arrays, "clip_by_global_norm")
     dtype = _global_dtype(arrays)
-    if total_norm is None:
-        norm64 = _global_norm64(arrays, ord_code, p)
+    per64 = None
+    if total_norm is None and (per_array or error_if_nonfinite):
+        norm64, per64 = global_norm64(arrays, ord_code, p, True)
+    elif total_norm is None:
+        norm64 = global_norm64(arrays, ord_code, p)
     else:
         norm64 = _scalar64(total_norm)
+        if per_array:
+            per64 = global_norm64(arrays, ord_code, p, True)[1]
     if error_if_nonfinite:
-        # The error must come before anything is returned or rebound: compute the norm now.
-        value = float(norm64.compute())
+        # The error must come before anything is returned or rebound: compute the norm
+        # now (with the per-array norms of the same graph, for the error's indices).
+        import dask
+
+        if per64 is None:  # a given total: the per-array norms are computed only to report
+            per64 = global_norm64(arrays, ord_code, p, True)[1]
+        value_a, per_a = dask.compute(norm64, per64)
+        value = float(value_a)
         if not math.isfinite(value):
-            raise NonFiniteNormError(nonfinite_message(value))
+            raise nonfinite_error(value, np.flatnonzero(~np.isfinite(per_a)).tolist())
         norm64 = da.asarray(np.float64(value))
+        per64 = da.asarray(per_a)
     coef = _coefficient_of(norm64, max_norm, eps, "clip")
     outs = [_scaled(a, coef, None) for a in arrays]
     if inplace:
         for a, o in zip(arrays, outs):
             _rebind(a, o)
         outs = list(arrays)
+    if per_array:
+        assert per64 is not None
+        return outs, norm64.astype(dtype), per64.astype(dtype)
     return outs, norm64.astype(dtype)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "out_dtype",
     "pairs_norm",
     "refuse_dtype",
+    "rooted_sums",
     "scale_block",
     "uses_pairs",
 ]
@@ -156,6 +157,12 @@ def pairs_norm(pairs: np.ndarray, ord_code: int, p: float) -> np.ndarray:
     """float64 norms ``M * S^(1/p)`` of ``(M, S)`` pairs."""
     with np.errstate(all="ignore"):
         return np.asarray(pairs["m"] * root(pairs["s"], 3, p), np.float64)
+
+
+def rooted_sums(sums: np.ndarray, ord_code: int, p: float) -> np.ndarray:
+    """float64 norms of a block of power sums (maxima for inf)."""
+    with np.errstate(all="ignore"):
+        return np.asarray(root(sums, ord_code, p), np.float64)
 
 
 def combine_root_pairs(

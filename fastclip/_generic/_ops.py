@@ -15,7 +15,7 @@ from typing import Any
 
 import array_api_compat as aac
 
-from .._errors import NonFiniteNormError, nonfinite_message, out_of_place_hint
+from .._errors import nonfinite_error, out_of_place_hint
 from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, int_bound
 
 
@@ -138,7 +138,22 @@ def norm(
 
 
 @_quiet
-def global_norm(xp: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
+def global_norm(
+    xp: Any, arrays: Sequence[Any], ord_code: int, p: float, per_array: bool = False
+) -> Any:
+    total, per = _global_norms(xp, arrays, ord_code, p, per_array)
+    return (total, per) if per_array else total
+
+
+def _global_norms(
+    xp: Any, arrays: Sequence[Any], ord_code: int, p: float, per_array: bool
+) -> tuple[Any, Any]:
+    """(0-d total norm, 1-D per-array norms or None), both in the norm dtype.
+
+    The per-array norms come from the same power sums as the total (one
+    reduction per array); where they leave float64's safe range they are
+    rescaled by each array's own max |x|, as ``_robust_norms`` does.
+    """
     for a in arrays:
         _check_float(xp, a, "norm")
     parts = [_pow_sum(xp, a, ord_code, p, None) for a in arrays]
@@ -146,17 +161,47 @@ def global_norm(xp: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
     total = _pow_sum(xp, stacked, 0, p, None) if ord_code == 0 else xp.sum(stacked)
     dtype = xp.float64 if any(_norm_dtype(xp, a) == xp.float64 for a in arrays) else xp.float32
     value = _root(xp, total, ord_code, p)
+    per = _root(xp, stacked, ord_code, p) if per_array else None
     live = [a for a in arrays if math.prod(a.shape) > 0]
     if live and _needs_rescale(xp, arrays, ord_code):
         # As ``_robust_norms``, over all arrays: m = the largest max |x| of any.
         wide = [xp.astype(xp.abs(a), wide_dtype(xp)) for a in live]
-        m = xp.max(xp.stack([xp.max(a) for a in wide]))
+        maxes = xp.stack([xp.max(a) for a in wide])
+        m = xp.max(maxes)
         ok = (m > 0.0) & (m < math.inf)
         safe = xp.where(ok, m, xp.ones_like(m))
         s = xp.sum(xp.stack([xp.sum((a / safe) ** p) for a in wide]))
         bad = ~((total > SAFE_LO) & (total < SAFE_HI))
         value = xp.where(bad & ok, _root(xp, s, 3, p) * safe, value)
-    return xp.astype(value, dtype)
+        if per is not None:
+            per = _rescaled_parts(xp, arrays, wide, maxes, stacked, per, p)
+    return xp.astype(value, dtype), None if per is None else xp.astype(per, dtype)
+
+
+def _rescaled_parts(
+    xp: Any, arrays: Sequence[Any], wide: list[Any], maxes: Any, sums: Any, per: Any, p: float
+) -> Any:
+    """``per`` with each out-of-range power sum replaced by its max-rescaled norm
+    (``wide``/``maxes``: the non-empty arrays' |x| and max |x|, in order)."""
+    k = 0
+    values = []
+    for i, a in enumerate(arrays):
+        if math.prod(a.shape) == 0:
+            values.append(per[i])  # zero-size: norm 0 already
+            continue
+        m_i = maxes[k]
+        ok = (m_i > 0.0) & (m_i < math.inf)
+        safe = xp.where(ok, m_i, xp.ones_like(m_i))
+        scaled = _root(xp, xp.sum((wide[k] / safe) ** p), 3, p) * safe
+        bad = ~((sums[i] > SAFE_LO) & (sums[i] < SAFE_HI))
+        values.append(xp.where(bad & ok, scaled, per[i]))
+        k += 1
+    return xp.stack(values)
+
+
+def nonfinite_positions(per: Any) -> list[int]:
+    """Positions of the non-finite values of a 1-D norm array (reads them on the host)."""
+    return [i for i in range(per.shape[0]) if not math.isfinite(float(per[i]))]
 
 
 def check_writeable(x: Any, what: str) -> None:
@@ -241,21 +286,22 @@ def clip_global(
     total_norm: float | None,
     error_if_nonfinite: bool,
     inplace: bool,
-) -> tuple[list[Any], Any]:
+    per_array: bool = False,
+) -> tuple[Any, ...]:
     if inplace:
         check_all_writeable(arrays, "clip_by_global_norm")
-    norm_value = global_norm(xp, arrays, ord_code, p)
+    norm_value, per = _global_norms(xp, arrays, ord_code, p, per_array or error_if_nonfinite)
     if total_norm is not None:
         norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
     if error_if_nonfinite and not math.isfinite(float(norm_value)):
-        raise NonFiniteNormError(nonfinite_message(float(norm_value)))
+        raise nonfinite_error(float(norm_value), nonfinite_positions(per))
     coef = clip_coefficients(xp.astype(norm_value, wide_dtype(xp)), max_norm, eps, xp=xp)
     outs = [_scaled(xp, a, coef) for a in arrays]
     if inplace:
         for a, o in zip(arrays, outs):
             a[...] = o
         outs = arrays
-    return outs, norm_value
+    return (outs, norm_value, per) if per_array else (outs, norm_value)
 
 
 def clip_by_value(xp: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import NonFiniteNormError, nonfinite_message
+from .._errors import nonfinite_error
 from .._formulas import int_bound
 from .._memory import check_self_overlap
 from . import _adapters
@@ -41,15 +41,24 @@ __all__ = [
 ]
 
 
-def _raise_if_nonfinite(lib: Any, norm: Any) -> None:
+def _raise_if_nonfinite(lib: Any, src: Packed, norm: Any, ord_code: int, p: float) -> None:
     value = lib.host_float(norm)  # the one documented synchronisation
     if not math.isfinite(value):
-        raise NonFiniteNormError(nonfinite_message(value))
+        # Raising: the arrays' norms from the same partials (one small launch per
+        # dtype), read back to name the culprits.
+        per = src.per_array_norms(ord_code, p)
+        bad = [i for i in range(per.shape[0]) if not math.isfinite(lib.host_float(per[i]))]
+        raise nonfinite_error(value, bad)
 
 
-def global_norm(lib: Any, arrays: Sequence[Any], ord_code: int, p: float) -> Any:
+def global_norm(
+    lib: Any, arrays: Sequence[Any], ord_code: int, p: float, per_array: bool = False
+) -> Any:
     with _adapters.on_device(lib, arrays[0]):
         packed = Packed(lib, arrays, "norm", writing=False)
+        if per_array:
+            norm, _, per = packed.finish(ord_code, p, 0.0, 0.0, 0, None, True)
+            return norm, per
         return packed.finish(ord_code, p, 0.0, 0.0, 0)[0]
 
 
@@ -63,7 +72,8 @@ def clip_global(
     total_norm: Any,
     error_if_nonfinite: bool,
     inplace: bool,
-) -> tuple[list[Any], Any]:
+    per_array: bool = False,
+) -> tuple[Any, ...]:
     with _adapters.on_device(lib, arrays[0]):
         src = Packed(lib, arrays, "clip_by_global_norm", writing=inplace)
         given = None
@@ -73,17 +83,22 @@ def clip_global(
                 if hasattr(total_norm, "shape")
                 else lib.full_f64(float(total_norm), arrays[0])
             )
-        norm, coef = src.finish(ord_code, p, max_norm, eps, 1, given)
+        per = None
+        if per_array:
+            norm, coef, per = src.finish(ord_code, p, max_norm, eps, 1, given, True)
+        else:
+            norm, coef = src.finish(ord_code, p, max_norm, eps, 1, given)
         if error_if_nonfinite:
-            _raise_if_nonfinite(lib, norm)
+            _raise_if_nonfinite(lib, src, norm, ord_code, p)
         if inplace:
             src.launch_scale(None, coef)
             lib.touched(arrays)
-            return arrays, norm
-        outs = [lib.empty_like(a) for a in arrays]
-        dst = Packed(lib, outs, "clip_by_global_norm", writing=False)
-        src.launch_scale(dst, coef)
-        return outs, norm
+            outs = arrays
+        else:
+            outs = [lib.empty_like(a) for a in arrays]
+            dst = Packed(lib, outs, "clip_by_global_norm", writing=False)
+            src.launch_scale(dst, coef)
+        return (outs, norm, per) if per_array else (outs, norm)
 
 
 def scale_(lib: Any, arrays: list[Any], factor: Any) -> None:

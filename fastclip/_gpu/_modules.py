@@ -55,7 +55,7 @@ FEATURES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             "fastclip_cols_pow_sum",
             "fastclip_axis_scale",
         ),
-        ("fastclip_finish", "fastclip_axis_coefs"),
+        ("fastclip_finish", "fastclip_axis_coefs", "fastclip_tensor_norms"),
     ),
     "optim": ("optim_kernels.cu", ("fastclip_adamw", "fastclip_sgd"), ()),
     "per_sample": (

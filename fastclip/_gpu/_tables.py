@@ -159,9 +159,9 @@ class Packed:
         self.like = arrays[0]
         self.device = lib.device_id(arrays[0])
         self.copies: list[tuple[Any, Any]] = []
-        by_kind: dict[str, tuple[list[int], list[int]]] = {}
+        by_kind: dict[str, tuple[list[int], list[int], list[int]]] = {}
         extents = []
-        for a in arrays:
+        for i, a in enumerate(arrays):
             kind = lib.kind(a)
             if kind is None:
                 raise TypeError(
@@ -181,17 +181,24 @@ class Packed:
                 self.copies.append((a, buf))
             elif writing and lib.numel(a):
                 extents.append((lib.ptr(a), lib.ptr(a) + lib.numel(a) * ITEMSIZE[kind]))
-            ptrs, sizes = by_kind.setdefault(kind, ([], []))
+            ptrs, sizes, index = by_kind.setdefault(kind, ([], [], []))
             ptrs.append(lib.ptr(buf))
             sizes.append(lib.numel(buf))
+            index.append(i)
         if writing and len(extents) > 1:
             starts = np.array([e[0] for e in extents], np.uint64).view(np.int64)
             ends = np.array([e[1] for e in extents], np.uint64).view(np.int64)
             for i, j in overlapping_extents(starts, ends):
                 raise_overlap(i, j)
         self._keepalive = [c for _, c in self.copies]
-        self.groups = [Group(lib, k, [p], s, self.like) for k, (p, s) in by_kind.items()]
+        self.n_arrays = len(arrays)
+        # ``index``: the rows' positions in the caller's list (None: the whole list, in order)
+        self.groups = [
+            Group(lib, k, [p], s, self.like, None if len(by_kind) == 1 else i)
+            for k, (p, s, i) in by_kind.items()
+        ]
         self.norm_kind = "float64" if "float64" in by_kind else "float32"
+        self.partials: Any = None
 
     def _launch(self, name: str, g: Group, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
         """One launch of a table kernel: ``name(*head, sizes, chunk table, *tail)``."""
@@ -231,13 +238,73 @@ class Packed:
             self.lib.write_back(view, copy)
 
     def finish(
-        self, ord_code: int, p: float, max_norm: float, eps: float, mode: int, given: Any = None
-    ) -> tuple[Any, Any]:
-        """Partials -> (0-d norm, 0-d float64 coefficient), all on the device."""
+        self,
+        ord_code: int,
+        p: float,
+        max_norm: float,
+        eps: float,
+        mode: int,
+        given: Any = None,
+        per_array: bool = False,
+    ) -> tuple[Any, ...]:
+        """Partials -> (0-d norm, 0-d float64 coefficient), all on the device; with
+        ``per_array`` also the 1-D norms of the arrays (in the caller's order, the
+        norm dtype), combined from the same partials: one more small launch per dtype."""
         lib = self.lib
         n_chunks = sum(g.n_chunks for g in self.groups)
         partials = lib.empty((max(1, n_chunks),), "float64", self.like)
         self.launch_partials(partials, ord_code, p)
+        self.partials = partials  # kept for per_array_norms (the non-finite diagnosis)
+        if per_array:
+            per = self.launch_tensor_norms(partials, ord_code, p)
+            return (*self._finish(partials, n_chunks, ord_code, p, max_norm, eps, mode, given), per)
+        return self._finish(partials, n_chunks, ord_code, p, max_norm, eps, mode, given)
+
+    def per_array_norms(self, ord_code: int, p: float) -> Any:
+        """The arrays' norms from the partials of the last ``finish``."""
+        return self.launch_tensor_norms(self.partials, ord_code, p)
+
+    def launch_tensor_norms(self, partials: Any, ord_code: int, p: float) -> Any:
+        """The arrays' norms from the partials (``fastclip_tensor_norms``, one thread
+        per tensor): a new 1-D device array of the norm dtype."""
+        lib = self.lib
+        per = lib.empty((self.n_arrays,), self.norm_kind, self.like)
+        k = _modules.kernel(
+            "core", self.device, "fastclip_tensor_norms", ELEMENT_TYPES[self.norm_kind]
+        )
+        offset = 0
+        base = lib.ptr(partials)
+        for g in self.groups:
+            pos = u64(0)
+            if g.index is not None:
+                pos = ptr(device_table(lib, self.like, np.asarray(g.index, np.int64)), lib)
+            grid = elementwise_grid(g.n, cfg.GPU_BLOCK, cfg.GPU_MAX_BLOCKS)
+            args = (
+                u64(base + 8 * offset),
+                g.chunk_tensor,
+                np.int64(g.n_chunks),
+                np.int64(g.n),
+                pos,
+                np.int32(ord_code),
+                np.float64(p),
+                ptr(per, lib),
+            )
+            k((grid,), (cfg.GPU_BLOCK,), args)
+            offset += g.n_chunks
+        return per
+
+    def _finish(
+        self,
+        partials: Any,
+        n_chunks: int,
+        ord_code: int,
+        p: float,
+        max_norm: float,
+        eps: float,
+        mode: int,
+        given: Any,
+    ) -> tuple[Any, Any]:
+        lib = self.lib
         norm = lib.empty((), self.norm_kind, self.like)
         coef = lib.empty((), "float64", self.like)
         k = _modules.kernel("core", self.device, "fastclip_finish", ELEMENT_TYPES[self.norm_kind])

@@ -175,6 +175,33 @@ __global__ void fastclip_finish(const double* partials, i64 n, int ord_code, dou
     }
 }
 
+// norms_out[pos[t]] (norms_out[t] when pos is null) = the norm of tensor t of one
+// table, from the partials fastclip_partial_pow_sum wrote for its chunks (chunk_tensor
+// is sorted, so tensor t's chunks are one run, found by binary search): the
+// per-tensor norms of global_norm(..., per_array=True) without a second read of
+// the data.  Tensors without chunks (zero-size) get 0.
+template <typename N>
+__global__ void fastclip_tensor_norms(const double* partials, const i64* chunk_tensor,
+                                      i64 n_chunks, i64 n_tensors, const i64* pos,
+                                      int ord_code, double p, N* norms_out) {
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < n_tensors;
+         t += (i64)gridDim.x * blockDim.x) {
+        i64 lo = 0, hi = n_chunks;
+        while (lo < hi) {
+            i64 mid = lo + ((hi - lo) >> 1);
+            if (chunk_tensor[mid] < t) lo = mid + 1; else hi = mid;
+        }
+        double v = 0.0;
+        for (i64 c = lo; c < n_chunks && chunk_tensor[c] == t; ++c)
+            v = combine(v, partials[c], ord_code);
+        double norm;
+        if (ord_code == 0 || ord_code == 1) norm = v;
+        else if (ord_code == 2) norm = sqrt(v);
+        else norm = pow(v, 1.0 / p);
+        norms_out[pos == nullptr ? t : pos[t]] = (N)norm;
+    }
+}
+
 // v * c with the coefficient kept in double and the product rounded once to the
 // accumulator type: rounding c to float first flushes factors below ~1e-45 to 0
 // and turns factors above ~3e38 into inf, though the products may be representable.

@@ -36,6 +36,13 @@ Differences from torch, all deliberate and documented:
   ``torch.linalg.vector_norm`` exactly as ``torch.nn.utils`` computes it (per
   tensor, then over the per-tensor values); the scaling still runs on
   fastclip's kernel;
+* ``clip_grad_norm_`` and ``get_total_norm`` also accept an ``nn.Module`` (its
+  parameters' gradients), and a non-finite norm with ``error_if_nonfinite=True``
+  raises :class:`fastclip.NonFiniteNormError` (torch's message, then which
+  gradients are not finite: ``.indices`` among the gradients that are not None,
+  and ``.names`` when a Module was given), before any gradient is written;
+* :func:`grad_norm` is Lightning's ``grad_norm`` logging dict (per-parameter
+  and total gradient norms) from one launch per dtype;
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
   DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
   DTensor, as torch returns.
@@ -63,6 +70,7 @@ from ._clip_grad import (
 )
 from ._clipped import ClippedOptimizer
 from ._fused import FusedAdamW, FusedSGD
+from ._grad_norm import grad_norm
 
 __all__ = [  # TensorOrTensors, the parameters' type, is importable but not listed
     "ClippedOptimizer",
@@ -72,4 +80,5 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "grad_norm",
 ]

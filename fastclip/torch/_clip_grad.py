@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import types
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Union
 
 import torch
@@ -37,7 +37,36 @@ _DTYPE = operator.attrgetter("dtype")
 _EPS = 1e-6  # torch's: clip_coef = max_norm / (total_norm + 1e-6)
 
 
-def _grads(parameters: TensorOrTensors, warn_empty_generator: bool = False) -> list[torch.Tensor]:
+class _Grads(list):  # type: ignore[type-arg]
+    """The gradients of a call, with the parameters' names when they came from an
+    ``nn.Module`` (``names[i]`` names ``self[i]``; None otherwise), for the
+    non-finite error."""
+
+    names: tuple[str, ...] | None = None
+
+
+def _module_grads(module: torch.nn.Module) -> _Grads:
+    """The gradients of ``module.named_parameters()`` that are not None, named."""
+    named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+    grads = _Grads(g for _, g in named)
+    grads.names = tuple(n for n, _ in named)
+    return grads
+
+
+def _tensors(tensors: TensorOrTensors | torch.nn.Module) -> list[torch.Tensor]:
+    """``get_total_norm``'s tensors: one tensor, an iterable, or a Module's gradients."""
+    if isinstance(tensors, torch.nn.Module):
+        return _module_grads(tensors)
+    if isinstance(tensors, _Grads):  # from clip_grad_norm_: keep the names
+        return tensors
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def _grads(
+    parameters: TensorOrTensors | torch.nn.Module, warn_empty_generator: bool = False
+) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.nn.Module):
+        return _module_grads(parameters)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     else:
@@ -80,8 +109,25 @@ def _norm_type(norm_type: object) -> float:
     return scalar_value(norm_type, "norm_type", "norm_type=math.inf is the max-norm")
 
 
-def _nonfinite_error(norm_type: float) -> NonFiniteNormError:
-    return NonFiniteNormError(torch_nonfinite_message(norm_type))
+def _nonfinite_error(
+    norm_type: float, tensors: list[torch.Tensor], indices: Sequence[int] | None = None
+) -> NonFiniteNormError:
+    """torch's error, plus ``indices`` (positions among ``tensors``, the gradients that
+    are not None) of the tensors whose norms are not finite, and their ``names`` when
+    the tensors came from an ``nn.Module``.  Found here, if not given, by one more
+    pass (only when raising)."""
+    if indices is None:
+        with torch.no_grad():
+            if _torch_defined(norm_type):
+                norms = [torch.linalg.vector_norm(t, norm_type) for t in tensors]
+                indices = [i for i, n in enumerate(norms) if not bool(torch.isfinite(n))]
+            else:
+                per = _api.global_norm(tensors, norm_type, per_array=True)[1]
+                indices = torch.nonzero(~torch.isfinite(per)).reshape(-1).tolist()
+    all_names = getattr(tensors, "names", None)
+    names = None if all_names is None else [all_names[i] for i in indices]
+    message = torch_nonfinite_message(norm_type, indices, names)
+    return NonFiniteNormError(message, indices, names)
 
 
 def _torch_defined(norm_type: float) -> bool:
@@ -103,7 +149,7 @@ def _torch_total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Te
 
 
 def get_total_norm(
-    tensors: TensorOrTensors,
+    tensors: TensorOrTensors | torch.nn.Module,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -113,17 +159,20 @@ def get_total_norm(
     Mirrors ``torch.nn.utils.get_total_norm``; an empty iterable gives ``tensor(0.)``.
     Raises :class:`fastclip.NonFiniteNormError` (a RuntimeError, with torch's message)
     when ``error_if_nonfinite`` and the norm is NaN or inf.
+    ``tensors`` may also be an ``nn.Module`` (its parameters' gradients); the error's
+    ``indices`` are positions among the gradients that are not None, and with a Module
+    its ``names`` (and message) name the parameters.
     """
     if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
         return _ops.traced_get_total_norm(tensors, norm_type, error_if_nonfinite)
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    tensors = _tensors(tensors)
     norm_type = _norm_type(norm_type)
     if not tensors:
         return torch.tensor(0.0)
     if _torch_defined(norm_type):
         total = _torch_total_norm(tensors, norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise _nonfinite_error(norm_type)
+            raise _nonfinite_error(norm_type, tensors)
         return total
     if has_dtensor(tensors):  # sharded gradients: reduce over the DTensors' mesh
         from fastclip import distributed
@@ -132,7 +181,7 @@ def get_total_norm(
     with torch.no_grad():
         total = _api.global_norm(tensors, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
-        raise _nonfinite_error(norm_type)
+        raise _nonfinite_error(norm_type, tensors)
     return total.to(_result_dtype(tensors, total.dtype))
 
 
@@ -177,7 +226,7 @@ def _clip_grads_with_norm(grads: list[torch.Tensor], max_norm: float, total_norm
 
 
 def clip_grad_norm_(
-    parameters: TensorOrTensors,
+    parameters: TensorOrTensors | torch.nn.Module,
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
@@ -188,6 +237,8 @@ def clip_grad_norm_(
     Mirrors ``torch.nn.utils.clip_grad_norm_``: ``.grad is None`` is skipped,
     gradients are multiplied by ``min(1, max_norm / (total_norm + 1e-6))``,
     the total norm (before clipping) is returned in the gradients' dtype.
+    ``parameters`` may also be an ``nn.Module``; a :class:`fastclip.NonFiniteNormError`
+    says which gradients are not finite (``.indices``, ``.names``), before any write.
     """
     if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
         return _ops.traced_clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite)
@@ -220,8 +271,8 @@ def _norm_and_clip_fused(
             total = _api.clip_by_global_norm_(
                 grads, max_norm, norm_type, eps=_EPS, error_if_nonfinite=error_if_nonfinite
             )
-    except NonFiniteNormError:
-        raise _nonfinite_error(norm_type) from None  # torch's wording
+    except NonFiniteNormError as exc:
+        raise _nonfinite_error(norm_type, grads, exc.indices) from None  # torch's wording
     return total.to(_result_dtype(grads, total.dtype))
 
 

@@ -113,22 +113,26 @@ def _(grads: list[Tensor], clip_value: float) -> None:
 # Dynamo's guards), then one operator call gets the gradient list.
 
 
-def _grads(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
+def _grads(parameters: Iterable[Tensor] | Tensor | torch.nn.Module) -> list[Tensor]:
     """``_clip_grad._grads`` written for Dynamo, which cannot call an ``attrgetter``.
 
     Without the empty-generator warning: ``warnings.warn`` breaks Dynamo's
     graph, and torch's own ``clip_grad_norm_`` compiled on an empty generator
     warns not either (measured, torch 2.13: no warning, no graph break).
     """
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
     parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     return [p.grad for p in parameters if p.grad is not None]
 
 
 def traced_get_total_norm(
-    tensors: Iterable[Tensor] | Tensor, norm_type: float, error_if_nonfinite: bool
+    tensors: Iterable[Tensor] | Tensor | torch.nn.Module, norm_type: float, error_if_nonfinite: bool
 ) -> Tensor:
     from . import _clip_grad as _cg
 
+    if isinstance(tensors, torch.nn.Module):  # its parameters' gradients
+        tensors = _grads(tensors)
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     norm_type = _cg._norm_type(norm_type)
     if not tensors:
@@ -150,7 +154,7 @@ def traced_clip_grads_with_norm_(
 
 
 def traced_clip_grad_norm_(
-    parameters: Iterable[Tensor] | Tensor,
+    parameters: Iterable[Tensor] | Tensor | torch.nn.Module,
     max_norm: float,
     norm_type: float,
     error_if_nonfinite: bool,
