@@ -111,4 +111,4 @@ class Backoff:
         if now_ns < self.until_ns:
             left = (self.until_ns - now_ns) / 1e6
             return f"serial for {left:.0f} ms more (parallel was slower than serial)"
-        return f"parallel above the threshold ({self.backoffs} back-offs so far)"
+        return f"parallel unless measured slower ({self.backoffs} back-offs so far)"
