@@ -77,10 +77,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastclip import _api, _dispatch
-from fastclip._errors import NonFiniteNormError, torch_nonfinite_message
+from fastclip._errors import NonFiniteNormError, nonfinite_detail, torch_nonfinite_message
 
 from ._reduce import OP_CLIP, OP_NORM, dtensor_class, reduce_norms, result_array
 
@@ -262,9 +263,14 @@ def clip_by_global_norm_(
     red = reduce_norms(local_arrays, ord, group, replicated, OP_CLIP, max_norm, eps, strict)
     loc = red.loc
     if error_if_nonfinite and not bool(torch.isfinite(red.total)):
+        indices = _local_nonfinite(loc.arrays, math.inf if red.ord_code == 0 else red.p)
+        where = nonfinite_detail(indices, noun="local array") or (
+            " (every norm on this rank is finite: another rank's is not)"
+        )
         raise NonFiniteNormError(
             f"the global norm over the ranks is non-finite ({float(red.total)}), so nothing was "
-            "clipped on any rank; pass error_if_nonfinite=False to scale by it anyway"
+            f"clipped on any rank{where}; pass error_if_nonfinite=False to scale by it anyway",
+            indices,
         )
     out = result_array(red.total, loc, loc.arrays)
     if not loc.arrays:
@@ -280,6 +286,16 @@ def clip_by_global_norm_(
             total_norm=given,
         )
     return out
+
+
+def _local_nonfinite(arrays: list[Any], ord: float) -> list[int]:
+    """Positions of this rank's arrays whose own norm is not finite (a second pass
+    over the local arrays, made only when raising)."""
+    if not arrays:
+        return []
+    per = _api.global_norm(arrays, ord, per_array=True)[1]
+    values = np.asarray(per.cpu()) if isinstance(per, torch.Tensor) else np.asarray(per)
+    return np.flatnonzero(~np.isfinite(values)).tolist()
 
 
 # ------------------------------------------------ fastclip.torch integration
@@ -308,7 +324,12 @@ def get_total_norm(
 
     total = global_norm(tensors, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
-        raise NonFiniteNormError(torch_nonfinite_message(norm_type))
+        dtensor = dtensor_class()
+        local = [
+            t.to_local() if dtensor is not None and isinstance(t, dtensor) else t for t in tensors
+        ]
+        indices = _local_nonfinite(local, norm_type)
+        raise NonFiniteNormError(torch_nonfinite_message(norm_type, indices), indices)
     return _as_dtensor_like(total, tensors)
 
 
@@ -326,8 +347,10 @@ def clip_grad_norm_(
         total = clip_by_global_norm_(
             grads, max_norm, norm_type, eps=1e-6, error_if_nonfinite=error_if_nonfinite
         )
-    except NonFiniteNormError:
-        raise NonFiniteNormError(torch_nonfinite_message(norm_type)) from None
+    except NonFiniteNormError as err:  # torch's message, this rank's culprits kept
+        raise NonFiniteNormError(
+            torch_nonfinite_message(norm_type, err.indices), err.indices
+        ) from None
     return _as_dtensor_like(total, grads)
 
 

@@ -177,17 +177,21 @@ def _nonfinite(world: int, rank: int, ord: float, bad: dict[int, float]) -> dict
     import fastclip.distributed as fcd
 
     local = _local("torch", np.float32, world, rank)
+    culprits: list[int] = []
     if rank in bad:
         k = next(k for k in range(len(SHARDED_SIZES)) if local[k].numel() > 0)
         local[k][0] = bad[rank]
+        culprits = [k]
     before = [_np(a) for a in local]
     norm = fcd.global_norm(local, ord, replicated=[6, 7])
-    out: dict[str, Any] = {"norm": float(norm)}
+    out: dict[str, Any] = {"norm": float(norm), "culprits": culprits}
     try:
         fcd.clip_by_global_norm_(local, 1.0, ord, replicated=[6, 7], error_if_nonfinite=True)
         out["raised"] = None
     except Exception as exc:
         out["raised"] = type(exc).__name__
+        out["indices"] = list(getattr(exc, "indices", ()))
+        out["message"] = str(exc)
     out["unchanged"] = all(np.array_equal(b, _np(a), equal_nan=True) for b, a in zip(before, local))
     out["is_tensor"] = isinstance(norm, torch.Tensor)
     return out

@@ -117,6 +117,12 @@ def test_nonfinite_shard_on_one_rank(suite: Any, ord: float, case: str, expected
         else:
             assert out["norm"] == math.inf, (r, out)
         assert out["raised"] == "NonFiniteNormError", (r, out)  # error_if_nonfinite: all ranks
+        # each rank names its own culprits (local positions), or says they are elsewhere
+        assert out["indices"] == out["culprits"], (r, out)
+        if out["culprits"]:
+            assert f"local array {out['culprits'][0]}" in out["message"], (r, out)
+        else:
+            assert "another rank" in out["message"], (r, out)
         assert out["unchanged"], r  # nothing written on any rank
         assert out["is_tensor"]
 
