@@ -90,10 +90,11 @@ class Backend:
     first.  One instance per (route, library), built on first use and cached.
     """
 
-    __slots__ = ("lib", "ops", "route")
+    __slots__ = ("is_torch", "lib", "ops", "route")
 
     def __init__(self, route: str, ops: RouteOps, lib: Any) -> None:
         self.route, self.ops, self.lib = route, ops, lib
+        self.is_torch = getattr(lib, "name", None) == "torch"  # autograd's in-place rule
 
     def __repr__(self) -> str:
         return f"Backend({self.route!r}, lib={getattr(self.lib, 'name', self.lib)!r})"
@@ -105,7 +106,7 @@ class Backend:
     def _check_writes(self, arrays: Sequence[Any], what: str) -> None:
         """torch's in-place rule (``check_autograd_writable``), before any write;
         other libraries have no autograd to bypass."""
-        if getattr(self.lib, "name", None) == "torch":
+        if self.is_torch:
             check_autograd_writable(arrays, what)
 
     def norm(self, x: Any, ord_code: int, p: float, *, axes: Any, keepdims: bool) -> Any:

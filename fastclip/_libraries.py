@@ -23,6 +23,7 @@ whose bulk header read it could not take.
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -193,6 +194,9 @@ def is_dask_array(x: Any) -> bool:
         return False
 
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def check_autograd_writable(tensors: Sequence[Any], what: str) -> None:
     """RuntimeError, before any write, for a torch tensor that requires grad while
     grad mode is on: torch's own rule for in-place operations, kept by fastclip.
@@ -205,14 +209,9 @@ def check_autograd_writable(tensors: Sequence[Any], what: str) -> None:
     (model.parameters(), 1.0)`` (the habit of ``torch.nn.utils.clip_grad_norm_``)
     would otherwise rescale the weights instead of their gradients.
     """
-    torch = sys.modules["torch"]
-    if not torch.is_grad_enabled():
-        return
-    T = torch.Tensor
-    flags = list(map(T.requires_grad.__get__, tensors))
-    if not any(flags):
-        return
-    i = flags.index(True)
+    if not sys.modules["torch"].is_grad_enabled() or not any(map(_REQUIRES_GRAD, tensors)):
+        return  # the common cases: under no_grad, or gradients (which require none)
+    i = next(i for i, t in enumerate(tensors) if t.requires_grad)
     t = tensors[i]
     where = "" if len(tensors) == 1 else f"tensor {i} of the list "
     kind = "a leaf tensor that requires grad" if t.is_leaf else "a tensor that requires grad"
