@@ -172,8 +172,11 @@ def clip_by_global_norm_(
     array(5., dtype=float32)
     >>> grads
     [array([0.6], dtype=float32), array([0.8], dtype=float32)]
-    >>> fastclip.clip_by_global_norm_(grads, 0.5, per_array=True)
-    (array(1., dtype=float32), array([0.6, 0.8], dtype=float32))
+    >>> grads = [np.array([3.0], np.float32), np.array([4.0], np.float32)]
+    >>> fastclip.clip_by_global_norm_(grads, 0.5, eps=0.0, per_array=True)
+    (array(5., dtype=float32), array([3., 4.], dtype=float32))
+    >>> grads
+    [array([0.3], dtype=float32), array([0.4], dtype=float32)]
     """
     if per_array:
         _, total, per = _clip_global(
