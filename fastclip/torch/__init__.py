@@ -41,6 +41,10 @@ Differences from torch, all deliberate and documented:
   raises :class:`fastclip.NonFiniteNormError` (torch's message, then which
   gradients are not finite: ``.indices`` among the gradients that are not None,
   and ``.names`` when a Module was given), before any gradient is written;
+* :class:`BackwardNorm` takes the global norm while ``backward()`` produces
+  the gradients (``register_post_accumulate_grad_hook``), so ``.clip_()``
+  after backward makes no norm pass; ``FusedAdamW`` / ``FusedSGD`` do the same
+  with ``norm_in_backward=True``;
 * :func:`grad_norm` is Lightning's ``grad_norm`` logging dict (per-parameter
   and total gradient norms) from one launch per dtype;
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
@@ -59,6 +63,7 @@ in a CUDA graph.  See the "torch.compile and CUDA graphs" recipe.
 
 from __future__ import annotations
 
+from ._backward_norm import BackwardNorm
 from ._clip_grad import (
     TensorOrTensors as TensorOrTensors,
 )
@@ -73,6 +78,7 @@ from ._fused import FusedAdamW, FusedSGD
 from ._grad_norm import grad_norm
 
 __all__ = [  # TensorOrTensors, the parameters' type, is importable but not listed
+    "BackwardNorm",
     "ClippedOptimizer",
     "FusedAdamW",
     "FusedSGD",

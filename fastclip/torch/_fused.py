@@ -45,6 +45,15 @@ class FusedAdamW(FusedOptimizerBase):
         behaviour: NaN parameters), raise :class:`fastclip.NonFiniteNormError`
         before any write, or skip the step (``last_step_skipped`` is True,
         state and step counts untouched).
+    norm_in_backward : bool, default False
+        Take the global norm during ``backward()`` (with ``max_norm``): a
+        :class:`BackwardNorm` (``self.backward_norm``) hooks every parameter,
+        each gradient's norm is taken as autograd accumulates it, and
+        ``step()`` clips with their combination instead of reading every
+        gradient once more first.  Same results as without it; gradients
+        written after their hook (``zero_grad``, ``GradScaler.unscale_``,
+        DDP's all-reduce) are measured again at the step (see
+        :class:`BackwardNorm` for its limits).
 
     Attributes
     ----------
@@ -54,6 +63,9 @@ class FusedAdamW(FusedOptimizerBase):
 
     Notes
     -----
+    With ``norm_in_backward=True`` the step makes no norm pass (one fused
+    launch per dtype that reads each gradient once, to update).
+
     CPU tensors (one fused Numba kernel launch per dtype for all groups) and
     CUDA tensors (one fused CUDA kernel launch per dtype, on torch's current
     stream: ``fastclip.optim.adamw_step_``'s GPU route); float16, bfloat16,
@@ -97,6 +109,7 @@ class FusedAdamW(FusedOptimizerBase):
         max_norm: float | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "propagate",
+        norm_in_backward: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -117,7 +130,7 @@ class FusedAdamW(FusedOptimizerBase):
             decoupled_weight_decay=True,
         )
         super().__init__(params, defaults)
-        self._setup_clip(max_norm, norm_type, nonfinite)
+        self._setup_clip(max_norm, norm_type, nonfinite, norm_in_backward)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -248,7 +261,7 @@ class FusedSGD(FusedOptimizerBase):
     Same constructor arguments, defaults and state (``momentum_buffer``) as
     ``torch.optim.SGD``, plus ``max_norm``, ``norm_type`` and ``nonfinite`` as
     :class:`FusedAdamW`; the first step sets the momentum buffer to the
-    (clipped) gradient, as torch does.  CPU and CUDA tensors, with
+    (clipped) gradient, as torch does; ``norm_in_backward`` as :class:`FusedAdamW`.  CPU and CUDA tensors, with
     :class:`FusedAdamW`'s host-sync rules on CUDA (one launch per parameter
     group and dtype).
 
@@ -282,6 +295,7 @@ class FusedSGD(FusedOptimizerBase):
         max_norm: float | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "propagate",
+        norm_in_backward: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -300,7 +314,7 @@ class FusedSGD(FusedOptimizerBase):
             fused=fused,
         )
         super().__init__(params, defaults)
-        self._setup_clip(max_norm, norm_type, nonfinite)
+        self._setup_clip(max_norm, norm_type, nonfinite, norm_in_backward)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -22,6 +22,7 @@ from fastclip._typing import StepClip
 from fastclip._validate import check_max_norm, check_nonfinite, check_ord
 
 from . import _ops
+from ._backward_norm import BackwardNorm
 
 __all__ = ["FusedOptimizerBase"]
 
@@ -34,24 +35,56 @@ class FusedOptimizerBase(Optimizer):
     nonfinite: str
     last_total_norm: torch.Tensor | None
     last_step_skipped: bool
+    backward_norm: BackwardNorm | None  # with norm_in_backward=True: the hooks' norms
     STATE_KEYS: ClassVar[tuple[str, ...]]  # a parameter's state tensors, in this order
 
-    def _setup_clip(self, max_norm: float | None, norm_type: float, nonfinite: str) -> None:
+    def _setup_clip(
+        self, max_norm: float | None, norm_type: float, nonfinite: str, norm_in_backward: bool
+    ) -> None:
         if max_norm is not None:
             check_max_norm(max_norm)
         check_ord(norm_type)
+        if norm_in_backward and max_norm is None:
+            raise ValueError(
+                f"{type(self).__name__}: norm_in_backward=True needs max_norm (the norm taken "
+                "during backward is the global norm the step clips to max_norm)"
+            )
         self.max_norm = None if max_norm is None else float(max_norm)
         self.norm_type = float(norm_type)
         self.nonfinite = check_nonfinite(nonfinite)
         self.last_total_norm = None
         self.last_step_skipped = False
         self._handle = _ops.register(self)
+        self._set_backward_norm(bool(norm_in_backward))
+
+    def _set_backward_norm(self, on: bool) -> None:
+        """Register (``on``) the hooks of ``norm_in_backward`` on every group's parameters."""
+        self.backward_norm = None
+        if on:
+            params = [p for group in self.param_groups for p in group["params"]]
+            self.backward_norm = BackwardNorm(params, self.norm_type)
+
+    @property
+    def norm_in_backward(self) -> bool:
+        """Whether the global norm is taken during backward (by ``backward_norm``'s hooks)."""
+        return getattr(self, "backward_norm", None) is not None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        bn = getattr(self, "backward_norm", None)
+        if bn is not None:  # the hooks follow the groups (torch's __init__ adds them first)
+            bn.add(self.param_groups[-1]["params"])
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
         # only: a deep copy or a pickle would otherwise lose the clip settings.
         state = dict(super().__getstate__())
-        state["_fastclip_clip"] = (self.max_norm, self.norm_type, self.nonfinite)
+        state["_fastclip_clip"] = (
+            self.max_norm,
+            self.norm_type,
+            self.nonfinite,
+            self.norm_in_backward,
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -63,9 +96,11 @@ class FusedOptimizerBase(Optimizer):
         if clip is None and not hasattr(self, "max_norm"):
             clip = (None, 2.0, "propagate")  # pickled before the settings travelled
         if clip is not None:
-            self.max_norm, self.norm_type, self.nonfinite = clip
+            self.max_norm, self.norm_type, self.nonfinite = clip[:3]
             self.last_total_norm = None
             self.last_step_skipped = False
+            # a copy's parameters are new tensors: its hooks are its own
+            self._set_backward_norm(len(clip) > 3 and bool(clip[3]))
         self._handle = _ops.register(self)  # a copy or an unpickled optimizer: its own
 
     def _update(self, grads: list[torch.Tensor]) -> None:
@@ -177,8 +212,31 @@ class FusedOptimizerBase(Optimizer):
         (an error leaves them)."""
         if backend is None:  # the gradients' backend, unless the step has it already
             backend = self._backend([grads])
-        clip = StepClip(self.max_norm, self.norm_type, None, None, 1e-6, self.nonfinite)
+        total = None
+        bn = getattr(self, "backward_norm", None)
+        scale = getattr(self, "grad_scale", None) if bn is not None else None
+        if bn is not None and self.max_norm is not None:  # taken during backward
+            total = bn.total_norm64()
+        if scale is not None and total is not None and self.max_norm is not None:
+            # GradScaler.step handed over its scale (see _step_supports_amp_scaling):
+            # the gradients are scale times the true ones, so is their norm, and the
+            # update multiplies them by the true clip coefficient divided by the scale.
+            s = float(scale)
+            total = total / s
+            if isinstance(total, float):
+                coef: Any = min(1.0, self.max_norm / (total + 1e-6)) / s
+            else:
+                coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0) / s
+            clip = StepClip(None, self.norm_type, None, coef, 1e-6, self.nonfinite)
+        else:
+            clip = StepClip(self.max_norm, self.norm_type, total, None, 1e-6, self.nonfinite)
         plan = backend.step_plan(grads, clip, type(self).__name__)
+        if scale is not None and total is not None:
+            plan.norm = total if isinstance(total, float) else total.to(torch.float32)
+            if isinstance(total, float):
+                plan.norm_dtype = np.dtype(
+                    np.float64 if any(g.dtype == torch.float64 for g in grads) else np.float32
+                )
         if backend.on_gpu:
             self.last_total_norm = plan.norm
         else:
@@ -195,12 +253,38 @@ class FusedOptimizerBase(Optimizer):
         self.last_step_skipped = plan.skip
         return plan
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """With ``norm_in_backward``, ``torch.amp.GradScaler.step(opt)`` does not
+        unscale the gradients (which would rewrite them without moving their
+        version counters, leaving the hooks' norms stale): it sets ``grad_scale``
+        and ``found_inf`` on the optimizer, as for torch's fused Adam, and the
+        step divides by the scale and skips on inf itself."""
+        return self.norm_in_backward
+
+    def _amp_skips(self) -> bool:
+        """Inside ``GradScaler.step`` (norm_in_backward only): whether an inf/NaN
+        gradient skips this step (a host read of ``found_inf``)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None or self.backward_norm is None:
+            return False
+        if getattr(self, "grad_scale", None) is None:
+            # scaler.unscale_(opt) ran before scaler.step: the gradients were
+            # rewritten behind the version counters, so measure them again
+            self.backward_norm.invalidate()
+        return bool(found_inf)
+
     def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[Any, list[torch.Tensor]]:
-        """``closure()``'s loss (None without one) and every group's gradients."""
+        """``closure()``'s loss (None without one) and every group's gradients
+        (none when a GradScaler found inf/NaN gradients: the step is skipped)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._amp_skips():
+            self.last_total_norm = None
+            self.last_step_skipped = True
+            return loss, []
         grads = self._all_grads()
         if not grads:
             self.last_total_norm = None

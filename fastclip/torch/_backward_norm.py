@@ -1,0 +1,431 @@
+"""``BackwardNorm``: the global gradient norm taken while backward produces the gradients.
+
+Global-norm clipping needs the norm of every gradient before the step can
+start: one more read of every gradient after ``backward()``.  Here each
+parameter's ``register_post_accumulate_grad_hook`` takes its gradient's norm
+the moment autograd has accumulated it (the gradient was just written, so the
+read is warm), and the step only combines the stored per-tensor norms.
+
+Each stored norm remembers the gradient it measured (a weak reference) and
+that tensor's autograd version counter.  At the step, a gradient that is no
+longer the one measured, or that was written in place since (``zero_grad``,
+``GradScaler.unscale_``, a clip, DDP's all-reduce), is measured again then:
+the result is always the norm of the gradients as they are, never a stale one
+(:attr:`BackwardNorm.last_remeasured` says how many were re-measured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from fastclip import _api, _dispatch
+from fastclip._validate import check_max_norm, check_ord
+
+from ._clip_grad import _clip_grads_with_norm, _nonfinite_error, _norm_type, _result_dtype
+
+__all__ = ["BackwardNorm"]
+
+
+def _dtensor_class() -> Any:
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+class _Measure:
+    """One gradient's norm and what it was taken of."""
+
+    __slots__ = ("counts", "ref", "value", "version")
+
+    def __init__(self, grad: torch.Tensor, version: int, value: Any, counts: bool) -> None:
+        self.ref = weakref.ref(grad)
+        self.version = version
+        self.value = value  # a Python float (CPU) or a float64 0-d device tensor
+        self.counts = counts  # False: a DTensor shard another rank counts (Replicate)
+
+
+def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The tensor to measure and whether this rank counts it (DTensor placements)."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(grad, dtensor):
+        return grad, True
+    counts = True
+    mesh = grad.device_mesh
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_partial():
+            raise NotImplementedError(
+                f"DTensor gradient with a Partial placement ({placement}) on mesh dim {dim}: "
+                "its local tensor is a pending reduction; redistribute it first"
+            )
+        if placement.is_replicate() and mesh.get_local_rank(dim) != 0:
+            counts = False  # another rank of this mesh dim holds the same values
+    return grad.to_local(), counts
+
+
+def _combine(values: list[Any], ord_code: int, p: float, device: torch.device) -> Any:
+    """The norm of the per-tensor norms (the norm of all gradients as one vector).
+
+    Host floats give a host float; device values a float64 0-d device tensor.
+    Scaled by the largest norm, so float64 norms near 1e200 do not overflow.
+    """
+    if all(type(v) is float for v in values):
+        if any(math.isnan(v) for v in values):
+            return math.nan
+        m = max(values)
+        if ord_code == 0 or m == 0.0 or math.isinf(m):
+            return m
+        s = math.fsum((v / m) ** p for v in values)
+        return m * (math.sqrt(s) if ord_code == 2 else s if ord_code == 1 else s ** (1.0 / p))
+    norms = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    m = norms.amax()  # propagates NaN
+    if ord_code == 0:
+        return m
+    ok = torch.isfinite(m) & (m > 0)
+    scale = torch.where(ok, m, torch.ones_like(m))
+    ssum = torch.sum(torch.pow(norms / scale, p))
+    root = torch.sqrt(ssum) if ord_code == 2 else ssum if ord_code == 1 else ssum ** (1.0 / p)
+    return torch.where(ok, scale * root, m)
+
+
+class BackwardNorm:
+    r"""The global gradient norm, taken while ``backward()`` produces the gradients.
+
+    Registers a ``register_post_accumulate_grad_hook`` on every parameter
+    that requires grad; each hook takes its gradient's norm with fastclip's
+    kernels as soon as autograd has accumulated it.  After ``backward()``,
+    :meth:`total_norm` and :meth:`clip_` replace ``get_total_norm`` and
+    ``clip_grad_norm_`` without a separate norm pass over the gradients.
+
+    Parameters
+    ----------
+    parameters : iterable of torch.Tensor or torch.nn.Module
+        The parameters (a Module: its ``parameters()``, and errors name them).
+    norm_type : float, default 2
+        Any ``p > 0`` or ``inf`` (``norm_type`` <= 0 is not a norm: ValueError).
+    grad_scaler : torch.amp.GradScaler, optional
+        The scaler of a mixed-precision loop: after ``scaler.unscale_(opt)``
+        (which rewrites the gradients without moving autograd's version
+        counters) the gradients are measured again.  Without it, call
+        :meth:`invalidate` after ``unscale_``.
+
+    Attributes
+    ----------
+    last_remeasured : int
+        How many gradients the last :meth:`total_norm` measured itself because
+        their hook value was stale (the gradient was replaced or written in
+        place after the hook ran) or missing.
+
+    Notes
+    -----
+    * The norm is always that of the gradients as they are when
+      :meth:`total_norm` runs: a gradient written after its hook (by
+      ``zero_grad(set_to_none=False)``, ``torch.amp.GradScaler.unscale_``,
+      a clip, DDP's all-reduce, any in-place op) is detected by its autograd
+      version counter and measured again then.  Writes that bypass the
+      version counter (through ``.data``, a NumPy view of the tensor, or
+      ``GradScaler.unscale_``) are not seen: call :meth:`invalidate` after
+      them.
+    * Gradient accumulation: every ``backward()`` re-measures the
+      accumulated gradient, so the norm is that of the sum, not a sum of
+      micro-batch norms.  Put all but the last micro-batch's backward inside
+      :meth:`accumulating` to skip those measurements.
+    * ``torch.amp.GradScaler``: ``unscale_`` rewrites every gradient without
+      moving their version counters, so pass ``grad_scaler=`` (or call
+      :meth:`invalidate`): they are then measured again (the cost of a plain
+      norm pass).  ``FusedAdamW`` / ``FusedSGD(norm_in_backward=True)`` need
+      neither: ``scaler.step(opt)`` hands them the scale and they divide the
+      stored norm by it.
+    * DDP: the hooks see each rank's local gradient, and DDP then writes the
+      all-reduced one, so every gradient is measured again at the step (the
+      result is the all-reduced gradients' norm, without a saving).
+    * DTensor gradients (FSDP2, tensor parallel): the hooks measure the local
+      shards; :meth:`total_norm` reduces them over the mesh's group with
+      :func:`fastclip.distributed.global_norm` (one collective), counting
+      ``Replicate`` shards once.  Call it on every rank.
+    * CUDA gradients: the hooks launch fastclip's CUDA kernels on torch's
+      current stream and keep the norms on the device (no host sync).
+    * The hooks run eagerly (also when the forward is compiled with
+      ``torch.compile``); remove them with :meth:`remove` or by using the
+      object as a context manager.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fastclip.torch import BackwardNorm
+    >>> model = torch.nn.Linear(3, 1)
+    >>> with BackwardNorm(model) as bn:
+    ...     model(torch.ones(2, 3)).sum().backward()
+    ...     total = bn.clip_(max_norm=1.0)
+    >>> bool(abs(total - 4.0) < 1e-6)  # the gradient [2, 2, 2] and the bias' 2
+    True
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[torch.Tensor] | torch.nn.Module,
+        norm_type: float = 2.0,
+        *,
+        grad_scaler: Any = None,
+    ) -> None:
+        norm_type = _norm_type(norm_type)
+        if math.isnan(norm_type):
+            check_ord(norm_type)  # its message
+        if not norm_type > 0:
+            raise ValueError(
+                f"BackwardNorm needs a norm (norm_type > 0 or inf), got {norm_type}; "
+                "use fastclip.torch.get_total_norm for norm_type <= 0"
+            )
+        self.ord_code, self.p = check_ord(norm_type)
+        self.norm_type = norm_type
+        self.last_remeasured = 0
+        self._names: list[str] | None = None
+        self._params: list[torch.Tensor] = []
+        self._measures: list[_Measure | None] = []
+        self._handles: list[Any] = []
+        self._active = True
+        self._scaler = grad_scaler
+        if isinstance(parameters, torch.nn.Module):
+            named = list(parameters.named_parameters())
+            self._names = []
+            self.add([p for _, p in named], [n for n, _ in named])
+        else:
+            self.add(parameters)
+
+    def add(self, parameters: Iterable[torch.Tensor], names: list[str] | None = None) -> None:
+        """Also measure ``parameters`` (those that require grad; each one once)."""
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"BackwardNorm takes torch tensors (parameters), got {type(p).__name__}"
+                )
+        known = {id(p) for p in self._params}
+        for k, p in enumerate(params):
+            if not p.requires_grad or id(p) in known:
+                continue
+            known.add(id(p))
+            index = len(self._params)
+            self._params.append(p)
+            self._measures.append(None)
+            if self._names is not None:
+                self._names.append(names[k] if names is not None else str(index))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(index)))
+
+    def _hook(self, index: int) -> Any:
+        def hook(param: torch.Tensor) -> None:
+            if not self._active:
+                return
+            grad = param.grad
+            if grad is None or grad.is_sparse:
+                self._measures[index] = None  # measured (or refused) at the step
+                return
+            self._measures[index] = self._measure(grad)
+
+        return hook
+
+    def _measure(self, grad: torch.Tensor) -> _Measure:
+        with torch.no_grad():
+            local, counts = _local(grad)
+            value = _norm_of(local, self.ord_code, self.p, self.norm_type)
+        return _Measure(grad, local._version, value, counts)
+
+    # -- results ---------------------------------------------------------------
+
+    def _collect(self) -> tuple[list[torch.Tensor], list[_Measure]]:
+        """The gradients that are not None and their (fresh) measures."""
+        grads: list[torch.Tensor] = []
+        measures: list[_Measure] = []
+        remeasured = 0
+        if self._scaler is not None and _unscaled(self._scaler):
+            self.invalidate()  # GradScaler.unscale_ wrote behind the version counters
+        for k, p in enumerate(self._params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("BackwardNorm does not support sparse gradients")
+            m = self._measures[k]
+            if m is None or m.ref() is not g or _local(g)[0]._version != m.version:
+                m = self._measure(g)
+                self._measures[k] = m
+                remeasured += 1
+            grads.append(g)
+            measures.append(m)
+        self.last_remeasured = remeasured
+        return grads, measures
+
+    def _total(self, error_if_nonfinite: bool) -> tuple[list[torch.Tensor], Any, bool]:
+        """(gradients, total norm as a float or float64 device tensor, any DTensor)."""
+        grads, measures = self._collect()
+        if not grads:
+            return grads, None, False
+        locals_ = [_local(g)[0] for g in grads]
+        device = locals_[0].device
+        values = [m.value if m.counts else 0.0 for m in measures]
+        total = _combine(values, self.ord_code, self.p, device)
+        sharded = any(a is not g for a, g in zip(locals_, grads))
+        if sharded:
+            from fastclip import distributed
+
+            row = torch.as_tensor(total, dtype=torch.float64).reshape(1).to(device)
+            total = distributed.global_norm([row], self.norm_type, group=_mesh_group(grads))
+            total = total.to(torch.float64).reshape(())
+        if error_if_nonfinite and not _finite(total):
+            bad = [i for i, m in enumerate(measures) if not _finite(m.value)]
+            names = None if self._names is None else self._grad_names()
+            raise _nonfinite_error(self.norm_type, _Named(grads, names), bad)
+        return grads, total, sharded
+
+    def _grad_names(self) -> list[str]:
+        assert self._names is not None
+        return [n for n, p in zip(self._names, self._params) if p.grad is not None]
+
+    def total_norm(self, error_if_nonfinite: bool = False) -> torch.Tensor:
+        """The norm of all gradients as one vector, as ``get_total_norm`` returns it.
+
+        A 0-d tensor in torch's dtype (the promoted dtype of the gradients, on
+        their device); ``tensor(0.)`` when no parameter has a gradient.  With
+        ``error_if_nonfinite``, a NaN/inf norm raises
+        :class:`fastclip.NonFiniteNormError` (``.indices`` among the gradients
+        that are not None, ``.names`` for a Module).
+        """
+        grads, total, _ = self._total(error_if_nonfinite)
+        if not grads:
+            return torch.tensor(0.0)
+        return _result(grads, total)
+
+    def total_norm64(self) -> Any:
+        """The total norm in float64: a Python float for CPU gradients, a 0-d device
+        tensor for CUDA ones (no host sync); None when no parameter has a gradient.
+        What the fused optimizers clip with."""
+        return self._total(False)[1]
+
+    def clip_(
+        self, max_norm: float, error_if_nonfinite: bool = False, foreach: bool | None = None
+    ) -> torch.Tensor:
+        """``clip_grad_norm_`` with the norm taken during backward.
+
+        Scales every gradient by ``min(1, max_norm / (total_norm + 1e-6))`` in
+        place and returns the total norm before clipping (see
+        :meth:`total_norm`).  ``foreach`` is accepted and ignored.
+        """
+        max_norm = check_max_norm(max_norm)
+        grads, total, sharded = self._total(error_if_nonfinite)
+        if not grads:
+            return torch.tensor(0.0)
+        result = _result(grads, total)
+        locals_ = [_local(g)[0] for g in grads] if sharded else grads
+        if type(total) is float and max_norm / (total + 1e-6) >= 1.0:
+            return result  # the coefficient is 1: nothing to scale (torch multiplies by 1)
+        _clip_grads_with_norm(locals_, max_norm, torch.as_tensor(total, dtype=torch.float64))
+        return result
+
+    def invalidate(self) -> None:
+        """Forget the stored norms: the next call measures every gradient.
+
+        Call it after writing gradients in a way autograd's version counter
+        does not record (``.data``, a NumPy view, ``GradScaler.unscale_``
+        when the scaler was not given as ``grad_scaler``)."""
+        self._measures = [None] * len(self._params)
+
+    # -- lifetime --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Skip the hooks' measurements inside (the micro-batches before the last).
+
+        Like DDP's ``no_sync``: the gradients still accumulate; the last
+        ``backward()``, outside, measures the accumulated gradients.
+        Forgetting it costs one measurement per micro-batch, never a wrong norm.
+        """
+        previous, self._active = self._active, False
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent); the object then measures at each call."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.invalidate()
+
+    def __enter__(self) -> BackwardNorm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"BackwardNorm({len(self._params)} parameters, norm_type={self.norm_type}, "
+            f"hooks={'on' if self._handles else 'removed'})"
+        )
+
+
+class _Named(list):  # type: ignore[type-arg]
+    """Gradients with their parameters' names, for ``_nonfinite_error``."""
+
+    def __init__(self, grads: list[torch.Tensor], names: list[str] | None) -> None:
+        super().__init__(grads)
+        self.names = None if names is None else tuple(names)
+
+
+def _norm_of(t: torch.Tensor, ord_code: int, p: float, norm_type: float) -> Any:
+    """One tensor's norm: an exact float64 host float on the CPU route, else a
+    float64 0-d tensor on the tensor's device (fastclip's CUDA kernels, torch's
+    current stream)."""
+    if t.numel() == 0:
+        return 0.0
+    exact = _dispatch.backend_for([t]).norm64([t], ord_code, p)
+    if exact is not None:
+        return float(exact)
+    return _api.global_norm([t], norm_type).detach().to(torch.float64)
+
+
+def _result(grads: list[torch.Tensor], total: Any) -> torch.Tensor:
+    """The total norm as torch returns it: the promoted dtype of the gradients
+    (of their local shards), on their device."""
+    locals_ = [_local(g)[0] for g in grads]
+    wide = any(a.dtype in (torch.float64, torch.complex128) for a in locals_)
+    dtype = _result_dtype(locals_, torch.float64 if wide else torch.float32)
+    if isinstance(total, torch.Tensor):
+        return total.to(dtype)
+    return torch.tensor(total, dtype=dtype, device=locals_[0].device)
+
+
+def _unscaled(scaler: Any) -> bool:
+    """Whether ``scaler.unscale_`` ran since its last ``update()`` (for any optimizer)."""
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", {})
+    return any(state.get("stage") is OptState.UNSCALED for state in states.values())
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value))
+    return math.isfinite(value)
+
+
+def _mesh_group(grads: list[torch.Tensor]) -> Any:
+    """The group of the DTensors' mesh when it is one 1-D mesh, else None (world),
+    as :func:`fastclip.distributed.global_norm` chooses for DTensors."""
+    dtensor = _dtensor_class()
+    meshes = {id(g.device_mesh): g.device_mesh for g in grads if isinstance(g, dtensor)}
+    if len(meshes) == 1:
+        mesh = next(iter(meshes.values()))
+        if mesh.ndim == 1:
+            return mesh.get_group()
+    return None
+
+
+BackwardNorm.__module__ = "fastclip.torch"
