@@ -91,3 +91,21 @@ GPU_CHUNK: int = 65_536
 GPU_MAX_BLOCKS: int = 65_535
 #: Device tensor tables kept for reuse (keyed by device, stream and content).
 GPU_TABLE_CACHE: int = 64
+
+#: ``fastclip.torch.BackwardNorm`` (and ``norm_in_backward=True``): CPU
+#: parameters with fewer elements get no post-accumulate-grad hook; their
+#: gradients are measured in one packed pass when the norm is asked for.  On
+#: the CPU no size pays for a hook, so the default hooks none: a hook's
+#: Python runs between autograd's kernels with cold caches (fastclip's norm of
+#: a 256-value gradient took 148 us there against 20 us outside), and the
+#: large gradients are not in cache either: on GPT-2 small's shapes (90M
+#: float32, wte cut to 5,000 rows) hooks on every tensor added 36-52 ms to
+#: backward where the packed pass at the step costs 18-21 ms (the 2-core
+#: CI-like machine, ``python benchmarks/bench_backward_norm.py --small``).
+BACKWARD_HOOK_MIN_NUMEL: int = 1 << 62
+
+#: The same for CUDA parameters: every one is hooked.  A hook only enqueues
+#: fastclip's norm kernel on torch's current stream, behind the kernel that
+#: wrote the gradient, while the host runs ahead; not measured yet (no GPU
+#: was available to this project's sessions).
+BACKWARD_HOOK_MIN_NUMEL_CUDA: int = 0

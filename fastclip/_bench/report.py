@@ -83,7 +83,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['max_rel_err']:.0e}" if "max_rel_err" in r else "",
             ]
         out.append(line(cells))
-    notes = _notes(report)
+    notes = _train_notes(report) + _notes(report)
     if notes:
         out += ["", *notes]
     return "\n".join(out)
@@ -129,6 +129,21 @@ def _header(report: dict[str, Any]) -> str:
             f"GPUs: {', '.join(m.get('gpus') or []) or 'none'}."
         )
     return "\n".join(parts)
+
+
+def _train_notes(report: dict[str, Any]) -> list[str]:
+    """The ``train`` workload's share of a step spent clipping, per library."""
+    from .train import clip_shares
+
+    shares = clip_shares(report["results"])
+    if not shares:
+        return []
+    parts = ", ".join(f"{lib} {share:.1%}" for lib, share in shares.items())
+    return [
+        f"train: share of a training step spent clipping (1 - step without clipping / step "
+        f"with it, same library): {parts}; x *-noclip = the step without clipping / this "
+        "step (1.00x: the clip is free)."
+    ]
 
 
 def _notes(report: dict[str, Any]) -> list[str]:

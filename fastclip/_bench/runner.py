@@ -86,7 +86,10 @@ def run(cfg: BenchConfig, stderr: TextIO | None = None) -> dict[str, Any]:
         for dtype in cfg.dtypes:
             msg = f"{case.label} {dtype}"
             progress.update(msg)
-            results += run_case(case, dtype, usable, cfg, bw, _ticker(progress, msg))
+            if case.kind == "train":
+                results += _train_case(case, dtype, cfg, _ticker(progress, msg))
+            else:
+                results += run_case(case, dtype, usable, cfg, bw, _ticker(progress, msg))
             progress.step(msg)
     if "cpu" in bw:  # measure again at the end; the floor uses every sample
         progress.update("measuring the bandwidth floor again")
@@ -217,6 +220,27 @@ def run_case(
     return out
 
 
+def _train_case(
+    case: Case, dtype: str, cfg: BenchConfig, tick: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """The ``train`` workload's rows: its own four forms (torch models, not arrays)."""
+    from . import train
+
+    def record(form: str, status: str, nbytes: int = 0, **kw: Any) -> dict[str, Any]:
+        backend = registry.Backend(
+            form, train.ROLES[form], "cpu", "cpu", "own", train.HELP[form], lambda: None,
+            lambda data, inplace: lambda: None,
+        )  # fmt: skip
+        return _record(case, dtype, backend, nbytes, True, status, **kw)
+
+    why = registry.probe_torch()
+    if why is not None:
+        return [record(f, "n/a", reason=why) for f in train.FORMS]
+    rows = train.run_case(case, dtype, cfg, record, tick)
+    _refloor(rows, {})
+    return rows
+
+
 def _memory_shortfall(case: Case, dtype: str, usable: list[registry.Backend]) -> str | None:
     """Why an ``adamw`` case cannot run here, or None: every backend keeps its own
     parameters and two moments (3 copies of the gradients' bytes) alive while the
@@ -267,7 +291,7 @@ def _refloor(results: list[dict[str, Any]], bw: dict[str, Any]) -> None:
     for r in results:
         groups.setdefault((r["case"], r["dtype"], r["inplace"]), []).append(r)
         probe = bw.get(r["device"])
-        if r.get("median_s") and probe:
+        if r.get("median_s") and probe and PASSES[r["kind"]]:
             r["floor_s"] = PASSES[r["kind"]] * r["nbytes"] / probe["bytes_per_s"]
             r["floor_fraction"] = r["floor_s"] / r["median_s"]
     for group in groups.values():

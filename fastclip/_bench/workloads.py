@@ -13,7 +13,9 @@ Operation kinds, with the memory traffic their bandwidth floor assumes:
   per-sample gradients read twice (norms, then the weighted sum) = 2 passes;
 * ``adamw``  global-norm clip + one AdamW step: g read for the norm, then p, g,
   m, v read and p, m, v written by a fused update = 8 passes over the
-  gradients' bytes (the fused step's own bytes; unfused peers move more).
+  gradients' bytes (the fused step's own bytes; unfused peers move more);
+* ``train``  a whole training step (forward, backward, clip, AdamW) of a small
+  GPT-style model (:mod:`fastclip._bench.train`): compute-bound, no floor.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1, "adamw": 8, "persample": 2}
+PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1, "adamw": 8, "persample": 2, "train": 0}
 
 #: Batch and per-sample parameter shapes of the ``per-sample`` workload: a
 #: 784-1024-256-10 MLP with biases (1,068,810 parameters per sample).
@@ -147,6 +149,14 @@ WORKLOADS: dict[str, Workload] = {
             "fused fastclip vs clip_grad_norm_ + torch.optim.AdamW)",
         ),
         Workload(
+            "train",
+            "train",
+            "whole training step (forward, backward, clip, AdamW) of a 6.9M-parameter "
+            "GPT-style model on the CPU: FusedAdamW(norm_in_backward=True) vs torch's "
+            "clip_grad_norm_ + AdamW(fused=True), each against its step without clipping",
+            in_quick=False,
+        ),
+        Workload(
             "norm",
             "norm",
             "one array, L2 norm only (no write)",
@@ -188,6 +198,8 @@ def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case
         shapes = [(1000,)] * 2000
     elif name == "per-sample":
         shapes = [(PER_SAMPLE_BATCH, *s) for s in PER_SAMPLE_SHAPES]
+    elif name == "train":
+        return [Case(name, w.kind, "train gpt 6.9M", (), 0, w.large)]
     else:  # pragma: no cover - every fixed workload is listed above
         raise KeyError(name)
     label = f"{name} ({len(shapes)})" if name != "tiny" else "tiny 2000x1000"

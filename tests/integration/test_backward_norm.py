@@ -63,6 +63,14 @@ class GPTLike(torch.nn.Module):
         return self.head(self.blocks(h, mask=self.mask, is_causal=True))
 
 
+@pytest.fixture(autouse=True)
+def hook_every_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hook every CPU parameter (the CPU default hooks none and measures every
+    gradient in one packed pass when asked): the hooks' rules are what this file
+    tests."""
+    monkeypatch.setattr(fastclip._config, "BACKWARD_HOOK_MIN_NUMEL", 0)
+
+
 def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.grad is not None]
 
@@ -227,8 +235,41 @@ def test_remove_and_context_manager() -> None:
     model.zero_grad()
     _backward(model, 2)
     np.testing.assert_allclose(float(bn.total_norm()), _oracle(model, 2.0), rtol=1e-7)
-    assert bn.last_remeasured == 6  # no hooks: measured at the call
+    assert bn.last_remeasured == 0  # no hooks: all measured at the call, none stale
     bn.remove()  # idempotent
+
+
+def test_cpu_default_measures_at_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real default
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 600)
+    bn = fct.BackwardNorm(model)
+    opt = fct.FusedAdamW(model.parameters(), max_norm=0.1, norm_in_backward=True)
+    assert "hooks=0" in repr(bn) and "hooks=0" in repr(opt.backward_norm)
+    model(torch.randn(3, 1024)).pow(2).sum().backward()
+    np.testing.assert_allclose(float(bn.total_norm()), _oracle(model, 2.0), rtol=1e-7)
+    expected = _oracle(model, 2.0)  # torch's float32 norm is 7e-6 off here
+    opt.step()
+    np.testing.assert_allclose(float(opt.last_total_norm), expected, rtol=1e-7)
+
+
+def test_small_gradients_are_measured_at_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``min_hook_numel`` no hook: those gradients are measured in one pass at
+    the call; the large ones by their hooks."""
+    monkeypatch.setattr(fastclip._config, "BACKWARD_HOOK_MIN_NUMEL", 1 << 19)
+    torch.manual_seed(0)
+    big = torch.nn.Linear(1024, 600)  # 614,400 weights: hooked; 600 biases: not
+    bn = fct.BackwardNorm(big)
+    assert "hooks=1" in repr(bn)
+    calls = []
+    real = bn._measure
+    bn._measure = lambda g: calls.append(g.numel()) or real(g)  # type: ignore[method-assign]
+    big(torch.randn(3, 1024)).pow(2).sum().backward()
+    assert calls == [614_400]
+    np.testing.assert_allclose(float(bn.total_norm()), _oracle(big, 2.0), rtol=1e-7)
+    assert bn.last_remeasured == 0
+    small = fct.BackwardNorm(torch.nn.Linear(3, 2), min_hook_numel=10**9)
+    assert "hooks=0" in repr(small)
 
 
 def test_bad_arguments() -> None:
