@@ -122,9 +122,28 @@ def info() -> dict[str, Any]:
         else f"on, in {cpu['cache_dir']}"
         if cpu["cache_dir"]
         else "on (numba cache=True; folder chosen at the first compile)",
+        "backward_norm": _backward_norm_rule(),
         "routes": routes,
         "gpus": _gpus(),
     }
+
+
+def _hook_rule(threshold: int) -> str:
+    if threshold <= 0:
+        return "a post-accumulate-grad hook on every parameter"
+    if threshold >= 1 << 62:
+        return "no hooks: one packed pass when the norm is asked for"
+    return f"hooks on parameters of >= {threshold:,} elements, one packed pass for the rest"
+
+
+def _backward_norm_rule() -> str:
+    """Where fastclip.torch.BackwardNorm / norm_in_backward=True take each norm."""
+    from . import _config
+
+    return (
+        f"CPU: {_hook_rule(_config.BACKWARD_HOOK_MIN_NUMEL)}; "
+        f"CUDA: {_hook_rule(_config.BACKWARD_HOOK_MIN_NUMEL_CUDA)}"
+    )
 
 
 def format_info(report: dict[str, Any]) -> str:

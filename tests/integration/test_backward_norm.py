@@ -515,3 +515,39 @@ def test_state_dict_copy_and_pickle_keep_the_mode() -> None:
         o.step()
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_info_says_where_the_norm_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = fastclip.info()["backward_norm"]
+    assert rule.startswith("CPU: a post-accumulate-grad hook on every parameter")  # fixture
+    monkeypatch.undo()
+    rule = fastclip.info()["backward_norm"]
+    assert rule == (
+        "CPU: no hooks: one packed pass when the norm is asked for; "
+        "CUDA: a post-accumulate-grad hook on every parameter"
+    )
+    monkeypatch.setattr(fastclip._config, "BACKWARD_HOOK_MIN_NUMEL", 1000)
+    assert "CPU: hooks on parameters of >= 1,000 elements" in fastclip.info()["backward_norm"]
+
+
+@pytest.mark.filterwarnings(  # inductor's own import of torch.jit, not fastclip's
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+def test_compiled_step_uses_the_hooks() -> None:
+    """torch.compile(opt.step): the custom operator runs the eager step, which clips
+    with the hooks' norm; same weights as the eager optimizer."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = fct.FusedAdamW(model.parameters(), lr=1e-2, max_norm=0.1, norm_in_backward=True)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for seed in (1, 2):
+            _backward(model, seed)
+            step()
+            assert opt.backward_norm is not None and opt.backward_norm.last_remeasured == 0
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
