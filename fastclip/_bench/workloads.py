@@ -151,7 +151,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "train",
             "train",
-            "whole training step (forward, backward, clip, AdamW) of a 6.9M-parameter "
+            "whole training step (forward, backward, clip, AdamW) of a 7.4M-parameter "
             "GPT-style model on the CPU: FusedAdamW(norm_in_backward=True) vs torch's "
             "clip_grad_norm_ + AdamW(fused=True), each against its step without clipping",
             in_quick=False,
@@ -199,7 +199,7 @@ def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case
     elif name == "per-sample":
         shapes = [(PER_SAMPLE_BATCH, *s) for s in PER_SAMPLE_SHAPES]
     elif name == "train":
-        return [Case(name, w.kind, "train gpt 6.9M", (), 0, w.large)]
+        return [Case(name, w.kind, "train gpt 7.4M", (), 0, w.large)]
     else:  # pragma: no cover - every fixed workload is listed above
         raise KeyError(name)
     label = f"{name} ({len(shapes)})" if name != "tiny" else "tiny 2000x1000"
