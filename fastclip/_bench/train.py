@@ -192,7 +192,11 @@ def run_case(
 
 def clip_shares(results: list[dict[str, Any]]) -> dict[str, float]:
     """``1 - noclip / clipped`` per library, from a report's ``train`` rows."""
-    med = {r["backend"]: r.get("median_s") for r in results if r.get("workload") == "train"}
+    med = {
+        r["backend"]: r["median_s"]
+        for r in results
+        if r.get("workload") == "train" and r.get("median_s")
+    }
     out = {}
     for lib, clipped, plain in (
         ("torch", "torch-fused", "torch-fused-noclip"),

@@ -184,3 +184,58 @@ def test_opacus_backend_only_runs_per_sample(bench_config: Any) -> None:
     report = run(bench_config(backends=("fastclip", "opacus")))
     (row,) = [r for r in report["results"] if r["backend"] == "opacus"]
     assert row["status"] == "n/a" and "per-sample workload only" in row["reason"]
+
+
+# ---------------------------------------------------------------- train workload
+
+
+@pytest.fixture
+def tiny_train(monkeypatch: pytest.MonkeyPatch) -> Any:
+    pytest.importorskip("torch")
+    from fastclip._bench import train
+
+    for key, value in {"vocab": 64, "d": 16, "layers": 1, "heads": 2, "seq": 8}.items():
+        monkeypatch.setitem(train.MODEL, key, value)
+    return train
+
+
+def test_train_workload_rows_and_shares(bench_config: Any, tiny_train: Any) -> None:
+    from fastclip._bench.report import format_table
+
+    report = run(bench_config(workloads=("train",), dtypes=("float32", "float64"), repeat=2))
+    rows = {(r["backend"], r["dtype"]): r for r in report["results"]}
+    for form in tiny_train.FORMS:
+        r = rows[(form, "float32")]
+        assert r["status"] == "ok", r
+        assert r["role"] == tiny_train.ROLES[form] and r["median_s"] > 0
+        # one step of each form against torch's step clipped with the float64 norm
+        assert r["max_rel_err"] <= (1e-4 if r["role"] == "fastclip" else 1e-2)
+        assert "floor_s" not in r  # compute-bound: no bandwidth floor
+        assert rows[(form, "float64")]["status"] == "n/a"
+    assert rows[("fastclip-torch", "float32")]["speedup"].keys() == {
+        "torch-fused",
+        "torch-fused-noclip",
+    }
+    shares = tiny_train.clip_shares(report["results"])
+    assert set(shares) == {"torch", "fastclip"}
+    med = {f: rows[(f, "float32")]["median_s"] for f in tiny_train.FORMS}
+    assert shares["torch"] == pytest.approx(1 - med["torch-fused-noclip"] / med["torch-fused"])
+    assert "train: share of a training step spent clipping" in format_table(report)
+
+
+def test_train_workload_flags_a_wrong_step(
+    bench_config: Any, tiny_train: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tiny_train.make_step
+
+    def wrong(form: str, model: Any, idx: Any) -> Any:
+        if form == "fastclip-torch":  # no clipping where the form clips
+            return real("fastclip-noclip", model, idx)
+        return real(form, model, idx)
+
+    monkeypatch.setattr(tiny_train, "make_step", wrong)
+    report = run(bench_config(workloads=("train",), repeat=1))
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["fastclip-torch"]["status"] == "FAILED"
+    assert "differ from the reference" in rows["fastclip-torch"]["reason"]
+    assert rows["fastclip-noclip"]["status"] == "ok"
