@@ -158,9 +158,12 @@ class BackwardNorm:
       norm pass).  ``FusedAdamW`` / ``FusedSGD(norm_in_backward=True)`` need
       neither: ``scaler.step(opt)`` hands them the scale and they divide the
       stored norm by it.
-    * DDP: the hooks see each rank's local gradient, and DDP then writes the
-      all-reduced one, so every gradient is measured again at the step (the
-      result is the all-reduced gradients' norm, without a saving).
+    * DDP: call :meth:`register_ddp` with the DDP module: its comm hook
+      averages each bucket as DDP's default hook does and measures the
+      all-reduced gradients there, bucket by bucket, while backward goes on.
+      Without it, the hooks see each rank's local gradient and DDP then writes
+      the all-reduced one, so every gradient is measured again at the step
+      (the result is still the all-reduced gradients' norm).
     * DTensor gradients (FSDP2, tensor parallel): the hooks measure the local
       shards; :meth:`total_norm` reduces them over the mesh's group with
       :func:`fastclip.distributed.global_norm` (one collective), counting
@@ -209,7 +212,12 @@ class BackwardNorm:
         self._active = True
         self._scaler = grad_scaler
         self._hooked: list[bool] = []
+        self._hook_handles: dict[int, Any] = {}
         self._removed = False
+        self._pending: dict[int, Any] = {}  # DDP comm hook: measured, not yet committed
+        self._queued = False
+        self._ddp_index: dict[int, int] = {}
+        self._ddp_group: Any = None
         self.min_hook_numel = None if min_hook_numel is None else int(min_hook_numel)
         if isinstance(parameters, torch.nn.Module):
             named = list(parameters.named_parameters())
@@ -239,7 +247,9 @@ class BackwardNorm:
             hooked = _local(p)[0].numel() >= self._threshold(p)
             self._hooked.append(hooked)
             if hooked:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(index)))
+                handle = p.register_post_accumulate_grad_hook(self._hook(index))
+                self._handles.append(handle)
+                self._hook_handles[index] = handle
 
     def _threshold(self, p: torch.Tensor) -> int:
         if self.min_hook_numel is not None:
@@ -374,6 +384,48 @@ class BackwardNorm:
         when the scaler was not given as ``grad_scaler``)."""
         self._measures = [None] * len(self._params)
 
+    # -- DDP -----------------------------------------------------------------
+
+    def register_ddp(self, ddp_model: Any, process_group: Any = None) -> None:
+        """Take the norms from DDP's all-reduced buckets (a DDP communication hook).
+
+        Registers a comm hook on ``ddp_model`` (a
+        ``torch.nn.parallel.DistributedDataParallel``) that averages each bucket
+        as DDP's default hook does (divide by the group size, then
+        ``all_reduce``) and then measures the bucket's gradients, all-reduced,
+        in one launch.  The post-accumulate hooks of the parameters DDP reduces
+        are removed (they would see each rank's local gradient).  Replaces any
+        comm hook the model had; call it before the first backward.
+        """
+        import torch.distributed as dist
+
+        group = process_group if process_group is not None else dist.group.WORLD
+        index = {id(p): k for k, p in enumerate(self._params)}
+        reduced = {index[id(p)] for p in ddp_model.parameters() if id(p) in index}
+        for k in reduced:
+            if k in self._hook_handles:
+                self._hook_handles.pop(k).remove()
+            self._hooked[k] = True  # measured by the comm hook: stale ones are counted
+        self._ddp_index = index
+        self._ddp_group = group
+        ddp_model.register_comm_hook(self, _ddp_allreduce_then_measure)
+
+    def _after_ddp(self) -> None:
+        """Queued by the first bucket's comm hook, which runs before DDP queues its
+        own final callback (the one that waits for the buckets and writes
+        ``.grad``): queue the commit once more, behind DDP's."""
+        torch.autograd.Variable._execution_engine.queue_callback(self._commit_pending)
+
+    def _commit_pending(self) -> None:
+        """Autograd's final callback, after DDP wrote the reduced gradients into
+        ``.grad``: the bucket measures become the parameters' measures."""
+        pending, self._pending = self._pending, {}
+        self._queued = False
+        for k, value in pending.items():
+            g = self._params[k].grad
+            if g is not None:
+                self._measures[k] = _Measure(g, g._version, value, True)
+
     # -- lifetime --------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -395,6 +447,7 @@ class BackwardNorm:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hook_handles.clear()
         self._hooked = [False] * len(self._params)
         self._removed = True
         self.invalidate()
@@ -439,6 +492,44 @@ def _result(grads: list[torch.Tensor], total: Any) -> torch.Tensor:
     if isinstance(total, torch.Tensor):
         return total.to(dtype)
     return torch.tensor(total, dtype=dtype, device=locals_[0].device)
+
+
+def _ddp_allreduce_then_measure(state: BackwardNorm, bucket: Any) -> Any:
+    """DDP comm hook: DDP's default averaging all-reduce, then the bucket's
+    gradients measured (one launch) and queued for ``_commit_pending``."""
+    import torch.distributed as dist
+
+    group = state._ddp_group
+    buffer = bucket.buffer()
+    buffer.div_(group.size())
+    params = bucket.parameters()
+    views = bucket.gradients()
+    if not state._queued:  # the first bucket of this backward
+        state._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(state._after_ddp)
+    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+    def measure(done: Any) -> torch.Tensor:
+        out = done.value()[0]
+        if state._active:
+            with torch.no_grad():
+                for p, v in zip(params, views):
+                    k = state._ddp_index.get(id(p))
+                    if k is not None:
+                        state._pending[k] = (
+                            _norm_of([v], state.ord_code, state.p, state.norm_type)
+                            if v.numel()
+                            else 0.0
+                        )
+        return out
+
+    return fut.then(measure)
+
+
+# DDP checks a comm hook's annotations (``bucket: dist.GradBucket``, returns
+# ``Future[Tensor]``) and this module's are strings (postponed evaluation): no
+# annotations pass that check.
+_ddp_allreduce_then_measure.__annotations__ = {}
 
 
 def _unscaled(scaler: Any) -> bool:

@@ -38,14 +38,16 @@ def _hook_all() -> None:
     cfg.BACKWARD_HOOK_MIN_NUMEL = 0  # the hooks, not the packed pass, under test
 
 
-def _ddp(world: int, rank: int, form: str) -> dict[str, Any]:
+def _ddp(
+    world: int, rank: int, form: str, comm_hook: bool = False, bucket_view: bool = False
+) -> dict[str, Any]:
     import torch
 
     import fastclip.torch as fct
 
     _hook_all()
     net = model()
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=bucket_view)
     per = BATCH // world
     if form == "fused":
         opt: Any = fct.FusedAdamW(
@@ -54,6 +56,8 @@ def _ddp(world: int, rank: int, form: str) -> dict[str, Any]:
     else:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
         bn = fct.BackwardNorm(net)
+    if comm_hook:  # the norms from DDP's all-reduced buckets
+        (opt.backward_norm if form == "fused" else bn).register_ddp(ddp)
     norms, remeasured = [], []
     for x in batches():
         loss = ddp(x[rank * per : (rank + 1) * per]).pow(2).mean()
@@ -111,6 +115,9 @@ def _fsdp(world: int, rank: int) -> dict[str, Any]:
 def _scenarios(rec: Any, world: int, rank: int) -> None:
     rec.run("ddp-fused", _ddp, world, rank, "fused")
     rec.run("ddp-standalone", _ddp, world, rank, "standalone")
+    rec.run("ddp-comm-fused", _ddp, world, rank, "fused", True)
+    rec.run("ddp-comm-standalone", _ddp, world, rank, "standalone", True)
+    rec.run("ddp-comm-view-fused", _ddp, world, rank, "fused", True, True)
     rec.run("fsdp", _fsdp, world, rank)
 
 

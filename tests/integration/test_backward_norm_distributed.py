@@ -69,6 +69,19 @@ def test_ddp_norm_is_the_all_reduced_gradients_norm(suite: Any, form: str) -> No
             np.testing.assert_allclose(w, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["fused", "standalone", "view-fused"])
+def test_ddp_comm_hook_measures_the_all_reduced_buckets(suite: Any, form: str) -> None:
+    """register_ddp: the norms come from DDP's reduced buckets, no re-measurement
+    (also with gradient_as_bucket_view=True, where .grad are views of the buckets)."""
+    _world, results = suite
+    ref_norms, ref_weights = _reference()
+    for out in _ok(results, f"ddp-comm-{form}"):
+        np.testing.assert_allclose(out["norms"], ref_norms, rtol=1e-5)
+        assert all(k == 0 for k in out["remeasured"])
+        for w, e in zip(out["weights"], ref_weights):
+            np.testing.assert_allclose(w, e, rtol=1e-5, atol=1e-6)
+
+
 def test_fsdp2_shards_reduced_over_the_mesh(suite: Any) -> None:
     _world, results = suite
     ref_norms, ref_weights = _reference()
