@@ -18,80 +18,29 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-from fastclip import _api, _config, _dispatch
+from fastclip import _config
 from fastclip._validate import check_max_norm, check_ord
 
-from ._clip_grad import _clip_grads_with_norm, _nonfinite_error, _norm_type, _result_dtype
+from ._clip_grad import _clip_grads_with_norm, _nonfinite_error, _norm_type
+from ._ddp_hook import ddp_allreduce_then_measure
+from ._grad_measures import (
+    _combine,
+    _finite,
+    _local,
+    _Measure,
+    _mesh_group,
+    _Named,
+    _norm_of,
+    _result,
+    _unscaled,
+)
 
 __all__ = ["BackwardNorm"]
-
-
-def _dtensor_class() -> Any:
-    import sys
-
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else getattr(module, "DTensor", None)
-
-
-class _Measure:
-    """One gradient's norm and what it was taken of."""
-
-    __slots__ = ("counts", "ref", "value", "version")
-
-    def __init__(self, grad: torch.Tensor, version: int, value: Any, counts: bool) -> None:
-        self.ref = weakref.ref(grad)
-        self.version = version
-        self.value = value  # a Python float (CPU) or a float64 0-d device tensor
-        self.counts = counts  # False: a DTensor shard another rank counts (Replicate)
-
-
-def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The tensor to measure and whether this rank counts it (DTensor placements)."""
-    dtensor = _dtensor_class()
-    if dtensor is None or not isinstance(grad, dtensor):
-        return grad, True
-    counts = True
-    mesh = grad.device_mesh
-    for dim, placement in enumerate(grad.placements):
-        if placement.is_partial():
-            raise NotImplementedError(
-                f"DTensor gradient with a Partial placement ({placement}) on mesh dim {dim}: "
-                "its local tensor is a pending reduction; redistribute it first"
-            )
-        if placement.is_replicate() and mesh.get_local_rank(dim) != 0:
-            counts = False  # another rank of this mesh dim holds the same values
-    return grad.to_local(), counts
-
-
-def _combine(values: list[Any], ord_code: int, p: float, device: torch.device) -> Any:
-    """The norm of the per-tensor norms (the norm of all gradients as one vector).
-
-    Host floats give a host float; device values a float64 0-d device tensor.
-    Scaled by the largest norm, so float64 norms near 1e200 do not overflow.
-    """
-    if all(type(v) is float for v in values):
-        if any(math.isnan(v) for v in values):
-            return math.nan
-        m = max(values)
-        if ord_code == 0 or m == 0.0 or math.isinf(m):
-            return m
-        s = math.fsum((v / m) ** p for v in values)
-        return m * (math.sqrt(s) if ord_code == 2 else s if ord_code == 1 else s ** (1.0 / p))
-    norms = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
-    m = norms.amax()  # propagates NaN
-    if ord_code == 0:
-        return m
-    ok = torch.isfinite(m) & (m > 0)
-    scale = torch.where(ok, m, torch.ones_like(m))
-    ssum = torch.sum(torch.pow(norms / scale, p))
-    root = torch.sqrt(ssum) if ord_code == 2 else ssum if ord_code == 1 else ssum ** (1.0 / p)
-    return torch.where(ok, scale * root, m)
 
 
 class BackwardNorm:
@@ -408,7 +357,7 @@ class BackwardNorm:
             self._hooked[k] = True  # measured by the comm hook: stale ones are counted
         self._ddp_index = index
         self._ddp_group = group
-        ddp_model.register_comm_hook(self, _ddp_allreduce_then_measure)
+        ddp_model.register_comm_hook(self, ddp_allreduce_then_measure)
 
     def _after_ddp(self) -> None:
         """Queued by the first bucket's comm hook, which runs before DDP queues its
@@ -463,99 +412,6 @@ class BackwardNorm:
             f"BackwardNorm({len(self._params)} parameters, norm_type={self.norm_type}, "
             f"hooks={'removed' if self._removed else len(self._handles)})"
         )
-
-
-class _Named(list):  # type: ignore[type-arg]
-    """Gradients with their parameters' names, for ``_nonfinite_error``."""
-
-    def __init__(self, grads: list[torch.Tensor], names: list[str] | None) -> None:
-        super().__init__(grads)
-        self.names = None if names is None else tuple(names)
-
-
-def _norm_of(tensors: list[torch.Tensor], ord_code: int, p: float, norm_type: float) -> Any:
-    """The global norm of ``tensors`` (one launch per dtype): an exact float64 host
-    float on the CPU route, else a float64 0-d tensor on their device (fastclip's
-    CUDA kernels, on torch's current stream)."""
-    exact = _dispatch.backend_for(tensors).norm64(tensors, ord_code, p)
-    if exact is not None:
-        return float(exact)
-    return _api.global_norm(tensors, norm_type).detach().to(torch.float64)
-
-
-def _result(grads: list[torch.Tensor], total: Any) -> torch.Tensor:
-    """The total norm as torch returns it: the promoted dtype of the gradients
-    (of their local shards), on their device."""
-    locals_ = [_local(g)[0] for g in grads]
-    wide = any(a.dtype in (torch.float64, torch.complex128) for a in locals_)
-    dtype = _result_dtype(locals_, torch.float64 if wide else torch.float32)
-    if isinstance(total, torch.Tensor):
-        return total.to(dtype)
-    return torch.tensor(total, dtype=dtype, device=locals_[0].device)
-
-
-def _ddp_allreduce_then_measure(state: BackwardNorm, bucket: Any) -> Any:
-    """DDP comm hook: DDP's default averaging all-reduce, then the bucket's
-    gradients measured (one launch) and queued for ``_commit_pending``."""
-    import torch.distributed as dist
-
-    group = state._ddp_group
-    buffer = bucket.buffer()
-    buffer.div_(group.size())
-    params = bucket.parameters()
-    views = bucket.gradients()
-    if not state._queued:  # the first bucket of this backward
-        state._queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(state._after_ddp)
-    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-
-    def measure(done: Any) -> torch.Tensor:
-        out = done.value()[0]
-        if state._active:
-            with torch.no_grad():
-                for p, v in zip(params, views):
-                    k = state._ddp_index.get(id(p))
-                    if k is not None:
-                        state._pending[k] = (
-                            _norm_of([v], state.ord_code, state.p, state.norm_type)
-                            if v.numel()
-                            else 0.0
-                        )
-        return out
-
-    return fut.then(measure)
-
-
-# DDP checks a comm hook's annotations (``bucket: dist.GradBucket``, returns
-# ``Future[Tensor]``) and this module's are strings (postponed evaluation): no
-# annotations pass that check.
-_ddp_allreduce_then_measure.__annotations__ = {}
-
-
-def _unscaled(scaler: Any) -> bool:
-    """Whether ``scaler.unscale_`` ran since its last ``update()`` (for any optimizer)."""
-    from torch.amp.grad_scaler import OptState
-
-    states = getattr(scaler, "_per_optimizer_states", {})
-    return any(state.get("stage") is OptState.UNSCALED for state in states.values())
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value))
-    return math.isfinite(value)
-
-
-def _mesh_group(grads: list[torch.Tensor]) -> Any:
-    """The group of the DTensors' mesh when it is one 1-D mesh, else None (world),
-    as :func:`fastclip.distributed.global_norm` chooses for DTensors."""
-    dtensor = _dtensor_class()
-    meshes = {id(g.device_mesh): g.device_mesh for g in grads if isinstance(g, dtensor)}
-    if len(meshes) == 1:
-        mesh = next(iter(meshes.values()))
-        if mesh.ndim == 1:
-            return mesh.get_group()
-    return None
 
 
 BackwardNorm.__module__ = "fastclip.torch"

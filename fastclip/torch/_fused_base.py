@@ -212,31 +212,15 @@ class FusedOptimizerBase(Optimizer):
         (an error leaves them)."""
         if backend is None:  # the gradients' backend, unless the step has it already
             backend = self._backend([grads])
-        total = None
-        bn = getattr(self, "backward_norm", None)
-        scale = getattr(self, "grad_scale", None) if bn is not None else None
-        if bn is not None and self.max_norm is not None:  # taken during backward
-            total = bn.total_norm64()
-        if scale is not None and total is not None and self.max_norm is not None:
-            # GradScaler.step handed over its scale (see _step_supports_amp_scaling):
-            # the gradients are scale times the true ones, so is their norm, and the
-            # update multiplies them by the true clip coefficient divided by the scale.
-            s = float(scale)
-            total = total / s
-            if isinstance(total, float):
-                coef: Any = min(1.0, self.max_norm / (total + 1e-6)) / s
-            else:
-                coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0) / s
-            clip = StepClip(None, self.norm_type, None, coef, 1e-6, self.nonfinite)
-        else:
-            clip = StepClip(self.max_norm, self.norm_type, total, None, 1e-6, self.nonfinite)
+        clip, unscaled = self._step_clip()
         plan = backend.step_plan(grads, clip, type(self).__name__)
-        if scale is not None and total is not None:
-            plan.norm = total if isinstance(total, float) else total.to(torch.float32)
-            if isinstance(total, float):
-                plan.norm_dtype = np.dtype(
-                    np.float64 if any(g.dtype == torch.float64 for g in grads) else np.float32
-                )
+        if unscaled is not None:  # the norm of the unscaled gradients, reported
+            wide = any(g.dtype == torch.float64 for g in grads)
+            if isinstance(unscaled, float):
+                plan.norm = unscaled
+                plan.norm_dtype = np.dtype(np.float64 if wide else np.float32)
+            else:
+                plan.norm = unscaled.to(torch.float64 if wide else torch.float32)
         if backend.on_gpu:
             self.last_total_norm = plan.norm
         else:
@@ -252,6 +236,27 @@ class FusedOptimizerBase(Optimizer):
             )
         self.last_step_skipped = plan.skip
         return plan
+
+    def _step_clip(self) -> tuple[StepClip, Any]:
+        """The step's clip arguments, and the unscaled norm when a GradScaler
+        handed its scale over (None otherwise: the plan's norm is reported)."""
+        bn = getattr(self, "backward_norm", None)
+        if bn is None or self.max_norm is None:  # the route takes the norm itself
+            return StepClip(self.max_norm, self.norm_type, None, None, 1e-6, self.nonfinite), None
+        total = bn.total_norm64()  # taken during backward
+        scale = getattr(self, "grad_scale", None)
+        if scale is None or total is None:
+            return StepClip(self.max_norm, self.norm_type, total, None, 1e-6, self.nonfinite), None
+        # GradScaler.step handed over its scale (see _step_supports_amp_scaling): the
+        # gradients are scale times the true ones, so is their norm, and the update
+        # multiplies them by the true clip coefficient divided by the scale.
+        s = float(scale)
+        total = total / s
+        if isinstance(total, float):
+            coef: Any = min(1.0, self.max_norm / (total + 1e-6)) / s
+        else:
+            coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0) / s
+        return StepClip(None, self.norm_type, None, coef, 1e-6, self.nonfinite), total
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
