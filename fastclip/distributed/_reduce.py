@@ -47,6 +47,24 @@ def dtensor_class() -> Any:
     return None if module is None else getattr(module, "DTensor", None)
 
 
+def dtensor_local(a: Any) -> tuple[Any, bool]:
+    """A DTensor's local tensor and whether this rank counts it: not when a
+    ``Replicate`` placement puts the same values on a lower rank of that mesh
+    dimension.  A ``Partial`` placement is refused (NotImplementedError)."""
+    counts = True
+    mesh = a.device_mesh
+    for dim, placement in enumerate(a.placements):
+        if placement.is_partial():
+            raise NotImplementedError(
+                f"DTensor with a Partial placement ({placement}) on mesh dim {dim}: its "
+                "local tensor is a pending reduction, whose norm is not the norm of the "
+                "parts; redistribute it to Shard or Replicate first"
+            )
+        if placement.is_replicate() and mesh.get_local_rank(dim) != 0:
+            counts = False  # another rank of this mesh dim holds the same values
+    return a.to_local(), counts
+
+
 class _Local:
     """One rank's view of a call: the local arrays and what it counts."""
 
@@ -78,18 +96,9 @@ def _unwrap(arrays: list[Any], replicated: Sequence[Any], rank_in_group: int) ->
     for k, a in enumerate(arrays):
         counts = k not in repl_idx or rank_in_group == 0
         if dtensor is not None and isinstance(a, dtensor):
-            mesh = a.device_mesh
-            for dim, placement in enumerate(a.placements):
-                if placement.is_partial():
-                    raise NotImplementedError(
-                        f"DTensor with a Partial placement ({placement}) on mesh dim {dim}: its "
-                        "local tensor is a pending reduction, whose norm is not the norm of the "
-                        "parts; redistribute it to Shard or Replicate first"
-                    )
-                if placement.is_replicate() and mesh.get_local_rank(dim) != 0:
-                    counts = False  # another rank of this mesh dim holds the same values
-            loc.meshes.append(mesh)
-            a = a.to_local()
+            loc.meshes.append(a.device_mesh)
+            a, mine = dtensor_local(a)
+            counts = counts and mine
         loc.arrays.append(a)
         if counts:
             loc.counted.append(a)

@@ -40,17 +40,9 @@ def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
     dtensor = _dtensor_class()
     if dtensor is None or not isinstance(grad, dtensor):
         return grad, True
-    counts = True
-    mesh = grad.device_mesh
-    for dim, placement in enumerate(grad.placements):
-        if placement.is_partial():
-            raise NotImplementedError(
-                f"DTensor gradient with a Partial placement ({placement}) on mesh dim {dim}: "
-                "its local tensor is a pending reduction; redistribute it first"
-            )
-        if placement.is_replicate() and mesh.get_local_rank(dim) != 0:
-            counts = False  # another rank of this mesh dim holds the same values
-    return grad.to_local(), counts
+    from fastclip.distributed._reduce import dtensor_local
+
+    return dtensor_local(grad)  # type: ignore[no-any-return]
 
 
 def _combine(values: list[Any], ord_code: int, p: float, device: torch.device) -> Any:

@@ -80,18 +80,11 @@ def _ddp(
 
 def _fsdp(world: int, rank: int) -> dict[str, Any]:
     import torch
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     import fastclip.torch as fct
 
     _hook_all()
-    mesh = init_device_mesh("cpu", (world,))
-    net = model()
-    for layer in net:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+    net = W.fully_sharded(model(), world)
     bn = fct.BackwardNorm(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     norms, torch_norms = [], []

@@ -331,18 +331,23 @@ def fsdp_input(seed: int = 1) -> Any:
     return torch.randn(4, 5)
 
 
-def _fsdp(world: int, rank: int, max_norm: float) -> dict[str, Any]:
+def fully_sharded(model: Any, world: int) -> Any:
+    """FSDP2: ``fully_shard`` each layer with parameters, then the model, on a 1-D CPU mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import fastclip.distributed as fcd
-
     mesh = init_device_mesh("cpu", (world,))
-    model = fsdp_model()
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp(world: int, rank: int, max_norm: float) -> dict[str, Any]:
+    import fastclip.distributed as fcd
+
+    model = fully_sharded(fsdp_model(), world)
     (model(fsdp_input()) ** 2).sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = fcd.clip_grad_norm_(grads, max_norm)
