@@ -114,12 +114,8 @@ def _finite(value: Any) -> bool:
 
 
 def _mesh_group(grads: list[torch.Tensor]) -> Any:
-    """The group of the DTensors' mesh when it is one 1-D mesh, else None (world),
-    as :func:`fastclip.distributed.global_norm` chooses for DTensors."""
-    dtensor = _dtensor_class()
-    meshes = {id(g.device_mesh): g.device_mesh for g in grads if isinstance(g, dtensor)}
-    if len(meshes) == 1:
-        mesh = next(iter(meshes.values()))
-        if mesh.ndim == 1:
-            return mesh.get_group()
-    return None
+    """The group :func:`fastclip.distributed.global_norm` reduces DTensors over:
+    their mesh's when it is one 1-D mesh, else None (the world)."""
+    from fastclip.distributed._reduce import _resolve_group
+
+    return _resolve_group(None, grads)
