@@ -7,20 +7,15 @@ Split from ``_backward_norm.py`` to keep each file short; used only by it.
 from __future__ import annotations
 
 import math
-import sys
 import weakref
 from typing import Any
 
 import torch
 
 from fastclip import _api, _dispatch
+from fastclip.distributed._reduce import _resolve_group, dtensor_class, dtensor_local
 
 from ._clip_grad import _result_dtype
-
-
-def _dtensor_class() -> Any:
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else getattr(module, "DTensor", None)
 
 
 class _Measure:
@@ -37,11 +32,9 @@ class _Measure:
 
 def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The tensor to measure and whether this rank counts it (DTensor placements)."""
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     if dtensor is None or not isinstance(grad, dtensor):
         return grad, True
-    from fastclip.distributed._reduce import dtensor_local
-
     return dtensor_local(grad)  # type: ignore[no-any-return]
 
 
@@ -116,6 +109,4 @@ def _finite(value: Any) -> bool:
 def _mesh_group(grads: list[torch.Tensor]) -> Any:
     """The group :func:`fastclip.distributed.global_norm` reduces DTensors over:
     their mesh's when it is one 1-D mesh, else None (the world)."""
-    from fastclip.distributed._reduce import _resolve_group
-
     return _resolve_group(None, grads)
