@@ -59,10 +59,34 @@ def library_of(x: Any) -> str:
         else:
             raise TypeError(
                 f"expected an array (NumPy, torch, CuPy or any Array API array), got "
-                f"{t.__module__}.{t.__qualname__}"
+                f"{t.__module__}.{t.__qualname__}{_array_hint(x)}"
             )
         _LIBRARY[t] = lib
     return lib
+
+
+def _array_hint(x: Any) -> str:
+    """What to do with a common non-array: the fix, after a semicolon (or nothing)."""
+    t = type(x)
+    if t.__module__.startswith("pandas"):
+        return "; pass its values: x.to_numpy()"
+    if isinstance(x, (list, tuple, int, float)) and not isinstance(x, bool):
+        return (
+            "; wrap numbers in an array first: np.asarray(x) (a list of arrays goes to "
+            "fastclip.global_norm / clip_by_global_norm)"
+        )
+    return ""
+
+
+def library_name(x: Any) -> str:
+    """The name users know an array's library by ("numpy", "torch", "jax", ...)."""
+    lib = library_of(x)
+    if lib != "xp":
+        return lib
+    try:  # jax arrays are jaxlib types; their namespace is jax.numpy
+        return str(aac.array_namespace(x).__name__).split(".")[0]
+    except TypeError:
+        return type(x).__module__.split(".")[0]
 
 
 def route_of(x: Any) -> str:
@@ -122,10 +146,12 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
         _refuse_numpy_scalars(arrays, types_seen)
     for t in types_seen:
         if t is not type(first):
-            other = _LIBRARY.get(t) or library_of(next(a for a in arrays if type(a) is t))
+            item = next(a for a in arrays if type(a) is t)
+            other = _LIBRARY.get(t) or library_of(item)
             if other != lib:
                 raise TypeError(
-                    f"all arrays in one call must come from the same library, got {lib} and {other}"
+                    "all arrays in one call must come from the same library, got "
+                    f"{library_name(first)} and {library_name(item)}"
                 )
     route = route_of(first)
     if lib == "torch":

@@ -409,6 +409,33 @@ def test_arrays_from_different_libraries_raise_type_error(count):
                 func(mixed)
 
 
+def test_not_an_array_messages_say_what_to_do():
+    for bad in ([3.0, 4.0], (3.0, 4.0), 3.0, 2):
+        with pytest.raises(TypeError, match=r"np\.asarray\(x\)"):
+            fastclip.norm(bad)
+    with pytest.raises(TypeError, match="got builtins.str$"):
+        fastclip.norm("abc")  # no hint that would not help
+
+
+def test_pandas_message_says_to_numpy():
+    pd = pytest.importorskip("pandas")
+    with pytest.raises(TypeError, match=r"to_numpy\(\)"):
+        fastclip.norm(pd.Series([3.0, 4.0]))
+
+
+def test_mixed_libraries_message_names_them():
+    import array_api_strict as xp
+
+    a = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="got numpy and array_api_strict$"):
+        fastclip.global_norm([a, xp.asarray(a)])
+    with pytest.raises(TypeError, match="got numpy and torch$"):
+        fastclip.global_norm([a, torch.ones(3)])
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(TypeError, match="got numpy and jax$"):
+        fastclip.global_norm([a, jnp.ones(3)])
+
+
 def test_tensors_on_different_devices_raise():
     cpu = [torch.tensor(sample(10, seed=i), dtype=torch.float32) for i in range(3)]
     meta = torch.empty(10, device="meta")
