@@ -77,7 +77,15 @@ def _grads(
                 "`parameters` is an empty generator, no gradient clipping will occur.",
                 stacklevel=3,
             )
-    return [g for g in map(_GRAD, parameters) if g is not None]
+    try:
+        return [g for g in map(_GRAD, parameters) if g is not None]
+    except AttributeError:
+        bad = next(p for p in parameters if not hasattr(p, "grad"))
+        raise TypeError(
+            f"parameters must be torch tensors (their .grad is clipped), got "
+            f"{type(bad).__module__}.{type(bad).__qualname__}; to clip arrays of gradients "
+            "themselves use fastclip.clip_by_global_norm_ / clip_by_value_"
+        ) from None
 
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}

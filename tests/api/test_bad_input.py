@@ -509,3 +509,18 @@ def test_array_api_strict_in_place_modifies_the_array():
     assert_close(np.from_dlpack(total), expected_total, "float64")
     for a, e in zip(xs, expected):
         assert_close(np.from_dlpack(a), e, "float64")
+
+
+def test_torch_drop_ins_refuse_arrays_for_parameters():
+    """fastclip.torch's functions take parameters (tensors with .grad); NumPy arrays
+    get a TypeError saying so and naming the functions for arrays, not an
+    AttributeError."""
+    g = np.ones(3, np.float32)
+    for call in (
+        lambda: fct.clip_grad_norm_([g], 1.0),
+        lambda: fct.clip_grad_value_([g], 1.0),
+        lambda: fct.clip_grads_with_norm_([g], 1.0, torch.tensor(2.0)),
+    ):
+        with unchanged(g), pytest.raises(TypeError, match="clip_by_global_norm_") as info:
+            call()
+        assert "numpy.ndarray" in str(info.value)
