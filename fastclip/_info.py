@@ -86,14 +86,14 @@ def info() -> dict[str, Any]:
     routes = {}
     for dist, (label, route) in _LIBRARIES.items():
         version = _version(dist) or (_version("cupy-cuda13x") if dist == "cupy" else None)
-        if route == _dispatch.ROUTE_GPU:
-            route = f"{route} ({_gpu_status()})"
-        if dist == "numpy" or version is not None:
+        if route == _dispatch.ROUTE_GPU:  # its status says what is missing, CuPy included
+            routes[label] = f"{route} ({_gpu_status()})"
+        elif dist == "numpy" or version is not None:
             routes[label] = route
         else:
             routes[label] = f"{route} (not installed)"
     if _version("torch") is not None:
-        routes["torch.Tensor (cuda)"] = routes["cupy.ndarray"].replace(" (not installed)", "")
+        routes["torch.Tensor (cuda)"] = f"{_dispatch.ROUTE_GPU} ({_gpu_status()})"
         routes["torch.Tensor (other devices)"] = _dispatch.ROUTE_GENERIC
     return {
         "fastclip": __version__,

@@ -71,8 +71,14 @@ def test_info_reports_routes():
     assert routes["numpy.ndarray"] == "numba-cpu"
     assert routes["torch.Tensor (cpu)"] == "numba-cpu"
     assert routes["array_api_strict.Array"] == "array-api"
-    assert routes["cupy.ndarray"].startswith("cupy-gpu")  # "(not installed)" where it is not
+    assert routes["cupy.ndarray"].startswith("cupy-gpu")
     assert routes["torch.Tensor (cuda)"].startswith("cupy-gpu")
+    for route in routes.values():  # each thing said once: at most one parenthesis
+        assert route.count("(") <= 1, route
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert routes["cupy.ndarray"].endswith("needs CuPy)")
     for key in (
         "fastclip",
         "versions",
