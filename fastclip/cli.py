@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_BENCH_EPILOG.format(workloads=wl, backends=bk),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.set_defaults(bench_parser=p)
     sel = p.add_argument_group("what to run")
     sel.add_argument(
         "--workloads",
@@ -295,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
-    if args.command == "bench":
-        return _bench(parser, args, argv)
+    if args.command == "bench":  # its errors print the bench's usage, not the top level's
+        return _bench(args.bench_parser, args, argv)
     parser.print_help(sys.stderr)
     return 2
 
