@@ -1,12 +1,16 @@
 """Gradient-norm traces of one training run with and without adaptive clipping.
 
 Run:  python docs/examples/adaptive_traces.py [--tiny] [--steps N] [--out traces.png]
+(the PNG goes to the system's temporary folder unless ``--out`` says where).
 
 The same small regression MLP (NumPy, hand-written backward) is trained with
 noisy labels that produce occasional gradient spikes, four times: no
 clipping, a fixed global-norm clip, AutoClip (10th percentile) and ZClip.
-The traces (norm before clipping, and the threshold each clipper applied)
-are plotted with matplotlib when it is installed, else printed as a table.
+The traces (norm before clipping, the threshold each clipper applied, and a
+mark on every step it clipped) are plotted with matplotlib when it is
+installed; the table of clipped steps is printed either way.  ZClip only has a
+threshold on the steps whose norm was a spike (its z-score above
+``z_thresh``): those are drawn as points, not a line.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -31,7 +36,6 @@ def run(clipper, steps: int) -> tuple[list[float], list[float], float]:
     params = init(np.random.default_rng(1), [8, 32, 32, 2])
     norms, thresholds = [], []
     batch_rng = np.random.default_rng(2)
-    float("nan")
     for _ in range(steps):
         idx = batch_rng.integers(0, 512, 32)
         yb = y[idx].copy()
@@ -55,7 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="few steps, print only (tests)")
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--out", default="adaptive_traces.png")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(tempfile.gettempdir(), "adaptive_traces.png"),
+        help="where to write the PNG (default: the temporary folder)",
+    )
     args = ap.parse_args(argv)
     steps = 60 if args.tiny else args.steps
     runs = {
@@ -78,12 +86,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         import matplotlib.pyplot as plt
     except ImportError:
         return {name: r[2] for name, r in results.items()}
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 * len(results)), sharex=True)
+    fig, axes = plt.subplots(len(results), 1, figsize=(10.5, 2.2 * len(results)), sharex=True)
     for ax, (name, (norms, thr, _)) in zip(axes, results.items()):
         ax.semilogy(norms, lw=0.8, label="gradient norm")
-        ax.semilogy(thr, lw=0.8, label="clip threshold")
-        ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.semilogy(thr, lw=0.8, marker=".", ms=3, label="clip threshold")
+        hits = [i for i, (n, t) in enumerate(zip(norms, thr)) if t == t and n > t]
+        ax.semilogy(hits, [norms[i] for i in hits], "x", color="C3", ms=4, label="clipped")
+        ax.set_title(f"{name}: clipped {len(hits)} of {len(norms)} steps", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the data
     axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)

@@ -16,13 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLES = os.path.join(ROOT, "docs", "examples")
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, cwd: str = ROOT, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, script), *args],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=ROOT,
+        cwd=cwd,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
@@ -61,3 +62,19 @@ def test_adaptive_traces_plot(tmp_path) -> None:
     out_png = tmp_path / "traces.png"
     out = run("adaptive_traces.py", "--steps", "30", "--out", str(out_png))
     assert "wrote" in out and out_png.stat().st_size > 10_000
+
+
+def test_adaptive_traces_default_output_is_the_temporary_folder(tmp_path) -> None:
+    """Without --out the PNG goes to the temporary folder, never the current one
+    (running the example must not dirty a checkout); every clipper's clipped
+    steps are counted, ZClip's too."""
+    pytest.importorskip("matplotlib")
+    work, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    out = run("adaptive_traces.py", "--steps", "120", cwd=str(work), env=env)
+    assert list(work.iterdir()) == []
+    assert (tmp / "adaptive_traces.png").stat().st_size > 10_000
+    rows = {line[:18].strip(): line.split() for line in out.splitlines()[1:5]}
+    assert int(rows["ZClip"][-2]) > 0  # ZClip clipped the corrupted batches
