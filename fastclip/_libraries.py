@@ -250,3 +250,22 @@ def check_autograd_writable(tensors: Sequence[Any], what: str) -> None:
         "themselves (weight clipping, max-norm constraints), call it inside "
         "`with torch.no_grad():`."
     )
+
+
+def wide_dtype(xp: Any) -> Any:
+    """float64 when the namespace really computes in it (not JAX without x64,
+    which would truncate to float32 with a warning)."""
+    return xp.float64 if _has_64_bits(xp) else xp.float32
+
+
+def count_dtype(xp: Any) -> Any:
+    """The integer dtype to count in: int64, or int32 for JAX without x64."""
+    return xp.int64 if _has_64_bits(xp) else xp.int32
+
+
+def _has_64_bits(xp: Any) -> bool:
+    if aac.is_jax_namespace(xp):
+        import jax
+
+        return bool(jax.config.read("jax_enable_x64"))
+    return True

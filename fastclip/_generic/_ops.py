@@ -17,6 +17,7 @@ import array_api_compat as aac
 
 from .._errors import nonfinite_error, out_of_place_hint
 from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, int_bound
+from .._libraries import wide_dtype
 
 
 def _xp(x: Any) -> Any:
@@ -49,16 +50,6 @@ def _is_float(xp: Any, x: Any) -> bool:
 def _norm_dtype(xp: Any, x: Any) -> Any:
     wide = x.dtype in (xp.float64, getattr(xp, "complex128", None))
     return xp.float64 if wide else xp.float32
-
-
-def wide_dtype(xp: Any) -> Any:
-    """float64 when the namespace really computes in it (not JAX without x64)."""
-    if aac.is_jax_namespace(xp):
-        import jax
-
-        if not jax.config.read("jax_enable_x64"):
-            return xp.float32
-    return xp.float64
 
 
 def _check_float(xp: Any, x: Any, what: str) -> None:

@@ -11,7 +11,7 @@ import array_api_compat as aac
 import numpy as np
 
 from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, per_sample_rescaler
-from ._ops import wide_dtype
+from .._libraries import count_dtype, wide_dtype
 
 
 def clip_per_sample(
@@ -56,7 +56,7 @@ def clip_per_sample(
         below = f < one
         if per_layer:
             below = xp.any(below, axis=0)
-        clipped = int(xp.sum(xp.astype(below, xp.int64)))
+        clipped = int(xp.sum(xp.astype(below, count_dtype(xp))))
         outs = []
         for k, (x, g) in enumerate(zip(items, flat)):
             fk = f[k, :] if per_layer else f

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import _api, _dispatch
 from .._formulas import clip_coefficients
+from .._libraries import wide_dtype
 from .._validate import check_eps
 from ._base import Clipper, check_writable, copies, ord_value, real_param
 
@@ -205,7 +206,7 @@ def _accumulate(total: float, norms: Any, ord: float, xp: Any) -> float:
     if math.isinf(ord):
         m = float(xp.max(norms))
         return math.nan if (math.isnan(m) or math.isnan(total)) else max(total, m)
-    return total + float(xp.sum(xp.astype(norms, xp.float64) ** ord))
+    return total + float(xp.sum(xp.astype(norms, wide_dtype(xp)) ** ord))
 
 
 def _finish(total: float, ord: float) -> float:

@@ -297,3 +297,28 @@ def test_many_disjoint_arrays_in_descending_address_order_are_accepted():
     views.append(buf[5:15])  # overlaps two of them
     with unchanged(buf), pytest.raises(ValueError, match="share memory"):
         fastclip.clip_by_global_norm_(views, 0.1)
+
+
+def test_jax_without_x64_takes_the_generic_route_without_warnings():
+    """JAX's default (x64 off) truncates float64/int64 requests with a UserWarning:
+    the generic route computes in float32/int32 there, silently and correctly."""
+    jax = pytest.importorskip("jax")
+    import warnings
+
+    import jax.numpy as jnp
+
+    if jax.config.read("jax_enable_x64"):
+        pytest.skip("this process enabled JAX's x64")
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(6, 5)).astype(np.float32)
+    w = rng.normal(size=(6, 5)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, total = fastclip.AGC(0.01).clip([jnp.asarray(g)], [jnp.asarray(w)])
+        res = fastclip.clip_per_sample(jnp.asarray(g), 1.0)
+    ref_out, ref_total = fastclip.AGC(0.01).clip([g.copy()], [w])
+    np.testing.assert_allclose(np.asarray(out[0]), ref_out[0], rtol=1e-6)
+    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-6)
+    ref = fastclip.clip_per_sample(g, 1.0)
+    np.testing.assert_allclose(np.asarray(res.grads), ref.grads, rtol=1e-5, atol=1e-6)
+    assert res.n_clipped == ref.n_clipped
