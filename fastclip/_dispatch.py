@@ -67,7 +67,7 @@ def check_gpu_available() -> None:
         import cupy
     except ImportError:
         raise GPUUnavailableError(
-            "fastclip's GPU route needs CuPy: pip install 'fastclip[cupy]' (cupy-cuda13x; "
+            "fastclip's GPU route needs CuPy: pip install cupy-cuda13x (the 'cupy' extra; "
             "CUDA 12 users: pip install cupy-cuda12x). fastclip never copies device arrays "
             "to the host silently."
         ) from None

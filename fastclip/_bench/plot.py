@@ -6,7 +6,7 @@ from typing import Any
 
 from .workloads import PASSES, WORKLOADS
 
-INSTALL_HINT = "--plot needs matplotlib: pip install 'fastclip[plot]'"
+INSTALL_HINT = "--plot needs matplotlib: pip install matplotlib (the 'plot' extra)"
 
 
 def check_available() -> None:

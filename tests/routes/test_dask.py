@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 da = pytest.importorskip(
-    "dask.array", reason="dask is not installed (pip install 'fastclip[dask]')"
+    "dask.array", reason="dask is not installed (pip install 'dask[array]', the 'dask' extra)"
 )
 import dask  # noqa: E402
 import reference as ref  # noqa: E402

@@ -75,7 +75,7 @@ def test_plot_without_matplotlib(
 
     monkeypatch.setattr(plot, "check_available", missing)
     err = _error(["bench", "--plot", "x.png"], capsys)
-    assert "pip install 'fastclip[plot]'" in err
+    assert "pip install matplotlib" in err
 
 
 def test_parse_size() -> None:
