@@ -49,7 +49,10 @@ Differences from torch, all deliberate and documented:
   and total gradient norms) from one launch per dtype;
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
   DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
-  DTensor, as torch returns.
+  DTensor, as torch returns;
+* :func:`patch` / :func:`unpatch` / :func:`is_patched` route
+  ``torch.nn.utils``' own clipping functions to these (Lightning's
+  ``gradient_clip_val``, Hugging Face's ``max_grad_norm``, accelerate).
 
 ``torch.compile``: the four functions compile with ``fullgraph=True`` and no
 graph break, and ``torch.compile(opt.step)`` works for ``FusedAdamW``,
@@ -76,6 +79,7 @@ from ._clip_grad import (
 from ._clipped import ClippedOptimizer
 from ._fused import FusedAdamW, FusedSGD
 from ._grad_norm import grad_norm
+from ._patch import is_patched, patch, unpatch
 
 __all__ = [  # TensorOrTensors, the parameters' type, is importable but not listed
     "BackwardNorm",
@@ -87,4 +91,7 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_norm",
+    "is_patched",
+    "patch",
+    "unpatch",
 ]
