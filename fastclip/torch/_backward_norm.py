@@ -1,10 +1,12 @@
 """``BackwardNorm``: the global gradient norm taken while backward produces the gradients.
 
 Global-norm clipping needs the norm of every gradient before the step can
-start: one more read of every gradient after ``backward()``.  Here each
+start: one more read of every gradient after ``backward()``.  Here a
 parameter's ``register_post_accumulate_grad_hook`` takes its gradient's norm
-the moment autograd has accumulated it (the gradient was just written, so the
-read is warm), and the step only combines the stored per-tensor norms.
+the moment autograd has accumulated it, and the step only combines the stored
+per-tensor norms (by default CUDA parameters are hooked; CPU gradients are
+measured in one packed pass when the norm is asked for: the class's Notes say
+why).
 
 Each stored norm remembers the gradient it measured (a weak reference) and
 that tensor's autograd version counter.  At the step, a gradient that is no
@@ -46,11 +48,12 @@ __all__ = ["BackwardNorm"]
 class BackwardNorm:
     r"""The global gradient norm, taken while ``backward()`` produces the gradients.
 
-    Registers a ``register_post_accumulate_grad_hook`` on every parameter
-    that requires grad; each hook takes its gradient's norm with fastclip's
-    kernels as soon as autograd has accumulated it.  After ``backward()``,
-    :meth:`total_norm` and :meth:`clip_` replace ``get_total_norm`` and
-    ``clip_grad_norm_`` without a separate norm pass over the gradients.
+    Registers a ``register_post_accumulate_grad_hook`` on the parameters
+    that require grad (by default the CUDA ones, see ``min_hook_numel``); each
+    hook takes its gradient's norm with fastclip's kernels as soon as autograd
+    has accumulated it.  After ``backward()``, :meth:`total_norm` and
+    :meth:`clip_` replace ``get_total_norm`` and ``clip_grad_norm_``, combining
+    the hooks' norms with one packed pass over the gradients that have none.
 
     Parameters
     ----------
@@ -95,8 +98,8 @@ class BackwardNorm:
       a clip, DDP's all-reduce, any in-place op) is detected by its autograd
       version counter and measured again then.  Writes that bypass the
       version counter (through ``.data``, a NumPy view of the tensor, or
-      ``GradScaler.unscale_``) are not seen: call :meth:`invalidate` after
-      them.
+      ``GradScaler.unscale_``, see below) are not seen: call
+      :meth:`invalidate` after them.
     * Gradient accumulation: every ``backward()`` re-measures the
       accumulated gradient, so the norm is that of the sum, not a sum of
       micro-batch norms.  Put all but the last micro-batch's backward inside
