@@ -26,9 +26,20 @@ from dataclasses import dataclass, field
 PASSES = {"clip": 3, "rows": 3, "value": 2, "norm": 1, "adamw": 8, "persample": 2, "train": 0}
 
 #: Batch and per-sample parameter shapes of the ``per-sample`` workload: a
-#: 784-1024-256-10 MLP with biases (1,068,810 parameters per sample).
+#: 784-1024-256-10 MLP with biases (1,068,810 parameters per sample); the quick
+#: suite clips a batch of ``PER_SAMPLE_QUICK_BATCH`` (137 MB of float32 instead
+#: of 1.1 GB: the default run stays within a minute and 3 GB).
 PER_SAMPLE_BATCH = 256
+PER_SAMPLE_QUICK_BATCH = 32
 PER_SAMPLE_SHAPES = [(784, 1024), (1024,), (1024, 256), (256,), (256, 10), (10,)]
+
+#: The quick suite's smaller cases, so that the default run stays within a
+#: minute and 3 GB on 2 cores with every peer installed (measured before:
+#: 3:38 and 13.9 GB, of which optax's jax.jit of 2,000 arrays compiled for
+#: 37 s and the adamw case kept 8 backends' GPT-2 small states alive).
+#: ``gpt2-mini``: GPT-2's layout with width 512, 2 layers, vocabulary 8,192.
+GPT2_MINI = (512, 2, 8192)
+TINY_QUICK, TINY_FULL = 500, 2000
 
 #: Batch size of the ``rows`` workload; ``--sizes`` sets B * D.
 ROWS_BATCH = 256
@@ -109,9 +120,16 @@ WORKLOADS: dict[str, Workload] = {
             full_sizes=_pow10(3, 8),
         ),
         Workload(
+            "gpt2-mini",
+            "clip",
+            "global-norm clip of a small GPT-2 layout (width 512, 2 layers, vocabulary "
+            "8,192): 28 tensors, 11M values",
+        ),
+        Workload(
             "gpt2-small",
             "clip",
-            "global-norm clip of GPT-2 small's 148 parameter tensors (124M values)",
+            "global-norm clip of GPT-2 small's 148 parameter tensors (124M values; --full)",
+            in_quick=False,
         ),
         Workload(
             "gpt2-xl",
@@ -121,7 +139,12 @@ WORKLOADS: dict[str, Workload] = {
             in_quick=False,
             large=True,
         ),
-        Workload("tiny", "clip", "global-norm clip of 2,000 tensors of 1,000 values"),
+        Workload(
+            "tiny",
+            "clip",
+            f"global-norm clip of {TINY_QUICK:,} tensors of 1,000 values ({TINY_FULL:,} "
+            "with --full)",
+        ),
         Workload(
             "rows",
             "rows",
@@ -139,14 +162,16 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "per-sample",
             "persample",
-            f"per-sample clipping (DP-SGD, flat) of {PER_SAMPLE_BATCH} samples of a "
-            "1.07M-parameter MLP's gradients, summed over the batch",
+            f"per-sample clipping (DP-SGD, flat) of {PER_SAMPLE_QUICK_BATCH} samples "
+            f"({PER_SAMPLE_BATCH} with --full) of a 1.07M-parameter MLP's gradients, "
+            "summed over the batch",
         ),
         Workload(
             "adamw",
             "adamw",
-            "global-norm clip + AdamW step of GPT-2 small's 148 tensors (124M values; "
-            "fused fastclip vs clip_grad_norm_ + torch.optim.AdamW)",
+            "global-norm clip + AdamW step of gpt2-mini's 28 tensors (11M values; GPT-2 "
+            "small's 148 tensors, 124M values, with --full): fused fastclip vs "
+            "clip_grad_norm_ + torch.optim.AdamW",
         ),
         Workload(
             "train",
@@ -190,21 +215,24 @@ def cases_for(name: str, sizes: tuple[int, ...] | None, full: bool) -> list[Case
                 label = f"{name} {_fmt_size(n)}"
             out.append(Case(name, w.kind, label, (shape,), math.prod(shape), w.large))
         return out
-    if name in ("gpt2-small", "adamw"):
+    if name == "gpt2-small" or (name == "adamw" and full):
         shapes = gpt2_shapes(768, 12)
+    elif name in ("gpt2-mini", "adamw"):
+        shapes = gpt2_shapes(GPT2_MINI[0], GPT2_MINI[1], vocab=GPT2_MINI[2])
     elif name == "gpt2-xl":
         shapes = gpt2_shapes(1600, 48)
     elif name == "tiny":
-        shapes = [(1000,)] * 2000
+        shapes = [(1000,)] * (TINY_FULL if full else TINY_QUICK)
     elif name == "per-sample":
-        shapes = [(PER_SAMPLE_BATCH, *s) for s in PER_SAMPLE_SHAPES]
+        batch = PER_SAMPLE_BATCH if full else PER_SAMPLE_QUICK_BATCH
+        shapes = [(batch, *s) for s in PER_SAMPLE_SHAPES]
     elif name == "train":
         return [Case(name, w.kind, "train gpt 7.4M", (), 0, w.large)]
     else:  # pragma: no cover - every fixed workload is listed above
         raise KeyError(name)
-    label = f"{name} ({len(shapes)})" if name != "tiny" else "tiny 2000x1000"
+    label = f"{name} ({len(shapes)})" if name != "tiny" else f"tiny {len(shapes)}x1000"
     if name == "adamw":
-        label = f"adamw gpt2-small ({len(shapes)})"
+        label = f"adamw {'gpt2-small' if full else 'gpt2-mini'} ({len(shapes)})"
     elif name == "per-sample":
-        label = f"per-sample {PER_SAMPLE_BATCH}x1.07M"
+        label = f"per-sample {shapes[0][0]}x1.07M"
     return [Case(name, w.kind, label, tuple(shapes), sum(math.prod(s) for s in shapes), w.large)]

@@ -82,7 +82,18 @@ def test_gpt2_xl_shapes() -> None:
 
 def test_cases() -> None:
     (tiny,) = cases_for("tiny", None, False)
+    assert len(tiny.shapes) == 500 and tiny.size == 500_000  # the quick suite's
+    (tiny,) = cases_for("tiny", None, True)
     assert len(tiny.shapes) == 2000 and tiny.size == 2_000_000
+    (mini,) = cases_for("adamw", None, False)
+    (small,) = cases_for("adamw", None, True)
+    assert (len(mini.shapes), mini.size) == (28, 11_024_384)
+    assert (len(small.shapes), small.size) == (148, 124_439_808)
+    assert [c.shapes[0][0] for f in (False, True) for c in cases_for("per-sample", None, f)] == [
+        32,
+        256,
+    ]
+    assert not WORKLOADS["gpt2-small"].in_quick and WORKLOADS["gpt2-mini"].in_quick
     assert [c.size for c in cases_for("single", None, True)] == [10**k for k in range(3, 9)]
     (rows,) = cases_for("rows", (2560,), False)
     assert rows.shapes == ((256, 10),)
@@ -344,7 +355,7 @@ def test_json_schema(tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFix
         assert r["q25_s"] <= r["median_s"] <= r["q75_s"]
         assert set(r["speedup"]) == {"numpy"}
     out = capsys.readouterr().out
-    assert "x numpy" in out and "tiny 2000x1000" in out
+    assert "x numpy" in out and "tiny 500x1000" in out  # the quick suite's size
 
 
 def test_json_non_finite_is_strict(tmp_path: pytest.TempPathFactory) -> None:

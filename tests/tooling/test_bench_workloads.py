@@ -125,7 +125,7 @@ def test_adamw_16_bit_is_na_and_fused_peer_only_runs_adamw(bench_config: Any) ->
 def test_adamw_memory_guard(bench_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import fastclip._bench.runner as runner
 
-    (case,) = cases_for("adamw", None, False)
+    (case,) = cases_for("adamw", None, True)  # --full: GPT-2 small
     assert case.size == 124_439_808 and case.passes == 8
     monkeypatch.setattr(runner.os, "sysconf", lambda name: 1024 if "PAGES" in name else 4096)
     (row,) = runner.run_case(
@@ -175,7 +175,7 @@ def test_per_sample_workload_every_cpu_backend(bench_config: Any) -> None:
         assert by[name]["max_rel_err"] < 2e-6
     f = by["fastclip"]
     assert f["floor_s"] == pytest.approx(2 * f["nbytes"] / 1e10)
-    (case,) = cases_for("per-sample", None, False)
+    (case,) = cases_for("per-sample", None, True)  # --full; the quick suite clips 32
     assert case.shapes[0] == (256, 784, 1024) and case.size == 256 * 1_068_810
 
 
