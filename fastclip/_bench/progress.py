@@ -1,7 +1,8 @@
 """A dependency-free progress bar on stderr.
 
-On a terminal it redraws one line; otherwise (logs, CI, tests) it prints one
-line per finished step so the output stays readable.
+On a terminal it redraws one line; otherwise (logs, CI, pipes) it prints one
+line per update (each backend, each timing round) and per finished step, so
+a log shows where a long step is instead of sitting on its first line.
 """
 
 from __future__ import annotations
@@ -31,24 +32,25 @@ class Progress:
         return f"[{bar}] {self.done}/{self.total} {el:5.1f}s {msg}"
 
     def update(self, msg: str) -> None:
-        """Show ``msg`` for the step in progress (terminal only)."""
-        if self.enabled and self.tty:
-            line = self._line(msg)[:120]
+        """Show ``msg`` for the step in progress: redrawn on a terminal, one line
+        otherwise."""
+        if not self.enabled:
+            return
+        line = self._line(msg)[:120]
+        if self.tty:
             pad = max(0, self._last - len(line))
             self.stream.write("\r" + line + " " * pad)
-            self.stream.flush()
             self._last = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
     def step(self, msg: str) -> None:
         """One step finished."""
         self.done += 1
         if not self.enabled:
             return
-        if self.tty:
-            self.update(msg)
-        else:
-            self.stream.write(self._line(msg) + "\n")
-            self.stream.flush()
+        self.update(msg)
 
     def close(self) -> None:
         if self.enabled and self.tty:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,32 @@ def _peers(results: list[dict[str, Any]]) -> list[str]:
     return seen
 
 
+#: The table's columns: (name, width, alignment); every one is explained in the
+#: header's legend.  9 columns and their gaps: 110 characters.
+_COLS = [
+    ("workload", 24, "<"),
+    ("dtype", 8, "<"),
+    ("backend", 18, "<"),
+    ("median", 10, ">"),
+    ("iqr", 5, ">"),
+    ("1st call", 9, ">"),
+    ("GB/s", 6, ">"),
+    ("floor", 6, ">"),
+    ("max err", 8, ">"),
+]
+
+
+def _row(cells: list[str], cols: list[tuple[str, int, str]]) -> str:
+    return "  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols)).rstrip()
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """One table: every case, dtype and backend, with speedups against each peer."""
+    """Every case, dtype and backend (fits 120 columns), then the speedups against
+    each peer, one small table per case (only the peers that ran it)."""
     results = report["results"]
-    peers = _peers(results)
-    cols = [
-        ("workload", 24, "<"),
-        ("dtype", 8, "<"),
-        ("backend", 18, "<"),
-        ("median", 10, ">"),
-        ("iqr", 5, ">"),
-        ("1st call", 9, ">"),
-        ("GB/s", 6, ">"),
-        ("floor", 6, ">"),
-        ("max err", 8, ">"),
-    ]
-    cols += [(f"x {p}", max(8, len(p) + 2), ">") for p in peers]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols)).rstrip()
-
-    out = [_header(report), "", line([c[0] for c in cols]), "  ".join("-" * w for _, w, _ in cols)]
+    cols = _COLS
+    out = [_header(report), "", _row([c[0] for c in cols], cols)]
+    out.append("  ".join("-" * w for _, w, _ in cols))
     last_case = None
     for r in results:
         if r["status"] in ("n/a", "skipped"):
@@ -72,7 +78,6 @@ def format_table(report: dict[str, Any]) -> str:
                 _pct(r.get("floor_fraction")),
                 f"{r['max_rel_err']:.0e}",
             ]
-            cells += [f"{r['speedup'][p]:.2f}x" if p in r.get("speedup", {}) else "" for p in peers]
         else:
             cells += [
                 r["status"],
@@ -82,11 +87,34 @@ def format_table(report: dict[str, Any]) -> str:
                 "",
                 f"{r['max_rel_err']:.0e}" if "max_rel_err" in r else "",
             ]
-        out.append(line(cells))
+        out.append(_row(cells, cols))
+    speedups = _speedup_tables(results)
+    if speedups:
+        out += ["", "Speedups: x PEER = PEER's median / this median (>1: faster than PEER).", ""]
+        out += speedups
     notes = _train_notes(report) + _notes(report)
     if notes:
-        out += ["", *notes]
+        out += ["", *(textwrap.fill(n, 118, subsequent_indent="    ") for n in notes)]
     return "\n".join(out)
+
+
+def _speedup_tables(results: list[dict[str, Any]]) -> list[str]:
+    """For each case and dtype: fastclip's rows against the peers that ran it."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if r.get("speedup") and r["role"] == "fastclip":
+            groups.setdefault((r["case"], r["dtype"]), []).append(r)
+    lines: list[str] = []
+    for (case, dtype), rows in groups.items():
+        peers = _peers(rows)
+        cols = [(f"{case} {dtype}", 34, "<")] + [(f"x {p}", max(8, len(p) + 2), ">") for p in peers]
+        lines.append(_row([c[0] for c in cols], cols))
+        for r in rows:
+            sp = r["speedup"]
+            cells = [f"  {r['backend']}"] + [f"{sp[p]:.2f}x" if p in sp else "" for p in peers]
+            lines.append(_row(cells, cols))
+        lines.append("")
+    return lines[:-1]
 
 
 def _header(report: dict[str, Any]) -> str:
@@ -110,8 +138,9 @@ def _header(report: dict[str, Any]) -> str:
         "step: the gradients' bytes times the passes) / median; in-cache sizes can exceed 100%."
     )
     parts.append(
-        "GB/s = data clipped per second; x PEER = PEER's median / this median "
-        "(>1: faster than PEER); max err = relative to a float64 reference."
+        "GB/s = data clipped per second; 1st call = the first call alone (compilation, "
+        "caches, allocation; not in the median); max err = relative to a float64 "
+        "reference; x PEER (below the table) = PEER's median / this median."
     )
     load = (report.get("load_average") or {}).get("start")
     cpus = (report.get("machine") or {}).get("cpu_count") or 1
@@ -128,7 +157,7 @@ def _header(report: dict[str, Any]) -> str:
             f"numba {m.get('numba_threads')} threads ({m.get('numba_threading_layer')}); "
             f"GPUs: {', '.join(m.get('gpus') or []) or 'none'}."
         )
-    return "\n".join(parts)
+    return "\n".join(textwrap.fill(p, 118, subsequent_indent="  ") for p in parts)
 
 
 def _train_notes(report: dict[str, Any]) -> list[str]:

@@ -441,12 +441,13 @@ def test_plot_written(tmp_path: pytest.TempPathFactory) -> None:
 def test_progress_bar_lines() -> None:
     s = io.StringIO()
     p = Progress(2, s)
-    p.update("ignored on a non-terminal")
+    p.update("within the first step")  # a line of its own on a non-terminal
     p.step("first")
     p.step("second")
     p.close()
     lines = s.getvalue().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("[" + "#" * 24 + "] 2/2")
+    assert len(lines) == 3 and lines[0].endswith("0/2   0.0s within the first step")
+    assert lines[2].startswith("[" + "#" * 24 + "] 2/2")
 
 
 def test_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
@@ -469,3 +470,18 @@ def test_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert "[" in captured.err and "single 1e3" in captured.err
     assert "#" not in captured.out.split("\n")[0]
+
+
+def test_table_fits_120_columns_and_the_legend_explains_every_column(bench_config: Any) -> None:
+    from fastclip._bench.report import _COLS
+
+    names = ("fastclip", "numpy", "torch-foreach", "torch-loop")
+    report = run(bench_config(workloads=("single", "tiny"), backends=names))
+    text = format_table(report)
+    assert max(map(len, text.splitlines())) <= 120, text
+    legend = text.split("\n\n", 1)[0]
+    assert "median of 2 interleaved rounds" in legend
+    for name, _, _ in _COLS[4:]:  # workload, dtype, backend need no words; median above
+        assert f"{name} =" in legend, name
+    # the speedups below the table, one small table per case, only its peers
+    assert "single 1e3 float32" in text and "x torch-foreach" in text
