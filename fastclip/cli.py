@@ -92,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_info.add_argument("--json", action="store_true", help="print it as JSON")
 
+    from ._warmup import DTYPES as WARM_DTYPES
+    from ._warmup import OPS as WARM_OPS
+
+    ops_help = "\n".join(f"  {n:<11} {h}" for n, h in WARM_OPS.items())
+    p_warm = sub.add_parser(
+        "warmup",
+        help="compile and cache the CPU kernels now (containers, clusters, first calls)",
+        description="Compile the CPU kernels of the chosen operations for the chosen dtypes "
+        "(serial and parallel twins) and cache them on disk, so that later processes "
+        "load them instead of compiling at their first call.",
+        epilog=f"operations:\n{ops_help}\n\ndtypes: {', '.join(WARM_DTYPES)} (bfloat16 "
+        "needs torch)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_warm.add_argument(
+        "--dtypes", metavar="LIST", default="float32,float64", help="default: float32,float64"
+    )
+    p_warm.add_argument("--ops", metavar="LIST", default="all", help="default: all")
+    p_warm.set_defaults(warm_parser=p_warm)
+
     wl = "\n".join(
         f"  {n:<12} {w.help}{'' if w.in_quick else '  [not in the quick suite]'}"
         for n, w in WORKLOADS.items()
@@ -281,6 +301,29 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     return 1 if bad else 0
 
 
+def _warmup(args: argparse.Namespace) -> int:
+    import time
+
+    from ._info import info
+    from ._warmup import DTYPES, OPS, warmup
+
+    parser = args.warm_parser
+    dtypes = tuple(_csv(args.dtypes))
+    ops = tuple(OPS) if args.ops == "all" else tuple(_csv(args.ops))
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"unknown dtype {d!r}; choose from: {', '.join(DTYPES)}")
+    for op in ops:
+        if op not in OPS:
+            parser.error(f"unknown operation {op!r}; choose from: {', '.join(OPS)}")
+    if not dtypes or not ops:
+        parser.error("--dtypes and --ops need at least one name each")
+    t0 = time.perf_counter()
+    warmup(dtypes, ops, report=print)
+    print(f"done in {time.perf_counter() - t0:.1f} s; numba cache: {info()['numba_cache']}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from ._info import format_info, info
 
@@ -296,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command == "warmup":
+        return _warmup(args)
     if args.command == "bench":  # its errors print the bench's usage, not the top level's
         return _bench(args.bench_parser, args, argv)
     parser.print_help(sys.stderr)

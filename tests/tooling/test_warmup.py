@@ -1,0 +1,76 @@
+"""``fastclip warmup``: the kernels it compiles are the ones later calls load.
+
+This file owns the warmup command; numba's cache itself is in
+tests/routes/test_numba_cache.py.  Each test runs fresh processes on a fresh
+``NUMBA_CACHE_DIR``: after ``fastclip warmup``, a new process's first calls
+add no file to the cache (they loaded every kernel instead of compiling it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+
+
+def _cache_files(cache: Path) -> set[str]:
+    return {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()}
+
+
+def test_warmup_fills_the_cache_that_first_calls_load(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastclip", "warmup", "--dtypes", "float32", "--ops", "norm,clip"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(cache),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("norm        float32") and lines[1].startswith("clip ")
+    assert "numba cache: on, in " + str(cache) in lines[-1]
+    before = _cache_files(cache)
+    assert any(f.endswith(".nbi") for f in before)
+    quick_start = (
+        "import numpy as np, fastclip\n"
+        "for n in (1000, 200_000):\n"
+        "    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)\n"
+        "    fastclip.norm(x); fastclip.clip_by_norm_(x, 1.0)\n"
+        "    fastclip.clip_by_global_norm_([x, x.copy()], 1.0)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", quick_start],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(cache),
+    )
+    assert run.returncode == 0, run.stderr
+    assert _cache_files(cache) == before  # nothing compiled: every kernel was loaded
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtypes", "float8"], "unknown dtype 'float8'"),
+        (["--ops", "norm,nope"], "unknown operation 'nope'"),
+    ],
+)
+def test_warmup_argument_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastclip", "warmup", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(tmp_path),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: fastclip warmup") and message in proc.stderr
