@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH.png",
         help="draw throughput against size, one line per backend (needs matplotlib)",
     )
+    out.add_argument(
+        "--from",
+        dest="from_json",
+        metavar="RUN.json",
+        help="run nothing: print the table (and --plot) of a saved --json run",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -274,10 +280,22 @@ def _bench_config(
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
-    cfg, old = _bench_config(parser, args, argv)
     from ._bench import run
-    from ._bench.report import compare, format_table, write_json
+    from ._bench.report import compare, format_table, load_json, write_json
 
+    if args.from_json:  # a saved run: its table and plot, nothing timed
+        try:
+            report = load_json(args.from_json)
+        except ValueError as exc:
+            parser.error(f"--from: {exc}")
+        print(format_table(report))
+        if args.plot:
+            from ._bench.plot import plot
+
+            plot(report, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
+    cfg, old = _bench_config(parser, args, argv)
     report = run(cfg)
     print(format_table(report))
     if old is not None:

@@ -40,45 +40,58 @@ def plot(report: dict[str, Any], path: str) -> None:
     styles = dict(zip(dtypes, ["-", "--", ":", "-."]))
 
     ncols = (1 if sweep else 0) + (1 if fixed else 0)
-    fig, axes = plt.subplots(1, max(ncols, 1), figsize=(6.5 * max(ncols, 1), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, max(ncols, 1), figsize=(7.5 * max(ncols, 1), 6.0), squeeze=False)
     ax_list = list(axes[0])
     cfg = report.get("config", {})
     mode = "in place" if cfg.get("inplace", True) else "out of place"
     if sweep:
         ax = ax_list.pop(0)
+        kind = WORKLOADS[str(sweep_wl)].kind
+        ceilings = {
+            dev: probe["bytes_per_s"] / PASSES[kind] / 1e9
+            for dev, probe in report.get("bandwidth", {}).items()
+            if probe
+        }
         for b in backends:
             for dt in dtypes:
-                pts = sorted(
-                    (r["size"], r["gbps"]) for r in sweep if r["backend"] == b and r["dtype"] == dt
+                rows = sorted(
+                    (r for r in sweep if r["backend"] == b and r["dtype"] == dt),
+                    key=lambda r: r["size"],
                 )
-                if pts:
-                    sx, sy = zip(*pts)
-                    label = b if len(dtypes) == 1 else f"{b} {dt}"
-                    ax.plot(sx, sy, styles[dt], marker="o", color=colors[b], label=label)
-        kind = WORKLOADS[str(sweep_wl)].kind
-        for dev, probe in report.get("bandwidth", {}).items():
-            if probe:
-                ax.axhline(
-                    probe["bytes_per_s"] / PASSES[kind] / 1e9,
-                    color="grey",
-                    linestyle="--",
-                    linewidth=1,
-                )
-                ax.annotate(
-                    f"{dev} bandwidth floor",
-                    (sweep[0]["size"], probe["bytes_per_s"] / PASSES[kind] / 1e9),
-                    textcoords="offset points",
-                    xytext=(2, 3),
-                    fontsize=8,
-                    color="grey",
-                )
+                if not rows:
+                    continue
+                sx = [r["size"] for r in rows]
+                sy = [r["gbps"] for r in rows]
+                # the interquartile range of the rounds, as GB/s (slow round = low GB/s)
+                lo = [max(0.0, y - r["nbytes"] / r["q75_s"] / 1e9) for r, y in zip(rows, sy)]
+                hi = [max(0.0, r["nbytes"] / r["q25_s"] / 1e9 - y) for r, y in zip(rows, sy)]
+                label = b if len(dtypes) == 1 else f"{b} {dt}"
+                ax.errorbar(
+                    sx, sy, yerr=[lo, hi], fmt=styles[dt], marker="o", ms=4, capsize=3,
+                    color=colors[b], label=label,
+                )  # fmt: skip
+                ceiling = ceilings.get(rows[0]["device"])
+                if ceiling is not None:  # above the DRAM ceiling: the data sat in cache
+                    cached = [(x, y) for x, y in zip(sx, sy) if y > ceiling]
+                    if cached:
+                        cx, cy = zip(*cached)
+                        ax.plot(cx, cy, "o", ms=9, mfc="none", mec=colors[b], alpha=0.6)
+        for dev, ceiling in ceilings.items():  # in the legend: no text over the lines
+            ax.axhline(
+                ceiling,
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label=f"{dev} memory ceiling ({PASSES[kind]} passes at the measured bandwidth); "
+                "ringed points above it ran from cache",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("elements in the array")
-        ax.set_ylabel("GB/s of data clipped (higher is better)")
-        ax.set_title(f"{WORKLOADS[str(sweep_wl)].help.split('(')[0].strip()}, {mode}")
+        ax.set_ylabel("GB/s of data clipped (higher is better; bars: IQR of the rounds)")
+        ax.set_title(f"{WORKLOADS[str(sweep_wl)].help.split('(')[0].strip()}, {mode}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=2)
     if fixed:
         ax = ax_list.pop(0)
         groups = list(dict.fromkeys((r["case"], r["dtype"]) for r in fixed))
@@ -96,15 +109,15 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(
             [c if len(dtypes) == 1 else f"{c}\n{d}" for c, d in groups],
-            rotation=20,
+            rotation=35,
             ha="right",
-            fontsize=8,
+            fontsize=7,
         )
         ax.set_yscale("log")
         ax.set_ylabel("GB/s of data (higher is better)")
-        ax.set_title(f"other workloads, {mode}")
+        ax.set_title(f"other workloads, {mode}", fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     m = report.get("machine", {})
     load = (report.get("load_average") or {}).get("start")
     busy = (

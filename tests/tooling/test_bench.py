@@ -485,3 +485,19 @@ def test_table_fits_120_columns_and_the_legend_explains_every_column(bench_confi
         assert f"{name} =" in legend, name
     # the speedups below the table, one small table per case, only its peers
     assert "single 1e3 float32" in text and "x torch-foreach" in text
+
+
+def test_from_a_saved_run_prints_its_table_and_plot(
+    tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--from RUN.json`` times nothing: the saved run's table, and its plot."""
+    path = tmp_path / "run.json"  # type: ignore[operator]
+    args = ["bench", "--workloads", "single", "--sizes", "1e3,1e4", "--repeat", "2"]
+    assert main([*args, "--backends", "fastclip,numpy", "--json", str(path), "--quiet"]) == 0
+    first = capsys.readouterr().out
+    png = tmp_path / "replot.png"  # type: ignore[operator]
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--from", str(path), "--plot", str(png)]) == 0
+    again = capsys.readouterr().out
+    assert again.strip() == first.strip()  # the same table, from the file
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
