@@ -285,6 +285,31 @@ def _lightning_warnings():
         yield
 
 
+def _fit(make_model, **clipping):
+    """5 Lightning steps of ``make_model()`` (built after the data, from the same
+    seed) on the CPU, on fixed data with large targets (large gradients),
+    quietly; ``clipping``: the Trainer's clip arguments.  Returns the model."""
+    pl = pytest.importorskip("lightning.pytorch")
+    torch.manual_seed(0)
+    x = torch.randn(40, 6)
+    y = (x.sum(1, keepdim=True) * 3) ** 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model = make_model()
+    trainer = pl.Trainer(
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        **clipping,
+    )
+    with _lightning_warnings():
+        trainer.fit(model, loader)
+    return model
+
+
 def _lightning_run(algorithm, patched=False, clip=CLIP):
     """Five Lightning steps; the losses, each step's gradient norm before the clip and
     its largest gradient element (absolute)."""
@@ -312,28 +337,12 @@ def _lightning_run(algorithm, patched=False, clip=CLIP):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    torch.manual_seed(0)
-    x = torch.randn(40, 6)
-    y = (x.sum(1, keepdim=True) * 3) ** 2  # large targets: large gradients
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    model = Net()
-    trainer = pl.Trainer(
-        max_steps=5,
-        gradient_clip_val=clip,
-        gradient_clip_algorithm=algorithm,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    with _lightning_warnings():
-        if patched:
-            with fct.patch():
-                trainer.fit(model, loader)
-        else:
-            trainer.fit(model, loader)
+    kw = dict(gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    if patched:
+        with fct.patch():
+            model = _fit(Net, **kw)
+    else:
+        model = _fit(Net, **kw)
     return model.losses, model.norms, model.maxabs
 
 
@@ -394,22 +403,7 @@ def test_lightning_recipe_configure_gradient_clipping_and_grad_norm(monkeypatch)
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    torch.manual_seed(0)
-    x = torch.randn(40, 6)
-    y = (x.sum(1, keepdim=True) * 3) ** 2
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    model = Recipe()
-    trainer = pl.Trainer(
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    with _lightning_warnings():
-        trainer.fit(model, loader)
+    model = _fit(Recipe)
     assert spy.calls == 5
     np.testing.assert_allclose(model.losses, losses_torch, rtol=1e-6)
     assert len(dicts) == 5
