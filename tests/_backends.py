@@ -332,3 +332,16 @@ def clipper_state(clipper: Any) -> str:
         ],
         sort_keys=True,
     )
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Any:
+    """Inside: any device-to-host synchronisation raises (torch's sync debug mode)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _backends import require_gpu_module
+from _backends import no_host_sync, require_gpu_module
 
 import fastclip
 import fastclip.torch as fct
@@ -29,10 +29,8 @@ def _ref_global(arrays, p=2.0):
 
 @pytest.fixture
 def sync_error():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    yield
-    torch.cuda.set_sync_debug_mode("default")
+    with no_host_sync():
+        yield
 
 
 def _grads(n=20, size=1000, dtype=torch.float32, seed=0):

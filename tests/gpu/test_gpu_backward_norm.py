@@ -10,7 +10,7 @@ Everything here skips with its reason where no CUDA device is usable.
 from __future__ import annotations
 
 import numpy as np
-from _backends import require_gpu_module
+from _backends import no_host_sync, require_gpu_module
 
 torch = require_gpu_module()
 
@@ -68,9 +68,5 @@ def test_step_after_hooks_has_no_host_sync() -> None:
     opt.step()  # state, kernels
     opt.zero_grad()
     _backward(model, 1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 import pytest
-from _backends import require_gpu_module
+from _backends import no_host_sync, require_gpu_module
 
 import fastclip
 from fastclip.optim import adamw_step_, sgd_step_
@@ -190,13 +190,9 @@ def test_skip_leaves_everything_untouched_without_a_sync(bad):
     with torch.no_grad():
         g[4][1] = bad
     before = [t.clone() for t in p + m + v]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:  # the kernels read the device norm and return before writing
+    with no_host_sync():  # the kernels read the device norm and return before writing
         norm = adamw_step_(p, g, m, v, step=1, max_norm=1.0, nonfinite="skip")
         sgd_step_(p, g, lr=0.1, max_norm=1.0, nonfinite="skip")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert not math.isfinite(norm.item())
     for a, b in zip(p + m + v, before):
         assert torch.equal(a, b)
@@ -234,12 +230,8 @@ def test_fused_optimizers_skip_on_nonfinite_norm():
 
 def test_no_host_sync_torch():
     p, g, m, v = _lists(100, torch.float32, 7)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         _steps_without_sync(p, g, m, v)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def _steps_without_sync(p, g, m, v):
@@ -258,12 +250,8 @@ def test_fused_optimizers_have_no_host_sync():
         for _ in range(2):
             model.zero_grad()
             model(torch.randn(4, 16, device="cuda")).sum().backward()
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with no_host_sync():
                 opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
 
 
 def test_no_host_sync_cupy():
