@@ -72,7 +72,8 @@ def run(cfg: BenchConfig, stderr: TextIO | None = None) -> dict[str, Any]:
     gpu = any(registry.device_of(b) == "cuda" for b in usable)
     cases = _cases(cfg, gpu)
 
-    progress = Progress(len(cases) * len(cfg.dtypes) + 1, stderr, cfg.progress)
+    progress = Progress(stderr, cfg.progress)
+    progress.begin("floor", 1)
     progress.update("measuring the bandwidth floor")
     bw: dict[str, Any] = {}
     if any(registry.device_of(b) == "cpu" for b in usable):
@@ -82,16 +83,24 @@ def run(cfg: BenchConfig, stderr: TextIO | None = None) -> dict[str, Any]:
     progress.step("bandwidth floor measured")
 
     results: list[dict[str, Any]] = []
-    for case in cases:
-        for dtype in cfg.dtypes:
-            msg = f"{case.label} {dtype}"
-            progress.update(msg)
-            if case.kind == "train":
-                results += _train_case(case, dtype, cfg, _ticker(progress, msg))
-            else:
-                results += run_case(case, dtype, usable, cfg, bw, _ticker(progress, msg))
-            progress.step(msg)
+    for workload, group in _by_workload(cases):
+        units = _units(group[0], usable, cfg)
+        progress.begin(workload, len(group) * len(cfg.dtypes), units)
+        for case in group:
+            for dtype in cfg.dtypes:
+                msg = f"{case.label} {dtype}"
+                need = estimate(case, dtype, usable, cfg, bw)
+                if need is not None:
+                    progress.note(need)
+                progress.update(msg)
+                tick = _ticker(progress, msg)
+                if case.kind == "train":
+                    results += _train_case(case, dtype, cfg, tick)
+                else:
+                    results += run_case(case, dtype, usable, cfg, bw, tick)
+                progress.step(msg)
     if "cpu" in bw:  # measure again at the end; the floor uses every sample
+        progress.begin("floor", 1)
         progress.update("measuring the bandwidth floor again")
         again = timing.host_bandwidth()
         bw["cpu"]["samples_s"] += again["samples_s"]
@@ -125,7 +134,57 @@ def _loadavg() -> list[float] | None:
 
 
 def _ticker(progress: Progress, prefix: str) -> Callable[[str], None]:
-    return lambda s: progress.update(f"{prefix}: {s}")
+    return lambda s: progress.tick(f"{prefix}: {s}")
+
+
+def _by_workload(cases: list[Case]) -> list[tuple[str, list[Case]]]:
+    """Consecutive cases grouped by workload (``_cases`` lists them workload by workload)."""
+    out: list[tuple[str, list[Case]]] = []
+    for c in cases:
+        if out and out[-1][0] == c.workload:
+            out[-1][1].append(c)
+        else:
+            out.append((c.workload, [c]))
+    return out
+
+
+def _units(case: Case, usable: list[registry.Backend], cfg: BenchConfig) -> int:
+    """Sub-steps of one case: each backend's check and first call, then each round."""
+    if case.kind == "train":
+        from .train import FORMS
+
+        return len(FORMS) + cfg.repeat
+    return len(usable) + cfg.repeat
+
+
+#: Cases whose data passes this many bytes get their needs printed before they start.
+ANNOUNCE_BYTES = 256 * 2**20
+
+
+def estimate(
+    case: Case, dtype: str, usable: list[registry.Backend], cfg: BenchConfig, bw: dict[str, Any]
+) -> str | None:
+    """A line saying the memory and time a big case needs, or None for small ones.
+
+    Memory: ``adamw`` keeps every CPU backend's parameters and two moments (as
+    ``_memory_shortfall`` counts); the other kinds hold the base values, one
+    shared work pool, a float64 reference (two copies' worth), one output and a
+    peer's temporary (NumPy's ``x * x``): about six copies of the data.  Time: a
+    lower bound, every CPU backend at the bandwidth floor for its first call,
+    the inner-loop calibration and ``repeat`` rounds of at least one call each.
+    """
+    item = 8 if dtype == "float64" else 2 if dtype in ("float16", "bfloat16") else 4
+    nbytes = case.size * item
+    if nbytes < ANNOUNCE_BYTES or case.kind == "train":
+        return None
+    host = sum(1 for b in usable if registry.device_of(b) == "cpu")
+    copies = 3 * host + 4 if case.kind == "adamw" else 6
+    line = f"next: {case.label} {dtype}: ~{nbytes * copies / 2**30:.1f} GiB of memory"
+    probe = bw.get("cpu")
+    if probe and host:
+        per_call = case.passes * nbytes / probe["bytes_per_s"]
+        line += f", at least {per_call * host * (cfg.repeat + 3):.0f} s ({host} CPU backends)"
+    return line
 
 
 def _record(

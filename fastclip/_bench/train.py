@@ -142,13 +142,24 @@ def reference_step(base: Any, idx: Any, clip: bool) -> Any:
 
 def one_step_error(form: str, base: Any, idx: Any, refs: dict[bool, Any]) -> float:
     """Max difference of the weights after one step of ``form`` from the float64-norm
-    reference, relative to the largest move of a weight in that step."""
+    reference, beyond one float32 spacing of the weight, relative to the largest move
+    of a weight in that step.
+
+    The spacing is forgiven because fastclip's AdamW computes the update in float64
+    and rounds the new weight once, torch in float32: the stored weights may differ by
+    one unit in the last place.  With weights near 0.2 and lr 1e-4 that unit
+    (1.5e-8) alone is 1.5e-4 of the step, larger than any real clipping error.
+    """
+    import torch
+
     clip = form in ("torch-fused", "fastclip-torch")
     m = copy.deepcopy(base)
     make_step(form, m, idx)()
     ref = refs[clip]
     moved = (ref - _weights(base)).abs().max()
-    return float((_weights(m) - ref).abs().max() / moved.clamp_min(1e-30))
+    ulp = torch.nextafter(ref.abs(), torch.tensor(float("inf"))) - ref.abs()
+    beyond = ((_weights(m) - ref).abs() - ulp).clamp_min(0)
+    return float(beyond.max() / moved.clamp_min(1e-30))
 
 
 def run_case(

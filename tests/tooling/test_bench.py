@@ -440,14 +440,71 @@ def test_plot_written(tmp_path: pytest.TempPathFactory) -> None:
 
 def test_progress_bar_lines() -> None:
     s = io.StringIO()
-    p = Progress(2, s)
-    p.update("within the first step")  # a line of its own on a non-terminal
+    p = Progress(s)
+    p.begin("single", cases=2, units=4)
+    p.update("within the first case")  # a line of its own on a non-terminal
+    p.tick("numpy")  # advances within the case: 1 of 8 sub-steps
+    p.tick("a")
+    p.tick("b")
+    p.tick("c")
+    p.tick("d")  # capped: never past the end of the current case
     p.step("first")
     p.step("second")
+    p.begin("adamw", cases=1, units=1)
+    p.note("next: a big case")
+    p.step("done")
     p.close()
     lines = s.getvalue().splitlines()
-    assert len(lines) == 3 and lines[0].endswith("0/2   0.0s within the first step")
-    assert lines[2].startswith("[" + "#" * 24 + "] 2/2")
+    assert len(lines) == 10
+    assert lines[0].startswith("[" + "." * 24 + "] single 1/2   0%")
+    assert lines[0].endswith("within the first case")
+    assert lines[1].startswith("[" + "#" * 3 + "." * 21 + "] single 1/2  12%")
+    assert "single 1/2  38%" in lines[3]
+    assert "single 1/2  50%" in lines[4] and "single 1/2  50%" in lines[5]  # capped at 4/8
+    assert lines[6].startswith("[" + "#" * 12 + "." * 12 + "] single 2/2  50%")
+    assert lines[7].startswith("[" + "#" * 24 + "] single 2/2 100%")
+    assert lines[8] == "next: a big case"
+    assert lines[9].startswith("[" + "#" * 24 + "] adamw 1/1 100%")
+    assert all(len(line) <= 120 for line in lines)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_keeps_one_finished_bar_per_workload() -> None:
+    s = _Tty()
+    p = Progress(s)
+    p.begin("single", cases=1, units=2)
+    p.tick("numpy")
+    p.step("single 1e3")
+    p.begin("rows", cases=1)
+    p.step("rows 1e3")
+    p.close()
+    lines = s.getvalue().split("\n")
+    # each workload's bar is redrawn in place (\r) and left on its own line when done
+    assert len(lines) == 3 and lines[2] == ""
+    assert lines[0].rsplit("\r", 1)[1].startswith("[" + "#" * 24 + "] single 1/1 100%")
+    assert lines[1].rsplit("\r", 1)[1].startswith("[" + "#" * 24 + "] rows 1/1 100%")
+
+
+def test_big_cases_announce_their_memory_and_time() -> None:
+    from fastclip._bench import registry
+    from fastclip._bench.runner import BenchConfig, estimate
+    from fastclip._bench.workloads import cases_for
+
+    numpy_only = [registry.BACKENDS["numpy"]]
+    bw = {"cpu": {"bytes_per_s": 10e9}}
+    small = cases_for("single", (10**6,), False)[0]
+    assert estimate(small, "float32", numpy_only, BenchConfig(), bw) is None
+    big = cases_for("single", (10**8,), False)[0]
+    line = estimate(big, "float32", numpy_only, BenchConfig(repeat=7), bw)
+    # six copies of 400 MB; one backend, 3 passes at 10 GB/s, 7 rounds + 3 calls
+    assert line == (
+        f"next: single 1e8 float32: ~{6 * 4e8 / 2**30:.1f} GiB of memory, "
+        f"at least {3 * 4e8 / 10e9 * 10:.0f} s (1 CPU backends)"
+    )
 
 
 def test_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
