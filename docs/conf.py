@@ -27,8 +27,12 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
+    # MathJax 3 shipped with the site (copied into _static/mathjax), so formulas
+    # render offline; Sphinx's default loads it from a CDN.
+    "sphinx-mathjax-offline",
     "numpydoc",
 ]
+mathjax_path = "mathjax/tex-chtml.js"
 
 exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []

@@ -143,3 +143,8 @@ def test_sphinx_html_build(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "html" / "api.html").exists()
+    # formulas render offline: the pages load the MathJax copied into the site
+    assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    page = (tmp_path / "html" / "semantics.html").read_text()
+    assert "_static/mathjax/tex-chtml.js" in page
+    assert not re.search(r'src="https?://[^"]*mathjax', page, re.IGNORECASE)
