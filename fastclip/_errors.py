@@ -183,7 +183,7 @@ def name_error(exc: BaseException, name: str, arg: str | None = None) -> None:
     ``numpy.exceptions.AxisError`` the name becomes its ``msg_prefix``.
     """
     if isinstance(exc, AxisError) and exc.axis is not None:
-        exc._msg = name
+        exc._msg = name  # type: ignore[attr-defined]  # its msg_prefix (numpy has no setter)
         return
     raw = exc.__dict__.get("_fastclip_raw")
     if raw is None:
