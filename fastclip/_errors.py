@@ -166,9 +166,13 @@ _HEAD = re.compile(r"(fastclip(?:\.\w+)+|\w+(?:\.\w+)*): ")
 # knows the argument's name rewrites it as ``grads[3]``.
 _ITEM = re.compile(r"\bitem (\d+) of the list\b")
 _EXPECTED = "expected an array"
-# The routes name the in-place operation they were asked for ("clip_by_norm_ got a
-# read-only array"), which is not always the function the user called.
-_ROUTE_OP = re.compile(r"\w+_ (?=got )")
+# The routes name the operation they were asked for ("clip_by_norm_ got a read-only
+# array", "clip_by_global_norm needs floating-point arrays"), which is not always
+# the function the user called: the public name replaces it.
+_ROUTE_OP = re.compile(
+    r"(?:clip_by_global_norm|clip_by_norm|clip_by_value|global_norm|normalize|norm|scale)_? "
+    r"(?=got |needs )"
+)
 
 
 def name_error(exc: BaseException, name: str, arg: str | None = None) -> None:
@@ -193,7 +197,9 @@ def name_error(exc: BaseException, name: str, arg: str | None = None) -> None:
         head = _HEAD.match(raw)
         if head is not None and _is_name(head.group(1), name):
             raw = raw[head.end() :]
-        raw = _ROUTE_OP.sub("", raw, count=1) if _ROUTE_OP.match(raw) else raw
+        route_op = _ROUTE_OP.match(raw)
+        if route_op is not None:
+            raw = raw[route_op.end() :]
         exc.__dict__["_fastclip_raw"] = raw
     message = raw
     if arg is not None:

@@ -186,6 +186,22 @@ def test_bad_total_norm_of_clip_coefficient() -> None:
     )
 
 
+def test_integer_array_names_the_function_not_the_route_operation() -> None:
+    """The route says which operation it runs (clip_by_global_norm for the torch
+    drop-ins too); the message names the function called instead."""
+    x = np.array([3, 4])
+    text = message(TypeError, lambda: fastclip.norm(x), x)
+    assert text == (
+        "fastclip.norm: needs floating-point arrays (float16, bfloat16, float32, float64, "
+        "complex); got int64"
+    )
+    text = message(TypeError, lambda: fastclip.clip_by_global_norm_([x], 1.0), x)
+    assert text == (
+        "fastclip.clip_by_global_norm_: needs floating-point arrays (float16, bfloat16, "
+        "float32, float64); got int64"
+    )
+
+
 def test_read_only_array_says_the_out_of_place_twin() -> None:
     x = f32(3.0, 4.0)
     x.flags.writeable = False
