@@ -181,8 +181,8 @@ def name_error(exc: BaseException, name: str, arg: str | None = None) -> None:
     Called on the way out of every public entry point, so the outermost public
     call the user made names itself: an inner public call's prefix is replaced,
     not repeated.  With ``arg`` (the name of the array argument), the dispatch
-    layer's "item 3 of the list" becomes ``arg[3]`` and a leading "expected an
-    array" becomes "``arg`` must be an array".  Messages that are not a plain
+    layer's "item 3 of the list" becomes ``arg[3]``, a leading "expected an
+    array" becomes "``arg`` must be an array" and a leading "the array" ``arg``.  Messages that are not a plain
     single string (``UnicodeError``'s, for one) are left as they are; for
     ``numpy.exceptions.AxisError`` the name becomes its ``msg_prefix``.
     """
@@ -205,6 +205,8 @@ def name_error(exc: BaseException, name: str, arg: str | None = None) -> None:
     if arg is not None:
         if message.startswith(_EXPECTED):
             message = f"{arg} must be an array{message[len(_EXPECTED) :]}"
+        elif message.startswith("the array "):
+            message = f"{arg} {message[len('the array ') :]}"
         message = _ITEM.sub(lambda m: f"{arg}[{m.group(1)}]", message)
     exc.args = (f"{name}: {message}",)
 
@@ -226,10 +228,14 @@ def public(
 
     The exception is re-raised as the same object (class, traceback, cause
     kept) with ``"name: "`` before its message (see :func:`name_error`).  The
-    wrapper costs one Python call (about 0.1 us); the functions with a
-    small-array fast path write the same ``try``/``except`` inline instead,
-    which costs nothing until something is raised (Python 3.11's zero-cost
-    exceptions).
+    wrapper costs one Python call: 0.12-0.25 us of CPU time, measured against
+    the function's ``__wrapped__`` in one process (timeit with
+    ``time.process_time``, interleaved), which is 2% of
+    ``fastclip.torch.clip_grad_norm_`` on one tensor but 6-11% of the 1.9 us
+    ``fastclip.norm`` of a 10-element array.  So the functions with a
+    small-array fast path (``norm``, ``clip_by_norm_``, ``clip_by_global_norm_``)
+    write the same ``try``/``except`` inline, after the fast path, which costs
+    nothing until something is raised (Python 3.11's zero-cost exceptions).
 
     ``tracing`` (``torch.compiler.is_compiling`` for ``fastclip.torch``) is asked
     only when something was raised: while Dynamo traces, the message is left as

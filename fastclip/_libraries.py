@@ -190,10 +190,10 @@ def name_item(exc: BaseException, i: int) -> BaseException:
     """``exc`` (the same object) with a leading "expected an array" or "the array"
     reworded for item ``i`` of a list ("item 3 of the list must be an array")."""
     message = str(exc.args[0]) if exc.args else ""
-    if message.startswith("expected an array"):
-        exc.args = (f"item {i} of the list must be an array{message[17:]}",)
-    elif message.startswith("the array "):
-        exc.args = (f"item {i} of the list {message[10:]}",)
+    for old, new in (("expected an array", "must be an array"), ("the array ", "")):
+        if message.startswith(old):
+            exc.args = (f"item {i} of the list {new}{message[len(old) :]}",)
+            break
     return exc
 
 

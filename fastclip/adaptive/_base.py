@@ -237,12 +237,12 @@ class Clipper:
     last_step_skipped: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Every clipper's constructor names its class in its TypeErrors and
-        # ValueErrors ("fastclip.adaptive.ZClip: alpha must be ..."), whichever
-        # module defines it.
+        # Every fastclip clipper's constructor names its class in its TypeErrors
+        # and ValueErrors ("fastclip.adaptive.ZClip: alpha must be ..."), whichever
+        # module defines it; a user's subclass keeps its own constructor's errors.
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is not None:
+        if init is not None and cls.__module__.startswith("fastclip."):
             cls.__init__ = public_method("__init__")(init)  # type: ignore[method-assign]
 
     def _init_common(self, nonfinite: str) -> None:

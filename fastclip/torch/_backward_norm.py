@@ -187,7 +187,8 @@ class BackwardNorm:
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(
-                    f"parameters[{i}] must be a torch tensor (BackwardNorm hooks parameters), "
+                    f"parameters[{i}] must be a torch tensor (BackwardNorm takes torch tensors: "
+                    "it hooks parameters), "
                     f"got {type(p).__module__}.{type(p).__qualname__}; for NumPy (or any Array "
                     "API) gradients use the array API: fastclip.global_norm(grads)"
                 )

@@ -44,11 +44,12 @@ class FusedOptimizerBase(Optimizer):
         # compiled step's operator runs too) name the optimizer in their
         # TypeErrors and ValueErrors: "fastclip.torch.FusedAdamW: Invalid learning
         # rate: -1.0", "fastclip.torch.FusedSGD.step: ...".  ``step`` itself is
-        # not wrapped: the user's closure runs there, and its errors are its own.
+        # not wrapped: the user's closure runs there, and its errors are its own
+        # (as are those of a user's subclass).
         super().__init_subclass__(**kwargs)
         for attr, method in (("__init__", "__init__"), ("_update", "step")):
             function = cls.__dict__.get(attr)
-            if function is not None:
+            if function is not None and cls.__module__.startswith("fastclip."):
                 setattr(
                     cls, attr, public_method(method, tracing=torch.compiler.is_compiling)(function)
                 )

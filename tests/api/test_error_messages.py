@@ -83,6 +83,21 @@ def test_list_item_that_is_not_an_array_is_named_by_position() -> None:
     assert text.startswith("fastclip.global_norm: arrays[0] must be an array")
 
 
+def test_lazily_negated_tensor_names_the_argument_and_the_fix() -> None:
+    t = torch.tensor([3.0, 4.0])._neg_view()
+    for call, subject in [
+        (lambda: fastclip.clip_by_norm_(t, 1.0), "fastclip.clip_by_norm_: x is"),
+        (
+            lambda: fastclip.clip_by_global_norm_([t], 1.0),
+            "fastclip.clip_by_global_norm_: arrays[0] is",
+        ),
+    ]:
+        text = message(TypeError, call)  # (unchanged() cannot read a negated view's bytes)
+        assert text.startswith(f"{subject} a lazily negated torch view")
+        assert "pass t.resolve_neg().resolve_conj()" in text
+        assert torch.equal(t.resolve_neg(), torch.tensor([-3.0, -4.0]))
+
+
 def test_a_number_for_a_list_names_the_argument() -> None:
     text = message(TypeError, lambda: fastclip.global_norm(3))
     assert text.startswith(
