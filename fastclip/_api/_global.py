@@ -190,7 +190,7 @@ def clip_by_global_norm_(
         fast = _dispatch.small_clip_(arrays[0], max_norm, ord, eps)
         if fast is not None:
             return fast
-    try:  # inline, not @public: a wrapper's call costs ~5% of the small-array path
+    try:  # inline, not @public: its call costs 6-11% of the small-array path (_errors.public)
         _, total, per = _clip_global(
             arrays, max_norm, ord, eps, total_norm, error_if_nonfinite, True, per_array
         )

@@ -88,7 +88,7 @@ def norm(
         fast = _dispatch.small_norm(x, ord)
         if fast is not None:
             return fast
-    try:  # inline, not @public: a wrapper's call costs ~5% of a 10-element norm
+    try:  # inline, not @public: its call costs 6-11% of a 10-element norm (_errors.public)
         ord_code, p = check_ord(ord)
         backend = _dispatch.backend_of(x)
         return backend.norm(x, ord_code, p, axes=reduction_axes(x, axis), keepdims=bool(keepdims))
