@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import array_api_compat as aac
 import numpy as np
 
-from ._errors import GPUUnavailableError
+# ``public`` is re-exported for modules that import only ``_dispatch`` (the
+# public functions' error naming: ``@_dispatch.public("fastclip.x")``).
+from ._errors import GPUUnavailableError, public
 from ._libraries import (
     ROUTE_CPU,
     ROUTE_DASK,
@@ -29,6 +31,7 @@ from ._libraries import (
     check_plain_tensors,
     is_dask_array,
     library_of,
+    name_item,
     route_of,
     route_of_many,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "cpu_status",
     "is_dask_array",
     "library_of",
+    "public",
     "route_of",
     "route_of_many",
     "small_clip_",
@@ -103,11 +107,11 @@ class Backend:
     def on_gpu(self) -> bool:
         return self.route == ROUTE_GPU
 
-    def _check_writes(self, arrays: Sequence[Any], what: str) -> None:
+    def _check_writes(self, arrays: Sequence[Any], what: str, arg: str = "arrays") -> None:
         """torch's in-place rule (``check_autograd_writable``), before any write;
         other libraries have no autograd to bypass."""
         if self.is_torch:
-            check_autograd_writable(arrays, what)
+            check_autograd_writable(arrays, what, arg)
 
     def norm(self, x: Any, ord_code: int, p: float, *, axes: Any, keepdims: bool) -> Any:
         return self.ops.norm(self.lib, x, ord_code, p, axes, keepdims)
@@ -133,7 +137,7 @@ class Backend:
         inplace: bool,
     ) -> tuple[Any, Any]:
         if inplace:
-            self._check_writes([x], "clip_by_norm_" if mode == "clip" else "normalize_")
+            self._check_writes([x], "clip_by_norm_" if mode == "clip" else "normalize_", "x")
         return self.ops.rescale(self.lib, x, ord_code, p, axes, max_norm, eps, mode, inplace)
 
     def clip_global(
@@ -161,7 +165,7 @@ class Backend:
 
     def clip_by_value(self, x: Any, lo: float | None, hi: float | None, *, inplace: bool) -> Any:
         if inplace:
-            self._check_writes([x], "clip_by_value_")
+            self._check_writes([x], "clip_by_value_", "x")
         return self.ops.clip_by_value(self.lib, x, lo, hi, inplace)
 
     def clamp_many(self, arrays: list[Any], lo: float | None, hi: float | None) -> list[Any]:
@@ -173,7 +177,7 @@ class Backend:
         return [self.ops.clip_by_value(self.lib, a, lo, hi, False) for a in arrays]
 
     def clamp_many_(self, arrays: list[Any], lo: float | None, hi: float | None) -> None:
-        self._check_writes(arrays, "clip_by_value_")
+        self._check_writes(arrays, "clip_by_value_", "x")
         self.ops.clamp_many_(self.lib, arrays, lo, hi)
 
     def scale_(self, arrays: list[Any], factor: Any) -> None:
@@ -371,9 +375,10 @@ def backend_for_step(lists: Sequence[Sequence[Any] | None], what: str) -> Backen
     route = route_of_many(params)
     if route != ROUTE_CPU:
         raise TypeError(
-            f"{what} runs on NumPy arrays and torch CPU tensors (fused Numba kernels); got "
-            f"{type(first).__module__}.{type(first).__qualname__}. Use the clippers of "
-            "fastclip.adaptive with your own optimizer for other Array API libraries."
+            f"{what}: the parameters must be NumPy arrays or torch CPU tensors (fused Numba "
+            "kernels), or CuPy arrays or torch CUDA tensors (CUDA kernels); got "
+            f"{type(first).__module__}.{type(first).__qualname__}. For other Array API "
+            "libraries use the clippers of fastclip.adaptive with your own optimizer."
         )
     return _bind(route, library_of(first), first)
 
@@ -386,7 +391,10 @@ def backend_for(arrays: Sequence[Any], *, defer_numpy: bool = True) -> Backend:
     type.  Operations that do not pack their arrays pass ``defer_numpy=False``.
     """
     if len(arrays) == 1:
-        return backend_of(arrays[0])
+        try:
+            return backend_of(arrays[0])
+        except TypeError as exc:
+            raise name_item(exc, 0) from None
     route = route_of_many(arrays, defer_numpy=defer_numpy)
     return _bind(route, library_of(arrays[0]), arrays[0])
 

@@ -7,18 +7,25 @@ A leaf: imports nothing from fastclip.  The classes are re-exported as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import functools
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from numpy.exceptions import AxisError
 
 __all__ = [
     "CacheWarning",
     "GPUUnavailableError",
     "NonFiniteNormError",
+    "name_error",
     "nonfinite_detail",
     "nonfinite_error",
     "nonfinite_message",
     "nonfinite_step_message",
     "out_of_place_hint",
+    "public",
+    "public_method",
     "raise_overlap",
     "torch_nonfinite_message",
 ]
@@ -144,3 +151,134 @@ def raise_overlap(i: int, j: int) -> None:
         f"arrays {i} and {j} of this in-place call share memory; they would be scaled "
         "twice. Pass each piece of memory once."
     )
+
+
+# ------------------------------------------------ errors that name the function
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# A message may already start with a name: an inner public call's prefix
+# ("fastclip.clip_by_global_norm_: "), or a short one that the routes were handed
+# ("adamw_step_: ", "FusedAdamW: ", "ZClip.load_state_dict: ").  Such a head is
+# replaced by the public name, not repeated.
+_HEAD = re.compile(r"(fastclip(?:\.\w+)+|\w+(?:\.\w+)*): ")
+# How the dispatch layer names a list item it refuses; the public function that
+# knows the argument's name rewrites it as ``grads[3]``.
+_ITEM = re.compile(r"\bitem (\d+) of the list\b")
+_EXPECTED = "expected an array"
+# The routes name the operation they were asked for ("clip_by_norm_ got a read-only
+# array", "clip_by_global_norm needs floating-point arrays"), which is not always
+# the function the user called: the public name replaces it.
+_ROUTE_OP = re.compile(
+    r"(?:clip_by_global_norm|clip_by_norm|clip_by_value|global_norm|normalize|norm|scale)_? "
+    r"(?=got |needs )"
+)
+
+
+def name_error(exc: BaseException, name: str, arg: str | None = None) -> None:
+    """Prefix ``exc``'s message with ``"name: "`` in place (same object, same class).
+
+    Called on the way out of every public entry point, so the outermost public
+    call the user made names itself: an inner public call's prefix is replaced,
+    not repeated.  With ``arg`` (the name of the array argument), the dispatch
+    layer's "item 3 of the list" becomes ``arg[3]``, a leading "expected an
+    array" becomes "``arg`` must be an array" and a leading "the array" ``arg``.  Messages that are not a plain
+    single string (``UnicodeError``'s, for one) are left as they are; for
+    ``numpy.exceptions.AxisError`` the name becomes its ``msg_prefix``.
+    """
+    if isinstance(exc, AxisError) and exc.axis is not None:
+        exc._msg = name  # type: ignore[attr-defined]  # its msg_prefix (numpy has no setter)
+        return
+    raw = exc.__dict__.get("_fastclip_raw")
+    if raw is None:
+        if len(exc.args) != 1 or not isinstance(exc.args[0], str) or str(exc) != exc.args[0]:
+            return
+        raw = exc.args[0]
+        head = _HEAD.match(raw)
+        if head is not None and _is_name(head.group(1), name):
+            raw = raw[head.end() :]
+        route_op = _ROUTE_OP.match(raw)
+        if route_op is not None:
+            raw = raw[route_op.end() :]
+        exc.__dict__["_fastclip_raw"] = raw
+    message = raw
+    if arg is not None:
+        if message.startswith(_EXPECTED):
+            message = f"{arg} must be an array{message[len(_EXPECTED) :]}"
+        elif message.startswith("the array "):
+            message = f"{arg} {message[len('the array ') :]}"
+        message = _ITEM.sub(lambda m: f"{arg}[{m.group(1)}]", message)
+    exc.args = (f"{name}: {message}",)
+
+
+def _is_name(head: str, name: str) -> bool:
+    """Whether a message's ``head`` names a fastclip function (a qualified public
+    name, or the short name of ``name`` or of its class: ``step: got 3 values``
+    names an argument and stays)."""
+    if head.startswith("fastclip."):
+        return True
+    parts = name.split(".")
+    return all(part in parts[1:] for part in head.split("."))
+
+
+def public(
+    name: str, arg: str | None = None, *, tracing: Callable[[], bool] | None = None
+) -> Callable[[_F], _F]:
+    """Decorate a public function so its TypeErrors and ValueErrors name it.
+
+    The exception is re-raised as the same object (class, traceback, cause
+    kept) with ``"name: "`` before its message (see :func:`name_error`).  The
+    wrapper costs one Python call: 0.12-0.25 us of CPU time, measured against
+    the function's ``__wrapped__`` in one process (timeit with
+    ``time.process_time``, interleaved), which is 2% of
+    ``fastclip.torch.clip_grad_norm_`` on one tensor but 6-11% of the 1.9 us
+    ``fastclip.norm`` of a 10-element array.  So the functions with a
+    small-array fast path (``norm``, ``clip_by_norm_``, ``clip_by_global_norm_``)
+    write the same ``try``/``except`` inline, after the fast path, which costs
+    nothing until something is raised (Python 3.11's zero-cost exceptions).
+
+    ``tracing`` (``torch.compiler.is_compiling`` for ``fastclip.torch``) is asked
+    only when something was raised: while Dynamo traces, the message is left as
+    it is, since Dynamo cannot trace the rewrite (torch 2.13: "Unsupported
+    method call ... __dict__"); the eager call that follows names it.
+    """
+
+    def decorate(function: _F) -> _F:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except (TypeError, ValueError) as exc:
+                if tracing is None or not tracing():
+                    name_error(exc, name, arg)
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def public_method(
+    method: str, arg: str | None = None, *, tracing: Callable[[], bool] | None = None
+) -> Callable[[_F], _F]:
+    """:func:`public` for a method: the name is read from the instance's class when
+    something is raised (``fastclip.adaptive.ZClip.clip``; for ``__init__``, the
+    class alone: ``fastclip.adaptive.ZClip``), so a base-class method names the
+    subclass the user holds."""
+
+    def decorate(function: _F) -> _F:
+        @functools.wraps(function)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(self, *args, **kwargs)
+            except (TypeError, ValueError) as exc:
+                if tracing is not None and tracing():
+                    raise
+                cls = type(self)
+                name = f"{cls.__module__}.{cls.__qualname__}"
+                name_error(exc, name if method == "__init__" else f"{name}.{method}", arg)
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

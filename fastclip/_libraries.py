@@ -110,22 +110,29 @@ def route_of(x: Any) -> str:
     return ROUTE_GENERIC
 
 
-def as_array_list(arrays: Any) -> list[Any]:
-    """A list from one array or an iterable of arrays (generators are consumed once)."""
+def as_array_list(arrays: Any, arg: str = "") -> list[Any]:
+    """A list from one array or an iterable of arrays (generators are consumed once).
+
+    ``arg`` names the argument in the TypeError ("grads must be an array or an
+    iterable of arrays"); without it the message says "expected an array", which
+    the public function's wrapper rewrites with its own argument's name.
+    """
     if isinstance(arrays, (list, tuple)):
         return list(arrays)
     if hasattr(arrays, "shape") and hasattr(arrays, "dtype"):
         return [arrays]
+    subject = f"{arg} must be" if arg else "expected"
     if isinstance(arrays, Mapping):  # iterating would give the keys
         raise TypeError(
-            f"expected an array or an iterable of arrays, got a {type(arrays).__name__}; "
+            f"{subject} an array or an iterable of arrays, got a {type(arrays).__name__}; "
             "pass list(d.values())"
         )
     try:
         return list(arrays)
     except TypeError:
         raise TypeError(
-            f"expected an array or an iterable of arrays, got {type(arrays).__name__}"
+            f"{subject} an array or an iterable of arrays, got "
+            f"{type(arrays).__module__}.{type(arrays).__qualname__}{_array_hint(arrays)}"
         ) from None
 
 
@@ -140,22 +147,30 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
     first = arrays[0]
     if defer_numpy and type(first) is np.ndarray:
         return ROUTE_CPU
-    lib = library_of(first)
+    try:
+        lib = library_of(first)
+    except TypeError as exc:
+        raise name_item(exc, 0) from None
     types_seen = set(map(type, arrays))
     if lib == "numpy":
         _refuse_numpy_scalars(arrays, types_seen)
     for t in types_seen:
         if t is not type(first):
-            item = next(a for a in arrays if type(a) is t)
-            other = _LIBRARY.get(t) or library_of(item)
+            i = next(i for i, a in enumerate(arrays) if type(a) is t)
+            try:
+                other = _LIBRARY.get(t) or library_of(arrays[i])
+            except TypeError as exc:
+                raise name_item(exc, i) from None
             if other != lib:
+                a, b = library_name(first), library_name(arrays[i])
                 raise TypeError(
-                    "all arrays in one call must come from the same library, got "
-                    f"{library_name(first)} and {library_name(item)}"
+                    f"item {i} of the list is a {b} array and item 0 of the list a {a} "
+                    "array (convert them to one library first); all arrays in one call "
+                    f"must come from the same library, got {a} and {b}"
                 )
-    route = route_of(first)
     if lib == "torch":
         check_plain_tensors(arrays)
+    route = route_of(first)
     if lib == "torch" and route != ROUTE_CPU:
         device = first.device
         for a in arrays:
@@ -169,6 +184,17 @@ def route_of_many(arrays: Sequence[Any], defer_numpy: bool = False) -> str:
             if aac.array_namespace(a) is not namespace:
                 raise TypeError("all arrays in one call must come from the same Array API library")
     return route
+
+
+def name_item(exc: BaseException, i: int) -> BaseException:
+    """``exc`` (the same object) with a leading "expected an array" or "the array"
+    reworded for item ``i`` of a list ("item 3 of the list must be an array")."""
+    message = str(exc.args[0]) if exc.args else ""
+    for old, new in (("expected an array", "must be an array"), ("the array ", "")):
+        if message.startswith(old):
+            exc.args = (f"item {i} of the list {new}{message[len(old) :]}",)
+            break
+    return exc
 
 
 def _refuse_numpy_scalars(arrays: Sequence[Any], types_seen: set[type]) -> None:
@@ -223,7 +249,7 @@ def is_dask_array(x: Any) -> bool:
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def check_autograd_writable(tensors: Sequence[Any], what: str) -> None:
+def check_autograd_writable(tensors: Sequence[Any], what: str, arg: str = "arrays") -> None:
     """RuntimeError, before any write, for a torch tensor that requires grad while
     grad mode is on: torch's own rule for in-place operations, kept by fastclip.
 
@@ -239,10 +265,10 @@ def check_autograd_writable(tensors: Sequence[Any], what: str) -> None:
         return  # the common cases: under no_grad, or gradients (which require none)
     i = next(i for i, t in enumerate(tensors) if t.requires_grad)
     t = tensors[i]
-    where = "" if len(tensors) == 1 else f"tensor {i} of the list "
+    where = arg if arg == "x" else f"{arg}[{i}]"  # x: the one-array functions' argument
     kind = "a leaf tensor that requires grad" if t.is_leaf else "a tensor that requires grad"
     raise RuntimeError(
-        f"{what}: {where}is {kind}; an in-place write outside torch.no_grad() would "
+        f"fastclip.{what}: {where} is {kind}; an in-place write outside torch.no_grad() would "
         "bypass autograd (torch refuses it too: 'a leaf Variable that requires grad is "
         "being used in an in-place operation'). To clip gradients, pass them: "
         "fastclip.torch.clip_grad_norm_(model.parameters(), max_norm) reads each "

@@ -74,18 +74,21 @@ def too_large_message(name: str, hint: str = "") -> str:
     )
 
 
-def check_ord(ord: Any) -> tuple[int, float]:
-    """Validate ``ord`` -> (ord_code, p): ord_code 0 = inf, 1 = L1, 2 = L2, 3 = other p > 0."""
+def check_ord(ord: Any, name: str = "ord") -> tuple[int, float]:
+    """Validate ``ord`` -> (ord_code, p): ord_code 0 = inf, 1 = L1, 2 = L2, 3 = other p > 0.
+
+    ``name`` is the argument's name in the message (``norm_type`` in fastclip.torch).
+    """
     known = _KNOWN_ORDS.get(ord) if type(ord) is int or type(ord) is float else None
     if known is not None:
         return known
     if isinstance(ord, str) and ord.strip().lower() in ("inf", "+inf", "infinity"):
         ord = math.inf
     if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
-        raise ValueError(f"ord must be a real number p > 0 or inf, got {ord!r}")
-    p = _float_of(ord, "ord", "ord=math.inf is the max-norm")
+        raise ValueError(f"{name} must be a real number p > 0 or inf{_ORD_FIX}, got {ord!r}")
+    p = _float_of(ord, name, f"{name}=math.inf is the max-norm")
     if math.isnan(p) or p <= 0:
-        raise ValueError(f"ord must be a real number p > 0 or inf, got {ord!r}")
+        raise ValueError(f"{name} must be a real number p > 0 or inf{_ORD_FIX}, got {ord!r}")
     if math.isinf(p):
         return 0, p
     if p == 1.0:
@@ -95,6 +98,7 @@ def check_ord(ord: Any) -> tuple[int, float]:
     return 3, p
 
 
+_ORD_FIX = " (math.inf or 'inf' is the max-norm)"
 _KNOWN_ORDS = {2: (2, 2.0), 1: (1, 1.0), math.inf: (0, math.inf)}
 
 
@@ -102,7 +106,9 @@ def check_max_norm(max_norm: Any, name: str = "max_norm") -> float:
     """A non-negative, non-NaN float (inf allowed: no clipping)."""
     value = scalar_value(max_norm, name, f"{name}=math.inf means no clipping")
     if not value >= 0.0:  # also catches NaN
-        raise ValueError(f"{name} must be >= 0 and not NaN, got {max_norm!r}")
+        raise ValueError(
+            f"{name} must be >= 0 and not NaN, got {max_norm!r} ({name}=math.inf means no clipping)"
+        )
     return value
 
 
@@ -130,7 +136,7 @@ def check_axis(axis: Any, ndim: int) -> tuple[int, ...]:
             raise AxisError(int(a), ndim)
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"repeated axis in {axis!r}")
+        raise ValueError(f"axis must not repeat an axis, got {axis!r}")
     return tuple(sorted(out))
 
 
@@ -144,7 +150,7 @@ def reduction_axes(x: Any, axis: Any) -> tuple[int, ...] | None:
 def check_bounds(min: Any, max: Any) -> tuple[float | None, float | None]:
     """Validate clip_by_value bounds: real, not NaN, min <= max, at least one given."""
     if min is None and max is None:
-        raise ValueError("clip_by_value needs at least one of min or max")
+        raise ValueError("min and max are both None: pass at least one bound")
     lo = None if min is None else scalar_value(min, "min", "min=None means no lower bound")
     hi = None if max is None else scalar_value(max, "max", "max=None means no upper bound")
     if (lo is not None and math.isnan(lo)) or (hi is not None and math.isnan(hi)):
@@ -195,11 +201,11 @@ def check_orderable(items: list[Any]) -> None:
         if "complex" in name:
             raise TypeError(
                 f"clip_by_value is not defined for complex arrays (they have no order); "
-                f"array {i} is {name}. Clip the real and imaginary parts separately, or use "
-                "clip_by_norm to bound the magnitude"
+                f"item {i} of the list is {name}. Clip the real and imaginary parts "
+                "separately, or use fastclip.clip_by_norm to bound the magnitude"
             )
         if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
             raise TypeError(
                 "clip_by_value needs numeric arrays (bool, integer or floating); "
-                f"array {i} is {name}"
+                f"item {i} of the list is {name}"
             )

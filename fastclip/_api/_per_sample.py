@@ -55,6 +55,7 @@ class PerSampleClipResult(NamedTuple):
     n_clipped: int
 
 
+@_dispatch.public("fastclip.clip_per_sample", "grads")
 def clip_per_sample(
     grads: Any,
     max_norm: Any,

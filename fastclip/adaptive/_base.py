@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import _dispatch
-from .._errors import NonFiniteNormError
+from .._errors import NonFiniteNormError, public_method
 from .._memory import shared_pair
 from .._validate import NONFINITE_POLICIES, check_nonfinite, check_ord, scalar_value
 
@@ -236,6 +236,15 @@ class Clipper:
     last_threshold: float | None
     last_step_skipped: bool
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every fastclip clipper's constructor names its class in its TypeErrors
+        # and ValueErrors ("fastclip.adaptive.ZClip: alpha must be ..."), whichever
+        # module defines it; a user's subclass keeps its own constructor's errors.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and cls.__module__.startswith("fastclip."):
+            cls.__init__ = public_method("__init__")(init)  # type: ignore[method-assign]
+
     def _init_common(self, nonfinite: str) -> None:
         self.nonfinite = _check_policy(nonfinite)
         self.step = 0
@@ -258,10 +267,12 @@ class Clipper:
         self.last_threshold = threshold
         self.last_step_skipped = skipped
 
+    @public_method("__call__", "grads")
     def __call__(self, grads: Any, params: Any = None) -> Any:
         """Clip ``grads`` in place; return the total norm before clipping."""
         return self._run(grads, params, inplace=True)[1]
 
+    @public_method("clip", "grads")
     def clip(self, grads: Any, params: Any = None) -> tuple[list[Any], Any]:
         """Out-of-place twin of ``__call__``: ``(new_grads, total_norm)``, same state update."""
         return self._run(grads, params, inplace=False)
@@ -290,6 +301,7 @@ class Clipper:
     def _state(self) -> dict[str, Any]:
         return {}
 
+    @public_method("load_state_dict")
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore configuration and state from :meth:`state_dict`'s output.
 
@@ -302,7 +314,7 @@ class Clipper:
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(
-                f"{type(self).__name__}.load_state_dict needs a dict, got "
+                "state_dict needs a dict (what .state_dict() returns), got "
                 f"{type(state_dict).__name__}"
             )
         sd = dict(state_dict)

@@ -121,6 +121,7 @@ def local_tensors(tensors: Sequence[Any]) -> list[Any]:
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
+@_dispatch.public("fastclip.distributed.global_norm", "local_arrays")
 def global_norm(
     local_arrays: Any,
     ord: float = 2,
@@ -196,6 +197,7 @@ def global_norm(
     return result_array(red.total, red.loc, red.loc.arrays)
 
 
+@_dispatch.public("fastclip.distributed.clip_by_global_norm_", "local_arrays")
 def clip_by_global_norm_(
     local_arrays: Any,
     max_norm: float,
@@ -313,6 +315,7 @@ def _as_dtensor_like(total: torch.Tensor, tensors: list[Any]) -> Any:
     return dtensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
+@_dispatch.public("fastclip.distributed.get_total_norm")
 def get_total_norm(
     tensors: list[Any], norm_type: float = 2.0, error_if_nonfinite: bool = False
 ) -> Any:
@@ -333,6 +336,7 @@ def get_total_norm(
     return _as_dtensor_like(total, tensors)
 
 
+@_dispatch.public("fastclip.distributed.clip_grad_norm_", "grads")
 def clip_grad_norm_(
     grads: list[Any], max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
 ) -> Any:

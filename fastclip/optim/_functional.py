@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import _dispatch
+from .._errors import public
 from .._hparams import adamw_hparams, sgd_hparams
 from .._typing import StepClip
 from .._validate import check_nonfinite, scalar_value
@@ -23,7 +24,7 @@ from .._validate import check_nonfinite, scalar_value
 def _as_list(arrays: Any, name: str) -> list[Any]:
     if arrays is None:
         raise TypeError(f"{name} is required")
-    return _dispatch.as_array_list(arrays)
+    return _dispatch.as_array_list(arrays, name)
 
 
 def _step_clip(
@@ -97,6 +98,7 @@ def check_sgd_args(lr: float, momentum: float, dampening: float, wd: float, nest
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
+@public("fastclip.optim.adamw_step_")
 def adamw_step_(
     params: Any,
     grads: Any,
@@ -230,7 +232,7 @@ def adamw_step_(
     policy = check_nonfinite(nonfinite)
     backend = _dispatch.backend_for_step([ps, gs, ms, vs, xs], "adamw_step_")
     if len(gs) != len(ps):
-        raise ValueError(f"adamw_step_: {len(gs)} grads for {len(ps)} params")
+        raise ValueError(f"grads has {len(gs)} arrays for {len(ps)} params")
     beta1, beta2 = _betas(betas)
     lr_v, eps_v, wd_v = (
         scalar_value(lr, "lr"),
@@ -247,6 +249,7 @@ def adamw_step_(
     )
 
 
+@public("fastclip.optim.sgd_step_")
 def sgd_step_(
     params: Any,
     grads: Any,
@@ -325,11 +328,14 @@ def sgd_step_(
         bufs = _as_list(momentum_buffers, "momentum_buffers")
     backend = _dispatch.backend_for_step([ps, gs, bufs], "sgd_step_")
     if len(gs) != len(ps):
-        raise ValueError(f"sgd_step_: {len(gs)} grads for {len(ps)} params")
+        raise ValueError(f"grads has {len(gs)} arrays for {len(ps)} params")
     lr_v, wd_v = scalar_value(lr, "lr"), scalar_value(weight_decay, "weight_decay")
     check_sgd_args(lr_v, momentum, dampening, wd_v, bool(nesterov))
     if momentum != 0 and bufs is None:
-        raise ValueError("sgd_step_: momentum != 0 needs momentum_buffers")
+        raise ValueError(
+            "momentum != 0 needs momentum_buffers (a list of zero arrays like params, "
+            "with first_step=True on the first step)"
+        )
     if isinstance(first_step, (bool, np.bool_)):
         first = [bool(first_step)] * len(ps)
     else:

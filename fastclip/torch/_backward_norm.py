@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fastclip import _config
+from fastclip._errors import public_method
 from fastclip._validate import check_max_norm, check_ord
 
 from ._clip_grad import _clip_grads_with_norm, _nonfinite_error, _norm_type
@@ -138,6 +139,7 @@ class BackwardNorm:
     True
     """
 
+    @public_method("__init__", tracing=torch.compiler.is_compiling)
     def __init__(
         self,
         parameters: Iterable[torch.Tensor] | torch.nn.Module,
@@ -148,10 +150,10 @@ class BackwardNorm:
     ) -> None:
         norm_type = _norm_type(norm_type)
         if math.isnan(norm_type):
-            check_ord(norm_type)  # its message
+            check_ord(norm_type, "norm_type")  # its message
         if not norm_type > 0:
             raise ValueError(
-                f"BackwardNorm needs a norm (norm_type > 0 or inf), got {norm_type}; "
+                f"norm_type must be a norm (norm_type > 0 or inf), got {norm_type}; "
                 "use fastclip.torch.get_total_norm for norm_type <= 0"
             )
         self.ord_code, self.p = check_ord(norm_type)
@@ -178,13 +180,17 @@ class BackwardNorm:
         else:
             self.add(parameters)
 
+    @public_method("add", tracing=torch.compiler.is_compiling)
     def add(self, parameters: Iterable[torch.Tensor], names: list[str] | None = None) -> None:
         """Also measure ``parameters`` (those that require grad; each one once)."""
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        for p in params:
+        for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(
-                    f"BackwardNorm takes torch tensors (parameters), got {type(p).__name__}"
+                    f"parameters[{i}] must be a torch tensor (BackwardNorm takes torch tensors: "
+                    "it hooks parameters), "
+                    f"got {type(p).__module__}.{type(p).__qualname__}; for NumPy (or any Array "
+                    "API) gradients use the array API: fastclip.global_norm(grads)"
                 )
         known = {id(p) for p in self._params}
         for k, p in enumerate(params):
@@ -288,6 +294,7 @@ class BackwardNorm:
         assert self._names is not None
         return [n for n, p in zip(self._names, self._params) if p.grad is not None]
 
+    @public_method("total_norm", tracing=torch.compiler.is_compiling)
     def total_norm(self, error_if_nonfinite: bool = False) -> torch.Tensor:
         """The norm of all gradients as one vector, as ``get_total_norm`` returns it.
 
@@ -308,6 +315,7 @@ class BackwardNorm:
         What the fused optimizers clip with."""
         return self._total(False)[1]
 
+    @public_method("clip_", tracing=torch.compiler.is_compiling)
     def clip_(
         self, max_norm: float, error_if_nonfinite: bool = False, foreach: bool | None = None
     ) -> torch.Tensor:
@@ -338,6 +346,7 @@ class BackwardNorm:
 
     # -- DDP -----------------------------------------------------------------
 
+    @public_method("register_ddp", tracing=torch.compiler.is_compiling)
     def register_ddp(self, ddp_model: Any, process_group: Any = None) -> None:
         """Take the norms from DDP's all-reduced buckets (a DDP communication hook).
 

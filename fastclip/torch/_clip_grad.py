@@ -17,8 +17,8 @@ from typing import Union
 import torch
 
 from fastclip import _api
-from fastclip._errors import NonFiniteNormError, torch_nonfinite_message
-from fastclip._validate import check_max_norm, scalar_value
+from fastclip._errors import NonFiniteNormError, public, torch_nonfinite_message
+from fastclip._validate import check_max_norm, check_ord, scalar_value
 from fastclip.distributed import has_dtensor
 
 from . import _ops  # torch.compile: the functions below as custom operators
@@ -59,7 +59,16 @@ def _tensors(tensors: TensorOrTensors | torch.nn.Module) -> list[torch.Tensor]:
         return _module_grads(tensors)
     if isinstance(tensors, _Grads):  # from clip_grad_norm_: keep the names
         return tensors
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    items = list(tensors)
+    if items and not isinstance(items[0], torch.Tensor):  # the rest: one library, checked later
+        raise TypeError(
+            f"tensors[0] must be a torch tensor, got {type(items[0]).__module__}."
+            f"{type(items[0]).__qualname__}; for NumPy (or any Array API) arrays use the "
+            "array API: fastclip.global_norm(arrays, ord)"
+        )
+    return items
 
 
 def _grads(
@@ -80,11 +89,13 @@ def _grads(
     try:
         return [g for g in map(_GRAD, parameters) if g is not None]
     except AttributeError:
-        bad = next(p for p in parameters if not hasattr(p, "grad"))
+        i, bad = next((i, p) for i, p in enumerate(parameters) if not hasattr(p, "grad"))
         raise TypeError(
-            f"parameters must be torch tensors (their .grad is clipped), got "
-            f"{type(bad).__module__}.{type(bad).__qualname__}; to clip arrays of gradients "
-            "themselves use fastclip.clip_by_global_norm_ / clip_by_value_"
+            f"parameters[{i}] must be a torch tensor (parameters must be torch tensors: their "
+            f".grad is clipped), got {type(bad).__module__}.{type(bad).__qualname__}; to clip "
+            "arrays of gradients themselves (NumPy or any Array API library) use the array "
+            "API: fastclip.clip_by_global_norm_(grads, max_norm) / "
+            "fastclip.clip_by_value_(grads, -clip_value, clip_value)"
         ) from None
 
 
@@ -113,8 +124,12 @@ def _norm_type(norm_type: object) -> float:
     """``norm_type`` as torch reads it (``float(norm_type)``: strings such as "inf" too),
     with a ValueError for ints beyond float64's range."""
     if isinstance(norm_type, str):
-        return float(norm_type)
-    return scalar_value(norm_type, "norm_type", "norm_type=math.inf is the max-norm")
+        value = float(norm_type)
+    else:
+        value = scalar_value(norm_type, "norm_type", "norm_type=math.inf is the max-norm")
+    if value != value:  # NaN (torch would compute NaN gradients): check_ord's ValueError
+        check_ord(value, "norm_type")
+    return value
 
 
 def _nonfinite_error(
@@ -156,6 +171,7 @@ def _torch_total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Te
         return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
+@public("fastclip.torch.get_total_norm", tracing=torch.compiler.is_compiling)
 def get_total_norm(
     tensors: TensorOrTensors | torch.nn.Module,
     norm_type: float = 2.0,
@@ -193,6 +209,7 @@ def get_total_norm(
     return total.to(_result_dtype(tensors, total.dtype))
 
 
+@public("fastclip.torch.clip_grads_with_norm_", tracing=torch.compiler.is_compiling)
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -233,6 +250,7 @@ def _clip_grads_with_norm(grads: list[torch.Tensor], max_norm: float, total_norm
         _api.scale_(grads, coef)
 
 
+@public("fastclip.torch.clip_grad_norm_", tracing=torch.compiler.is_compiling)
 def clip_grad_norm_(
     parameters: TensorOrTensors | torch.nn.Module,
     max_norm: float,
@@ -284,6 +302,7 @@ def _norm_and_clip_fused(
     return total.to(_result_dtype(grads, total.dtype))
 
 
+@public("fastclip.torch.clip_grad_value_", tracing=torch.compiler.is_compiling)
 def clip_grad_value_(
     parameters: TensorOrTensors,
     clip_value: float,

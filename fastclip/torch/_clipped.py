@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from fastclip._errors import public_method
+
 from . import _ops
 
 __all__ = ["ClippedOptimizer"]
@@ -51,9 +53,13 @@ class ClippedOptimizer(Optimizer):
     1
     """
 
+    @public_method("__init__", tracing=torch.compiler.is_compiling)
     def __init__(self, optimizer: Optimizer, clipper: Callable[..., Any]) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer (e.g. torch.optim.AdamW(params)), "
+                f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
+            )
         if not callable(clipper):
             raise TypeError("clipper must be callable as clipper(grads, params)")
         super().__init__([torch.zeros(0)], {})  # hooks and bookkeeping; groups replaced below

@@ -18,6 +18,7 @@ import torch
 from torch.optim import Optimizer
 
 from fastclip import _dispatch
+from fastclip._errors import public_method
 from fastclip._typing import StepClip
 from fastclip._validate import check_max_norm, check_nonfinite, check_ord
 
@@ -38,15 +39,30 @@ class FusedOptimizerBase(Optimizer):
     backward_norm: BackwardNorm | None  # with norm_in_backward=True: the hooks' norms
     STATE_KEYS: ClassVar[tuple[str, ...]]  # a parameter's state tensors, in this order
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The constructor and the step (its eager body, ``_update``, which the
+        # compiled step's operator runs too) name the optimizer in their
+        # TypeErrors and ValueErrors: "fastclip.torch.FusedAdamW: Invalid learning
+        # rate: -1.0", "fastclip.torch.FusedSGD.step: ...".  ``step`` itself is
+        # not wrapped: the user's closure runs there, and its errors are its own
+        # (as are those of a user's subclass).
+        super().__init_subclass__(**kwargs)
+        for attr, method in (("__init__", "__init__"), ("_update", "step")):
+            function = cls.__dict__.get(attr)
+            if function is not None and cls.__module__.startswith("fastclip."):
+                setattr(
+                    cls, attr, public_method(method, tracing=torch.compiler.is_compiling)(function)
+                )
+
     def _setup_clip(
         self, max_norm: float | None, norm_type: float, nonfinite: str, norm_in_backward: bool
     ) -> None:
         if max_norm is not None:
             check_max_norm(max_norm)
-        check_ord(norm_type)
+        check_ord(norm_type, "norm_type")
         if norm_in_backward and max_norm is None:
             raise ValueError(
-                f"{type(self).__name__}: norm_in_backward=True needs max_norm (the norm taken "
+                "norm_in_backward=True needs max_norm (the norm taken "
                 "during backward is the global norm the step clips to max_norm)"
             )
         self.max_norm = None if max_norm is None else float(max_norm)

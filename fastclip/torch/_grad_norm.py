@@ -13,12 +13,14 @@ from __future__ import annotations
 import torch
 
 from fastclip import _api
+from fastclip._errors import public
 
 __all__ = ["grad_norm"]
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
+@public("fastclip.torch.grad_norm", tracing=torch.compiler.is_compiling)
 def grad_norm(
     module: torch.nn.Module, norm_type: float | int | str, group_separator: str = "/"
 ) -> dict[str, torch.Tensor]:
