@@ -30,10 +30,9 @@ __all__ = ["clip_by_norm_arrays", "clip_by_value_arrays", "is_array_bound"]
 
 
 def is_array_bound(value: Any) -> bool:
-    """A bound that is a list or an array of more (or fewer) than one element;
-    size-1 arrays keep the scalar meaning they always had."""
-    if isinstance(value, (list, tuple)):
-        return True
+    """A bound that is an array of more (or fewer) than one element; size-1
+    arrays keep the scalar meaning they always had, and lists stay refused
+    (convert them with the array library's ``asarray``, on x's device)."""
     shape = getattr(value, "shape", None)
     return shape is not None and math.prod(tuple(shape)) != 1
 
@@ -48,16 +47,13 @@ def _bound(value: Any, name: str, x: Any, xp: Any, target: tuple[int, ...], fn: 
     if value is None:
         return None
     if not hasattr(value, "shape"):
-        if isinstance(value, (list, tuple)):
-            try:
-                value = xp.asarray(np.asarray(value, dtype=np.float64), device=aac.device(x))
-            except (TypeError, ValueError) as e:
-                raise _fail(TypeError, fn, f"{name} must be real numbers, got {value!r}") from e
-        else:
+        try:
             v = scalar_value(value, name)
-            if math.isnan(v):
-                raise _fail(ValueError, fn, f"{name} must not be NaN")
-            return v
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"fastclip.{fn}: {e}") from None
+        if math.isnan(v):
+            raise _fail(ValueError, fn, f"{name} must not be NaN")
+        return v
     if library_of(value) != library_of(x) or aac.device(value) != aac.device(x):
         raise _fail(
             TypeError,
