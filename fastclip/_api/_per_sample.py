@@ -73,8 +73,10 @@ class PerSampleClipResult(_Fields):
 
         With ``per_layer=True``, entry ``k`` counts the samples ``b`` whose
         factor ``min(1, C_k / (n_{k,b} + eps))`` is below 1, computed from the
-        returned ``norms`` (as optax counts from its own norms); with flat
-        clipping every array of a clipped sample is scaled, so each entry is
+        returned ``norms`` (as optax counts from its own norms), so a float32
+        norm within one rounding of its bound can count differently from the
+        route's float64 decision behind ``n_clipped``; with flat clipping
+        every array of a clipped sample is scaled, so each entry is
         ``n_clipped``.  Computed on first access (a host read of the norms on
         the GPU route, a compute on the Dask route), not during the call.
         """

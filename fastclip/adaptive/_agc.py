@@ -139,7 +139,8 @@ class AGC(Clipper):
             return None if ndim <= 1 else tuple(range(1, ndim))
         if self.axis in ("optax", "optax-legacy"):
             # optax's unitwise_norm (optax/transforms/_clipping.py): the squeezed-vector
-            # test comes first, then the rank; 0.2.7 added the rank-5 (DHWIO) rule.
+            # test comes first, then the rank; the rank-5 (DHWIO) rule came with
+            # https://github.com/google-deepmind/optax/pull/1576 (Jan 2026).
             if sum(1 for s in shape if s != 1) <= 1:
                 return None
             if ndim in (2, 3):
