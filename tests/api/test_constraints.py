@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 import fastclip
 from fastclip.constraints import (
-    EPSILON,
     Constraint,
     MaxNorm,
     MinMaxNorm,
@@ -30,6 +29,9 @@ from fastclip.constraints import (
     get,
     serialize,
 )
+
+#: keras.backend.epsilon()'s default (keras/src/backend/config.py), the oracles' own copy
+KERAS_EPSILON = 1e-7
 
 RTOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 3e-7, "float64": 1e-13}
 
@@ -42,17 +44,17 @@ def _norms(w: np.ndarray, axis) -> np.ndarray:
 def keras_max_norm(w, max_value, axis):
     norms = _norms(w, axis)
     desired = np.clip(norms, 0, max_value)
-    return w * (desired / (EPSILON + norms))
+    return w * (desired / (KERAS_EPSILON + norms))
 
 
 def keras_min_max_norm(w, min_value, max_value, rate, axis):
     norms = _norms(w, axis)
     desired = rate * np.clip(norms, min_value, max_value) + (1 - rate) * norms
-    return w * (desired / (EPSILON + norms))
+    return w * (desired / (KERAS_EPSILON + norms))
 
 
 def keras_unit_norm(w, axis):
-    return w / (EPSILON + _norms(w, axis))
+    return w / (KERAS_EPSILON + _norms(w, axis))
 
 
 def keras_non_neg(w):
