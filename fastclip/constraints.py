@@ -89,8 +89,9 @@ def _rescaled(w: Any, axis: int | list[int] | None, desired: Any) -> Any:
     xp = aac.array_namespace(n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         f = desired(xp, n) / (EPSILON + n)
-        if xp.isdtype(w.dtype, "complex floating"):
-            return w * f
+        if xp.isdtype(w.dtype, "complex floating") or w.dtype == f.dtype:
+            return w * f  # one pass: float32 and float64 weights
+        # 16-bit weights: the product in the norms' float32, rounded once to w's dtype
         return xp.astype(xp.astype(w, f.dtype) * f, w.dtype)
 
 

@@ -3,8 +3,9 @@
 
 The route (``fastclip.info()``'s routes take scalar bounds): the norms come
 from :func:`fastclip.norm` (the array's own fast route), and the clamp or the
-scaling is one elementwise expression in the array's own library
-(``array_api_compat`` namespace), on its device.  Nothing moves between
+scaling is one call of the array's own library on its device: ``numpy.clip``
+/ ``torch.clamp`` / the Array API ``clip`` for bounds, one multiply by the
+per-slice factors for ``max_norm`` (in place: ``out=``, ``mul_``).  Nothing moves between
 libraries or devices: a bound of another library or device is a TypeError.
 Every bound is checked (shape, dtype, NaN, ``min <= max``, ``max_norm >= 0``)
 before anything is written; checking values reads them once (one host
@@ -21,7 +22,7 @@ import array_api_compat as aac
 import numpy as np
 
 from .._formulas import clip_coefficients
-from .._libraries import check_autograd_writable, library_of
+from .._libraries import check_autograd_writable, library_of, wide_dtype
 from .._memory import check_self_overlap
 from .._validate import check_eps, check_ord, reduction_axes, scalar_value
 from ._norms import norm
@@ -78,13 +79,25 @@ def _bound(value: Any, name: str, x: Any, xp: Any, target: tuple[int, ...], fn: 
             f"{name} of shape {shape} does not broadcast to shape {target} (it may have "
             "size-1 or missing leading axes, and must not grow the result)",
         )
-    if xp.isdtype(value.dtype, "real floating") and bool(xp.any(xp.isnan(value))):
-        raise _fail(ValueError, fn, f"{name} must not contain NaN")
+    if xp.isdtype(value.dtype, "integral"):  # compared and rounded as floats below
+        value = xp.astype(value, wide_dtype(xp))
     return value
 
 
-def _wide(xp: Any, b: Any) -> Any:
-    return b if not hasattr(b, "shape") else xp.astype(b, xp.float64)
+def _check_values(xp: Any, lo: Any, hi: Any, fn: str) -> None:
+    """No NaN, and ``lo <= hi`` elementwise: with both bounds one pass (a NaN
+    fails ``<=`` too), the reason found only on the error path."""
+    arrays = [(b, name) for b, name in ((lo, "min"), (hi, "max")) if hasattr(b, "shape")]
+    if lo is not None and hi is not None:
+        if bool(xp.all(lo <= hi)):
+            return
+        for b, name in arrays:
+            if bool(xp.any(xp.isnan(b))):
+                raise _fail(ValueError, fn, f"{name} must not contain NaN")
+        raise _fail(ValueError, fn, "min must be <= max elementwise")
+    for b, name in arrays:
+        if bool(xp.any(xp.isnan(b))):
+            raise _fail(ValueError, fn, f"{name} must not contain NaN")
 
 
 def _check_target(x: Any, fn: str) -> None:
@@ -136,26 +149,28 @@ def clip_by_value_arrays(x: Any, lo: Any, hi: Any, *, inplace: bool) -> Any:
     hi = _bound(hi, "max", x, xp, target, fn)
     if lo is None and hi is None:
         raise _fail(ValueError, fn, "needs at least one of min or max")
-    if lo is not None and hi is not None:
-        bad = _wide(xp, lo) > _wide(xp, hi)
-        if bool(xp.any(bad) if hasattr(bad, "shape") else bad):
-            raise _fail(ValueError, fn, "min must be <= max elementwise")
+    _check_values(xp, lo, hi, fn)
     if inplace:
         _check_target(x, fn)
     # Bounds rounded to x's dtype first: rounding is monotonic and x's values are
     # representable, so this equals clamping in float64 and rounding the result.
-    out = x
     dev = aac.device(x)
-    for b, below in ((lo, True), (hi, False)):
-        if b is None:
-            continue
-        bx = xp.asarray(b, dtype=x.dtype, device=dev) if not hasattr(b, "shape") else b
-        bx = xp.astype(bx, x.dtype)
-        # where(), not maximum(): NaN elements stay NaN and -0.0 stays -0.0, as the
-        # scalar routes keep them
-        out = xp.where(out < bx, bx, out) if below else xp.where(out > bx, bx, out)
+    lo, hi = (
+        None if b is None else xp.astype(xp.asarray(b, device=dev), x.dtype, copy=False)
+        for b in (lo, hi)
+    )
+    # One fused pass in the library's own clamp (NaN elements stay NaN in each)
+    if isinstance(x, np.ndarray):
+        return np.clip(x, lo, hi, out=x if inplace else None)
+    if aac.is_torch_array(x):
+        if not inplace:
+            return sys.modules["torch"].clamp(x, lo, hi)
+        with sys.modules["torch"].no_grad():
+            x.clamp_(lo, hi)
+        return x
+    out = xp.clip(x, lo, hi)
     if inplace:
-        _write(x, out)
+        x[...] = out
         return x
     return out
 
@@ -179,6 +194,7 @@ def clip_by_norm_arrays(
     kept = tuple(range(nd)) if axes is None else axes
     target = tuple(1 if i in kept else s for i, s in enumerate(x.shape))
     c = _bound(max_norm, "max_norm", x, xp, target, fn)
+    _check_values(xp, None, c, fn)
     if hasattr(c, "shape") and bool(xp.any(c < 0)):
         raise _fail(ValueError, fn, "max_norm must be >= 0 everywhere")
     if inplace:
@@ -187,11 +203,25 @@ def clip_by_norm_arrays(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         cn = xp.astype(c, norms.dtype) if hasattr(c, "shape") else c
         f = clip_coefficients(norms, cn, float(eps), xp=xp)
-        if xp.isdtype(x.dtype, "complex floating"):
-            out = x * f
-        else:  # one rounding: the product in the norms' float32/float64, then x's dtype
-            out = xp.astype(xp.astype(x, f.dtype) * f, x.dtype)
+        kept_norms = xp.reshape(norms, tuple(s for i, s in enumerate(x.shape) if i not in kept))
+        if xp.isdtype(x.dtype, "complex floating") or x.dtype == f.dtype:
+            if not inplace:
+                return x * f
+            _scale_in_place(x, f)
+            return kept_norms
+        # 16-bit x: the product in the norms' float32, rounded once to x's dtype
+        out = xp.astype(xp.astype(x, f.dtype) * f, x.dtype)
     if not inplace:
         return out
     _write(x, out)
-    return xp.reshape(norms, tuple(s for i, s in enumerate(x.shape) if i not in kept))
+    return kept_norms
+
+
+def _scale_in_place(x: Any, f: Any) -> None:
+    if isinstance(x, np.ndarray):
+        np.multiply(x, f, out=x)
+    elif aac.is_torch_array(x):
+        with sys.modules["torch"].no_grad():
+            x.mul_(f)
+    else:
+        x[...] = x * f
