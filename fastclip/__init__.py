@@ -10,9 +10,13 @@ drop-in for ``torch.nn.utils.clip_grad_norm_`` and friends.
 kernels compile on first use per dtype and are cached on disk.
 """
 
-from . import adaptive, optim
+from . import adaptive, constraints, optim
 from ._api import (
     PerSampleClipResult,
+    clip_by_average_norm,
+    clip_by_average_norm_,
+    clip_by_block_rms,
+    clip_by_block_rms_,
     clip_by_global_norm,
     clip_by_global_norm_,
     clip_by_norm,
@@ -45,6 +49,10 @@ __all__ = [
     "ZClip",
     "__version__",
     "adaptive",
+    "clip_by_average_norm",
+    "clip_by_average_norm_",
+    "clip_by_block_rms",
+    "clip_by_block_rms_",
     "clip_by_global_norm",
     "clip_by_global_norm_",
     "clip_by_norm",
@@ -53,6 +61,7 @@ __all__ = [
     "clip_by_value_",
     "clip_coefficient",
     "clip_per_sample",
+    "constraints",
     "global_norm",
     "info",
     "norm",

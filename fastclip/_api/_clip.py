@@ -23,6 +23,7 @@ from .._validate import (
     check_orderable,
     reduction_axes,
 )
+from . import _bounds
 
 
 def _is_array(x: Any) -> bool:
@@ -47,7 +48,9 @@ def clip_by_value(
     min, max : float, optional
         Bounds (Python numbers or 0-d arrays); at least one is required,
         ``min <= max``, neither NaN.  For integer arrays the bounds are rounded
-        inward (``ceil(min)``, ``floor(max)``).
+        inward (``ceil(min)``, ``floor(max)``).  Arrays of x's library and
+        device broadcasting to ``x.shape`` (TensorFlow's tensor bounds) are
+        applied elementwise to one floating-point ``x`` (``fastclip._api._bounds``).
 
     Returns
     -------
@@ -64,6 +67,8 @@ def clip_by_value(
     >>> fastclip.clip_by_value([np.array([-2.0]), np.array([3.0, 0.5])], -1, 1)
     [array([-1.]), array([1. , 0.5])]
     """
+    if _bounds.is_array_bound(min) or _bounds.is_array_bound(max):  # TensorFlow's tensor bounds
+        return _bounds.clip_by_value_arrays(x, min, max, inplace=False)
     lo, hi = check_bounds(min, max)
     if _is_array(x):
         return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=False)
@@ -124,6 +129,8 @@ def clip_by_value_(
     >>> w
     array([-0.01 ,  0.005,  0.01 ], dtype=float32)
     """
+    if _bounds.is_array_bound(min) or _bounds.is_array_bound(max):  # TensorFlow's tensor bounds
+        return _bounds.clip_by_value_arrays(x, min, max, inplace=True)
     lo, hi = check_bounds(min, max)
     if _is_array(x):
         return _dispatch.backend_of(x).clip_by_value(x, lo, hi, inplace=True)
@@ -172,6 +179,8 @@ def clip_by_norm(
         float16, bfloat16, float32, float64 or complex.
     max_norm : float
         ``c >= 0`` (``inf`` disables clipping); NaN or negative raise ValueError.
+        An array broadcasting to the norms' ``keepdims`` shape gives each slice
+        its own bound (TensorFlow's tensor ``clip_norm``; ``fastclip._api._bounds``).
     ord : float, default 2
         Any real ``p > 0`` or ``inf``.
     axis : int or tuple of int, optional
@@ -195,6 +204,8 @@ def clip_by_norm(
     array([[0.6, 0.8],
            [0.3, 0.4]])
     """
+    if _bounds.is_array_bound(max_norm):  # one bound per slice (TensorFlow's tensor clip_norm)
+        return _bounds.clip_by_norm_arrays(x, max_norm, ord, axis, eps, inplace=False)
     c = check_max_norm(max_norm)
     return _rescale(x, c, ord, axis, eps, "clip", False)[0]
 
@@ -227,6 +238,8 @@ def clip_by_norm_(
     >>> g
     array([0.6, 0.8], dtype=float32)
     """
+    if _bounds.is_array_bound(max_norm):  # one bound per slice (TensorFlow's tensor clip_norm)
+        return _bounds.clip_by_norm_arrays(x, max_norm, ord, axis, eps, inplace=True)
     if axis is None and type(x) is np.ndarray:
         fast = _dispatch.small_clip_(x, max_norm, ord, eps)
         if fast is not None:

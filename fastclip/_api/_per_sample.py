@@ -26,33 +26,76 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _dispatch
+from .._formulas import clip_coefficients
 from .._validate import check_eps, check_max_norm, check_ord
 
 _REDUCES = ("sum", "mean", None)
 
 
-class PerSampleClipResult(NamedTuple):
+class _Fields(NamedTuple):
+    grads: Any
+    norms: Any
+    n_clipped: int
+
+
+class PerSampleClipResult(_Fields):
     """What :func:`clip_per_sample` returns (a named tuple: unpack or use the names).
+
+    ``g, norms, n = clip_per_sample(...)`` unpacks its three fields; the
+    per-array counts of optax's ``per_example_layer_norm_clip`` are the
+    property :attr:`n_clipped_per_layer`.
 
     Attributes
     ----------
     grads : array or list of arrays
         ``reduce="sum"``: ``sum_b f_b g[b]`` of each input, shape ``g.shape[1:]``;
-        ``"mean"``: that divided by B; ``None``: the clipped per-sample arrays
-        (new arrays, shape ``g.shape``).  Same library and dtype as the inputs; a
-        single array when a single array was passed, else a list.
+        ``"mean"``: that divided by B (an empty batch, B = 0: zeros);
+        ``None``: the clipped per-sample arrays (new arrays, shape ``g.shape``).
+        Same library and dtype as the inputs; a single array when a single
+        array was passed, else a list.
     norms : array
         Per-sample norms before clipping, in the inputs' library: shape ``[B]``
         (flat clipping) or ``[n_arrays, B]`` (``per_layer=True``); float64 if
         any input is float64, else float32.
     n_clipped : int
         Samples whose factor is below 1 (with ``per_layer=True``: samples with
-        at least one array clipped).
+        at least one array clipped); 0 for an empty batch.
     """
 
-    grads: Any
-    norms: Any
-    n_clipped: int
+    # No __slots__ (a tuple subclass cannot have non-empty ones): each instance
+    # keeps the bounds and eps that n_clipped_per_layer needs in its __dict__,
+    # outside the tuple, so three-field unpacking, equality and pickling stay
+    # those of the named tuple.
+
+    @property
+    def n_clipped_per_layer(self) -> tuple[int, ...]:
+        """Clipped samples per array: optax ``per_example_layer_norm_clip``'s counts.
+
+        With ``per_layer=True``, entry ``k`` counts the samples ``b`` whose
+        factor ``min(1, C_k / (n_{k,b} + eps))`` is below 1, computed from the
+        returned ``norms`` (as optax counts from its own norms), so a float32
+        norm within one rounding of its bound can count differently from the
+        route's float64 decision behind ``n_clipped``; with flat clipping
+        every array of a clipped sample is scaled, so each entry is
+        ``n_clipped``.  Computed on first access (a host read of the norms on
+        the GPU route, a compute on the Dask route), not during the call.
+        """
+        spec = self.__dict__.get("_count_spec")
+        if spec is None:
+            raise AttributeError(
+                "n_clipped_per_layer is known only for a result returned by "
+                "fastclip.clip_per_sample (not one built or _replace()d by hand)"
+            )
+        counts = self.__dict__.get("_counts")
+        if counts is None:
+            bounds, eps, per_layer = spec
+            if per_layer:
+                f = clip_coefficients(host_float64(self.norms), bounds[:, None], eps)
+                counts = tuple(int(c) for c in np.count_nonzero(f < 1.0, axis=1))
+            else:
+                counts = (int(self.n_clipped),) * len(bounds)
+            self.__dict__["_counts"] = counts
+        return counts  # type: ignore[no-any-return]
 
 
 @_dispatch.public("fastclip.clip_per_sample", "grads")
@@ -81,7 +124,7 @@ def clip_per_sample(
     Parameters
     ----------
     grads : array or sequence of arrays
-        Per-sample gradients, each of shape ``[B, ...]`` with the same ``B >= 1``;
+        Per-sample gradients, each of shape ``[B, ...]`` with the same ``B >= 0``;
         real floating dtypes (float16, bfloat16, float32, float64), all from one
         library and device.
     max_norm : float, or sequence of floats with ``per_layer=True``
@@ -94,7 +137,9 @@ def clip_per_sample(
         instead of all arrays of a sample together (flat).
     reduce : {"sum", "mean", None}, default "sum"
         Reduction over the batch axis; ``None`` returns the clipped
-        per-sample arrays.
+        per-sample arrays.  ``"mean"`` divides by the batch's own ``B``
+        (zeros for ``B = 0``, see Notes); for DP-SGD with Poisson sampling
+        use ``"sum"`` and divide by the expected batch size, as Opacus does.
     eps : float, default 1e-6
         Added to the norm in the factor (Opacus uses 1e-6; optax uses 0).
 
@@ -106,7 +151,7 @@ def clip_per_sample(
     Raises
     ------
     ValueError
-        Arrays of rank 0, different batch sizes, ``B == 0``, an empty list,
+        Arrays of rank 0, different batch sizes, an empty list,
         negative or NaN ``max_norm``, a ``max_norm`` list of the wrong length
         (or given without ``per_layer``), an unknown ``reduce``, a bad ``ord``
         or ``eps``.  Raised before any work.
@@ -118,6 +163,17 @@ def clip_per_sample(
 
     Notes
     -----
+    An empty batch (``B = 0``: Poisson sampling draws one with probability
+    ``(1 - q)^N``) is valid on every route: the sums are zeros of shape
+    ``g.shape[1:]``, the norms have shape ``[0]`` (``[K, 0]`` per layer),
+    ``n_clipped`` is 0, and ``reduce=None`` returns the empty ``[0, ...]``
+    arrays; no Numba or CUDA kernel runs, nothing is read back.  Opacus does the same
+    (``DPOptimizer.clip_and_accumulate`` sums with an empty factor vector).
+    Its mean divides that zero sum by the *expected* batch size, so a mean
+    over an empty batch is zeros here too, never the NaN of ``0 / 0``: a
+    Poisson-sampled training loop must not crash nor turn its weights NaN on
+    an empty draw.
+
     A zero-norm sample gets factor 1 (optax turns its ``0/0`` into 1); a NaN
     norm gives a NaN factor, so non-finite samples make the result non-finite
     (as Opacus).  Non-contiguous inputs are first copied to contiguous memory;
@@ -160,6 +216,11 @@ def clip_per_sample(
     >>> norms
     array([[5. , 0.5],
            [3. , 0.3]], dtype=float32)
+    >>> clip_per_sample([g, g[:, :1]], 1.0, per_layer=True, eps=0).n_clipped_per_layer
+    (1, 1)
+    >>> empty = clip_per_sample(np.zeros((0, 2), np.float32), 1.0)  # a Poisson batch of 0
+    >>> empty.grads, empty.norms.shape, empty.n_clipped
+    (array([0., 0.], dtype=float32), (0,), 0)
     """
     single = hasattr(grads, "shape") and hasattr(grads, "dtype")
     items = _dispatch.as_array_list(grads)
@@ -183,10 +244,24 @@ def clip_per_sample(
         reduce=reduce,
         eps=eps_value,
     )
-    return PerSampleClipResult(outs[0] if single else outs, norms, n_clipped)
+    result = PerSampleClipResult(outs[0] if single else outs, norms, n_clipped)
+    result.__dict__["_count_spec"] = (bounds, eps_value, per_layer)
+    return result
 
 
 # ------------------------------------------------------------------ checks
+
+
+def host_float64(a: Any) -> np.ndarray:
+    """A small result array (the norms) as float64 NumPy: an explicit host read."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().cpu().to(torch.float64).numpy()
+    if type(a).__module__.startswith("cupy"):
+        return np.asarray(a.get(), np.float64)
+    if isinstance(a, np.ndarray) or type(a).__module__.startswith("dask"):
+        return np.asarray(a, np.float64)  # dask: computes the lazy norms
+    return np.asarray(np.from_dlpack(a), np.float64)
 
 
 def _check_batch(items: list[Any]) -> int:
@@ -205,8 +280,11 @@ def _check_batch(items: list[Any]) -> int:
                 f"grads[{i}] has {shape[0]}"
             )
         _check_real_float(x, i)
-    if batch is None or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"the batch size must be a known integer >= 1, got {batch!r}")
+    if batch is None or not isinstance(batch, int) or batch < 0:
+        raise ValueError(
+            f"fastclip.clip_per_sample: the batch size (axis 0 of grads) must be a known "
+            f"integer >= 0, got {batch!r}"
+        )
     return batch
 
 

@@ -53,9 +53,10 @@ def clip_per_sample(
         width = math.prod(sv.shape[1:])
         views.append(np.ascontiguousarray(sv).reshape(batch, width))  # copies only if strided
     ones = np.ones(batch)
-    sums = np.empty((len(views), batch))
+    sums = np.zeros((len(views), batch))
     for k, x2 in enumerate(views):
-        sums[k] = run("rows_pow_sum", x2.size, x2, ord_code, p, ones)
+        if batch:  # an empty batch (Poisson sampling) has no rows to read
+            sums[k] = run("rows_pow_sum", x2.size, x2, ord_code, p, ones)
     wide = any(norm_dtype(v.dtype) == np.float64 for v in views)
 
     def rows_pow_sum(k: int, rows: np.ndarray, pc: int, pp: float, inv: np.ndarray) -> Any:
@@ -71,7 +72,8 @@ def clip_per_sample(
         sums, ord_code, p, bounds, per_layer, eps, fix
     )
     outs = []
-    scale = 1.0 / batch if reduce == "mean" else 1.0
+    # The mean of an empty batch is its (zero) sum: see clip_per_sample's Notes.
+    scale = 1.0 / batch if reduce == "mean" and batch else 1.0
     for k, (x, x2) in enumerate(zip(items, views)):
         f = np.ascontiguousarray(factors[k])
         if reduce is None:
@@ -94,6 +96,8 @@ def clip_per_sample(
                     cfg.PER_SAMPLE_COL_TILE,
                     cfg.PER_SAMPLE_ROW_BLOCK,
                 )
+            elif dst.size:  # no rows (B == 0): the empty sum is 0
+                dst[...] = 0
         outs.append(out)
     ndt = np.dtype(np.float64 if wide else np.float32)
     return outs, lib.wrap(norms, ndt, items[0]), clipped

@@ -65,7 +65,7 @@ def clip_per_sample(
                 outs.append(xp.astype(xp.reshape(y, x.shape), x.dtype))
                 continue
             s = xp.sum(y, axis=0)
-            if reduce == "mean":
+            if reduce == "mean" and batch:  # an empty batch's mean is its zero sum
                 s = s / batch
             outs.append(xp.astype(xp.reshape(s, x.shape[1:]), x.dtype))
     ndt = xp.float64 if any_wide else xp.float32

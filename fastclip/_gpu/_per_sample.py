@@ -128,6 +128,27 @@ def _check_items(lib: Any, items: list[Any]) -> tuple[int, list[str]]:
     return device, kinds
 
 
+def _empty_batch(
+    lib: Any, items: list[Any], kinds: list[str], per_layer: bool, reduce: str | None
+) -> tuple[list[Any], Any, int]:
+    """An empty batch (Poisson sampling can draw one): zero sums (the mean of no
+    samples is its zero sum, as ``clip_per_sample`` documents), empty norms, no
+    clipped sample.  No kernel is launched (a grid of 0 blocks is a launch error)
+    and nothing is read back."""
+    like = items[0]
+    with _adapters.on_device(lib, like):
+        norm_kind = "float64" if "float64" in kinds else "float32"
+        norms = lib.empty((len(items), 0) if per_layer else (0,), norm_kind, like)
+        outs = []
+        for x, kind in zip(items, kinds):
+            shape = tuple(x.shape) if reduce is None else tuple(x.shape)[1:]
+            out = lib.empty(shape, kind, like)
+            if reduce is not None and math.prod(shape):
+                out[...] = 0
+            outs.append(out)
+    return outs, norms, 0
+
+
 def clip_per_sample_gpu(
     lib: Any,
     items: list[Any],
@@ -146,6 +167,8 @@ def clip_per_sample_gpu(
     Reads ``n_clipped`` back at the end: the one host synchronisation.
     """
     device, kinds = _check_items(lib, items)
+    if batch == 0:
+        return _empty_batch(lib, items, kinds, per_layer, reduce)
     like = items[0]
     null = u64(0)
     with _adapters.on_device(lib, like):

@@ -16,7 +16,7 @@ from ._base import Clipper, check_writable, copies, ord_value, real_param
 
 __all__ = ["AGC"]
 
-_LAYOUTS = ("torch", "optax")
+_LAYOUTS = ("torch", "optax", "optax-legacy")
 
 
 def _agc_axis(axis: Any) -> str | tuple[int, ...]:
@@ -24,13 +24,19 @@ def _agc_axis(axis: Any) -> str | tuple[int, ...]:
     list too: ``state_dict`` stores them as one)."""
     if isinstance(axis, str):
         if axis.lower() not in _LAYOUTS:
-            raise ValueError(f"axis must be 'torch', 'optax' or reduction axes, got {axis!r}")
+            raise ValueError(
+                "fastclip.adaptive.AGC: axis must be 'torch', 'optax', 'optax-legacy' or "
+                f"reduction axes, got {axis!r}"
+            )
         return axis.lower()
     items = (axis,) if isinstance(axis, numbers.Integral) else axis
     if not isinstance(items, (tuple, list)) or not all(
         isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_)) for a in items
     ):
-        raise TypeError(f"axis must be 'torch', 'optax', an int or a tuple of ints, got {axis!r}")
+        raise TypeError(
+            "fastclip.adaptive.AGC: axis must be 'torch', 'optax', 'optax-legacy', an int or "
+            f"a tuple of ints, got {axis!r}"
+        )
     out = tuple(int(a) for a in items)
     if len(set(out)) != len(out):
         raise ValueError(f"axis must not repeat an axis, got {axis!r}")
@@ -59,16 +65,22 @@ class AGC(Clipper):
         :math:`\lambda`, finite and > 0.
     eps : float, default 1e-3
         Floor of the parameter norm (so zero-initialised weights can move).
-    axis : {"torch", "optax"} or int or tuple of int, default "torch"
+    axis : {"torch", "optax", "optax-legacy"} or int or tuple of int, default "torch"
         How a tensor splits into units:
 
         - ``"torch"`` (timm's ``unitwise_norm``, output-first layouts
           ``[out, in]``, ``[out, in, kh, kw]``): one unit per index of axis 0,
           norm over all other axes; arrays with ``ndim <= 1`` are one unit;
-        - ``"optax"`` (optax ``unitwise_norm``, JAX/Keras ``[in, out]`` and
-          ``HWIO`` kernels): squeezed ``ndim <= 1`` one unit; ``ndim`` 2 or 3
-          reduce axis 0; ``ndim`` 4 reduce axes (0, 1, 2); other ranks raise;
-        - explicit reduction axes for every array with ``ndim >= 2``.
+        - ``"optax"`` (optax >= 0.2.7 ``unitwise_norm`` with ``axis=None``,
+          JAX/Keras ``[in, out]``, ``HWIO`` and ``DHWIO`` kernels): squeezed
+          ``ndim <= 1`` one unit; ``ndim`` 2 or 3 reduce axis 0; ``ndim`` 4
+          reduce axes (0, 1, 2); ``ndim`` 5 (Conv3D) reduce axes (0, 1, 2, 3);
+          higher ranks raise, as optax does;
+        - ``"optax-legacy"`` (optax <= 0.2.6): the same for ranks <= 4, and a
+          5-D array raises ValueError as those versions did (to reproduce an
+          old run exactly);
+        - explicit reduction axes for every array with ``ndim >= 2`` (optax's
+          ``axis=`` argument; fastclip keeps ``ndim <= 1`` arrays one unit).
     ord : float, default 2
         Order of the unit norms (timm's ``norm_type``).
     nonfinite : {"propagate", "error", "skip"}
@@ -125,14 +137,25 @@ class AGC(Clipper):
         ndim = len(shape)
         if self.axis == "torch":
             return None if ndim <= 1 else tuple(range(1, ndim))
-        if self.axis == "optax":
+        if self.axis in ("optax", "optax-legacy"):
+            # optax's unitwise_norm (optax/transforms/_clipping.py): the squeezed-vector
+            # test comes first, then the rank; the rank-5 (DHWIO) rule came with
+            # https://github.com/google-deepmind/optax/pull/1576 (Jan 2026).
             if sum(1 for s in shape if s != 1) <= 1:
                 return None
             if ndim in (2, 3):
                 return (0,)
             if ndim == 4:
                 return (0, 1, 2)
-            raise ValueError(f"AGC(axis='optax') handles arrays of rank <= 4, got shape {shape}")
+            if ndim == 5 and self.axis == "optax":
+                return (0, 1, 2, 3)
+            top = 5 if self.axis == "optax" else 4
+            raise ValueError(
+                f"fastclip.adaptive.AGC(axis={self.axis!r}) handles arrays of rank <= {top} "
+                f"(as optax's unitwise_norm), got shape {shape}; pass explicit reduction "
+                "axes (axis=(...)) for other shapes"
+                + ("" if top == 5 else ", or axis='optax' for Conv3D (DHWIO) kernels")
+            )
         return None if ndim <= 1 else self.axis  # type: ignore[no-any-return]
 
     def _coefficients(self, gs: list[Any], ps: list[Any], xp: Any) -> tuple[list[Any], float, bool]:

@@ -75,9 +75,13 @@ def test_agc_explicit_axes_and_nonfinite() -> None:
 
 
 def test_agc_validates_its_inputs_at_call_time() -> None:
-    """Parameters are required, and optax's unit layout has no rule for 5-D tensors
-    (the constructor's argument checks are in test_safety_adaptive.py)."""
+    """Parameters are required, optax's unit layout has no rule past rank 5 and the
+    legacy one (optax <= 0.2.6) none past rank 4 (the constructor's argument
+    checks are in test_safety_adaptive.py; rank 5 against optax itself in
+    test_peer_parity.py)."""
     with pytest.raises(ValueError):
         AGC()([np.ones(2)])  # no params
-    with pytest.raises(ValueError):
-        AGC(axis="optax")([np.ones((1, 2, 3, 4, 5))], [np.ones((1, 2, 3, 4, 5))])
+    with pytest.raises(ValueError, match="rank <= 5"):
+        AGC(axis="optax")([np.ones((1, 2, 3, 4, 5, 2))], [np.ones((1, 2, 3, 4, 5, 2))])
+    with pytest.raises(ValueError, match="rank <= 4"):
+        AGC(axis="optax-legacy")([np.ones((1, 2, 3, 4, 5))], [np.ones((1, 2, 3, 4, 5))])
