@@ -34,8 +34,8 @@ class Plan:
     Examples
     --------
     >>> import fastclip.distributed as fcd
-    >>> fcd.Plan(layout=fcd.Layout())
-    Plan(group=None, replicated=0, layout=Layout(replicated_over=0 groups, sharded_over=0 groups), tied=0)
+    >>> fcd.Plan()
+    Plan(group=None, replicated=0, layout=None, tied=0)
     """
 
     def __init__(

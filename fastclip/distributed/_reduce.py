@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastclip import _api, _dispatch
+from fastclip import _dispatch
 from fastclip._validate import check_eps, check_max_norm, check_ord
 
 from . import _devices
 from ._layout import Local, account, dtensor_class, dtensor_local, group_ranks
+from ._local import by_device, combine, local_norm
 
 __all__ = [
     "OP_CLIP",
@@ -68,43 +69,6 @@ def _check_targets(arrays: list[Any]) -> list[Any]:
     ]
 
 
-def by_device(arrays: list[Any]) -> list[list[Any]]:
-    """The arrays split by library and device, in order of first appearance."""
-    parts: dict[Any, list[Any]] = {}
-    for a in arrays:
-        where = (type(a), str(a.device)) if isinstance(a, torch.Tensor) else (type(a), "cpu")
-        parts.setdefault(where, []).append(a)
-    return list(parts.values())
-
-
-def _one_norm(arrays: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
-    # The CPU route's float64 norm: over/underflow-safe, not rounded to the dtype.
-    exact = _dispatch.backend_for(arrays).norm64(arrays, ord_code, p, packed)
-    if exact is not None:
-        return float(exact)
-    value = _api.global_norm(arrays, math.inf if ord_code == 0 else p)
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float64)
-    return float(value)  # another library: read on the host
-
-
-def _local_norm(counted: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
-    """This rank's norm as a float (CPU) or a float64 0-d device tensor (GPU).
-
-    ``packed``: the CPU tables of exactly ``counted``, already built and checked.
-    Arrays on several devices: one norm per device, combined in float64.
-    """
-    if not counted:
-        return 0.0
-    parts = by_device(counted)
-    if len(parts) == 1:
-        return _one_norm(counted, ord_code, p, packed)
-    norms = [_one_norm(part, ord_code, p) for part in parts]
-    device = next((n.device for n in norms if isinstance(n, torch.Tensor)), None)
-    stacked = torch.stack([torch.as_tensor(n, dtype=torch.float64, device=device) for n in norms])
-    return _combine(stacked, ord_code, p)
-
-
 def _resolve_group(group: Any, arrays: list[Any]) -> Any:
     """The process group: given, else the mesh's (one 1-D mesh), else the default group."""
     if group is not None:
@@ -138,31 +102,10 @@ def _reason_bytes(error: BaseException) -> bytes:
 
 
 def _reason_of(row: np.ndarray) -> str:
-    raw = np.ascontiguousarray(row[_REASON:_WIDTH]).view(np.uint8).tobytes()
+    raw = np.ascontiguousarray(row[_REASON:_DOMAINS]).view(np.uint8).tobytes()
     text = raw.rstrip(b"\0").decode("utf-8", "replace")
     cut = len(raw.rstrip(b"\0")) == _REASON_BYTES
     return text + ("..." if cut else "")
-
-
-def _check_rows(rows: np.ndarray, own_error: BaseException | None) -> None:
-    """Raise the same decision on every rank: a failed rank, or different signatures."""
-    failed = [int(r) for r in np.flatnonzero(rows[:, _ERROR] != 0)]
-    if failed:
-        if own_error is not None:
-            raise own_error
-        reasons = "; ".join(f"rank {r}: {_reason_of(rows[r]) or 'no reason sent'}" for r in failed)
-        raise ValueError(
-            f"fastclip.distributed: rank(s) {failed} of the group rejected their input "
-            f"({reasons}); nothing was modified on any rank"
-        )
-    for col, what in _SIGNATURE_NAMES.items():
-        values = rows[:, col]
-        if not np.all(values == values[0]):
-            raise ValueError(
-                f"fastclip.distributed: the ranks of the group disagree on {what}: "
-                f"{values.tolist()} by rank; every rank must pass the same number of arrays, "
-                "with the same dtypes, and the same arguments; nothing was modified"
-            )
 
 
 def _check_domains(rows: np.ndarray, loc: Local, g_ranks: tuple[int, ...]) -> None:
@@ -220,20 +163,6 @@ def _check_rows(
                 f"with the same dtypes, and the same arguments{hint}; nothing was modified"
             )
     _check_domains(rows, loc, g_ranks)
-
-
-def _combine(norms: torch.Tensor, ord_code: int, p: float) -> torch.Tensor:
-    """The global norm from the ranks' norms, on their device (NaN and inf propagate)."""
-    m = norms.amax()  # torch's amax propagates NaN
-    if ord_code == 0:
-        return m
-    ok = torch.isfinite(m) & (m > 0)
-    scale = torch.where(ok, m, torch.ones_like(m))
-    s = torch.sum(torch.pow(norms / scale, p))
-    total = scale * (
-        torch.sqrt(s) if ord_code == 2 else s if ord_code == 1 else torch.pow(s, 1.0 / p)
-    )
-    return torch.where(ok, total, m)  # 0, inf or NaN: the max says it all
 
 
 class Reduced:
@@ -295,7 +224,7 @@ def reduce_norms(
         packed = _check_targets(loc.arrays) if op == OP_CLIP else [None]
         if len(packed) != 1 or len(loc.counted) != len(loc.arrays):
             packed = [None]  # not all counted here (or several devices): pack the counted ones
-        norm = _local_norm(loc.counted, ord_code, p, packed[0])
+        norm = local_norm(loc.counted, ord_code, p, packed[0])
     except Exception as exc:  # reported to every rank through the gather, then raised
         error = exc
     device = _devices.choose(loc.arrays or arrays, group)
@@ -324,7 +253,7 @@ def reduce_norms(
     rows = _gather(row, group)
     if strict or host_rows:
         _check_rows(rows.cpu().numpy(), error, loc, g_ranks)
-    total = _combine(rows[:, _NORM], ord_code, p)
+    total = combine(rows[:, _NORM], ord_code, p)
     return Reduced(total, loc, ord_code, p, group)
 
 
