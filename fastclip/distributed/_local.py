@@ -64,6 +64,14 @@ def _power_sum(b: torch.Tensor, ord_code: int, p: float, scale: float) -> torch.
     return a.div_(scale).pow_(p).sum()
 
 
+def _abs_max(flat: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float64 0-d tensor (exact in any dtype; NaN propagates).  From max
+    and min: torch's ``vector_norm(x, inf)`` took 25x longer than they on the CPU."""
+    if flat.is_complex():
+        return flat.abs().amax().to(torch.float64)
+    return torch.maximum(flat.max(), -flat.min()).to(torch.float64)
+
+
 def _widened_norm(a: Any, ord_code: int, p: float) -> Any:
     """One array's norm, every element widened to float64 before it is summed: a float64
     0-d tensor on the array's device.
@@ -83,21 +91,28 @@ def _widened_norm(a: Any, ord_code: int, p: float) -> Any:
     n = flat.numel()
     if n == 0:
         return torch.zeros((), dtype=torch.float64, device=flat.device)
-    amax = torch.linalg.vector_norm(flat, math.inf).to(torch.float64)  # exact in any dtype
-    if ord_code == 0:
-        return amax
     scale = 1.0
     if ord_code not in (1, 2):
+        amax = _abs_max(flat)
+        if ord_code == 0:
+            return amax
         m = float(amax)  # a host read (on a GPU) for p other than 1, 2 and inf only
         if not math.isfinite(m) or m == 0.0:
             return amax  # 0, inf or NaN: the max says it all
         scale = m
     wide = torch.complex128 if flat.is_complex() else torch.float64
     buf = torch.empty(min(n, _CHUNK), dtype=wide, device=flat.device)
+    # 16-bit floats widen through float32 (exact both ways): torch's direct bfloat16 ->
+    # float64 copy took 100x longer on the CPU than the two vectorised copies.
+    mid = None
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        mid = torch.empty(min(n, _CHUNK), dtype=torch.float32, device=flat.device)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for i in range(0, n, _CHUNK):
         chunk = flat[i : i + _CHUNK]
         b = buf[: chunk.numel()]
+        if mid is not None:
+            chunk = mid[: chunk.numel()].copy_(chunk)
         b.copy_(chunk)
         total += _power_sum(b, ord_code, p, scale)
     root = total.sqrt() if ord_code == 2 else total if ord_code == 1 else total.pow(1.0 / p)

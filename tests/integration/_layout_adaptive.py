@@ -77,12 +77,12 @@ def _pp_autoclip(ctx: Ctx) -> dict[str, Any]:
     return {"state": clipper.state_dict()}
 
 
-def fused(kind: str, params: list[Any]) -> Any:
+def fused(kind: str, params: list[Any], plan: Any = None) -> Any:
     from fastclip.torch import FusedAdamW, FusedSGD
 
     if kind == "adamw":
-        return FusedAdamW(params, lr=1e-2, max_norm=2.0)
-    return FusedSGD(params, lr=1e-2, momentum=0.9, max_norm=2.0)
+        return FusedAdamW(params, lr=1e-2, max_norm=2.0, norm_plan=plan)
+    return FusedSGD(params, lr=1e-2, momentum=0.9, max_norm=2.0, norm_plan=plan)
 
 
 def _fused_run(ctx: Ctx, kind: str) -> dict[str, Any]:
@@ -104,6 +104,73 @@ def _fused_run(ctx: Ctx, kind: str) -> dict[str, Any]:
     return {"norms": norms, "params": [_np(p.full_tensor()) for p in params], "state": state}
 
 
+def _fused_pipeline(ctx: Ctx) -> dict[str, Any]:
+    """FusedAdamW over pipeline stages: plain tensors, a Plan keyed by parameters."""
+    import torch
+
+    import fastclip.distributed as fcd
+
+    arrays, layouts, tied = _pp_local(ctx, dtensor=False)
+    params = [torch.nn.Parameter(torch.zeros_like(a)) for a in arrays]
+    ties = [(params[k], g) for k, a in enumerate(arrays) for t, g in tied if t is a]
+    plan = fcd.Plan(layout=dict(zip(params, layouts)), tied=ties)
+    opt = fused("adamw", params, plan)
+    norms = []
+    for t in range(STEPS):
+        for p, a in zip(params, arrays):
+            p.grad = a * scale_at(t)
+        opt.step()
+        norms.append(float(opt.last_total_norm))
+    return {"norms": norms}
+
+
+def _refusals(ctx: Ctx) -> dict[str, Any]:
+    """Rank 1's bad input refuses a clipper step and an optimizer step on every rank."""
+    import time
+
+    import torch
+
+    import fastclip.distributed as fcd
+    from fastclip.adaptive import AutoClip
+
+    own = fcd.Plan(layout=fcd.Layout())
+    arrays = [torch.from_numpy(full(f"r{k}.{ctx.rank}", (4,)).astype(np.float32)) for k in (0, 1)]
+    clipper = AutoClip(25)
+    fcd.clip_with_(clipper, arrays, plan=own)  # one good step first
+    state = clipper.state_dict()
+    bad = list(arrays)
+    if ctx.rank == 1:
+        bad[0] = torch.tensor([1.5]).expand(4)  # stride 0: cannot be scaled in place
+    before = [_np(a) for a in bad]
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        fcd.clip_with_(clipper, bad, plan=own)
+        out["clipper"] = (None, "")
+    except Exception as exc:
+        out["clipper"] = (type(exc).__name__, str(exc))
+    out["clipper_state_unchanged"] = clipper.state_dict() == state
+    out["clipper_arrays_unchanged"] = all(np.array_equal(b, _np(a)) for b, a in zip(before, bad))
+    params = [torch.nn.Parameter(a.clone()) for a in arrays]
+    if ctx.rank == 1:  # two parameters on overlapping memory: refused by the fused step
+        base = torch.cat([arrays[0], arrays[1][2:]])
+        params = [torch.nn.Parameter(base[0:4]), torch.nn.Parameter(base[2:6])]
+    start_values = [_np(p) for p in params]
+    opt = fused("adamw", params, own)
+    for p, a in zip(params, arrays):
+        p.grad = a.clone()
+    try:
+        opt.step()
+        out["fused"] = (None, "")
+    except Exception as exc:
+        out["fused"] = (type(exc).__name__, str(exc))
+    out["fused_unchanged"] = (
+        all(np.array_equal(_np(p), v) for p, v in zip(params, start_values)) and not opt.state
+    )
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
 def reference_grads(t: int) -> list[np.ndarray]:
     """The full gradients of step t, as every rank's shards assemble to."""
     return [
@@ -122,3 +189,5 @@ def run_adaptive(rec: _Recorder, ctx: Ctx) -> None:
     rec.run("clipper-pp", _pp_autoclip, ctx)
     for kind in ("adamw", "sgd"):
         rec.run(f"fused-{kind}", _fused_run, ctx, kind)
+    rec.run("fused-pp", _fused_pipeline, ctx)
+    rec.run("refusals", _refusals, ctx)

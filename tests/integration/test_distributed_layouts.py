@@ -34,14 +34,23 @@ WORLDS = (2, 4, 8)
 _CACHE: dict[int, list[dict[str, Any]]] = {}
 
 
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
-def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    world = request.param
+def _spawned(world: int, tmp_path_factory: pytest.TempPathFactory) -> Any:
     if world not in _CACHE:
         _CACHE[world] = W.spawn_and_collect(L.run_layouts, world, tmp_path_factory.mktemp)
     for res in _CACHE[world]:
         assert "__crash__" not in res, res.get("__crash__")
     return world, _CACHE[world]
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
+def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _spawned(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[w for w in WORLDS if w >= 4], ids=lambda w: f"world{w}")
+def suite_tp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The worlds with a tensor-parallel partner to disagree with (4 ranks or more)."""
+    return _spawned(request.param, tmp_path_factory)
 
 
 def _ok(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -169,10 +178,8 @@ def test_nonfinite_shard_on_one_rank(suite: Any, case: str) -> None:
 
 
 @pytest.mark.parametrize("kind", L.BAD_KINDS)
-def test_disagreeing_ranks_raise_everywhere_and_write_nothing(suite: Any, kind: str) -> None:
-    world, results = suite
-    if world < 4:
-        pytest.skip("needs a tensor-parallel partner (4 ranks or more)")
+def test_disagreeing_ranks_raise_everywhere_and_write_nothing(suite_tp: Any, kind: str) -> None:
+    _, results = suite_tp
     per_rank = _ok(results, f"bad-{kind}")
     for r, out in enumerate(per_rank):
         if kind == "layout-type" and r == 1:
@@ -293,6 +300,39 @@ def test_fused_optimizers_with_dtensor_parameters(suite: Any, kind: str) -> None
     for got, p in zip(per_rank[0]["state"], params):
         for key, value in opt.state[p].items():
             np.testing.assert_allclose(got[key], value.double().numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_fused_adamw_over_pipeline_stages_with_a_plan(suite: Any) -> None:
+    _, results = suite
+    per_rank = _ok(results, "fused-pp")
+    for out in per_rank[1:]:
+        assert out["norms"] == per_rank[0]["norms"]
+    model = L.unique_model(np.float32)
+    params = [torch.nn.Parameter(torch.zeros(a.shape)) for a in model]
+    opt = A.fused("adamw", params)
+    norms = []
+    for t in range(A.STEPS):
+        for p, a in zip(params, model):
+            p.grad = torch.from_numpy(a) * A.scale_at(t)
+        opt.step()
+        norms.append(float(opt.last_total_norm))
+    assert per_rank[0]["norms"] == pytest.approx(norms, rel=1e-5)
+
+
+def test_one_rank_refusing_refuses_clipper_and_optimizer_steps_everywhere(suite: Any) -> None:
+    _, results = suite
+    for r, out in enumerate(_ok(results, "refusals")):
+        for what in ("clipper", "fused"):
+            raised, message = out[what]
+            assert raised is not None, (r, what)
+            if r == 1:
+                assert "rank(s)" not in message, message  # its own error
+            else:
+                assert raised == "ValueError", (r, what, message)
+                assert "rank(s) [1] of the group rejected their input" in message, message
+        assert out["clipper_state_unchanged"] and out["clipper_arrays_unchanged"], r
+        assert out["fused_unchanged"], r
+        assert out["seconds"] < 20, out
 
 
 # ------------------------------------------------------------------ in-process units
