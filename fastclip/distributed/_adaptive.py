@@ -164,6 +164,12 @@ def clip_with_(clipper: Any, grads: Any, params: Any = None, *, plan: Plan | Non
     is_agc = hasattr(clipper, "unit_axes")
 
     def precheck() -> None:
+        if not items:  # the clipper would count no step here and a step elsewhere
+            raise ValueError(
+                "fastclip.distributed.clip_with_: this rank passed no gradients; every rank "
+                "passes its gradients (empty shards are fine), so that every clipper counts "
+                "the same steps"
+            )
         if len(by_device([_local(a) for a in items])) > 1:
             raise ValueError(
                 "fastclip.distributed.clip_with_: the gradients are on several devices; a "
