@@ -182,7 +182,9 @@ class AGC(Clipper):
             coefs.append(xp.astype(c, g.dtype) if c.dtype != g.dtype else c)
         return coefs, total, wide
 
-    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
+    def _run(
+        self, grads: Any, params: Any, inplace: bool, given: Any = None
+    ) -> tuple[list[Any], Any]:
         import array_api_compat as aac
 
         if params is None:
@@ -202,7 +204,7 @@ class AGC(Clipper):
         # torch's do) without NumPy's overflow warnings.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             coefs, total, wide = self._coefficients(gs, ps, xp)
-        value = _finish(total, self.ord)
+        value = _finish(total, self.ord) if given is None else float(given)
         total_arr = xp.asarray(value, dtype=xp.float64 if wide else xp.float32)
         if not math.isfinite(value) and self._nonfinite(value):
             out = gs if inplace else copies(gs)

@@ -268,16 +268,25 @@ class Clipper:
         self.last_step_skipped = skipped
 
     @public_method("__call__", "grads")
-    def __call__(self, grads: Any, params: Any = None) -> Any:
-        """Clip ``grads`` in place; return the total norm before clipping."""
-        return self._run(grads, params, inplace=True)[1]
+    def __call__(self, grads: Any, params: Any = None, *, total_norm: Any = None) -> Any:
+        """Clip ``grads`` in place; return the total norm before clipping.
+
+        ``total_norm``: the global norm of ``grads`` computed elsewhere (the
+        norm over every rank, from :func:`fastclip.distributed.clip_with_`),
+        used as given instead of being computed from ``grads``.
+        """
+        return self._run(grads, params, inplace=True, given=total_norm)[1]
 
     @public_method("clip", "grads")
-    def clip(self, grads: Any, params: Any = None) -> tuple[list[Any], Any]:
+    def clip(
+        self, grads: Any, params: Any = None, *, total_norm: Any = None
+    ) -> tuple[list[Any], Any]:
         """Out-of-place twin of ``__call__``: ``(new_grads, total_norm)``, same state update."""
-        return self._run(grads, params, inplace=False)
+        return self._run(grads, params, inplace=False, given=total_norm)
 
-    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
+    def _run(
+        self, grads: Any, params: Any, inplace: bool, given: Any = None
+    ) -> tuple[list[Any], Any]:
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -29,7 +29,9 @@ class GlobalNormBased(Clipper):
         """
         raise NotImplementedError
 
-    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
+    def _run(
+        self, grads: Any, params: Any, inplace: bool, given: Any = None
+    ) -> tuple[list[Any], Any]:
         items = _dispatch.as_array_list(grads)
         if not items:
             self._record(0.0, None, False)
@@ -40,7 +42,7 @@ class GlobalNormBased(Clipper):
             # checks: a bad second gradient would fail after the first was written.
             check_writable(items, type(self).__name__)
             check = False
-        total = _api.global_norm(items, self.ord)
+        total = _api.global_norm(items, self.ord) if given is None else given
         value = float(total)
         if not math.isfinite(value) and self._nonfinite(value):
             out = self._untouched(items, inplace, check)

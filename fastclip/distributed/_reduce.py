@@ -1,34 +1,49 @@
-"""What :mod:`fastclip.distributed` reduces: shard accounting, the one all_gather, the combination.
+"""What :mod:`fastclip.distributed` reduces: the one all_gather, its checks, the combination.
 
-:func:`reduce_norms` unwraps DTensors and decides what this rank counts,
+:func:`reduce_norms` has ``_layout.account`` decide what this rank counts,
 checks the arrays (before the gather, for in-place calls), computes the local
-norm, gathers one float64 row per rank (norm, error flag, signature, refusal
-reason), checks the rows and combines the ranks' norms without over- or
-underflow.  The package docstring explains the row and why it is one gather.
+norm in float64, gathers one float64 row per rank (norm, error flag,
+signature, refusal reason, the meshes and groups this rank holds arrays on),
+checks the rows identically on every rank and combines the ranks' norms
+without over- or underflow.  The package docstring explains the row and why
+it is one gather.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastclip import _api, _dispatch
+from fastclip import _dispatch
 from fastclip._validate import check_eps, check_max_norm, check_ord
 
-__all__ = ["OP_CLIP", "OP_NORM", "Reduced", "dtensor_class", "reduce_norms", "result_array"]
+from . import _devices
+from ._layout import Local, account, dtensor_class, dtensor_local, group_ranks
+from ._local import by_device, combine, local_norm
+
+__all__ = [
+    "OP_CLIP",
+    "OP_NORM",
+    "Reduced",
+    "dtensor_class",
+    "dtensor_local",
+    "reduce_norms",
+    "result_array",
+]
 
 # Columns of the gathered row.
 _NORM, _ERROR, _OP, _COUNT, _DTYPES, _REPL, _ORD, _MAX_NORM, _EPS = range(9)
 _REASON = 9  # first column of the refusing rank's error text
 _REASON_BYTES = 160  # 20 float64 columns: enough for the error's type and its first sentence
-_WIDTH = _REASON + _REASON_BYTES // 8
+_DOMAINS = _REASON + _REASON_BYTES // 8  # (key, size, checksum) of each mesh / group held
+_SLOTS = 16  # meshes and groups one rank may hold arrays on in one call
+_WIDTH = _DOMAINS + 3 * _SLOTS
 OP_NORM, OP_CLIP = 1.0, 2.0  # the function called, a column of the row
 _SIGNATURE_NAMES = {
     _OP: "the function called (global_norm / clip_by_global_norm_)",
@@ -41,115 +56,17 @@ _SIGNATURE_NAMES = {
 }
 
 
-def dtensor_class() -> Any:
-    """torch's DTensor class, or None when its module was never imported (no DTensor exists)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else getattr(module, "DTensor", None)
-
-
-def dtensor_local(a: Any) -> tuple[Any, bool]:
-    """A DTensor's local tensor and whether this rank counts it: not when a
-    ``Replicate`` placement puts the same values on a lower rank of that mesh
-    dimension.  A ``Partial`` placement is refused (NotImplementedError)."""
-    counts = True
-    mesh = a.device_mesh
-    for dim, placement in enumerate(a.placements):
-        if placement.is_partial():
-            raise NotImplementedError(
-                f"DTensor with a Partial placement ({placement}) on mesh dim {dim}: its "
-                "local tensor is a pending reduction, whose norm is not the norm of the "
-                "parts; redistribute it to Shard or Replicate first"
-            )
-        if placement.is_replicate() and mesh.get_local_rank(dim) != 0:
-            counts = False  # another rank of this mesh dim holds the same values
-    return a.to_local(), counts
-
-
-class _Local:
-    """One rank's view of a call: the local arrays and what it counts."""
-
-    def __init__(self) -> None:
-        self.arrays: list[Any] = []  # local arrays (DTensors unwrapped): what gets scaled
-        self.counted: list[Any] = []  # what enters this rank's share of the norm
-        self.meshes: list[Any] = []  # the device meshes of DTensor inputs
-        self.wide = False  # any float64/complex128 array: the result is float64
-
-
-def _unwrap(arrays: list[Any], replicated: Sequence[Any], rank_in_group: int) -> _Local:
-    dtensor = dtensor_class()
-    repl_idx: set[int] = set()
-    for item in replicated:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            i = int(item)
-            if not -len(arrays) <= i < len(arrays):
-                raise IndexError(f"replicated index {i} out of range for {len(arrays)} arrays")
-            repl_idx.add(i % len(arrays))
-        else:
-            matches = [k for k, a in enumerate(arrays) if a is item]
-            if not matches:
-                raise ValueError(
-                    "every array in `replicated` must also be one of `local_arrays` "
-                    "(the same object), or an index into them"
-                )
-            repl_idx.update(matches)
-    loc = _Local()
-    for k, a in enumerate(arrays):
-        counts = k not in repl_idx or rank_in_group == 0
-        if dtensor is not None and isinstance(a, dtensor):
-            loc.meshes.append(a.device_mesh)
-            a, mine = dtensor_local(a)
-            counts = counts and mine
-        loc.arrays.append(a)
-        if counts:
-            loc.counted.append(a)
-    return loc
-
-
-def _signature(loc: _Local, replicated_pattern: str) -> tuple[float, float]:
-    dtypes = ",".join(str(a.dtype) for a in loc.arrays)
-    return float(zlib.crc32(dtypes.encode())), float(zlib.crc32(replicated_pattern.encode()))
-
-
-def _is_wide(a: Any) -> bool:
-    return str(a.dtype).rsplit(".", 1)[-1] in ("float64", "complex128")
-
-
-def _check_targets(arrays: list[Any]) -> Any:
+def _check_targets(arrays: list[Any]) -> list[Any]:
     """Every check the in-place clip makes before its first write, made now.
 
     Run before the gather so that a refusal travels in it (see "Refusals are
-    collective" in the :mod:`fastclip.distributed` docstring).  Returns the
-    CPU route's packed tables (to reuse for the norm) or None.
+    collective" in the :mod:`fastclip.distributed` docstring), once per
+    library and device (CPU-offloaded gradients beside device ones).
     """
-    if not arrays:
-        return None
-    return _dispatch.backend_for(arrays).check_targets(arrays, "clip_by_global_norm")
-
-
-def _local_norm(counted: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
-    """This rank's norm as a float (CPU) or a float64 0-d device tensor (GPU).
-
-    ``packed``: the CPU tables of exactly ``counted``, already built and checked.
-    """
-    if not counted:
-        return 0.0
-    # The CPU route's float64 norm: over/underflow-safe, not rounded to the dtype.
-    exact = _dispatch.backend_for(counted).norm64(counted, ord_code, p, packed)
-    if exact is not None:
-        return float(exact)
-    value = _api.global_norm(counted, math.inf if ord_code == 0 else p)
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float64)
-    return float(value)  # another library: read on the host
-
-
-def _device(loc: _Local, group: Any) -> torch.device:
-    for a in loc.arrays:
-        if isinstance(a, torch.Tensor):
-            return a.device
-    if loc.arrays or "nccl" not in str(dist.get_backend(group)).lower():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return [
+        _dispatch.backend_for(part).check_targets(part, "clip_by_global_norm")
+        for part in by_device(arrays)
+    ]
 
 
 def _resolve_group(group: Any, arrays: list[Any]) -> Any:
@@ -165,19 +82,6 @@ def _resolve_group(group: Any, arrays: list[Any]) -> Any:
         if mesh.ndim == 1:
             return mesh.get_group()
     return None
-
-
-def _check_meshes(loc: _Local, group: Any) -> None:
-    if not loc.meshes:
-        return
-    ranks = sorted(dist.get_process_group_ranks(group or dist.group.WORLD))
-    for mesh in {id(m): m for m in loc.meshes}.values():
-        mesh_ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
-        if mesh_ranks != ranks:
-            raise ValueError(
-                f"a DTensor's device mesh spans ranks {mesh_ranks} but the reduction group "
-                f"spans {ranks}: pass the group of the mesh (or one covering exactly its ranks)"
-            )
 
 
 def _gather(row: torch.Tensor, group: Any) -> torch.Tensor:
@@ -198,13 +102,42 @@ def _reason_bytes(error: BaseException) -> bytes:
 
 
 def _reason_of(row: np.ndarray) -> str:
-    raw = np.ascontiguousarray(row[_REASON:_WIDTH]).view(np.uint8).tobytes()
+    raw = np.ascontiguousarray(row[_REASON:_DOMAINS]).view(np.uint8).tobytes()
     text = raw.rstrip(b"\0").decode("utf-8", "replace")
     cut = len(raw.rstrip(b"\0")) == _REASON_BYTES
     return text + ("..." if cut else "")
 
 
-def _check_rows(rows: np.ndarray, own_error: BaseException | None) -> None:
+def _check_domains(rows: np.ndarray, loc: Local, g_ranks: tuple[int, ...]) -> None:
+    """Every rank of each mesh / group listed it, with the same checksum (the same
+    decision on every rank: it reads only the gathered rows)."""
+    listed: dict[float, list[tuple[int, float, float]]] = {}
+    for r in range(rows.shape[0]):
+        for s in range(_SLOTS):
+            key, size, check = rows[r, _DOMAINS + 3 * s : _DOMAINS + 3 * s + 3]
+            if key != 0:
+                listed.setdefault(float(key), []).append((r, float(size), float(check)))
+    for key in sorted(listed):
+        entries = listed[key]
+        sizes = {e[1] for e in entries}
+        checks = {e[2] for e in entries}
+        if len(entries) == int(max(sizes)) and len(sizes) == 1 and len(checks) == 1:
+            continue
+        ranks = [g_ranks[e[0]] for e in entries]
+        mine = loc.domains.get(key)
+        what = mine[1] if mine is not None else f"a mesh or group of {int(max(sizes))} ranks"
+        raise ValueError(
+            f"fastclip.distributed: the ranks disagree on {what}: ranks {ranks} hold arrays "
+            f"on it (of its {int(max(sizes))} ranks), with checksums "
+            f"{[int(e[2]) for e in entries]} of their (dtype, shape, placements); every rank "
+            "of a mesh or of a layout / tie group must pass the same arrays on it (same "
+            "count, dtypes, meshes, tie groups); nothing was modified"
+        )
+
+
+def _check_rows(
+    rows: np.ndarray, own_error: BaseException | None, loc: Local, g_ranks: tuple[int, ...]
+) -> None:
     """Raise the same decision on every rank: a failed rank, or different signatures."""
     failed = [int(r) for r in np.flatnonzero(rows[:, _ERROR] != 0)]
     if failed:
@@ -218,36 +151,33 @@ def _check_rows(rows: np.ndarray, own_error: BaseException | None) -> None:
     for col, what in _SIGNATURE_NAMES.items():
         values = rows[:, col]
         if not np.all(values == values[0]):
+            hint = (
+                " (arrays that differ between ranks, such as pipeline stages' parameters, "
+                "need layout=fastclip.distributed.Layout(...))"
+                if col in (_COUNT, _DTYPES)
+                else ""
+            )
             raise ValueError(
                 f"fastclip.distributed: the ranks of the group disagree on {what}: "
                 f"{values.tolist()} by rank; every rank must pass the same number of arrays, "
-                "with the same dtypes, and the same arguments; nothing was modified"
+                f"with the same dtypes, and the same arguments{hint}; nothing was modified"
             )
-
-
-def _combine(norms: torch.Tensor, ord_code: int, p: float) -> torch.Tensor:
-    """The global norm from the ranks' norms, on their device (NaN and inf propagate)."""
-    m = norms.amax()  # torch's amax propagates NaN
-    if ord_code == 0:
-        return m
-    ok = torch.isfinite(m) & (m > 0)
-    scale = torch.where(ok, m, torch.ones_like(m))
-    s = torch.sum(torch.pow(norms / scale, p))
-    total = scale * (
-        torch.sqrt(s) if ord_code == 2 else s if ord_code == 1 else torch.pow(s, 1.0 / p)
-    )
-    return torch.where(ok, total, m)  # 0, inf or NaN: the max says it all
+    _check_domains(rows, loc, g_ranks)
 
 
 class Reduced:
     """The global norm of one call and this rank's view of it."""
 
-    def __init__(self, total: torch.Tensor, loc: _Local, ord_code: int, p: float, group: Any):
-        self.total = total  # float64 0-d, on the arrays' device
+    def __init__(self, total: torch.Tensor, loc: Local, ord_code: int, p: float, group: Any):
+        self.total = total  # float64 0-d, on the row's device
         self.loc = loc
         self.ord_code = ord_code
         self.p = p
         self.group = group
+
+
+def _crc(text: str) -> float:
+    return float(zlib.crc32(text.encode()))
 
 
 def reduce_norms(
@@ -259,43 +189,55 @@ def reduce_norms(
     max_norm: Any,
     eps: Any,
     strict: bool,
+    layout: Any = None,
+    tied: Any = None,
+    precheck: Callable[[], None] | None = None,
 ) -> Reduced:
+    """The one collective of a call; ``precheck`` (the caller's own validation, such as
+    a fused optimizer's) runs first and its error is sent like any refusal."""
     arrays = _dispatch.as_array_list(local_arrays)
-    group = _resolve_group(group, arrays)
-    rank = dist.get_rank(group)
+    explicit = group is not None
+    if group is None and layout is None and not tied:
+        group = _resolve_group(None, arrays)
+    g_ranks = group_ranks(group)
     error: BaseException | None = None
-    loc = _Local()
+    loc = Local()
     ord_code, p = 2, 2.0
     c = e = 0.0
     norm: Any = 0.0
     dtypes_sig = repl_sig = 0.0
     try:
+        if precheck is not None:
+            precheck()
         ord_code, p = check_ord(ord)
         if op == OP_CLIP:
             c, e = check_max_norm(max_norm), check_eps(eps)
         repl = list(replicated) if isinstance(replicated, (list, tuple, set)) else [replicated]
-        loc = _unwrap(arrays, repl, rank)
-        _check_meshes(loc, group)
-        loc.wide = any(_is_wide(a) for a in loc.arrays)
-        repl_positions = sorted(
-            {i % len(arrays) for i in repl if isinstance(i, (int, np.integer))}
-            | {k for k, a in enumerate(arrays) for r in repl if a is r}
-        )
+        loc, repl_positions = account(arrays, repl, layout, tied, g_ranks, explicit)
+        if len(loc.domains) > _SLOTS:
+            raise ValueError(
+                f"fastclip.distributed: this rank's arrays live on {len(loc.domains)} meshes "
+                f"and groups; one call takes at most {_SLOTS}"
+            )
         pattern = ";".join(f"{k}:{tuple(loc.arrays[k].shape)}" for k in repl_positions)
-        dtypes_sig, repl_sig = _signature(loc, pattern)
-        packed = _check_targets(loc.arrays) if op == OP_CLIP else None
-        if packed is not None and len(loc.counted) != len(loc.arrays):
-            packed = None  # replicated arrays not counted here: pack the counted ones
-        norm = _local_norm(loc.counted, ord_code, p, packed)
+        dtypes_sig, repl_sig = _crc(",".join(loc.base)), _crc(pattern)
+        packed = _check_targets(loc.arrays) if op == OP_CLIP else [None]
+        if len(packed) != 1 or len(loc.counted) != len(loc.arrays):
+            packed = [None]  # not all counted here (or several devices): pack the counted ones
+        norm = local_norm(loc.counted, ord_code, p, packed[0])
     except Exception as exc:  # reported to every rank through the gather, then raised
         error = exc
-    device = _device(loc, group)
+    device = _devices.choose(loc.arrays or arrays, group)
     host_rows = device.type == "cpu"
     if error is not None and not strict and not host_rows:
         raise error  # no host read of the rows on the device: the others cannot be told
     row = torch.zeros(_WIDTH, dtype=torch.float64, device=device)
-    values = [0.0, float(error is not None), op, float(len(arrays)), dtypes_sig, repl_sig]
+    values = [0.0, float(error is not None), op, float(len(loc.base)), dtypes_sig, repl_sig]
     values += [p if ord_code != 0 else math.inf, c, e]
+    for slot, (key, (size, _, parts)) in enumerate(sorted(loc.domains.items())[:_SLOTS]):
+        at = _DOMAINS + 3 * slot
+        values += [0.0] * (at + 3 - len(values))
+        values[at : at + 3] = [key, float(size), _crc("|".join(parts))]
     for i, v in enumerate(values):
         if i != _NORM and v != 0.0:
             row[i].fill_(v)  # a fill kernel, not a host-to-device copy
@@ -306,19 +248,20 @@ def reduce_norms(
     if error is not None:  # the reason, as bytes (a host-to-device copy on the error path only)
         text = _reason_bytes(error)
         if text:
-            raw = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+            raw = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
             row.view(torch.uint8)[_REASON * 8 : _REASON * 8 + len(text)].copy_(raw)
     rows = _gather(row, group)
     if strict or host_rows:
-        _check_rows(rows.cpu().numpy(), error)
-    total = _combine(rows[:, _NORM], ord_code, p)
+        _check_rows(rows.cpu().numpy(), error, loc, g_ranks)
+    total = combine(rows[:, _NORM], ord_code, p)
     return Reduced(total, loc, ord_code, p, group)
 
 
-def result_array(total: torch.Tensor, loc: _Local, like: list[Any]) -> Any:
-    """The global norm as the caller's library returns it: torch (on its device) or NumPy."""
+def result_array(total: torch.Tensor, loc: Local, like: list[Any]) -> Any:
+    """The global norm as the caller's library returns it: torch (on the arrays' device) or
+    NumPy."""
     dtype = torch.float64 if loc.wide else torch.float32
     if like and isinstance(like[0], torch.Tensor):
-        return total.to(dtype)
+        return total.to(device=like[0].device, dtype=dtype)
     np_dtype = np.float64 if loc.wide else np.float32
     return np.asarray(float(total), dtype=np_dtype)

@@ -54,6 +54,12 @@ class FusedAdamW(FusedOptimizerBase):
         written after their hook (``zero_grad``, ``GradScaler.unscale_``,
         DDP's all-reduce) are measured again at the step (see
         :class:`BackwardNorm` for its limits).
+    norm_plan : fastclip.distributed.Plan, optional
+        Parameters sharded over ranks (DTensors on any meshes, or plain
+        tensors with a layout): the global norm is reduced over every rank
+        (one gather, :func:`fastclip.distributed.global_norm`), so every rank
+        clips by the same coefficient.  DTensor parameters are stepped through
+        their local shards (a plan is implied for them).
 
     Attributes
     ----------
@@ -110,6 +116,7 @@ class FusedAdamW(FusedOptimizerBase):
         norm_type: float = 2.0,
         nonfinite: str = "propagate",
         norm_in_backward: bool = False,
+        norm_plan: Any = None,
     ) -> None:
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -130,7 +137,7 @@ class FusedAdamW(FusedOptimizerBase):
             decoupled_weight_decay=True,
         )
         super().__init__(params, defaults)
-        self._setup_clip(max_norm, norm_type, nonfinite, norm_in_backward)
+        self._setup_clip(max_norm, norm_type, nonfinite, norm_in_backward, norm_plan)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -261,7 +268,8 @@ class FusedSGD(FusedOptimizerBase):
     Same constructor arguments, defaults and state (``momentum_buffer``) as
     ``torch.optim.SGD``, plus ``max_norm``, ``norm_type`` and ``nonfinite`` as
     :class:`FusedAdamW`; the first step sets the momentum buffer to the
-    (clipped) gradient, as torch does; ``norm_in_backward`` as :class:`FusedAdamW`.  CPU and CUDA tensors, with
+    (clipped) gradient, as torch does; ``norm_in_backward`` and ``norm_plan`` as
+    :class:`FusedAdamW`.  CPU and CUDA tensors, with
     :class:`FusedAdamW`'s host-sync rules on CUDA (one launch per parameter
     group and dtype).
 
@@ -296,6 +304,7 @@ class FusedSGD(FusedOptimizerBase):
         norm_type: float = 2.0,
         nonfinite: str = "propagate",
         norm_in_backward: bool = False,
+        norm_plan: Any = None,
     ) -> None:
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -314,7 +323,7 @@ class FusedSGD(FusedOptimizerBase):
             fused=fused,
         )
         super().__init__(params, defaults)
-        self._setup_clip(max_norm, norm_type, nonfinite, norm_in_backward)
+        self._setup_clip(max_norm, norm_type, nonfinite, norm_in_backward, norm_plan)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

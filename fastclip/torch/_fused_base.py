@@ -21,11 +21,19 @@ from fastclip import _dispatch
 from fastclip._errors import public_method
 from fastclip._typing import StepClip
 from fastclip._validate import check_max_norm, check_nonfinite, check_ord
+from fastclip.distributed import has_dtensor, local_tensors
+from fastclip.distributed._adaptive import Plan
 
 from . import _ops
 from ._backward_norm import BackwardNorm
 
 __all__ = ["FusedOptimizerBase"]
+
+
+def _locals(lists: list[Any]) -> list[Any]:
+    """The step's parallel lists with every DTensor replaced by its local shard (a view:
+    the fused kernels write the DTensors' memory)."""
+    return [None if lst is None else local_tensors(lst) for lst in lists]
 
 
 class FusedOptimizerBase(Optimizer):
@@ -55,7 +63,12 @@ class FusedOptimizerBase(Optimizer):
                 )
 
     def _setup_clip(
-        self, max_norm: float | None, norm_type: float, nonfinite: str, norm_in_backward: bool
+        self,
+        max_norm: float | None,
+        norm_type: float,
+        nonfinite: str,
+        norm_in_backward: bool,
+        norm_plan: Any = None,
     ) -> None:
         if max_norm is not None:
             check_max_norm(max_norm)
@@ -65,6 +78,13 @@ class FusedOptimizerBase(Optimizer):
                 "norm_in_backward=True needs max_norm (the norm taken "
                 "during backward is the global norm the step clips to max_norm)"
             )
+        if norm_plan is not None and (norm_in_backward or not isinstance(norm_plan, Plan)):
+            raise (ValueError if norm_in_backward else TypeError)(
+                f"{type(self).__name__}: norm_plan takes a fastclip.distributed.Plan and "
+                "does not combine with norm_in_backward"
+            )
+        self._norm_plan = norm_plan
+        self._dist_error: BaseException | None = None
         self.max_norm = None if max_norm is None else float(max_norm)
         self.norm_type = float(norm_type)
         self.nonfinite = check_nonfinite(nonfinite)
@@ -219,7 +239,11 @@ class FusedOptimizerBase(Optimizer):
 
     def _backend(self, lists: list[Any]) -> Any:
         """The CPU or GPU backend of a step's parallel lists (TypeError otherwise)."""
-        return _dispatch.backend_for_step(lists, type(self).__name__)
+        return _dispatch.backend_for_step(_locals(lists), type(self).__name__)
+
+    def _distributed(self, grads: list[torch.Tensor]) -> bool:
+        """Whether the step's norm is reduced over ranks (a plan, or DTensor gradients)."""
+        return getattr(self, "_norm_plan", None) is not None or has_dtensor(grads)
 
     def _clip(self, grads: list[torch.Tensor], backend: Any = None) -> Any:
         """Norm and coefficient over every gradient of every group (the route's
@@ -229,6 +253,14 @@ class FusedOptimizerBase(Optimizer):
         if backend is None:  # the gradients' backend, unless the step has it already
             backend = self._backend([grads])
         clip, unscaled = self._step_clip()
+        if self.max_norm is not None and self.backward_norm is None and self._distributed(grads):
+            total = self._global_norm(grads)
+            given = total if backend.on_gpu else float(total)
+            clip = StepClip(self.max_norm, self.norm_type, given, None, 1e-6, self.nonfinite)
+        elif self._dist_error is not None:
+            error, self._dist_error = self._dist_error, None
+            raise error
+        grads = local_tensors(grads)
         plan = backend.step_plan(grads, clip, type(self).__name__)
         if unscaled is not None:  # the norm of the unscaled gradients, reported
             wide = any(g.dtype == torch.float64 for g in grads)
@@ -312,18 +344,46 @@ class FusedOptimizerBase(Optimizer):
             self.last_step_skipped = False
         return loss, grads
 
+    def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The norm over every rank (one gather); a refusal of this rank's step, kept
+        by ``_prepare``, travels in it so that every rank refuses together."""
+        from fastclip.distributed._adaptive import Plan as _Plan
+        from fastclip.distributed._reduce import OP_NORM, reduce_norms
+
+        own = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        kw = (getattr(self, "_norm_plan", None) or _Plan()).resolve(grads, own)
+        error, self._dist_error = self._dist_error, None
+
+        def precheck() -> None:
+            if error is not None:
+                raise error
+
+        red = reduce_norms(
+            grads, self.norm_type, kw["group"], kw["replicated"], OP_NORM, None, None, True,
+            kw["layout"], kw["tied"], precheck,
+        )  # fmt: skip
+        return red.total
+
     def _prepare(self, lists: list[Any], ams: Any) -> Any:
         """Validate and pack one fused launch before anything is written:
         AdamW (``ams`` a bool) or SGD (``ams`` None).  ``(backend, prepared)``."""
-        backend = self._backend(lists)
-        return backend, backend.step_prepare(lists, ams, type(self).__name__)
+        reduced = self.max_norm is not None and self._distributed(lists[1])
+        lists = _locals(lists)
+        try:
+            backend = self._backend(lists)
+            return backend, backend.step_prepare(lists, ams, type(self).__name__)
+        except Exception as exc:
+            if not reduced:
+                raise
+            self._dist_error = exc  # raised on every rank by the norm's gather (_clip)
+            return None, None
 
     def _run(
         self, prepared: Any, lists: list[Any], hparams: np.ndarray, plan: Any, sign: float, ams: Any
     ) -> None:
         """Launch a prepared step (one fused launch per dtype)."""
         backend, work = prepared
-        backend.step_run(work, lists, hparams, plan, sign, ams)
+        backend.step_run(work, _locals(lists), hparams, plan, sign, ams)
 
     def __repr__(self) -> str:
         head = super().__repr__()

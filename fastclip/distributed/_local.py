@@ -1,0 +1,163 @@
+"""This rank's share of the norm, every element accumulated in float64.
+
+fastclip's CPU kernels sum float32 and 16-bit elements in float32 blocks
+(then float64 across blocks): fast, but which elements share a block
+depends on how the model is split, so the float32 rounding inside the blocks
+does too, and the norm of one model split 2 ways differed from the norm split
+4 ways by more than float32's rounding (``test_norm_does_not_depend_on_the_split``
+in tests/integration/test_distributed_layouts.py; torchtitan PR 4135 for
+bf16).  Here every element of a non-float64 array is widened to float64 before
+it is summed (copied by chunks of ``_CHUNK`` elements into a float64 buffer
+on the arrays' device, then ``torch.dot``), so the float64 total is the same
+for every split up to float64 rounding and its float32 result is the float64
+value rounded once.  float64 arrays keep fastclip's float64 kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastclip import _api, _dispatch
+
+__all__ = ["by_device", "combine", "local_norm"]
+
+_CHUNK = 1 << 18  # elements widened at a time: a 2 MB float64 buffer
+_WIDE = ("float64", "complex128")
+
+
+def by_device(arrays: list[Any]) -> list[list[Any]]:
+    """The arrays split by library and device, in order of first appearance."""
+    parts: dict[Any, list[Any]] = {}
+    for a in arrays:
+        where = (type(a), str(a.device)) if isinstance(a, torch.Tensor) else (type(a), "cpu")
+        parts.setdefault(where, []).append(a)
+    return list(parts.values())
+
+
+def combine(norms: torch.Tensor, ord_code: int, p: float) -> torch.Tensor:
+    """The norm of a vector of norms, scaled by the largest (no over- or underflow);
+    NaN and inf propagate."""
+    m = norms.amax()  # torch's amax propagates NaN
+    if ord_code == 0:
+        return m
+    ok = torch.isfinite(m) & (m > 0)
+    scale = torch.where(ok, m, torch.ones_like(m))
+    s = torch.sum(torch.pow(norms / scale, p))
+    total = scale * (
+        torch.sqrt(s) if ord_code == 2 else s if ord_code == 1 else torch.pow(s, 1.0 / p)
+    )
+    return torch.where(ok, total, m)  # 0, inf or NaN: the max says it all
+
+
+def _power_sum(b: torch.Tensor, ord_code: int, p: float, scale: float) -> torch.Tensor:
+    """Sum of |b / scale|^p of one widened chunk (float64 or complex128), in float64."""
+    if ord_code == 2:
+        return torch.vdot(b, b).real if b.is_complex() else torch.dot(b, b)
+    a = b.abs() if b.is_complex() else b.abs_()
+    if ord_code == 1:
+        return a.sum()
+    return a.div_(scale).pow_(p).sum()
+
+
+def _abs_max(flat: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float64 0-d tensor (exact in any dtype; NaN propagates).  From max
+    and min: torch's ``vector_norm(x, inf)`` took 25x longer than they on the CPU."""
+    if flat.is_complex():
+        return flat.abs().amax().to(torch.float64)
+    return torch.maximum(flat.max(), -flat.min()).to(torch.float64)
+
+
+def _widened_norm(a: Any, ord_code: int, p: float) -> Any:
+    """One array's norm, every element widened to float64 before it is summed: a float64
+    0-d tensor on the array's device.
+
+    The chunks are copied into one reused float64 buffer of ``_CHUNK`` elements
+    (2 MB: cache-resident, no allocation per chunk).  Squares of widened float32
+    or 16-bit values (|x| < 3.5e38) cannot overflow float64; other powers are
+    taken of x / max|x|, which cannot either.
+    """
+    if isinstance(a, np.ndarray):
+        with warnings.catch_warnings():  # a read-only array: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+    else:
+        t = a.detach()
+    flat = t.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64, device=flat.device)
+    scale = 1.0
+    if ord_code not in (1, 2):
+        amax = _abs_max(flat)
+        if ord_code == 0:
+            return amax
+        m = float(amax)  # a host read (on a GPU) for p other than 1, 2 and inf only
+        if not math.isfinite(m) or m == 0.0:
+            return amax  # 0, inf or NaN: the max says it all
+        scale = m
+    wide = torch.complex128 if flat.is_complex() else torch.float64
+    buf = torch.empty(min(n, _CHUNK), dtype=wide, device=flat.device)
+    # 16-bit floats widen through float32 (exact both ways): torch's direct bfloat16 ->
+    # float64 copy took 100x longer on the CPU than the two vectorised copies.
+    mid = None
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        mid = torch.empty(min(n, _CHUNK), dtype=torch.float32, device=flat.device)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for i in range(0, n, _CHUNK):
+        chunk = flat[i : i + _CHUNK]
+        b = buf[: chunk.numel()]
+        if mid is not None:
+            chunk = mid[: chunk.numel()].copy_(chunk)
+        b.copy_(chunk)
+        total += _power_sum(b, ord_code, p, scale)
+    root = total.sqrt() if ord_code == 2 else total if ord_code == 1 else total.pow(1.0 / p)
+    return root * scale
+
+
+def _one_norm(arrays: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
+    """The norm of arrays of one library and device: a float, or a float64 device tensor."""
+    narrow = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] not in _WIDE]
+    values: list[Any] = []
+    if isinstance(arrays[0], (torch.Tensor, np.ndarray)) and narrow:
+        values = [_widened_norm(a, ord_code, p) for a in narrow]
+        arrays = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] in _WIDE]
+        packed = None
+    if arrays:
+        # float64 arrays: the CPU route's float64 norm (over/underflow-safe), else the route's
+        exact = _dispatch.backend_for(arrays).norm64(arrays, ord_code, p, packed)
+        if exact is not None:
+            values.append(float(exact))
+        else:
+            value = _api.global_norm(arrays, math.inf if ord_code == 0 else p)
+            if not isinstance(value, torch.Tensor):
+                return float(value)  # another library: read on the host
+            values.append(value.detach().to(torch.float64))
+    if len(values) == 1:
+        v = values[0]
+        return float(v) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    out = combine(stacked, ord_code, p)
+    return float(out) if out.device.type == "cpu" else out
+
+
+def local_norm(counted: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
+    """This rank's norm as a float (CPU) or a float64 0-d device tensor (GPU).
+
+    ``packed``: the CPU tables of exactly ``counted``, already built and checked.
+    Arrays on several devices: one norm per device, combined in float64.
+    """
+    if not counted:
+        return 0.0
+    parts = by_device(counted)
+    if len(parts) == 1:
+        return _one_norm(counted, ord_code, p, packed)
+    norms = [_one_norm(part, ord_code, p) for part in parts]
+    device = next((n.device for n in norms if isinstance(n, torch.Tensor)), None)
+    stacked = torch.stack([torch.as_tensor(n, dtype=torch.float64, device=device) for n in norms])
+    return combine(stacked, ord_code, p)
