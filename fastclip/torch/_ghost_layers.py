@@ -17,11 +17,10 @@ d_out)`` work, ``d_in d_out`` memory).  ``form="auto"`` takes the one with
 fewer multiply-adds, as Bu et al.'s mixed ghost clipping does (arXiv
 2205.10683, which compares ``2T^2`` with ``d_in d_out``).
 
-Row norms go through :func:`fastclip.norm` (``axis=1``): measured on 2 CPU
-threads it is 1.0-40x faster than ``torch.linalg.vector_norm(dim=1)`` on
-``[512, 16384]`` and ``[4096, 128]`` float32 rows and level at ``[512,
-65536]``; the products are torch's BLAS (``bmm``), which fastclip has no
-kernel for.
+Row norms of 32768 elements or more go through :func:`fastclip.norm`
+(``axis=1``) when torch has more than one thread, others through torch
+(measurements at ``_TORCH_ROWS_BELOW``);
+the products are torch's BLAS (``bmm``), which fastclip has no kernel for.
 """
 
 from __future__ import annotations
@@ -49,6 +48,13 @@ FORMS = ("auto", "gram", "materialize")
 # near 2**24 elements (64 MiB of float32) whatever the batch size: the point
 # of ghost clipping is memory, and an unchunked [512, 512, 512] Gram is 0.5 GiB.
 _CHUNK_ELEMENTS = 1 << 24
+# Row norms: measured by benchmarks/bench_ghost.py --part forms on 2 cores shared with
+# other jobs.  With one thread torch's float32 reduction wins (fastclip.norm 0.2-0.5x
+# at [1024, 128], [128, 49152], [128, 128000]: its float64 accumulation costs more per
+# element); with two, each of torch's parallel reductions paid an OpenMP wake-up of
+# 12-24 ms there and fastclip.norm won 6-290x.  Below torch's intra-op grain size
+# (32768 elements) torch runs serially in 4-8 us, under fastclip's 30-45 us call.
+_TORCH_ROWS_BELOW = 32768
 
 
 def _chunks(batch: int, per_sample: int) -> Iterator[slice]:
@@ -57,9 +63,17 @@ def _chunks(batch: int, per_sample: int) -> Iterator[slice]:
         yield slice(start, min(batch, start + step))
 
 
+def use_fastclip_rows(numel: int) -> bool:
+    """Whether ``fastclip.norm`` takes the row norms of ``numel`` elements (see above)."""
+    return numel >= _TORCH_ROWS_BELOW and torch.get_num_threads() > 1
+
+
 def _sq_rows(x: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm of each row of ``x`` (``[B, ...]``), in float32 or float64."""
-    return _api.norm(x.reshape(x.shape[0], -1), axis=1) ** 2
+    rows = x.reshape(x.shape[0], -1)
+    if use_fastclip_rows(rows.numel()):
+        return _api.norm(rows, axis=1) ** 2
+    return torch.linalg.vector_norm(rows, dim=1) ** 2
 
 
 def _trainable(p: torch.Tensor | None) -> bool:

@@ -204,6 +204,22 @@ def test_both_forms_against_oracle(case, form):
         _close(grads[k], o_sum[k])
 
 
+@pytest.mark.parametrize("route", ["fastclip", "torch"])
+def test_both_row_norm_routes_against_oracle(route, monkeypatch):
+    """The test shapes are below the size where fastclip.norm takes the row norms: force each."""
+    from fastclip.torch import _ghost_layers
+
+    monkeypatch.setattr(_ghost_layers, "use_fastclip_rows", lambda n: route == "fastclip")
+    for case in ("embedding", "conv2d", "transformer"):
+        model, x, y = _case(case)
+        o_norms, o_layer, o_sum, bound = _oracle(model, x, y)
+        norms, layer, grads = _ours(model, x, y, bound)
+        _close(norms, o_norms)
+        for k in grads:
+            _close(layer[k], o_layer[k])
+            _close(grads[k], o_sum[k])
+
+
 def test_single_sample_and_empty_batch():
     model, x, y = _case("transformer", batch=1)
     half = 0.5 * float(_oracle(model, x, y)[0])  # clipped to half its norm
