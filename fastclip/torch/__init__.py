@@ -78,6 +78,8 @@ from ._clip_grad import (
 )
 from ._clipped import ClippedOptimizer
 from ._fused import FusedAdamW, FusedSGD
+from ._ghost import GhostClipping
+from ._ghost_layers import per_sample_grad_norms
 from ._grad_norm import grad_norm
 from ._patch import is_patched, patch, unpatch
 
@@ -86,6 +88,7 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "ClippedOptimizer",
     "FusedAdamW",
     "FusedSGD",
+    "GhostClipping",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
@@ -93,5 +96,6 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "grad_norm",
     "is_patched",
     "patch",
+    "per_sample_grad_norms",
     "unpatch",
 ]
