@@ -233,9 +233,8 @@ class QuantileClip(Clipper):
         total = float(np.sqrt(np.sum(norms * norms)))
         if not math.isfinite(total) and self._nonfinite(total):
             # skip: the gradients' own (unclipped) reduction, nothing counted
-            plain = _api.clip_per_sample(grads, math.inf, 2, reduce=reduce, eps=self.eps)
             self._record(total, None, True)
-            return PerSampleClipResult(plain.grads, result.norms, 0)
+            return PerSampleClipResult(_plain(grads, reduce), result.norms, 0)
         self.unclipped_num += batch - result.n_clipped
         self.sample_size += batch
         self._record(total, self.max_norm, False)
@@ -261,6 +260,22 @@ class QuantileClip(Clipper):
         self.unclipped_num = self.sample_size = 0
         self.step += 1
         return self.max_norm
+
+
+def _plain(grads: Any, reduce: str | None) -> Any:
+    """The per-sample gradients reduced without clipping (what "skip" returns)."""
+    import array_api_compat as aac
+
+    single = not isinstance(grads, (list, tuple))
+    items = [grads] if single else list(grads)
+    xp = aac.array_namespace(*items)
+    if reduce is None:
+        out = [xp.asarray(g, copy=True) for g in items]
+    elif reduce == "sum":
+        out = [xp.sum(g, axis=0) for g in items]
+    else:
+        out = [xp.sum(g, axis=0) / g.shape[0] for g in items]
+    return out[0] if single else out
 
 
 def _host(a: Any) -> Any:
