@@ -1,0 +1,361 @@
+"""fastclip.torch.SPAMAdamW and StableSPAMAdamW against float64 NumPy transcriptions
+of the reference optimizers, step by step on recorded gradient sequences with
+injected spikes (parameters and every state tensor compared after each step):
+
+* SPAM: ``AdamW.step`` of ``galore_torch/SPAM.py``, github.com/TianjinYellow/SPAM-Optimizer
+  (commit d169579): momentum reset when ``(total_step + 1) % DeltaT == 0``, the
+  masked clip ``g[mask] = sign(g) sqrt(thres v)`` with ``mask = g**2 > thres v``
+  after ``grad_accu_steps``, HF-style bias correction, decay after the update,
+  ``scale_factor = 1 - CosineDecay(0.99, warmup_steps).get_dr(current_step)``;
+* Stable-SPAM: ``StableSPAM.step`` of ``galore_torch/stablespam.py``,
+  github.com/TianjinYellow/StableSPAM: AdaClip (EMA of ``max|g|``), AdaGN (EMAs of
+  ``||g||`` and ``||g||^2``), the reset that binds the old moments first.
+
+The cosine schedules are read from torch's ``CosineAnnealingLR`` exactly as the
+references build it (``CosineDecay``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastclip  # noqa: E402
+from fastclip.torch import SPAMAdamW, StableSPAMAdamW  # noqa: E402
+
+SHAPES = [(6, 4), (5,), (2, 3, 2)]
+
+
+def cosine_decay(rate, t_max, eta_min):
+    """The references' ``CosineDecay(rate, t_max, eta_min).get_dr``, through torch."""
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, t_max + 1, eta_min, -1)
+
+    def get_dr(step):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the epoch argument is deprecated
+            sched.step(step)
+        return sgd.param_groups[0]["lr"]
+
+    return get_dr
+
+
+class SpamOracle:
+    def __init__(self, shapes, lr, betas, eps, wd, thres, delta_t, warmup, accu, correct_bias=True):
+        self.lr, self.betas, self.eps, self.wd, self.cb = lr, betas, eps, wd, correct_bias
+        self.thres, self.delta_t, self.warmup_steps, self.accu = thres, delta_t, warmup, accu
+        self.total_step, self.current_step = 0, warmup + 1
+        self.decay = cosine_decay(0.99, warmup, 0)
+        self.m = [np.zeros(s) for s in shapes]
+        self.v = [np.zeros(s) for s in shapes]
+        self.k = [0] * len(shapes)
+
+    def get_dr(self, s):
+        return 0.0 if s >= self.warmup_steps else self.decay(s)
+
+    def step(self, params, grads):
+        b1, b2 = self.betas
+        scale = 1 - self.get_dr(self.current_step)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.copy()
+            if (self.total_step + 1) % self.delta_t == 0:
+                self.m[i], self.v[i] = np.zeros_like(g), np.zeros_like(g)
+            self.k[i] += 1
+            if self.thres != 0:
+                cur = self.total_step + 1
+                if cur >= self.accu and cur % self.delta_t >= self.accu:
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        mask = g**2 > self.thres * self.v[i]
+                    g[mask] = np.sign(g[mask]) * np.sqrt(self.v[i][mask] * self.thres)
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+            denom = np.sqrt(self.v[i]) + self.eps
+            size = self.lr
+            if self.cb:
+                size *= math.sqrt(1 - b2 ** self.k[i]) / (1 - b1 ** self.k[i])
+            p -= size * scale * (self.m[i] / denom)
+            if self.wd > 0:
+                p -= self.lr * self.wd * p
+        self.total_step += 1
+        self.current_step += 1
+        if self.total_step != 0 and (self.total_step + 1) % self.delta_t == 0:
+            self.current_step = 0
+
+
+class StableSpamOracle:
+    def __init__(self, shapes, lr, betas, eps, wd, amsgrad, g1, g2, g3, total_t, eta_min, gap):
+        self.lr, self.betas, self.eps, self.wd, self.amsgrad = lr, betas, eps, wd, amsgrad
+        self.g1, self.g2, self.theta = (betas[0] if g1 == -1 else g1), g2, g3
+        self.total_t, self.gap, self.total_steps = total_t, gap, 0
+        if total_t is not None:
+            self.decay = cosine_decay(1.0, total_t, eta_min)
+        n = len(shapes)
+        self.m = [np.zeros(s) for s in shapes]
+        self.v = [np.zeros(s) for s in shapes]
+        self.vmax = [np.zeros(s) for s in shapes]
+        self.k = [0] * n
+        self.m_norm, self.v_norm, self.m_max = [0.0] * n, [0.0] * n, [0.0] * n
+
+    def step(self, params, grads):
+        self.total_steps += 1
+        scale = self.decay(self.total_steps) if self.total_t is not None else 1.0
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p *= 1 - self.lr * self.wd
+            g = g.copy()
+            max_g = np.max(np.abs(g))
+            self.k[i] += 1
+            self.m_max[i] = self.theta * self.m_max[i] + (1 - self.theta) * max_g
+            hat = self.m_max[i] / (1 - self.theta ** self.k[i])
+            with np.errstate(invalid="ignore"):
+                mask = np.abs(g) > hat
+            if mask.sum() > 0:
+                g[mask] = g[mask] / max_g * hat
+            n = np.linalg.norm(g.ravel())
+            g1s = self.g1 * scale
+            self.m_norm[i] = g1s * self.m_norm[i] + (1 - g1s) * n
+            self.v_norm[i] = self.g2 * self.v_norm[i] + (1 - self.g2) * n**2
+            m_hat = self.m_norm[i] / (1 - g1s ** self.k[i])
+            v_hat = self.v_norm[i] / (1 - self.g2 ** self.k[i])
+            c = m_hat / (np.sqrt(v_hat) + self.eps)
+            if n > 0:
+                g = g / n * c
+            m, v = self.m[i], self.v[i]  # bound before the reset, as the reference
+            if self.gap != 0 and self.total_steps % self.gap == 0:
+                self.m[i], self.v[i] = np.zeros_like(g), np.zeros_like(g)
+                self.k[i] = 1
+            b1, b2 = self.betas
+            b1 = b1 * scale
+            bc1, bc2 = 1 - b1 ** self.k[i], 1 - b2 ** self.k[i]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            if self.amsgrad:
+                np.maximum(self.vmax[i], v, out=self.vmax[i])
+                denom = np.sqrt(self.vmax[i]) / math.sqrt(bc2) + self.eps
+            else:
+                denom = np.sqrt(v) / math.sqrt(bc2) + self.eps
+            p -= self.lr / bc1 * (m / denom)
+
+
+def recorded(steps=30, seed=0, nonfinite_at=None, value=math.nan):
+    """Seeded gradients; spikes: one element x1e3 at steps 9 and 17, a whole tensor x40
+    at step 23; optionally one non-finite element."""
+    rng = np.random.default_rng(seed)
+    seq = []
+    for t in range(steps):
+        gs = [rng.normal(size=s) * 0.1 * (i + 1) for i, s in enumerate(SHAPES)]
+        if t in (9, 17):
+            gs[0][1, 2] *= 1e3
+        if t == 23:
+            gs[2] *= 40.0
+        if t == nonfinite_at:
+            gs[1][3] = value
+        seq.append(gs)
+    return seq
+
+
+def run(opt_cls, kwargs, seq, dtype=torch.float64, oracle=None, check=None, rtol=1e-12):
+    rng = np.random.default_rng(99)
+    init = [rng.normal(size=s) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.tensor(x, dtype=dtype)) for x in init]
+    opt = opt_cls(params, **kwargs)
+    ref_p = [x.copy() for x in init]
+    for gs in seq:
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g, dtype=dtype)
+        opt.step()
+        if oracle is not None:
+            with np.errstate(invalid="ignore", over="ignore"):
+                oracle.step(ref_p, [torch.tensor(g, dtype=dtype).double().numpy() for g in gs])
+            for i, p in enumerate(params):
+                # float32 runs round every step: entries near 0 are compared on the
+                # tensor's scale (cancellation), the others relatively
+                close(p.detach().double().numpy(), ref_p[i], rtol)
+                if check is not None:
+                    check(opt.state[p], oracle, i, rtol)
+    return opt, params
+
+
+def close(got, want, rtol):
+    finite = np.isfinite(want)
+    scale = float(np.abs(want[finite]).max()) if finite.any() else 0.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale * 1e-2)
+
+
+def spam_states(st, oracle, i, rtol):
+    close(st["exp_avg"].double().numpy(), oracle.m[i], rtol)
+    close(st["exp_avg_sq"].double().numpy(), oracle.v[i], rtol)
+    assert st["step"] == oracle.k[i]
+
+
+SPAM_KW = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, threshold=50.0,
+               delta_t=10, warmup_steps=4, grad_accu_steps=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_spam_matches_the_reference(dtype, correct_bias):
+    kw = dict(SPAM_KW, correct_bias=correct_bias)
+    oracle = SpamOracle(SHAPES, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"], 50.0, 10, 4,
+                        3, correct_bias)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    opt, _ = run(SPAMAdamW, kw, recorded(), dtype, oracle, spam_states, rtol)
+    assert opt.total_step == 30 and opt.current_step == oracle.current_step
+
+
+def test_spam_defaults_are_the_references():
+    opt = SPAMAdamW([torch.nn.Parameter(torch.zeros(1))])
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["correct_bias"]) == (
+        1e-3, (0.9, 0.999), 1e-6, 0.0, True)
+    assert (opt.threshold, opt.delta_t, opt.warmup_steps, opt.grad_accu_steps) == (5000, 500, 150, 20)
+    assert opt.current_step == 151
+
+
+def stable_states(st, oracle, i, rtol):
+    spam_states(st, oracle, i, rtol)
+    for key, ref in (("m_norm_t", oracle.m_norm), ("v_norm_t", oracle.v_norm), ("m_max_t", oracle.m_max)):
+        assert float(st[key]) == pytest.approx(float(ref[i]), rel=rtol * 10, abs=1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("amsgrad, total_t, gamma1", [(False, None, 0.7), (True, 20, -1), (False, 12, 0.85)])
+def test_stable_spam_matches_the_reference(dtype, amsgrad, total_t, gamma1):
+    kw = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, amsgrad=amsgrad,
+              gamma1=gamma1, gamma2=0.9, gamma3=0.999, total_t=total_t, eta_min=0.5,
+              update_proj_gap=7)
+    oracle = StableSpamOracle(SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.05, amsgrad, gamma1, 0.9, 0.999,
+                              total_t, 0.5, 7)
+    rtol = 1e-11 if dtype == torch.float64 else 5e-5
+    opt, _ = run(StableSPAMAdamW, kw, recorded(), dtype, oracle, stable_states, rtol)
+    assert opt.total_steps == 30
+
+
+def test_stable_spam_defaults_are_the_references():
+    opt = StableSPAMAdamW([torch.nn.Parameter(torch.zeros(1))])
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["amsgrad"]) == (
+        1e-3, (0.9, 0.999), 1e-8, 0.0, False)
+    assert (opt.gamma1, opt.gamma2, opt.gamma3, opt.total_t, opt.eta_min, opt.update_proj_gap) == (
+        0.7, 0.9, 0.999, None, 0.5, 1000)
+
+
+CASES = [
+    (SPAMAdamW, SPAM_KW, lambda: SpamOracle(SHAPES, 0.01, (0.9, 0.99), 1e-6, 0.1, 50.0, 10, 4, 3)),
+    (StableSPAMAdamW, dict(lr=0.01, update_proj_gap=7),
+     lambda: StableSpamOracle(SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.0, False, 0.7, 0.9, 0.999, None,
+                              0.5, 7)),
+]
+
+
+def snapshot(opt, params):
+    return copy.deepcopy((opt.state_dict(), [p.detach().clone() for p in params],
+                          [p.grad.clone() for p in params]))
+
+
+def same(a, b):
+    sa, pa, ga = a
+    sb, pb, gb = b
+    assert sa["counters"] == sb["counters"]
+    for x, y in zip(pa + ga, pb + gb):
+        assert torch.equal(x, y) or (x.isnan() == y.isnan()).all()
+    for k in sa["state"]:
+        for key, x in sa["state"][k].items():
+            y = sb["state"][k][key]
+            assert (x == y) if not torch.is_tensor(x) else torch.equal(x, y)
+
+
+@pytest.mark.parametrize("cls, kw, make", CASES, ids=["spam", "stable_spam"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nonfinite_policies(cls, kw, make, value):
+    seq = recorded(16, nonfinite_at=12, value=value)
+    # propagate: the reference's arithmetic, NaN and inf included
+    run(cls, kw, seq, oracle=make(), check=None)
+    for policy in ("error", "skip"):
+        oracle = make()
+        rng = np.random.default_rng(99)
+        init = [rng.normal(size=s) for s in SHAPES]
+        params = [torch.nn.Parameter(torch.tensor(x)) for x in init]
+        opt = cls(params, **kw, nonfinite=policy)
+        ref_p = [x.copy() for x in init]
+        for t, gs in enumerate(seq):
+            for p, g in zip(params, gs):
+                p.grad = torch.tensor(g)
+            if t == 12:
+                before = snapshot(opt, params)
+                if policy == "error":
+                    with pytest.raises(fastclip.NonFiniteNormError, match=cls.__name__):
+                        opt.step()
+                else:
+                    opt.step()
+                    assert opt.last_step_skipped
+                same(before, snapshot(opt, params))
+                continue
+            opt.step()
+            assert not opt.last_step_skipped
+            oracle.step(ref_p, gs)  # the skipped step never happened
+            for p, r in zip(params, ref_p):
+                np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls, kw, make", CASES, ids=["spam", "stable_spam"])
+def test_state_dict_round_trip_continues_the_run(cls, kw, make):
+    seq = recorded()
+    a, pa = run(cls, kw, seq[:13])
+    sd = copy.deepcopy(a.state_dict())
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    b = cls(pb, **kw)
+    b.load_state_dict(sd)
+    for gs in seq[13:]:
+        for p, q, g in zip(pa, pb, gs):
+            p.grad, q.grad = torch.tensor(g), torch.tensor(g)
+        a.step()
+        b.step()
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+    before = copy.deepcopy(b.state_dict())
+    bad = dict(sd, counters={"nope": 1})
+    with pytest.raises(ValueError, match=f"fastclip.torch.{cls.__name__}.load_state_dict"):
+        b.load_state_dict(bad)
+    assert b.state_dict()["counters"] == before["counters"]
+
+
+@pytest.mark.parametrize("cls", [SPAMAdamW, StableSPAMAdamW])
+def test_bad_gradients_and_arguments_change_nothing(cls):
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    opt = cls(params, lr=0.1)
+    params[0].grad = torch.ones(3)
+    params[1].grad = torch.ones(2, 2).to_sparse()
+    with pytest.raises(RuntimeError, match=f"fastclip.torch.{cls.__name__}.step: sparse"):
+        opt.step()
+    assert torch.equal(params[0], torch.ones(3)) and not opt.state
+    params[1].grad = None
+    params.append(torch.nn.Parameter(torch.ones(2, dtype=torch.complex64)))
+    params[2].grad = torch.ones(2, dtype=torch.complex64)
+    opt = cls(params, lr=0.1)
+    with pytest.raises(TypeError, match="real floating"):
+        opt.step()
+    assert torch.equal(params[0], torch.ones(3)) and not opt.state
+    for bad, match in [(dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"),
+                       (dict(eps=math.nan), "eps"), (dict(nonfinite="ignore"), "nonfinite")]:
+        with pytest.raises((TypeError, ValueError), match=f"fastclip.torch.{cls.__name__}: {match}"):
+            cls(params, **bad)
+
+
+def test_spam_leaves_the_gradients_as_they_were():
+    seq = recorded(12)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
+    opt = SPAMAdamW(params, **SPAM_KW)
+    for gs in seq:
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g)
+        opt.step()
+        for p, g in zip(params, gs):
+            np.testing.assert_array_equal(p.grad.numpy(), g)
