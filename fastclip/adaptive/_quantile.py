@@ -21,7 +21,12 @@ _WHAT = "fastclip.adaptive.QuantileClip"
 
 def _rng_state(rng: np.random.Generator) -> list[int]:
     s = rng.bit_generator.state
-    return [int(s["state"]["state"]), int(s["state"]["inc"]), int(s["has_uint32"]), int(s["uinteger"])]
+    return [
+        int(s["state"]["state"]),
+        int(s["state"]["inc"]),
+        int(s["has_uint32"]),
+        int(s["uinteger"]),
+    ]
 
 
 def _rng_from(values: Any) -> np.random.Generator:
@@ -128,7 +133,8 @@ class QuantileClip(Clipper):
         w = _WHAT
         self.max_norm = named_errors(w, lambda: real_param(max_norm, "max_norm", gt=0))
         self.target_unclipped_quantile = named_errors(
-            w, lambda: real_param(target_unclipped_quantile, "target_unclipped_quantile", ge=0, le=1)
+            w,
+            lambda: real_param(target_unclipped_quantile, "target_unclipped_quantile", ge=0, le=1),
         )
         self.clipbound_learning_rate = named_errors(
             w, lambda: real_param(clipbound_learning_rate, "clipbound_learning_rate", ge=0)

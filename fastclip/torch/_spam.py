@@ -201,7 +201,7 @@ class SPAMAdamW(SpamBase):
             # |g| <= sqrt(theta v): the reference's masked sign(g) sqrt(theta v), as a clamp
             bound = torch._foreach_mul(vs, self.threshold)
             torch._foreach_sqrt_(bound)
-            gs = torch._foreach_minimum(gs, bound)
+            gs = list(torch._foreach_minimum(gs, bound))
             torch._foreach_neg_(bound)
             torch._foreach_maximum_(gs, bound)
         torch._foreach_mul_(ms, beta1)

@@ -5,6 +5,7 @@ dict, and the per-tensor step sizes."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,11 +13,18 @@ import torch
 from fastclip._errors import NonFiniteNormError
 from fastclip._validate import NONFINITE_POLICIES
 
-__all__ = ["SpamBase", "check_beta", "check_real", "add_scaled_"]
+__all__ = ["SpamBase", "add_scaled_", "check_beta", "check_real"]
 
 
-def check_real(what: str, name: str, value: Any, *, ge: float | None = 0.0, gt: float | None = None,
-               finite: bool = True) -> float:
+def check_real(
+    what: str,
+    name: str,
+    value: Any,
+    *,
+    ge: float | None = 0.0,
+    gt: float | None = None,
+    finite: bool = True,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what}: {name} must be a real number, got {value!r}")
     v = float(value)
@@ -45,16 +53,19 @@ def check_beta(what: str, betas: Any) -> tuple[float, float]:
     return b1, b2
 
 
-def add_scaled_(params: list[torch.Tensor], updates: list[torch.Tensor], alphas: list[float]) -> None:
+def add_scaled_(
+    params: list[torch.Tensor], updates: Sequence[torch.Tensor], alphas: list[float]
+) -> None:
     """``p += alpha_k * u_k``: one foreach add when every alpha is equal (the usual
     case: all parameters took the same number of steps), else a multiply first."""
     if not params:
         return
+    ups = list(updates)
     if all(a == alphas[0] for a in alphas):
-        torch._foreach_add_(params, updates, alpha=alphas[0])
+        torch._foreach_add_(params, ups, alpha=alphas[0])
     else:
-        torch._foreach_mul_(updates, alphas)
-        torch._foreach_add_(params, updates)
+        torch._foreach_mul_(ups, alphas)
+        torch._foreach_add_(params, ups)
 
 
 class SpamBase(torch.optim.Optimizer):
@@ -87,7 +98,9 @@ class SpamBase(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{self._WHAT}.step: sparse gradients are not supported")
                 if g.is_complex() or not g.is_floating_point():
-                    raise TypeError(f"{self._WHAT}.step: real floating gradients only, got {g.dtype}")
+                    raise TypeError(
+                        f"{self._WHAT}.step: real floating gradients only, got {g.dtype}"
+                    )
                 if g.shape != p.shape:
                     raise ValueError(
                         f"{self._WHAT}.step: a gradient of shape {tuple(g.shape)} for a "
@@ -111,8 +124,9 @@ class SpamBase(torch.optim.Optimizer):
         if not grads:
             return False
         maxima = torch._foreach_norm(grads, math.inf)
-        finite = bool(torch.stack([m.to(maxima[0].device, torch.float32) for m in maxima])
-                      .isfinite().all())
+        finite = bool(
+            torch.stack([m.to(maxima[0].device, torch.float32) for m in maxima]).isfinite().all()
+        )
         if finite:
             return False
         if self.nonfinite == "error":

@@ -171,8 +171,12 @@ class StableSPAMAdamW(SpamBase):
         return loss
 
     def _group_step(
-        self, group: dict[str, Any], ps: list[torch.Tensor], gs: list[torch.Tensor],
-        scale: float, reset: bool,
+        self,
+        group: dict[str, Any],
+        ps: list[torch.Tensor],
+        gs: list[torch.Tensor],
+        scale: float,
+        reset: bool,
     ) -> None:
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

@@ -30,7 +30,11 @@ class AdaGCOracle:
 
     def __init__(self, max_norm, clip_ratio, beta, start, eps=1e-6):
         self.max_norm, self.ratio, self.beta, self.start, self.eps = (
-            max_norm, clip_ratio, beta, start, eps,
+            max_norm,
+            clip_ratio,
+            beta,
+            start,
+            eps,
         )
         self.steps = 0
         self.state: dict[int, float] = {}
@@ -101,7 +105,8 @@ def test_adagc_matches_the_reference_on_a_recorded_sequence(backend, dtype, inpl
         ema = [oracle.state[i] for i in range(len(SHAPES))]
         np.testing.assert_allclose(clipper.norm_ema, ema, rtol=rtol * 10)
         n_clipped += sum(
-            not np.allclose(to_f64(a), g) for a, g in zip(got, [backend.asarray(g, dtype) for g in gs])
+            not np.allclose(to_f64(a), g)
+            for a, g in zip(got, [backend.asarray(g, dtype) for g in gs])
         )
     assert clipper.step == 30 and n_clipped >= 3  # the spikes were clipped
 
@@ -177,7 +182,7 @@ def test_adagc_state_dict_round_trip_continues_the_run():
             np.testing.assert_array_equal(x, y)
     bad = dict(sd, norm_ema=None)  # step 10 without the EMA
     before = clipper_state(b)
-    with pytest.raises(ValueError, match="fastclip.adaptive.AdaGC.load_state_dict"):
+    with pytest.raises(ValueError, match=r"fastclip.adaptive.AdaGC.load_state_dict"):
         b.load_state_dict(bad)
     with pytest.raises(ValueError, match="norm_ema holds norms"):
         b.load_state_dict(dict(sd, norm_ema=[-1.0] * 4))
@@ -192,7 +197,7 @@ def test_adagc_refused_calls_change_nothing():
     gs = [g.copy() for g in seq[1]]
     gs[2].flags.writeable = False
     with unchanged(*gs):
-        with pytest.raises(ValueError, match="fastclip.adaptive.AdaGC: gradient 2 is read-only"):
+        with pytest.raises(ValueError, match=r"fastclip.adaptive.AdaGC: gradient 2 is read-only"):
             clipper(gs)
         with pytest.raises(ValueError, match="3 gradients, but the state holds 4"):
             clipper(gs[:3])
@@ -213,5 +218,5 @@ def test_adagc_refused_calls_change_nothing():
     ],
 )
 def test_adagc_bad_arguments_name_the_class(kwargs, match):
-    with pytest.raises((TypeError, ValueError), match=f"fastclip.adaptive.AdaGC: {match}"):
+    with pytest.raises((TypeError, ValueError), match=rf"fastclip.adaptive.AdaGC: {match}"):
         AdaGC(**kwargs)

@@ -71,8 +71,9 @@ def test_quantile_clip_matches_the_formula(backend, dtype, std):
         pytest.importorskip("torch")
     kw = dict(target_unclipped_quantile=0.6, clipbound_learning_rate=0.3)
     oracle = QuantileOracle(2.0, 0.6, 0.3, 0.1, 50.0, std, seed=4)
-    clip = QuantileClip(2.0, **kw, min_clipbound=0.1, max_clipbound=50.0, unclipped_num_std=std,
-                        seed=4)
+    clip = QuantileClip(
+        2.0, **kw, min_clipbound=0.1, max_clipbound=50.0, unclipped_num_std=std, seed=4
+    )
     rtol = 1e-12 if dtype == "float64" else 2e-6
     bounds = []
     for gs in batches():
@@ -162,7 +163,7 @@ def test_quantile_clip_state_dict_round_trip_continues_the_noise():
         (dict(sd, unclipped_num=5, sample_size=3), ValueError),
         (dict(sd, max_norm=-1.0), ValueError),
     ]:
-        with pytest.raises(err, match="fastclip.adaptive.QuantileClip"):
+        with pytest.raises(err, match=r"fastclip.adaptive.QuantileClip"):
             b.load_state_dict(bad)
     assert clipper_state(b) == before
 
@@ -196,14 +197,14 @@ def test_quantile_clip_refusals_change_nothing():
     clip = QuantileClip(1.0, unclipped_num_std=1.0, seed=0)
     clip.clip_per_sample(batches(1)[0])
     before = clipper_state(clip)
-    with pytest.raises(ValueError, match="fastclip.adaptive.QuantileClip.clip_per_sample"):
+    with pytest.raises(ValueError, match=r"fastclip.adaptive.QuantileClip.clip_per_sample"):
         clip.clip_per_sample([np.ones((3, 2)), np.ones((4, 2))])
-    with pytest.raises(TypeError, match="call .clip_per_sample"):
+    with pytest.raises(TypeError, match=r"call .clip_per_sample"):
         clip([np.ones(3)])
     assert clipper_state(clip) == before
     with pytest.raises(ValueError, match="min_clipbound"):
         QuantileClip(1.0, min_clipbound=2.0, max_clipbound=1.0)
-    with pytest.raises(ValueError, match="fastclip.adaptive.QuantileClip: target_unclipped"):
+    with pytest.raises(ValueError, match=r"fastclip.adaptive.QuantileClip: target_unclipped"):
         QuantileClip(1.0, target_unclipped_quantile=1.5)
     with pytest.raises(ValueError, match="Theorem 1"):
         clip.noise_multiplier(3.0)

@@ -63,6 +63,8 @@ class SpamOracle:
         b1, b2 = self.betas
         scale = 1 - self.get_dr(self.current_step)
         for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:  # the references skip parameters without a gradient
+                continue
             g = g.copy()
             if (self.total_step + 1) % self.delta_t == 0:
                 self.m[i], self.v[i] = np.zeros_like(g), np.zeros_like(g)
@@ -106,6 +108,8 @@ class StableSpamOracle:
         self.total_steps += 1
         scale = self.decay(self.total_steps) if self.total_t is not None else 1.0
         for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:  # the references skip parameters without a gradient
+                continue
             p *= 1 - self.lr * self.wd
             g = g.copy()
             max_g = np.max(np.abs(g))
@@ -169,12 +173,17 @@ def run(opt_cls, kwargs, seq, dtype=torch.float64, oracle=None, check=None, rtol
     ref_p = [x.copy() for x in init]
     for gs in seq:
         for p, g in zip(params, gs):
-            p.grad = torch.tensor(g, dtype=dtype)
+            p.grad = None if g is None else torch.tensor(g, dtype=dtype)
         opt.step()
         if oracle is not None:
+            seen = [
+                None if g is None else torch.tensor(g, dtype=dtype).double().numpy() for g in gs
+            ]
             with np.errstate(invalid="ignore", over="ignore"):
-                oracle.step(ref_p, [torch.tensor(g, dtype=dtype).double().numpy() for g in gs])
+                oracle.step(ref_p, seen)
             for i, p in enumerate(params):
+                if gs[i] is None and p not in opt.state:
+                    continue
                 # float32 runs round every step: entries near 0 are compared on the
                 # tensor's scale (cancellation), the others relatively
                 close(p.detach().double().numpy(), ref_p[i], rtol)
@@ -195,44 +204,104 @@ def spam_states(st, oracle, i, rtol):
     assert st["step"] == oracle.k[i]
 
 
-SPAM_KW = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, threshold=50.0,
-               delta_t=10, warmup_steps=4, grad_accu_steps=3)
+SPAM_KW = dict(
+    lr=0.01,
+    betas=(0.9, 0.99),
+    eps=1e-6,
+    weight_decay=0.1,
+    threshold=50.0,
+    delta_t=10,
+    warmup_steps=4,
+    grad_accu_steps=3,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("correct_bias", [True, False])
 def test_spam_matches_the_reference(dtype, correct_bias):
     kw = dict(SPAM_KW, correct_bias=correct_bias)
-    oracle = SpamOracle(SHAPES, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"], 50.0, 10, 4,
-                        3, correct_bias)
+    oracle = SpamOracle(
+        SHAPES, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"], 50.0, 10, 4, 3, correct_bias
+    )
     rtol = 1e-12 if dtype == torch.float64 else 2e-5
     opt, _ = run(SPAMAdamW, kw, recorded(), dtype, oracle, spam_states, rtol)
     assert opt.total_step == 30 and opt.current_step == oracle.current_step
+
+
+@pytest.mark.parametrize("cls", ["spam", "stable_spam"])
+def test_parameters_without_gradients_keep_their_own_step_counts(cls):
+    """A parameter without a gradient for 4 steps: its bias corrections lag the
+    others' (the per-tensor step sizes of add_scaled_)."""
+    seq = recorded(20)
+    for gs in seq[:4]:
+        gs[1] = None
+    if cls == "spam":
+        oracle = SpamOracle(SHAPES, 0.01, (0.9, 0.99), 1e-6, 0.1, 50.0, 10, 4, 3)
+        run(SPAMAdamW, SPAM_KW, seq, oracle=oracle, check=spam_states)
+        assert oracle.k == [20, 16, 20]
+    else:
+        oracle = StableSpamOracle(
+            SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.0, False, 0.7, 0.9, 0.999, None, 0.5, 7
+        )
+        run(
+            StableSPAMAdamW,
+            dict(lr=0.01, update_proj_gap=7),
+            seq,
+            oracle=oracle,
+            check=stable_states,
+        )
 
 
 def test_spam_defaults_are_the_references():
     opt = SPAMAdamW([torch.nn.Parameter(torch.zeros(1))])
     g = opt.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["correct_bias"]) == (
-        1e-3, (0.9, 0.999), 1e-6, 0.0, True)
-    assert (opt.threshold, opt.delta_t, opt.warmup_steps, opt.grad_accu_steps) == (5000, 500, 150, 20)
+        1e-3,
+        (0.9, 0.999),
+        1e-6,
+        0.0,
+        True,
+    )
+    assert (opt.threshold, opt.delta_t, opt.warmup_steps, opt.grad_accu_steps) == (
+        5000,
+        500,
+        150,
+        20,
+    )
     assert opt.current_step == 151
 
 
 def stable_states(st, oracle, i, rtol):
     spam_states(st, oracle, i, rtol)
-    for key, ref in (("m_norm_t", oracle.m_norm), ("v_norm_t", oracle.v_norm), ("m_max_t", oracle.m_max)):
+    for key, ref in (
+        ("m_norm_t", oracle.m_norm),
+        ("v_norm_t", oracle.v_norm),
+        ("m_max_t", oracle.m_max),
+    ):
         assert float(st[key]) == pytest.approx(float(ref[i]), rel=rtol * 10, abs=1e-300)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("amsgrad, total_t, gamma1", [(False, None, 0.7), (True, 20, -1), (False, 12, 0.85)])
+@pytest.mark.parametrize(
+    "amsgrad, total_t, gamma1", [(False, None, 0.7), (True, 20, -1), (False, 12, 0.85)]
+)
 def test_stable_spam_matches_the_reference(dtype, amsgrad, total_t, gamma1):
-    kw = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, amsgrad=amsgrad,
-              gamma1=gamma1, gamma2=0.9, gamma3=0.999, total_t=total_t, eta_min=0.5,
-              update_proj_gap=7)
-    oracle = StableSpamOracle(SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.05, amsgrad, gamma1, 0.9, 0.999,
-                              total_t, 0.5, 7)
+    kw = dict(
+        lr=0.01,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.05,
+        amsgrad=amsgrad,
+        gamma1=gamma1,
+        gamma2=0.9,
+        gamma3=0.999,
+        total_t=total_t,
+        eta_min=0.5,
+        update_proj_gap=7,
+    )
+    oracle = StableSpamOracle(
+        SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.05, amsgrad, gamma1, 0.9, 0.999, total_t, 0.5, 7
+    )
     rtol = 1e-11 if dtype == torch.float64 else 5e-5
     opt, _ = run(StableSPAMAdamW, kw, recorded(), dtype, oracle, stable_states, rtol)
     assert opt.total_steps == 30
@@ -242,22 +311,38 @@ def test_stable_spam_defaults_are_the_references():
     opt = StableSPAMAdamW([torch.nn.Parameter(torch.zeros(1))])
     g = opt.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["amsgrad"]) == (
-        1e-3, (0.9, 0.999), 1e-8, 0.0, False)
+        1e-3,
+        (0.9, 0.999),
+        1e-8,
+        0.0,
+        False,
+    )
     assert (opt.gamma1, opt.gamma2, opt.gamma3, opt.total_t, opt.eta_min, opt.update_proj_gap) == (
-        0.7, 0.9, 0.999, None, 0.5, 1000)
+        0.7,
+        0.9,
+        0.999,
+        None,
+        0.5,
+        1000,
+    )
 
 
 CASES = [
     (SPAMAdamW, SPAM_KW, lambda: SpamOracle(SHAPES, 0.01, (0.9, 0.99), 1e-6, 0.1, 50.0, 10, 4, 3)),
-    (StableSPAMAdamW, dict(lr=0.01, update_proj_gap=7),
-     lambda: StableSpamOracle(SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.0, False, 0.7, 0.9, 0.999, None,
-                              0.5, 7)),
+    (
+        StableSPAMAdamW,
+        dict(lr=0.01, update_proj_gap=7),
+        lambda: StableSpamOracle(
+            SHAPES, 0.01, (0.9, 0.999), 1e-8, 0.0, False, 0.7, 0.9, 0.999, None, 0.5, 7
+        ),
+    ),
 ]
 
 
 def snapshot(opt, params):
-    return copy.deepcopy((opt.state_dict(), [p.detach().clone() for p in params],
-                          [p.grad.clone() for p in params]))
+    return copy.deepcopy(
+        (opt.state_dict(), [p.detach().clone() for p in params], [p.grad.clone() for p in params])
+    )
 
 
 def same(a, b):
@@ -322,7 +407,7 @@ def test_state_dict_round_trip_continues_the_run(cls, kw, make):
         assert torch.equal(p, q)
     before = copy.deepcopy(b.state_dict())
     bad = dict(sd, counters={"nope": 1})
-    with pytest.raises(ValueError, match=f"fastclip.torch.{cls.__name__}.load_state_dict"):
+    with pytest.raises(ValueError, match=rf"fastclip.torch.{cls.__name__}.load_state_dict"):
         b.load_state_dict(bad)
     assert b.state_dict()["counters"] == before["counters"]
 
@@ -333,7 +418,7 @@ def test_bad_gradients_and_arguments_change_nothing(cls):
     opt = cls(params, lr=0.1)
     params[0].grad = torch.ones(3)
     params[1].grad = torch.ones(2, 2).to_sparse()
-    with pytest.raises(RuntimeError, match=f"fastclip.torch.{cls.__name__}.step: sparse"):
+    with pytest.raises(RuntimeError, match=rf"fastclip.torch.{cls.__name__}.step: sparse"):
         opt.step()
     assert torch.equal(params[0], torch.ones(3)) and not opt.state
     params[1].grad = None
@@ -343,9 +428,15 @@ def test_bad_gradients_and_arguments_change_nothing(cls):
     with pytest.raises(TypeError, match="real floating"):
         opt.step()
     assert torch.equal(params[0], torch.ones(3)) and not opt.state
-    for bad, match in [(dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"),
-                       (dict(eps=math.nan), "eps"), (dict(nonfinite="ignore"), "nonfinite")]:
-        with pytest.raises((TypeError, ValueError), match=f"fastclip.torch.{cls.__name__}: {match}"):
+    for bad, match in [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(eps=math.nan), "eps"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+    ]:
+        with pytest.raises(
+            (TypeError, ValueError), match=rf"fastclip.torch.{cls.__name__}: {match}"
+        ):
             cls(params, **bad)
 
 
