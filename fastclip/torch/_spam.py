@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._spam_base import SpamBase, add_scaled_, check_beta, check_int, check_real
+from ._spam_base import SpamBase, check_beta, check_int, check_real
 
 __all__ = ["SPAMAdamW", "spam_warmup_scale"]
 
@@ -216,8 +216,9 @@ class SPAMAdamW(SpamBase):
             if group["correct_bias"]:
                 size *= math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
             alphas.append(-size * scale)
-        update = torch._foreach_div(ms, denom)
-        add_scaled_(ps, update, alphas)
+        # p += alpha * m / denom in one pass (the reference's p.add_(m / denom, alpha):
+        # equal to rounding)
+        torch._foreach_addcdiv_(ps, ms, denom, alphas)
         if group["weight_decay"] > 0:
             # after the update, unscaled by the warm-up: p.add_(p, alpha=-lr * wd), as the reference
             torch._foreach_add_(ps, ps, alpha=-group["lr"] * group["weight_decay"])

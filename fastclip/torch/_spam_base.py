@@ -1,11 +1,10 @@
 """What SPAMAdamW and StableSPAMAdamW share: the gradient checks made before any
 state changes, the non-finite policies, the optimizer-wide counters in the state
-dict, and the per-tensor step sizes."""
+dict."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from fastclip._errors import NonFiniteNormError
 from fastclip._validate import NONFINITE_POLICIES
 
-__all__ = ["SpamBase", "add_scaled_", "check_beta", "check_real"]
+__all__ = ["SpamBase", "check_beta", "check_int", "check_real"]
 
 
 def check_real(
@@ -51,21 +50,6 @@ def check_beta(what: str, betas: Any) -> tuple[float, float]:
     if not (b1 < 1 and b2 < 1):
         raise ValueError(f"{what}: betas must be in [0, 1), got {betas!r}")
     return b1, b2
-
-
-def add_scaled_(
-    params: list[torch.Tensor], updates: Sequence[torch.Tensor], alphas: list[float]
-) -> None:
-    """``p += alpha_k * u_k``: one foreach add when every alpha is equal (the usual
-    case: all parameters took the same number of steps), else a multiply first."""
-    if not params:
-        return
-    ups = list(updates)
-    if all(a == alphas[0] for a in alphas):
-        torch._foreach_add_(params, ups, alpha=alphas[0])
-    else:
-        torch._foreach_mul_(ups, alphas)
-        torch._foreach_add_(params, ups)
 
 
 class SpamBase(torch.optim.Optimizer):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._spam_base import SpamBase, add_scaled_, check_beta, check_int, check_real
+from ._spam_base import SpamBase, check_beta, check_int, check_real
 
 __all__ = ["StableSPAMAdamW", "stable_spam_scale"]
 
@@ -202,7 +202,9 @@ class StableSPAMAdamW(SpamBase):
         torch._foreach_mul_(mmax, theta)
         torch._foreach_add_(mmax, maxg, alpha=1 - theta)
         hats = torch._foreach_div(mmax, [1 - theta**k for k in ks])
-        clipped = [torch.where(g.abs() > h, g / m * h, g) for g, m, h in zip(gs, maxg, hats)]
+        # the reference's g / max|g| * hat as g * (hat / max|g|): one pass, equal to rounding
+        shrink = torch._foreach_div(hats, maxg)
+        clipped = [torch.where(g.abs() > h, g * s, g) for g, h, s in zip(gs, hats, shrink)]
         # AdaGN: EMAs of the norm and the squared norm set the gradient's new norm
         norms = torch._foreach_norm(clipped)
         mn = [st["m_norm_t"] for st in states]
@@ -216,7 +218,9 @@ class StableSPAMAdamW(SpamBase):
         torch._foreach_sqrt_(vhat)
         torch._foreach_add_(vhat, eps)
         cs = torch._foreach_div(mhat, vhat)
-        scaled = [torch.where(n > 0, g / n * c, g) for g, n, c in zip(clipped, norms, cs)]
+        # g / n * c as g * (c / n) (0-d factors, one multi-tensor pass); n = 0 keeps g
+        factors = [torch.where(n > 0, c / n, 1.0) for n, c in zip(norms, cs)]
+        scaled = torch._foreach_mul(clipped, factors)
         if reset:
             ks = [1] * len(ks)
         b1 = beta1 * scale
@@ -234,8 +238,7 @@ class StableSPAMAdamW(SpamBase):
             denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, [math.sqrt(1 - beta2**k) for k in ks])
         torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(ms, denom)
-        add_scaled_(ps, update, [-lr / (1 - b1**k) for k in ks])
+        torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - b1**k) for k in ks])
         if reset:
             torch._foreach_zero_(ms)
             torch._foreach_zero_(vs)

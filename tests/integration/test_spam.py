@@ -231,7 +231,7 @@ def test_spam_matches_the_reference(dtype, correct_bias):
 @pytest.mark.parametrize("cls", ["spam", "stable_spam"])
 def test_parameters_without_gradients_keep_their_own_step_counts(cls):
     """A parameter without a gradient for 4 steps: its bias corrections lag the
-    others' (the per-tensor step sizes of add_scaled_)."""
+    others' (per-tensor step sizes in one multi-tensor update)."""
     seq = recorded(20)
     for gs in seq[:4]:
         gs[1] = None
