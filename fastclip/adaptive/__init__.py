@@ -40,7 +40,8 @@ clipping); :class:`QuantileClip` is not called on gradients but clips
 per-sample gradients with ``.clip_per_sample(grads)`` (DP-SGD) and moves its
 bound towards a quantile of the per-sample norms.  The optimizers whose step
 the method defines, SPAM and Stable-SPAM, are :class:`fastclip.torch.SPAMAdamW`
-and :class:`fastclip.torch.StableSPAMAdamW`.
+and :class:`fastclip.torch.StableSPAMAdamW`; SPAM's element-wise clip against
+any optimizer's second moments is :func:`spike_clip` / :func:`spike_clip_`.
 
 A call that raises (a read-only gradient, two gradients sharing memory, a
 shape mismatch, ``nonfinite="error"``) writes no gradient and leaves the
@@ -57,9 +58,19 @@ from ._agc import AGC
 from ._autoclip import AutoClip, _Percentile
 from ._global import GlobalNormClipper
 from ._quantile import QuantileClip
+from ._spike import spike_clip, spike_clip_
 from ._zclip import ZClip
 
-__all__ = ["AGC", "AdaGC", "AutoClip", "GlobalNormClipper", "QuantileClip", "ZClip"]
+__all__ = [
+    "AGC",
+    "AdaGC",
+    "AutoClip",
+    "GlobalNormClipper",
+    "QuantileClip",
+    "ZClip",
+    "spike_clip",
+    "spike_clip_",
+]
 
 # The public path, in reprs, docs and pickles, is ``fastclip.adaptive.<name>`` (as
 # torch sets ``clip_grad_norm_.__module__ = "torch.nn.utils"``).  ``_Percentile``
@@ -68,3 +79,4 @@ __all__ = ["AGC", "AdaGC", "AutoClip", "GlobalNormClipper", "QuantileClip", "ZCl
 for _cls in (AGC, AdaGC, AutoClip, GlobalNormClipper, QuantileClip, ZClip, _Percentile):
     _cls.__module__ = __name__
 del _cls
+spike_clip.__module__ = spike_clip_.__module__ = __name__
