@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._spam_base import SpamBase, check_beta, check_int, check_real
+from ._spam_base import SpamBase, check_beta, check_int, check_real, chunks
 
 __all__ = ["StableSPAMAdamW", "stable_spam_scale"]
 
@@ -166,7 +166,8 @@ class StableSPAMAdamW(SpamBase):
         reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
         for group, ps, gs in work:
             if ps:
-                self._group_step(group, ps, gs, scale, reset)
+                for c in chunks(ps):
+                    self._group_step(group, ps[c], gs[c], scale, reset)
         self.total_steps = t
         return loss
 
