@@ -1,4 +1,5 @@
-r"""Stateful gradient clippers: plain global norm, AutoClip, ZClip and AGC.
+r"""Stateful gradient clippers: plain global norm, AutoClip, ZClip, AGC, AdaGC and
+QuantileClip (adaptive DP-SGD clipping).
 
 Every clipper is a small object that you call once per training step on the
 list of gradients (and, for AGC, the parameters):
@@ -34,6 +35,14 @@ Non-finite norms (``nonfinite=``):
 After each call, ``last_total_norm`` (float), ``last_threshold`` (the norm the
 gradients were clipped to, or None) and ``last_step_skipped`` describe it.
 
+:class:`AdaGC` clips each tensor against its own norm EMA (warm-up: global
+clipping); :class:`QuantileClip` is not called on gradients but clips
+per-sample gradients with ``.clip_per_sample(grads)`` (DP-SGD) and moves its
+bound towards a quantile of the per-sample norms.  The optimizers whose step
+the method defines, SPAM and Stable-SPAM, are :class:`fastclip.torch.SPAMAdamW`
+and :class:`fastclip.torch.StableSPAMAdamW`; SPAM's element-wise clip against
+any optimizer's second moments is :func:`spike_clip` / :func:`spike_clip_`.
+
 A call that raises (a read-only gradient, two gradients sharing memory, a
 shape mismatch, ``nonfinite="error"``) writes no gradient and leaves the
 clipper as it was: statistics, ``step`` and the ``last_*`` attributes.
@@ -44,17 +53,30 @@ from __future__ import annotations
 # ``fastclip.adaptive.NonFiniteNormError`` could be imported before this module
 # became a package; it is ``fastclip.NonFiniteNormError``.
 from .._errors import NonFiniteNormError as NonFiniteNormError
+from ._adagc import AdaGC
 from ._agc import AGC
 from ._autoclip import AutoClip, _Percentile
 from ._global import GlobalNormClipper
+from ._quantile import QuantileClip
+from ._spike import spike_clip, spike_clip_
 from ._zclip import ZClip
 
-__all__ = ["AGC", "AutoClip", "GlobalNormClipper", "ZClip"]
+__all__ = [
+    "AGC",
+    "AdaGC",
+    "AutoClip",
+    "GlobalNormClipper",
+    "QuantileClip",
+    "ZClip",
+    "spike_clip",
+    "spike_clip_",
+]
 
 # The public path, in reprs, docs and pickles, is ``fastclip.adaptive.<name>`` (as
 # torch sets ``clip_grad_norm_.__module__ = "torch.nn.utils"``).  ``_Percentile``
 # too: an AutoClip's statistics are one, so every pickled AutoClip names
 # ``fastclip.adaptive._Percentile`` (tests/api/test_adaptive.py loads such pickles).
-for _cls in (AGC, AutoClip, GlobalNormClipper, ZClip, _Percentile):
+for _cls in (AGC, AdaGC, AutoClip, GlobalNormClipper, QuantileClip, ZClip, _Percentile):
     _cls.__module__ = __name__
 del _cls
+spike_clip.__module__ = spike_clip_.__module__ = __name__

@@ -50,6 +50,9 @@ Differences from torch, all deliberate and documented:
 * DTensor gradients (FSDP2, tensor parallel): the norm is reduced over the
   DTensors' mesh by :mod:`fastclip.distributed`; the result is a Replicate
   DTensor, as torch returns;
+* :class:`SPAMAdamW` and :class:`StableSPAMAdamW` are the SPAM and
+  Stable-SPAM optimizers (spike-aware clipping inside the Adam step), on
+  torch's multi-tensor operations;
 * :func:`patch` / :func:`unpatch` / :func:`is_patched` route
   ``torch.nn.utils``' own clipping functions to these (Lightning's
   ``gradient_clip_val``, Hugging Face's ``max_grad_norm``, accelerate).
@@ -82,6 +85,8 @@ from ._ghost import GhostClipping
 from ._ghost_layers import per_sample_grad_norms
 from ._grad_norm import grad_norm
 from ._patch import is_patched, patch, unpatch
+from ._spam import SPAMAdamW
+from ._stable_spam import StableSPAMAdamW
 
 __all__ = [  # TensorOrTensors, the parameters' type, is importable but not listed
     "BackwardNorm",
@@ -89,6 +94,8 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "FusedAdamW",
     "FusedSGD",
     "GhostClipping",
+    "SPAMAdamW",
+    "StableSPAMAdamW",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
