@@ -166,10 +166,14 @@ class AdaGC(Clipper):
             )
         self.norm_ema = ema
 
-    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
+    def _run(
+        self, grads: Any, params: Any, inplace: bool, given: Any = None
+    ) -> tuple[list[Any], Any]:
         what = "fastclip.adaptive.AdaGC"
         if params is not None:
             raise TypeError(f"{what}.clip: takes no parameters (AdaGC clips gradients only)")
+        if given is not None:  # each tensor is clipped against its own norm's EMA
+            raise TypeError(f"{what}.clip: takes no total_norm (AdaGC clips per tensor)")
         items = _dispatch.as_array_list(grads)
         if self.norm_ema is not None and len(items) != len(self.norm_ema):
             raise ValueError(

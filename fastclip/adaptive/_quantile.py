@@ -199,7 +199,9 @@ class QuantileClip(Clipper):
         self._rng = _rng_from(sd["rng"])
         self.unclipped_num, self.sample_size = unclipped, size
 
-    def _run(self, grads: Any, params: Any, inplace: bool) -> tuple[list[Any], Any]:
+    def _run(
+        self, grads: Any, params: Any, inplace: bool, given: Any = None
+    ) -> tuple[list[Any], Any]:
         raise TypeError(
             f"{_WHAT}: clips per-sample gradients; call .clip_per_sample(grads) "
             "(there is no in-place or batch-gradient form)"

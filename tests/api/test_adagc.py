@@ -203,6 +203,10 @@ def test_adagc_refused_calls_change_nothing():
             clipper(gs[:3])
         with pytest.raises(TypeError, match="takes no parameters"):
             clipper.clip(gs, gs)
+        # a total norm from elsewhere (fastclip.distributed.clip_with_) has no
+        # meaning for per-tensor clipping: refused, not ignored
+        with pytest.raises(TypeError, match=r"AdaGC.clip: takes no total_norm"):
+            clipper.clip(gs, total_norm=1.0)
     assert clipper_state(clipper) == before
 
 
