@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import _api
 from .._api._per_sample import PerSampleClipResult
+from .._errors import public_method
 from .._validate import check_eps
 from ._adagc import named_errors
 from ._base import Clipper, bool_param, int_param, real_param
@@ -221,6 +222,7 @@ class QuantileClip(Clipper):
             )
         return float((s**-2 - (2 * self.unclipped_num_std) ** -2) ** -0.5)
 
+    @public_method("clip_per_sample", "grads")
     def clip_per_sample(
         self, grads: Any, *, reduce: str | None = "sum", update: bool = True
     ) -> PerSampleClipResult:

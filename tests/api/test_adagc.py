@@ -197,7 +197,9 @@ def test_adagc_refused_calls_change_nothing():
     gs = [g.copy() for g in seq[1]]
     gs[2].flags.writeable = False
     with unchanged(*gs):
-        with pytest.raises(ValueError, match=r"fastclip.adaptive.AdaGC: gradient 2 is read-only"):
+        with pytest.raises(
+            ValueError, match=r"fastclip.adaptive.AdaGC.__call__: gradient 2 is read-only"
+        ):
             clipper(gs)
         with pytest.raises(ValueError, match="3 gradients, but the state holds 4"):
             clipper(gs[:3])
