@@ -175,6 +175,16 @@ def _private_folder(parent: str, name: str) -> tuple[str | None, str | None]:
     return (path, None) if problem is None else (None, problem)
 
 
+def user_cache_root() -> str:
+    """numba's user-wide cache folder, where it caches when the package folder is not
+    writable and ``NUMBA_CACHE_DIR`` is unset: ``$XDG_CACHE_HOME/numba`` (else
+    ``~/.cache/numba``) on Linux, ``~/Library/Caches/numba`` on macOS,
+    ``%LOCALAPPDATA%\\numba\\Cache`` on Windows (numba's ``UserWideCacheLocator``)."""
+    from numba.misc.appdirs import AppDirs
+
+    return str(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+
+
 @functools.cache
 def _placement(numba_path: str) -> tuple[str | None, str | None]:
     """(folder to cache fastclip's kernels in, None), or (None, why they are not cached).
@@ -185,10 +195,7 @@ def _placement(numba_path: str) -> tuple[str | None, str | None]:
     if problem is None:
         return numba_path, None
     parent = os.path.dirname(os.path.realpath(numba_path))
-    roots = [
-        getattr(_numba_config, "CACHE_DIR", ""),
-        os.path.join(os.path.expanduser("~"), ".cache", "numba"),
-    ]
+    roots = [getattr(_numba_config, "CACHE_DIR", ""), user_cache_root()]
     roots = [os.path.realpath(r) for r in roots if r]
     if parent in roots and _chain_problem(parent, leaf=False) is None:
         private, why = _private_folder(parent, os.path.basename(numba_path))
@@ -349,6 +356,32 @@ def on_disk(dispatcher: Any) -> bool:
     if not isinstance(cache, _CheckedCache):
         return False
     return os.path.exists(cache._cache_file._index_path)
+
+
+def cache_origin() -> str:
+    """Where the kernels are cached and why there, in words (``fastclip info``).
+
+    Builds one dispatcher (nothing is compiled) when no kernel was built yet,
+    so that the folder is the one the first call will use.
+    """
+    if cache_dir is None and cache_disabled_reason is None:
+        kernel("arr_pow_sum", False)
+    if cache_disabled_reason is not None:
+        return "disabled: " + cache_disabled_reason
+    folder = os.path.realpath(str(cache_dir))
+    user_dir = getattr(_numba_config, "CACHE_DIR", "")
+    beside = os.path.join(os.path.dirname(os.path.realpath(_kernels.__file__)), "__pycache__")
+    if user_dir and folder.startswith(os.path.realpath(user_dir) + os.sep):
+        why = "NUMBA_CACHE_DIR"
+    elif folder == beside:
+        why = "beside the package"
+    elif folder.startswith(os.path.realpath(user_cache_root()) + os.sep):
+        why = "the user cache folder: the package folder is not writable"
+    else:
+        why = "a private folder"
+    if os.path.basename(os.path.dirname(folder)).startswith("fastclip-"):
+        why += ", private subfolder"
+    return f"on, in {folder} ({why})"
 
 
 # Searched in this order by ``kernel``; the last two are imported on first use.
