@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 import reference as ref
 
 REPO = Path(__file__).resolve().parents[2]
