@@ -2,7 +2,8 @@
 
 ``run`` / ``run_serial`` launch a kernel of the kernel modules by name
 (``_build.kernel``); ``run_with`` launches any serial/parallel pair
-(``_build.jit_pair``).  ``run`` and ``run_with`` follow the same rules, in this
+(``_build.jit_pair``); ``earned`` says whether an optional kernel (one with a
+Python equivalent) is worth compiling yet.  ``run`` and ``run_with`` follow the same rules, in this
 order:
 
 1. serial below ``_config.PARALLEL_MIN_ELEMENTS``, and in a child forked after
