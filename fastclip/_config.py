@@ -71,6 +71,16 @@ FAST_NUMPY_HEADERS: bool = True
 #: Arrays in a list below which the per-array Python path is used anyway.
 FAST_HEADERS_MIN_ARRAYS: int = 8
 
+#: Calls that take the Python way before an optional kernel (one with a Python
+#: equivalent, a per-call speed-up: the bulk header read above) is compiled,
+#: unless it is already in the disk cache.  Compiling the header kernel took
+#: 0.8-0.9 s of the 3.5-4.3 s cold first ``clip_by_global_norm_`` of the
+#: README's quick start, to save ~3 us per array per call: a script or a
+#: notebook cell that makes a few calls never earns it back, while a training
+#: loop passes 8 calls in its first steps and then runs as before (``python
+#: benchmarks/bench_first_call.py``, 2-core machine).
+OPTIONAL_KERNEL_AFTER_CALLS: int = 8
+
 #: Columns per parallel work item of the per-sample fused weighted sum (pass 2 of
 #: ``clip_per_sample``).  Measured on the 2-core machine, B=256 x 1.07M float32
 #: (pass 2 alone, ms): tile 1,024 41, 4,096 35, 8,192 34 (the read floor),

@@ -117,11 +117,7 @@ def info() -> dict[str, Any]:
         "numba_threads": numba.get_num_threads(),
         "cpu_threads": cpu["threads"],
         "cpu_count": os.cpu_count(),
-        "numba_cache": "disabled: " + cpu["cache_disabled_reason"]
-        if cpu["cache_disabled_reason"]
-        else f"on, in {cpu['cache_dir']}"
-        if cpu["cache_dir"]
-        else "on (numba cache=True; folder chosen at the first compile)",
+        "numba_cache": cpu["cache"],
         "backward_norm": _backward_norm_rule(),
         "routes": routes,
         "gpus": _gpus(),

@@ -94,9 +94,12 @@ def status() -> dict[str, Any]:
     ``threading_layer``: numba's layer once a parallel kernel ran, else None;
     ``threads``: the serial/parallel policy in force, in words (``_launch.policy``);
     ``cache_dir``: the folder the kernels are cached in, once the first kernel
-    was built; ``cache_disabled_reason``: why on-disk caching is off, or None.
+    was built; ``cache_disabled_reason``: why on-disk caching is off, or None;
+    ``cache``: the folder in use and why there, in words (``_build.cache_origin``).
     """
+    cache = _build.cache_origin()
     return {
+        "cache": cache,
         "threading_layer": threading_layer(),
         "threads": policy(),
         "cache_dir": _build.cache_dir,

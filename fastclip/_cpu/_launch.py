@@ -2,7 +2,8 @@
 
 ``run`` / ``run_serial`` launch a kernel of the kernel modules by name
 (``_build.kernel``); ``run_with`` launches any serial/parallel pair
-(``_build.jit_pair``).  ``run`` and ``run_with`` follow the same rules, in this
+(``_build.jit_pair``); ``earned`` says whether an optional kernel (one with a
+Python equivalent) is worth compiling yet.  ``run`` and ``run_with`` follow the same rules, in this
 order:
 
 1. serial below ``_config.PARALLEL_MIN_ELEMENTS``, and in a child forked after
@@ -86,6 +87,27 @@ def run_serial(name: str, *args: Any) -> Any:
     if serial is None:
         serial = _SERIAL[name] = _build.kernel(name, False)
     return serial(*args)
+
+
+_ASKED: dict[str, int] = {}  # name -> times ``earned`` said "not yet"
+
+
+def earned(name: str) -> bool:
+    """Whether the serial kernel ``name``, a per-call speed-up that has a
+    Python equivalent, may run now: it is loaded in this process, or cached
+    on disk, or it was asked for more than ``cfg.OPTIONAL_KERNEL_AFTER_CALLS``
+    times (then it is compiled).  A call told "not yet" takes the Python way.
+    """
+    serial = _SERIAL.get(name)
+    if serial is not None and serial.overloads:
+        return True
+    asked = _ASKED.get(name, 0) + 1
+    if asked > cfg.OPTIONAL_KERNEL_AFTER_CALLS:
+        return True
+    if _build.on_disk(_build.kernel(name, False)):
+        return True
+    _ASKED[name] = asked
+    return False
 
 
 def run_with(kernel_for: Callable[[bool], Any], n: int, *args: Any) -> Any:

@@ -50,7 +50,7 @@ from .._hparams import (
 )
 from ._elements import coef_like, narrow, widen
 from ._intrinsics import address_as_pointer
-from ._kernels import chunk_starts, normal_in_type
+from ._kernels import chunk_starts, normal_in_type, table_row
 
 
 @intrinsic
@@ -210,7 +210,7 @@ def tab_adamw(
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
     for c in prange(nchunks):
-        t = np.searchsorted(starts, c, side="right") - 1
+        t = table_row(starts, c)
         n = sizes[t]
         lo = (c - starts[t]) * chunk
         hi = min(lo + chunk, n)
@@ -232,7 +232,7 @@ def tab_sgd(p_addrs, g_addrs, b_addrs, sizes, like, coef, hparams, chunk):  # ty
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
     for c in prange(nchunks):
-        t = np.searchsorted(starts, c, side="right") - 1
+        t = table_row(starts, c)
         n = sizes[t]
         lo = (c - starts[t]) * chunk
         hi = min(lo + chunk, n)

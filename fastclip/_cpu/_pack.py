@@ -23,7 +23,7 @@ from .._libraries import route_of_many
 from .._memory import check_no_overlap, check_self_overlap, raise_first_overlap
 from ._adapters import NumpyLib, float_storage, lib_for, norm_dtype
 from ._headers import headers_ok, read_headers
-from ._launch import run, run_serial
+from ._launch import earned, run, run_serial
 
 
 class Table:
@@ -272,7 +272,7 @@ def _fast_numpy_pack(arrays: list[Any], packed: Packed, writing: bool) -> bool:
     dtype = arrays[0].dtype
     if dtype.kind != "f" or dtype.itemsize < 4 or not dtype.isnative:
         return False
-    if not headers_ok():
+    if not earned("numpy_headers") or not headers_ok():
         return False
     addrs, sizes, _, n_bad, disjoint, total = read_headers(arrays, dtype, writing)
     if n_bad:

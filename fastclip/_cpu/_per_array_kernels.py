@@ -20,7 +20,15 @@ import numpy as np
 from numba import carray, prange
 
 from ._intrinsics import address_as_pointer
-from ._kernels import chunk_starts, coefficient, combine, root, seg_pow_sum, seg_scale
+from ._kernels import (
+    chunk_starts,
+    coefficient,
+    combine,
+    root,
+    seg_pow_sum,
+    seg_scale,
+    table_row,
+)
 
 
 def tab_pow_sums(addrs, sizes, like, ord_code, p, inv, chunk, out):  # type: ignore[no-untyped-def]
@@ -29,7 +37,7 @@ def tab_pow_sums(addrs, sizes, like, ord_code, p, inv, chunk, out):  # type: ign
     nchunks = starts[-1]
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
-        t = np.searchsorted(starts, c, side="right") - 1
+        t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
         partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, inv)
@@ -45,7 +53,7 @@ def tab_clip_sums(addrs, sizes, like, ord_code, p, max_norm, eps, chunk, out):  
     nchunks = starts[-1]
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
-        t = np.searchsorted(starts, c, side="right") - 1
+        t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
         partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, 1.0)
@@ -54,7 +62,7 @@ def tab_clip_sums(addrs, sizes, like, ord_code, p, max_norm, eps, chunk, out):  
     norm = root(combine(partials, ord_code), ord_code, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
-        t = np.searchsorted(starts, c, side="right") - 1
+        t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
         seg_scale(a, a, lo, min(lo + chunk, sizes[t]), coef, True)

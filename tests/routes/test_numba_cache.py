@@ -327,3 +327,114 @@ def test_folders_holding_fastclip_source_are_not_judged(
     assert _build._chain_problem(str(leaf)) is None
     os.chmod(leaf, 0o777)  # the cache folder itself is always judged
     assert "writable by everyone" in str(_build._chain_problem(str(leaf)))
+
+
+# ------------------------------------------------------ where the cache goes
+
+
+def _package_copy(tmp_path: Path) -> Path:
+    """fastclip's source copied to ``tmp_path/site``, its folders made unwritable.
+
+    As root, modes do not stop writes: ``_cpu/__pycache__`` is then a plain
+    file, so that numba cannot create the folder it would cache in.
+    """
+    site = tmp_path / "site"
+    shutil.copytree(
+        REPO / "fastclip", site / "fastclip", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    if os.geteuid() == 0:
+        (site / "fastclip" / "_cpu" / "__pycache__").write_text("not a folder\n")
+    for folder in [site, *(p for p in site.rglob("*") if p.is_dir())]:
+        os.chmod(folder, 0o555)
+    return site
+
+
+def _run_copy(site: Path, home: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "xdg"), PYTHONPATH=str(site))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    script = SCRIPT + (
+        "import fastclip as f\nassert f.__file__.startswith(sys.argv[1]), f.__file__\n"
+        "print(json.dumps({'info': f.info()['numba_cache'], "
+        "'root': _build.user_cache_root()}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(site)],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    *_, result, where = proc.stdout.strip().splitlines()
+    out: dict[str, Any] = {**json.loads(result), **json.loads(where)}
+    norm, ref = _reference()
+    assert out["norm"] == pytest.approx(norm, rel=1e-6)
+    for got, want in zip(out["arrays"], ref):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+    return out
+
+
+def test_unwritable_package_caches_in_the_user_cache_folder(tmp_path: Path) -> None:
+    """numba itself falls back to its user-wide folder ($XDG_CACHE_HOME/numba on
+    Linux) when the package folder is not writable; NUMBA_CACHE_DIR still wins."""
+    site = _package_copy(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    try:
+        first = _run_copy(site, home)
+        assert first["warnings"] == [] and first["disabled"] is None
+        assert first["root"].startswith(str(home))  # the platform's user cache folder
+        assert first["cache_dir"].startswith(first["root"] + os.sep)
+        assert first["misses"] >= 1 and first["hits"] == 0
+        assert "the package folder is not writable" in first["info"]
+        assert first["cache_dir"] in first["info"]
+        assert _files(Path(first["root"]), "nbi") and _files(Path(first["root"]), "nbc")
+        assert not _files(site, "nbi") and not _files(site, "nbc")
+
+        second = _run_copy(site, home)  # a new process loads what the first compiled
+        assert second["cache_dir"] == first["cache_dir"]
+        assert second["misses"] == 0 and second["hits"] >= 1
+
+        chosen = tmp_path / "chosen"
+        third = _run_copy(site, home, cache_dir=chosen)
+        assert third["cache_dir"].startswith(str(chosen) + os.sep)
+        assert "(NUMBA_CACHE_DIR)" in third["info"]
+        assert third["misses"] >= 1 and _files(chosen, "nbi")
+    finally:
+        for folder in [site, *(p for p in site.rglob("*") if p.is_dir())]:
+            os.chmod(folder, 0o755)  # so that pytest can remove it
+
+
+def test_eight_processes_starting_together_on_an_empty_cache(tmp_path: Path) -> None:
+    """Eight processes compile and write the same kernels at once (numba issue
+    4807): every one succeeds with the oracle's result, and a ninth loads them."""
+    root = tmp_path / "cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(root)}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    norm, ref = _reference()
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        out = json.loads(stdout.strip().splitlines()[-1])
+        assert out["norm"] == pytest.approx(norm, rel=1e-6)
+        for got, want in zip(out["arrays"], ref):
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+        # a torn file left by a racing writer is recompiled with a CacheWarning
+        assert {w[0] for w in out["warnings"]} <= {"CacheWarning"}, out["warnings"]
+    ninth = _run(root, tmp_path)
+    assert ninth["misses"] == 0 and ninth["hits"] >= 1 and ninth["warnings"] == []

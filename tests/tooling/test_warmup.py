@@ -39,6 +39,8 @@ def test_warmup_fills_the_cache_that_first_calls_load(tmp_path: Path) -> None:
     assert "numba cache: on, in " + str(cache) in lines[-1]
     before = _cache_files(cache)
     assert any(f.endswith(".nbi") for f in before)
+    # the optional bulk header kernel, which first calls do not compile, is cached too
+    assert any("numpy_headers_ser" in f and f.endswith(".nbi") for f in before)
     quick_start = (
         "import numpy as np, fastclip\n"
         "for n in (1000, 200_000):\n"
