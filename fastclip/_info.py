@@ -119,6 +119,12 @@ def info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "numba_cache": cpu["cache"],
         "backward_norm": _backward_norm_rule(),
+        # scalar bounds take the routes below; array-valued ones (broadcast, as
+        # TensorFlow's tensor bounds) are not a kernel's input: say where they go
+        "array_bounds": (
+            "clip_by_value / clip_by_norm with array bounds: the norms from the route "
+            "below, then one elementwise op of the array's own library"
+        ),
         "routes": routes,
         "gpus": _gpus(),
     }

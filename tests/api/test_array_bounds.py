@@ -161,3 +161,10 @@ def test_array_value_bounds_property(shape, seed, dtype) -> None:
         lo, hi = np.broadcast_to(lo, shape), np.broadcast_to(hi, shape)
     want = np.clip(x, lo.astype(dtype), hi.astype(dtype))
     np.testing.assert_array_equal(fastclip.clip_by_value(x, lo, hi), want)
+
+
+def test_info_says_where_array_bounds_go() -> None:
+    # no silent route: fastclip info names the path array-valued bounds take
+    line = fastclip.info()["array_bounds"]
+    assert "elementwise op of the array's own library" in line
+    assert "array_bounds:" in fastclip._info.format_info(fastclip.info())
