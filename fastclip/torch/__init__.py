@@ -106,3 +106,7 @@ __all__ = [  # TensorOrTensors, the parameters' type, is importable but not list
     "per_sample_grad_norms",
     "unpatch",
 ]
+
+for _obj in (GhostClipping, per_sample_grad_norms, SPAMAdamW, StableSPAMAdamW):
+    _obj.__module__ = "fastclip.torch"  # the public path (reprs, docs, pickles), as torch does
+del _obj
