@@ -186,12 +186,8 @@ class SPAMAdamW(SpamBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One SPAM step (see the class docstring); returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self._collect()
-        if self._skip(work):
+        loss, work = self._start(closure)
+        if work is None:
             return loss
         t = self.total_step + 1
         scale = spam_warmup_scale(self.current_step, self.warmup_steps)

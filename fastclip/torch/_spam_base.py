@@ -95,6 +95,16 @@ class SpamBase(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.last_step_skipped = False
 
+    def _start(self, closure: Any) -> tuple[Any, Any]:
+        """The closure's loss, and the work of this step (``_collect``), or None
+        when the non-finite policy skips it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        return loss, (None if self._skip(work) else work)
+
     def _collect(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
         """(group, params, grads) of parameters with a gradient, every gradient
         checked before anything is written."""

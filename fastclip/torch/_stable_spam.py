@@ -154,12 +154,8 @@ class StableSPAMAdamW(SpamBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Stable-SPAM step (see the class docstring); returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self._collect()
-        if self._skip(work):
+        loss, work = self._start(closure)
+        if work is None:
             return loss
         t = self.total_steps + 1
         scale = stable_spam_scale(t, self.total_t, self.eta_min)
