@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import _api, _dispatch
+from .._errors import name_error
 from .._validate import check_eps, check_max_norm
 from ._base import (
     Clipper,
@@ -25,13 +26,13 @@ T = TypeVar("T")
 
 def named_errors(what: str, make: Callable[[], T]) -> T:
     """``make()``, with a TypeError or ValueError prefixed by the public name
-    (``"fastclip.adaptive.AdaGC: clip_ratio must be ..."``)."""
+    (``"fastclip.adaptive.AdaGC: clip_ratio must be ..."``) by the one rule of
+    every public entry point (``fastclip._errors.name_error``)."""
     try:
         return make()
     except (TypeError, ValueError) as e:
-        if str(e).startswith("fastclip."):
-            raise
-        raise type(e)(f"{what}: {e}") from None
+        name_error(e, what)
+        raise
 
 
 class AdaGC(Clipper):
