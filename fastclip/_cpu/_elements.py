@@ -3,7 +3,7 @@
 """Per-element helpers shared by every CPU kernel, specialised by storage dtype.
 
 Kernels are written once, as scalar loops over a storage array; these
-overloads pick, at compile time, how one stored element is widened to the
+intrinsics pick, at compile time, how one stored element is widened to the
 accumulation type and narrowed back:
 
 =============  ==============  ============  ==========================
@@ -21,10 +21,9 @@ complex128     complex128      complex128    float64
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
-
-from ._intrinsics import bits_f32, f16_bits_to_f32, f32_bits, f32_to_f16_bits
+from numba.extending import intrinsic
 
 # The largest float32 block sum we trust: above it (or NaN) the block is
 # recomputed in float64, so squares of |x| ~ 1e20 never turn a norm into inf.
@@ -34,138 +33,164 @@ F32_SAFE = np.float32(3.0e38)
 F32_TINY = np.float32(1.0e-30)
 
 
-def widen(v):  # type: ignore[no-untyped-def]
-    """Stored element -> arithmetic value (float32/float64/complex)."""
-    raise NotImplementedError  # pragma: no cover - replaced by the overload
-
-
-def narrow(w, like):  # type: ignore[no-untyped-def]
-    """Arithmetic value -> stored element of ``like``'s type (round to nearest even)."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def acc_zero(v):  # type: ignore[no-untyped-def]
-    """A zero of the block accumulator type for stored element ``v``."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def acc_limit(v):  # type: ignore[no-untyped-def]
-    """Largest trusted block sum for ``v``'s accumulator (inf for float64)."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def acc_tiny(v):
-    """Smallest trusted float32 block sum of squares (0 for float64 accumulators)."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def coef_like(c, v):  # type: ignore[no-untyped-def]
-    """A float64 coefficient in the arithmetic precision of stored element ``v``."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def abs2(w):  # type: ignore[no-untyped-def]
-    """|w|**2 of a widened value (re**2 + im**2 for complex)."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def abs1(w):  # type: ignore[no-untyped-def]
-    """|w| of a widened value."""
-    raise NotImplementedError  # pragma: no cover
-
-
-def abs64(w):  # type: ignore[no-untyped-def]
-    """|w| of a widened value, in float64 (complex64 is widened to complex128 first:
-    |3e38 + 3e38j| = 4.2e38 overflows float32, and the norm came out inf)."""
-    raise NotImplementedError  # pragma: no cover
-
-
 def _is32(t: types.Type) -> bool:
     return t in (types.float32, types.uint16, types.int16, types.complex64)
 
 
-@overload(widen, inline="always")
-def _widen(v):  # type: ignore[no-untyped-def]
-    if v == types.uint16:
+# The helpers are numba intrinsics, not ``@overload``s: each overload, even one
+# marked ``inline="always"``, went through numba's whole compile pipeline on
+# its own (about 45 ms apiece, ten of them in the first global-norm call,
+# measured with numba's ``numba:compile`` event listener), where an intrinsic
+# only emits a few LLVM instructions into the kernel that calls it.
 
-        def impl(v):  # type: ignore[no-untyped-def]
-            return bits_f32(np.uint64(v) << np.uint64(16))
 
-        return impl
-    if v == types.int16:
-        return lambda v: f16_bits_to_f32(v)
+def _cast(context, builder, value, fromty, toty):  # type: ignore[no-untyped-def]
+    return context.cast(builder, value, fromty, toty)
+
+
+def _float(context, builder, ty, value):  # type: ignore[no-untyped-def]
+    return context.get_constant(ty, value)
+
+
+@intrinsic
+def widen(typingctx, v):  # type: ignore[no-untyped-def]
+    """Stored element -> arithmetic value (float32/float64/complex)."""
+    if v == types.uint16:  # bfloat16 bits: the high half of a float32
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            wide = builder.shl(
+                builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16)
+            )
+            return builder.bitcast(wide, ir.FloatType())
+
+        return types.float32(v), codegen
+    if v == types.int16:  # float16 bits
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(v), codegen
     if v in (types.float32, types.float64, types.complex64, types.complex128):
-        return lambda v: v
+        return v(v), lambda context, builder, sig, args: args[0]
     return None
 
 
-@overload(narrow, inline="always")
-def _narrow(w, like):  # type: ignore[no-untyped-def]
-    if like == types.uint16:
+@intrinsic
+def narrow(typingctx, w, like):  # type: ignore[no-untyped-def]
+    """Arithmetic value -> stored element of ``like``'s type (round to nearest even)."""
+    if like == types.uint16:  # bfloat16: round the float32 bits to nearest even
 
-        def impl(w, like):  # type: ignore[no-untyped-def]
-            u = np.uint64(f32_bits(np.float32(w)))
-            if (u & np.uint64(0x7FFFFFFF)) > np.uint64(0x7F800000):  # NaN: keep it quiet
-                return np.uint16((u >> np.uint64(16)) | np.uint64(0x40))
-            u = u + np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1))
-            return np.uint16((u >> np.uint64(16)) & np.uint64(0xFFFF))
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            i64 = ir.IntType(64)
+            f = _cast(context, builder, args[0], sig.args[0], types.float32)
+            u = builder.zext(builder.bitcast(f, ir.IntType(32)), i64)
+            hi = builder.lshr(u, ir.Constant(i64, 16))
+            is_nan = builder.icmp_unsigned(
+                ">", builder.and_(u, ir.Constant(i64, 0x7FFFFFFF)), ir.Constant(i64, 0x7F800000)
+            )
+            quiet = builder.or_(hi, ir.Constant(i64, 0x40))  # NaN: keep it quiet
+            odd = builder.and_(hi, ir.Constant(i64, 1))
+            rounded = builder.lshr(
+                builder.add(builder.add(u, ir.Constant(i64, 0x7FFF)), odd), ir.Constant(i64, 16)
+            )
+            out = builder.select(is_nan, quiet, rounded)
+            return builder.trunc(out, ir.IntType(16))
 
-        return impl
-    if like == types.int16:
-        return lambda w, like: f32_to_f16_bits(np.float32(w))
-    if like == types.float32:
-        return lambda w, like: np.float32(w)
-    if like == types.float64:
-        return lambda w, like: np.float64(w)
-    if like == types.complex64:
-        return lambda w, like: np.complex64(w)
-    if like == types.complex128:
-        return lambda w, like: np.complex128(w)
+        return types.uint16(w, like), codegen
+    if like == types.int16:  # float16: LLVM's fptrunc rounds to nearest even
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            f = _cast(context, builder, args[0], sig.args[0], types.float32)
+            return builder.bitcast(builder.fptrunc(f, ir.HalfType()), ir.IntType(16))
+
+        return types.int16(w, like), codegen
+    if like in (types.float32, types.float64, types.complex64, types.complex128):
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return _cast(context, builder, args[0], sig.args[0], sig.return_type)
+
+        return like(w, like), codegen
     return None
 
 
-@overload(acc_zero, inline="always")
-def _acc_zero(v):  # type: ignore[no-untyped-def]
-    if _is32(v):
-        return lambda v: np.float32(0.0)
-    return lambda v: np.float64(0.0)
+def _constant(value32, value64):  # type: ignore[no-untyped-def]
+    """An intrinsic giving value32 (float32) for 32-bit storage, value64 (float64) otherwise."""
+
+    def typer(typingctx, v):  # type: ignore[no-untyped-def]
+        ty = types.float32 if _is32(v) else types.float64
+        value = float(value32) if _is32(v) else float(value64)
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return _float(context, builder, ty, value)
+
+        return ty(v), codegen
+
+    return typer
 
 
-@overload(acc_limit, inline="always")
-def _acc_limit(v):  # type: ignore[no-untyped-def]
-    if _is32(v):
-        return lambda v: F32_SAFE
-    return lambda v: np.inf
+acc_zero = intrinsic(_constant(0.0, 0.0))
+acc_zero.__doc__ = "A zero of the block accumulator type for stored element ``v``."
+acc_limit = intrinsic(_constant(F32_SAFE, np.inf))
+acc_limit.__doc__ = "Largest trusted block sum for ``v``'s accumulator (inf for float64)."
+acc_tiny = intrinsic(_constant(F32_TINY, -1.0))
+acc_tiny.__doc__ = "Smallest trusted float32 block sum of squares (-1, never reached, for float64)."
 
 
-@overload(acc_tiny, inline="always")
-def _acc_tiny(v):
-    if _is32(v):
-        return lambda v: F32_TINY
-    return lambda v: -1.0
+@intrinsic
+def coef_like(typingctx, c, v):  # type: ignore[no-untyped-def]
+    """A float64 coefficient in the arithmetic precision of stored element ``v``."""
+    ty = types.float32 if _is32(v) else types.float64
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return _cast(context, builder, args[0], sig.args[0], ty)
+
+    return ty(c, v), codegen
 
 
-@overload(coef_like, inline="always")
-def _coef_like(c, v):  # type: ignore[no-untyped-def]
-    if _is32(v):
-        return lambda c, v: np.float32(c)
-    return lambda c, v: np.float64(c)
-
-
-@overload(abs2, inline="always")
-def _abs2(w):  # type: ignore[no-untyped-def]
+@intrinsic
+def abs2(typingctx, w):  # type: ignore[no-untyped-def]
+    """|w|**2 of a widened value (re**2 + im**2 for complex)."""
     if isinstance(w, types.Complex):
-        return lambda w: w.real * w.real + w.imag * w.imag
-    return lambda w: w * w
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            z = context.make_complex(builder, sig.args[0], value=args[0])
+            return builder.fadd(builder.fmul(z.real, z.real), builder.fmul(z.imag, z.imag))
+
+        return w.underlying_float(w), codegen
+    if isinstance(w, types.Float):
+        return w(w), lambda context, builder, sig, args: builder.fmul(args[0], args[0])
+    return None
 
 
-@overload(abs1, inline="always")
-def _abs1(w):  # type: ignore[no-untyped-def]
-    return lambda w: abs(w)
+def _abs_codegen(argty, absty):  # type: ignore[no-untyped-def]
+    """Codegen of abs() on ``absty`` after casting the argument from ``argty``."""
+    resty = absty.underlying_float if isinstance(absty, types.Complex) else absty
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        value = _cast(context, builder, args[0], argty, absty)
+        impl = context.get_function(abs, resty(absty))
+        return impl(builder, [value])
+
+    return resty, codegen
 
 
-@overload(abs64, inline="always")
-def _abs64(w):  # type: ignore[no-untyped-def]
+@intrinsic
+def abs1(typingctx, w):  # type: ignore[no-untyped-def]
+    """|w| of a widened value."""
+    if not isinstance(w, (types.Float, types.Complex)):
+        return None
+    resty, codegen = _abs_codegen(w, w)
+    return resty(w), codegen
+
+
+@intrinsic
+def abs64(typingctx, w):  # type: ignore[no-untyped-def]
+    """|w| of a widened value, in float64 (complex64 is widened to complex128 first:
+    |3e38 + 3e38j| = 4.2e38 overflows float32, and the norm came out inf)."""
     if isinstance(w, types.Complex):
-        return lambda w: abs(np.complex128(w))
-    return lambda w: abs(np.float64(w))
+        resty, codegen = _abs_codegen(w, types.complex128)
+    elif isinstance(w, types.Float):
+        resty, codegen = _abs_codegen(w, types.float64)
+    else:
+        return None
+    return resty(w), codegen

@@ -124,3 +124,23 @@ def load_int32(typingctx, address):  # type: ignore[no-untyped-def]
         return builder.sext(builder.load(ptr), ir.IntType(64))
 
     return sig, codegen
+
+
+@intrinsic
+def imin(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """The smaller of two integers, as int64.
+
+    The kernels' ``min(lo + chunk, n)`` compiled numba's generic ``min`` on a
+    tuple (two functions, 0.07 s of a cold ``clip_by_global_norm_``, measured
+    with numba's ``numba:compile`` event listener); this is one compare.
+    """
+    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+        return None
+    sig = types.int64(a, b)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        x = context.cast(builder, args[0], a, types.int64)
+        y = context.cast(builder, args[1], b, types.int64)
+        return builder.select(builder.icmp_signed("<", x, y), x, y)
+
+    return sig, codegen

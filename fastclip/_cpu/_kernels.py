@@ -23,7 +23,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from ._elements import abs1, abs2, abs64, acc_limit, acc_tiny, acc_zero, coef_like, narrow, widen
-from ._intrinsics import address_as_pointer
+from ._intrinsics import address_as_pointer, imin
 
 BLOCK = 4096  # float32 partial-sum block (error ~2e-10 rel. on 6.4e7 elements)
 
@@ -95,7 +95,7 @@ def seg_pow_sum(a, lo, hi, ord_code, p, inv):  # type: ignore[no-untyped-def]
     nblocks = (seg.size + BLOCK - 1) // BLOCK
     for b in range(nblocks):
         s = b * BLOCK
-        total += _block_sum_p(seg[s : min(s + BLOCK, seg.size)], ord_code, p, inv)
+        total += _block_sum_p(seg[s : imin(s + BLOCK, seg.size)], ord_code, p, inv)
     return total
 
 
@@ -221,7 +221,7 @@ def arr_pow_sum(a, ord_code, p, inv, chunk):  # type: ignore[no-untyped-def]
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
         lo = c * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, n), ord_code, p, inv)
+        partials[c] = seg_pow_sum(a, lo, imin(lo + chunk, n), ord_code, p, inv)
     return combine(partials, ord_code)
 
 
@@ -231,7 +231,7 @@ def arr_scale(src, dst, coef, inplace, chunk):  # type: ignore[no-untyped-def]
     nchunks = (n + chunk - 1) // chunk
     for c in prange(nchunks):
         lo = c * chunk
-        seg_scale(src, dst, lo, min(lo + chunk, n), coef, inplace)
+        seg_scale(src, dst, lo, imin(lo + chunk, n), coef, inplace)
 
 
 def arr_clip(src, dst, ord_code, p, max_norm, eps, inplace, chunk):  # type: ignore[no-untyped-def]
@@ -241,12 +241,12 @@ def arr_clip(src, dst, ord_code, p, max_norm, eps, inplace, chunk):  # type: ign
     partials = np.empty(nchunks, np.float64)
     for c in prange(nchunks):
         lo = c * chunk
-        partials[c] = seg_pow_sum(src, lo, min(lo + chunk, n), ord_code, p, 1.0)
+        partials[c] = seg_pow_sum(src, lo, imin(lo + chunk, n), ord_code, p, 1.0)
     norm = root(combine(partials, ord_code), ord_code, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
         lo = c * chunk
-        seg_scale(src, dst, lo, min(lo + chunk, n), coef, inplace)
+        seg_scale(src, dst, lo, imin(lo + chunk, n), coef, inplace)
     return norm
 
 
@@ -256,7 +256,7 @@ def arr_clamp(src, dst, vmin, vmax, inplace, chunk):  # type: ignore[no-untyped-
     nchunks = (n + chunk - 1) // chunk
     for c in prange(nchunks):
         lo = c * chunk
-        seg_clamp(src, dst, lo, min(lo + chunk, n), vmin, vmax, inplace)
+        seg_clamp(src, dst, lo, imin(lo + chunk, n), vmin, vmax, inplace)
 
 
 # ------------------------------------------------------- many arrays (table)
@@ -303,7 +303,7 @@ def tab_pow_sum(addrs, sizes, like, ord_code, p, inv, chunk):  # type: ignore[no
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, inv)
+        partials[c] = seg_pow_sum(a, lo, imin(lo + chunk, sizes[t]), ord_code, p, inv)
     return combine(partials, ord_code)
 
 
@@ -316,7 +316,7 @@ def tab_scale(src_addrs, dst_addrs, sizes, like, coef, inplace, chunk):  # type:
         src = carray(address_as_pointer(src_addrs[t], like), sizes[t])
         dst = carray(address_as_pointer(dst_addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        seg_scale(src, dst, lo, min(lo + chunk, sizes[t]), coef, inplace)
+        seg_scale(src, dst, lo, imin(lo + chunk, sizes[t]), coef, inplace)
 
 
 def tab_clip(addrs, sizes, like, ord_code, p, max_norm, eps, chunk):  # type: ignore[no-untyped-def]
@@ -328,14 +328,14 @@ def tab_clip(addrs, sizes, like, ord_code, p, max_norm, eps, chunk):  # type: ig
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, 1.0)
+        partials[c] = seg_pow_sum(a, lo, imin(lo + chunk, sizes[t]), ord_code, p, 1.0)
     norm = root(combine(partials, ord_code), ord_code, p)
     coef = coefficient(norm, max_norm, eps)
     for c in prange(nchunks):
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        seg_scale(a, a, lo, min(lo + chunk, sizes[t]), coef, True)
+        seg_scale(a, a, lo, imin(lo + chunk, sizes[t]), coef, True)
     return norm
 
 
@@ -348,7 +348,7 @@ def tab_clamp(src_addrs, dst_addrs, sizes, like, vmin, vmax, inplace, chunk):  #
         src = carray(address_as_pointer(src_addrs[t], like), sizes[t])
         dst = carray(address_as_pointer(dst_addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        seg_clamp(src, dst, lo, min(lo + chunk, sizes[t]), vmin, vmax, inplace)
+        seg_clamp(src, dst, lo, imin(lo + chunk, sizes[t]), vmin, vmax, inplace)
 
 
 # ------------------------------------------------------------ along an axis
@@ -384,7 +384,7 @@ def cols_pow_sum(x, ord_code, p, inv, tile):  # type: ignore[no-untyped-def]
     ntiles = (m + tile - 1) // tile
     for t in prange(ntiles):
         lo = t * tile
-        hi = min(lo + tile, m)
+        hi = imin(lo + tile, m)
         if ord_code == 0:
             for j in range(lo, hi):
                 out[j] = seg_pow_sum(x[:, j], 0, k, 0, p, 1.0)
@@ -415,7 +415,7 @@ def cols_scale(src, dst, coefs, inplace, tile):  # type: ignore[no-untyped-def]
     ntiles = (m + tile - 1) // tile
     for t in prange(ntiles):
         lo = t * tile
-        hi = min(lo + tile, m)
+        hi = imin(lo + tile, m)
         c = coefs[lo:hi]
         for r in range(k):
             d = dst[r, lo:hi]

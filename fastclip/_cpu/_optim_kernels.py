@@ -49,7 +49,7 @@ from .._hparams import (
     S_WD,
 )
 from ._elements import coef_like, narrow, widen
-from ._intrinsics import address_as_pointer
+from ._intrinsics import address_as_pointer, imin
 from ._kernels import chunk_starts, normal_in_type, table_row
 
 
@@ -213,7 +213,7 @@ def tab_adamw(
         t = table_row(starts, c)
         n = sizes[t]
         lo = (c - starts[t]) * chunk
-        hi = min(lo + chunk, n)
+        hi = imin(lo + chunk, n)
         if hi <= lo:
             continue
         p = carray(address_as_pointer(p_addrs[t], like), n)[lo:hi]
@@ -235,7 +235,7 @@ def tab_sgd(p_addrs, g_addrs, b_addrs, sizes, like, coef, hparams, chunk):  # ty
         t = table_row(starts, c)
         n = sizes[t]
         lo = (c - starts[t]) * chunk
-        hi = min(lo + chunk, n)
+        hi = imin(lo + chunk, n)
         if hi <= lo:
             continue
         p = carray(address_as_pointer(p_addrs[t], like), n)[lo:hi]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
-from ._intrinsics import address_as_pointer
+from ._intrinsics import address_as_pointer, imin
 from ._kernels import (
     chunk_starts,
     coefficient,
@@ -40,7 +40,7 @@ def tab_pow_sums(addrs, sizes, like, ord_code, p, inv, chunk, out):  # type: ign
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, inv)
+        partials[c] = seg_pow_sum(a, lo, imin(lo + chunk, sizes[t]), ord_code, p, inv)
     for t in range(sizes.size):
         out[t] = combine(partials[starts[t] : starts[t + 1]], ord_code)  # 0 for no chunks
     return combine(partials, ord_code)
@@ -56,7 +56,7 @@ def tab_clip_sums(addrs, sizes, like, ord_code, p, max_norm, eps, chunk, out):  
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        partials[c] = seg_pow_sum(a, lo, min(lo + chunk, sizes[t]), ord_code, p, 1.0)
+        partials[c] = seg_pow_sum(a, lo, imin(lo + chunk, sizes[t]), ord_code, p, 1.0)
     for t in range(sizes.size):
         out[t] = combine(partials[starts[t] : starts[t + 1]], ord_code)
     norm = root(combine(partials, ord_code), ord_code, p)
@@ -65,5 +65,5 @@ def tab_clip_sums(addrs, sizes, like, ord_code, p, max_norm, eps, chunk, out):  
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
         lo = (c - starts[t]) * chunk
-        seg_scale(a, a, lo, min(lo + chunk, sizes[t]), coef, True)
+        seg_scale(a, a, lo, imin(lo + chunk, sizes[t]), coef, True)
     return norm

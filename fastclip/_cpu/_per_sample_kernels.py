@@ -19,6 +19,7 @@ import numpy as np
 from numba import prange
 
 from ._elements import acc_zero, coef_like, narrow, widen
+from ._intrinsics import imin
 
 
 def weighted_sum(x, f, out, scale, tile, rblock):  # type: ignore[no-untyped-def]
@@ -27,12 +28,12 @@ def weighted_sum(x, f, out, scale, tile, rblock):  # type: ignore[no-untyped-def
     ntiles = (ncols + tile - 1) // tile
     for t in prange(ntiles):
         lo = t * tile
-        hi = min(lo + tile, ncols)
+        hi = imin(lo + tile, ncols)
         o = out[lo:hi]
         acc64 = np.zeros(hi - lo, np.float64)
         acc = np.full(hi - lo, acc_zero(x[0, lo]))
         for b0 in range(0, nrows, rblock):
-            b1 = min(b0 + rblock, nrows)
+            b1 = imin(b0 + rblock, nrows)
             for j in range(acc.size):
                 acc[j] = 0
             b = b0
