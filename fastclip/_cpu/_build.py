@@ -230,6 +230,24 @@ def _unreadable(path: str, exc: BaseException) -> None:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def kernel_sources_stamp() -> tuple[tuple[str, int, int], ...]:
+    """(name, mtime_ns, size) of every module in this package, part of each cache key.
+
+    numba stamps a cached kernel with its own file only, but the kernels of
+    one file inline helpers from others (``_elements``, ``_intrinsics``): an
+    edited helper left every kernel that uses it loading stale machine code.
+    Any change to this package's files now invalidates all of its entries.
+    """
+    folder = os.path.dirname(os.path.abspath(__file__))
+    stamps = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            st = os.stat(os.path.join(folder, name))
+            stamps.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
 class _CheckedIndexDataCacheFile(IndexDataCacheFile):  # type: ignore[misc]
     """numba's index + data files, where an unreadable file counts as a missing entry."""
 
@@ -259,7 +277,7 @@ class _CheckedCache(FunctionCache):  # type: ignore[misc]
         self._cache_file = _CheckedIndexDataCacheFile(
             cache_path=cache_path,
             filename_base=self._impl.filename_base,
-            source_stamp=self._impl.locator.get_source_stamp(),
+            source_stamp=(self._impl.locator.get_source_stamp(), kernel_sources_stamp()),
         )
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:

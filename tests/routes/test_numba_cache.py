@@ -438,3 +438,28 @@ def test_eight_processes_starting_together_on_an_empty_cache(tmp_path: Path) -> 
         assert {w[0] for w in out["warnings"]} <= {"CacheWarning"}, out["warnings"]
     ninth = _run(root, tmp_path)
     assert ninth["misses"] == 0 and ninth["hits"] >= 1 and ninth["warnings"] == []
+
+
+def test_an_edited_helper_module_invalidates_the_kernels_that_inline_it(tmp_path: Path) -> None:
+    """numba stamps a cached kernel with its own file only; the kernels inline
+    helpers from ``_elements.py``, so a change there must recompile them (a
+    stale entry would run the old helper's machine code)."""
+    site = tmp_path / "site"
+    shutil.copytree(
+        REPO / "fastclip", site / "fastclip", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    cache = tmp_path / "cache"
+    first = _run_copy(site, home, cache_dir=cache)
+    assert first["misses"] >= 1 and first["hits"] == 0
+    second = _run_copy(site, home, cache_dir=cache)
+    assert second["misses"] == 0 and second["hits"] >= 1  # nothing changed: loaded
+
+    helper = site / "fastclip" / "_cpu" / "_elements.py"
+    st = helper.stat()
+    os.utime(helper, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as an edit would
+    third = _run_copy(site, home, cache_dir=cache)
+    assert third["hits"] == 0 and third["misses"] == first["misses"]  # all recompiled
+    fourth = _run_copy(site, home, cache_dir=cache)
+    assert fourth["misses"] == 0 and fourth["hits"] == second["hits"]  # and cached again
