@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._intrinsics import load_int32, load_int64
+from ._intrinsics import empty_i64, load_int32, load_int64
 
 
 def numpy_headers(list_id, n, ndarray_type, descr, offsets, itemsize, writing):  # type: ignore[no-untyped-def]
@@ -32,8 +32,8 @@ def numpy_headers(list_id, n, ndarray_type, descr, offsets, itemsize, writing): 
     (False: overlap, or unknown; the caller then checks in NumPy and names the
     pair), ``total`` the number of elements of all arrays.
     """
-    addrs = np.empty(n, np.int64)
-    sizes = np.empty(n, np.int64)
+    addrs = empty_i64(n)
+    sizes = empty_i64(n)
     status = np.zeros(n, np.int64)
     o_type, o_data, o_nd, o_dims, o_descr, o_flags, o_items = offsets
     items = load_int64(list_id + o_items)
@@ -84,8 +84,8 @@ def _disjoint(addrs, sizes, itemsize):  # type: ignore[no-untyped-def]
     for i in range(sizes.size):
         if sizes[i] != 0:
             m += 1
-    starts = np.empty(m, np.int64)
-    ends = np.empty(m, np.int64)
+    starts = empty_i64(m)
+    ends = empty_i64(m)
     budget = 8 * m + 64
     k = 0
     for i in range(sizes.size):

@@ -23,7 +23,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from ._elements import abs1, abs2, abs64, acc_limit, acc_tiny, acc_zero, coef_like, narrow, widen
-from ._intrinsics import address_as_pointer, imin
+from ._intrinsics import address_as_pointer, empty_f64, empty_i64, imin
 
 BLOCK = 4096  # float32 partial-sum block (error ~2e-10 rel. on 6.4e7 elements)
 
@@ -218,7 +218,7 @@ def arr_pow_sum(a, ord_code, p, inv, chunk):  # type: ignore[no-untyped-def]
     """Power sum of a 1-D array, chunk-parallel."""
     n = a.size
     nchunks = (n + chunk - 1) // chunk
-    partials = np.empty(nchunks, np.float64)
+    partials = empty_f64(nchunks)
     for c in prange(nchunks):
         lo = c * chunk
         partials[c] = seg_pow_sum(a, lo, imin(lo + chunk, n), ord_code, p, inv)
@@ -238,7 +238,7 @@ def arr_clip(src, dst, ord_code, p, max_norm, eps, inplace, chunk):  # type: ign
     """Fused norm + clip of one 1-D array: returns the norm before clipping."""
     n = src.size
     nchunks = (n + chunk - 1) // chunk
-    partials = np.empty(nchunks, np.float64)
+    partials = empty_f64(nchunks)
     for c in prange(nchunks):
         lo = c * chunk
         partials[c] = seg_pow_sum(src, lo, imin(lo + chunk, n), ord_code, p, 1.0)
@@ -265,7 +265,7 @@ def arr_clamp(src, dst, vmin, vmax, inplace, chunk):  # type: ignore[no-untyped-
 @njit(error_model="numpy", cache=False, inline="always")
 def chunk_starts(sizes, chunk):  # type: ignore[no-untyped-def]
     """Prefix sums of chunk counts: chunk c belongs to row ``table_row(starts, c)``."""
-    starts = np.empty(sizes.size + 1, np.int64)
+    starts = empty_i64(sizes.size + 1)
     starts[0] = 0
     for t in range(sizes.size):
         starts[t + 1] = starts[t] + (sizes[t] + chunk - 1) // chunk
@@ -298,7 +298,7 @@ def tab_pow_sum(addrs, sizes, like, ord_code, p, inv, chunk):  # type: ignore[no
     """Power sum over all elements of all arrays in the (address, size) table."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
-    partials = np.empty(nchunks, np.float64)
+    partials = empty_f64(nchunks)
     for c in prange(nchunks):
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
@@ -323,7 +323,7 @@ def tab_clip(addrs, sizes, like, ord_code, p, max_norm, eps, chunk):  # type: ig
     """Fused global-norm clip of one dtype group, in place; returns the norm."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
-    partials = np.empty(nchunks, np.float64)
+    partials = empty_f64(nchunks)
     for c in prange(nchunks):
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
@@ -360,7 +360,7 @@ def rows_pow_sum(x, ord_code, p, inv):  # type: ignore[no-untyped-def]
     ``inv[r]`` scales row r's values for ord_code 3 (over/underflow-safe rescaling).
     """
     m, k = x.shape
-    out = np.empty(m, np.float64)
+    out = empty_f64(m)
     for r in prange(m):
         out[r] = seg_pow_sum(x[r], 0, k, ord_code, p, inv[r])
     return out

@@ -16,10 +16,9 @@ compiled cache entries) are untouched.
 
 from __future__ import annotations
 
-import numpy as np
 from numba import carray, prange
 
-from ._intrinsics import address_as_pointer, imin
+from ._intrinsics import address_as_pointer, empty_f64, imin
 from ._kernels import (
     chunk_starts,
     coefficient,
@@ -35,7 +34,7 @@ def tab_pow_sums(addrs, sizes, like, ord_code, p, inv, chunk, out):  # type: ign
     """``tab_pow_sum`` that also writes the power sum of array t into ``out[t]``."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
-    partials = np.empty(nchunks, np.float64)
+    partials = empty_f64(nchunks)
     for c in prange(nchunks):
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
@@ -51,7 +50,7 @@ def tab_clip_sums(addrs, sizes, like, ord_code, p, max_norm, eps, chunk, out):  
     power sum (before clipping) into ``out``; returns the norm."""
     starts = chunk_starts(sizes, chunk)
     nchunks = starts[-1]
-    partials = np.empty(nchunks, np.float64)
+    partials = empty_f64(nchunks)
     for c in prange(nchunks):
         t = table_row(starts, c)
         a = carray(address_as_pointer(addrs[t], like), sizes[t])
