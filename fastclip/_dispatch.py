@@ -274,7 +274,9 @@ class Backend:
         ops: Any = self.ops  # the CPU and GPU routes only (see backend_for_step)
         return ops.spam_prepare(self.lib, lists, kind, what)
 
-    def spam_reduce(self, prepared: Any, n: int, op: str, hats: Any = None, shrinks: Any = None) -> Any:
+    def spam_reduce(
+        self, prepared: Any, n: int, op: str, hats: Any = None, shrinks: Any = None
+    ) -> Any:
         """Per-tensor float64 values of the prepared gradients (``"max"``, ``"clipped_sq"``)."""
         ops: Any = self.ops
         return ops.spam_reduce(self.lib, prepared, n, op, hats, shrinks)

@@ -69,13 +69,12 @@ def spam_run(
     n = len(params)
     for g in prepared:
         rows = _rows(g, n, hparams)
+        addrs = [g.addrs(k) for k in range(len(g.packs))]
         if kind == "spam":
-            args = (g.addrs(0), g.addrs(1), g.addrs(2), g.addrs(3))
-            run_with(jit_pair(tab_spam), g.n, *args, g.sizes, g.like, rows, cfg.CHUNK)
+            run_with(jit_pair(tab_spam), g.n, *addrs, g.sizes, g.like, rows, cfg.CHUNK)
         else:
-            args = (g.addrs(0), g.addrs(1), g.addrs(2), g.addrs(3), g.addrs(4))
             run_with(
-                jit_pair(tab_stable_spam), g.n, *args, g.sizes, g.like, rows, amsgrad, cfg.CHUNK
+                jit_pair(tab_stable_spam), g.n, *addrs, g.sizes, g.like, rows, amsgrad, cfg.CHUNK
             )
         g.copy_out()
     lib.touched(params)

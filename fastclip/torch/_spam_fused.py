@@ -176,6 +176,7 @@ def _stable_prepare(opt: Any, part: list[Any], ams: bool, what: str) -> list[Any
 
     def make(p: torch.Tensor) -> dict[str, Any]:
         g = p.grad
+        assert g is not None  # only parameters with a gradient are stepped
         st: dict[str, Any] = {"step": 0, "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
         for key in ("m_norm_t", "v_norm_t", "m_max_t"):
             st[key] = torch.zeros((), dtype=g.dtype, device=g.device)

@@ -97,7 +97,9 @@ def check_states(opt, params, oracle, rtol, stable, cancel=1e-2):
         assert st_["step"] == oracle.k[i]
         if stable:
             for key, ref in (("m_norm_t", oracle.m_norm), ("m_max_t", oracle.m_max)):
-                assert float(st_[key]) == pytest.approx(float(ref[i]), rel=rtol * 10, abs=1e-300, nan_ok=True)
+                assert float(st_[key]) == pytest.approx(
+                    float(ref[i]), rel=rtol * 10, abs=1e-300, nan_ok=True
+                )
             if "max_exp_avg_sq" in st_:
                 close(st_["max_exp_avg_sq"].double().numpy(), oracle.vmax[i], rtol, cancel)
 
@@ -199,7 +201,10 @@ def test_several_groups_and_dtypes_in_one_step(cls, small_chunks):
     pb[0].data = pb[0].data.float()
     opt_cls = SPAMAdamW if cls == "spam" else StableSPAMAdamW
     shared = {k: v for k, v in base.items() if k not in ("lr", "weight_decay")}
-    groups = [dict(params=pa, lr=0.02, weight_decay=0.0), dict(params=pb, lr=0.005, weight_decay=0.2)]
+    groups = [
+        dict(params=pa, lr=0.02, weight_decay=0.0),
+        dict(params=pb, lr=0.005, weight_decay=0.2),
+    ]
     opt = opt_cls(groups, **shared)
     for gs in seq:
         for p, g in zip(pa + pb, gs):
@@ -207,7 +212,9 @@ def test_several_groups_and_dtypes_in_one_step(cls, small_chunks):
         opt.step()
         assert opt.last_step_route == "cpu"
         for params, ref, oracle, off in ((pa, ra, oracles[0], 0), (pb, rb, oracles[1], 2)):
-            seen = [torch.tensor(g, dtype=p.dtype).double().numpy() for p, g in zip(params, gs[off:])]
+            seen = [
+                torch.tensor(g, dtype=p.dtype).double().numpy() for p, g in zip(params, gs[off:])
+            ]
             oracle.step(ref, seen)
             for p, r in zip(params, ref):
                 close(p.detach().double().numpy(), r, TOL[p.dtype])
