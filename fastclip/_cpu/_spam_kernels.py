@@ -144,7 +144,11 @@ def seg_stable_spam(p, g, m, v, vmax, row, amsgrad):  # type: ignore[no-untyped-
         v[i] = narrow(zero if reset else vi, v[i])
 
 
-@njit(fastmath=False, error_model="numpy", cache=False)
+# ``reassoc`` only: without it the float64 sum is one dependency chain; with it
+# LLVM keeps several partial sums in vector lanes (20M float32, one thread:
+# 16.8 -> 2.5 ms median of 9, same sum to 1e-15 relative).  The clipped value itself is
+# computed as the _foreach route does (float32 multiply, no contraction).
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=False)
 def seg_clipped_sq(g, hat, shrink):  # type: ignore[no-untyped-def]
     """float64 sum of squares of AdaClip's result (g * shrink where |g| > hat)."""
     x = g[0]
