@@ -95,9 +95,7 @@ def main() -> None:
     for name, ts in times.items():
         q1, med, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
         med = statistics.median(ts)
-        print(
-            f"{name:26s} {med * 1e3:10.2f} {q1 * 1e3:7.2f}-{q3 * 1e3:<8.2f} {med / base:8.2f}"
-        )
+        print(f"{name:26s} {med * 1e3:10.2f} {q1 * 1e3:7.2f}-{q3 * 1e3:<8.2f} {med / base:8.2f}")
     for kind in ("SPAMAdamW", "StableSPAMAdamW"):
         fused = statistics.median(times[f"{kind} fused"])
         each = statistics.median(times[f"{kind} foreach"])

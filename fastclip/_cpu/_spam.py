@@ -21,7 +21,6 @@ from . import _optim
 from ._build import jit_pair
 from ._launch import run_with
 from ._per_array_kernels import tab_pow_sums
-from ._spam_kernels import tab_clipped_sq, tab_spam, tab_stable_spam
 
 __all__ = ["spam_prepare", "spam_reduce", "spam_run"]
 
@@ -35,6 +34,15 @@ def spam_prepare(lib: Any, lists: list[Any], kind: str, what: str) -> list[Any]:
     if kind == "spam":
         return _optim.groups(lib, lists, [True, False, True, True], what)
     return _optim.groups(lib, lists, [True, False, True, True, True], what)
+
+
+def _kernel(name: str) -> Any:
+    """The serial/parallel pair of a ``_spam_kernels`` kernel.  The module is
+    imported on the first fused SPAM step, not with the CPU route: the first
+    global-norm call imports and builds nothing of it."""
+    from . import _spam_kernels
+
+    return jit_pair(getattr(_spam_kernels, name))
 
 
 def _rows(g: Any, n: int, values: np.ndarray) -> np.ndarray:
@@ -56,7 +64,9 @@ def spam_reduce(
             run_with(jit_pair(tab_pow_sums), t.n, *args)
         else:
             h, s = _rows(g, n, hats), _rows(g, n, shrinks)
-            run_with(jit_pair(tab_clipped_sq), t.n, t.addrs, t.sizes, t.like, h, s, cfg.CHUNK, sums)
+            run_with(
+                _kernel("tab_clipped_sq"), t.n, t.addrs, t.sizes, t.like, h, s, cfg.CHUNK, sums
+            )
         out[g.index] = sums
     return out
 
@@ -71,10 +81,10 @@ def spam_run(
         rows = _rows(g, n, hparams)
         addrs = [g.addrs(k) for k in range(len(g.packs))]
         if kind == "spam":
-            run_with(jit_pair(tab_spam), g.n, *addrs, g.sizes, g.like, rows, cfg.CHUNK)
+            run_with(_kernel("tab_spam"), g.n, *addrs, g.sizes, g.like, rows, cfg.CHUNK)
         else:
             run_with(
-                jit_pair(tab_stable_spam), g.n, *addrs, g.sizes, g.like, rows, amsgrad, cfg.CHUNK
+                _kernel("tab_stable_spam"), g.n, *addrs, g.sizes, g.like, rows, amsgrad, cfg.CHUNK
             )
         g.copy_out()
     lib.touched(params)

@@ -84,7 +84,7 @@ class StableSPAMAdamW(SpamBase):
         As :class:`SPAMAdamW`, for CPU tensors only: there is no fused CUDA
         kernel for Stable-SPAM, so CUDA tensors take the ``_foreach`` route
         with None and raise TypeError with True.  The fused route reads the
-        gradients three times (max |g| per tensor, the norm after AdaClip, the
+        gradients three times (max :math:`|g|` per tensor, the norm after AdaClip, the
         update) and the parameters and moments once; its per-tensor scalars
         (AdaClip's and AdaGN's statistics) are computed in float64 on the host
         and stored in their tensors' dtype, where the ``_foreach`` route
