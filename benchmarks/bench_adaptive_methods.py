@@ -13,7 +13,8 @@ Each method is timed against:
   (``torch.norm`` per tensor and a host comparison per tensor, as their
   Megatron ``AdaGC.clip_by_norm``) vs torch ``clip_grad_norm_(foreach=True)``;
 * SPAM / Stable-SPAM: ``fastclip.torch.SPAMAdamW`` / ``StableSPAMAdamW``
-  (multi-tensor ``_foreach`` steps) vs the reference optimizers' per-parameter
+  (the fused one-pass kernels, ``fused=True``, and the multi-tensor
+  ``_foreach`` steps, ``fused=False``) vs the reference optimizers' per-parameter
   loops (boolean-mask indexing, written from the papers' update rules) vs torch
   ``clip_grad_norm_(foreach) + AdamW(foreach)``;
 * quantile clipping: ``fastclip.adaptive.QuantileClip.clip_per_sample`` vs
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # grad_accu_steps=2: the first (warm-up) call fills v, the timed ones test every entry
     # against it and, the gradients being fixed, clip none (spikes are rare in training)
-    spam = SPAMAdamW(params_like(grads), lr=1e-4, grad_accu_steps=2)
+    spam = SPAMAdamW(params_like(grads), lr=1e-4, grad_accu_steps=2, fused=False)
+    spam_fused = SPAMAdamW(params_like(grads), lr=1e-4, grad_accu_steps=2, fused=True)
     ref = naive_spam(params_like(grads))
     pt = params_like(grads)
     adamw = torch.optim.AdamW(pt, lr=1e-4, foreach=True)
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "SPAM (spike clip + Adam step)",
         timeit(
             {
+                "fastclip.torch.SPAMAdamW (fused)": spam_fused.step,
                 "fastclip.torch.SPAMAdamW (foreach)": spam.step,
                 "reference-style per-parameter loop": ref,
                 "torch clip_grad_norm_ + AdamW(foreach)": torch_step,
@@ -213,12 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         ),
     )
 
-    stable = StableSPAMAdamW(params_like(grads), lr=1e-4)
+    stable = StableSPAMAdamW(params_like(grads), lr=1e-4, fused=False)
+    stable_fused = StableSPAMAdamW(params_like(grads), lr=1e-4, fused=True)
     ref2 = naive_stable_spam(params_like(grads))
     report(
         "Stable-SPAM (AdaClip + AdaGN + Adam step)",
         timeit(
             {
+                "fastclip.torch.StableSPAMAdamW (fused)": stable_fused.step,
                 "fastclip.torch.StableSPAMAdamW (foreach)": stable.step,
                 "reference-style per-parameter loop": ref2,
                 "torch clip_grad_norm_ + AdamW(foreach)": torch_step,

@@ -267,6 +267,26 @@ class Backend:
         ops: Any = self.ops
         ops.step_run(self.lib, prepared, lists, hparams, plan, sign, amsgrad)
 
+    # -- fused SPAM / Stable-SPAM steps (fastclip.torch.SPAMAdamW, StableSPAMAdamW)
+
+    def spam_prepare(self, lists: list[Any], kind: str, what: str) -> Any:
+        """Validate and pack a fused SPAM (``kind="spam"``) or Stable-SPAM step."""
+        ops: Any = self.ops  # the CPU and GPU routes only (see backend_for_step)
+        return ops.spam_prepare(self.lib, lists, kind, what)
+
+    def spam_reduce(
+        self, prepared: Any, n: int, op: str, hats: Any = None, shrinks: Any = None
+    ) -> Any:
+        """Per-tensor float64 values of the prepared gradients (``"max"``, ``"clipped_sq"``)."""
+        ops: Any = self.ops
+        return ops.spam_reduce(self.lib, prepared, n, op, hats, shrinks)
+
+    def spam_run(
+        self, prepared: Any, params: list[Any], hparams: Any, kind: str, amsgrad: bool
+    ) -> None:
+        ops: Any = self.ops
+        ops.spam_run(self.lib, prepared, params, hparams, kind, amsgrad)
+
     def step_scalar(self, value: Any, name: str) -> Any:
         """A fused step's ``total_norm`` / ``clip_coef``: None, a host float, or on
         the GPU route a 0-d device array of the arrays' library (kept on the

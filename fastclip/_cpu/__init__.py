@@ -13,14 +13,16 @@ Layout rules (documented in README, "Routes"):
 The modules, top to bottom (an import only points down; ``_adapters`` is the leaf):
 
 * ``_core`` (the route ops), ``_value_clip`` (many-array value clipping),
-  ``_per_sample``, ``_fused_step`` (the fused clip-and-step flows), ``_targets``
+  ``_per_sample``, ``_fused_step`` (the fused clip-and-step flows), ``_spam`` (the fused
+  SPAM / Stable-SPAM steps), ``_targets``
   (checks and float64 norms for ``fastclip.distributed``), ``_fast`` (the
   one-small-array fast paths), ``_optim`` (fused-step groups);
 * ``_pack`` (tables of lists), ``_axes`` (per-slice plans), ``_headers`` (the bulk
   NumPy header read);
 * ``_launch`` (serial / parallel launches, threading layer, fork);
 * ``_build`` (lazy, disk-cached numba twins: ``jit_pair``, ``kernel``);
-* ``_kernels``, ``_header_kernels``, ``_optim_kernels``, ``_per_sample_kernels``;
+* ``_kernels``, ``_header_kernels``, ``_optim_kernels``, ``_spam_kernels``,
+  ``_per_sample_kernels``;
 * ``_elements``, ``_intrinsics``;
 * ``_adapters`` (``NumpyLib``, ``TorchLib``: storage views, wrapping, ``touched``).
 
@@ -48,6 +50,7 @@ from ._launch import policy, run, run_with, threading_layer
 from ._optim import global_norm_and_dtype, groups
 from ._pack import pack
 from ._per_sample import clip_per_sample
+from ._spam import spam_prepare, spam_reduce, spam_run
 from ._targets import check_targets, norm64
 from ._value_clip import clamp_many, clamp_many_
 
@@ -80,6 +83,9 @@ __all__ = [
     "run_with",
     "scale_",
     "sgd_step_",
+    "spam_prepare",
+    "spam_reduce",
+    "spam_run",
     "status",
     "step_plan",
     "step_prepare",

@@ -1,5 +1,5 @@
 """The GPU route: CUDA kernels (``kernels.cu``, ``optim_kernels.cu``,
-``per_sample_kernels.cu``) launched through CuPy on CuPy arrays and torch CUDA
+``per_sample_kernels.cu``, ``spam_kernels.cu``) launched through CuPy on CuPy arrays and torch CUDA
 tensors.
 
 Zero-copy: kernels receive the arrays' raw device pointers.  Every launch runs
@@ -28,6 +28,7 @@ from ._optim import Step, adamw_step_gpu, sgd_step_gpu
 from ._optim_plan import GpuClip, clip_plan
 from ._per_sample import clip_per_sample_gpu
 from ._per_sample import clip_per_sample_gpu as clip_per_sample
+from ._spam import spam_prepare, spam_reduce, spam_run
 from ._tables import Packed
 from ._targets import check_targets
 from ._value_clip import clamp_many_
@@ -53,6 +54,9 @@ __all__ = [
     "scale_",
     "sgd_step_",
     "sgd_step_gpu",
+    "spam_prepare",
+    "spam_reduce",
+    "spam_run",
     "step_plan",
     "step_prepare",
     "step_run",

@@ -1,11 +1,12 @@
 """The CUDA sources, the kernel names instantiated from them, and one cached
 ``cupy.RawModule`` per (feature, device).
 
-Three features, each a ``.cu`` file: ``"core"`` (``kernels.cu``: norms and
-clipping), ``"optim"`` (``optim_kernels.cu``: fused AdamW/SGD) and
-``"per_sample"`` (``per_sample_kernels.cu``: DP-SGD).  The last two are
-compiled appended to ``kernels.cu``, whose element access and power-sum
-reduction they reuse.
+Four features, each a ``.cu`` file: ``"core"`` (``kernels.cu``: norms and
+clipping), ``"optim"`` (``optim_kernels.cu``: fused AdamW/SGD),
+``"per_sample"`` (``per_sample_kernels.cu``: DP-SGD) and ``"spam"``
+(``spam_kernels.cu``: fused SPAM).  The others are compiled appended to
+``kernels.cu``, whose element access and power-sum reduction they reuse
+(``"spam"`` after ``optim_kernels.cu`` too, for its arithmetic).
 
 Kept free of CuPy imports at module level, so the compile check (tests, CI)
 and the host-side tests run on machines without a GPU; CuPy is imported only
@@ -58,6 +59,7 @@ FEATURES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         ("fastclip_finish", "fastclip_axis_coefs", "fastclip_tensor_norms"),
     ),
     "optim": ("optim_kernels.cu", ("fastclip_adamw", "fastclip_sgd"), ()),
+    "spam": ("spam_kernels.cu", ("fastclip_spam",), ()),
     "per_sample": (
         "per_sample_kernels.cu",
         (
@@ -80,10 +82,12 @@ def own_source(feature: str) -> str:
 
 
 def source(feature: str) -> str:
-    """What the feature's RawModule compiles: ``kernels.cu``, then (for "optim" and
-    "per_sample") the feature's own file."""
+    """What the feature's RawModule compiles: ``kernels.cu``, then (for the other
+    features) the feature's own file (``"spam"``: ``optim_kernels.cu`` first)."""
     if feature == "core":
         return own_source("core")
+    if feature == "spam":  # uses optim_kernels.cu's correctly rounded arithmetic
+        return own_source("core") + "\n" + own_source("optim") + "\n" + own_source("spam")
     return own_source("core") + "\n" + own_source(feature)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ._spam_base import SpamBase, check_beta, check_int, check_real, chunks
+from ._spam_fused import check_fused, spam_step
 
 __all__ = ["SPAMAdamW", "spam_warmup_scale", "spike_clip_tensors"]
 
@@ -110,6 +111,17 @@ class SPAMAdamW(SpamBase):
         clipped); "error" raises :class:`fastclip.NonFiniteNormError` and
         "skip" skips the step (``last_step_skipped``), in both cases before any
         parameter, moment or counter changes.
+    fused : bool or None, default None
+        The route of the update.  None: the fused one-pass kernels where every
+        parameter with a gradient is a CPU tensor (Numba) or a CUDA tensor
+        (CUDA, with CuPy) of float16, bfloat16, float32 or float64 whose
+        gradient has its dtype, else torch's multi-tensor operations
+        (``_foreach``); True: the fused kernels, or TypeError naming the
+        parameter that cannot take them; False: the ``_foreach`` operations.
+        ``last_step_route`` says which route the last step took (``"cpu"``,
+        ``"cuda"`` or ``"foreach"``).  The state dict is the same in every
+        route (same keys, dtypes, and values to within rounding), so a
+        checkpoint of one route continues in another.
 
     Notes
     -----
@@ -118,9 +130,17 @@ class SPAMAdamW(SpamBase):
     is ``clamp(g, -sqrt(theta v), sqrt(theta v))`` (no host synchronisation),
     equal to the reference's masked assignment (used on the CPU) except for
     ``|g|`` within rounding of the bound; GaLore's ``density`` masks are not
-    supported.  The update runs on torch's multi-tensor (``_foreach``)
-    operations, over the whole list on a device and over cache-sized chunks on
-    the CPU.
+    supported.
+
+    The fused route reads and writes each element of the parameter, the
+    gradient and both moments once per step (one kernel launch per dtype for
+    every group together), where the ``_foreach`` route makes about ten
+    passes (over the whole list on a device and over cache-sized chunks on the
+    CPU).  Both compute the same operations in the same order in the
+    storage's arithmetic type (float32 for 16- and 32-bit parameters); 16-bit
+    parameters are rounded once per step in the fused route, after every
+    operation in the ``_foreach`` route.  The clip on CUDA is the masked
+    assignment in the fused kernel, the clamp above in the ``_foreach`` route.
 
     References
     ----------
@@ -144,6 +164,7 @@ class SPAMAdamW(SpamBase):
 
     _WHAT = "fastclip.torch.SPAMAdamW"
     _COUNTERS = ("total_step", "current_step")
+    _CUDA = True
 
     def __init__(
         self,
@@ -159,8 +180,10 @@ class SPAMAdamW(SpamBase):
         warmup_steps: int = 150,
         grad_accu_steps: int = 20,
         nonfinite: str = "propagate",
+        fused: bool | None = None,
     ) -> None:
         w = self._WHAT
+        self.fused = check_fused(w, fused)
         defaults = dict(
             lr=check_real(w, "lr", lr),
             betas=check_beta(w, betas),
@@ -186,18 +209,21 @@ class SPAMAdamW(SpamBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One SPAM step (see the class docstring); returns the closure's loss."""
-        loss, work = self._start(closure)
+        loss, work, route = self._start(closure)
         if work is None:
             return loss
         t = self.total_step + 1
         scale = spam_warmup_scale(self.current_step, self.warmup_steps)
         reset = self.delta_t > 0 and t % self.delta_t == 0
         clips = self._clips(t)
-        for group, ps, gs in work:
-            if not ps:
-                continue
-            for c in chunks(ps):
-                self._group_step(group, ps[c], gs[c], scale, reset, clips)
+        if route != "foreach":
+            spam_step(self, work, scale, reset, clips)
+        else:
+            for group, ps, gs in work:
+                if not ps:
+                    continue
+                for c in chunks(ps):
+                    self._group_step(group, ps[c], gs[c], scale, reset, clips)
         self.total_step += 1
         self.current_step += 1
         if self.delta_t > 0 and (self.total_step + 1) % self.delta_t == 0:

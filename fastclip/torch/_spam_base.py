@@ -12,6 +12,8 @@ import torch
 from fastclip._errors import NonFiniteNormError
 from fastclip._validate import NONFINITE_POLICIES
 
+from ._spam_fused import choose_route
+
 __all__ = ["CPU_CHUNK_ELEMENTS", "SpamBase", "check_beta", "check_int", "check_real", "chunks"]
 
 
@@ -84,8 +86,15 @@ class SpamBase(torch.optim.Optimizer):
     _WHAT = "fastclip.torch.SpamBase"
     #: optimizer-wide counters saved under the state dict's ``"counters"`` key
     _COUNTERS: tuple[str, ...] = ()
+    #: whether a fused CUDA kernel exists (else CUDA tensors take the foreach route)
+    _CUDA = False
+    #: whether the fused step applies the non-finite policy itself
+    _POLICY_IN_STEP = False
     nonfinite: str
     last_step_skipped: bool
+    #: the route the last step took: "cpu", "cuda" (fused kernels) or "foreach"
+    last_step_route: str | None = None
+    fused: bool | None = None
 
     def _set_policy(self, nonfinite: Any) -> None:
         if not isinstance(nonfinite, str) or nonfinite not in NONFINITE_POLICIES:
@@ -95,15 +104,25 @@ class SpamBase(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.last_step_skipped = False
 
-    def _start(self, closure: Any) -> tuple[Any, Any]:
-        """The closure's loss, and the work of this step (``_collect``), or None
-        when the non-finite policy skips it."""
+    def _start(self, closure: Any) -> tuple[Any, Any, str]:
+        """The closure's loss, the work of this step (``_collect``), or None when
+        the non-finite policy skips it, and the route of the step
+        (``choose_route``: ``"cpu"``, ``"cuda"`` or ``"foreach"``).
+
+        A fused route with ``_POLICY_IN_STEP`` applies the non-finite policy
+        itself, from a pass it makes anyway (Stable-SPAM's max |g|).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = self._collect()
-        return loss, (None if self._skip(work) else work)
+        route = choose_route(f"{self._WHAT}.step", work, getattr(self, "fused", None), self._CUDA)
+        self.last_step_route = route
+        if route != "foreach" and self._POLICY_IN_STEP:
+            self.last_step_skipped = False
+            return loss, work, route
+        return loss, (None if self._skip(work) else work), route
 
     def _collect(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
         """(group, params, grads) of parameters with a gradient, every gradient
@@ -149,13 +168,17 @@ class SpamBase(torch.optim.Optimizer):
         )
         if finite:
             return False
+        self._refuse()
+        return True
+
+    def _refuse(self) -> None:
+        """A gradient is not finite: raise ("error") or mark the step skipped ("skip")."""
         if self.nonfinite == "error":
             raise NonFiniteNormError(
                 f"{self._WHAT}.step: a gradient is not finite; no parameter or optimizer "
                 "state was changed"
             )
         self.last_step_skipped = True
-        return True
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict, plus the optimizer-wide step counters

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._spam_base import SpamBase, check_beta, check_int, check_real, chunks
+from ._spam_fused import check_fused, stable_spam_step
 
 __all__ = ["StableSPAMAdamW", "stable_spam_scale"]
 
@@ -79,6 +80,15 @@ class StableSPAMAdamW(SpamBase):
         Reset interval; 0: never.
     nonfinite : {"propagate", "error", "skip"}, default "propagate"
         As :class:`SPAMAdamW`.
+    fused : bool or None, default None
+        As :class:`SPAMAdamW`, for CPU tensors only: there is no fused CUDA
+        kernel for Stable-SPAM, so CUDA tensors take the ``_foreach`` route
+        with None and raise TypeError with True.  The fused route reads the
+        gradients three times (max :math:`|g|` per tensor, the norm after AdaClip, the
+        update) and the parameters and moments once; its per-tensor scalars
+        (AdaClip's and AdaGN's statistics) are computed in float64 on the host
+        and stored in their tensors' dtype, where the ``_foreach`` route
+        computes them in that dtype: equal to rounding.
 
     Notes
     -----
@@ -111,6 +121,7 @@ class StableSPAMAdamW(SpamBase):
 
     _WHAT = "fastclip.torch.StableSPAMAdamW"
     _COUNTERS = ("total_steps",)
+    _POLICY_IN_STEP = True
 
     def __init__(
         self,
@@ -128,8 +139,10 @@ class StableSPAMAdamW(SpamBase):
         eta_min: float = 0.5,
         update_proj_gap: int = 1000,
         nonfinite: str = "propagate",
+        fused: bool | None = None,
     ) -> None:
         w = self._WHAT
+        self.fused = check_fused(w, fused)
         b = check_beta(w, betas)
         defaults = dict(
             lr=check_real(w, "lr", lr),
@@ -154,12 +167,16 @@ class StableSPAMAdamW(SpamBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Stable-SPAM step (see the class docstring); returns the closure's loss."""
-        loss, work = self._start(closure)
+        loss, work, route = self._start(closure)
         if work is None:
             return loss
         t = self.total_steps + 1
         scale = stable_spam_scale(t, self.total_t, self.eta_min)
         reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
+        if route != "foreach":
+            if stable_spam_step(self, work, scale, reset):
+                self.total_steps = t
+            return loss
         for group, ps, gs in work:
             if ps:
                 for c in chunks(ps):

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["SpamOracle", "StableSpamOracle", "cosine_decay"]
+__all__ = ["SpamOracle", "StableSpamOracle", "cosine_decay", "round_oracle"]
 
 
 def cosine_decay(rate, t_max, eta_min):
@@ -127,3 +127,18 @@ class StableSpamOracle:
             else:
                 denom = np.sqrt(v) / math.sqrt(bc2) + self.eps
             p -= self.lr / bc1 * (m / denom)
+
+
+def round_oracle(oracle, params, rnd):
+    """Round an oracle's parameters (in place) and state with ``rnd`` (e.g. to
+    bfloat16 and back), as a route that stores them in that dtype each step."""
+    for p in params:
+        p[...] = rnd(p)
+    for name in ("m", "v", "vmax"):
+        values = getattr(oracle, name, None)
+        if values is not None:
+            setattr(oracle, name, [rnd(x) for x in values])
+    for name in ("m_norm", "v_norm", "m_max"):
+        values = getattr(oracle, name, None)
+        if values is not None:
+            setattr(oracle, name, [float(rnd(np.float64(x))) for x in values])
