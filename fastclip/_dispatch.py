@@ -219,14 +219,18 @@ class Backend:
         ops: Any = self.ops  # not in RouteOps: the Dask route has no in-place writes
         return ops.check_targets(self.lib, arrays, what)
 
-    def norm64(self, arrays: list[Any], ord_code: int, p: float, checked: Any = None) -> Any:
+    def norm64(
+        self, arrays: list[Any], ord_code: int, p: float, checked: Any = None, wide: bool = False
+    ) -> Any:
         """The global norm as an exact float64 Python float on the CPU route
-        (from float64 power sums, not rounded to the arrays' dtype); None on the
-        other routes (callers use ``fastclip.global_norm`` there)."""
+        (from float64 power sums, not rounded to the arrays' dtype; ``wide``:
+        every element accumulated in float64, so the value does not depend on
+        how the elements are split among arrays); None on the other routes
+        (callers use ``fastclip.global_norm`` there)."""
         if self.route != ROUTE_CPU:
             return None
         ops: Any = self.ops  # the CPU route's own operation
-        return ops.norm64(self.lib, arrays, ord_code, p, checked)
+        return ops.norm64(self.lib, arrays, ord_code, p, checked, wide)
 
     # -- fused clip-and-step (fastclip.optim, fastclip.torch's fused optimizers)
 

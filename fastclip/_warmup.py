@@ -10,6 +10,7 @@ below runs on a small array (the serial kernels) and on one just above
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _api, _config
+from . import _api, _config, _dispatch
 from .optim import adamw_step_, sgd_step_
 
 #: Operation groups and what each calls (``x``: one array, ``xs``: a list).
@@ -28,6 +29,8 @@ OPS: dict[str, str] = {
     "value": "clip_by_value_ of one array and of a list",
     "optim": "adamw_step_ and sgd_step_ with a global-norm clip",
     "per-sample": "clip_per_sample (flat and per layer)",
+    "distributed": "fastclip.distributed's float64-accumulated local norms (ord 1, 2, inf, 3)",
+    "spam": "fastclip.torch.SPAMAdamW / StableSPAMAdamW fused steps (needs torch)",
 }
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 ORDS = (1.0, 2.0, math.inf, 3.0)
@@ -82,8 +85,34 @@ def _run_group(op: str, xs: list[Any]) -> None:
         batch = x.reshape(10, -1) if x.shape[0] % 10 == 0 else x.reshape(1, -1)
         _api.clip_per_sample(batch, 1.0)
         _api.clip_per_sample([batch, batch], 1.0, per_layer=True)
+    elif op == "distributed":
+        for code, p in ((1, 1.0), (2, 2.0), (0, math.inf), (3, 3.0)):
+            _dispatch.backend_for(xs).norm64(xs, code, p, None, wide=True)
+    elif op == "spam":
+        _spam_steps(xs)
     else:  # pragma: no cover - the CLI checks the names
         raise ValueError(f"unknown operation group {op!r}")
+
+
+def _spam_steps(xs: list[Any]) -> None:
+    """Two fused steps of each SPAM optimizer (Stable-SPAM with and without amsgrad) on
+    tensors shaped like ``xs``: the second step of SPAM clips against its moments."""
+    import torch
+
+    from .torch import SPAMAdamW, StableSPAMAdamW
+
+    dtype = getattr(torch, str(xs[0].dtype).rsplit(".", 1)[-1])
+    params = [torch.nn.Parameter(torch.zeros(x.shape, dtype=dtype)) for x in xs]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizers = [
+        SPAMAdamW(params, lr=0.0, grad_accu_steps=1, fused=True),
+        StableSPAMAdamW(params, lr=0.0, fused=True),
+        StableSPAMAdamW(params, lr=0.0, amsgrad=True, fused=True),
+    ]
+    for opt in optimizers:
+        for _ in range(2):
+            opt.step()
 
 
 def warmup(
@@ -108,6 +137,10 @@ def warmup(
     for d in dtypes:
         small, large = _arrays(d, 1000), _arrays(d, big)
         for op in ops:
+            if op == "spam" and importlib.util.find_spec("torch") is None:
+                if report is not None:  # said, not silently dropped
+                    report(f"{op:<11} {d:<9} skipped: torch is not installed")
+                continue
             t0 = time.perf_counter()
             with np.errstate(all="ignore"):
                 _run_group(op, small)

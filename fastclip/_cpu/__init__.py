@@ -22,7 +22,7 @@ The modules, top to bottom (an import only points down; ``_adapters`` is the lea
 * ``_launch`` (serial / parallel launches, threading layer, fork);
 * ``_build`` (lazy, disk-cached numba twins: ``jit_pair``, ``kernel``);
 * ``_kernels``, ``_header_kernels``, ``_optim_kernels``, ``_spam_kernels``,
-  ``_per_sample_kernels``;
+  ``_per_sample_kernels``, ``_wide_kernels`` (float64-accumulated power sums);
 * ``_elements``, ``_intrinsics``;
 * ``_adapters`` (``NumpyLib``, ``TorchLib``: storage views, wrapping, ``touched``).
 

@@ -402,8 +402,14 @@ def cache_origin() -> str:
     return f"on, in {folder} ({why})"
 
 
-# Searched in this order by ``kernel``; the last two are imported on first use.
-_KERNEL_MODULES = ("_kernels", "_header_kernels", "_optim_kernels", "_per_sample_kernels")
+# Searched in this order by ``kernel``; all but the first two are imported on first use.
+_KERNEL_MODULES = (
+    "_kernels",
+    "_header_kernels",
+    "_optim_kernels",
+    "_per_sample_kernels",
+    "_wide_kernels",
+)
 
 
 def _kernel_function(name: str) -> Callable[..., Any]:

@@ -196,3 +196,28 @@ def abs64(typingctx, w):  # type: ignore[no-untyped-def]
     else:
         return None
     return resty(w), codegen
+
+
+@intrinsic
+def abs2_64(typingctx, w):  # type: ignore[no-untyped-def]
+    """|w|**2 of a widened value, in float64: each part is widened before it is squared,
+    so no square rounds to float32 (re**2 + im**2 for complex)."""
+    if isinstance(w, types.Complex):
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            z = context.make_complex(builder, sig.args[0], value=args[0])
+            f64 = ir.DoubleType()
+            re, im = z.real, z.imag
+            if sig.args[0] == types.complex64:
+                re, im = builder.fpext(re, f64), builder.fpext(im, f64)
+            return builder.fadd(builder.fmul(re, re), builder.fmul(im, im))
+
+        return types.float64(w), codegen
+    if isinstance(w, types.Float):
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            v = _cast(context, builder, args[0], sig.args[0], types.float64)
+            return builder.fmul(v, v)
+
+        return types.float64(w), codegen
+    return None

@@ -59,16 +59,27 @@ class Packed:
         self.copies: list[tuple[np.ndarray, np.ndarray]] = []  # (caller view, contiguous copy)
         self.extents: list[tuple[int, int, Any]] = []  # (start, end, view) for overlap checks
 
-    def norm(self, ord_code: int, p: float) -> float:
-        """Global norm of all tables, rescaled where power sums over/underflow."""
-        return robust_norm(self.total_pow_sum, ord_code, p, self.dtype == np.float64)
+    def norm(self, ord_code: int, p: float, wide: bool = False) -> float:
+        """Global norm of all tables, rescaled where power sums over/underflow.
 
-    def total_pow_sum(self, ord_code: int, p: float, inv: float = 1.0) -> float:
+        ``wide``: accumulate every element in float64 (``_wide_kernels``), so the
+        result does not depend on how the elements are split among arrays.
+        """
+        if not wide:
+            return robust_norm(self.total_pow_sum, ord_code, p, self.dtype == np.float64)
+
+        def wide_sum(pc: int, pp: float, inv: float) -> float:
+            return self.total_pow_sum(pc, pp, inv, "tab_pow_sum_wide")
+
+        # float64 sums of widened squares can over/underflow like float64 data's
+        return robust_norm(wide_sum, ord_code, p, True)
+
+    def total_pow_sum(
+        self, ord_code: int, p: float, inv: float = 1.0, kernel: str = "tab_pow_sum"
+    ) -> float:
         total = 0.0
         for t in self.tables:
-            s = float(
-                run("tab_pow_sum", t.n, t.addrs, t.sizes, t.like, ord_code, p, inv, cfg.CHUNK)
-            )
+            s = float(run(kernel, t.n, t.addrs, t.sizes, t.like, ord_code, p, inv, cfg.CHUNK))
             if ord_code != 0:
                 total += s
             elif s != s or total != total:

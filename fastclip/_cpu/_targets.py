@@ -19,7 +19,15 @@ def check_targets(lib: Any, arrays: Sequence[Any], what: str) -> Any:
     return pack(lib, arrays, what, writing=True)
 
 
-def norm64(lib: Any, arrays: Sequence[Any], ord_code: int, p: float, checked: Any = None) -> float:
-    """The global norm as a Python float, from float64 power sums."""
+def norm64(
+    lib: Any,
+    arrays: Sequence[Any],
+    ord_code: int,
+    p: float,
+    checked: Any = None,
+    wide: bool = False,
+) -> float:
+    """The global norm as a Python float, from float64 power sums (``wide``: every
+    element accumulated in float64, see ``Packed.norm``)."""
     packed = checked if checked is not None else pack(lib, arrays, "norm", writing=False)
-    return float(packed.norm(ord_code, p))
+    return float(packed.norm(ord_code, p, wide))

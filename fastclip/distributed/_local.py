@@ -6,11 +6,15 @@ depends on how the model is split, so the float32 rounding inside the blocks
 does too, and the norm of one model split 2 ways differed from the norm split
 4 ways by more than float32's rounding (``test_norm_does_not_depend_on_the_split``
 in tests/integration/test_distributed_layouts.py; torchtitan PR 4135 for
-bf16).  Here every element of a non-float64 array is widened to float64 before
-it is summed (copied by chunks of ``_CHUNK`` elements into a float64 buffer
-on the arrays' device, then ``torch.dot``), so the float64 total is the same
-for every split up to float64 rounding and its float32 result is the float64
-value rounded once.  float64 arrays keep fastclip's float64 kernels.
+bf16).  Here every element is widened to float64 before it is summed, so the
+float64 total is the same for every split up to float64 rounding and its
+float32 result is the float64 value rounded once:
+
+* NumPy arrays and CPU tensors: the CPU route's float64-accumulating kernels
+  (``fastclip/_cpu/_wide_kernels.py``), one launch per dtype, no copies;
+* other devices (CUDA tensors): chunks of ``_CHUNK`` elements are copied into
+  a float64 buffer on the device, then ``torch.dot``; float64 arrays there take
+  the route's own norm.
 """
 
 from __future__ import annotations
@@ -121,22 +125,22 @@ def _widened_norm(a: Any, ord_code: int, p: float) -> Any:
 
 def _one_norm(arrays: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
     """The norm of arrays of one library and device: a float, or a float64 device tensor."""
+    # The CPU route (NumPy, CPU tensors): one launch per dtype of its float64-accumulating
+    # kernels, no copies.
+    exact = _dispatch.backend_for(arrays).norm64(arrays, ord_code, p, packed, wide=True)
+    if exact is not None:
+        return float(exact)
     narrow = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] not in _WIDE]
     values: list[Any] = []
-    if isinstance(arrays[0], (torch.Tensor, np.ndarray)) and narrow:
+    if isinstance(arrays[0], torch.Tensor) and narrow:
         values = [_widened_norm(a, ord_code, p) for a in narrow]
         arrays = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] in _WIDE]
         packed = None
-    if arrays:
-        # float64 arrays: the CPU route's float64 norm (over/underflow-safe), else the route's
-        exact = _dispatch.backend_for(arrays).norm64(arrays, ord_code, p, packed)
-        if exact is not None:
-            values.append(float(exact))
-        else:
-            value = _api.global_norm(arrays, math.inf if ord_code == 0 else p)
-            if not isinstance(value, torch.Tensor):
-                return float(value)  # another library: read on the host
-            values.append(value.detach().to(torch.float64))
+    if arrays:  # float64 arrays on other routes: the route's own norm
+        value = _api.global_norm(arrays, math.inf if ord_code == 0 else p)
+        if not isinstance(value, torch.Tensor):
+            return float(value)  # another library: read on the host
+        values.append(value.detach().to(torch.float64))
     if len(values) == 1:
         v = values[0]
         return float(v) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
