@@ -17,6 +17,9 @@ Each method is timed against:
   ``_foreach`` steps, ``fused=False``) vs the reference optimizers' per-parameter
   loops (boolean-mask indexing, written from the papers' update rules) vs torch
   ``clip_grad_norm_(foreach) + AdamW(foreach)``;
+* Stable-SPAM's gradient transform alone: ``fastclip.adaptive.StableSPAMClip``
+  (multi-tensor max and norm passes, per-tensor scaling) vs the reference's
+  AdaClip + AdaGN lines per parameter in torch vs torch ``clip_grad_norm_(foreach)``;
 * quantile clipping: ``fastclip.adaptive.QuantileClip.clip_per_sample`` vs
   Opacus' adaptive-clip arithmetic in torch (per-parameter ``view(B, -1).norm``,
   ``stack``, ``clamp``, ``einsum``, the count and the bound update), on
@@ -36,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastclip.adaptive import AdaGC, QuantileClip
+from fastclip.adaptive import AdaGC, QuantileClip, StableSPAMClip
 from fastclip.torch import SPAMAdamW, StableSPAMAdamW
 
 
@@ -115,6 +118,33 @@ def naive_stable_spam(params: list[torch.Tensor], lr: float = 1e-4) -> Callable[
             p.data.add_(s["m"] / denom, alpha=-lr / (1 - 0.9**k))
 
     return step
+
+
+def naive_stable_spam_transform() -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The reference's gradient half (AdaClip, AdaGN) per parameter, as ``stablespam.py``:
+    the masked write into the gradient, then a new tensor for the AdaGN scaling."""
+    z = lambda: torch.zeros(())  # noqa: E731
+    st: dict[int, dict[str, object]] = {}
+
+    def clip(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, g in enumerate(grads):
+            s = st.setdefault(i, dict(k=0, a=z(), b=z(), mx=z()))
+            s["k"] = k = int(s["k"]) + 1  # type: ignore[call-overload]
+            mg = g.abs().max()
+            s["mx"] = 0.999 * s["mx"] + 0.001 * mg  # type: ignore[operator]
+            hat = s["mx"] / (1 - 0.999**k)  # type: ignore[operator]
+            mask = g.abs() > hat
+            if mask.sum() > 0:
+                g[mask] = g[mask] / mg * hat
+            n = torch.norm(g)
+            s["a"] = 0.7 * s["a"] + 0.3 * n  # type: ignore[operator]
+            s["b"] = 0.9 * s["b"] + 0.1 * n**2  # type: ignore[operator]
+            c = (s["a"] / (1 - 0.7**k)) / (torch.sqrt(s["b"] / (1 - 0.9**k)) + 1e-8)  # type: ignore[operator]
+            out.append(g / n * c if n > 0 else g)
+        return out
+
+    return clip
 
 
 def opacus_quantile(c0: float) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
@@ -227,6 +257,32 @@ def main(argv: list[str] | None = None) -> None:
                 "fastclip.torch.StableSPAMAdamW (foreach)": stable.step,
                 "reference-style per-parameter loop": ref2,
                 "torch clip_grad_norm_ + AdamW(foreach)": torch_step,
+            },
+            args.repeat,
+        ),
+    )
+
+    # The transform alone, in front of any optimizer.  Every contender first restores its
+    # gradients from the originals (torch._foreach_copy_, timed with it: about one read and
+    # one write of the data), as a new backward would: with fixed gradients AdaClip's bound
+    # settles at max|g| and clips nothing, the common step.  Without the restore, each call
+    # would transform the last call's output.
+    sclip, sref = StableSPAMClip(), naive_stable_spam_transform()
+    g1, g2, g3 = ([g.clone() for g in grads] for _ in range(3))
+
+    def restored(gs: list[torch.Tensor], fn: Callable[[], object]) -> Callable[[], object]:
+        return lambda: (torch._foreach_copy_(gs, grads), fn())
+
+    p3 = params_like(g3)
+    report(
+        "Stable-SPAM's gradient transform alone (AdaClip + AdaGN), with a gradient restore",
+        timeit(
+            {
+                "fastclip.adaptive.StableSPAMClip": restored(g1, lambda: sclip(g1)),
+                "reference-style per-parameter loop": restored(g2, lambda: sref(g2)),
+                "torch clip_grad_norm_(foreach) (global, not Stable-SPAM)": restored(
+                    g3, lambda: torch.nn.utils.clip_grad_norm_(p3, 1e9, foreach=True)
+                ),
             },
             args.repeat,
         ),

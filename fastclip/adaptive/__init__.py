@@ -1,5 +1,5 @@
-r"""Stateful gradient clippers: plain global norm, AutoClip, ZClip, AGC, AdaGC and
-QuantileClip (adaptive DP-SGD clipping).
+r"""Stateful gradient clippers: plain global norm, AutoClip, ZClip, AGC, AdaGC,
+StableSPAMClip and QuantileClip (adaptive DP-SGD clipping).
 
 Every clipper is a small object that you call once per training step on the
 list of gradients (and, for AGC, the parameters):
@@ -41,7 +41,9 @@ per-sample gradients with ``.clip_per_sample(grads)`` (DP-SGD) and moves its
 bound towards a quantile of the per-sample norms.  The optimizers whose step
 the method defines, SPAM and Stable-SPAM, are :class:`fastclip.torch.SPAMAdamW`
 and :class:`fastclip.torch.StableSPAMAdamW`; SPAM's element-wise clip against
-any optimizer's second moments is :func:`spike_clip` / :func:`spike_clip_`.
+any optimizer's second moments is :func:`spike_clip` / :func:`spike_clip_`, and
+Stable-SPAM's gradient transform (AdaClip, AdaGN) in front of any optimizer is
+:class:`StableSPAMClip`.
 
 A call that raises (a read-only gradient, two gradients sharing memory, a
 shape mismatch, ``nonfinite="error"``) writes no gradient and leaves the
@@ -59,6 +61,7 @@ from ._autoclip import AutoClip, _Percentile
 from ._global import GlobalNormClipper
 from ._quantile import QuantileClip
 from ._spike import spike_clip, spike_clip_
+from ._stable_spam import StableSPAMClip, stable_spam_scale
 from ._zclip import ZClip
 
 __all__ = [
@@ -67,16 +70,20 @@ __all__ = [
     "AutoClip",
     "GlobalNormClipper",
     "QuantileClip",
+    "StableSPAMClip",
     "ZClip",
     "spike_clip",
     "spike_clip_",
+    "stable_spam_scale",
 ]
 
 # The public path, in reprs, docs and pickles, is ``fastclip.adaptive.<name>`` (as
 # torch sets ``clip_grad_norm_.__module__ = "torch.nn.utils"``).  ``_Percentile``
 # too: an AutoClip's statistics are one, so every pickled AutoClip names
 # ``fastclip.adaptive._Percentile`` (tests/api/test_adaptive.py loads such pickles).
-for _cls in (AGC, AdaGC, AutoClip, GlobalNormClipper, QuantileClip, ZClip, _Percentile):
+for _cls in (
+    AGC, AdaGC, AutoClip, GlobalNormClipper, QuantileClip, StableSPAMClip, ZClip, _Percentile
+):  # fmt: skip
     _cls.__module__ = __name__
 del _cls
 spike_clip.__module__ = spike_clip_.__module__ = __name__
