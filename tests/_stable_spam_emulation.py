@@ -122,7 +122,7 @@ def tensor_norms(nt):
     assert nt == np.float64
 
     def run(grid, block, args):
-        partials, ct, nc, n_t, pos, ord_code, p, out = args
+        partials, ct, nc, n_t, pos, ord_code, _p, out = args
         nc, n_t, code = int(nc), int(n_t), int(ord_code)
         assert code in (0, 1) and int(pos) != 0
         parts, ct_a = mem(partials, nc, np.float64), mem(ct, nc, np.int64)

@@ -343,7 +343,7 @@ def test_stable_spam_gpu_driver_against_the_reference_and_the_cpu_route(
             # the CPU route: the same operations, reductions summed in another order
             same = 1e-13 if a.dtype == torch.float64 else 1e-6
             _close(_f(a), _f(b), same)
-            for key in keys + ["m_max_t", "m_norm_t", "v_norm_t"]:
+            for key in [*keys, "m_max_t", "m_norm_t", "v_norm_t"]:
                 _close(_f(og.state[a][key]).reshape(-1), _f(oc.state[b][key]).reshape(-1), same)
             if half:  # keep the reference on the stored values (16-bit rounding)
                 st = og.state[a]
