@@ -1,7 +1,9 @@
-"""NumPy transcriptions of the CUDA kernels of a fused Stable-SPAM step on the GPU
-route: ``fastclip_stable_spam`` and ``fastclip_clipped_sq`` (``spam_kernels.cu``)
-and the two ``kernels.cu`` reductions its driver reuses
-(``fastclip_partial_pow_sum`` with ord_code 0, ``fastclip_tensor_norms``).
+"""For ``tests/gpu/emulated/test_gpu_spam_emulated.py``: NumPy transcriptions of the
+CUDA kernels of a fused Stable-SPAM step on the GPU route (``fastclip_stable_spam``
+and ``fastclip_clipped_sq`` of ``spam_kernels.cu``, and the two ``kernels.cu``
+reductions its driver reuses: ``fastclip_partial_pow_sum`` with ord_code 0,
+``fastclip_tensor_norms``), the adapters over torch CPU / NumPy memory and the
+recorded gradients.
 
 Each reads its tables, rows and outputs through the raw addresses it is given
 (``_gpu_emulation.mem``), as the device does, so a wrong argument order, table
@@ -13,12 +15,26 @@ are NumPy's (another order than the device's tree: equal to rounding).
 
 from __future__ import annotations
 
+import _gpu_emulation
 import numpy as np
+import torch
 from _gpu_emulation import mem, pow_sum
 
 from fastclip import _spam_hparams as H
+from fastclip._gpu._tables import ITEMSIZE
 
-__all__ = ["STABLE_KERNELS"]
+__all__ = [
+    "STABLE_KERNELS",
+    "STABLE_SHAPES",
+    "NumpyHostLib",
+    "TorchHostLib",
+    "close_to",
+    "f64_copy",
+    "stable_grads",
+    "stable_params",
+]
+
+STABLE_SHAPES = [(6, 4), (5,), (2, 3, 2), (3, 7)]
 
 
 def _acc(dt):
@@ -145,3 +161,83 @@ STABLE_KERNELS = {
     ("core", "fastclip_partial_pow_sum"): partial_pow_sum,
     ("core", "fastclip_tensor_norms"): tensor_norms,
 }
+
+
+# ------------------------------------------------ adapters and recorded data
+
+
+def _kind(x):
+    name = str(x.dtype).removeprefix("torch.")
+    return name if name in ITEMSIZE else None
+
+
+class TorchHostLib(_gpu_emulation.HostLib):
+    """The GPU adapter interface over torch CPU tensors (the step's arrays) and
+    NumPy arrays (scratch and uploads); counts the copies to the host."""
+
+    syncs = 0
+    kind = staticmethod(_kind)
+    ptr = staticmethod(lambda x: x.data_ptr() if torch.is_tensor(x) else x.ctypes.data)
+    numel = staticmethod(lambda x: x.numel() if torch.is_tensor(x) else x.size)
+    contiguous = staticmethod(
+        lambda x: x.is_contiguous() if torch.is_tensor(x) else x.flags.c_contiguous
+    )
+    as_contiguous = staticmethod(lambda x: x.contiguous())
+    write_back = staticmethod(lambda x, values: x.copy_(values))
+
+    @classmethod
+    def host_array(cls, x):
+        cls.syncs += 1
+        return np.array(x)
+
+
+class NumpyHostLib(_gpu_emulation.HostLib):
+    """The adapter interface over NumPy memory, with the copy to the host."""
+
+    kind = staticmethod(lambda x: str(x.dtype) if str(x.dtype) in ITEMSIZE else None)
+
+    @staticmethod
+    def host_array(x):
+        return np.array(x)
+
+
+def stable_grads(steps=30, seed=0, nonfinite_at=None):
+    """Seeded gradients with spikes: one element x1e3 at steps 9 and 17, a whole
+    tensor x40 at step 23; optionally a NaN at ``nonfinite_at``."""
+    rng = np.random.default_rng(seed)
+    seq = []
+    for t in range(steps):
+        gs = [rng.normal(size=s) * 0.1 * (i + 1) for i, s in enumerate(STABLE_SHAPES)]
+        if t in (9, 17):
+            gs[0].flat[5] *= 1e3
+        if t == 23:
+            gs[3] *= 40.0
+        if t == nonfinite_at:
+            gs[1].flat[3] = np.nan
+        seq.append(gs)
+    return seq
+
+
+def stable_params(dts, strided, seed=99):
+    rng = np.random.default_rng(seed)
+    out = []
+    for s, d in zip(STABLE_SHAPES, dts):
+        x = rng.normal(size=s)
+        t = torch.tensor(x, dtype=d)
+        if strided and t.dim() == 2:
+            t = torch.tensor(x.T.copy(), dtype=d).t()  # same values, transposed strides
+        out.append(torch.nn.Parameter(t))
+    return out
+
+
+def close_to(got, want, rtol, cancel=1e-2, floor=0.0):
+    """To ``rtol``; entries near 0 to ``rtol * cancel`` of the largest magnitude, or
+    ``floor`` (float16: its subnormal spacing, which second moments ~1e-6 reach)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=max(rtol * scale * cancel, floor))
+
+
+def f64_copy(t):
+    """float64 copy (for float64 tensors ``.double().numpy()`` would share memory)."""
+    return np.array(t.detach().double().numpy())

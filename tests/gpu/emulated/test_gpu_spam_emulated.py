@@ -25,7 +25,24 @@ import _gpu_emulation
 import numpy as np
 import pytest
 from _gpu_emulation import mem
-from _stable_spam_emulation import STABLE_KERNELS
+from _stable_spam_emulation import (
+    STABLE_KERNELS,
+    STABLE_SHAPES,
+    NumpyHostLib,
+    TorchHostLib,
+)
+from _stable_spam_emulation import (
+    close_to as _close,
+)
+from _stable_spam_emulation import (
+    f64_copy as _f,
+)
+from _stable_spam_emulation import (
+    stable_grads as _stable_grads,
+)
+from _stable_spam_emulation import (
+    stable_params as _stable_params,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -196,40 +213,6 @@ STABLE_KW = dict(
     lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, amsgrad=False,
     gamma1=0.7, gamma2=0.9, gamma3=0.999, total_t=20, eta_min=0.5, update_proj_gap=7,
 )  # fmt: skip
-STABLE_SHAPES = [(6, 4), (5,), (2, 3, 2), (3, 7)]
-
-
-def _kind(x):
-    name = str(x.dtype).removeprefix("torch.")
-    return name if name in _tables.ITEMSIZE else None
-
-
-class TorchHostLib(HostLib):
-    """The GPU adapter interface over torch CPU tensors (the step's arrays) and
-    NumPy arrays (scratch and uploads); counts the copies to the host."""
-
-    syncs = 0
-    kind = staticmethod(_kind)
-    ptr = staticmethod(lambda x: x.data_ptr() if torch.is_tensor(x) else x.ctypes.data)
-    numel = staticmethod(lambda x: x.numel() if torch.is_tensor(x) else x.size)
-    contiguous = staticmethod(
-        lambda x: x.is_contiguous() if torch.is_tensor(x) else x.flags.c_contiguous
-    )
-    as_contiguous = staticmethod(lambda x: x.contiguous())
-    write_back = staticmethod(lambda x, values: x.copy_(values))
-
-    @classmethod
-    def host_array(cls, x):
-        cls.syncs += 1
-        return np.array(x)
-
-
-class NumpyHostLib(HostLib):
-    kind = HostLib.kind
-
-    @staticmethod
-    def host_array(x):
-        return np.array(x)
 
 
 @pytest.fixture
@@ -246,48 +229,6 @@ def gpu_route(monkeypatch):
     monkeypatch.setattr(_dispatch, "backend_for_step", pick)
     TorchHostLib.syncs = 0
     return marked
-
-
-def _stable_grads(steps=30, seed=0, nonfinite_at=None):
-    """Seeded gradients with spikes: one element x1e3 at steps 9 and 17, a whole
-    tensor x40 at step 23; optionally a NaN at ``nonfinite_at``."""
-    rng = np.random.default_rng(seed)
-    seq = []
-    for t in range(steps):
-        gs = [rng.normal(size=s) * 0.1 * (i + 1) for i, s in enumerate(STABLE_SHAPES)]
-        if t in (9, 17):
-            gs[0].flat[5] *= 1e3
-        if t == 23:
-            gs[3] *= 40.0
-        if t == nonfinite_at:
-            gs[1].flat[3] = np.nan
-        seq.append(gs)
-    return seq
-
-
-def _stable_params(dts, strided, seed=99):
-    rng = np.random.default_rng(seed)
-    out = []
-    for s, d in zip(STABLE_SHAPES, dts):
-        x = rng.normal(size=s)
-        t = torch.tensor(x, dtype=d)
-        if strided and t.dim() == 2:
-            t = torch.tensor(x.T.copy(), dtype=d).t()  # same values, transposed strides
-        out.append(torch.nn.Parameter(t))
-    return out
-
-
-def _close(got, want, rtol, cancel=1e-2, floor=0.0):
-    """To ``rtol``; entries near 0 to ``rtol * cancel`` of the largest magnitude, or
-    ``floor`` (float16: its subnormal spacing, which second moments ~1e-6 reach)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = float(np.abs(want).max()) if want.size else 0.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=max(rtol * scale * cancel, floor))
-
-
-def _f(t):
-    """float64 copy (for float64 tensors ``.double().numpy()`` would share memory)."""
-    return np.array(t.detach().double().numpy())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "mixed"])
