@@ -76,8 +76,8 @@ def spam_reduce(
             grads = u64(int(g.ptrs) + 8 * g.n)  # list 1 of the table
             partials = lib.empty((g.n_chunks,), "float64", like)
             grid = grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
-            head = (grads, g.sizes, g.chunk_tensor, g.chunk_start, np.int64(g.n_chunks))
-            head += (np.int64(cfg.GPU_CHUNK),)
+            nc, chunk = np.int64(g.n_chunks), np.int64(cfg.GPU_CHUNK)
+            head = (grads, g.sizes, g.chunk_tensor, g.chunk_start, nc, chunk)
             if op == "max":  # the core's power sum with ord_code 0: max |g|, NaN wins
                 feature, name = "core", "fastclip_partial_pow_sum"
                 extra: tuple[Any, ...] = (np.int32(0), np.float64(np.inf))
@@ -128,7 +128,7 @@ def spam_run(
             dev = device_table(lib, prepared.like, rows.reshape(-1))
             k = _modules.kernel("spam", prepared.device, name, ELEMENT_TYPES[g.kind])
             grid = grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
-            args = (
+            args: tuple[Any, ...] = (
                 g.ptrs,
                 np.int64(g.n),
                 g.sizes,
