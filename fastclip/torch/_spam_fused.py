@@ -18,8 +18,9 @@ Stable-SPAM's per-tensor scalars (AdaClip's and AdaGN's statistics) are
 computed on the host in float64 in both fused routes, from two per-tensor
 reductions of the route (``spam_reduce``: max |g|, then the sum of squares
 after AdaClip); on CUDA each reduction's result and the 0-d statistics are
-copied to the host (three synchronisations a step, where the ``_foreach``
-route makes none) and the new statistics copied back.
+copied to the host (three synchronisations a step, per ``amsgrad`` setting
+among the groups, where the ``_foreach`` route makes none) and the new
+statistics copied back.
 """
 
 from __future__ import annotations
