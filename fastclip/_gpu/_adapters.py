@@ -116,6 +116,10 @@ class CupyAdapter:
         return float(x.get())  # synchronises: only for error_if_nonfinite
 
     @staticmethod
+    def host_array(x: Any) -> np.ndarray:
+        return x.get()  # synchronises: Stable-SPAM's per-tensor reductions (_spam.py)
+
+    @staticmethod
     def clip_integers(x: Any, out: Any, lo: Any, hi: Any) -> None:
         _cupy().clip(x, lo, hi, out=out)
 
@@ -233,6 +237,10 @@ class TorchCudaAdapter:
     @staticmethod
     def host_float(x: Any) -> float:
         return float(x.item())  # synchronises: only for error_if_nonfinite
+
+    @staticmethod
+    def host_array(x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy()  # synchronises: Stable-SPAM's reductions (_spam.py)
 
     @staticmethod
     def clip_integers(x: Any, out: Any, lo: Any, hi: Any) -> None:

@@ -4,9 +4,9 @@
 Four features, each a ``.cu`` file: ``"core"`` (``kernels.cu``: norms and
 clipping), ``"optim"`` (``optim_kernels.cu``: fused AdamW/SGD),
 ``"per_sample"`` (``per_sample_kernels.cu``: DP-SGD) and ``"spam"``
-(``spam_kernels.cu``: fused SPAM).  The others are compiled appended to
-``kernels.cu``, whose element access and power-sum reduction they reuse
-(``"spam"`` after ``optim_kernels.cu`` too, for its arithmetic).
+(``spam_kernels.cu``: fused SPAM and Stable-SPAM).  The others are compiled
+appended to ``kernels.cu``, whose element access and power-sum reduction they
+reuse (``"spam"`` after ``optim_kernels.cu`` too, for its arithmetic).
 
 Kept free of CuPy imports at module level, so the compile check (tests, CI)
 and the host-side tests run on machines without a GPU; CuPy is imported only
@@ -59,7 +59,11 @@ FEATURES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         ("fastclip_finish", "fastclip_axis_coefs", "fastclip_tensor_norms"),
     ),
     "optim": ("optim_kernels.cu", ("fastclip_adamw", "fastclip_sgd"), ()),
-    "spam": ("spam_kernels.cu", ("fastclip_spam",), ()),
+    "spam": (
+        "spam_kernels.cu",
+        ("fastclip_spam", "fastclip_stable_spam", "fastclip_clipped_sq"),
+        (),
+    ),
     "per_sample": (
         "per_sample_kernels.cu",
         (

@@ -5,12 +5,22 @@ Routes (``fused`` argument of both optimizers, documented there):
 
 * ``"cpu"``: CPU tensors of float16 / bfloat16 / float32 / float64, each
   gradient of its parameter's dtype: the Numba kernels of ``fastclip._cpu``;
-* ``"cuda"`` (SPAMAdamW only): CUDA tensors of those dtypes, when CuPy sees the
-  device: the CUDA kernel ``fastclip_spam``;
+* ``"cuda"``: CUDA tensors of those dtypes, when CuPy sees the device: the CUDA
+  kernels ``fastclip_spam`` / ``fastclip_stable_spam`` (``spam_kernels.cu``);
+  without CuPy (or without a device CuPy sees) such a step takes ``"foreach"``
+  with ``fused=None`` and raises TypeError (naming the reason) with ``fused=True``;
 * ``"foreach"``: torch's multi-tensor operations (the optimizers' own code).
 
 State tensors and counters are the same in every route (same keys, dtypes and
 values to within rounding), so a checkpoint of one route loads in another.
+
+Stable-SPAM's per-tensor scalars (AdaClip's and AdaGN's statistics) are
+computed on the host in float64 in both fused routes, from two per-tensor
+reductions of the route (``spam_reduce``: max |g|, then the sum of squares
+after AdaClip); on CUDA each reduction's result and the 0-d statistics are
+copied to the host (three synchronisations a step, per ``amsgrad`` setting
+among the groups, where the ``_foreach`` route makes none) and the new
+statistics copied back.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ def _why_not(work: list[Any], cuda: bool) -> tuple[str | None, str]:
             if g.dtype != p.dtype:
                 return f"parameter {i} is {p.dtype} but its gradient is {g.dtype}", ""
     if device == "cuda" and not cuda:
-        return "StableSPAMAdamW has no fused CUDA kernel (CUDA tensors take the foreach route)", ""
+        return "this optimizer has no fused CUDA kernel (CUDA tensors take the foreach route)", ""
     if device not in ("cpu", "cuda"):
         return f"the parameters are on {device}", ""
     if device == "cuda":
@@ -137,15 +147,18 @@ def spam_step(opt: Any, work: list[Any], scale: float, reset: bool, clips: bool)
 
 
 def _host(ts: list[torch.Tensor]) -> np.ndarray:
-    """float64 values of 0-d tensors (one stack when they share a dtype)."""
+    """float64 values of 0-d tensors on one device (one stack; on CUDA one copy to
+    the host, where ``float(t)`` per tensor would wait once per tensor)."""
     if len({t.dtype for t in ts}) == 1:
-        return torch.stack(ts).double().numpy()
-    return np.array([float(t) for t in ts], np.float64)
+        return torch.stack(ts).double().cpu().numpy()
+    return torch.stack([t.double() for t in ts]).cpu().numpy()
 
 
 def _store(ts: list[torch.Tensor], values: np.ndarray) -> None:
-    """Write float64 ``values`` into 0-d tensors (rounded to each one's dtype)."""
-    torch._foreach_copy_(ts, list(torch.from_numpy(values).unbind()))
+    """Write float64 ``values`` into 0-d tensors on one device (rounded to each
+    one's dtype; on CUDA one copy to the device first)."""
+    src = torch.from_numpy(values).to(ts[0].device)
+    torch._foreach_copy_(ts, list(src.unbind()))
 
 
 def stable_spam_step(opt: Any, work: list[Any], scale: float, reset: bool) -> bool:
@@ -202,23 +215,23 @@ def _stable_run(
     ks = np.array([st["step"] for st in states], np.float64)
     eps = np.concatenate([np.full(len(gps), float(gr["eps"])) for gr, gps, _ in part])
     theta, g1s, g2 = opt.gamma3, opt.gamma1 * scale, opt.gamma2
+    n = len(ps)
     mmax_t = [st["m_max_t"] for st in states]
+    mn_t = [st["m_norm_t"] for st in states]
+    vn_t = [st["v_norm_t"] for st in states]
+    old = _host(mmax_t + mn_t + vn_t)  # one read (on CUDA: one copy to the host)
     with np.errstate(all="ignore"):
         # AdaClip: EMA of max|g|, bias-corrected; entries above it scaled by hat / max|g|
-        mmax = theta * _host(mmax_t) + (1 - theta) * maxg
+        mmax = theta * old[:n] + (1 - theta) * maxg
         hats = mmax / (1 - theta**ks)
         shrinks = hats / maxg
-        norms = np.sqrt(backend.spam_reduce(prepared, len(ps), "clipped_sq", hats, shrinks))
+        norms = np.sqrt(backend.spam_reduce(prepared, n, "clipped_sq", hats, shrinks))
         # AdaGN: EMAs of the norm and the squared norm set the gradient's new norm
-        mn_t = [st["m_norm_t"] for st in states]
-        vn_t = [st["v_norm_t"] for st in states]
-        mn = g1s * _host(mn_t) + (1 - g1s) * norms
-        vn = g2 * _host(vn_t) + (1 - g2) * norms * norms
+        mn = g1s * old[n : 2 * n] + (1 - g1s) * norms
+        vn = g2 * old[2 * n :] + (1 - g2) * norms * norms
         c = (mn / (1 - g1s**ks)) / (np.sqrt(vn / (1 - g2**ks)) + eps)
         factors = np.where(norms > 0, c / norms, 1.0)
-    _store(mmax_t, mmax)
-    _store(mn_t, mn)
-    _store(vn_t, vn)
+    _store(mmax_t + mn_t + vn_t, np.concatenate([mmax, mn, vn]))
     rows, at = [], 0
     for group, gps, _ in part:
         k = len(gps)

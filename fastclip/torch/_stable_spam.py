@@ -81,14 +81,19 @@ class StableSPAMAdamW(SpamBase):
     nonfinite : {"propagate", "error", "skip"}, default "propagate"
         As :class:`SPAMAdamW`.
     fused : bool or None, default None
-        As :class:`SPAMAdamW`, for CPU tensors only: there is no fused CUDA
-        kernel for Stable-SPAM, so CUDA tensors take the ``_foreach`` route
-        with None and raise TypeError with True.  The fused route reads the
-        gradients three times (max :math:`|g|` per tensor, the norm after AdaClip, the
-        update) and the parameters and moments once; its per-tensor scalars
-        (AdaClip's and AdaGN's statistics) are computed in float64 on the host
-        and stored in their tensors' dtype, where the ``_foreach`` route
-        computes them in that dtype: equal to rounding.
+        As :class:`SPAMAdamW`: CPU tensors take Numba kernels, CUDA tensors
+        (with CuPy) the CUDA kernels of ``spam_kernels.cu``
+        (``fastclip_stable_spam``), with ``last_step_route`` ``"cpu"`` or
+        ``"cuda"``; without CuPy, CUDA tensors take the ``_foreach`` route with
+        None and raise TypeError with True.  The fused routes read the
+        gradients three times (max :math:`|g|` per tensor, the norm after
+        AdaClip, the update) and the parameters and moments once; their
+        per-tensor scalars (AdaClip's and AdaGN's statistics) are computed in
+        float64 on the host and stored in their tensors' dtype, where the
+        ``_foreach`` route computes them in that dtype: equal to rounding.  On
+        CUDA that costs three host synchronisations a step (the two
+        reductions and the statistics' read), which the ``_foreach`` route
+        does not make.
 
     Notes
     -----
@@ -120,6 +125,7 @@ class StableSPAMAdamW(SpamBase):
     """
 
     _WHAT = "fastclip.torch.StableSPAMAdamW"
+    _CUDA = True
     _COUNTERS = ("total_steps",)
     _POLICY_IN_STEP = True
 

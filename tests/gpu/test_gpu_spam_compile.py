@@ -1,6 +1,7 @@
-"""Compile the fused SPAM CUDA kernel (``spam_kernels.cu``) for sm_80 and sm_90
-without a GPU (nvcc, else NVRTC), as ``test_gpu_compile.py`` does for the other
-sources, and check that its hyper-parameter columns are the host's.
+"""Compile the fused SPAM and Stable-SPAM CUDA kernels (``spam_kernels.cu``:
+``fastclip_spam``, ``fastclip_stable_spam``, ``fastclip_clipped_sq``) for sm_80 and
+sm_90 without a GPU (nvcc, else NVRTC), as ``test_gpu_compile.py`` does for the
+other sources, and check that their hyper-parameter columns are the host's.
 
 The kernel's values are checked, emulated, in
 ``tests/gpu/emulated/test_gpu_spam_emulated.py`` and on a device in
@@ -25,24 +26,35 @@ def _full_source() -> str:
     return _modules.source("spam") + "\n" + _modules.explicit_instantiations("spam") + "\n"
 
 
-def test_the_launched_kernel_is_the_sources_only_kernel():
+KERNELS = ["fastclip_spam", "fastclip_stable_spam", "fastclip_clipped_sq"]
+
+
+def test_the_launched_kernels_are_the_sources_kernels():
     own = _modules.own_source("spam")
     names = _modules.name_expressions("spam")
-    assert names == [f"fastclip_spam<{t}>" for t in _modules.ELEMENT_TYPES.values()]
-    assert re.findall(r"__global__ void (\w+)\(", own) == ["fastclip_spam"]
+    assert names == [f"{k}<{t}>" for k in KERNELS for t in _modules.ELEMENT_TYPES.values()]
+    assert re.findall(r"__global__ void (\w+)\(", own) == KERNELS
     driver = pathlib.Path(_spam.__file__).read_text()
-    assert '"fastclip_spam"' in driver and 'kernel("spam"' in driver
+    assert all(f'"{k}"' in driver for k in KERNELS) and 'kernel("spam"' in driver
+    # the reductions Stable-SPAM reuses are the core module's (compiled by test_gpu_compile.py)
+    core = _modules.name_expressions("core")
+    assert "fastclip_partial_pow_sum<float>" in core and "fastclip_tensor_norms<double>" in core
+    assert '"fastclip_partial_pow_sum"' in driver and '"fastclip_tensor_norms"' in driver
     # compiled after kernels.cu and optim_kernels.cu, whose helpers it uses
     src = _modules.source("spam")
     assert src.index("fastclip_adamw") < src.index("fastclip_spam") and "sqrt_rn" in src
 
 
-def test_the_columns_are_the_hosts():
-    """Every FC_P_* define of the CUDA source is the P_* column of fastclip._spam_hparams."""
+@pytest.mark.parametrize("prefix", ["P", "Q"])
+def test_the_columns_are_the_hosts(prefix):
+    """Every FC_P_* (SPAM) / FC_Q_* (Stable-SPAM) define of the CUDA source is the
+    P_* / Q_* column of fastclip._spam_hparams, and each is read by its kernel."""
     own = _modules.own_source("spam")
-    defines = dict(re.findall(r"#define FC_P_(\w+) (\d+)", own))
-    host = {k[2:]: v for k, v in vars(H).items() if k.startswith("P_")}
+    defines = dict(re.findall(rf"#define FC_{prefix}_(\w+) (\d+)", own))
+    host = {k[2:]: v for k, v in vars(H).items() if k.startswith(f"{prefix}_")}
     assert {k: int(v) for k, v in defines.items()} == host
+    for name in host:
+        assert own.count(f"FC_{prefix}_{name}") >= 2, name  # defined and used
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
