@@ -9,23 +9,11 @@ from typing import Any
 
 import torch
 
+from ..adaptive import stable_spam_scale
 from ._spam_base import SpamBase, check_beta, check_int, check_real, chunks
 from ._spam_fused import check_fused, stable_spam_step
 
 __all__ = ["StableSPAMAdamW", "stable_spam_scale"]
-
-
-def stable_spam_scale(step: int, total_t: int | None, eta_min: float) -> float:
-    r"""Stable-SPAM's ``scale`` at optimizer step ``step`` (1-based).
-
-    The reference reads ``CosineAnnealingLR(T_max=total_t + 1, eta_min)`` from
-    1.0 at epoch ``step`` (its closed form, periodic past ``total_t + 1``):
-    :math:`\eta_\min + (1-\eta_\min)(1 + \cos(\pi t / (T + 1)))/2`; 1 without
-    ``total_t``.
-    """
-    if total_t is None:
-        return 1.0
-    return eta_min + (1.0 - eta_min) * (1 + math.cos(math.pi * step / (total_t + 1))) / 2
 
 
 class StableSPAMAdamW(SpamBase):
@@ -35,7 +23,7 @@ class StableSPAMAdamW(SpamBase):
     arXiv:2502.17055 [1]_; the reference is ``galore_torch/stablespam.py`` of
     github.com/TianjinYellow/StableSPAM (same defaults).  For each parameter at
     its step :math:`k` (optimizer step :math:`t`), with :math:`s` =
-    :func:`stable_spam_scale`, :math:`\gamma_1, \gamma_2, \theta` =
+    :func:`fastclip.adaptive.stable_spam_scale`, :math:`\gamma_1, \gamma_2, \theta` =
     ``gamma1, gamma2, gamma3``:
 
     1. decoupled decay first: :math:`p \leftarrow p\,(1 - \mathrm{lr}\,\lambda)`;
