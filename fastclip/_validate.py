@@ -204,7 +204,9 @@ def check_orderable(items: list[Any]) -> None:
                 f"item {i} of the list is {name}. Clip the real and imaginary parts "
                 "separately, or use fastclip.clip_by_norm to bound the magnitude"
             )
-        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
+        # ml_dtypes' floats (JAX's bfloat16) are NumPy kind "V": floats all the same
+        ml_float = isinstance(dtype, np.dtype) and dtype.kind == "V" and "float" in name
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf" and not ml_float:
             raise TypeError(
                 "clip_by_value needs numeric arrays (bool, integer or floating); "
                 f"item {i} of the list is {name}"

@@ -40,6 +40,12 @@ def _positive(value: Any, name: str, fn: str) -> float:
         raise type(e)(f"fastclip.{fn}: {e}") from None
 
 
+def _bound(per_element: float, k: float) -> float:
+    """The norm bound ``per_element * k``; an infinite bound stays infinite for an empty
+    array (``inf * 0`` is NaN, and clip_by_norm refused it: "no clipping" is meant)."""
+    return per_element if math.isinf(per_element) else per_element * k
+
+
 def _arrays(x: Any, fn: str) -> tuple[list[Any], bool]:
     if _is_array(x):
         return [x], True
@@ -106,7 +112,7 @@ def clip_by_block_rms(x: Array | Iterable[Array], threshold: float) -> Any:
     """
     tau = _positive(threshold, "threshold", "clip_by_block_rms")
     items, single = _arrays(x, "clip_by_block_rms")
-    outs = [clip_by_norm(a, tau * math.sqrt(_size(a)), eps=0.0) for a in items]
+    outs = [clip_by_norm(a, _bound(tau, math.sqrt(_size(a))), eps=0.0) for a in items]
     return outs[0] if single else outs
 
 
@@ -142,7 +148,7 @@ def clip_by_block_rms_(x: Array | Iterable[Array], threshold: float) -> Any:
     rms = []
     for a in items:
         n = _size(a)
-        nrm = clip_by_norm_(a, tau * math.sqrt(n), eps=0.0)
+        nrm = clip_by_norm_(a, _bound(tau, math.sqrt(n)), eps=0.0)
         rms.append(_divided(nrm, math.sqrt(n)) if n else nrm)
     return rms[0] if single else rms
 
@@ -187,7 +193,7 @@ def clip_by_average_norm(x: Array, clip_norm: float) -> Array:
     c = _positive(clip_norm, "clip_norm", "clip_by_average_norm")
     if not _is_array(x):
         raise TypeError(f"fastclip.clip_by_average_norm: x must be an array, got {x!r}")
-    return clip_by_norm(x, c * _size(x), eps=0.0)
+    return clip_by_norm(x, _bound(c, _size(x)), eps=0.0)
 
 
 def clip_by_average_norm_(x: Array, clip_norm: float) -> Array:
@@ -214,5 +220,5 @@ def clip_by_average_norm_(x: Array, clip_norm: float) -> Array:
     if not _is_array(x):
         raise TypeError(f"fastclip.clip_by_average_norm_: x must be an array, got {x!r}")
     n = _size(x)
-    nrm = clip_by_norm_(x, c * n, eps=0.0)
+    nrm = clip_by_norm_(x, _bound(c, n), eps=0.0)
     return _divided(nrm, float(n)) if n else nrm

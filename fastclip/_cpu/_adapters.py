@@ -171,12 +171,24 @@ def lib_for(name: str) -> type[NumpyLib] | type[TorchLib]:
     return NumpyLib if name == "numpy" else TorchLib
 
 
+def ml_dtypes_hint(lib: Any, x: Any) -> str:
+    """The fix for a NumPy array of one of ml_dtypes' floats (JAX's bfloat16 on the host):
+    NumPy calls them kind "V", and fastclip's bfloat16 is torch's."""
+    if lib is NumpyLib and x.dtype.kind == "V" and "float" in str(x.dtype):
+        return (
+            f". NumPy arrays of ml_dtypes' {x.dtype} are not supported (fastclip's bfloat16 "
+            "is torch.bfloat16): pass x.astype(np.float32), a torch tensor, or the JAX array"
+        )
+    return ""
+
+
 def float_storage(lib: Any, x: Any, what: str) -> np.ndarray:
     """The storage view of a floating (or complex) array; TypeError otherwise."""
     if not lib.is_float(x):
         raise TypeError(
             f"{what} needs floating-point arrays (float16, bfloat16, float32, float64"
             f"{', complex' if what == 'norm' else ''}); got {lib.dtype_name(x)}"
+            f"{ml_dtypes_hint(lib, x)}"
         )
     sv = lib.storage(x)
     if sv.dtype not in FLOAT_STORAGE:

@@ -22,7 +22,7 @@ from .._errors import nonfinite_error, out_of_place_hint
 from .._formulas import clip_coefficients, int_bound, needs_rescale, robust_norm
 from .._memory import check_self_overlap
 from . import _per_array
-from ._adapters import float_storage, norm_dtype
+from ._adapters import float_storage, ml_dtypes_hint, norm_dtype
 from ._axes import AxisPlan
 from ._launch import run
 from ._pack import Packed, pack
@@ -130,6 +130,7 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
     if sv.dtype.kind not in "biuf":
         raise TypeError(
             f"clip_by_value needs numeric arrays (bool, integer or floating), got {sv.dtype}"
+            f"{ml_dtypes_hint(lib, x)}"
         )
     if inplace and not sv.flags.c_contiguous:
         check_self_overlap(sv.shape, sv.strides, "clip_by_value")

@@ -17,6 +17,7 @@ from .. import _config as cfg
 from .._errors import out_of_place_hint
 from .._memory import check_disjoint, check_self_overlap
 from . import _core
+from ._adapters import ml_dtypes_hint
 from ._launch import run
 from ._pack import pack
 
@@ -37,6 +38,7 @@ def check_value_targets(lib: Any, arrays: list[Any]) -> None:
         if sv.dtype.kind not in "biuf":
             raise TypeError(
                 f"clip_by_value needs numeric arrays (bool, integer or floating), got {sv.dtype}"
+                f"{ml_dtypes_hint(lib, a)}"
             )
         if not sv.flags.c_contiguous:
             check_self_overlap(sv.shape, sv.strides, "clip_by_value")

@@ -229,6 +229,8 @@ class AGC(Clipper):
 def _accumulate(total: float, norms: Any, ord: float, xp: Any) -> float:
     """Add unit norms to a running power sum (max for inf), in float64."""
     if math.isinf(ord):
+        if math.prod(norms.shape) == 0:  # no units (a zero-size gradient): nothing to add
+            return total
         m = float(xp.max(norms))
         return math.nan if (math.isnan(m) or math.isnan(total)) else max(total, m)
     return total + float(xp.sum(xp.astype(norms, wide_dtype(xp)) ** ord))

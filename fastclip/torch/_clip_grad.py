@@ -150,6 +150,9 @@ def _nonfinite_error(
     all_names = getattr(tensors, "names", None)
     names = None if all_names is None else [all_names[i] for i in indices]
     message = torch_nonfinite_message(norm_type, indices, names)
+    if not indices:  # every gradient's norm is finite: the total overflows the result dtype
+        dtype = str(_result_dtype(tensors, torch.float32)).replace("torch.", "")
+        message += f" (each gradient's norm is finite; their total is beyond {dtype}'s range)"
     return NonFiniteNormError(message, indices, names)
 
 
@@ -204,9 +207,12 @@ def get_total_norm(
         return distributed.get_total_norm(tensors, norm_type, error_if_nonfinite)
     with torch.no_grad():
         total = _api.global_norm(tensors, norm_type)
+    total = total.to(_result_dtype(tensors, total.dtype))
+    # Checked in the returned dtype: a finite norm beyond float16's range is inf there,
+    # and torch raises for it.
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(norm_type, tensors)
-    return total.to(_result_dtype(tensors, total.dtype))
+    return total
 
 
 @public("fastclip.torch.clip_grads_with_norm_", tracing=torch.compiler.is_compiling)
@@ -292,6 +298,14 @@ def _norm_and_clip_fused(
         from fastclip import distributed
 
         return distributed.clip_grad_norm_(grads, max_norm, norm_type, error_if_nonfinite)
+    if error_if_nonfinite and _result_dtype(grads, torch.float32) != torch.float64:
+        # The norm is returned in the gradients' dtype, where a finite norm can be inf
+        # (float16 gradients of norm 1e5): torch raises for it, so the norm is taken and
+        # checked in that dtype before anything is written, then used for the clip.
+        total = get_total_norm(grads, norm_type, True)
+        with torch.no_grad():
+            _api.clip_by_global_norm_(grads, max_norm, norm_type, eps=_EPS, total_norm=total)
+        return total
     try:
         with torch.no_grad():
             total = _api.clip_by_global_norm_(
@@ -321,8 +335,21 @@ def clip_grad_value_(
     if not clip_value >= 0:  # also NaN
         raise ValueError(f"clip_value must be >= 0 and not NaN, got {clip_value}")
     grads = _grads(parameters)
-    if grads:
-        _api.clip_values_(grads, -clip_value, clip_value)
+    if not grads:
+        return
+    # Gradients may require grad (backward(create_graph=True)); torch clamps them under
+    # no_grad too.
+    with torch.no_grad():
+        try:
+            _api.clip_values_(grads, -clip_value, clip_value)
+        except ValueError:  # refused before any write (shared memory, among others)
+            # The same gradient twice (a parameter listed twice) is clamped once: clamping
+            # is idempotent, so that is torch's result.  Looked for only after a refusal,
+            # so the common call pays nothing for it.
+            unique = list({id(g): g for g in grads}.values())
+            if len(unique) == len(grads):
+                raise
+            _api.clip_values_(unique, -clip_value, clip_value)
 
 
 for _function in (clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm):

@@ -1,0 +1,159 @@
+"""Edge cases where fastclip's answer differed from its peers' (torch.nn.utils, optax,
+timm), each checked against the peer itself or its formula: gradients that require
+grad in ``clip_grad_value_``, a parameter listed twice, ``error_if_nonfinite`` when the
+norm overflows the returned dtype, empty arrays with an infinite bound, AGC's max-norm
+of a zero-size parameter, and JAX / ml_dtypes bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastclip
+
+torch = pytest.importorskip("torch", reason="torch.nn.utils is the reference here")
+fct = pytest.importorskip("fastclip.torch")
+
+
+def _create_graph_grad() -> torch.nn.Parameter:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    (w**3).sum().backward(create_graph=True)  # w.grad = 3 w^2, and it requires grad
+    assert w.grad.requires_grad
+    return w
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_clip_grad_value_takes_gradients_that_require_grad_as_torch_does():
+    ref, ours = _create_graph_grad(), _create_graph_grad()
+    torch.nn.utils.clip_grad_value_([ref], 1.0)
+    fct.clip_grad_value_([ours], 1.0)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=0, atol=0)
+    assert ours.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_clip_grad_value_with_a_parameter_listed_twice_is_torchs_clamp():
+    p, q = (torch.nn.Parameter(torch.zeros(4)) for _ in range(2))
+    for a in (p, q):
+        a.grad = torch.tensor([-3.0, 0.5, 2.0, -0.1])
+    torch.nn.utils.clip_grad_value_([p, p], 1.0)
+    fct.clip_grad_value_([q, q], 1.0)
+    torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    shared = torch.zeros(6)
+    r = torch.nn.Parameter(torch.zeros(4))
+    r.grad = shared[:4]
+    s = torch.nn.Parameter(torch.zeros(4))
+    s.grad = shared[2:]  # different tensors sharing memory: still refused, nothing written
+    shared.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0, 5.0, -5.0]))
+    with pytest.raises(ValueError):
+        fct.clip_grad_value_([r, s], 1.0)
+    assert shared.tolist() == [5.0, -5.0, 5.0, -5.0, 5.0, -5.0]
+
+
+def _f16_params(value: float = 1000.0) -> list[torch.nn.Parameter]:
+    ps = [torch.nn.Parameter(torch.zeros(10_000, dtype=torch.float16)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.full_like(p, value)  # norm 1.41e5: beyond float16's 65504
+    return ps
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_error_if_nonfinite_raises_when_the_norm_overflows_the_returned_dtype(norm_type):
+    ref, ours = _f16_params(), _f16_params()
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="beyond float16's range") as info:
+        fct.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True)
+    assert isinstance(info.value, fastclip.NonFiniteNormError) and tuple(info.value.indices) == ()
+    assert all(bool((p.grad == 1000.0).all()) for p in ours)  # nothing written
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.get_total_norm([p.grad for p in ref], norm_type, error_if_nonfinite=True)
+    with pytest.raises(fastclip.NonFiniteNormError):
+        fct.get_total_norm([p.grad for p in ours], norm_type, error_if_nonfinite=True)
+    # without the error both return inf in float16, as torch does; fastclip clips by the
+    # exact norm (documented: torch's float16 norm is inf, so it zeroes the gradients)
+    total = fct.clip_grad_norm_(ours, 1.0, norm_type)
+    assert total.dtype == torch.float16 and math.isinf(float(total))
+    exact = 1000.0 * (20_000 ** (1.0 / norm_type))
+    want = np.float16(1000.0 * (1.0 / (exact + 1e-6)))
+    assert float(ours[0].grad[0]) == pytest.approx(float(want), rel=1e-3)
+
+
+def test_error_if_nonfinite_with_a_finite_float16_norm_clips_like_torch():
+    ref, ours = _f16_params(0.25), _f16_params(0.25)
+    a = torch.nn.utils.clip_grad_norm_(ref, 1.0, error_if_nonfinite=True)
+    b = fct.clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
+    assert b.dtype == a.dtype == torch.float16
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=0)
+    for p, q in zip(ref, ours):
+        torch.testing.assert_close(q.grad, p.grad, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3)])
+def test_an_empty_array_with_an_infinite_bound_is_left_as_it_is(shape):
+    optax = pytest.importorskip("optax")
+    jnp = pytest.importorskip("jax.numpy")
+    x = [np.zeros(shape, np.float32), np.array([3.0, 4.0], np.float32)]
+    tx = optax.clip_by_block_rms(np.inf)
+    want = tx.update([jnp.asarray(a) for a in x], tx.init(None))[0]
+    got = fastclip.clip_by_block_rms([a.copy() for a in x], np.inf)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, np.asarray(w))
+    rms = fastclip.clip_by_block_rms_([a.copy() for a in x], np.inf)
+    assert float(rms[0]) == 0.0 and float(rms[1]) == pytest.approx(math.sqrt(12.5), rel=1e-6)
+    assert fastclip.clip_by_average_norm(x[0], np.inf).shape == shape
+    assert float(fastclip.clip_by_average_norm_(x[0].copy(), np.inf)) == 0.0
+
+
+@pytest.mark.parametrize("axis", ["torch", "optax"])
+def test_agc_max_norm_skips_a_zero_size_parameter_as_timm(axis):
+    """timm's ``adaptive_clip_grad`` leaves a zero-size gradient as it is and clips the
+    others by their own units."""
+    rng = np.random.default_rng(0)
+    g = [rng.normal(size=4) * 5.0, np.zeros((0, 3))]
+    p = [rng.normal(size=4), np.zeros((0, 3))]
+    want = []
+    for gi, pi in zip(g, p):  # timm's formula (one unit per 1-D tensor), ord=inf
+        if gi.size == 0:
+            want.append(gi)
+            continue
+        mx = max(float(np.abs(pi).max()), 1e-3) * 0.01
+        gn = float(np.abs(gi).max())
+        want.append(gi if gn < mx else gi * (mx / max(gn, 1e-6)))
+    before_max = float(np.abs(g[0]).max())  # the total max-norm before clipping
+    total = fastclip.AGC(0.01, axis=axis, ord=math.inf)(g, p)
+    assert float(total) == before_max
+    for a, w in zip(g, want):
+        np.testing.assert_allclose(a, w, rtol=1e-12)
+
+
+def test_clip_by_value_of_a_list_of_jax_bfloat16_arrays_matches_optax_clip():
+    optax = pytest.importorskip("optax")
+    jnp = pytest.importorskip("jax.numpy")
+    xs = [jnp.asarray([-2.0, 0.25, 3.0], dtype=jnp.bfloat16), jnp.asarray([9.0], jnp.bfloat16)]
+    tx = optax.clip(1.0)
+    want = tx.update(xs, tx.init(None))[0]
+    got = fastclip.clip_by_value(xs, -1.0, 1.0)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: fastclip.norm(x),
+        lambda x: fastclip.clip_by_norm(x, 1.0),
+        lambda x: fastclip.clip_by_value(x, -1.0, 1.0),
+        lambda x: fastclip.clip_by_global_norm([x], 1.0),
+    ],
+)
+def test_numpy_ml_dtypes_bfloat16_is_refused_with_the_fix(call):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.array([-2.0, 0.25, 3.0], dtype=ml_dtypes.bfloat16)
+    before = x.copy()
+    with pytest.raises(TypeError, match=r"NumPy arrays of ml_dtypes' bfloat16 are not supported"):
+        call(x)
+    np.testing.assert_array_equal(x.astype(np.float32), before.astype(np.float32))
