@@ -157,3 +157,19 @@ def test_numpy_ml_dtypes_bfloat16_is_refused_with_the_fix(call):
     with pytest.raises(TypeError, match=r"NumPy arrays of ml_dtypes' bfloat16 are not supported"):
         call(x)
     np.testing.assert_array_equal(x.astype(np.float32), before.astype(np.float32))
+
+
+@pytest.mark.parametrize("fn", ["get_total_norm", "clip_grad_norm_"])
+def test_max_norm_with_a_zero_size_gradient_is_the_others_max(fn):
+    """torch raises here (``amax`` of an empty tensor); fastclip's answer is the max over
+    all elements, as the definition says (documented in README's semantics table)."""
+    grads = [torch.tensor([3.0, -4.0]), torch.zeros(0)]
+    ps = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        ps.append(p)
+    args = ([p.grad for p in ps], math.inf) if fn == "get_total_norm" else (ps, 1.0, math.inf)
+    with pytest.raises(RuntimeError):
+        getattr(torch.nn.utils, fn)(*args)
+    assert float(getattr(fct, fn)(*args)) == 4.0
