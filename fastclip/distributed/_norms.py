@@ -16,7 +16,14 @@ from fastclip._errors import NonFiniteNormError, nonfinite_detail
 from ._layout import Layout
 from ._reduce import OP_CLIP, OP_NORM, by_device, dtensor_class, reduce_norms, result_array
 
-__all__ = ["Layout", "clip_by_global_norm_", "global_norm", "has_dtensor", "local_tensors"]
+__all__ = [
+    "Layout",
+    "clip_by_global_norm_",
+    "finish_clip_",
+    "global_norm",
+    "has_dtensor",
+    "local_tensors",
+]
 
 
 def has_dtensor(tensors: Sequence[Any]) -> bool:
@@ -211,6 +218,12 @@ def clip_by_global_norm_(
     red = reduce_norms(
         local_arrays, ord, group, replicated, OP_CLIP, max_norm, eps, strict, layout, tied
     )
+    return finish_clip_(red, max_norm, eps, error_if_nonfinite)
+
+
+def finish_clip_(red: Any, max_norm: float, eps: float, error_if_nonfinite: bool) -> Any:
+    """The clip after the one collective (``red``, every rank's checks passed): raise on a
+    non-finite norm, else scale this rank's arrays; returns the global norm."""
     loc = red.loc
     if error_if_nonfinite and not bool(torch.isfinite(red.total)):
         indices = local_nonfinite(loc.arrays, math.inf if red.ord_code == 0 else red.p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,8 +10,28 @@ import torch
 from fastclip import _dispatch
 from fastclip._errors import NonFiniteNormError, torch_nonfinite_message
 
-from ._norms import clip_by_global_norm_, global_norm, local_nonfinite
-from ._reduce import dtensor_class
+from ._norms import finish_clip_, global_norm, local_nonfinite
+from ._reduce import OP_CLIP, dtensor_class, reduce_norms, result_array
+
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def torch_norm_dtype(tensors: list[Any]) -> torch.dtype | None:
+    """The dtype of torch's total norm: the promoted dtype of the gradients (real for
+    complex ones); None when some array is not a torch tensor (fastclip's dtype then)."""
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return _REAL.get(dtype, dtype)
+
+
+def _in_torch_dtype(total: Any, tensors: list[Any]) -> Any:
+    dtype = torch_norm_dtype(tensors)
+    return total if dtype is None else total.to(dtype)
+
 
 __all__ = ["clip_grad_norm_", "get_total_norm"]
 
@@ -37,7 +58,8 @@ def get_total_norm(
     ``.full_tensor()`` for a plain tensor) when the DTensors share one mesh.
     """
 
-    total = global_norm(tensors, norm_type)
+    # torch's dtype, checked there: a finite norm beyond float16's range is inf in it
+    total = _in_torch_dtype(global_norm(tensors, norm_type), tensors)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         dtensor = dtensor_class()
         local = [
@@ -59,12 +81,15 @@ def clip_grad_norm_(
     Replicate DTensor on that mesh, like ``torch.nn.utils.clip_grad_norm_``.
     """
 
-    try:
-        total = clip_by_global_norm_(
-            grads, max_norm, norm_type, eps=1e-6, error_if_nonfinite=error_if_nonfinite
-        )
-    except NonFiniteNormError as err:  # torch's message, this rank's culprits kept
-        raise NonFiniteNormError(
-            torch_nonfinite_message(norm_type, err.indices), err.indices
-        ) from None
+    red = reduce_norms(grads, norm_type, None, (), OP_CLIP, max_norm, 1e-6, True, None, None)
+    total = _in_torch_dtype(result_array(red.total, red.loc, red.loc.arrays), grads)
+    # The norm in torch's dtype decides, on every rank alike (the same reduced value):
+    # float16 gradients of norm 1e5 raise, as torch's do, with nothing written.
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        indices = local_nonfinite(red.loc.arrays, math.inf if red.ord_code == 0 else red.p)
+        message = torch_nonfinite_message(norm_type, indices)
+        if not indices and bool(torch.isfinite(red.total)):
+            message += f" (the norm is finite, but beyond {str(total.dtype)[6:]}'s range)"
+        raise NonFiniteNormError(message, indices)
+    finish_clip_(red, max_norm, 1e-6, False)
     return _as_dtensor_like(total, grads)

@@ -279,6 +279,45 @@ def _dtensor_1d(world: int, rank: int, ord: float) -> dict[str, Any]:
     }
 
 
+def _dtensor_16bit(world: int, rank: int, dtype_name: str) -> dict[str, Any]:
+    """16-bit DTensor gradients through ``fastclip.torch`` and ``torch.nn.utils`` on the
+    same mesh: torch's norm dtype and value; and gradients whose float64 norm is finite
+    but beyond float16's range, with ``error_if_nonfinite=True``."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fastclip.torch as fct
+
+    dtype = getattr(torch, dtype_name)
+    mesh = init_device_mesh("cpu", (world,))
+    sharded, _ = global_set(np.float32)
+    out: dict[str, Any] = {}
+    for who, fn in (("fastclip", fct.clip_grad_norm_), ("torch", torch.nn.utils.clip_grad_norm_)):
+        ps = []
+        for a in sharded:
+            p = torch.nn.Parameter(torch.zeros(a.shape, dtype=dtype))
+            p.grad = distribute_tensor(torch.from_numpy(a.copy()).to(dtype), mesh, [Shard(0)])
+            ps.append(p)
+        total = fn(ps, 0.5)
+        out[who] = {
+            "dtype": str(total.dtype),
+            "type": type(total).__name__,
+            "total": float(total.full_tensor()),
+            "grads": [_np(p.grad.full_tensor()) for p in ps],
+        }
+        big = distribute_tensor(torch.full((64,), 2e4, dtype=dtype), mesh, [Shard(0)])
+        q = torch.nn.Parameter(torch.zeros(64, dtype=dtype))
+        q.grad = big
+        try:
+            fn([q], 1.0, error_if_nonfinite=True)
+            out[who + "-big"] = "no error"
+        except RuntimeError as exc:
+            out[who + "-big"] = type(exc).__name__
+        out[who + "-big-unchanged"] = bool((q.grad.full_tensor() == 2e4).all())
+    return out
+
+
 def _dtensor_2d(world: int, rank: int) -> dict[str, Any]:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
@@ -531,4 +570,6 @@ def _scenarios(rec: _Recorder, world: int, rank: int) -> None:
     if world % 2 == 0 and world >= 4:
         rec.run("dtensor2d", _dtensor_2d, world, rank)
     rec.run("dtensor-partial", _dtensor_partial, world, rank)
+    for name in ("float16", "bfloat16"):
+        rec.run(f"dtensor-{name}", _dtensor_16bit, world, rank, name)
     rec.run("fsdp", _fsdp, world, rank, 0.05)

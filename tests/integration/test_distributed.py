@@ -202,6 +202,27 @@ def test_dtensor_shard_and_replicate(suite: Any, ord: float) -> None:
     assert any(0 in [out["local_sizes"][k] for out in per_rank] for k in range(len(sharded)))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16bit_dtensor_gradients_match_torch(suite: Any, dtype: str) -> None:
+    """fastclip.torch.clip_grad_norm_ on 16-bit DTensor gradients returns torch's norm
+    dtype and value; a norm beyond float16's range (2e4 * sqrt(64) = 1.6e5) raises with
+    ``error_if_nonfinite=True`` on every rank as torch's does, with nothing written
+    (bfloat16's range holds it: neither raises, and both clip)."""
+    _world, results = suite
+    for out in _ok(results, f"dtensor-{dtype}"):
+        ours, ref = out["fastclip"], out["torch"]
+        assert ours["dtype"] == ref["dtype"] == f"torch.{dtype}"
+        assert ours["type"] == ref["type"] == "DTensor"
+        assert ours["total"] == pytest.approx(ref["total"], rel=1e-2)
+        for g, e in zip(ours["grads"], ref["grads"]):
+            np.testing.assert_allclose(g, e, rtol=2e-2, atol=1e-3)
+        want = "NonFiniteNormError" if dtype == "float16" else "no error"
+        assert out["fastclip-big"] == want
+        assert out["torch-big"] == ("RuntimeError" if dtype == "float16" else "no error")
+        assert out["fastclip-big-unchanged"] == (dtype == "float16")
+        assert out["torch-big-unchanged"] == (dtype == "float16")
+
+
 def test_dtensor_2d_mesh(suite: Any) -> None:
     world, results = suite
     if world < 4:
