@@ -55,7 +55,9 @@ def get_total_norm(
     """``fastclip.torch.get_total_norm`` for gradients that include DTensors.
 
     Returns a Replicate DTensor holding the full norm (as torch does: call
-    ``.full_tensor()`` for a plain tensor) when the DTensors share one mesh.
+    ``.full_tensor()`` for a plain tensor) when the DTensors share one mesh, in
+    torch's dtype (the gradients' promoted dtype: float16 for float16 gradients);
+    ``error_if_nonfinite`` judges the norm in that dtype, as torch does.
     """
 
     # torch's dtype, checked there: a finite norm beyond float16's range is inf in it
@@ -78,7 +80,10 @@ def clip_grad_norm_(
 
     ``grads`` are the non-None gradients.  The norm is reduced over the
     DTensors' mesh (see :func:`clip_by_global_norm_`); returns it as a
-    Replicate DTensor on that mesh, like ``torch.nn.utils.clip_grad_norm_``.
+    Replicate DTensor on that mesh, in torch's dtype, like
+    ``torch.nn.utils.clip_grad_norm_``.  The clip uses the float64 norm; with
+    ``error_if_nonfinite`` a norm that is not finite in torch's dtype (float16
+    gradients of norm 1e5) raises on every rank before anything is written.
     """
 
     red = reduce_norms(grads, norm_type, None, (), OP_CLIP, max_norm, 1e-6, True, None, None)
