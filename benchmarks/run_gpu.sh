@@ -22,6 +22,11 @@ python3 -m pytest tests/gpu/test_gpu.py tests/api/test_norms.py tests/api/test_c
 # fused optimizers and per-sample clipping on the GPU (issues 5 and 6)
 python3 -m pytest tests/gpu/test_gpu_optim.py tests/gpu/test_gpu_per_sample.py -q -p no:cacheprovider \
   -o addopts="" 2>&1 | tail -60 | tee "$OUT/gpu-tests-optim-per-sample.txt"
+# SPAM / Stable-SPAM CUDA kernels (issue 18), the norm during backward (16), CUDA graphs
+# (15), NCCL groups with CPU-offloaded and CUDA gradients (19)
+python3 -m pytest tests/gpu/test_gpu_spam.py tests/gpu/test_gpu_backward_norm.py \
+  tests/gpu/test_gpu_distributed_nccl.py tests/integration/test_torch_compile.py -q \
+  -p no:cacheprovider -o addopts="" -rs 2>&1 | tail -60 | tee "$OUT/gpu-tests-issues-15-19.txt"
 python3 benchmarks/bench_gpu.py --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"
 # clip + AdamW step on GPT-2 small, fastclip's fused CUDA step against torch's
 python3 -m fastclip bench --workloads adamw --backends fastclip-gpu,torch-cuda-foreach,torch-cuda-fused \
