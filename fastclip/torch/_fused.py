@@ -24,6 +24,12 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _lr_value(lr: Any) -> Any:
+    """The value of ``lr`` to check: a float for a 0-d tensor (kept as given in the
+    param groups)."""
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
 class FusedAdamW(FusedOptimizerBase):
     r"""Drop-in ``torch.optim.AdamW`` whose step clips and updates in one fused pass.
 
@@ -118,9 +124,9 @@ class FusedAdamW(FusedOptimizerBase):
         norm_in_backward: bool = False,
         norm_plan: Any = None,
     ) -> None:
-        if isinstance(lr, torch.Tensor):
-            lr = float(lr)
-        F.check_adamw_args(lr, betas[0], betas[1], eps, weight_decay)
+        # A tensor lr stays a tensor in param_groups, as torch's AdamW keeps it (schedulers
+        # may write it in place); each step reads its value.
+        F.check_adamw_args(_lr_value(lr), betas[0], betas[1], eps, weight_decay)
         if capturable or differentiable:
             raise ValueError("FusedAdamW supports neither capturable nor differentiable")
         defaults = dict(
@@ -306,9 +312,7 @@ class FusedSGD(FusedOptimizerBase):
         norm_in_backward: bool = False,
         norm_plan: Any = None,
     ) -> None:
-        if isinstance(lr, torch.Tensor):
-            lr = float(lr)
-        F.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
+        F.check_sgd_args(_lr_value(lr), momentum, dampening, weight_decay, nesterov)
         if differentiable:
             raise ValueError("FusedSGD does not support differentiable=True")
         defaults = dict(

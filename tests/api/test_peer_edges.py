@@ -173,3 +173,31 @@ def test_max_norm_with_a_zero_size_gradient_is_the_others_max(fn):
     with pytest.raises(RuntimeError):
         getattr(torch.nn.utils, fn)(*args)
     assert float(getattr(fct, fn)(*args)) == 4.0
+
+
+@pytest.mark.parametrize("which", ["adamw", "sgd"])
+def test_a_tensor_lr_stays_a_tensor_and_schedules_as_torchs(which):
+    """torch's optimizers keep a tensor ``lr`` as a tensor in ``param_groups`` (and in the
+    state dict); a scheduler then sets it, and the trajectories match torch's."""
+    torch.manual_seed(0)
+    ours_p = [torch.nn.Parameter(torch.randn(6))]
+    ref_p = [torch.nn.Parameter(ours_p[0].detach().clone())]
+    kw = {} if which == "adamw" else {"momentum": 0.9}
+    ours_cls = fct.FusedAdamW if which == "adamw" else fct.FusedSGD
+    ref_cls = torch.optim.AdamW if which == "adamw" else torch.optim.SGD
+    ours = ours_cls(ours_p, lr=torch.tensor(1e-2), max_norm=1e9, **kw)
+    ref = ref_cls(ref_p, lr=torch.tensor(1e-2), **kw)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in (ours, ref)]
+    for _ in range(7):
+        g = torch.randn(6)
+        ours_p[0].grad, ref_p[0].grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+    lr = ours.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and isinstance(
+        ours.state_dict()["param_groups"][0]["lr"], torch.Tensor
+    )
+    assert float(lr) == float(ref.param_groups[0]["lr"]) == pytest.approx(1e-2 / 8)
+    torch.testing.assert_close(ours_p[0].detach(), ref_p[0].detach(), rtol=1e-6, atol=1e-7)
