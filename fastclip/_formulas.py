@@ -29,6 +29,7 @@ __all__ = [
     "SAFE_LO",
     "clip_coefficient",
     "clip_coefficients",
+    "coefficient_parts",
     "combine_parts",
     "int_bound",
     "needs_rescale",
@@ -69,6 +70,46 @@ def clip_coefficients(
         r = max_norm / den
         one = xp.ones_like(r)
         return xp.where((r >= one) | (den == 0), one, r)
+
+
+def coefficient_parts(
+    norms: Any,
+    max_norm: Any,
+    eps: float,
+    mode: str = "clip",
+    xp: Any = None,
+    log2_split: int = 1000,
+) -> tuple[Any, Any]:
+    """The coefficient as a product ``c * c2`` of two factors that stay in range.
+
+    ``c2`` is a power of two, 1 except where the quotient ``num / den`` (``num``
+    is ``max_norm``, 1 for ``mode="normalize"``; ``den = norm + eps``) lies
+    beyond ``2**±log2_split``: there one factor rounded to float64 would be
+    subnormal, 0 or inf although the scaled data are representable (float64
+    data of norm 1e300 clipped to 1e-300 became 0; data of subnormal norm
+    normalised became NaN and inf).  ``(x * c) * c2`` is then exact up to one
+    rounding: the powers of two scale exactly, and ``x * c`` stays in range
+    because ``|x| <= norm``.  Elementwise; ``c`` is ``clip_coefficients``'
+    value wherever ``c2`` is 1.  ``log2_split``: 1000 for float64
+    coefficients, 100 where the namespace computes in float32 (``c`` and
+    ``c2`` both normal for quotients down to 2**-2022, resp. 2**-226).
+    """
+    if xp is None:
+        xp, norms = np, np.asarray(norms, np.float64)
+    base = clip_coefficients(norms, max_norm, eps, mode, xp=xp)
+    big = 2.0**log2_split
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = norms + eps
+        num = 1.0 if mode == "normalize" else max_norm
+        finite = (den == den) & (den < math.inf)
+        # num / den < 2**-log2_split: num * big cannot overflow (num < den / big)
+        under = (num > 0) & finite & (den / big > num)
+        # num / den > 2**log2_split: only a normalisation keeps it (a clip gives 1)
+        over = (den > 0) & (den * big < num) if mode == "normalize" else under & ~under
+        one = xp.ones_like(base)
+        c = xp.where(under, (num * big) / den, xp.where(over, (num / big) / den, base))
+        c2 = xp.where(under, one / big, xp.where(over, one * big, one))
+    return c, c2
 
 
 def root(total: Any, ord_code: int, p: float) -> Any:

@@ -60,11 +60,30 @@ def _as64(x: Any) -> np.ndarray:
     return a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
 
 
+# Long double where its exponent range is wider than float64's (x86's 80-bit: up to
+# 1e4932), so that a coefficient below float64's range (data of norm 1e300
+# clipped to 1e-300: 1e-600) does not flush to 0 before the product is formed.
+_WIDE = np.longdouble if np.finfo(np.longdouble).maxexp > 1024 else np.float64
+
+
+def _times_coefficient(x: Any, n: Any, max_norm: float, eps: float) -> np.ndarray:
+    """x * min(1, c / (n + eps)) with the zero-norm rule, the coefficient and the product
+    in ``_WIDE``, rounded once to float64 (complex128)."""
+    a = _as64(x)
+    if _WIDE is np.float64:
+        product_dtype: Any = a.dtype
+    else:
+        product_dtype = np.clongdouble if a.dtype.kind == "c" else np.longdouble
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = np.asarray(n, np.float64).astype(_WIDE) + _WIDE(eps)
+        coef = np.where(den == 0.0, 1.0, np.minimum(1.0, _WIDE(max_norm) / den))
+        return (a.astype(product_dtype) * coef).astype(a.dtype)
+
+
 def clip_by_norm(x: Any, max_norm: float, ord: float = 2, axis: Any = None, eps: float = 1e-6):
     """x * min(1, c / (||x|| + eps)), the norm over ``axis`` (per kept slice)."""
     n = norm(x, ord, axis=axis, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        return _as64(x) * coefficient(n, max_norm, eps)
+    return _times_coefficient(x, n, max_norm, eps)
 
 
 def normalize(x: Any, ord: float = 2, axis: Any = None, eps: float = 1e-6) -> np.ndarray:
@@ -79,9 +98,7 @@ def clip_by_global_norm(
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Every array times min(1, c / (global norm + eps)); returns (arrays, norm before)."""
     total = global_norm(arrays, ord) if total_norm is None else np.float64(total_norm)
-    coef = coefficient(total, max_norm, eps)
-    with np.errstate(invalid="ignore"):
-        return [_as64(a) * coef for a in arrays], total
+    return [_times_coefficient(a, total, max_norm, eps) for a in arrays], total
 
 
 def clip_by_value(x: Any, lo: float | None = None, hi: float | None = None) -> np.ndarray:

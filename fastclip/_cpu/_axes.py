@@ -74,16 +74,27 @@ class AxisPlan:
                     values = np.where(fix, scaled, values)
         return np.asarray(values, np.float64)
 
-    def scale(self, coefs: np.ndarray, out_sv: np.ndarray | None) -> None:
-        """Multiply each reduced slice by its coefficient: into ``out_sv`` or in place."""
+    def scale(
+        self, coefs: np.ndarray, out_sv: np.ndarray | None, coefs2: np.ndarray | None = None
+    ) -> None:
+        """Multiply each reduced slice by its coefficient: into ``out_sv`` or in place.
+
+        ``coefs2``: second factors, multiplied in after ``coefs`` (coefficients
+        beyond float64's range as two factors, ``coefficient_parts``)."""
         x2 = self.x2
         if self.copied_from is not None:
             run("rows_scale", x2.size, x2, x2, coefs, True)
+            if coefs2 is not None:
+                run("rows_scale", x2.size, x2, x2, coefs2, True)
             target = self.copied_from if out_sv is None else out_sv.transpose(self.perm)
             target[...] = x2.reshape(target.shape)
             return
         dst = x2 if out_sv is None else out_sv.reshape(x2.shape)
-        if self.kind == "rows":
-            run("rows_scale", x2.size, x2, dst, coefs, dst is x2)
-        else:
-            run("cols_scale", x2.size, x2, dst, coefs, dst is x2, cfg.COL_TILE)
+        for i, c in enumerate((coefs, coefs2)):
+            if c is None:
+                continue
+            src = x2 if i == 0 else dst
+            if self.kind == "rows":
+                run("rows_scale", x2.size, src, dst, c, dst is src)
+            else:
+                run("cols_scale", x2.size, src, dst, c, dst is src, cfg.COL_TILE)

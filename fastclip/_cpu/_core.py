@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._errors import nonfinite_error, out_of_place_hint
-from .._formulas import clip_coefficients, int_bound, needs_rescale, robust_norm
+from .._formulas import coefficient_parts, int_bound, needs_rescale, robust_norm
 from .._memory import check_self_overlap
 from . import _per_array
 from ._adapters import float_storage, ml_dtypes_hint, norm_dtype
@@ -81,7 +81,8 @@ def rescale(
     else:
         plan = AxisPlan(sv, axes)
         values = plan.norms(ord_code, p, dtype == np.float64)
-        plan.scale(clip_coefficients(values, max_norm, eps, mode), None if inplace else out_sv)
+        coefs, coefs2 = coefficient_parts(values, max_norm, eps, mode)
+        plan.scale(coefs, None if inplace else out_sv, coefs2 if (coefs2 != 1.0).any() else None)
         norms = lib.wrap(values.reshape(plan.kept_shape), dtype, x)
     if inplace:
         lib.touched([x])
@@ -102,17 +103,28 @@ def _clip_whole(
     contiguous = sv.flags.c_contiguous
     src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
-    if mode == "clip" and (ord_code < 2 or (ord_code == 2 and sv.dtype not in _WIDE_STORAGE)):
+    # The fused kernel computes its coefficient itself: float64 data take the two
+    # calls below, whose coefficient may need two factors (coefficient_parts).
+    if mode == "clip" and ord_code <= 2 and sv.dtype not in _WIDE_STORAGE:
         value = float(
             run("arr_clip", src.size, src, dst, ord_code, p, max_norm, eps, dst is src, cfg.CHUNK)
         )
     else:
         value = _flat_norm(src, ord_code, p)
-        coef = float(clip_coefficients(np.float64(value), max_norm, eps, mode))
+        coef, coef2 = _coefficients(value, max_norm, eps, mode)
         run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
+        if coef2 != 1.0:
+            run("arr_scale", dst.size, dst, dst, coef2, True, cfg.CHUNK)
     if inplace and not contiguous:
         sv[...] = src.reshape(sv.shape)  # copy out
     return value
+
+
+def _coefficients(value: float, max_norm: float, eps: float, mode: str) -> tuple[float, float]:
+    """The coefficient of one norm as two float factors (the second is 1.0 but where
+    the quotient leaves float64's normal range: ``coefficient_parts``)."""
+    c, c2 = coefficient_parts(np.float64(value), max_norm, eps, mode)
+    return float(c), float(c2)
 
 
 # Storage dtypes whose norms are float64 (and may need max-rescaling for L2).
@@ -201,8 +213,10 @@ def clip_global(
         value, per = _norms(
             src, len(arrays), ord_code, p, total_norm, error_if_nonfinite, per_array
         )
-        coef = float(clip_coefficients(np.float64(value), max_norm, eps, "clip"))
+        coef, coef2 = _coefficients(value, max_norm, eps, "clip")
         _scale_into(src, dst, coef)
+        if coef2 != 1.0:
+            dst.scale(coef2)
         return _result(outs, _wrapped(lib, src, arrays[0], value, per))
 
     if len(arrays) == 1 and total_norm is None and not error_if_nonfinite:
@@ -215,7 +229,8 @@ def clip_global(
         and not packed.copies
         and total_norm is None
         and not error_if_nonfinite
-        and not needs_rescale(ord_code, packed.dtype == np.float64)
+        and not needs_rescale(ord_code, False)
+        and packed.dtype != np.float64  # its coefficient may need two factors
     ):
         t = packed.tables[0]
         if per_array:  # the same fused launch, also keeping each array's power sum
@@ -227,7 +242,10 @@ def clip_global(
         value, per = _norms(
             packed, len(arrays), ord_code, p, total_norm, error_if_nonfinite, per_array
         )
-        packed.scale(float(clip_coefficients(np.float64(value), max_norm, eps, "clip")))
+        coef, coef2 = _coefficients(value, max_norm, eps, "clip")
+        packed.scale(coef)
+        if coef2 != 1.0:
+            packed.scale(coef2)
     lib.touched(arrays)
     return _result(arrays, _wrapped(lib, packed, arrays[0], value, per))
 

@@ -138,13 +138,14 @@ def global_norm(
 
 
 def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
-    """Lazy ``x * coef`` with the CPU scale kernels; ``coef`` a float64 dask array."""
+    """Lazy ``x * coef`` with the CPU scale kernels; ``coef`` a float64 dask array, or
+    a pair of them (the two factors of ``_coefficient_of``)."""
     import dask.array as da
 
     return da.map_blocks(
         scale_block,
         x,
-        coef,
+        *(coef if isinstance(coef, tuple) else (coef,)),
         axes=axes,
         dtype=x.dtype,
         meta=np.empty((0,) * x.ndim, x.dtype),
@@ -152,15 +153,20 @@ def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
     )
 
 
-def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> Any:
-    return norms64.map_blocks(
-        coefficients,
-        max_norm=max_norm,
-        eps=eps,
-        mode=mode,
-        dtype=np.float64,
-        meta=np.empty((0,) * norms64.ndim, np.float64),
-        token="fastclip-coefficient",
+def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> tuple[Any, Any]:
+    """The coefficients as two lazy factors (``fastclip._formulas.coefficient_parts``)."""
+    return tuple(  # type: ignore[return-value]
+        norms64.map_blocks(
+            coefficients,
+            max_norm=max_norm,
+            eps=eps,
+            mode=mode,
+            part=part,
+            dtype=np.float64,
+            meta=np.empty((0,) * norms64.ndim, np.float64),
+            token=f"fastclip-coefficient-{part}",
+        )
+        for part in (0, 1)
     )
 
 

@@ -22,7 +22,7 @@ from .. import _config as cfg
 # dtype rules and clip by value.
 from .. import _cpu
 from .._cpu import AxisPlan, NumpyLib, norm_dtype, refuse_dtype
-from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, needs_rescale, pow2_inverse, root
+from .._formulas import SAFE_HI, SAFE_LO, coefficient_parts, needs_rescale, pow2_inverse, root
 
 __all__ = [
     "FLOATS",
@@ -210,27 +210,47 @@ def combine_root(
 # -------------------------------------------------------------- scaling
 
 
-def coefficients(norms: np.ndarray, max_norm: float, eps: float, mode: str) -> np.ndarray:
-    """float64 clip (or normalize) coefficients of a block of norms."""
-    return np.asarray(clip_coefficients(norms, max_norm, eps, mode), np.float64)
+def coefficients(
+    norms: np.ndarray, max_norm: float, eps: float, mode: str, part: int = 0
+) -> np.ndarray:
+    """float64 clip (or normalize) coefficients of a block of norms: the first
+    (``part=0``) or second factor of ``coefficient_parts``."""
+    return np.asarray(coefficient_parts(norms, max_norm, eps, mode)[part], np.float64)
 
 
-def scale_block(block: np.ndarray, coef: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
-    """``block * coef`` with the CPU scale kernels; ``coef`` is 0-d or keepdims-shaped."""
+def scale_block(
+    block: np.ndarray,
+    coef: np.ndarray,
+    coef2: np.ndarray | None = None,
+    *,
+    axes: tuple[int, ...] | None,
+) -> np.ndarray:
+    """``block * coef`` (then ``* coef2``, where it is not all ones) with the CPU
+    scale kernels; the coefficients are 0-d or keepdims-shaped."""
     block = np.asarray(block)
     out = np.empty(block.shape, block.dtype)
     if block.size == 0:
         return out
+    if coef2 is not None and np.all(np.asarray(coef2) == 1.0):
+        coef2 = None
     sv, out_sv = NumpyLib.storage(block), NumpyLib.storage(out)
     if axes is None or len(axes) == sv.ndim:
         src = np.ascontiguousarray(sv).reshape(-1)
-        value = float(np.asarray(coef).reshape(-1)[0])
         dst = out_sv.reshape(-1)
-        _cpu.run("arr_scale", src.size, src, dst, value, False, cfg.CHUNK)
+        for i, c in enumerate((coef, coef2)):
+            if c is not None:
+                value = float(np.asarray(c).reshape(-1)[0])
+                _cpu.run(
+                    "arr_scale", src.size, src if i == 0 else dst, dst, value, i > 0, cfg.CHUNK
+                )
         return out
     plan = AxisPlan(sv, axes)
-    coefs = np.ascontiguousarray(np.broadcast_to(coef, plan_shape(sv.shape, axes)).reshape(-1))
-    plan.scale(coefs.astype(np.float64), out_sv)
+    shape = plan_shape(sv.shape, axes)
+
+    def flat(c: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.broadcast_to(c, shape).reshape(-1)).astype(np.float64)
+
+    plan.scale(flat(coef), out_sv, None if coef2 is None else flat(coef2))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import array_api_compat as aac
 
 from .._errors import nonfinite_error, out_of_place_hint
-from .._formulas import SAFE_HI, SAFE_LO, clip_coefficients, int_bound
+from .._formulas import SAFE_HI, SAFE_LO, coefficient_parts, int_bound
 from .._libraries import wide_dtype
 
 
@@ -88,10 +88,19 @@ def _root(xp: Any, total: Any, ord_code: int, p: float) -> Any:
 
 
 def _needs_rescale(xp: Any, arrays: Sequence[Any], ord_code: int) -> bool:
-    """float64 L2 and any other p can leave float64's range (float32 L1/L2 cannot)."""
+    """float64 L2 and any other p can leave float64's range (float32 L1/L2 summed in
+    float64 cannot; summed in float32, as JAX without x64 does, L2 can)."""
     return ord_code == 3 or (
-        ord_code == 2 and any(_norm_dtype(xp, a) == xp.float64 for a in arrays)
+        ord_code == 2
+        and (wide_dtype(xp) != xp.float64 or any(_norm_dtype(xp, a) == xp.float64 for a in arrays))
     )
+
+
+def _safe_range(xp: Any) -> tuple[float, float]:
+    """Power sums inside this range are exact to the wide dtype's rounding: float64's
+    (``SAFE_LO``, ``SAFE_HI``), or float32's (1e-30, 1e30: 3e38 overflows, and terms
+    below the 1.2e-38 where float32 turns subnormal are < 1e-8 of such a sum)."""
+    return (SAFE_LO, SAFE_HI) if wide_dtype(xp) == xp.float64 else (1e-30, 1e30)
 
 
 def _robust_norms(xp: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...] | None) -> Any:
@@ -111,7 +120,8 @@ def _robust_norms(xp: Any, x: Any, ord_code: int, p: float, axes: tuple[int, ...
     safe = xp.where(ok, m, xp.ones_like(m))
     ratio = a / xp.reshape(safe, xp.max(a, axis=axes, keepdims=True).shape)
     scaled = _root(xp, xp.sum(ratio**p, axis=axes), 3, p) * safe
-    bad = ~((total > SAFE_LO) & (total < SAFE_HI))
+    lo, hi = _safe_range(xp)
+    bad = ~((total > lo) & (total < hi))
     return xp.where(bad & ok, scaled, value)
 
 
@@ -162,7 +172,8 @@ def _global_norms(
         ok = (m > 0.0) & (m < math.inf)
         safe = xp.where(ok, m, xp.ones_like(m))
         s = xp.sum(xp.stack([xp.sum((a / safe) ** p) for a in wide]))
-        bad = ~((total > SAFE_LO) & (total < SAFE_HI))
+        lo, hi = _safe_range(xp)
+        bad = ~((total > lo) & (total < hi))
         value = xp.where(bad & ok, _root(xp, s, 3, p) * safe, value)
         if per is not None:
             per = _rescaled_parts(xp, arrays, wide, maxes, stacked, per, p)
@@ -184,7 +195,8 @@ def _rescaled_parts(
         ok = (m_i > 0.0) & (m_i < math.inf)
         safe = xp.where(ok, m_i, xp.ones_like(m_i))
         scaled = _root(xp, xp.sum((wide[k] / safe) ** p), 3, p) * safe
-        bad = ~((sums[i] > SAFE_LO) & (sums[i] < SAFE_HI))
+        lo, hi = _safe_range(xp)
+        bad = ~((sums[i] > lo) & (sums[i] < hi))
         values.append(xp.where(bad & ok, scaled, per[i]))
         k += 1
     return xp.stack(values)
@@ -223,19 +235,34 @@ def check_all_writeable(arrays: list[Any], what: str) -> None:
             ) from exc
 
 
-def _scaled(xp: Any, x: Any, coef: Any) -> Any:
-    """x * coef with the coefficient and the product in float64 (where the namespace
-    computes in it), the product rounded once to x's dtype.
+def _scaled(xp: Any, x: Any, coef: Any, coef2: Any = None) -> Any:
+    """x * coef (then * coef2) with the coefficients and the product in float64
+    (where the namespace computes in it), the product rounded once to x's dtype.
 
     Rounding the coefficient to float32 first would flush factors below ~1e-45 to
-    0 and turn ones above ~3e38 into inf although the products are representable.
+    0 and turn ones above ~3e38 into inf although the products are representable;
+    ``coef2`` is the second factor of a coefficient beyond the wide dtype's range
+    (``_coefficients``).
     """
     wide = wide_dtype(xp)
-    c = xp.astype(coef, wide)
+    factors = [xp.astype(c, wide) for c in (coef, coef2) if c is not None]
     if xp.isdtype(x.dtype, "complex floating"):
         cwide = xp.complex128 if wide == xp.float64 else xp.complex64
-        return xp.astype(xp.astype(x, cwide) * xp.astype(c, cwide), x.dtype)
-    return xp.astype(xp.astype(x, wide) * c, x.dtype)
+        out = xp.astype(x, cwide)
+        for c in factors:
+            out = out * xp.astype(c, cwide)
+        return xp.astype(out, x.dtype)
+    out = xp.astype(x, wide)
+    for c in factors:
+        out = out * c
+    return xp.astype(out, x.dtype)
+
+
+def _coefficients(xp: Any, norms: Any, max_norm: Any, eps: float, mode: str) -> tuple[Any, Any]:
+    """The coefficients as two factors (``coefficient_parts``), in the wide dtype;
+    without a branch on their values (no host read of device or lazy arrays)."""
+    split = 1000 if wide_dtype(xp) == xp.float64 else 100
+    return coefficient_parts(norms, max_norm, eps, mode, xp=xp, log2_split=split)
 
 
 @_quiet
@@ -255,11 +282,11 @@ def rescale(
     if inplace:
         check_writeable(x, what)
     norms = _robust_norms(xp, x, ord_code, p, axes)
-    coef = clip_coefficients(norms, max_norm, eps, mode, xp=xp)
+    coef, coef2 = _coefficients(xp, norms, max_norm, eps, mode)
     if axes is not None:
         shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-        coef = xp.reshape(coef, shape)
-    out = _scaled(xp, x, coef)
+        coef, coef2 = xp.reshape(coef, shape), xp.reshape(coef2, shape)
+    out = _scaled(xp, x, coef, coef2)
     if inplace:
         x[...] = out
         out = x
@@ -286,8 +313,8 @@ def clip_global(
         norm_value = xp.asarray(total_norm, dtype=norm_value.dtype, device=aac.device(arrays[0]))
     if error_if_nonfinite and not math.isfinite(float(norm_value)):
         raise nonfinite_error(float(norm_value), nonfinite_positions(per))
-    coef = clip_coefficients(xp.astype(norm_value, wide_dtype(xp)), max_norm, eps, xp=xp)
-    outs = [_scaled(xp, a, coef) for a in arrays]
+    coef, coef2 = _coefficients(xp, xp.astype(norm_value, wide_dtype(xp)), max_norm, eps, "clip")
+    outs = [_scaled(xp, a, coef, coef2) for a in arrays]
     if inplace:
         for a, o in zip(arrays, outs):
             a[...] = o

@@ -108,7 +108,9 @@ def axes_for(draw: Any, ndim: int) -> Any:
     return tuple(axes) if len(axes) > 1 else axes[0]
 
 
-_MAX_NORMS = st.sampled_from([0.0, 1e-30, 0.5, 1.0, 7.0, 1e30, math.inf, -1.0, math.nan, 10**400])
+_MAX_NORMS = st.sampled_from(
+    [0.0, 1e-300, 1e-30, 0.5, 1.0, 7.0, 1e30, math.inf, -1.0, math.nan, 10**400]
+)
 _EPS = st.sampled_from([1e-6, 0.0, 1e-3, -1.0, math.nan])
 
 
