@@ -230,9 +230,10 @@ class Backend:
         route, with ``wide`` only: a float64 0-d device array of the arrays'
         library (CUDA kernels that widen every element, ``_gpu/_wide.py``),
         never read back to the host.  None on the other routes, and on the GPU
-        route without ``wide``, where callers take ``fastclip.global_norm``
-        (whose callers here convert a CPU value with ``float()``).  ``checked``:
-        what ``check_targets`` returned for exactly ``arrays``, reused.
+        route without ``wide`` (``fastclip.torch``'s total norm converts a
+        non-None value with ``float()``, a host read on a device), where
+        callers take ``fastclip.global_norm``.  ``checked``: what
+        ``check_targets`` returned for exactly ``arrays``, reused.
         """
         ops: Any = self.ops  # the CPU and GPU routes' own operation
         if self.route == ROUTE_CPU or (self.route == ROUTE_GPU and wide):

@@ -15,17 +15,19 @@ result is the float64 value rounded once:
   (``fastclip/_cpu/_wide_kernels.py``), one launch per dtype, no copies; a
   Python float;
 * CUDA tensors and CuPy arrays: the GPU route's float64-accumulating CUDA
-  kernels (``fastclip/_gpu/_wide.py``), one launch per dtype, no copies; a
-  float64 0-d CUDA tensor, never read to the host (a CuPy result is handed to
-  torch through DLPack; read on the host only where torch has no CUDA).
-  Like every fastclip call on device arrays this needs the GPU route (CuPy
-  with a CUDA device): without it ``GPUUnavailableError`` is raised (the
-  refusal travels in the gather to every rank), nothing is copied to the host;
+  kernels (``fastclip/_gpu/_wide.py``), one launch per dtype (three where a
+  float64 power sum may need rescaling: p other than 1, 2, inf, and L2 with
+  float64 data), no copies; a float64 0-d CUDA tensor, never read to the host
+  (a CuPy result is handed to torch through DLPack; read on the host only
+  where torch has no CUDA).  Like every fastclip call on device arrays this
+  needs the GPU route (CuPy with a CUDA device): without it
+  ``GPUUnavailableError`` is raised, as a refusal like any other (see
+  :mod:`fastclip.distributed`), and nothing is copied to the host;
 * tensors the kernels do not take -- complex CUDA tensors, and tensors on
   devices without a fastclip route (mps, xpu, ...: the generic route) --:
   chunks of ``_CHUNK`` elements are copied into a float64 (complex128)
   buffer on the device, then ``torch.dot`` (``_widened_norm``); float64
-  arrays on the generic route take that route's own norm.
+  tensors there, and other libraries' arrays, take their route's own norm.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def _one_norm(arrays: list[Any], ord_code: int, p: float, packed: Any = None) ->
     if arrays and isinstance(arrays[0], torch.Tensor) and narrow:
         values = [_widened_norm(a, ord_code, p) for a in narrow]
         arrays = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] in _WIDE]
-    if arrays:  # float64 arrays on the generic route: the route's own norm
+    if arrays:  # float64 tensors on the generic route, other libraries: the route's own norm
         value = _api.global_norm(arrays, math.inf if ord_code == 0 else p)
         if not isinstance(value, torch.Tensor):
             return float(value)  # another library: read on the host
