@@ -23,9 +23,11 @@ python3 -m pytest tests/gpu/test_gpu.py tests/api/test_norms.py tests/api/test_c
 python3 -m pytest tests/gpu/test_gpu_optim.py tests/gpu/test_gpu_per_sample.py -q -p no:cacheprovider \
   -o addopts="" 2>&1 | tail -60 | tee "$OUT/gpu-tests-optim-per-sample.txt"
 # SPAM / Stable-SPAM CUDA kernels (issue 18), the norm during backward (16), CUDA graphs
-# (15), NCCL groups with CPU-offloaded and CUDA gradients (19)
+# (15), NCCL groups with CPU-offloaded and CUDA gradients and the float64-accumulating
+# local norm (19)
 python3 -m pytest tests/gpu/test_gpu_spam.py tests/gpu/test_gpu_backward_norm.py \
-  tests/gpu/test_gpu_distributed_nccl.py "tests/integration/test_torch_compile.py::test_cuda_graph_capture_and_replay" -q \
+  tests/gpu/test_gpu_distributed_nccl.py tests/gpu/test_gpu_wide_norm.py \
+  "tests/integration/test_torch_compile.py::test_cuda_graph_capture_and_replay" -q \
   -p no:cacheprovider -o addopts="" -rs 2>&1 | tail -60 | tee "$OUT/gpu-tests-issues-15-19.txt"
 python3 benchmarks/bench_gpu.py --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"
 # clip + AdamW step on GPT-2 small, fastclip's fused CUDA step against torch's

@@ -222,15 +222,23 @@ class Backend:
     def norm64(
         self, arrays: list[Any], ord_code: int, p: float, checked: Any = None, wide: bool = False
     ) -> Any:
-        """The global norm as an exact float64 Python float on the CPU route
-        (from float64 power sums, not rounded to the arrays' dtype; ``wide``:
-        every element accumulated in float64, so the value does not depend on
-        how the elements are split among arrays); None on the other routes
-        (callers use ``fastclip.global_norm`` there)."""
-        if self.route != ROUTE_CPU:
-            return None
-        ops: Any = self.ops  # the CPU route's own operation
-        return ops.norm64(self.lib, arrays, ord_code, p, checked, wide)
+        """The global norm from float64 power sums, not rounded to the arrays' dtype.
+
+        CPU route: an exact float64 Python float (``wide``: every element
+        accumulated in float64, so the value does not depend on how the elements
+        are split among arrays; without it float32 blocks, then float64).  GPU
+        route, with ``wide`` only: a float64 0-d device array of the arrays'
+        library (CUDA kernels that widen every element, ``_gpu/_wide.py``),
+        never read back to the host.  None on the other routes, and on the GPU
+        route without ``wide`` (``fastclip.torch``'s total norm converts a
+        non-None value with ``float()``, a host read on a device), where
+        callers take ``fastclip.global_norm``.  ``checked``: what
+        ``check_targets`` returned for exactly ``arrays``, reused.
+        """
+        ops: Any = self.ops  # the CPU and GPU routes' own operation
+        if self.route == ROUTE_CPU or (self.route == ROUTE_GPU and wide):
+            return ops.norm64(self.lib, arrays, ord_code, p, checked, wide)
+        return None
 
     # -- fused clip-and-step (fastclip.optim, fastclip.torch's fused optimizers)
 

@@ -15,8 +15,9 @@ adapter first (``lib_for(library name)``).  Importing this package imports no Cu
 kernel module is built on first use per device (``_modules.module``).
 
 Inside the package imports run one way: ``_core`` / ``_optim`` /
-``_per_sample`` -> ``_axes`` / ``_optim_plan`` -> ``_tables`` -> ``_modules``,
-with ``_adapters`` beside them.
+``_per_sample`` / ``_wide`` -> ``_axes`` / ``_optim_plan`` -> ``_tables`` ->
+``_modules``, with ``_adapters`` beside them.  ``norm64`` (``_wide``) is the
+float64-accumulating norm ``fastclip.distributed`` reduces across ranks.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ._spam import spam_prepare, spam_reduce, spam_run
 from ._tables import Packed
 from ._targets import check_targets
 from ._value_clip import clamp_many_
+from ._wide import norm64
 
 __all__ = [
     "GpuClip",
@@ -49,6 +51,7 @@ __all__ = [
     "global_norm",
     "lib_for",
     "norm",
+    "norm64",
     "on_device",
     "rescale",
     "scale_",

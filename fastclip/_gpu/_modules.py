@@ -55,8 +55,14 @@ FEATURES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             "fastclip_rows_pow_sum",
             "fastclip_cols_pow_sum",
             "fastclip_axis_scale",
+            "fastclip_partial_pow_sum_wide",
         ),
-        ("fastclip_finish", "fastclip_axis_coefs", "fastclip_tensor_norms"),
+        (
+            "fastclip_finish",
+            "fastclip_axis_coefs",
+            "fastclip_tensor_norms",
+            "fastclip_finish_wide",
+        ),
     ),
     "optim": ("optim_kernels.cu", ("fastclip_adamw", "fastclip_sgd"), ()),
     "spam": (

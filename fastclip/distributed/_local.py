@@ -1,20 +1,33 @@
 """This rank's share of the norm, every element accumulated in float64.
 
-fastclip's CPU kernels sum float32 and 16-bit elements in float32 blocks
-(then float64 across blocks): fast, but which elements share a block
-depends on how the model is split, so the float32 rounding inside the blocks
-does too, and the norm of one model split 2 ways differed from the norm split
-4 ways by more than float32's rounding (``test_norm_does_not_depend_on_the_split``
-in tests/integration/test_distributed_layouts.py; torchtitan PR 4135 for
-bf16).  Here every element is widened to float64 before it is summed, so the
-float64 total is the same for every split up to float64 rounding and its
-float32 result is the float64 value rounded once:
+fastclip's CPU and GPU kernels sum float32 and 16-bit elements in float32
+(blocks on the CPU, threads on the GPU; then float64): fast, but which
+elements share a block depends on how the model is split, so the float32
+rounding inside the blocks does too, and the norm of one model split 2 ways
+differed from the norm split 4 ways by more than float32's rounding
+(``test_norm_does_not_depend_on_the_split`` in
+tests/integration/test_distributed_layouts.py; torchtitan PR 4135 for bf16).
+Here every element is widened to float64 before it is summed, so the float64
+total is the same for every split up to float64 rounding and its float32
+result is the float64 value rounded once:
 
 * NumPy arrays and CPU tensors: the CPU route's float64-accumulating kernels
-  (``fastclip/_cpu/_wide_kernels.py``), one launch per dtype, no copies;
-* other devices (CUDA tensors): chunks of ``_CHUNK`` elements are copied into
-  a float64 buffer on the device, then ``torch.dot``; float64 arrays there take
-  the route's own norm.
+  (``fastclip/_cpu/_wide_kernels.py``), one launch per dtype, no copies; a
+  Python float;
+* CUDA tensors and CuPy arrays: the GPU route's float64-accumulating CUDA
+  kernels (``fastclip/_gpu/_wide.py``), one launch per dtype (three where a
+  float64 power sum may need rescaling: p other than 1, 2, inf, and L2 with
+  float64 data), no copies; a float64 0-d CUDA tensor, never read to the host
+  (a CuPy result is handed to torch through DLPack; read on the host only
+  where torch has no CUDA).  Like every fastclip call on device arrays this
+  needs the GPU route (CuPy with a CUDA device): without it
+  ``GPUUnavailableError`` is raised, as a refusal like any other (see
+  :mod:`fastclip.distributed`), and nothing is copied to the host;
+* tensors the kernels do not take -- complex CUDA tensors, and tensors on
+  devices without a fastclip route (mps, xpu, ...: the generic route) --:
+  chunks of ``_CHUNK`` elements are copied into a float64 (complex128)
+  buffer on the device, then ``torch.dot`` (``_widened_norm``); float64
+  tensors there, and other libraries' arrays, take their route's own norm.
 """
 
 from __future__ import annotations
@@ -123,20 +136,41 @@ def _widened_norm(a: Any, ord_code: int, p: float) -> Any:
     return root * scale
 
 
+def _as_torch(value: Any) -> Any:
+    """A GPU-route norm as a torch tensor on its device: zero-copy through DLPack for a
+    CuPy 0-d array (torch waits on CuPy's stream, the host does not); a float where
+    torch has no CUDA."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if torch.cuda.is_available():
+        return torch.from_dlpack(value)
+    return float(value)  # a host read: torch cannot hold the device value
+
+
 def _one_norm(arrays: list[Any], ord_code: int, p: float, packed: Any = None) -> Any:
     """The norm of arrays of one library and device: a float, or a float64 device tensor."""
-    # The CPU route (NumPy, CPU tensors): one launch per dtype of its float64-accumulating
-    # kernels, no copies.
-    exact = _dispatch.backend_for(arrays).norm64(arrays, ord_code, p, packed, wide=True)
-    if exact is not None:
-        return float(exact)
-    narrow = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] not in _WIDE]
+    backend = _dispatch.backend_for(arrays)
+    if backend.route == _dispatch.ROUTE_CPU:
+        # NumPy, CPU tensors: one launch per dtype of the CPU route's float64-accumulating
+        # kernels, no copies.
+        return float(backend.norm64(arrays, ord_code, p, packed, wide=True))
     values: list[Any] = []
-    if isinstance(arrays[0], torch.Tensor) and narrow:
+    if backend.route == _dispatch.ROUTE_GPU:
+        # CUDA tensors, CuPy arrays: the GPU route's float64-accumulating kernels (one
+        # launch per dtype, the norm stays on the device); complex tensors, which they do
+        # not take, are widened chunk by chunk.
+        cplx = [a for a in arrays if isinstance(a, torch.Tensor) and a.is_complex()]
+        real = [a for a in arrays if not (isinstance(a, torch.Tensor) and a.is_complex())]
+        if real:
+            checked = packed if len(real) == len(arrays) else None
+            values.append(_as_torch(backend.norm64(real, ord_code, p, checked, wide=True)))
+        values += [_widened_norm(a, ord_code, p) for a in cplx]
+        arrays = []
+    narrow = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] not in _WIDE]
+    if arrays and isinstance(arrays[0], torch.Tensor) and narrow:
         values = [_widened_norm(a, ord_code, p) for a in narrow]
         arrays = [a for a in arrays if str(a.dtype).rsplit(".", 1)[-1] in _WIDE]
-        packed = None
-    if arrays:  # float64 arrays on other routes: the route's own norm
+    if arrays:  # float64 tensors on the generic route, other libraries: the route's own norm
         value = _api.global_norm(arrays, math.inf if ord_code == 0 else p)
         if not isinstance(value, torch.Tensor):
             return float(value)  # another library: read on the host

@@ -21,11 +21,11 @@ import subprocess
 
 import pytest
 
-from fastclip._gpu import _axes, _modules, _optim, _optim_plan, _per_sample, _tables
+from fastclip._gpu import _axes, _modules, _optim, _optim_plan, _per_sample, _tables, _wide
 
 #: module -> (feature, kernel name prefix, number of launched instantiations, its drivers)
 MODULES = {
-    "kernels": ("core", "fastclip_", 6 * 4 + 3 * 2, (_tables, _axes, _optim_plan)),
+    "kernels": ("core", "fastclip_", 7 * 4 + 4 * 2, (_tables, _axes, _optim_plan, _wide)),
     "optim_kernels": ("optim", "fastclip_", 2 * 4, (_optim,)),
     "per_sample_kernels": ("per_sample", "fastclip_ps_", 4 * 4 + 2, (_per_sample,)),
 }
