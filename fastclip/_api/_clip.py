@@ -84,7 +84,7 @@ def clip_by_value(
 def clip_by_value_(
     x: Array | Iterable[Array], min: float | None = None, max: float | None = None
 ) -> Any:
-    r"""Clamp every element to ``[min, max]`` in place (weight clipping); returns ``x``.
+    r"""Clamp every element to ``[min, max]`` in place (weight clipping); returns the arrays.
 
     Same semantics as :func:`clip_by_value`.  WGAN-style weight clipping of a
     whole torch model is one line (torch tensors that require grad are written
@@ -107,7 +107,8 @@ def clip_by_value_(
     Returns
     -------
     array or list of arrays
-        ``x`` itself; for an iterable, the list of its arrays.
+        ``x`` itself for an array; for a list (or any iterable), a new list
+        holding the same array objects, now clipped.
 
     Raises
     ------

@@ -62,6 +62,23 @@ def test_clip_by_value_in_place_returns_x(backend, dtype, bounds):
     assert_close(backend.to_numpy(x), expected, dtype)
 
 
+@pytest.mark.parametrize("as_iter", [list, iter], ids=["list", "generator"])
+@pytest.mark.parametrize(("backend", "dtype"), params(WRITEABLE, ["float32"]))
+def test_clip_by_value_in_place_of_many_returns_a_new_list_of_the_same_arrays(
+    backend, dtype, as_iter
+):
+    """As documented: a list or iterable gives back a new list whose items are the
+    caller's own arrays, each clipped in its memory."""
+    xs = [backend.asarray(sample(n, seed=n), dtype) for n in (5, 9)]
+    expected = [ref.clip_by_value(backend.to_numpy(x), -0.3, 0.2) for x in xs]
+    given_xs = list(xs)
+    got = fastclip.clip_by_value_(as_iter(given_xs), -0.3, 0.2)
+    assert type(got) is list and got is not given_xs
+    assert len(got) == len(xs) and all(a is b for a, b in zip(got, xs))
+    for x, want in zip(xs, expected):
+        assert_close(backend.to_numpy(x), want, dtype)
+
+
 @pytest.mark.parametrize(
     "bounds", [(-2.5, 2.5), (-2, None), (None, 1), (3.5, 1e12), (-1e12, -1e11)], ids=str
 )

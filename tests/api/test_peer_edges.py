@@ -201,3 +201,36 @@ def test_a_tensor_lr_stays_a_tensor_and_schedules_as_torchs(which):
     )
     assert float(lr) == float(ref.param_groups[0]["lr"]) == pytest.approx(1e-2 / 8)
     torch.testing.assert_close(ours_p[0].detach(), ref_p[0].detach(), rtol=1e-6, atol=1e-7)
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between ``a`` and ``b`` in units of the last place of ``a``."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    ia, ib = a.view(bits).to(torch.int64), b.view(bits).to(torch.int64)
+    # for values of one sign the bit patterns are ordered as the values are
+    assert bool((((a < 0) == (b < 0)) | (a == 0) | (b == 0)).all())
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("seed", range(4))
+def test_half_gradients_clip_with_a_float64_coefficient_within_an_ulp_of_torch(dtype, seed):
+    """Documented difference: torch rounds the total norm and the coefficient
+    ``max_norm / (norm + 1e-6)`` to the gradients' 16-bit dtype before multiplying;
+    fastclip forms the coefficient in float64 from the exact norm and rounds each
+    product once. fastclip matches that float64 oracle bit for bit; torch's result is
+    within one unit in the last place of it."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(n, generator=gen).to(dtype) * 3 for n in (1000, 17, 300)]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    fct.clip_grad_norm_(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    exact = math.sqrt(math.fsum(float(v) ** 2 for g in grads for v in g.double().tolist()))
+    coef = 1.0 / (exact + 1e-6)
+    for a, b, g in zip(ours, theirs, grads):
+        want = (g.double() * coef).to(dtype)
+        torch.testing.assert_close(a.grad, want, rtol=0, atol=0)
+        assert _ulps_apart(b.grad, want) <= 1
