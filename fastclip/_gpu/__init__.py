@@ -1,4 +1,4 @@
-"""The GPU route: CUDA kernels (``kernels.cu``, ``optim_kernels.cu``,
+"""The GPU route: CUDA kernels (``kernels.cu``, ``wide_kernels.cu``, ``optim_kernels.cu``,
 ``per_sample_kernels.cu``, ``spam_kernels.cu``) launched through CuPy on CuPy arrays and torch CUDA
 tensors.
 

@@ -1,8 +1,9 @@
 """The CUDA sources, the kernel names instantiated from them, and one cached
 ``cupy.RawModule`` per (feature, device).
 
-Four features, each a ``.cu`` file: ``"core"`` (``kernels.cu``: norms and
-clipping), ``"optim"`` (``optim_kernels.cu``: fused AdamW/SGD),
+Five features, each a ``.cu`` file: ``"core"`` (``kernels.cu``: norms and
+clipping), ``"wide"`` (``wide_kernels.cu``: float64-accumulating norms for
+``fastclip.distributed``), ``"optim"`` (``optim_kernels.cu``: fused AdamW/SGD),
 ``"per_sample"`` (``per_sample_kernels.cu``: DP-SGD) and ``"spam"``
 (``spam_kernels.cu``: fused SPAM and Stable-SPAM).  The others are compiled
 appended to ``kernels.cu``, whose element access and power-sum reduction they
@@ -55,14 +56,17 @@ FEATURES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             "fastclip_rows_pow_sum",
             "fastclip_cols_pow_sum",
             "fastclip_axis_scale",
-            "fastclip_partial_pow_sum_wide",
         ),
         (
             "fastclip_finish",
             "fastclip_axis_coefs",
             "fastclip_tensor_norms",
-            "fastclip_finish_wide",
         ),
+    ),
+    "wide": (
+        "wide_kernels.cu",
+        ("fastclip_partial_pow_sum_wide",),
+        ("fastclip_finish_wide",),
     ),
     "optim": ("optim_kernels.cu", ("fastclip_adamw", "fastclip_sgd"), ()),
     "spam": (

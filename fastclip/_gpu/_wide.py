@@ -17,7 +17,7 @@ float32 and 16-bit values (below 1.2e77, above 2e-90 when not zero) cannot --
 the finish runs in three stages around two more partial launches per dtype
 (the max |x|, then the sum of (|x| * 2**k)**p) whose blocks return at once
 unless the device found the total out of range.  The device decides, so the
-host never waits (see the wide section of ``kernels.cu``).
+host never waits (see ``wide_kernels.cu``).
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ def norm64(
 def _partials(
     packed: Packed, partials: Any, ord_code: int, p: float, mode: int, state: Any
 ) -> None:
-    """One ``fastclip_partial_pow_sum_wide`` launch per dtype (``mode``: see kernels.cu)."""
+    """One ``fastclip_partial_pow_sum_wide`` launch per dtype (``mode``: see wide_kernels.cu)."""
     lib, base, offset = packed.lib, packed.lib.ptr(partials), 0
     for g in packed.groups:
         if g.n_chunks:
             k = _modules.kernel(
-                "core", packed.device, "fastclip_partial_pow_sum_wide", ELEMENT_TYPES[g.kind]
+                "wide", packed.device, "fastclip_partial_pow_sum_wide", ELEMENT_TYPES[g.kind]
             )
             grid = grid_size(g.n_chunks, cfg.GPU_MAX_BLOCKS)
             args = (
@@ -96,9 +96,9 @@ def _finish(
     state: Any,
     norm: Any,
 ) -> None:
-    """One ``fastclip_finish_wide`` launch (one block; ``stage``: see kernels.cu)."""
+    """One ``fastclip_finish_wide`` launch (one block; ``stage``: see wide_kernels.cu)."""
     lib = packed.lib
-    k = _modules.kernel("core", packed.device, "fastclip_finish_wide", ELEMENT_TYPES["float64"])
+    k = _modules.kernel("wide", packed.device, "fastclip_finish_wide", ELEMENT_TYPES["float64"])
     args = (
         ptr(partials, lib),
         np.int64(n),

@@ -4,8 +4,8 @@ This file owns the CUDA sources' compilation; their values are checked on a devi
 the other tests/gpu/ files and, emulated, in tests/gpu/emulated/.
 
 The GPU drivers build their sources lazily with ``cupy.RawModule`` on the first
-GPU call: ``kernels.cu`` (norms and clipping), ``optim_kernels.cu`` (fused
-AdamW/SGD) and ``per_sample_kernels.cu`` (DP-SGD), the last two compiled
+GPU call: ``kernels.cu`` (norms and clipping), ``wide_kernels.cu`` (float64-accumulating
+norms), ``optim_kernels.cu`` (fused AdamW/SGD) and ``per_sample_kernels.cu`` (DP-SGD), the others compiled
 appended to ``kernels.cu`` for its element access and reductions.  This check
 makes sure each source, with every template instantiation its driver launches,
 compiles on machines that have no GPU, CI included.
@@ -25,7 +25,8 @@ from fastclip._gpu import _axes, _modules, _optim, _optim_plan, _per_sample, _ta
 
 #: module -> (feature, kernel name prefix, number of launched instantiations, its drivers)
 MODULES = {
-    "kernels": ("core", "fastclip_", 7 * 4 + 4 * 2, (_tables, _axes, _optim_plan, _wide)),
+    "kernels": ("core", "fastclip_", 6 * 4 + 3 * 2, (_tables, _axes, _optim_plan)),
+    "wide_kernels": ("wide", "fastclip_", 1 * 4 + 1 * 2, (_wide,)),
     "optim_kernels": ("optim", "fastclip_", 2 * 4, (_optim,)),
     "per_sample_kernels": ("per_sample", "fastclip_ps_", 4 * 4 + 2, (_per_sample,)),
 }

@@ -1,8 +1,8 @@
 """The wide norm's CUDA source itself, compiled for the host and run under the GPU
 driver (``fastclip/_gpu/_wide.py``), without a GPU.
 
-``kernels.cu`` is compiled by the host C++ compiler after a small shim: every CUDA
-thread of a block is a host thread, ``__syncthreads`` a block-wide barrier,
+``wide_kernels.cu``, appended to ``kernels.cu`` as the GPU route compiles it, is
+compiled by the host C++ compiler after a small shim: every CUDA thread of a block is a host thread, ``__syncthreads`` a block-wide barrier,
 ``__shfl_down_sync`` an exchange between a warp's threads (a barrier per warp:
 only warp 0 runs ``block_reduce``'s second shuffle), ``__shared__`` a static
 array (blocks run one after another), ``__half`` is ``_Float16`` and bfloat16 the
@@ -135,7 +135,7 @@ CTYPE = {"p": ctypes.c_void_p, "q": ctypes.c_int64, "i": ctypes.c_int, "d": ctyp
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build kernels.cu for the host")
+        pytest.skip("no C++ compiler (g++ / c++) on PATH to build wide_kernels.cu for the host")
     d = tmp_path_factory.mktemp("cuda_host")
     cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
     # the shim needs C++20's <barrier> and _Float16 (GCC 12, Clang 15): probe them first
@@ -145,7 +145,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     )
     if probe.returncode != 0:
         pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    src = _modules.own_source("core").replace("#include <cuda_fp16.h>", "")
+    src = _modules.source("wide").replace("#include <cuda_fp16.h>", "")
     src = src.replace("#include <cuda_bf16.h>", "")
     (d / "wide.cpp").write_text(SHIM + src + ENTRIES)
     result = subprocess.run(
