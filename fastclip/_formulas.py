@@ -98,6 +98,16 @@ def coefficient_parts(
         xp, norms = np, np.asarray(norms, np.float64)
     base = clip_coefficients(norms, max_norm, eps, mode, xp=xp)
     big = 2.0**log2_split
+    if xp is np and np.ndim(max_norm) == 0 and norms.size:
+        # NumPy values (the CPU route's per-slice norms): two reductions decide that
+        # no quotient leaves the range, which is nearly always so; the masks below
+        # cost 4x clip_coefficients (32 us against 8 us for 256 norms)
+        with np.errstate(over="ignore", invalid="ignore"):
+            den_lo, den_hi = float(norms.min()) + eps, float(norms.max()) + eps
+            num = 1.0 if mode == "normalize" else float(max_norm)
+            fits = math.isfinite(den_hi) and not (num > 0 and den_hi / big > num)
+            if fits and (mode != "normalize" or den_lo * big >= 1.0):
+                return base, np.ones_like(base)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         den = norms + eps
         num = 1.0 if mode == "normalize" else max_norm

@@ -154,3 +154,32 @@ def test_parts_multiply_to_the_quotient_and_are_one_in_range():
     assert np.all(c2[:5] == 1.0)
     product = Fraction(float(c[5])) * Fraction(float(c2[5]))
     assert _rel(product, 1 / Fraction(1e-310)) < 1e-15
+
+
+_EDGE_NORMS = [0.0, 1e-320, 1e-310, 1e-300, 1e-5, 1.0, 1e200, 1e300, 1.7e308, np.inf, np.nan]
+
+
+@pytest.mark.parametrize("mode", ["clip", "normalize"])
+@pytest.mark.parametrize("max_norm", [0.0, 1e-300, 1e-5, 1.0, 1e300, np.inf, np.nan], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 1e-6], ids=str)
+def test_numpy_shortcut_equals_the_masks(mode, max_norm, eps):
+    """NumPy norms with a scalar bound skip the masks when two reductions show no
+    quotient leaves the range; on every pair of edge norms that gives the masks'
+    factors (checked against the branch-free form, taken for any other namespace),
+    and the exact quotient where one factor would leave float64's range."""
+    xps = pytest.importorskip("array_api_strict")
+    for i, a in enumerate(_EDGE_NORMS):
+        for b in _EDGE_NORMS[i:]:
+            norms = np.array([a, b])
+            fast = _formulas.coefficient_parts(norms, max_norm, eps, mode)
+            masks = _formulas.coefficient_parts(xps.asarray(norms), max_norm, eps, mode, xp=xps)
+            for got, want in zip(fast, masks):
+                np.testing.assert_array_equal(got, np.asarray(want), err_msg=str((a, b)))
+            if not math.isfinite(max_norm):
+                continue
+            num = Fraction(1) if mode == "normalize" else Fraction(max_norm)
+            for k, n in enumerate((a, b)):
+                den = Fraction(n) + Fraction(eps) if math.isfinite(n) else Fraction(0)
+                if den and num and (mode == "normalize" or num < den):
+                    product = Fraction(float(fast[0][k])) * Fraction(float(fast[1][k]))
+                    assert _rel(product, num / den) < 1e-15, (a, b, k)
