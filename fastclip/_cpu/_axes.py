@@ -59,6 +59,20 @@ class AxisPlan:
             return run("rows_pow_sum", self.x2.size, self.x2, ord_code, p, inv)
         return run("cols_pow_sum", self.x2.size, self.x2, ord_code, p, inv, cfg.COL_TILE)
 
+    def fused_clip(
+        self, ord_code: int, p: float, max_norm: float, eps: float, out_sv: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Norms and clip in one pass over contiguous rows (``rows_clip``), into
+        ``out_sv`` or in place; None where the plan is not such rows (the caller
+        then takes ``norms`` and ``scale``)."""
+        if self.kind != "rows" or self.copied_from is not None:
+            return None
+        x2 = self.x2
+        dst = x2 if out_sv is None else out_sv.reshape(x2.shape)
+        return run(  # type: ignore[no-any-return]
+            "rows_clip", x2.size, x2, dst, ord_code, p, max_norm, eps, dst is x2
+        )
+
     def norms(self, ord_code: int, p: float, wide: bool) -> np.ndarray:
         """Norm of every slice, rescaled by its max where power sums over/underflow."""
         totals = self.pow_sums(ord_code, p)

@@ -80,9 +80,18 @@ def rescale(
         norms: Any = lib.wrap(value, dtype, x)
     else:
         plan = AxisPlan(sv, axes)
-        values = plan.norms(ord_code, p, dtype == np.float64)
-        coefs, coefs2 = coefficient_parts(values, max_norm, eps, mode)
-        plan.scale(coefs, None if inplace else out_sv, coefs2 if (coefs2 != 1.0).any() else None)
+        target = None if inplace else out_sv
+        values = None
+        # As for whole arrays (_clip_whole): the fused kernel computes one-factor
+        # coefficients itself, so float64 data, whose coefficients may need two, and
+        # ord_code 3 (rescaled power sums) take the two launches below.
+        if mode == "clip" and ord_code <= 2 and sv.dtype not in _WIDE_STORAGE:
+            if np.ndim(max_norm) == 0:
+                values = plan.fused_clip(ord_code, p, float(max_norm), eps, target)
+        if values is None:
+            values = plan.norms(ord_code, p, dtype == np.float64)
+            coefs, coefs2 = coefficient_parts(values, max_norm, eps, mode)
+            plan.scale(coefs, target, coefs2 if (coefs2 != 1.0).any() else None)
         norms = lib.wrap(values.reshape(plan.kept_shape), dtype, x)
     if inplace:
         lib.touched([x])

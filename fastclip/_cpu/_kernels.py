@@ -373,6 +373,23 @@ def rows_scale(src, dst, coefs, inplace):  # type: ignore[no-untyped-def]
         seg_scale(src[r], dst[r], 0, k, coefs[r], inplace)
 
 
+def rows_clip(src, dst, ord_code, p, max_norm, eps, inplace):  # type: ignore[no-untyped-def]
+    """Fused per-row norm + clip of a 2-D array: returns the norms before clipping.
+
+    Each row is scaled right after its norm is taken, while it is still in
+    cache, so the data is read from memory once instead of twice (the same
+    per-row arithmetic as ``rows_pow_sum``, ``root``, ``coefficient`` and
+    ``rows_scale``, so the result is bit for bit theirs).
+    """
+    m, k = src.shape
+    out = empty_f64(m)
+    for r in prange(m):
+        norm = root(seg_pow_sum(src[r], 0, k, ord_code, p, 1.0), ord_code, p)
+        out[r] = norm
+        seg_scale(src[r], dst[r], 0, k, coefficient(norm, max_norm, eps), inplace)
+    return out
+
+
 def cols_pow_sum(x, ord_code, p, inv, tile):  # type: ignore[no-untyped-def]
     """Power sum of each column of a 2-D array (reduction over the first axis).
 

@@ -212,3 +212,42 @@ def test_clip_by_norm_large_parallel_array():
         "float32",
     )
     assert_close(x, expected, "float32")
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new", "in-place"])
+@pytest.mark.parametrize("ord", [1, 2, math.inf], ids=str)
+@pytest.mark.parametrize(("backend", "dtype"), params(CPU, ["bfloat16", "float16", "float32"]))
+def test_fused_rows_clip_is_the_two_launch_result_bit_for_bit(
+    backend, dtype, ord, inplace, monkeypatch
+):
+    """Per-row clipping of contiguous rows takes one fused kernel (``rows_clip``): the
+    same values, bit for bit, as the norms-then-scale launches it replaces, and the
+    float64 oracle's. Rows cover zero, NaN, inf, clipped and unclipped rows, and
+    sizes above the parallel threshold."""
+    from fastclip._cpu import _axes
+
+    if inplace and not backend.writeable:
+        pytest.skip("read-only backend")
+    data = sample((40, 9000), seed=11)
+    data[0] = 0.0
+    data[1, 3] = np.nan
+    data[2, 5] = np.inf
+    data[3] *= 1e-3  # below the bound: left as is
+    c = float(np.median(np.linalg.norm(data[4:], ord, axis=1)))  # half the rows clipped
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(_axes.AxisPlan, "fused_clip", lambda *a, **k: None)
+        x = backend.asarray(data, dtype)
+        if inplace:
+            norms, out = fastclip.clip_by_norm_(x, c, ord, axis=1), x
+        else:
+            out = fastclip.clip_by_norm(x, c, ord, axis=1)
+            norms = fastclip.norm(x, ord, axis=1)
+        results.append((backend.to_numpy(out), backend.to_numpy(norms)))
+    (out_f, norms_f), (out_u, norms_u) = results
+    np.testing.assert_array_equal(out_f, out_u)
+    np.testing.assert_array_equal(norms_f, norms_u)
+    before = backend.to_numpy(backend.asarray(data, dtype)).astype(np.float64)
+    expected = backend.round_to(ref.clip_by_norm(before, c, ord, axis=1), dtype)
+    assert_close(out_f, expected, dtype)
