@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+import fastclip.adaptive
+
 torch = pytest.importorskip("torch")
 
 from fastclip.adaptive import AutoClip, GlobalNormClipper, ZClip  # noqa: E402
@@ -362,3 +364,37 @@ def test_dcp_state_dict_round_trip() -> None:
     fresh.clipper.load_state_dict(saved["clipper"])
     assert _same(fresh.optimizer.state_dict(), opt.optimizer.state_dict())
     assert fresh.clipper.state_dict() == opt.clipper.state_dict()
+
+
+@pytest.mark.parametrize(
+    "make_clipper",
+    [
+        lambda: AutoClip(percentile=30),
+        lambda: AutoClip(percentile=30, history=3),
+        lambda: ZClip(warmup_steps=2),
+        lambda: GlobalNormClipper(0.5),
+        lambda: fastclip.adaptive.AGC(0.01),
+    ],
+    ids=["autoclip", "autoclip-history", "zclip", "global", "agc"],
+)
+def test_every_fastclip_clipper_is_put_back_after_a_failed_step(make_clipper) -> None:
+    """Every clipper ``clipper(grads, params)`` takes.  The snapshot copies only
+    containers (not their elements): a clipper that updated an element in place
+    would differ from a twin that never saw the failed steps."""
+    ref_model, model = _model(), _model()
+    twin = make_clipper()
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    opt = ClippedOptimizer(_Failing(model.parameters(), lr=0.1), make_clipper())
+    for i in range(6):
+        _backward(ref_model, 1.0 + i)
+        twin([p.grad for p in ref_model.parameters()], list(ref_model.parameters()))
+        ref.step()
+        _backward(model, 1.0 + i)
+        opt.optimizer.__class__ = _Failing
+        with pytest.raises(RuntimeError, match="inner step failed"):
+            opt.step()
+        opt.optimizer.__class__ = torch.optim.SGD
+        opt.step()
+        assert _same(opt.clipper.state_dict(), twin.state_dict())
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
