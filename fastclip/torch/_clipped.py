@@ -20,7 +20,6 @@ from . import _ops
 
 __all__ = ["ClippedOptimizer"]
 
-_NAME = "fastclip.torch.ClippedOptimizer"
 #: The key of the clipper's state in :meth:`ClippedOptimizer.state_dict`.
 CLIPPER_KEY = "fastclip_clipper"
 
@@ -86,15 +85,19 @@ class ClippedOptimizer(Optimizer):
     (its step counter and statistics count evaluations).
 
     **Failures.**  When the wrapped step raises (for example
-    ``torch.optim.Adam(..., capturable=True)`` on CPU tensors), the exception
-    is re-raised after the gradients and the clipper are put back as they were
-    before ``step()`` (a retry sees the same gradients and statistics).  That
-    costs a copy of the gradients and of the clipper's attributes per step.
-    The parameters and the optimizer's state are as the failed step left them:
-    torch's optimizers check before they write.  With a closure-requiring
-    optimizer the parameters and the optimizer's state are copied and put
-    back too, and a skip (``nonfinite="skip"``) at any evaluation undoes the
-    whole step.
+    ``torch.optim.Adam(..., capturable=True)`` on CPU tensors), the original
+    exception is re-raised after the gradients (the same tensor objects) and
+    the clipper are put back as they were before ``step()``, so a retry sees
+    the same gradients and statistics, and the state entries the failed step
+    created are dropped (torch's Adam creates them before its checks).  That
+    costs a copy of the gradients and of the clipper's attributes per step (a
+    fastclip clipper's lists are copied, not deep-copied; a user's clipper's
+    ``__dict__`` is deep-copied).  State that existed before and the
+    parameters are as the failed step left them (torch's optimizers check
+    before they write).  With a closure-requiring optimizer the parameters
+    and the whole state are copied and put back, and a skip
+    (``nonfinite="skip"``) at any evaluation undoes the whole step.  A
+    compiled step (``torch.compile``) is not undone.
 
     **Checkpoints.**  ``state_dict()`` is the wrapped optimizer's
     ``state_dict()`` (torch's layout: ``"state"``, ``"param_groups"``) plus a
