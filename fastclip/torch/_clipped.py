@@ -92,7 +92,12 @@ class ClippedOptimizer(Optimizer):
     created are dropped (torch's Adam creates them before its checks).  That
     costs a copy of the gradients and of the clipper's attributes per step (a
     fastclip clipper's lists are copied, not deep-copied; a user's clipper's
-    ``__dict__`` is deep-copied).  State that existed before and the
+    ``__dict__`` is deep-copied): about one more read and write of the
+    gradients, 5-24% of an AdamW step of 4M float32 parameters on a busy
+    2-core machine, and O(history) for ``AutoClip`` (about 4 ms at 50,000
+    norms).  ``restore_on_error=False`` skips those copies: a failed step then
+    leaves the gradients clipped and the clipper updated (the state entries it
+    created are still dropped).  State that existed before and the
     parameters are as the failed step left them (torch's optimizers check
     before they write).  With a closure-requiring optimizer the parameters
     and the whole state are copied and put back, and a skip
@@ -121,6 +126,16 @@ class ClippedOptimizer(Optimizer):
     included, so its statistics never see the bad step) when it finds inf or
     NaN, exactly as it does for a plain optimizer.
 
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer that steps.
+    clipper : callable
+        ``clipper(grads, params)``, called on the gradients before every step.
+    restore_on_error : bool, default True
+        Put the gradients and the clipper back when the wrapped step raises
+        (see **Failures**); False skips the per-step copies this needs.
+
     Attributes
     ----------
     last_total_norm : the clipper's return value of the last step.
@@ -143,7 +158,9 @@ class ClippedOptimizer(Optimizer):
     """
 
     @public_method("__init__", tracing=torch.compiler.is_compiling)
-    def __init__(self, optimizer: Optimizer, clipper: Callable[..., Any]) -> None:
+    def __init__(
+        self, optimizer: Optimizer, clipper: Callable[..., Any], *, restore_on_error: bool = True
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "optimizer must be a torch.optim.Optimizer (e.g. torch.optim.AdamW(params)), "
@@ -151,6 +168,8 @@ class ClippedOptimizer(Optimizer):
             )
         if not callable(clipper):
             raise TypeError("clipper must be callable as clipper(grads, params)")
+        if not isinstance(restore_on_error, bool):
+            raise TypeError(f"restore_on_error must be True or False, got {restore_on_error!r}")
         # torch's __init__ sets up the hooks and bookkeeping; the groups, state and
         # defaults it assigns go to a scratch slot (the properties below) and are dropped.
         super().__init__([torch.zeros(0)], {})
@@ -158,6 +177,7 @@ class ClippedOptimizer(Optimizer):
         self.optimizer = optimizer
         self.clipper = clipper
         self.last_total_norm: Any = None
+        self.restore_on_error = restore_on_error
         self._handle = _ops.register(self)
 
     # -- the wrapped optimizer's attributes, read through (torch's base assigns them)
@@ -249,8 +269,9 @@ class ClippedOptimizer(Optimizer):
                 return loss
             self.optimizer.step()
             return loss
-        saved_clipper = self._clipper_snapshot()
-        saved_grads = [g.clone() for g in grads]
+        restore = self.restore_on_error
+        saved_clipper = self._clipper_snapshot() if restore else None
+        saved_grads = [g.clone() for g in grads] if restore else []
         saved_norm = self.last_total_norm
         # torch's optimizers create a parameter's state before their checks run
         # (Adam(capturable=True) on CPU tensors raises after its _init_group): what
@@ -263,9 +284,10 @@ class ClippedOptimizer(Optimizer):
                 return loss
             self.optimizer.step()
         except BaseException:
-            self._put_grads(params, list(saved_grads))
-            self._clipper_restore(saved_clipper)
-            self.last_total_norm = saved_norm
+            if restore:
+                self._put_grads(params, list(saved_grads))
+                self._clipper_restore(saved_clipper)
+                self.last_total_norm = saved_norm
             for p in fresh:
                 state.pop(p, None)
             raise

@@ -199,6 +199,27 @@ def test_failed_step_leaves_grads_params_state_and_clipper_as_before(
     assert _same(opt.optimizer.state_dict(), inner_sd)
 
 
+def test_restore_on_error_false_leaves_what_a_manual_clip_leaves() -> None:
+    """The documented opt-out: no copies, so a failed step leaves the gradients as
+    ``clip_grad_norm_`` would have clipped them and the clipper updated."""
+    model, ref_model = _model(), _model()
+    opt = ClippedOptimizer(
+        _Failing(model.parameters(), lr=0.1), GlobalNormClipper(0.5), restore_on_error=False
+    )
+    _backward(model, 10.0)
+    _backward(ref_model, 10.0)
+    want = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5)
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        opt.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(opt.last_total_norm, want, rtol=1e-6, atol=0)
+    with pytest.raises(TypeError, match="restore_on_error must be True or False"):
+        ClippedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), GlobalNormClipper(1.0), restore_on_error=1
+        )
+
+
 def _state_of(attrs, clipper):
     twin = copy.copy(clipper)
     twin.__dict__ = copy.deepcopy(attrs)
