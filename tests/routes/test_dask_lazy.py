@@ -14,6 +14,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 da = pytest.importorskip(
     "dask.array", reason="dask is not installed (pip install 'dask[array]', the 'dask' extra)"
@@ -305,3 +307,52 @@ def test_the_same_array_twice_in_place_is_refused_like_numpy():
     assert_close(total.compute(), want_total, "float64")
     assert_close(d.compute(), want[0], "float64")
     assert_close(e.compute(), want[1], "float64")
+
+
+# ------------------------------------------------------------ property test
+
+
+@st.composite
+def _chunked(draw):  # noqa: ANN001, ANN202
+    # B >= 1: the oracle reshapes by -1 (empty batches: the test above)
+    b, d = draw(st.integers(1, 9)), draw(st.integers(1, 7))
+
+    def cuts(n: int) -> tuple[int, ...]:
+        sizes, left = [], n
+        while left > 0:
+            sizes.append(draw(st.integers(1, left)))
+            left -= sizes[-1]
+        return tuple(sizes)
+
+    return b, d, (cuts(b), cuts(d)), draw(st.sampled_from(ORDS)), draw(st.integers(0, 99))
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=_chunked(), per_layer=st.booleans(), bound=st.floats(0.0, 3.0))
+def test_clip_per_sample_any_chunking_matches_the_oracle(case, per_layer, bound):
+    b, d, chunks, ord, seed = case
+    x = sample((b, d), seed)
+    g = [_d(x, chunks), _d(x[:, :1], (chunks[0], 1))]
+    res = fastclip.clip_per_sample(g, bound, ord, per_layer=per_layer, eps=0.0)
+    outs, norms, n = dask.compute(res.grads, res.norms, res.n_clipped, scheduler="sync")
+    want, want_norms, want_n = ref.clip_per_sample([x, x[:, :1]], bound, ord, per_layer, eps=0.0)
+    assert int(n) == want_n
+    assert_close(norms, want_norms, "float64")
+    for o, w in zip(outs, want):
+        assert_close(o, w, "float64", atol=1e-12)
+
+
+def test_dask_bounds_need_dask_floating_x():
+    """A dask bound is never computed to serve another library, nor integer data."""
+    lo = da.asarray(0.1)
+    with dask.config.set(scheduler=Recorder()):
+        with pytest.raises(TypeError, match="never moves data between libraries"):
+            fastclip.clip_by_value(X, lo, 1.0)
+        with pytest.raises(TypeError, match="never moves data between libraries"):
+            fastclip.clip_by_norm(X, lo)
+        with pytest.raises(TypeError, match="dask array but the arrays are not"):
+            fastclip.clip_by_global_norm([X], lo)
+        with pytest.raises(TypeError, match="pass scalar bounds for integer"):
+            fastclip.clip_by_value(da.arange(5, chunks=2), lo, 3)
+    got = fastclip.clip_by_value(da.arange(5, chunks=2), 0.5, 3.5).compute()  # numbers: fine
+    np.testing.assert_array_equal(got, ref.clip_by_value(np.arange(5), 1, 3))
