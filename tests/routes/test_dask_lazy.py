@@ -313,7 +313,7 @@ def test_the_same_array_twice_in_place_is_refused_like_numpy():
 
 
 @st.composite
-def _chunked(draw):  # noqa: ANN001, ANN202
+def _chunked(draw):
     # B >= 1: the oracle reshapes by -1 (empty batches: the test above)
     b, d = draw(st.integers(1, 9)), draw(st.integers(1, 7))
 
