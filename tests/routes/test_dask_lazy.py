@@ -65,10 +65,6 @@ def _same(got, want, dtype="float64") -> None:
 
 # (name, call(lib, arrays...)): ``lib`` is ``da`` with dask inputs, ``np`` for the
 # NumPy route; ``a`` and ``b`` are the (13, 17) data and its first 3 rows.
-def _asarray(lib):
-    return lib.asarray
-
-
 CALLS = {
     "norm": lambda lib, a, b: fastclip.norm(a, 3),
     "norm_axis": lambda lib, a, b: fastclip.norm(a, axis=1, keepdims=True),
