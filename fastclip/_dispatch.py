@@ -197,14 +197,9 @@ class Backend:
         eps: float,
     ) -> tuple[list[Any], Any, int]:
         """Per-sample clipping (``fastclip.clip_per_sample``), validated arguments."""
-        ops, lib = self.ops, self.lib
-        if self.route == ROUTE_DASK:
-            # The Dask route has no per-sample graph: its arrays take the generic
-            # route's Array API code (dask.array's namespace), lazily.
-            from . import _generic as ops
-
-            lib = aac.array_namespace(items[0])
-        return ops.clip_per_sample(lib, items, batch, ord_code, p, bounds, per_layer, reduce, eps)
+        return self.ops.clip_per_sample(
+            self.lib, items, batch, ord_code, p, bounds, per_layer, reduce, eps
+        )
 
     def check_targets(self, arrays: list[Any], what: str) -> Any:
         """Every check an in-place clip of ``arrays`` makes before its first write,
@@ -212,11 +207,9 @@ class Backend:
 
         For callers that reduce the norm themselves (``fastclip.distributed``
         checks every rank before its one collective).  The Dask route checks
-        nothing here (its graphs rebind arrays, they do not write them).
+        known chunk sizes and that no array object comes twice (it rebinds them).
         """
-        if self.route == ROUTE_DASK:
-            return None
-        ops: Any = self.ops  # not in RouteOps: the Dask route has no in-place writes
+        ops: Any = self.ops  # not in RouteOps
         return ops.check_targets(self.lib, arrays, what)
 
     def norm64(

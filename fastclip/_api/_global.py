@@ -57,13 +57,16 @@ def _clip_global(
     inplace: bool,
     per_array: bool = False,
 ) -> tuple[list[Any], Any, Any]:
-    c = check_max_norm(max_norm)
+    lazy = _dispatch.is_dask_array(max_norm)  # checked in the Dask route's graph
+    c: Any = None if lazy else check_max_norm(max_norm)
     ord_code, p = check_ord(ord)
     eps_v = check_eps(eps)
     items = _dispatch.as_array_list(arrays)
     if not items:
         return [], zero_norm(), no_norms() if per_array else None
     backend = _dispatch.backend_for(items)
+    if lazy:
+        c = backend.scalar_arg(max_norm, "max_norm")  # TypeError unless dask arrays
     given: Any = backend.scalar_arg(total_norm, "total_norm")  # device: no host sync
     if given is None:
         given = _total_norm_value(total_norm)

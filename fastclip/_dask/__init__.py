@@ -23,7 +23,15 @@ cluster, and arrays larger than memory stream through block by block.
   clipping.  Nothing is computed by the rebinding.
 * ``error_if_nonfinite=True`` needs the norm's value before it may return, so
   it computes the global norm (one pass over the data) and raises
-  ``NonFiniteNormError`` before anything is rebound.
+  ``NonFiniteNormError`` before anything is rebound: the one computing call.
+* Dask-valued arguments (``min``/``max``, ``max_norm``, ``total_norm``,
+  ``factor``) stay lazy: their shapes and dtypes are checked at the call, their
+  values (``max_norm >= 0``, no NaN, ``min <= max``) inside the graph, raising
+  the NumPy route's ValueError with its message at compute time
+  (``fastclip._dask._checks``).  An array object passed twice to an in-place
+  call is refused at the call, as NumPy refuses arrays that share memory.
+* ``clip_per_sample`` is a graph too (``fastclip._dask._per_sample``); its
+  ``n_clipped`` is a lazy 0-d int64 dask array.
 
 * Extreme values: where the NumPy route rescales by the maximum (float64 L2,
   any other ``p``), each block's partial is a pair ``(m, s)`` with
@@ -54,14 +62,25 @@ from ._blocks import (
     refuse_dtype,
     scale_block,
 )
+from ._checks import (
+    check_distinct,
+    checked,
+    checked_bounds,
+    checked_max_norm,
+    lazy_scalar,
+    scalar_rule,
+)
 from ._graphs import all_axes, global_norm64, reduce
+from ._per_sample import clip_per_sample
 
 __all__ = [
     "DaskLib",
     "check_known_chunks",
+    "check_targets",
     "clamp_many_",
     "clip_by_value",
     "clip_global",
+    "clip_per_sample",
     "global_norm",
     "norm",
     "rescale",
@@ -153,11 +172,22 @@ def _scaled(x: Any, coef: Any, axes: tuple[int, ...] | None) -> Any:
     )
 
 
-def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> tuple[Any, Any]:
-    """The coefficients as two lazy factors (``fastclip._formulas.coefficient_parts``)."""
+def _coefficient_of(norms64: Any, max_norm: Any, eps: float, mode: str) -> tuple[Any, Any]:
+    """The coefficients as two lazy factors (``fastclip._formulas.coefficient_parts``);
+    ``max_norm`` a number or a (checked) float64 dask array broadcasting to the norms."""
+    import dask.array as da
+
+    bound: tuple[Any, ...] = ()
+    if isinstance(max_norm, da.Array):
+        c = max_norm.astype(np.float64)
+        if c.ndim:  # per-slice bounds: laid out as the (small) keepdims norms
+            c = da.broadcast_to(c, norms64.shape).rechunk(norms64.chunks)
+        bound, max_norm = (c,), None
     return tuple(  # type: ignore[return-value]
-        norms64.map_blocks(
-            coefficients,
+        da.map_blocks(
+            _coefficients,
+            norms64,
+            *bound,
             max_norm=max_norm,
             eps=eps,
             mode=mode,
@@ -170,12 +200,28 @@ def _coefficient_of(norms64: Any, max_norm: float, eps: float, mode: str) -> tup
     )
 
 
-def _scalar64(value: Any) -> Any:
-    """A given norm or factor (a number or one-element array) as a 0-d float64 dask array."""
+def _coefficients(norms: np.ndarray, *bound: np.ndarray, max_norm: Any, **kw: Any) -> np.ndarray:
+    """``coefficients`` with a bound given as a block (a dask ``max_norm``) or a number."""
+    c: Any = bound[0] if bound else max_norm
+    return coefficients(norms, c, **kw)
+
+
+def _scalar64(value: Any, name: str) -> Any:
+    """A given norm or factor (a number or a size-1 real array) as a 0-d float64 dask
+    array; the NumPy route's TypeError for any other shape or dtype."""
     import dask.array as da
 
-    out = da.asarray(value).astype(np.float64)
-    return out.reshape(()) if out.ndim != 0 else out
+    if isinstance(value, da.Array):
+        return lazy_scalar(value, name)
+    return da.asarray(np.float64(value))
+
+
+def check_targets(lib: Any, arrays: list[Any], what: str) -> None:
+    """What an in-place call checks before it rebinds anything (nothing is computed):
+    known chunk sizes and no array object passed twice."""
+    for a in arrays:
+        check_known_chunks(a)
+    check_distinct(arrays)
 
 
 def _rebind(x: Any, value: Any) -> None:
@@ -188,13 +234,15 @@ def rescale(
     ord_code: int,
     p: float,
     axes: tuple[int, ...] | None,
-    max_norm: float,
+    max_norm: Any,
     eps: float,
     mode: str,
     inplace: bool,
 ) -> tuple[Any, Any]:
     what = "clip_by_norm" if mode == "clip" else "normalize"
     _checked([x], what)
+    if is_lazy(max_norm):  # a dask bound: its value rules are checked in the graph
+        max_norm = checked_max_norm(what + "_" * inplace, max_norm)
     whole = axes is None or len(axes) == x.ndim
     reduce_axes = all_axes(x, axes)
     norms64 = reduce(x, ord_code, p, reduce_axes, True, root=True)
@@ -223,6 +271,13 @@ def clip_global(
     import dask.array as da
 
     _checked(arrays, "clip_by_global_norm")
+    what = "clip_by_global_norm" + "_" * inplace
+    if inplace:
+        check_distinct(arrays)
+    if is_lazy(max_norm):
+        max_norm = checked(
+            lazy_scalar(max_norm, "max_norm"), *scalar_rule(what, "max_norm", "max_norm")
+        )
     dtype = _global_dtype(arrays)
     per64 = None
     if total_norm is None and (per_array or error_if_nonfinite):
@@ -230,7 +285,9 @@ def clip_global(
     elif total_norm is None:
         norm64 = global_norm64(arrays, ord_code, p)
     else:
-        norm64 = _scalar64(total_norm)
+        norm64 = checked(
+            _scalar64(total_norm, "total_norm"), *scalar_rule(what, "total_norm", "total_norm")
+        )
         if per_array:
             per64 = global_norm64(arrays, ord_code, p, True)[1]
     if error_if_nonfinite:
@@ -258,10 +315,15 @@ def clip_global(
     return outs, norm64.astype(dtype)
 
 
-def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace: bool) -> Any:
+def clip_by_value(lib: Any, x: Any, lo: Any, hi: Any, inplace: bool) -> Any:
+    """``lo``/``hi``: numbers (validated), or dask arrays broadcasting to ``x``
+    (``fastclip._api._bounds`` checked their shapes and dtypes; their values are
+    checked here, in the graph)."""
     import dask.array as da
 
     check_known_chunks(x)
+    if is_lazy(lo) or is_lazy(hi):
+        return _clip_by_lazy_bounds(x, lo, hi, inplace)
     dtype = np.dtype(x.dtype)
     if dtype.kind == "c":
         raise TypeError("clip_by_value is not defined for complex arrays (they have no order)")
@@ -284,16 +346,35 @@ def clip_by_value(lib: Any, x: Any, lo: float | None, hi: float | None, inplace:
     return out
 
 
+def is_lazy(value: Any) -> bool:
+    return type(value).__module__.startswith("dask")
+
+
+def _clip_by_lazy_bounds(x: Any, lo: Any, hi: Any, inplace: bool) -> Any:
+    import dask.array as da
+
+    _check_float(x, "clip_by_value")
+    lo, hi = checked_bounds("clip_by_value" + "_" * inplace, lo, hi)
+    # Bounds rounded to x's dtype first (as fastclip._api._bounds): rounding is
+    # monotonic and x's values are representable, so this equals a float64 clamp.
+    lo, hi = (None if b is None else da.asarray(b).astype(x.dtype) for b in (lo, hi))
+    out = da.clip(x, lo, hi)
+    if inplace:
+        _rebind(x, out)
+        return x
+    return out
+
+
 def clamp_many_(lib: Any, arrays: list[Any], lo: float | None, hi: float | None) -> None:
-    for a in arrays:
-        check_known_chunks(a)
+    check_targets(lib, arrays, "clip_by_value_")
     for a in arrays:
         clip_by_value(lib, a, lo, hi, True)
 
 
 def scale_(lib: Any, arrays: list[Any], factor: Any) -> None:
     _checked(arrays, "scale")
-    coef = _scalar64(factor)
+    check_distinct(arrays)
+    coef = _scalar64(factor, "factor")
     outs = [_scaled(a, coef, None) for a in arrays]
     for a, o in zip(arrays, outs):
         _rebind(a, o)

@@ -211,9 +211,10 @@ def combine_root(
 
 
 def coefficients(
-    norms: np.ndarray, max_norm: float, eps: float, mode: str, part: int = 0
+    norms: np.ndarray, max_norm: Any, eps: float, mode: str, part: int = 0
 ) -> np.ndarray:
-    """float64 clip (or normalize) coefficients of a block of norms: the first
+    """float64 clip (or normalize) coefficients of a block of norms (``max_norm`` a
+    number or a block of bounds broadcasting to them): the first
     (``part=0``) or second factor of ``coefficient_parts``."""
     return np.asarray(coefficient_parts(norms, max_norm, eps, mode)[part], np.float64)
 

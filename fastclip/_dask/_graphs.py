@@ -19,7 +19,15 @@ from ._blocks import (
     uses_pairs,
 )
 
-__all__ = ["all_axes", "global_norm64", "partial", "reduce", "rooted"]
+__all__ = [
+    "all_axes",
+    "global_norm64",
+    "global_norm_of",
+    "partial",
+    "per_array_norms",
+    "reduce",
+    "rooted",
+]
 
 
 def reduce(
@@ -91,15 +99,16 @@ def all_axes(x: Any, axes: tuple[int, ...] | None) -> tuple[int, ...]:
     return tuple(range(x.ndim)) if axes is None else axes
 
 
-def _per_array64(stacked: Any, ord_code: int, p: float, pairs: bool) -> Any:
-    """Lazy float64 norms of each array from its partials (``stacked``, 1-D): the
-    graph's own per-array reductions, rooted; no second read of the data."""
+def per_array_norms(stacked: Any, ord_code: int, p: float, pairs: bool) -> Any:
+    """Lazy float64 norms of each array from its partials (``stacked``: 1-D, or
+    ``[n_arrays, B]`` per sample): the graph's own reductions, rooted; no second
+    read of the data."""
     if pairs:
         return rooted(stacked, ord_code, p)
     return stacked.map_blocks(
         partial(rooted_sums, ord_code=ord_code, p=p),
         dtype=np.float64,
-        meta=np.empty((0,), np.float64),
+        meta=np.empty((0,) * stacked.ndim, np.float64),
         token="fastclip-per-array-norms",
     )
 
@@ -112,14 +121,18 @@ def global_norm64(arrays: list[Any], ord_code: int, p: float, per_array: bool = 
     parts = [reduce(a, ord_code, p, all_axes(a, None), False, False, pairs) for a in arrays]
     stacked = da.stack(parts) if len(parts) > 1 else parts[0][None]
     if per_array:
-        return _global_norm64_of(stacked, ord_code, p, pairs), _per_array64(
+        return global_norm_of(stacked, ord_code, p, pairs), per_array_norms(
             stacked, ord_code, p, pairs
         )
-    return _global_norm64_of(stacked, ord_code, p, pairs)
+    return global_norm_of(stacked, ord_code, p, pairs)
 
 
-def _global_norm64_of(stacked: Any, ord_code: int, p: float, pairs: bool) -> Any:
+def global_norm_of(stacked: Any, ord_code: int, p: float, pairs: bool) -> Any:
+    """Lazy float64 norms of the partials ``stacked`` combined along axis 0 (the
+    global norm of 1-D partials; per-sample norms of ``[n_arrays, B]`` ones)."""
     import dask.array as da
+
+    meta_ndim = stacked.ndim - 1
 
     if pairs:
         total = da.reduction(
@@ -130,7 +143,7 @@ def _global_norm64_of(stacked: Any, ord_code: int, p: float, pairs: bool) -> Any
             axis=(0,),
             keepdims=False,
             dtype=PAIR,
-            meta=np.empty((), PAIR),
+            meta=np.empty((0,) * meta_ndim, PAIR),
             concatenate=True,
             name="fastclip-global-pairs",
         )
@@ -143,7 +156,7 @@ def _global_norm64_of(stacked: Any, ord_code: int, p: float, pairs: bool) -> Any
         axis=(0,),
         keepdims=False,
         dtype=np.float64,
-        meta=np.empty((), np.float64),
+        meta=np.empty((0,) * meta_ndim, np.float64),
         concatenate=True,
         name="fastclip-global-norm",
     )
