@@ -87,10 +87,10 @@ def _bound(value: Any, name: str, x: Any, xp: Any, target: tuple[int, ...], fn: 
     return value
 
 
-def _check_values(xp: Any, lo: Any, hi: Any, fn: str) -> None:
+def _check_values(xp: Any, lo: Any, hi: Any, fn: str, hi_name: str = "max") -> None:
     """No NaN, and ``lo <= hi`` elementwise: with both bounds one pass (a NaN
     fails ``<=`` too), the reason found only on the error path."""
-    arrays = [(b, name) for b, name in ((lo, "min"), (hi, "max")) if hasattr(b, "shape")]
+    arrays = [(b, name) for b, name in ((lo, "min"), (hi, hi_name)) if hasattr(b, "shape")]
     if lo is not None and hi is not None:
         if bool(xp.all(lo <= hi)):
             return
@@ -205,7 +205,7 @@ def clip_by_norm_arrays(
             x, ord_code, p, axes=axes, max_norm=c, eps=check_eps(eps), mode="clip", inplace=inplace
         )
         return kept_norms if inplace else out
-    _check_values(xp, None, c, fn)
+    _check_values(xp, None, c, fn, "max_norm")
     if hasattr(c, "shape") and bool(xp.any(c < 0)):
         raise _fail(ValueError, fn, "max_norm must be >= 0 everywhere")
     if inplace:

@@ -14,6 +14,8 @@ any work):
   clipped count ``n_clipped`` (a Python int) is read back at the end of the
   call, after every kernel is queued.  Without a usable GPU (CuPy missing, no
   device) device arrays raise ``GPUUnavailableError``.
+* Dask arrays: a lazy graph of the same two passes (``_dask/_per_sample.py``);
+  ``n_clipped`` is a lazy 0-d int64 dask array there.
 * Other Array API libraries: a generic path built from ``array_api_compat``
   operations (correct, not fast).
 """
@@ -59,7 +61,8 @@ class PerSampleClipResult(_Fields):
         any input is float64, else float32.
     n_clipped : int
         Samples whose factor is below 1 (with ``per_layer=True``: samples with
-        at least one array clipped); 0 for an empty batch.
+        at least one array clipped); 0 for an empty batch.  On the Dask route
+        a lazy 0-d int64 dask array (``int(result.n_clipped)`` computes it).
     """
 
     # No __slots__ (a tuple subclass cannot have non-empty ones): each instance

@@ -169,7 +169,7 @@ def checked_max_norm(fn: str, value: Any) -> Any:
         value,
         lambda b, c: int(c) != 0,
         lambda b, c: (
-            f"fastclip.{fn}: max must not contain NaN"  # the NumPy route's wording
+            f"fastclip.{fn}: max_norm must not contain NaN"
             if int(c) & 1
             else f"fastclip.{fn}: max_norm must be >= 0 everywhere"
         ),

@@ -1,8 +1,7 @@
 """The generic route: pure Array API code for every other library.
 
-array-api-strict, JAX, torch on devices other than CPU/CUDA, ... (and Dask for
-per-sample clipping) come here through ``array_api_compat.array_namespace``;
-the route's adapter is that namespace (``xp``), passed first to every
+array-api-strict, JAX, torch on devices other than CPU/CUDA, ... come here
+through ``array_api_compat.array_namespace``; the route's adapter is that namespace (``xp``), passed first to every
 operation as the other routes pass theirs.  Correct, not fast: sums in float64
 where the namespace has it, results in the input's namespace and on its device.
 """

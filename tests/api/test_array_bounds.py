@@ -168,3 +168,14 @@ def test_info_says_where_array_bounds_go() -> None:
     line = fastclip.info()["array_bounds"]
     assert "elementwise op of the array's own library" in line
     assert "array_bounds:" in fastclip._info.format_info(fastclip.info())
+
+
+def test_nan_in_an_array_max_norm_names_max_norm_on_numpy_and_dask():
+    x = np.ones((3, 4))
+    bound = np.array([[1.0], [np.nan], [2.0]])
+    with pytest.raises(ValueError, match=r"fastclip\.clip_by_norm: max_norm must not contain NaN"):
+        fastclip.clip_by_norm(x, bound, axis=1)
+    da = pytest.importorskip("dask.array")
+    lazy = fastclip.clip_by_norm(da.from_array(x, chunks=2), da.from_array(bound), axis=1)
+    with pytest.raises(ValueError, match=r"fastclip\.clip_by_norm: max_norm must not contain NaN"):
+        lazy.compute()
