@@ -92,9 +92,11 @@ class ClippedOptimizer(Optimizer):
     created are dropped (torch's Adam creates them before its checks).  That
     costs a copy of the gradients and of the clipper's attributes per step (a
     fastclip clipper's lists are copied, not deep-copied; a user's clipper's
-    ``__dict__`` is deep-copied): about one more read and write of the
-    gradients, 5-24% of an AdamW step of 4M float32 parameters on a busy
-    2-core machine, and O(history) for ``AutoClip`` (about 4 ms at 50,000
+    ``__dict__`` is deep-copied): the gradients are copied into buffers kept
+    between steps (memory: one more copy of the gradients), 1.14x the time of
+    ``clip_grad_norm_`` + an AdamW step of 4M float32 values
+    (``python benchmarks/bench_clipped_optimizer.py``, one thread, one run on
+    a shared machine), and O(history) for ``AutoClip`` (about 4 ms at 50,000
     norms).  ``restore_on_error=False`` skips those copies: a failed step then
     leaves the gradients clipped and the clipper updated (the state entries it
     created are still dropped).  State that existed before and the
@@ -241,13 +243,30 @@ class ClippedOptimizer(Optimizer):
     def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         return [None if p.grad is None else p.grad.clone() for p in params]
 
+    def _backup(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of ``grads`` in buffers kept between steps: fresh clones each step
+        cost 1.7x a clip_grad_norm_ + AdamW step of 4M float32 values (page faults
+        of new memory; benchmarks/bench_clipped_optimizer.py), reused ones ~1.1x."""
+        kept = self.__dict__.get("_grad_backup")
+        if (
+            kept is None
+            or len(kept) != len(grads)
+            or any(
+                b.shape != g.shape or b.dtype != g.dtype or b.device != g.device
+                for b, g in zip(kept, grads)
+            )
+        ):
+            kept = self.__dict__["_grad_backup"] = [torch.empty_like(g) for g in grads]
+        torch._foreach_copy_(kept, grads)
+        return kept
+
     @staticmethod
     def _put_grads(params: list[torch.Tensor], saved: list[torch.Tensor | None]) -> None:
         for p, g in zip(params, saved):
             if g is None:
                 p.grad = None
             elif p.grad is None or p.grad.shape != g.shape:
-                p.grad = g
+                p.grad = g.clone()  # never the kept backup buffer itself
             else:
                 p.grad.copy_(g)  # the same tensor object: hooks and bucket views keep it
 
@@ -271,7 +290,7 @@ class ClippedOptimizer(Optimizer):
             return loss
         restore = self.restore_on_error
         saved_clipper = self._clipper_snapshot() if restore else None
-        saved_grads = [g.clone() for g in grads] if restore else []
+        saved_grads = self._backup(grads) if restore else []
         saved_norm = self.last_total_norm
         # torch's optimizers create a parameter's state before their checks run
         # (Adam(capturable=True) on CPU tensors raises after its _init_group): what

@@ -1,0 +1,71 @@
+"""Per-step cost of ``ClippedOptimizer``'s failure restore (``restore_on_error``).
+
+    unset OPENBLAS_CORETYPE; python benchmarks/bench_clipped_optimizer.py --numel 4000000
+
+AdamW (foreach) on 8 float32 parameters, interleaved, medians: the plain step,
+``fastclip.torch.clip_grad_norm_`` + the step, and ``ClippedOptimizer`` with a
+``GlobalNormClipper`` with and without ``restore_on_error`` (the copy of the
+gradients and of the clipper a failed step would put back).  The learning rate is
+tiny so that the parameters stay put across rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import fastclip.torch as fct
+from fastclip.adaptive import GlobalNormClipper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--numel", type=int, default=4_000_000)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = [torch.nn.Parameter(torch.randn(args.numel // 8)) for _ in range(8)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def adamw() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-12, foreach=True)
+
+    plain, manual = adamw(), adamw()
+
+    def clip_then_step() -> None:
+        fct.clip_grad_norm_(params, 1e9)
+        manual.step()
+
+    cases: dict[str, Callable[[], object]] = {
+        "plain AdamW step": plain.step,
+        "clip_grad_norm_ + step": clip_then_step,
+        "ClippedOptimizer, restore_on_error=True": fct.ClippedOptimizer(
+            adamw(), GlobalNormClipper(1e9)
+        ).step,
+        "ClippedOptimizer, restore_on_error=False": fct.ClippedOptimizer(
+            adamw(), GlobalNormClipper(1e9), restore_on_error=False
+        ).step,
+    }
+    for f in cases.values():
+        for _ in range(3):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):
+        for k, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["clip_grad_norm_ + step"])
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"{k:42s} {m * 1e3:8.2f} ms  {m / base:5.2f}x clip_grad_norm_ + step")
+
+
+if __name__ == "__main__":
+    main()
