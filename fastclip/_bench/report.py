@@ -1,10 +1,14 @@
-"""The table, ``--compare`` and the JSON file."""
+"""The table, ``--compare``, the JSON file, and the output paths' checks."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +279,92 @@ def compare(
         )
         lines.append("  ".join(f"{v:{a}}" for v, a in zip(cells, w)))
     return "\n".join(lines), rows
+
+
+# ---------------------------------------------------------------- output paths
+# ``fastclip bench`` checks --json and --plot before it times anything: a path
+# that cannot be written would otherwise fail after the whole run.
+
+
+def path_error(path: str, option: str) -> str | None:
+    """Why ``path`` cannot be written (a message naming ``option``), or None.
+
+    Leaves the file system as it was: an existing file is opened for writing
+    without truncation, a new one is tried as a temporary file in its directory,
+    removed at once.  ``os.access`` alone is not enough: for root it answers
+    "writable" for /proc, where creating a file fails.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return f"{option}: {path} is a directory; give a file name, e.g. {p / 'run.json'}"
+    if p.exists():
+        if not p.is_file():  # a device or a FIFO: opening it could block or act
+            ok = os.access(p, os.W_OK)
+            return None if ok else f"{option}: cannot write {path}: permission denied"
+        try:
+            os.close(os.open(p, os.O_WRONLY))
+        except OSError as exc:
+            return f"{option}: cannot write {path}: {exc.strerror}; choose another path"
+        return None
+    parent = p.parent
+    if not parent.is_dir():
+        if parent.exists():
+            return f"{option}: cannot write {path}: {parent} is a file, not a directory"
+        return f"{option}: cannot write {path}: directory {parent} does not exist; create it first"
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fastclip-write-test-")
+    except OSError as exc:
+        return (
+            f"{option}: cannot write {path}: cannot create a file in {parent} "
+            f"({exc.strerror}); choose another directory"
+        )
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def plot_formats() -> dict[str, str]:
+    """The file extensions ``--plot`` can write here: matplotlib's savefig
+    formats, less pgf without its TeX program and the Pillow formats that this
+    Pillow build lacks (both would fail only when the figure is saved).
+    ImportError without matplotlib."""
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = dict(FigureCanvasBase.get_supported_filetypes())
+    # the pgf backend measures text with a TeX installation (pgf.texsystem)
+    if "pgf" in formats and shutil.which(str(matplotlib.rcParams["pgf.texsystem"])) is None:
+        del formats["pgf"]
+    for ext in ("webp", "avif"):  # optional in Pillow builds; matplotlib saves them with it
+        if ext in formats and not _pillow_has(ext):
+            del formats[ext]
+    return formats
+
+
+def _pillow_has(feature: str) -> bool:
+    try:
+        from PIL import features
+    except ImportError:
+        return False
+    with warnings.catch_warnings():  # an older Pillow warns about a feature it never heard of
+        warnings.simplefilter("ignore")
+        return bool(features.check(feature))
+
+
+def plot_path_error(path: str) -> str | None:
+    """Why ``--plot path`` cannot be drawn (a message), or None; ImportError
+    (the install hint) without matplotlib."""
+    from .plot import check_available
+
+    check_available()
+    formats = plot_formats()
+    shown = ", ".join(formats)
+    ext = Path(path).suffix  # "run." has the suffix "" (Python 3.11) or "." (3.14)
+    if ext in ("", "."):  # matplotlib would append .png: a file of another name than asked
+        return (
+            f"--plot: {path} has no extension; give one, e.g. {path.rstrip('.')}.png "
+            f"(formats: {shown})"
+        )
+    if ext[1:].lower() not in formats:
+        return f"--plot: matplotlib cannot write {ext!r} files here; use one of: {shown}"
+    return path_error(path, "--plot")
