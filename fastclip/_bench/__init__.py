@@ -13,6 +13,7 @@ Small modules, one job each:
 * ``machine``    CPU model, cores, GPUs, library versions;
 * ``report``     the table, ``--compare``, JSON; ``plot`` draws ``--plot``;
 * ``runner``     puts it together; ``progress`` is the stderr progress bar.
+* ``command``    the ``fastclip bench`` options, checked before the run, and what it prints.
 
 Nothing here is imported by ``import fastclip``.
 """
