@@ -191,11 +191,17 @@ def norm_args(max_norm: Any, norm_type: Any, eps: Any) -> tuple[float, int, floa
 
 
 _DTYPE = operator.attrgetter("dtype")
+#: Dtypes ``check_orderable`` has passed (any library's; a handful per process):
+#: the next call skips building their names (1-2 us a call).
+_ORDERABLE: set[Any] = set()
 
 
 def check_orderable(items: list[Any]) -> None:
     """TypeError for complex (no order) or non-numeric arrays anywhere in the list."""
     for dtype in set(map(_DTYPE, items)):
+        key = (type(dtype), dtype)  # array_api_strict's dtypes refuse == with NumPy's
+        if key in _ORDERABLE:  # checked before
+            continue
         name = str(dtype)
         i = next(i for i, a in enumerate(items) if a.dtype == dtype)
         if "complex" in name:
@@ -211,3 +217,4 @@ def check_orderable(items: list[Any]) -> None:
                 "clip_by_value needs numeric arrays (bool, integer or floating); "
                 f"item {i} of the list is {name}"
             )
+        _ORDERABLE.add(key)

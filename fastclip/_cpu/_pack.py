@@ -145,6 +145,12 @@ def _torch_storage_dtypes() -> dict[Any, np.dtype]:
 
 _TORCH_STORAGE: dict[Any, np.dtype] = {}
 
+#: Up to this many tensors, addresses and sizes are gathered through Python lists:
+#: 1.2 against 1.75 us for one tensor, 0.05 against 0.9 us for the total size
+#: (``np.fromiter`` and ``ndarray.sum`` have a fixed cost; past ~10 tensors
+#: ``fromiter`` is as fast).
+_FEW_TENSORS = 8
+
 
 def pack(lib: Any, arrays: Sequence[Any], what: str, writing: bool) -> Packed:
     """Validate every array (dtype, device, writeability, overlaps) and build the tables.
@@ -257,11 +263,23 @@ def _fast_torch_pack(tensors: Sequence[Any], packed: Packed, writing: bool) -> b
         or (dtype.is_complex and any(map(T.is_conj, tensors)))  # conj bit: complex only
     ):
         return False
-    addrs = np.fromiter(map(T.data_ptr, tensors), np.int64, n)
-    sizes = np.fromiter(map(T.numel, tensors), np.int64, n)
-    if writing and not run_serial("extents_disjoint", addrs, sizes, storage_dtype.itemsize):
+    if n <= _FEW_TENSORS:  # fromiter and a NumPy sum cost ~1 us each, whatever n
+        size_list = list(map(T.numel, tensors))
+        addrs = np.array(list(map(T.data_ptr, tensors)), np.int64)
+        sizes = np.array(size_list, np.int64)
+        total = sum(size_list)
+    else:
+        addrs = np.fromiter(map(T.data_ptr, tensors), np.int64, n)
+        sizes = np.fromiter(map(T.numel, tensors), np.int64, n)
+        total = None
+    # One contiguous tensor cannot overlap another: the check is for two or more
+    if (
+        writing
+        and n > 1
+        and not run_serial("extents_disjoint", addrs, sizes, storage_dtype.itemsize)
+    ):
         raise_first_overlap(addrs, sizes, storage_dtype.itemsize)
-    packed.tables.append(Table(_like(storage_dtype), addrs, sizes))
+    packed.tables.append(Table(_like(storage_dtype), addrs, sizes, total))
     packed.dtype = norm_dtype(storage_dtype)
     return True
 

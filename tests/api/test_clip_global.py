@@ -18,8 +18,10 @@ from _backends import CPU, ORDS, WRITEABLE, Backend, assert_close, norm_dtype, p
 
 import fastclip
 import fastclip._config
+import fastclip._cpu._pack
 
 FAST = fastclip._config.FAST_HEADERS_MIN_ARRAYS  # lists this long take the bulk-header path
+FEW = fastclip._cpu._pack._FEW_TENSORS  # torch lists up to this long: Python-list headers
 SHAPES = [(3, 4), (5,), (2, 3, 2), (0, 4), (1,)]
 
 
@@ -102,7 +104,7 @@ def test_mixed_dtypes_in_one_call(backend, ord, inplace):
         assert_close(backend.to_numpy(o), e, "float32" if d == "float64" else d)
 
 
-@pytest.mark.parametrize("count", [2, FAST - 1, FAST, FAST + 1, 33])
+@pytest.mark.parametrize("count", sorted({1, 2, FEW, FEW + 1, FAST - 1, FAST, FAST + 1, 33}))
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize(
     ("backend", "dtype"), params([Backend.NUMPY, Backend.TORCH], ["float32", "float64"])
@@ -321,3 +323,19 @@ def test_huge_values_give_a_finite_global_norm():
     assert_close(got, total, "float32")
     for a, e in zip(arrays, expected):
         assert_close(a, e, "float32", atol=1e-30)
+
+
+@pytest.mark.parametrize("count", [2, FEW, FEW + 1, 20])
+@pytest.mark.parametrize("func", ["clip_by_global_norm_", "clip_by_value_"])
+def test_torch_lists_with_two_views_of_one_memory_are_refused_unchanged(count, func):
+    """Both header paths of torch lists (Python lists up to FEW tensors, fromiter
+    beyond) check that no two tensors share memory, before any write."""
+    torch = pytest.importorskip("torch")
+    base = torch.arange(1.0, 9.0)
+    tensors = [torch.full((3,), 5.0 + i) for i in range(count - 2)] + [base[:5], base[3:]]
+    before = [t.clone() for t in tensors]
+    call = getattr(fastclip, func)
+    with pytest.raises(ValueError, match=r"share memory|overlap"):
+        call(tensors, 1.0) if func == "clip_by_global_norm_" else call(tensors, -1.0, 1.0)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b)
