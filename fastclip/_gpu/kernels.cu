@@ -92,9 +92,13 @@ __device__ double block_reduce(double v, int ord_code) {
     return v;
 }
 
-// One thread's power sum over elements tid, tid + stride, ... of s[0:n].
-template <typename T, typename A>
-__device__ A thread_pow_sum(const T* s, i64 n, int ord_code, double p) {
+// One thread's reduction over elements tid, tid + stride, ... of s[0:n]: the sum of
+// term(x) in A (the max for ord_code 0, NaN winning), with 16-byte vector loads
+// where s is aligned.  term gets each element as ld returns it (float for 16-bit
+// data).  The one loop behind thread_pow_sum and wide_kernels.cu's
+// thread_pow_sum_wide, which differ only in their term.
+template <typename A, typename T, typename Term>
+__device__ A thread_reduce(const T* s, i64 n, int ord_code, Term term) {
     const int V = Vec<T>::V;
     A acc = 0;
     i64 done = 0;
@@ -105,17 +109,32 @@ __device__ A thread_pow_sum(const T* s, i64 n, int ord_code, double p) {
             vec.load(s + i * V);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                A t = pow_term((A)ld(vec.u.v, j), ord_code, p);
+                A t = term(ld(vec.u.v, j));
                 acc = (ord_code == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
             }
         }
         done = nv * V;
     }
     for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) {
-        A t = pow_term((A)ld(s, i), ord_code, p);
+        A t = term(ld(s, i));
         acc = (ord_code == 0) ? (A)max_nan((double)acc, (double)t) : acc + t;
     }
     return acc;
+}
+
+// |x| to the power ord_code says, in the accumulator type A.
+template <typename A>
+struct PowTerm {
+    int ord_code;
+    double p;
+    template <typename X>
+    __device__ __forceinline__ A operator()(X x) const { return pow_term((A)x, ord_code, p); }
+};
+
+// One thread's power sum over elements tid, tid + stride, ... of s[0:n].
+template <typename T, typename A>
+__device__ A thread_pow_sum(const T* s, i64 n, int ord_code, double p) {
+    return thread_reduce<A>(s, n, ord_code, PowTerm<A>{ord_code, p});
 }
 
 template <typename T>

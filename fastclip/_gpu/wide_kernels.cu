@@ -33,31 +33,21 @@ __device__ __forceinline__ double wide_term(double a, int ord_code, double p, do
     return pow(a, p);
 }
 
+// wide_term as thread_reduce's term: every element widened to double first.
+struct WideTerm {
+    int ord_code;
+    double p, inv;
+    template <typename X>
+    __device__ __forceinline__ double operator()(X x) const {
+        return wide_term((double)x, ord_code, p, inv);
+    }
+};
+
 // One thread's float64 power sum (max for ord_code 0) over elements tid, tid +
 // stride, ... of s[0:n], every element widened to double before it is added.
 template <typename T>
 __device__ double thread_pow_sum_wide(const T* s, i64 n, int ord_code, double p, double inv) {
-    const int V = Vec<T>::V;
-    double acc = 0.0;
-    i64 done = 0;
-    if (aligned16(s)) {
-        i64 nv = n / V;
-        for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
-            Vec<T> vec;
-            vec.load(s + i * V);
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                double t = wide_term((double)ld(vec.u.v, j), ord_code, p, inv);
-                acc = (ord_code == 0) ? max_nan(acc, t) : acc + t;
-            }
-        }
-        done = nv * V;
-    }
-    for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) {
-        double t = wide_term((double)ld(s, i), ord_code, p, inv);
-        acc = (ord_code == 0) ? max_nan(acc, t) : acc + t;
-    }
-    return acc;
+    return thread_reduce<double>(s, n, ord_code, WideTerm{ord_code, p, inv});
 }
 
 // partials[c] = float64 power sum of chunk c of the tensor table (mode: see above;
