@@ -237,6 +237,8 @@ def check_targets(lib: Any, arrays: list[Any], what: str) -> None:
 
 
 def _rebind(x: Any, value: Any) -> None:
+    if x.size == 0:  # nothing to rebind (dask 2026.8 refuses x[...] = v: "shape mismatch")
+        return
     x[...] = value  # dask's __setitem__: x now refers to the new graph
 
 

@@ -409,6 +409,33 @@ def test_dask_bounds_of_peer_clips_and_clip_per_sample_match_the_oracle(chunks, 
         bad.n_clipped_per_layer  # noqa: B018
 
 
+EMPTY_IN_PLACE = {
+    "clip_by_norm_": lambda lib, x: fastclip.clip_by_norm_(x, 0.5),
+    "normalize_": lambda lib, x: fastclip.normalize_(x, 1),
+    "clip_by_value_": lambda lib, x: fastclip.clip_by_value_(x, -0.1, 0.1),
+    "clip_by_global_norm_": lambda lib, x: fastclip.clip_by_global_norm_([x], 1.0),
+    "scale_": lambda lib, x: fastclip.scale_([x], 0.5),
+    "clip_by_average_norm_": lambda lib, x: fastclip.clip_by_average_norm_(x, lib.asarray(0.1)),
+    "clip_by_block_rms_": lambda lib, x: fastclip.clip_by_block_rms_(x, lib.asarray(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_IN_PLACE))
+def test_in_place_on_an_empty_array_is_lazy_and_returns_numpys_values(name):
+    call = EMPTY_IN_PLACE[name]
+    x = np.zeros((0, 3))
+    want = call(np, x)
+    d = da.zeros((0, 3), chunks=(1, 2))
+    with dask.config.set(scheduler=Recorder()):
+        got = call(da, d)
+    if want is None or want is x:  # scale_ and clip_by_value_ return no norm
+        assert got is None or got is d
+    else:
+        _same(got.compute(), want)
+        assert_close(np.asarray(want), ref.norm(x), "float64")  # the norm of nothing: 0
+    assert d.compute().shape == (0, 3)
+
+
 def test_the_same_array_twice_in_place_is_refused_like_numpy():
     calls = [
         lambda x: fastclip.clip_by_global_norm_([x, x], 1.0),
