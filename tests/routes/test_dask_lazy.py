@@ -322,6 +322,17 @@ def test_dask_argument_values_are_checked_in_the_graph(name):
         dask.compute(*targets, scheduler="sync")
 
 
+def _raises_at_the_call_like_numpy(call) -> None:
+    """``call(da, d)`` raises NumPy's error (type and message) at once, rebinding nothing."""
+    kind, message = _numpy_error(lambda lib: call(lib, X.copy()))
+    d = _d(X, (5, 6))
+    name = d.name
+    with dask.config.set(scheduler=Recorder()), pytest.raises(kind) as info:
+        call(da, d)
+    assert str(info.value) == message.replace("ndarray", "Array")
+    assert d.name == name  # nothing rebound
+
+
 def test_two_element_total_norm_and_factor_are_type_errors_like_numpy():
     for call in (
         lambda lib, x: fastclip.clip_by_global_norm([x], 1.0, total_norm=lib.ones(2)),
@@ -330,13 +341,7 @@ def test_two_element_total_norm_and_factor_are_type_errors_like_numpy():
         lambda lib, x: fastclip.clip_by_global_norm([x], 1.0, total_norm=lib.asarray(1j)),
         lambda lib, x: fastclip.clip_by_global_norm([x], lib.ones(2)),
     ):
-        kind, message = _numpy_error(lambda lib, call=call: call(lib, X.copy()))
-        d = _d(X, (5, 6))
-        name = d.name
-        with dask.config.set(scheduler=Recorder()), pytest.raises(kind) as info:
-            call(da, d)
-        assert str(info.value) == message.replace("ndarray", "Array")
-        assert d.name == name  # nothing rebound
+        _raises_at_the_call_like_numpy(call)
 
 
 # Dask bounds of the peers' clips and clip_per_sample: shape, dtype and structure
@@ -359,14 +364,7 @@ CALL_ERRORS = [
 
 @pytest.mark.parametrize("k", range(len(CALL_ERRORS)))
 def test_dask_bound_shapes_and_dtypes_raise_at_the_call_like_numpy(k):
-    call = CALL_ERRORS[k]
-    kind, message = _numpy_error(lambda lib: call(lib, X.copy()))
-    d = _d(X, (5, 6))
-    name = d.name
-    with dask.config.set(scheduler=Recorder()), pytest.raises(kind) as info:
-        call(da, d)
-    assert str(info.value) == message.replace("ndarray", "Array")
-    assert d.name == name  # nothing rebound
+    _raises_at_the_call_like_numpy(CALL_ERRORS[k])
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS), ids=list(CHUNKS))
