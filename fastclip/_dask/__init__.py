@@ -288,10 +288,8 @@ def clip_global(
     what = "clip_by_global_norm" + "_" * inplace
     if inplace:
         check_distinct(arrays)
-    if is_lazy(max_norm):
-        max_norm = checked(
-            lazy_scalar(max_norm, "max_norm"), *scalar_rule(what, "max_norm", "max_norm")
-        )
+    if is_lazy(max_norm):  # checked as given: NumPy's message shows its dtype and shape
+        max_norm = checked_scalar(what, "max_norm", max_norm)
     dtype = _global_dtype(arrays)
     per64 = None
     if total_norm is None and (per_array or error_if_nonfinite):

@@ -277,6 +277,9 @@ BAD_VALUES = {
     "global_max_norm_negative": lambda lib, x: fastclip.clip_by_global_norm([x], lib.asarray(-2.0))[
         0
     ],
+    "global_max_norm_f32_nan": lambda lib, x: fastclip.clip_by_global_norm_(
+        [x], lib.asarray(np.float32([np.nan]))
+    ),
     "total_norm_negative": lambda lib, x: fastclip.clip_by_global_norm_(
         [x], 1.0, total_norm=lib.asarray(-1.0)
     ),
