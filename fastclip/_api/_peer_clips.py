@@ -33,16 +33,37 @@ def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _positive(value: Any, name: str, fn: str) -> float:
+def _positive(value: Any, name: str, fn: str) -> Any:
+    """``value`` checked as a bound (a float); a dask array is returned as it is (its
+    checks come with the arrays: ``_lazy``)."""
+    if _dispatch.is_dask_array(value):
+        return value
     try:
         return check_max_norm(value, name)
     except (TypeError, ValueError) as e:
         raise type(e)(f"fastclip.{fn}: {e}") from None
 
 
-def _bound(per_element: float, k: float) -> float:
+def _lazy(value: Any, items: list[Any], name: str, fn: str) -> Any:
+    """A dask bound as a 0-d float64 dask array checked in the Dask route's graph
+    (NumPy's ValueError when computed, nothing computed now); TypeError unless the
+    arrays are dask arrays too.  Floats pass through."""
+    if not _dispatch.is_dask_array(value) or not items:
+        return value
+    backend = _dispatch.backend_for(items, defer_numpy=False)
+    try:
+        value = backend.scalar_arg(value, name)  # TypeError unless dask arrays
+        ops: Any = backend.ops  # the Dask route's own check (not in RouteOps)
+        return ops.checked_bound(backend.lib, value, fn, name)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"fastclip.{fn}: {e}") from None
+
+
+def _bound(per_element: Any, k: float) -> Any:
     """The norm bound ``per_element * k``; an infinite bound stays infinite for an empty
     array (``inf * 0`` is NaN, and clip_by_norm refused it: "no clipping" is meant)."""
+    if not isinstance(per_element, float):  # a lazy bound: inf * k is inf for k > 0
+        return per_element * k if k else per_element
     return per_element if math.isinf(per_element) else per_element * k
 
 
@@ -90,7 +111,9 @@ def clip_by_block_rms(x: Array | Iterable[Array], threshold: float) -> Any:
     x : array, or list of arrays
         float16, bfloat16, float32, float64 or complex; each array is one block.
     threshold : float
-        ``tau >= 0`` (``inf``: no clipping).
+        ``tau >= 0`` (``inf``: no clipping).  A 0-d dask array, with dask
+        blocks, stays lazy: its value is checked in the graph and a NaN or
+        negative one raises the ValueError when the result is computed.
 
     Returns
     -------
@@ -112,6 +135,7 @@ def clip_by_block_rms(x: Array | Iterable[Array], threshold: float) -> Any:
     """
     tau = _positive(threshold, "threshold", "clip_by_block_rms")
     items, single = _arrays(x, "clip_by_block_rms")
+    tau = _lazy(tau, items, "threshold", "clip_by_block_rms")
     outs = [clip_by_norm(a, _bound(tau, math.sqrt(_size(a))), eps=0.0) for a in items]
     return outs[0] if single else outs
 
@@ -119,7 +143,9 @@ def clip_by_block_rms(x: Array | Iterable[Array], threshold: float) -> Any:
 def clip_by_block_rms_(x: Array | Iterable[Array], threshold: float) -> Any:
     r"""In-place :func:`clip_by_block_rms`; returns each block's rms *before* clipping.
 
-    Same formula and arguments; every array is modified in its own memory.
+    Same formula and arguments; every array is modified in its own memory (dask
+    arrays are rebound to their clipped graphs; with a dask ``threshold`` they
+    raise the ValueError of a bad value when computed).
     Every argument and every array of a list (dtype, one library and device,
     writable, not sharing memory) is checked before the first is written.
 
@@ -140,6 +166,7 @@ def clip_by_block_rms_(x: Array | Iterable[Array], threshold: float) -> Any:
     """
     tau = _positive(threshold, "threshold", "clip_by_block_rms_")
     items, single = _arrays(x, "clip_by_block_rms_")
+    tau = _lazy(tau, items, "threshold", "clip_by_block_rms_")
     if len(items) > 1:  # all checked before the first write (one array: clip_by_norm_ does)
         backend = _dispatch.backend_for(items, defer_numpy=False)
         if backend.is_torch:
@@ -170,7 +197,10 @@ def clip_by_average_norm(x: Array, clip_norm: float) -> Array:
     x : array
         float16, bfloat16, float32, float64 or complex.
     clip_norm : float
-        ``c >= 0`` (TensorFlow asks for ``c > 0``; ``inf``: no clipping).
+        ``c >= 0`` (TensorFlow asks for ``c > 0``; ``inf``: no clipping).  A
+        0-d dask array, with a dask ``x``, stays lazy: its value is checked in
+        the graph and a NaN or negative one raises the ValueError when the
+        result is computed.
 
     Returns
     -------
@@ -193,13 +223,16 @@ def clip_by_average_norm(x: Array, clip_norm: float) -> Array:
     c = _positive(clip_norm, "clip_norm", "clip_by_average_norm")
     if not _is_array(x):
         raise TypeError(f"fastclip.clip_by_average_norm: x must be an array, got {x!r}")
+    c = _lazy(c, [x], "clip_norm", "clip_by_average_norm")
     return clip_by_norm(x, _bound(c, _size(x)), eps=0.0)
 
 
 def clip_by_average_norm_(x: Array, clip_norm: float) -> Array:
     r"""In-place :func:`clip_by_average_norm`; returns ``||x||_2 / n`` *before* clipping.
 
-    Same formula and arguments; ``x`` is modified in its own memory.
+    Same formula and arguments; ``x`` is modified in its own memory (a dask
+    ``x`` is rebound to the clipped graph; with a dask ``clip_norm`` it raises
+    the ValueError of a bad value when computed).
 
     Returns
     -------
@@ -219,6 +252,7 @@ def clip_by_average_norm_(x: Array, clip_norm: float) -> Array:
     c = _positive(clip_norm, "clip_norm", "clip_by_average_norm_")
     if not _is_array(x):
         raise TypeError(f"fastclip.clip_by_average_norm_: x must be an array, got {x!r}")
+    c = _lazy(c, [x], "clip_norm", "clip_by_average_norm_")
     n = _size(x)
     nrm = clip_by_norm_(x, _bound(c, n), eps=0.0)
     return _divided(nrm, float(n)) if n else nrm

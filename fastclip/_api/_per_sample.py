@@ -81,7 +81,8 @@ class PerSampleClipResult(_Fields):
         route's float64 decision behind ``n_clipped``; with flat clipping
         every array of a clipped sample is scaled, so each entry is
         ``n_clipped``.  Computed on first access (a host read of the norms on
-        the GPU route, a compute on the Dask route), not during the call.
+        the GPU route, a compute on the Dask route, of a dask ``max_norm``
+        too), not during the call.
         """
         spec = self.__dict__.get("_count_spec")
         if spec is None:
@@ -91,12 +92,14 @@ class PerSampleClipResult(_Fields):
             )
         counts = self.__dict__.get("_counts")
         if counts is None:
-            bounds, eps, per_layer = spec
+            bounds, eps, per_layer, n = spec
             if per_layer:
+                if not isinstance(bounds, np.ndarray):  # a dask max_norm: computed, checked
+                    bounds = _check_bounds(np.asarray(bounds), per_layer, n)
                 f = clip_coefficients(host_float64(self.norms), bounds[:, None], eps)
                 counts = tuple(int(c) for c in np.count_nonzero(f < 1.0, axis=1))
             else:
-                counts = (int(self.n_clipped),) * len(bounds)
+                counts = (int(self.n_clipped),) * n
             self.__dict__["_counts"] = counts
         return counts  # type: ignore[no-any-return]
 
@@ -132,7 +135,10 @@ def clip_per_sample(
         library and device.
     max_norm : float, or sequence of floats with ``per_layer=True``
         The bound ``C >= 0`` (``inf``: no clipping); with ``per_layer=True``
-        either one number for every array or one per array.
+        either one number for every array or one per array.  A dask array
+        (size 1, or 1-d with one bound per array and ``per_layer=True``) with
+        dask ``grads`` stays lazy: its values are checked in the graph, a NaN
+        or negative one raising the ValueError when a result is computed.
     ord : float, default 2
         Any real ``p > 0`` or ``inf`` (also ``"inf"``).
     per_layer : bool, default False
@@ -157,10 +163,12 @@ def clip_per_sample(
         Arrays of rank 0, different batch sizes, an empty list,
         negative or NaN ``max_norm``, a ``max_norm`` list of the wrong length
         (or given without ``per_layer``), an unknown ``reduce``, a bad ``ord``
-        or ``eps``.  Raised before any work.
+        or ``eps``.  Raised before any work (a dask ``max_norm``'s values:
+        when the result is computed).
     TypeError
         Integer, bool or complex arrays; mixed libraries or devices (also CPU
-        and CUDA tensors in one call, or CuPy arrays on two devices).
+        and CUDA tensors in one call, or CuPy arrays on two devices); a dask
+        ``max_norm`` with other arrays than dask arrays.
     GPUUnavailableError
         CuPy arrays or CUDA tensors where CuPy is missing or sees no device.
 
@@ -232,11 +240,13 @@ def clip_per_sample(
     batch = _check_batch(items)
     ord_code, p = check_ord(ord)
     per_layer = bool(per_layer)
-    bounds = _check_bounds(max_norm, per_layer, len(items))
+    bounds: Any = _check_bounds(max_norm, per_layer, len(items))
     if not (reduce is None or (isinstance(reduce, str) and reduce in _REDUCES)):
         raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
     eps_value = check_eps(eps)
     backend = _dispatch.backend_for(items, defer_numpy=False)  # no packing: check all here
+    if _dispatch.is_dask_array(bounds):  # TypeError unless dask arrays; else stays lazy
+        bounds = backend.scalar_arg(max_norm, "max_norm")
     outs, norms, n_clipped = backend.clip_per_sample(
         items,
         batch,
@@ -248,7 +258,7 @@ def clip_per_sample(
         eps=eps_value,
     )
     result = PerSampleClipResult(outs[0] if single else outs, norms, n_clipped)
-    result.__dict__["_count_spec"] = (bounds, eps_value, per_layer)
+    result.__dict__["_count_spec"] = (bounds, eps_value, per_layer, len(items))
     return result
 
 
@@ -308,17 +318,23 @@ def _check_real_float(x: Any, i: int) -> None:
         )
 
 
-def _check_bounds(max_norm: Any, per_layer: bool, n: int) -> np.ndarray:
-    """One float64 bound per array."""
+def _check_bounds(max_norm: Any, per_layer: bool, n: int) -> Any:
+    """One float64 bound per array; a dask ``max_norm`` is returned as it is, its
+    structure checked here and its dtype and values on the Dask route (its graph)."""
+    lazy = _dispatch.is_dask_array(max_norm)
     if isinstance(max_norm, (list, tuple)) or (
         getattr(max_norm, "shape", None) is not None and len(max_norm.shape) == 1
     ):
-        values = list(max_norm)
+        values = None if lazy else list(max_norm)
+        given = max_norm.shape[0] if values is None else len(values)
         if not per_layer:
             raise ValueError("one max_norm per array needs per_layer=True")
-        if len(values) != n:
-            raise ValueError(
-                f"per_layer needs one max_norm, or one per array ({n}), got {len(values)}"
-            )
+        if given != n:
+            raise ValueError(f"per_layer needs one max_norm, or one per array ({n}), got {given}")
+        if lazy:
+            return max_norm
+        assert values is not None
         return np.array([check_max_norm(v, f"max_norm[{k}]") for k, v in enumerate(values)])
+    if lazy:
+        return max_norm
     return np.full(n, check_max_norm(max_norm))

@@ -25,8 +25,10 @@ cluster, and arrays larger than memory stream through block by block.
   it computes the global norm (one pass over the data) and raises
   ``NonFiniteNormError`` before anything is rebound: the one computing call.
 * Dask-valued arguments (``min``/``max``, ``max_norm``, ``total_norm``,
-  ``factor``) stay lazy: their shapes and dtypes are checked at the call, their
-  values (``max_norm >= 0``, no NaN, ``min <= max``) inside the graph, raising
+  ``factor``; ``threshold`` and ``clip_norm`` of the peers' clips, through
+  ``checked_bound``; ``clip_per_sample``'s ``max_norm``) stay lazy: their
+  shapes and dtypes are checked at the call, their values (``max_norm >= 0``,
+  no NaN, ``min <= max``) inside the graph, raising
   the NumPy route's ValueError with its message at compute time
   (``fastclip._dask._checks``).  An array object passed twice to an in-place
   call is refused at the call, as NumPy refuses arrays that share memory.
@@ -67,6 +69,7 @@ from ._checks import (
     checked,
     checked_bounds,
     checked_max_norm,
+    checked_scalar,
     lazy_scalar,
     scalar_rule,
 )
@@ -77,6 +80,7 @@ __all__ = [
     "DaskLib",
     "check_known_chunks",
     "check_targets",
+    "checked_bound",
     "clamp_many_",
     "clip_by_value",
     "clip_global",
@@ -216,6 +220,14 @@ def _scalar64(value: Any, name: str) -> Any:
     return da.asarray(np.float64(value))
 
 
+def checked_bound(lib: Any, value: Any, fn: str, name: str) -> Any:
+    """A size-1 dask bound of ``fastclip.fn`` (``threshold`` of ``clip_by_block_rms``,
+    ``clip_norm`` of ``clip_by_average_norm``) as a 0-d float64 dask array whose
+    ``check_max_norm`` rule raises the NumPy route's ValueError, naming ``fn`` and
+    ``name``, when computed; the shape and dtype TypeErrors now."""
+    return checked_scalar(fn, name, value)
+
+
 def check_targets(lib: Any, arrays: list[Any], what: str) -> None:
     """What an in-place call checks before it rebinds anything (nothing is computed):
     known chunk sizes and no array object passed twice."""
@@ -225,6 +237,8 @@ def check_targets(lib: Any, arrays: list[Any], what: str) -> None:
 
 
 def _rebind(x: Any, value: Any) -> None:
+    if x.size == 0:  # nothing to rebind (dask 2026.8 refuses x[...] = v: "shape mismatch")
+        return
     x[...] = value  # dask's __setitem__: x now refers to the new graph
 
 
@@ -274,10 +288,8 @@ def clip_global(
     what = "clip_by_global_norm" + "_" * inplace
     if inplace:
         check_distinct(arrays)
-    if is_lazy(max_norm):
-        max_norm = checked(
-            lazy_scalar(max_norm, "max_norm"), *scalar_rule(what, "max_norm", "max_norm")
-        )
+    if is_lazy(max_norm):  # checked as given: NumPy's message shows its dtype and shape
+        max_norm = checked_scalar(what, "max_norm", max_norm)
     dtype = _global_dtype(arrays)
     per64 = None
     if total_norm is None and (per_array or error_if_nonfinite):

@@ -23,7 +23,9 @@ __all__ = [
     "check_distinct",
     "checked",
     "checked_bounds",
+    "checked_layer_bounds",
     "checked_max_norm",
+    "checked_scalar",
     "lazy_scalar",
     "scalar_rule",
 ]
@@ -92,6 +94,38 @@ def scalar_rule(fn: str, name: str, rule: str) -> tuple[Callable[..., bool], Cal
         lambda b: float(b.reshape(-1)[0]) < 0,
         lambda b: f"fastclip.{fn}: {name} must be >= 0 (or NaN/inf), got {float(b.reshape(-1)[0])}",
     )
+
+
+def checked_scalar(fn: str, name: str, value: Any) -> Any:
+    """A size-1 dask bound (``max_norm``, ``threshold``, ``clip_norm``) as a 0-d float64
+    dask array: ``lazy_scalar``'s TypeErrors at the call, ``check_max_norm``'s rule in
+    the graph on the value as given (its dtype and shape in the message, as on NumPy)."""
+    return lazy_scalar(checked(value, *scalar_rule(fn, name, "max_norm")), name)
+
+
+def checked_layer_bounds(fn: str, value: Any) -> Any:
+    """A 1-d dask ``max_norm`` of one bound per array (``clip_per_sample(...,
+    per_layer=True)``) as float64, ``check_max_norm``'s rule checked on each element in
+    the graph; the message names the first bad element, ``max_norm[k]``, as on NumPy."""
+    dtype = np.dtype(value.dtype)
+    if dtype.kind in "cb":  # fastclip._validate.scalar_value on element 0, as NumPy
+        raise TypeError(f"max_norm[0] must be a real number, got an array of dtype {dtype}")
+    if dtype.kind not in "fiu":
+        raise TypeError(f"max_norm[0] must be a real number or a 0-d array, got dtype {dtype}")
+
+    def bad_at(b: np.ndarray) -> np.ndarray:
+        return ~(np.asarray(b, np.float64) >= 0.0)  # NaN fails >= too
+
+    def message(b: np.ndarray) -> str:
+        k = int(np.argmax(bad_at(b)))
+        return (
+            f"fastclip.{fn}: max_norm[{k}] must be >= 0 and not NaN, got {b[k]!r} "
+            f"(max_norm[{k}]=math.inf means no clipping)"
+        )
+
+    # one block (a bound per array: a few values), so its index is the element's index
+    one = value.rechunk(-1)
+    return checked(one, lambda b: bool(bad_at(b).any()), message).astype(np.float64)
 
 
 def check_distinct(arrays: list[Any]) -> None:

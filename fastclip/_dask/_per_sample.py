@@ -7,7 +7,9 @@ rooted per array (``per_layer``).  The factors ``min(1, C / (n + eps))`` are
 float64 blocks; ``reduce=None`` scales each sample's slice with the CPU scale
 kernels (``map_blocks``), ``"sum"``/``"mean"`` accumulate ``f_b g[b]`` in
 float64 over the batch axis and round once to the data's dtype.  ``n_clipped``
-is a lazy 0-d int64 dask array: nothing is computed by the call.
+is a lazy 0-d int64 dask array: nothing is computed by the call.  A dask
+``max_norm`` stays lazy too: its values are checked in the graph
+(``fastclip._dask._checks``), raising the NumPy route's ValueError when computed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from .._formulas import clip_coefficients
 from ._blocks import out_dtype, uses_pairs
+from ._checks import checked_layer_bounds, checked_scalar
 from ._graphs import global_norm_of, per_array_norms
 from ._graphs import reduce as partials
 
@@ -38,6 +41,16 @@ def _batch_sum(parts: np.ndarray, axis: Any, keepdims: bool, **_: Any) -> np.nda
         return np.sum(parts, axis=axis, keepdims=keepdims)
 
 
+def _lazy_bounds(value: Any, per_layer: bool, n: int) -> Any:
+    """A dask ``max_norm`` (size 1, or with ``per_layer`` 1-d of one bound per array:
+    ``fastclip._api._per_sample`` checked its structure) as ``n`` checked float64 bounds."""
+    import dask.array as da
+
+    if per_layer and value.ndim == 1:
+        return checked_layer_bounds("clip_per_sample", value)
+    return da.broadcast_to(checked_scalar("clip_per_sample", "max_norm", value), (n,))
+
+
 def _sample_axes(x: Any) -> tuple[Any, tuple[int, ...]]:
     """``x`` as ``[B, ...]`` with at least one trailing axis, and those axes."""
     x2 = x[:, None] if x.ndim == 1 else x
@@ -50,7 +63,7 @@ def clip_per_sample(
     batch: int,
     ord_code: int,
     p: float,
-    bounds: np.ndarray,
+    bounds: Any,
     per_layer: bool,
     reduce: str | None,
     eps: float,
@@ -60,6 +73,9 @@ def clip_per_sample(
     from . import _checked, _scaled
 
     _checked(items, "clip_per_sample")
+    lazy = isinstance(bounds, da.Array)  # else float64 NumPy bounds, checked by the API
+    if lazy:
+        bounds = _lazy_bounds(bounds, per_layer, len(items))
     pairs = uses_pairs(items, ord_code)
     shaped = [_sample_axes(x) for x in items]
     parts = [partials(x2, ord_code, p, axes, False, False, pairs) for x2, axes in shaped]
@@ -71,7 +87,11 @@ def clip_per_sample(
         below = da.any(f < 1.0, axis=0)
     else:
         norms64 = global_norm_of(stacked, ord_code, p, pairs)
-        f = norms64.map_blocks(_factors, bounds=float(bounds[0]), eps=eps, dtype=np.float64)
+        if lazy:  # the bound as blocks laid out as the norms
+            c = da.broadcast_to(bounds[0], norms64.shape).rechunk(norms64.chunks)
+            f = da.map_blocks(_factors, norms64, c, eps=eps, dtype=np.float64)
+        else:
+            f = norms64.map_blocks(_factors, bounds=float(bounds[0]), eps=eps, dtype=np.float64)
         below = f < 1.0
     n_clipped = da.sum(below, dtype=np.int64)
     outs = []

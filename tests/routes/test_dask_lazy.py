@@ -108,6 +108,31 @@ CALLS = {
     "clip_per_sample_layers": lambda lib, a, b: fastclip.clip_per_sample(
         [a, a[:, 3:]], [1.0, 0.5], per_layer=True, reduce=None
     ),
+    # dask bounds of the peers' clips and of clip_per_sample (0-d, size-1, per layer)
+    "clip_by_block_rms_0d_bound": lambda lib, a, b: fastclip.clip_by_block_rms(
+        [a, b], lib.asarray(0.2)
+    ),
+    "clip_by_block_rms_f32_bound": lambda lib, a, b: fastclip.clip_by_block_rms(
+        a, lib.asarray(np.float32([0.1]))
+    ),
+    "clip_by_average_norm_0d_bound": lambda lib, a, b: fastclip.clip_by_average_norm(
+        a, lib.asarray(0.01)
+    ),
+    "clip_by_average_norm_int_bound": lambda lib, a, b: fastclip.clip_by_average_norm(
+        b, lib.asarray(1)
+    ),
+    "clip_per_sample_0d_bound": lambda lib, a, b: fastclip.clip_per_sample(
+        [a, a[:, 0]], lib.asarray(1.0), 3
+    ),
+    "clip_per_sample_0d_bound_layers": lambda lib, a, b: fastclip.clip_per_sample(
+        [a, a[:, 3:]], lib.asarray([[0.5]]), per_layer=True, reduce="mean"
+    ),
+    "clip_per_sample_layer_bounds": lambda lib, a, b: fastclip.clip_per_sample(
+        [a, a[:, 3:], a[:, 0]], lib.asarray([1.0, 0.5, 0.2]), per_layer=True, reduce=None
+    ),
+    "clip_per_sample_layer_int_bounds": lambda lib, a, b: fastclip.clip_per_sample(
+        [a, a[:, 3:]], lib.asarray([1, 0]), math.inf, per_layer=True
+    ),
 }
 
 
@@ -149,6 +174,12 @@ IN_PLACE = {
     "scale_": _in_place(lambda lib, a, b: fastclip.scale_([a, b], lib.asarray(0.5))),
     "clip_by_block_rms_": _in_place(lambda lib, a, b: fastclip.clip_by_block_rms_([a, b], 0.2)),
     "clip_by_average_norm_": _in_place(lambda lib, a, b: fastclip.clip_by_average_norm_(a, 0.01)),
+    "clip_by_block_rms__0d_bound": _in_place(
+        lambda lib, a, b: fastclip.clip_by_block_rms_([a, b], lib.asarray(0.2))
+    ),
+    "clip_by_average_norm__0d_bound": _in_place(
+        lambda lib, a, b: fastclip.clip_by_average_norm_(a, lib.asarray(np.float32(0.01)))
+    ),
 }
 
 
@@ -214,6 +245,12 @@ def test_clip_per_sample_extreme_float64_and_empty_batches():
 # ------------------------------------------------- value rules, at compute time
 
 
+def _vector(lib, values, dtype="float64"):
+    """A 1-d bound; for dask in chunks of one element (the checks' index is global)."""
+    v = np.asarray(values, dtype)
+    return da.from_array(v, chunks=1) if lib is da else v
+
+
 def _numpy_error(call):
     with pytest.raises((TypeError, ValueError)) as info:
         call(np)
@@ -240,8 +277,35 @@ BAD_VALUES = {
     "global_max_norm_negative": lambda lib, x: fastclip.clip_by_global_norm([x], lib.asarray(-2.0))[
         0
     ],
+    "global_max_norm_f32_nan": lambda lib, x: fastclip.clip_by_global_norm_(
+        [x], lib.asarray(np.float32([np.nan]))
+    ),
     "total_norm_negative": lambda lib, x: fastclip.clip_by_global_norm_(
         [x], 1.0, total_norm=lib.asarray(-1.0)
+    ),
+    "block_rms_threshold_negative": lambda lib, x: fastclip.clip_by_block_rms(
+        [x, x[:2]], lib.asarray(-1.0)
+    ),
+    "block_rms__threshold_nan": lambda lib, x: fastclip.clip_by_block_rms_(
+        x, lib.asarray(np.float32([np.nan]))
+    ),
+    "average_norm_clip_norm_nan": lambda lib, x: fastclip.clip_by_average_norm(
+        x, lib.asarray(np.nan)
+    ),
+    "average_norm__clip_norm_negative": lambda lib, x: fastclip.clip_by_average_norm_(
+        x, lib.asarray(-2)
+    ),
+    "per_sample_max_norm_negative": lambda lib, x: fastclip.clip_per_sample(
+        x, lib.asarray(-1.0), reduce=None
+    ),
+    "per_sample_max_norm_nan_layers": lambda lib, x: fastclip.clip_per_sample(
+        [x, x[:, 2:]], lib.asarray(np.float32([[np.nan]])), per_layer=True
+    ),
+    "per_sample_layer_bound_nan": lambda lib, x: fastclip.clip_per_sample(
+        [x, x[:, 2:], x[:, 1]], _vector(lib, [1.0, np.nan, -1.0], "float32"), per_layer=True
+    ),
+    "per_sample_layer_bound_negative": lambda lib, x: fastclip.clip_per_sample(
+        [x, x[:, 2:]], lib.asarray([2, -1]), per_layer=True, reduce="mean"
     ),
 }
 
@@ -261,6 +325,17 @@ def test_dask_argument_values_are_checked_in_the_graph(name):
         dask.compute(*targets, scheduler="sync")
 
 
+def _raises_at_the_call_like_numpy(call) -> None:
+    """``call(da, d)`` raises NumPy's error (type and message) at once, rebinding nothing."""
+    kind, message = _numpy_error(lambda lib: call(lib, X.copy()))
+    d = _d(X, (5, 6))
+    name = d.name
+    with dask.config.set(scheduler=Recorder()), pytest.raises(kind) as info:
+        call(da, d)
+    assert str(info.value) == message.replace("ndarray", "Array")
+    assert d.name == name  # nothing rebound
+
+
 def test_two_element_total_norm_and_factor_are_type_errors_like_numpy():
     for call in (
         lambda lib, x: fastclip.clip_by_global_norm([x], 1.0, total_norm=lib.ones(2)),
@@ -269,13 +344,97 @@ def test_two_element_total_norm_and_factor_are_type_errors_like_numpy():
         lambda lib, x: fastclip.clip_by_global_norm([x], 1.0, total_norm=lib.asarray(1j)),
         lambda lib, x: fastclip.clip_by_global_norm([x], lib.ones(2)),
     ):
-        kind, message = _numpy_error(lambda lib, call=call: call(lib, X.copy()))
-        d = _d(X, (5, 6))
-        name = d.name
-        with dask.config.set(scheduler=Recorder()), pytest.raises(kind) as info:
-            call(da, d)
-        assert str(info.value) == message.replace("ndarray", "Array")
-        assert d.name == name  # nothing rebound
+        _raises_at_the_call_like_numpy(call)
+
+
+# Dask bounds of the peers' clips and clip_per_sample: shape, dtype and structure
+# errors at the call, with the NumPy route's type and message.
+CALL_ERRORS = [
+    lambda lib, x: fastclip.clip_by_block_rms([x], lib.ones(2)),
+    lambda lib, x: fastclip.clip_by_block_rms_([x], lib.asarray(1j)),
+    lambda lib, x: fastclip.clip_by_average_norm(x, lib.asarray(True)),
+    lambda lib, x: fastclip.clip_by_average_norm_(x, lib.ones((1, 2))),
+    lambda lib, x: fastclip.clip_per_sample(x, lib.ones((2, 1))),
+    lambda lib, x: fastclip.clip_per_sample(x, lib.asarray(1j)),
+    lambda lib, x: fastclip.clip_per_sample(x, lib.ones(1)),  # 1-d needs per_layer
+    lambda lib, x: fastclip.clip_per_sample([x, x], _vector(lib, [1.0] * 3), per_layer=True),
+    lambda lib, x: fastclip.clip_per_sample(
+        [x, x], _vector(lib, [1, 0], "complex128"), per_layer=True
+    ),
+    lambda lib, x: fastclip.clip_per_sample([x, x], _vector(lib, [1, 0], bool), per_layer=True),
+]
+
+
+@pytest.mark.parametrize("k", range(len(CALL_ERRORS)))
+def test_dask_bound_shapes_and_dtypes_raise_at_the_call_like_numpy(k):
+    _raises_at_the_call_like_numpy(CALL_ERRORS[k])
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS), ids=list(CHUNKS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dask_bounds_of_peer_clips_and_clip_per_sample_match_the_oracle(chunks, dtype):
+    x = X.astype(dtype)
+    d = _d(x, CHUNKS[chunks])
+    tau, c = 0.2, 0.01
+    with dask.config.set(scheduler=Recorder()):
+        rms = fastclip.clip_by_block_rms([d, d[:3]], da.asarray(tau))
+        avg = fastclip.clip_by_average_norm(d, da.asarray(c))
+        flat = fastclip.clip_per_sample([d, d[:, 0]], da.asarray(1.0), 3, reduce=None)
+        bounds = [1.0, 0.4, 0.3]
+        layers = fastclip.clip_per_sample(
+            [d, d[:, 5:], d[:, 0]], _vector(da, bounds), per_layer=True, eps=0.0
+        )
+    tol = 1e-6 if dtype == "float32" else 1e-12
+    for got, a in zip(rms, [x, x[:3]]):
+        want = ref.clip_by_norm(a, tau * math.sqrt(a.size), eps=0.0)
+        assert got.dtype == a.dtype
+        assert_close(got.compute(), want, dtype, atol=tol)
+    assert_close(avg.compute(), ref.clip_by_norm(x, c * x.size, eps=0.0), dtype, atol=tol)
+    want, want_norms, want_n = ref.clip_per_sample([x, x[:, 0]], 1.0, 3, False, None)
+    outs, norms, n = dask.compute(*flat, scheduler="sync")
+    assert int(n) == want_n
+    assert_close(norms, want_norms, dtype)
+    for o, w in zip(outs, want):
+        assert_close(o, w, dtype, atol=tol)
+    arrays = [x, x[:, 5:], x[:, 0]]
+    want, want_norms, want_n = ref.clip_per_sample(arrays, bounds, 2, True, "sum", eps=0.0)
+    outs, norms, n = dask.compute(*layers, scheduler="sync")
+    assert int(n) == want_n
+    assert_close(norms, want_norms, dtype)
+    for o, w in zip(outs, want):
+        assert_close(o, w, dtype, atol=tol)
+    counts = fastclip.clip_per_sample(arrays, bounds, per_layer=True, eps=0.0).n_clipped_per_layer
+    assert layers.n_clipped_per_layer == counts  # computed on access, as documented
+    bad = fastclip.clip_per_sample([d, d[:, 5:]], _vector(da, [1.0, -1.0]), per_layer=True)
+    with pytest.raises(ValueError, match=re.escape("max_norm[1] must be >= 0 and not NaN")):
+        bad.n_clipped_per_layer  # noqa: B018
+
+
+EMPTY_IN_PLACE = {
+    "clip_by_norm_": lambda lib, x: fastclip.clip_by_norm_(x, 0.5),
+    "normalize_": lambda lib, x: fastclip.normalize_(x, 1),
+    "clip_by_value_": lambda lib, x: fastclip.clip_by_value_(x, -0.1, 0.1),
+    "clip_by_global_norm_": lambda lib, x: fastclip.clip_by_global_norm_([x], 1.0),
+    "scale_": lambda lib, x: fastclip.scale_([x], 0.5),
+    "clip_by_average_norm_": lambda lib, x: fastclip.clip_by_average_norm_(x, lib.asarray(0.1)),
+    "clip_by_block_rms_": lambda lib, x: fastclip.clip_by_block_rms_(x, lib.asarray(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_IN_PLACE))
+def test_in_place_on_an_empty_array_is_lazy_and_returns_numpys_values(name):
+    call = EMPTY_IN_PLACE[name]
+    x = np.zeros((0, 3))
+    want = call(np, x)
+    d = da.zeros((0, 3), chunks=(1, 2))
+    with dask.config.set(scheduler=Recorder()):
+        got = call(da, d)
+    if want is None or want is x:  # scale_ and clip_by_value_ return no norm
+        assert got is None or got is d
+    else:
+        _same(got.compute(), want)
+        assert_close(np.asarray(want), ref.norm(x), "float64")  # the norm of nothing: 0
+    assert d.compute().shape == (0, 3)
 
 
 def test_the_same_array_twice_in_place_is_refused_like_numpy():
@@ -348,6 +507,16 @@ def test_dask_bounds_need_dask_floating_x():
             fastclip.clip_by_norm(X, lo)
         with pytest.raises(TypeError, match="dask array but the arrays are not"):
             fastclip.clip_by_global_norm([X], lo)
+        for call in (
+            lambda: fastclip.clip_by_block_rms([X], lo),
+            lambda: fastclip.clip_by_block_rms_(X.copy(), lo),
+            lambda: fastclip.clip_by_average_norm(X, lo),
+            lambda: fastclip.clip_by_average_norm_(X.copy(), lo),
+            lambda: fastclip.clip_per_sample(X, lo),
+            lambda: fastclip.clip_per_sample([X, X], da.ones(2), per_layer=True),
+        ):
+            with pytest.raises(TypeError, match="dask array but the arrays are not"):
+                call()
         with pytest.raises(TypeError, match="pass scalar bounds for integer"):
             fastclip.clip_by_value(da.arange(5, chunks=2), lo, 3)
     got = fastclip.clip_by_value(da.arange(5, chunks=2), 0.5, 3.5).compute()  # numbers: fine
