@@ -2,13 +2,13 @@
 
 Re-exported by ``fastclip.torch``.  Importing this module imports torch.  The
 checkpoint layout is in ``_clipped_state.py``, the copies a failed step puts
-back in ``_clipped_restore.py``.
+back in ``_clipped_restore.py``, the step of an optimizer that evaluates the
+closure itself (LBFGS) in ``_clipped_closure.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,25 +17,12 @@ from torch.optim import Optimizer
 
 from fastclip._errors import public_method
 
+from . import _clipped_closure as _closure
 from . import _clipped_restore as _restore
 from . import _clipped_state as _layout
 from . import _ops
 
 __all__ = ["ClippedOptimizer"]
-
-
-class _Skipped(Exception):
-    """Raised out of a forwarded closure when the clipper skips: stops the inner step."""
-
-
-def _needs_closure(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer.step`` has a ``closure`` parameter without a default
-    (``torch.optim.LBFGS``: it evaluates the closure several times per step)."""
-    try:
-        parameter = inspect.signature(type(optimizer).step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 class ClippedOptimizer(Optimizer):
@@ -82,8 +69,26 @@ class ClippedOptimizer(Optimizer):
     parameters are as the failed step left them (torch's optimizers check
     before they write).  With a closure-requiring optimizer the parameters
     and the whole state are copied and put back, and a skip
-    (``nonfinite="skip"``) at any evaluation undoes the whole step.  A
-    compiled step (``torch.compile``) is not undone.
+    (``nonfinite="skip"``) at any evaluation undoes the whole step.
+
+    **Compiled steps.**  Under ``torch.compile`` (``torch.compile(opt.step)``,
+    or a compiled training step that calls ``opt.step()``) nothing is copied
+    and a failed step is not undone, whatever ``restore_on_error`` says: the
+    clipper runs in the ``fastclip::clipper_call_`` operator of a compiled
+    graph, then the wrapped step.  When the wrapped step fails after that
+    graph ran (it breaks the graph first, as every ``torch.optim`` step does,
+    or it raises inside a compiled graph), the step leaves what an eager step
+    with ``restore_on_error=False`` leaves: the gradients clipped, the clipper
+    updated, ``last_total_norm`` set, the parameters and the state as the
+    failed step left them, and, unlike the eager step, the state entries it
+    created are kept.  When the wrapped step raises while Dynamo traces it,
+    before any graph ran, Dynamo gives up on the frame and runs ``step()``'s
+    own code, which takes the eager path: the eager restore applies.  Copies
+    would slow every successful compiled step (1.32x and 1.62x a compiled
+    AdamW step of 16M float32: ``python benchmarks/bench_clipped_optimizer.py
+    --compiled --numel 16000000 --rounds 25``, two runs, busy machine), and an
+    error raised inside a compiled graph reaches no ``except`` unless the
+    graph breaks around the wrapped step.
 
     **Checkpoints.**  ``state_dict()`` is the wrapped optimizer's
     ``state_dict()`` (torch's layout: ``"state"``, ``"param_groups"``) plus a
@@ -214,8 +219,8 @@ class ClippedOptimizer(Optimizer):
         docstring for closures and for what a failed step leaves)."""
         if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
             return self._traced_step(closure)
-        if closure is not None and _needs_closure(self.optimizer):
-            return self._closure_step(closure)
+        if closure is not None and _closure.needs_closure(self.optimizer):
+            return _closure.closure_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -253,58 +258,12 @@ class ClippedOptimizer(Optimizer):
             raise
         return loss
 
-    def _closure_step(self, closure: Callable[[], Any]) -> Any:
-        """The step of an optimizer that evaluates the closure itself (LBFGS)."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved = (
-            self._clipper_snapshot(),
-            [p.detach().clone() for p in params],
-            _restore.grads_of(params),
-            {k: copy.deepcopy(v) for k, v in self.state.items()},  # the params: keys
-            self.last_total_norm,
-        )
-        first: list[Any] = []
-
-        def clipped() -> Any:
-            with torch.enable_grad():
-                loss = closure()
-            if not first:
-                first.append(loss)
-            ps, gs = self._params_and_grads()
-            if gs:
-                self.last_total_norm = self.clipper(gs, ps)
-                if getattr(self.clipper, "last_step_skipped", False):
-                    raise _Skipped
-            return loss
-
-        try:
-            return self.optimizer.step(clipped)
-        except BaseException as exc:
-            skipped = isinstance(exc, _Skipped)
-            last = {
-                k: getattr(self.clipper, k, None) for k in ("last_total_norm", "last_threshold")
-            }
-            norm = self.last_total_norm
-            self._clipper_restore(saved[0])
-            for p, value in zip(params, saved[1]):
-                p.copy_(value)
-            _restore.put_grads(params, saved[2])
-            self.state.clear()
-            self.state.update(saved[3])
-            self.last_total_norm = saved[4]
-            if not skipped:
-                raise
-            for key, value in last.items():  # the skip is this step's outcome
-                setattr(self.clipper, key, value)
-            self.clipper.last_step_skipped = True  # type: ignore[attr-defined]
-            self.last_total_norm = norm
-            return first[0] if first else None
-
     def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
         """``step()`` while Dynamo traces it: the clipper runs inside the
         ``fastclip::clipper_call_`` operator, the wrapped optimizer's step is
-        traced as torch traces it (no snapshot: a failed compiled step is not
-        undone).
+        traced as torch traces it.  No snapshot and no ``try``: a failed
+        compiled step is not undone (the class docstring's **Compiled steps**
+        says what it leaves, ``test_clipped_optimizer_compile.py`` checks it).
 
         Only a clipper that can skip a step (``nonfinite="skip"``, or one with
         ``last_step_skipped`` and no ``nonfinite``) makes the decision a host
