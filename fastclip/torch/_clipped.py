@@ -1,14 +1,15 @@
 """``ClippedOptimizer``: any ``torch.optim.Optimizer`` whose every step clips first.
 
-Re-exported by ``fastclip.torch``.  Importing this module imports torch.
+Re-exported by ``fastclip.torch``.  Importing this module imports torch.  The
+checkpoint layout is in ``_clipped_state.py``, the copies a failed step puts
+back in ``_clipped_restore.py``, the step of an optimizer that evaluates the
+closure itself (LBFGS) in ``_clipped_closure.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,47 +17,12 @@ from torch.optim import Optimizer
 
 from fastclip._errors import public_method
 
+from . import _clipped_closure as _closure
+from . import _clipped_restore as _restore
+from . import _clipped_state as _layout
 from . import _ops
 
 __all__ = ["ClippedOptimizer"]
-
-#: The key of the clipper's state in :meth:`ClippedOptimizer.state_dict`.
-CLIPPER_KEY = "fastclip_clipper"
-
-
-class _Skipped(Exception):
-    """Raised out of a forwarded closure when the clipper skips: stops the inner step."""
-
-
-def _snap(value: Any) -> Any:
-    """A copy of a fastclip clipper's attribute that the clipper's next update cannot reach.
-
-    ``copy.deepcopy`` visits every element: an AutoClip with 50,000 recorded norms
-    took 200 ms a copy (measured here, torch 2.13 CPU).  fastclip's clippers keep
-    immutable numbers (or tuples of them) in their lists, deques, sets and dicts,
-    which the containers' C-level ``copy()`` copies (about 1 ms for 50,000);
-    ``tests/integration/test_clipped_optimizer_safety.py`` checks every clipper.
-    """
-    kind = type(value)
-    if kind in (list, set, deque, dict):
-        return value.copy()
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if kind.__module__.startswith("fastclip.") and hasattr(value, "__dict__"):
-        twin = object.__new__(kind)  # a fastclip helper object (AutoClip's percentile)
-        twin.__dict__.update({k: _snap(v) for k, v in vars(value).items()})
-        return twin
-    return copy.deepcopy(value)  # numbers, strings, None: returned as they are
-
-
-def _needs_closure(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer.step`` has a ``closure`` parameter without a default
-    (``torch.optim.LBFGS``: it evaluates the closure several times per step)."""
-    try:
-        parameter = inspect.signature(type(optimizer).step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 class ClippedOptimizer(Optimizer):
@@ -103,8 +69,26 @@ class ClippedOptimizer(Optimizer):
     parameters are as the failed step left them (torch's optimizers check
     before they write).  With a closure-requiring optimizer the parameters
     and the whole state are copied and put back, and a skip
-    (``nonfinite="skip"``) at any evaluation undoes the whole step.  A
-    compiled step (``torch.compile``) is not undone.
+    (``nonfinite="skip"``) at any evaluation undoes the whole step.
+
+    **Compiled steps.**  Under ``torch.compile`` (``torch.compile(opt.step)``,
+    or a compiled training step that calls ``opt.step()``) nothing is copied
+    and a failed step is not undone, whatever ``restore_on_error`` says: the
+    clipper runs in the ``fastclip::clipper_call_`` operator of a compiled
+    graph, then the wrapped step.  When the wrapped step fails after that
+    graph ran (it breaks the graph first, as every ``torch.optim`` step does,
+    or it raises inside a compiled graph), the step leaves what an eager step
+    with ``restore_on_error=False`` leaves: the gradients clipped, the clipper
+    updated, ``last_total_norm`` set, the parameters and the state as the
+    failed step left them, and, unlike the eager step, the state entries it
+    created are kept.  When the wrapped step raises while Dynamo traces it,
+    before any graph ran, Dynamo gives up on the frame and runs ``step()``'s
+    own code, which takes the eager path: the eager restore applies.  Copies
+    would slow every successful compiled step (1.32x and 1.62x a compiled
+    AdamW step of 16M float32: ``python benchmarks/bench_clipped_optimizer.py
+    --compiled --numel 16000000 --rounds 25``, two runs, busy machine), and an
+    error raised inside a compiled graph reaches no ``except`` unless the
+    graph breaks around the wrapped step.
 
     **Checkpoints.**  ``state_dict()`` is the wrapped optimizer's
     ``state_dict()`` (torch's layout: ``"state"``, ``"param_groups"``) plus a
@@ -223,52 +207,11 @@ class ClippedOptimizer(Optimizer):
                     grads.append(p.grad)
         return params, grads
 
-    # -- snapshots: what a failed step puts back
-
     def _clipper_snapshot(self) -> Any:
-        attrs = getattr(self.clipper, "__dict__", None)
-        if attrs is None:
-            return None
-        if type(self.clipper).__module__.startswith("fastclip."):
-            return {k: _snap(v) for k, v in attrs.items()}
-        return copy.deepcopy(attrs)  # a user's clipper: nothing known of its containers
+        return _restore.clipper_snapshot(self.clipper)
 
     def _clipper_restore(self, snapshot: Any) -> None:
-        if snapshot is not None:
-            attrs = self.clipper.__dict__
-            attrs.clear()
-            attrs.update(snapshot)
-
-    @staticmethod
-    def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        return [None if p.grad is None else p.grad.clone() for p in params]
-
-    def _backup(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A copy of ``grads`` in buffers kept between steps: fresh clones each step
-        cost 1.7x a clip_grad_norm_ + AdamW step of 4M float32 values (page faults
-        of new memory; benchmarks/bench_clipped_optimizer.py), reused ones ~1.1x."""
-        kept = self.__dict__.get("_grad_backup")
-        if (
-            kept is None
-            or len(kept) != len(grads)
-            or any(
-                b.shape != g.shape or b.dtype != g.dtype or b.device != g.device
-                for b, g in zip(kept, grads)
-            )
-        ):
-            kept = self.__dict__["_grad_backup"] = [torch.empty_like(g) for g in grads]
-        torch._foreach_copy_(kept, grads)
-        return kept
-
-    @staticmethod
-    def _put_grads(params: list[torch.Tensor], saved: list[torch.Tensor | None]) -> None:
-        for p, g in zip(params, saved):
-            if g is None:
-                p.grad = None
-            elif p.grad is None or p.grad.shape != g.shape:
-                p.grad = g.clone()  # never the kept backup buffer itself
-            else:
-                p.grad.copy_(g)  # the same tensor object: hooks and bucket views keep it
+        _restore.clipper_restore(self.clipper, snapshot)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -276,8 +219,8 @@ class ClippedOptimizer(Optimizer):
         docstring for closures and for what a failed step leaves)."""
         if torch.compiler.is_compiling():  # Dynamo cannot trace numba: a custom op
             return self._traced_step(closure)
-        if closure is not None and _needs_closure(self.optimizer):
-            return self._closure_step(closure)
+        if closure is not None and _closure.needs_closure(self.optimizer):
+            return _closure.closure_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -290,7 +233,10 @@ class ClippedOptimizer(Optimizer):
             return loss
         restore = self.restore_on_error
         saved_clipper = self._clipper_snapshot() if restore else None
-        saved_grads = self._backup(grads) if restore else []
+        saved_grads: list[torch.Tensor] = []
+        if restore:  # buffers kept between steps (see _clipped_restore.copy_into)
+            saved_grads = _restore.copy_into(self.__dict__.get("_grad_backup"), grads)
+            self.__dict__["_grad_backup"] = saved_grads
         saved_norm = self.last_total_norm
         # torch's optimizers create a parameter's state before their checks run
         # (Adam(capturable=True) on CPU tensors raises after its _init_group): what
@@ -304,7 +250,7 @@ class ClippedOptimizer(Optimizer):
             self.optimizer.step()
         except BaseException:
             if restore:
-                self._put_grads(params, list(saved_grads))
+                _restore.put_grads(params, list(saved_grads))
                 self._clipper_restore(saved_clipper)
                 self.last_total_norm = saved_norm
             for p in fresh:
@@ -312,58 +258,12 @@ class ClippedOptimizer(Optimizer):
             raise
         return loss
 
-    def _closure_step(self, closure: Callable[[], Any]) -> Any:
-        """The step of an optimizer that evaluates the closure itself (LBFGS)."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved = (
-            self._clipper_snapshot(),
-            [p.detach().clone() for p in params],
-            self._grads_of(params),
-            {k: copy.deepcopy(v) for k, v in self.state.items()},  # the params: keys
-            self.last_total_norm,
-        )
-        first: list[Any] = []
-
-        def clipped() -> Any:
-            with torch.enable_grad():
-                loss = closure()
-            if not first:
-                first.append(loss)
-            ps, gs = self._params_and_grads()
-            if gs:
-                self.last_total_norm = self.clipper(gs, ps)
-                if getattr(self.clipper, "last_step_skipped", False):
-                    raise _Skipped
-            return loss
-
-        try:
-            return self.optimizer.step(clipped)
-        except BaseException as exc:
-            skipped = isinstance(exc, _Skipped)
-            last = {
-                k: getattr(self.clipper, k, None) for k in ("last_total_norm", "last_threshold")
-            }
-            norm = self.last_total_norm
-            self._clipper_restore(saved[0])
-            for p, value in zip(params, saved[1]):
-                p.copy_(value)
-            self._put_grads(params, saved[2])
-            self.state.clear()
-            self.state.update(saved[3])
-            self.last_total_norm = saved[4]
-            if not skipped:
-                raise
-            for key, value in last.items():  # the skip is this step's outcome
-                setattr(self.clipper, key, value)
-            self.clipper.last_step_skipped = True  # type: ignore[attr-defined]
-            self.last_total_norm = norm
-            return first[0] if first else None
-
     def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
         """``step()`` while Dynamo traces it: the clipper runs inside the
         ``fastclip::clipper_call_`` operator, the wrapped optimizer's step is
-        traced as torch traces it (no snapshot: a failed compiled step is not
-        undone).
+        traced as torch traces it.  No snapshot and no ``try``: a failed
+        compiled step is not undone (the class docstring's **Compiled steps**
+        says what it leaves, ``test_clipped_optimizer_compile.py`` checks it).
 
         Only a clipper that can skip a step (``nonfinite="skip"``, or one with
         ``last_step_skipped`` and no ``nonfinite``) makes the decision a host
@@ -401,33 +301,8 @@ class ClippedOptimizer(Optimizer):
         ``clipper.state_dict()`` (when the clipper has one)."""
         sd: dict[str, Any] = dict(self.optimizer.state_dict())
         if hasattr(self.clipper, "state_dict"):
-            sd[CLIPPER_KEY] = self.clipper.state_dict()
+            sd[_layout.CLIPPER_KEY] = self.clipper.state_dict()
         return sd
-
-    def _split(self, state_dict: Any) -> tuple[Any, Any, bool]:
-        """(optimizer part, clipper part, has a clipper part) of either layout."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                "state_dict must be a dict (what ClippedOptimizer.state_dict() returns), "
-                f"got {type(state_dict).__name__}"
-            )
-        keys = sorted(map(str, state_dict))
-        if "optimizer" in state_dict and "state" not in state_dict:  # the earlier layout
-            extra = set(state_dict) - {"optimizer", "clipper"}
-            if extra:
-                raise ValueError(
-                    "the {'optimizer', 'clipper'} layout has no other keys, got "
-                    f"unexpected keys {sorted(map(str, extra))}"
-                )
-            return state_dict["optimizer"], state_dict.get("clipper"), "clipper" in state_dict
-        if "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(
-                "expected ClippedOptimizer.state_dict()'s layout (torch's 'state' and "
-                f"'param_groups' plus {CLIPPER_KEY!r}, or the earlier {{'optimizer', "
-                f"'clipper'}}), got keys {keys}"
-            )
-        inner = {k: v for k, v in state_dict.items() if k != CLIPPER_KEY}
-        return inner, state_dict.get(CLIPPER_KEY), CLIPPER_KEY in state_dict
 
     @public_method("load_state_dict")
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -435,21 +310,8 @@ class ClippedOptimizer(Optimizer):
         "clipper"}`` layout): the clipper's part is checked first, on a copy
         of the clipper, then the optimizer is loaded, then the clipper; a
         refused load changes nothing."""
-        inner_sd, clipper_sd, has_clipper = self._split(state_dict)
-        loads = hasattr(self.clipper, "load_state_dict")
-        if loads and not has_clipper:
-            raise ValueError(
-                f"this state dict has no clipper part ({CLIPPER_KEY!r}); it looks like a "
-                "plain optimizer's state_dict() (keys "
-                f"{sorted(map(str, state_dict))}). Load it into the wrapped optimizer with "
-                "opt.optimizer.load_state_dict(sd) (the clipper keeps its state), or pass "
-                "ClippedOptimizer.state_dict()'s output"
-            )
-        if has_clipper and not loads:
-            raise ValueError(
-                f"this state dict has a clipper part but {type(self.clipper).__name__} has "
-                "no load_state_dict"
-            )
+        inner_sd, clipper_sd, has_clipper = _layout.split(state_dict)
+        loads = _layout.check_clipper_part(self.clipper, state_dict, has_clipper)
         clipper: Any = self.clipper
         if loads:
             copy.deepcopy(clipper).load_state_dict(clipper_sd)  # refuses before any write
