@@ -11,12 +11,15 @@ in the parallel twin.
 
 from __future__ import annotations
 
-import numpy as np
-from numba import prange
+import math
 
+import numpy as np
+from numba import njit, prange
+
+from .._formulas import SAFE_HI, SAFE_LO
 from ._elements import abs64, narrow, widen
 from ._intrinsics import empty_f64, imin
-from ._segments import coefficient, root, seg_pow_sum, seg_scale
+from ._segments import INNER, coefficient, root, seg_pow_sum, seg_scale
 
 
 def rows_pow_sum(x, ord_code, p, inv):  # type: ignore[no-untyped-def]
@@ -108,3 +111,79 @@ def cols_scale(src, dst, coefs, inplace, tile):  # type: ignore[no-untyped-def]
                 s = src[r, lo:hi]
                 for j in range(s.size):
                     d[j] = narrow(widen(s[j]) * np.float64(c[j]), d[j])
+
+
+# ------------------------------------------------- float64 rows, fused clip
+
+_BIG = 2.0**1000  # coefficient_parts' 2**log2_split for float64 coefficients
+
+
+@njit(error_model="numpy", cache=False, **INNER)
+def coefficient_parts64(norm, max_norm, eps):  # type: ignore[no-untyped-def]
+    """``_formulas.coefficient_parts(norm, max_norm, eps, "clip")`` of one float64
+    norm: ``(c, c2)``, ``c2`` = 2**-1000 where ``max_norm / (norm + eps)`` lies
+    below 2**-1000, else 1.
+
+    Not inlined, and compiled without fast-math flags: inlined into the
+    kernels' ``arcp`` code, a division may become a multiply by a reciprocal
+    and round differently from NumPy's division.
+    """
+    den = norm + eps
+    r = max_norm / den
+    base = 1.0 if (r >= 1.0 or den == 0.0) else r
+    if max_norm > 0.0 and den == den and den < np.inf and den / _BIG > max_norm:
+        return (max_norm * _BIG) / den, 1.0 / _BIG
+    return base, 1.0
+
+
+@njit(error_model="numpy", cache=False, **INNER)
+def pow2_inverse64(m):  # type: ignore[no-untyped-def]
+    """``_formulas.pow2_inverse`` of one float64 (a power of two, exact)."""
+    e = -math.frexp(m)[1]
+    e = -1022 if e < -1022 else e
+    return math.ldexp(1.0, 1023 if e > 1023 else e)
+
+
+def rows_clip_wide(src, dst, ord_code, p, max_norm, eps, inplace):  # type: ignore[no-untyped-def]
+    """``rows_clip`` for float64 rows, ord_code 0-2: (norms, sums, invs).
+
+    Per row, as the two launches it replaces (``AxisPlan.norms``, then
+    ``coefficient_parts`` and ``AxisPlan.scale``): the power sum; for L2, a
+    sum outside (SAFE_LO, SAFE_HI) of a row whose max |x| is finite and
+    nonzero is taken again with the row scaled by ``inv = pow2_inverse(max)``
+    into ``sums[r]``, ``invs[r] = inv``, and the row is left unscaled: its norm
+    is ``root(sums, 3, p) / invs``, taken by the caller with NumPy's power
+    (a SIMD loop whose rounding libm's ``pow`` need not share), and its
+    scaling is ``rows_scale_at``'s.  Every other row gets its two-factor
+    coefficient here and is scaled as (x * c) * c2 while still in cache.
+    """
+    m, k = src.shape
+    out = empty_f64(m)
+    sums = np.zeros(m, np.float64)
+    invs = np.zeros(m, np.float64)
+    for r in prange(m):
+        total = seg_pow_sum(src[r], 0, k, ord_code, p, 1.0)
+        norm = root(total, ord_code, p)
+        out[r] = norm
+        if ord_code == 2 and not (total > SAFE_LO and total < SAFE_HI):
+            top = seg_pow_sum(src[r], 0, k, 0, p, 1.0)
+            if top > 0.0 and top < np.inf:
+                inv = pow2_inverse64(top)
+                sums[r] = seg_pow_sum(src[r], 0, k, 3, p, inv)
+                invs[r] = inv
+                continue
+        c, c2 = coefficient_parts64(norm, max_norm, eps)
+        seg_scale(src[r], dst[r], 0, k, c, inplace)
+        if c2 != 1.0:  # a separate pass: one loop of (x * c) * c2 may be reassociated
+            seg_scale(dst[r], dst[r], 0, k, c2, True)
+    return out, sums, invs
+
+
+def rows_scale_at(src, dst, rows, coefs, coefs2, inplace):  # type: ignore[no-untyped-def]
+    """dst[r, :] = (src[r, :] * coefs[i]) * coefs2[i] for r = rows[i] only."""
+    k = src.shape[1]
+    for i in prange(rows.size):
+        r = rows[i]
+        seg_scale(src[r], dst[r], 0, k, coefs[i], inplace)
+        if coefs2[i] != 1.0:
+            seg_scale(dst[r], dst[r], 0, k, coefs2[i], True)

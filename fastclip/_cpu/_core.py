@@ -82,12 +82,14 @@ def rescale(
         plan = AxisPlan(sv, axes)
         target = None if inplace else out_sv
         values = None
-        # As for whole arrays (_clip_whole): the fused kernel computes one-factor
-        # coefficients itself, so float64 data, whose coefficients may need two, and
-        # ord_code 3 (rescaled power sums) take the two launches below.
-        if mode == "clip" and ord_code <= 2 and sv.dtype not in _WIDE_STORAGE:
-            if np.ndim(max_norm) == 0:
-                values = plan.fused_clip(ord_code, p, float(max_norm), eps, target)
+        # One fused launch for contiguous rows: float32/16-bit data with one-factor
+        # coefficients (rows_clip), float64 with two-factor ones and the L2
+        # rescaling of AxisPlan.norms (rows_clip_wide).  complex128, ord_code 3
+        # (rescaled power sums of any p) and per-row bounds take the two launches.
+        if mode == "clip" and ord_code <= 2 and np.ndim(max_norm) == 0:
+            if sv.dtype not in _WIDE_STORAGE or sv.dtype == np.float64:
+                wide = sv.dtype == np.float64
+                values = plan.fused_clip(ord_code, p, float(max_norm), eps, target, wide)
         if values is None:
             values = plan.norms(ord_code, p, dtype == np.float64)
             coefs, coefs2 = coefficient_parts(values, max_norm, eps, mode)

@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from numba import carray, prange
 
-from ._axis_kernels import cols_pow_sum, cols_scale, rows_clip, rows_pow_sum, rows_scale
+from ._axis_kernels import (
+    cols_pow_sum,
+    cols_scale,
+    rows_clip,
+    rows_clip_wide,
+    rows_pow_sum,
+    rows_scale,
+    rows_scale_at,
+)
 from ._intrinsics import address_as_pointer, empty_f64, imin
 from ._segments import (
     BLOCK,
@@ -51,8 +59,10 @@ __all__ = [
     "normal_in_type",
     "root",
     "rows_clip",
+    "rows_clip_wide",
     "rows_pow_sum",
     "rows_scale",
+    "rows_scale_at",
     "seg_clamp",
     "seg_pow_sum",
     "seg_scale",
