@@ -11,15 +11,20 @@ in the parallel twin.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .._formulas import SAFE_HI, SAFE_LO
 from ._elements import abs64, narrow, widen
 from ._intrinsics import empty_f64, imin
-from ._segments import INNER, coefficient, root, seg_pow_sum, seg_scale
+from ._segments import (
+    coefficient,
+    coefficient_parts64,
+    pow2_inverse64,
+    root,
+    seg_pow_sum,
+    seg_scale,
+)
 
 
 def rows_pow_sum(x, ord_code, p, inv):  # type: ignore[no-untyped-def]
@@ -114,34 +119,6 @@ def cols_scale(src, dst, coefs, inplace, tile):  # type: ignore[no-untyped-def]
 
 
 # ------------------------------------------------- float64 rows, fused clip
-
-_BIG = 2.0**1000  # coefficient_parts' 2**log2_split for float64 coefficients
-
-
-@njit(error_model="numpy", cache=False, **INNER)
-def coefficient_parts64(norm, max_norm, eps):  # type: ignore[no-untyped-def]
-    """``_formulas.coefficient_parts(norm, max_norm, eps, "clip")`` of one float64
-    norm: ``(c, c2)``, ``c2`` = 2**-1000 where ``max_norm / (norm + eps)`` lies
-    below 2**-1000, else 1.
-
-    Not inlined, and compiled without fast-math flags: inlined into the
-    kernels' ``arcp`` code, a division may become a multiply by a reciprocal
-    and round differently from NumPy's division.
-    """
-    den = norm + eps
-    r = max_norm / den
-    base = 1.0 if (r >= 1.0 or den == 0.0) else r
-    if max_norm > 0.0 and den == den and den < np.inf and den / _BIG > max_norm:
-        return (max_norm * _BIG) / den, 1.0 / _BIG
-    return base, 1.0
-
-
-@njit(error_model="numpy", cache=False, **INNER)
-def pow2_inverse64(m):  # type: ignore[no-untyped-def]
-    """``_formulas.pow2_inverse`` of one float64 (a power of two, exact)."""
-    e = -math.frexp(m)[1]
-    e = -1022 if e < -1022 else e
-    return math.ldexp(1.0, 1023 if e > 1023 else e)
 
 
 def rows_clip_wide(src, dst, ord_code, p, max_norm, eps, inplace):  # type: ignore[no-untyped-def]
