@@ -280,25 +280,28 @@ def clip_global(
         return ([out], norm_value, norm_value.reshape(1)) if per_array else ([out], norm_value)
     packed = pack(lib, arrays, what, writing=True)
     per = None
-    value: float | None = None
+    fused: float | None = None
     if (
         len(packed.tables) == 1
         and not packed.copies
         and total_norm is None
         and not error_if_nonfinite
         and not needs_rescale(ord_code, False)
+        # float64 per-array norms and complex128 take the launches below
         and (packed.dtype != np.float64 or not per_array)
         and packed.tables[0].like.dtype != np.complex128
     ):
         t = packed.tables[0]
         if packed.dtype == np.float64:  # two-factor coefficients, robust_norm's rescaling
-            value = _table_wide(packed, ord_code, p, max_norm, eps)
+            fused = _table_wide(packed, ord_code, p, max_norm, eps)
         elif per_array:  # the same fused launch, also keeping each array's power sum
-            value, per = _per_array.clip_with_norms(t, ord_code, p, max_norm, eps)
+            fused, per = _per_array.clip_with_norms(t, ord_code, p, max_norm, eps)
         else:
             args = (t.addrs, t.sizes, t.like, ord_code, p, max_norm, eps, cfg.CHUNK)
-            value = float(run("tab_clip", t.n, *args))
-    if value is None:
+            fused = float(run("tab_clip", t.n, *args))
+    if fused is not None:
+        value = fused
+    else:
         value, per = _norms(
             packed, len(arrays), ord_code, p, total_norm, error_if_nonfinite, per_array
         )
