@@ -141,7 +141,7 @@ def _scale_whole(src: np.ndarray, dst: np.ndarray, coef: float, coef2: float) ->
 
 def _whole_wide(
     src: np.ndarray, dst: np.ndarray, ord_code: int, p: float, max_norm: float, eps: float
-) -> float | None:
+) -> float:
     """The fused float64 clip of a flat array (``arr_clip_wide``): its norm, bit for bit
     ``_flat_norm`` and the scaling by ``coefficient_parts`` (which it replaces)."""
     args = (src, dst, ord_code, p, max_norm, eps, dst is src, cfg.CHUNK)
@@ -152,9 +152,7 @@ def _whole_wide(
     return float(value)
 
 
-def _table_wide(
-    packed: Packed, ord_code: int, p: float, max_norm: float, eps: float
-) -> float | None:
+def _table_wide(packed: Packed, ord_code: int, p: float, max_norm: float, eps: float) -> float:
     """The fused in-place float64 clip of one table (``tab_clip_wide``): its norm, bit
     for bit ``Packed.norm`` and ``Packed.scale`` by ``coefficient_parts``."""
     t = packed.tables[0]
