@@ -1,6 +1,6 @@
 # mypy: ignore-errors
 # (numba kernel code: typed by numba at compile time, not by mypy)
-"""The segment primitives every CPU kernel is built from: inline helpers, no launches.
+"""The segment primitives every CPU kernel is built from: helpers only, no kernels.
 
 Every reduction returns a float64 "power sum": sum |x|**p for finite p, or
 max |x| for p = inf (``ord_code`` 0 = inf, 1 = L1, 2 = L2, 3 = any other p).
