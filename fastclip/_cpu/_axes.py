@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .. import _config as cfg
-from .._formulas import SAFE_HI, SAFE_LO, needs_rescale, pow2_inverse, root
+from .._formulas import SAFE_HI, SAFE_LO, coefficient_parts, needs_rescale, pow2_inverse, root
 from ._launch import run
 
 
@@ -60,18 +60,59 @@ class AxisPlan:
         return run("cols_pow_sum", self.x2.size, self.x2, ord_code, p, inv, cfg.COL_TILE)
 
     def fused_clip(
-        self, ord_code: int, p: float, max_norm: float, eps: float, out_sv: np.ndarray | None
+        self,
+        ord_code: int,
+        p: float,
+        max_norm: float,
+        eps: float,
+        out_sv: np.ndarray | None,
+        wide: bool = False,
     ) -> np.ndarray | None:
-        """Norms and clip in one pass over contiguous rows (``rows_clip``), into
-        ``out_sv`` or in place; None where the plan is not such rows (the caller
-        then takes ``norms`` and ``scale``)."""
+        """Norms and clip in one pass over contiguous rows, into ``out_sv`` or in
+        place; None where the plan is not such rows (the caller then takes
+        ``norms`` and ``scale``).
+
+        ``wide``: float64 rows (``rows_clip_wide``), bit for bit ``norms`` +
+        ``coefficient_parts`` + ``scale``: two-factor coefficients in the kernel,
+        and the L2 rows whose power sums left (SAFE_LO, SAFE_HI) finished here
+        (``_finish_rescaled``); else ``rows_clip`` (one-factor coefficients).
+        """
         if self.kind != "rows" or self.copied_from is not None:
             return None
         x2 = self.x2
         dst = x2 if out_sv is None else out_sv.reshape(x2.shape)
-        return run(  # type: ignore[no-any-return]
-            "rows_clip", x2.size, x2, dst, ord_code, p, max_norm, eps, dst is x2
+        if not wide:
+            return run(  # type: ignore[no-any-return]
+                "rows_clip", x2.size, x2, dst, ord_code, p, max_norm, eps, dst is x2
+            )
+        norms, sums, invs = run(
+            "rows_clip_wide", x2.size, x2, dst, ord_code, p, max_norm, eps, dst is x2
         )
+        rescaled = invs != 0.0
+        if rescaled.any():
+            norms = self._finish_rescaled(dst, rescaled, norms, sums, invs, p, max_norm, eps)
+        return norms  # type: ignore[no-any-return]
+
+    def _finish_rescaled(
+        self,
+        dst: np.ndarray,
+        rescaled: np.ndarray,
+        norms: np.ndarray,
+        sums: np.ndarray,
+        invs: np.ndarray,
+        p: float,
+        max_norm: float,
+        eps: float,
+    ) -> np.ndarray:
+        """The rows ``rows_clip_wide`` left unscaled: their norms with ``norms``'
+        NumPy arithmetic (on arrays of all rows, as there), then their scaling."""
+        inv = np.where(rescaled, invs, 1.0)
+        norms = np.where(rescaled, root(sums, 3, p) / inv, norms)
+        rows = np.flatnonzero(rescaled)
+        c, c2 = coefficient_parts(norms[rows], max_norm, eps, "clip")
+        x2 = self.x2
+        run("rows_scale_at", rows.size * x2.shape[1], x2, dst, rows, c, c2, dst is x2)
+        return norms
 
     def norms(self, ord_code: int, p: float, wide: bool) -> np.ndarray:
         """Norm of every slice, rescaled by its max where power sums over/underflow."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .._errors import nonfinite_error, out_of_place_hint
-from .._formulas import coefficient_parts, int_bound, needs_rescale, robust_norm
+from .._formulas import coefficient_parts, int_bound, needs_rescale, robust_norm, root
 from .._memory import check_self_overlap
 from . import _per_array
 from ._adapters import float_storage, ml_dtypes_hint, norm_dtype
@@ -82,12 +82,14 @@ def rescale(
         plan = AxisPlan(sv, axes)
         target = None if inplace else out_sv
         values = None
-        # As for whole arrays (_clip_whole): the fused kernel computes one-factor
-        # coefficients itself, so float64 data, whose coefficients may need two, and
-        # ord_code 3 (rescaled power sums) take the two launches below.
-        if mode == "clip" and ord_code <= 2 and sv.dtype not in _WIDE_STORAGE:
-            if np.ndim(max_norm) == 0:
-                values = plan.fused_clip(ord_code, p, float(max_norm), eps, target)
+        # One fused launch for contiguous rows: float32/16-bit data with one-factor
+        # coefficients (rows_clip), float64 with two-factor ones and the L2
+        # rescaling of AxisPlan.norms (rows_clip_wide).  complex128, ord_code 3
+        # (rescaled power sums of any p) and per-row bounds take the two launches.
+        if mode == "clip" and ord_code <= 2 and np.ndim(max_norm) == 0:
+            if sv.dtype not in _WIDE_STORAGE or sv.dtype == np.float64:
+                wide = sv.dtype == np.float64
+                values = plan.fused_clip(ord_code, p, float(max_norm), eps, target, wide)
         if values is None:
             values = plan.norms(ord_code, p, dtype == np.float64)
             coefs, coefs2 = coefficient_parts(values, max_norm, eps, mode)
@@ -112,21 +114,64 @@ def _clip_whole(
     contiguous = sv.flags.c_contiguous
     src = sv.reshape(-1) if contiguous else np.ascontiguousarray(sv).reshape(-1)
     dst = src if inplace else out_sv.reshape(-1)  # out_sv is freshly allocated, contiguous
-    # The fused kernel computes its coefficient itself: float64 data take the two
-    # calls below, whose coefficient may need two factors (coefficient_parts).
+    # One fused launch: arr_clip (one-factor coefficient) for 32/16-bit data,
+    # arr_clip_wide for float64 (two factors, the L2 rescaling of robust_norm);
+    # complex128 and ord_code 3 take the two calls below.
+    value: float | None = None
     if mode == "clip" and ord_code <= 2 and sv.dtype not in _WIDE_STORAGE:
         value = float(
             run("arr_clip", src.size, src, dst, ord_code, p, max_norm, eps, dst is src, cfg.CHUNK)
         )
-    else:
+    elif mode == "clip" and ord_code <= 2 and sv.dtype == np.float64:
+        value = _whole_wide(src, dst, ord_code, p, max_norm, eps)
+    if value is None:
         value = _flat_norm(src, ord_code, p)
-        coef, coef2 = _coefficients(value, max_norm, eps, mode)
-        run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
-        if coef2 != 1.0:
-            run("arr_scale", dst.size, dst, dst, coef2, True, cfg.CHUNK)
+        _scale_whole(src, dst, *_coefficients(value, max_norm, eps, mode))
     if inplace and not contiguous:
         sv[...] = src.reshape(sv.shape)  # copy out
     return value
+
+
+def _scale_whole(src: np.ndarray, dst: np.ndarray, coef: float, coef2: float) -> None:
+    """dst = (src * coef) * coef2, the second factor a pass of its own where it is not 1."""
+    run("arr_scale", src.size, src, dst, coef, dst is src, cfg.CHUNK)
+    if coef2 != 1.0:
+        run("arr_scale", dst.size, dst, dst, coef2, True, cfg.CHUNK)
+
+
+def _whole_wide(
+    src: np.ndarray, dst: np.ndarray, ord_code: int, p: float, max_norm: float, eps: float
+) -> float:
+    """The fused float64 clip of a flat array (``arr_clip_wide``): its norm, bit for bit
+    ``_flat_norm`` and the scaling by ``coefficient_parts`` (which it replaces)."""
+    args = (src, dst, ord_code, p, max_norm, eps, dst is src, cfg.CHUNK)
+    value, total, inv = run("arr_clip_wide", src.size, *args)
+    if inv != 0.0:  # left unscaled: finish as robust_norm and the two calls do
+        value = _rescaled_root(total, inv, p)
+        _scale_whole(src, dst, *_coefficients(value, max_norm, eps, "clip"))
+    return float(value)
+
+
+def _table_wide(packed: Packed, ord_code: int, p: float, max_norm: float, eps: float) -> float:
+    """The fused in-place float64 clip of one table (``tab_clip_wide``): its norm, bit
+    for bit ``Packed.norm`` and ``Packed.scale`` by ``coefficient_parts``."""
+    t = packed.tables[0]
+    args = (t.addrs, t.sizes, t.like, ord_code, p, max_norm, eps, cfg.CHUNK)
+    value, total, inv = run("tab_clip_wide", t.n, *args)
+    if inv != 0.0:  # left unscaled: finish as Packed.norm and the two launches do
+        value = _rescaled_root(total, inv, p)
+        coef, coef2 = _coefficients(value, max_norm, eps, "clip")
+        packed.scale(coef)
+        if coef2 != 1.0:
+            packed.scale(coef2)
+    return float(value)
+
+
+def _rescaled_root(total: float, inv: float, p: float) -> float:
+    """``robust_norm``'s rescaled norm from the power sum of the data times ``inv``
+    (the sum and ``inv`` a ``*_clip_wide`` kernel returned), in the same NumPy
+    arithmetic."""
+    return float(root(float(total), 3, p)) / float(inv)
 
 
 def _coefficients(value: float, max_norm: float, eps: float, mode: str) -> tuple[float, float]:
@@ -233,20 +278,27 @@ def clip_global(
         return ([out], norm_value, norm_value.reshape(1)) if per_array else ([out], norm_value)
     packed = pack(lib, arrays, what, writing=True)
     per = None
+    fused: float | None = None
     if (
         len(packed.tables) == 1
         and not packed.copies
         and total_norm is None
         and not error_if_nonfinite
         and not needs_rescale(ord_code, False)
-        and packed.dtype != np.float64  # its coefficient may need two factors
+        # float64 per-array norms and complex128 take the launches below
+        and (packed.dtype != np.float64 or not per_array)
+        and packed.tables[0].like.dtype != np.complex128
     ):
         t = packed.tables[0]
-        if per_array:  # the same fused launch, also keeping each array's power sum
-            value, per = _per_array.clip_with_norms(t, ord_code, p, max_norm, eps)
+        if packed.dtype == np.float64:  # two-factor coefficients, robust_norm's rescaling
+            fused = _table_wide(packed, ord_code, p, max_norm, eps)
+        elif per_array:  # the same fused launch, also keeping each array's power sum
+            fused, per = _per_array.clip_with_norms(t, ord_code, p, max_norm, eps)
         else:
             args = (t.addrs, t.sizes, t.like, ord_code, p, max_norm, eps, cfg.CHUNK)
-            value = float(run("tab_clip", t.n, *args))
+            fused = float(run("tab_clip", t.n, *args))
+    if fused is not None:
+        value = fused
     else:
         value, per = _norms(
             packed, len(arrays), ord_code, p, total_norm, error_if_nonfinite, per_array
