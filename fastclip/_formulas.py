@@ -11,7 +11,7 @@ clamped to 1).  Its one special case, the **zero-norm rule**: when
 ``eps > 0`` follows the formula, so ``max_norm = 0`` gives 0 as in torch and
 Opacus (``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)``).  NaN propagates
 (``NaN >= 1`` is false) and an infinite norm gives 0.  The CUDA kernels
-(``_gpu/*.cu``) and the Numba kernels (``_cpu/_kernels.py``,
+(``_gpu/*.cu``) and the Numba kernels (``_cpu/_segments.py``,
 ``_cpu/_optim_kernels.py``) write the same rule in their own languages;
 ``tests/api/test_zero_norm_rule.py`` checks every route against this module.
 """

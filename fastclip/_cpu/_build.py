@@ -3,7 +3,9 @@
 ``jit_pair(func)`` gives each kernel a serial and a ``parallel=True`` twin,
 created on first use (``functools.cache``) and compiled by numba on first call
 per dtype, never at import; ``kernel(name, parallel)`` finds ``name`` in
-``_kernels``, ``_header_kernels``, ``_optim_kernels`` or ``_per_sample_kernels``.  Both are cached on disk (``cache=True``) under distinct qualified
+``_kernels`` (which re-exports the per-axis kernels of ``_axis_kernels``),
+``_header_kernels``, ``_optim_kernels``, ``_per_sample_kernels`` or
+``_wide_kernels``.  Both are cached on disk (``cache=True``) under distinct qualified
 names so their cache files never collide; where no cache location is
 writable numba raises at decoration time, and we fall back to an uncached
 dispatcher rather than fail.
