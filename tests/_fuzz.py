@@ -46,10 +46,15 @@ def as64(x: Any) -> np.ndarray:
 
 
 def assert_matches(
-    got: Any, want64: np.ndarray, dtype: np.dtype, rtol: float | None = None
+    got: Any,
+    want64: np.ndarray,
+    dtype: np.dtype,
+    rtol: float | None = None,
+    atol_in_subnormals: float = 4.0,
 ) -> None:
     """``got`` (in ``dtype``) equals the float64 reference rounded to ``dtype``
-    (within ``dtype``'s tolerance, or ``rtol``)."""
+    (within ``dtype``'s tolerance, or ``rtol``; absolutely within
+    ``atol_in_subnormals`` times ``dtype``'s smallest subnormal)."""
     got = np.asarray(got)
     assert got.shape == np.shape(want64), (got.shape, np.shape(want64))
     with np.errstate(all="ignore"):
@@ -62,7 +67,7 @@ def assert_matches(
     tiny = float(np.finfo(np.float16 if real.itemsize == 2 else real).smallest_subnormal)
     if rtol is None:
         rtol = {2: 2e-2, 4: 3e-5, 8: 1e-10}.get(real.itemsize, 1e-10)
-    np.testing.assert_allclose(g, want, rtol=rtol, atol=4 * tiny, equal_nan=True)
+    np.testing.assert_allclose(g, want, rtol=rtol, atol=atol_in_subnormals * tiny, equal_nan=True)
 
 
 def call(fn: Any, *args: Any, **kw: Any) -> tuple[Any, BaseException | None]:

@@ -122,8 +122,15 @@ def test_adamw_step_contract(
                 wd,
                 coef,
             )
-        for got_, want_ in zip((p, m, v), want[:3]):
-            assert_matches(got_, want_, np.dtype(dtype))
+        # float32 moments of subnormal gradients (|g| ~ 1e-40) are rounded on the
+        # subnormal grid (4 smallest subnormals at most: m = b1 * 0 + (1 - b1) * g * coef),
+        # and the update divides m by (1 - b1) and by sqrt(v) + eps >= eps: the
+        # parameter's error grows to lr / ((1 - b1) * eps) times that.  torch.optim's
+        # float32 AdamW gives fastclip's bits there (lr=1, betas=(0.1, 0), wd=1,
+        # grads of 1e-40: both -4.1161742e-33 where float64 gives -4.1163142e-33).
+        p_atol = 4.0 * max(1.0, float(lr) / ((1.0 - float(b1)) * 1e-8))
+        for got_, want_, atol in zip((p, m, v), want[:3], (p_atol, 4.0, 4.0)):
+            assert_matches(got_, want_, np.dtype(dtype), atol_in_subnormals=atol)
 
 
 @given(
