@@ -528,3 +528,31 @@ def test_pickled_fused_adamw_and_its_state_dict_round_trip() -> None:
     clipped = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ZClip())
     again = pickle.loads(pickle.dumps(clipped))
     assert type(again) is ClippedOptimizer and type(again.clipper) is ZClip
+
+
+def test_adamw_step_of_subnormal_float32_gradients_rounds_as_torch() -> None:
+    """float32 moments of gradients ~1e-40 lie on the subnormal grid, and the
+    update divides them by ~eps: the parameters leave the float64 formula by
+    up to lr / ((1 - b1) eps) subnormals (3e-5 relative here), and torch.optim's
+    float32 AdamW leaves it the same way.  A fuzzer find: the step is float32
+    arithmetic, as torch's, not an error."""
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in (5, (2, 3))]
+    grads = [(rng.standard_normal(p.shape) * 1e-40).astype(np.float32) for p in params]
+    p64 = [p.astype(np.float64) for p in params]
+    tp = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+    for t, g in zip(tp, grads):
+        t.grad = torch.from_numpy(g.copy())
+    torch.optim.AdamW(tp, lr=1.0, betas=(0.1, 0.0), weight_decay=1.0, foreach=False).step()
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    adamw_step_(params, grads, ms, vs, step=1, lr=1.0, betas=(0.1, 0.0), weight_decay=1.0)
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    bound = 4 * tiny * 1.0 / ((1 - 0.1) * 1e-8)
+    for p, t, pw, g in zip(params, tp, p64, grads):
+        np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-6, atol=0)
+        z = np.zeros_like(pw)
+        want = reference.adamw_step(
+            pw, g.astype(np.float64), z, z.copy(), None, 1, 1.0, 0.1, 0.0, 1e-8, 1.0, 1.0
+        )[0]
+        np.testing.assert_allclose(p, want, rtol=3e-5, atol=bound)
