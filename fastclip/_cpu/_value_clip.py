@@ -22,7 +22,6 @@ from ._adapters import ml_dtypes_hint
 from ._launch import run
 from ._pack import pack
 
-
 _DTYPE = operator.attrgetter("dtype")
 
 
