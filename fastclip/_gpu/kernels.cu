@@ -51,11 +51,15 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 
 // ------------------------------------------------------------- reductions
 
+// |a| for the max (ord_code 0) and L1, |a|**2 for L2, |a|**p otherwise.  The max
+// must not fall through to pow: the drivers pass p = inf with ord_code 0, and
+// pow(|a|, inf) is inf for every |a| > 1 (the host-compiled kernels gave the max
+// norm of [0.5, -2, 1.5] as inf, tests/gpu/emulated/test_gpu_coef_host_compiled.py).
 template <typename A>
 __device__ __forceinline__ A pow_term(A a, int ord_code, double p) {
     a = fabs(a);
     if (ord_code == 2) return a * a;
-    if (ord_code == 1) return a;
+    if (ord_code == 1 || ord_code == 0) return a;
     return (A)pow((double)a, p);
 }
 
