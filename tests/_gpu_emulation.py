@@ -167,7 +167,12 @@ def cpu_rescale(x: np.ndarray, c: float | None, ord: float, axis: Any = None) ->
 
 
 def gpu_rescale(
-    gpu: Any, lib: Any, x: np.ndarray, c: float | None, ord: float, axes: Any = None,
+    gpu: Any,
+    lib: Any,
+    x: np.ndarray,
+    c: float | None,
+    ord: float,
+    axes: Any = None,
     inplace: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The GPU driver's clip_by_norm / normalize of x (eps = 0) under ``lib``: (out, norms)."""
@@ -197,8 +202,9 @@ def check_two_factor_cases(gpu: Any, lib: Any, ord: float) -> None:
     ``coefficient_parts`` of the GPU's norm, bit for bit the CPU route's result where
     the two routes' norms agree (ord 1 and inf here; an L2 sum may round otherwise),
     and within 1e-13 of the exact rationals."""
-    import fastclip
     import reference as ref
+
+    import fastclip
 
     def close(got: np.ndarray, want: np.ndarray) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=2e-323)
@@ -243,7 +249,7 @@ def check_two_factor_cases(gpu: Any, lib: Any, ord: float) -> None:
         base[::2] = np.append(x[2:], 1e99)
         b = base[::2]
         t = float(ref.global_norm([a, b.copy()], ord))
-        cpu_outs, cpu_total = fastclip.clip_by_global_norm([a, b], c, ord=ord, eps=0.0)
+        cpu_outs, _ = fastclip.clip_by_global_norm([a, b], c, ord=ord, eps=0.0)
         code, p = ORD_CODES[ord]
         outs, total = gpu.clip_global(lib, [a, b], c, code, p, 0.0, None, False, False)
         for o, y, w in zip(outs, (a, b), cpu_outs, strict=True):

@@ -174,16 +174,8 @@ __global__ void fastclip_partial_pow_sum(const u64* ptrs, const i64* sizes,
     }
 }
 
-// The coefficient of norm for mode 1 (clip: min(1, max_norm / (norm + eps))) and
-// mode 2 (normalise: 1 / (norm + eps)), the zero-norm rule of fastclip/_formulas.py
-// included (0 / 0 clips by 1, not NaN); NaN propagates.
-__device__ __forceinline__ double coefficient(double norm, double max_norm, double eps, int mode) {
-    double den = norm + eps;
-    double r = (mode == 2) ? 1.0 / den : max_norm / den;
-    return (mode == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
-}
-
-// The same coefficient as two factors (c, c2), fastclip/_formulas.py's
+// The coefficient base of norm (mode 1: clip, 2: normalise; as the kernels
+// below compute it) as two factors (c, c2), fastclip/_formulas.py's
 // coefficient_parts with log2_split 1000, operation for operation: c2 is a power
 // of two, 1 except where num / den (num = max_norm, 1 to normalise) lies beyond
 // 2**+-1000.  One float64 factor there is subnormal, 0 or inf although the scaled
@@ -191,7 +183,8 @@ __device__ __forceinline__ double coefficient(double norm, double max_norm, doub
 // 0; data of subnormal norm normalised came out NaN and inf); (x * c) * c2 is
 // exact up to one rounding, as |x| <= norm keeps x * c in range.
 __device__ __forceinline__ void coefficient_parts(double norm, double max_norm, double eps,
-                                                  int mode, double* c, double* c2) {
+                                                  int mode, double base, double* c,
+                                                  double* c2) {
     const double big = 1.0715086071862673e301;  // 2**1000 exactly
     double den = norm + eps;
     double num = (mode == 2) ? 1.0 : max_norm;
@@ -207,7 +200,7 @@ __device__ __forceinline__ void coefficient_parts(double norm, double max_norm, 
         *c = (num / big) / den;
         *c2 = 1.0 * big;
     } else {
-        *c = coefficient(norm, max_norm, eps, mode);
+        *c = base;
         *c2 = 1.0;
     }
 }
@@ -232,8 +225,13 @@ __global__ void fastclip_finish(const double* partials, i64 n, int ord_code, dou
         else norm = pow(v, 1.0 / p);
         if (norm_out != nullptr) norm_out[0] = (N)norm;
         if (coef_out != nullptr) {
-            if (mode >= 3) coefficient_parts(norm, max_norm, eps, mode - 2, coef_out, coef_out + 1);
-            else coef_out[0] = coefficient(norm, max_norm, eps, mode);
+            int m = (mode >= 3) ? mode - 2 : mode;
+            double den = norm + eps;
+            double r = (m == 2) ? 1.0 / den : max_norm / den;
+            // clip: 1 when r >= 1, and for a zero norm with eps = 0 (0 / 0: nothing to clip)
+            r = (m == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
+            if (mode >= 3) coefficient_parts(norm, max_norm, eps, m, r, coef_out, coef_out + 1);
+            else coef_out[0] = r;
         }
     }
 }
@@ -383,8 +381,13 @@ __global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int ord_code,
         double norm = (ord_code == 0 || ord_code == 1) ? v : (ord_code == 2 ? sqrt(v) : pow(v, 1.0 / p));
         norms_out[i] = (N)norm;
         if (coefs != nullptr) {
-            if (mode >= 3) coefficient_parts(norm, max_norm, eps, mode - 2, coefs + i, coefs + n + i);
-            else coefs[i] = coefficient(norm, max_norm, eps, mode);
+            int m = (mode >= 3) ? mode - 2 : mode;
+            double den = norm + eps;
+            double r = (m == 2) ? 1.0 / den : max_norm / den;
+            // clip: the zero-norm rule of fastclip/_formulas.py (0 / 0 gives 1, not NaN)
+            r = (m == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
+            if (mode >= 3) coefficient_parts(norm, max_norm, eps, m, r, coefs + i, coefs + n + i);
+            else coefs[i] = r;
         }
     }
 }

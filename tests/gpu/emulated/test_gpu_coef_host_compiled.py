@@ -52,24 +52,60 @@ CXX, SHIM, CTYPE = _WIDE.CXX, _WIDE.SHIM, _WIDE.CTYPE
 #: ctypes kinds: p pointer, q int64, i int, d double), in the .cu's order.
 KERNELS: dict[str, tuple[str, ...]] = {
     "fastclip_partial_pow_sum": (
-        "const u64*", "const i64*", "const i64*", "const i64*", "i64", "i64", "int",
-        "double", "double*",
+        "const u64*",
+        "const i64*",
+        "const i64*",
+        "const i64*",
+        "i64",
+        "i64",
+        "int",
+        "double",
+        "double*",
     ),
     "fastclip_finish": (
-        "const double*", "i64", "int", "double", "double", "double", "int",
-        "const double*", "N*", "double*",
+        "const double*",
+        "i64",
+        "int",
+        "double",
+        "double",
+        "double",
+        "int",
+        "const double*",
+        "N*",
+        "double*",
     ),
     "fastclip_scale": (
-        "const u64*", "const u64*", "const i64*", "const i64*", "const i64*", "i64", "i64",
+        "const u64*",
+        "const u64*",
+        "const i64*",
+        "const i64*",
+        "const i64*",
+        "i64",
+        "i64",
         "const double*",
     ),
     "fastclip_tensor_norms": (
-        "const double*", "const i64*", "i64", "i64", "const i64*", "int", "double", "N*",
+        "const double*",
+        "const i64*",
+        "i64",
+        "i64",
+        "const i64*",
+        "int",
+        "double",
+        "N*",
     ),
     "fastclip_rows_pow_sum": ("const T*", "i64", "i64", "int", "double", "double*"),
     "fastclip_cols_pow_sum": ("const T*", "i64", "i64", "int", "double", "double*"),
     "fastclip_axis_coefs": (
-        "const double*", "i64", "int", "double", "double", "double", "int", "N*", "double*",
+        "const double*",
+        "i64",
+        "int",
+        "double",
+        "double",
+        "double",
+        "int",
+        "N*",
+        "double*",
     ),
     "fastclip_axis_scale": ("const T*", "T*", "i64", "i64", "i64", "const double*"),
 }
@@ -226,7 +262,6 @@ def test_a_broken_c2_in_the_cuda_source_is_caught(
     _use(_build(pathlib.Path(str(tmp_path)), broken), monkeypatch)
     with pytest.raises(AssertionError):
         _gpu_emulation.check_two_factor_cases(gpu, HostLib, 1)
-
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])

@@ -370,8 +370,9 @@ def test_two_factor_edge_values():
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_array_equal(g, w)
     # the one-factor modes (fused steps) are unchanged: the clamped quotient
-    np.testing.assert_array_equal(coefficient(norms, 1e-300, 0.0, 1),
-                                  _formulas.clip_coefficients(norms, 1e-300, 0.0, "clip"))
+    np.testing.assert_array_equal(
+        coefficient(norms, 1e-300, 0.0, 1), _formulas.clip_coefficients(norms, 1e-300, 0.0, "clip")
+    )
 
 
 def test_scale_with_a_given_factor_multiplies_once():
