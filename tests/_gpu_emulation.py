@@ -39,6 +39,46 @@ def root(v: float, ord_code: int, p: float) -> float:
     return math.sqrt(v) if ord_code == 2 else v ** (1.0 / p)
 
 
+def coefficient(norm: Any, max_norm: float, eps: float, mode: int) -> Any:
+    """kernels.cu's ``coefficient``, elementwise: mode 1 clips (zero-norm rule:
+    ``norm + eps == 0`` gives 1), mode 2 normalises; NaN propagates."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = np.float64(norm) + eps
+        r = 1.0 / den if mode == 2 else max_norm / den
+        return np.where((mode == 1) & ((r >= 1.0) | (den == 0.0)), 1.0, r)
+
+
+def coefficient_parts(norm: Any, max_norm: float, eps: float, mode: int) -> tuple[Any, Any]:
+    """kernels.cu's ``coefficient_parts``, transcribed elementwise: (c, c2), c2 = 2**-1000
+    where ``num / den`` < 2**-1000, 2**1000 where a normalisation's quotient > 2**1000."""
+    big = 2.0**1000
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = np.float64(norm) + eps
+        num = 1.0 if mode == 2 else max_norm
+        finite = (den == den) & (den <= np.finfo(np.float64).max)
+        under = (num > 0.0) & finite & (den / big > num)
+        over = (mode == 2) & (den > 0.0) & (den * big < num)
+        c = np.where(
+            under,
+            (num * big) / den,
+            np.where(over, (num / big) / den, coefficient(norm, max_norm, eps, mode)),
+        )
+        c2 = np.where(under, 1.0 / big, np.where(over, 1.0 * big, 1.0))
+    return c, c2
+
+
+def scaled2(x: np.ndarray, c: Any, c2: Any) -> np.ndarray:
+    """kernels.cu's ``scaled2``: (x * c) * c2, each product in float64 rounded once to
+    the accumulator type (float64 for float64 data, else float32), the first one also
+    to the storage type before the second (as a second pass over memory)."""
+    dt = x.dtype
+    acc = np.float64 if dt == np.float64 else np.float32
+    c2 = np.broadcast_to(np.asarray(c2, np.float64), x.shape)
+    first = (x.astype(np.float64) * c).astype(acc)
+    second = (first.astype(dt).astype(np.float64) * c2).astype(acc)
+    return np.where(c2 != 1.0, second, first).astype(dt)
+
+
 def mem(
     ptr: int, n: int, dtype: Any, *, null_is_empty: bool = False, regions: Any = None
 ) -> np.ndarray:
@@ -88,3 +128,135 @@ class HostLib:
     def host_float(cls, x: Any) -> float:
         cls.syncs += 1
         return float(x)
+
+
+# ------------------------------------------- coefficients beyond 2**+-1000 (two factors)
+
+#: ord -> (ord_code, p) as the drivers pass them.
+ORD_CODES = {1: (1, 1.0), 2: (2, 2.0), math.inf: (0, math.inf), 3: (3, 3.0)}
+#: (name, float64 data, max_norm or None to normalise, the ords it is checked for):
+#: quotients beyond 2**+-1000, the cases of tests/api/test_coefficient_range.py (one
+#: float64 factor gives 0, NaN or inf).  The GPU route's L2 and general-p power sums
+#: are not rescaled (kernels.cu: 1e300**2 is inf, 1e-310**2 is 0), so the cases whose
+#: power sum leaves float64's range are checked for ord 1 and inf only.
+COEF_CASES = [
+    ("clip 1e300 to 1e-300", [1e300, -2e300, 3e299], 1e-300, (1, math.inf)),
+    ("clip 1e200 to 1e-200", [5e200, 1e200], 1e-200, (1, math.inf)),
+    ("clip 1e100 to 1e-300", [1e100, -2e100, 5e99], 1e-300, (1, 2, math.inf, 3)),
+    ("normalize subnormal", [0.0, 1e-310, -2e-310], None, (1, math.inf)),
+    ("normalize smallest subnormals", [5e-324, 1e-323], None, (1, math.inf)),
+    ("normalize near float64's max", [6e307, -8e307], None, (1, math.inf)),
+]
+
+
+def exact_scaled(x: np.ndarray, num: float, den: float) -> np.ndarray:
+    """x * num / den, every element rounded once to float64 (exact rationals)."""
+    from fractions import Fraction
+
+    q = Fraction(num) / Fraction(den)
+    return np.array([float(Fraction(float(v)) * q) for v in x.reshape(-1)]).reshape(x.shape)
+
+
+def cpu_rescale(x: np.ndarray, c: float | None, ord: float, axis: Any = None) -> np.ndarray:
+    """The CPU route's clip_by_norm (c given) or normalize (c None), eps = 0."""
+    import fastclip
+
+    if c is None:
+        return np.asarray(fastclip.normalize(x, ord=ord, eps=0.0, axis=axis))
+    return np.asarray(fastclip.clip_by_norm(x, c, ord=ord, eps=0.0, axis=axis))
+
+
+def gpu_rescale(
+    gpu: Any,
+    lib: Any,
+    x: np.ndarray,
+    c: float | None,
+    ord: float,
+    axes: Any = None,
+    inplace: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The GPU driver's clip_by_norm / normalize of x (eps = 0) under ``lib``: (out, norms)."""
+    code, p = ORD_CODES[ord]
+    mode = "normalize" if c is None else "clip"
+    out, norms = gpu.rescale(lib, x, code, p, axes, 1.0 if c is None else c, 0.0, mode, inplace)
+    return out, np.asarray(norms)
+
+
+def two_factor_reference(x: np.ndarray, norms: Any, c: float | None, axes: Any) -> np.ndarray:
+    """(x * c) * c2 with the CPU route's ``coefficient_parts`` of the given norms
+    (in float64, ``norms`` broadcast over the reduced ``axes``)."""
+    from fastclip import _formulas
+
+    n = np.asarray(norms, np.float64)
+    if axes is not None:
+        n = np.expand_dims(n, axes)
+    mode = "normalize" if c is None else "clip"
+    c1, c2 = _formulas.coefficient_parts(n, 1.0 if c is None else c, 0.0, mode)
+    return (x * c1) * c2
+
+
+def check_two_factor_cases(gpu: Any, lib: Any, ord: float) -> None:
+    """Every COEF_CASES case through the GPU driver, whole array (in and out of place),
+    rows and columns next to an ordinary row, the copied-in layout, and a list clipped
+    by its global norm: bit for bit (x * c) * c2 with the CPU route's
+    ``coefficient_parts`` of the GPU's norm, bit for bit the CPU route's result where
+    the two routes' norms agree (ord 1 and inf here; an L2 sum may round otherwise),
+    and within 1e-13 of the exact rationals."""
+    import reference as ref
+
+    import fastclip
+
+    def close(got: np.ndarray, want: np.ndarray) -> None:
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=2e-323)
+
+    def same(got: np.ndarray, norms: Any, x: np.ndarray, axes: Any, cpu: np.ndarray) -> None:
+        np.testing.assert_array_equal(got, two_factor_reference(x, norms, c, axes))
+        if ord in (1, math.inf):
+            np.testing.assert_array_equal(got, cpu)
+
+    for _, data, c, ords in COEF_CASES:
+        if ord not in ords:
+            continue
+        x = np.asarray(data, np.float64)
+        n = float(ref.norm(x, ord))
+        want = x.copy() if c is not None and c >= n else exact_scaled(x, c or 1.0, n)
+        cpu = cpu_rescale(x, c, ord)
+        out, norm = gpu_rescale(gpu, lib, x.copy(), c, ord)
+        same(out, norm, x, None, cpu)
+        close(out, want)
+        work = x.copy()
+        gpu_rescale(gpu, lib, work, c, ord, inplace=True)
+        np.testing.assert_array_equal(work, out)
+        # row 0 needs two factors, row 1 (ordinary data) one: both in one launch
+        other = np.asarray([3.0, 4.0, 12.0][: len(data)])
+        rows = np.stack([x, other])
+        got, norms = gpu_rescale(gpu, lib, rows.copy(), c, ord, (1,))
+        same(got, norms, rows, (1,), cpu_rescale(rows, c, ord, axis=1))
+        close(got[0], want)
+        cols = rows.T.copy()
+        _, norms = gpu_rescale(gpu, lib, cols, c, ord, (0,), inplace=True)
+        same(cols, norms, rows.T, (0,), cpu_rescale(rows.T.copy(), c, ord, axis=0))
+        close(cols[:, 0], want)
+        # the copied-in layout: reduction over the middle axis of [1, n, 2]
+        cube = np.ascontiguousarray(np.stack([x, other], axis=1)[None])
+        got, norms = gpu_rescale(gpu, lib, cube, c, ord, (1,))
+        same(got, norms, cube, (1,), cpu_rescale(cube, c, ord, axis=1))
+        close(got[0, :, 0], want)
+        if c is None:
+            continue
+        # global lists: the second array strided, out of place and in place
+        a, base = x[:2].copy(), np.zeros(2 * (len(x) - 1))
+        base[::2] = np.append(x[2:], 1e99)
+        b = base[::2]
+        t = float(ref.global_norm([a, b.copy()], ord))
+        cpu_outs, _ = fastclip.clip_by_global_norm([a, b], c, ord=ord, eps=0.0)
+        code, p = ORD_CODES[ord]
+        outs, total = gpu.clip_global(lib, [a, b], c, code, p, 0.0, None, False, False)
+        for o, y, w in zip(outs, (a, b), cpu_outs, strict=True):
+            same(o, total, y, None, w)
+        close(outs[0], exact_scaled(a, c, t))
+        gaps = base[1::2].copy()
+        gpu.clip_global(lib, [a, b], c, code, p, 0.0, None, False, True)
+        np.testing.assert_array_equal(a, outs[0])
+        np.testing.assert_array_equal(b, outs[1])
+        np.testing.assert_array_equal(base[1::2], gaps)  # the gaps are not written

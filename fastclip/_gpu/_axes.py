@@ -1,6 +1,9 @@
 """Per-axis norms and scaling of one array on the GPU: ``fastclip_rows_pow_sum`` /
 ``fastclip_cols_pow_sum`` (one power sum per slice), ``fastclip_axis_coefs`` (the
-norms and coefficients, on the device) and ``fastclip_axis_scale``.
+norms and coefficients, on the device) and ``fastclip_axis_scale``.  The
+coefficients are the CPU route's two factors per slice (modes 3 and 4,
+``_formulas.coefficient_parts``): ``coefs[:n]`` = c, ``coefs[n:]`` = c2, applied
+as ``(x * c) * c2``.
 
 Trailing reduction axes of a contiguous array read it as [m, k] rows, leading
 ones as [k, m] columns; any other layout is copied in as [kept..., reduced...]
@@ -49,7 +52,10 @@ def axis_norms(
     norm_kind: str,
     like: Any,
 ) -> tuple[Any, Any]:
-    """Per-slice norms and coefficients of a contiguous 2-D view ([m, k] rows or [k, m] cols)."""
+    """Per-slice norms and coefficients of a contiguous 2-D view ([m, k] rows or [k, m] cols).
+
+    ``mode``: 0 (norms only), 3 (clip) or 4 (normalise); the coefficients are then
+    one float64 array of the n slices' factors c followed by their factors c2."""
     device = lib.device_id(like)
     kind = lib.kind(like)
     n_slices = a if layout == "rows" else b
@@ -84,7 +90,7 @@ def axis_norms(
             ),
         )
     norms = lib.empty((n_slices,), norm_kind, like)
-    coefs = lib.empty((max(1, n_slices),), "float64", like)
+    coefs = lib.empty((2 * max(1, n_slices),), "float64", like)
     k = _modules.kernel("core", device, "fastclip_axis_coefs", ELEMENT_TYPES[norm_kind])
     grid = elementwise_grid(n_slices, cfg.GPU_BLOCK, cfg.GPU_MAX_BLOCKS)
     k(

@@ -3,7 +3,10 @@
 Flow of a global-norm clip (one dtype): upload (or reuse) the tensor table,
 ``fastclip_partial_pow_sum`` writes one float64 partial per chunk,
 ``fastclip_finish`` reduces them and writes the norm and the clip coefficient
-to device memory, ``fastclip_scale`` reads the coefficient there.  Three
+to device memory, ``fastclip_scale`` reads the coefficient there.  The
+coefficient is a pair (c, c2) with the CPU route's two-factor rule
+(``_formulas.coefficient_parts``: c2 a power of two, 1 except where
+``max_norm / (norm + eps)`` lies beyond 2**+-1000), applied as ``(x * c) * c2``.  Three
 launches per call (plus one partial and one scale per extra dtype), whatever
 the number of tensors, and the host never waits for the device: results are
 0-d device arrays.  Only ``error_if_nonfinite=True`` reads the norm back (one
@@ -85,9 +88,9 @@ def clip_global(
             )
         per = None
         if per_array:
-            norm, coef, per = src.finish(ord_code, p, max_norm, eps, 1, given, True)
+            norm, coef, per = src.finish(ord_code, p, max_norm, eps, 3, given, True)
         else:
-            norm, coef = src.finish(ord_code, p, max_norm, eps, 1, given)
+            norm, coef = src.finish(ord_code, p, max_norm, eps, 3, given)
         if error_if_nonfinite:
             _raise_if_nonfinite(lib, src, norm, ord_code, p)
         if inplace:
@@ -104,11 +107,15 @@ def clip_global(
 def scale_(lib: Any, arrays: list[Any], factor: Any) -> None:
     with _adapters.on_device(lib, arrays[0]):
         packed = Packed(lib, arrays, "scale_", writing=True)
-        coef = (
+        one = (
             lib.to_f64(factor)
             if hasattr(factor, "shape")
             else lib.full_f64(float(factor), arrays[0])
         )
+        # fastclip_scale reads the pair (c, c2): here (factor, 1), two device copies
+        coef = lib.empty((2,), "float64", arrays[0])
+        lib.write_back(coef, lib.full_f64(1.0, arrays[0]))
+        lib.write_back(coef[0:1], lib.reshape(one, (1,)))
         packed.launch_scale(None, coef)
         lib.touched(arrays)
 
@@ -182,7 +189,7 @@ def rescale(
     check_kind(lib, x, what)
     if inplace and not lib.contiguous(x):
         check_self_overlap(tuple(x.shape), lib.strides(x), what)
-    mode_code = 1 if mode == "clip" else 2
+    mode_code = 3 if mode == "clip" else 4  # the two factors (c, c2) of coefficient_parts
     shape = tuple(x.shape)
     out = x if inplace else lib.empty_like(x)
     if axes is None or len(axes) == len(shape):

@@ -219,6 +219,8 @@ class Packed:
         return offset
 
     def launch_scale(self, dst: Packed | None, coef: Any) -> None:
+        """dst = (src * coef[0]) * coef[1] (in place without ``dst``): ``coef`` is
+        the float64 device pair of ``finish`` in modes 3 and 4, or (factor, 1)."""
         for i, g in enumerate(self.groups):
             if g.n_chunks:
                 d = g if dst is None else dst.groups[i]
@@ -247,7 +249,10 @@ class Packed:
         given: Any = None,
         per_array: bool = False,
     ) -> tuple[Any, ...]:
-        """Partials -> (0-d norm, 0-d float64 coefficient), all on the device; with
+        """Partials -> (0-d norm, float64 coefficient), all on the device: one factor
+        (0-d) for modes 1 (clip) and 2 (normalise), the two factors (c, c2) of
+        ``coefficient_parts`` (shape (2,), as ``launch_scale`` reads them) for
+        modes 3 (clip) and 4 (normalise); with
         ``per_array`` also the 1-D norms of the arrays (in the caller's order, the
         norm dtype), combined from the same partials: one more small launch per dtype."""
         lib = self.lib
@@ -306,7 +311,7 @@ class Packed:
     ) -> tuple[Any, Any]:
         lib = self.lib
         norm = lib.empty((), self.norm_kind, self.like)
-        coef = lib.empty((), "float64", self.like)
+        coef = lib.empty((2,) if mode >= 3 else (), "float64", self.like)
         k = _modules.kernel("core", self.device, "fastclip_finish", ELEMENT_TYPES[self.norm_kind])
         args = (
             ptr(partials, lib),

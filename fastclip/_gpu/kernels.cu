@@ -51,11 +51,15 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 
 // ------------------------------------------------------------- reductions
 
+// |a| for the max (ord_code 0) and L1, |a|**2 for L2, |a|**p otherwise.  The max
+// must not fall through to pow: the drivers pass p = inf with ord_code 0, and
+// pow(|a|, inf) is inf for every |a| > 1 (the host-compiled kernels gave the max
+// norm of [0.5, -2, 1.5] as inf, tests/gpu/emulated/test_gpu_coef_host_compiled.py).
 template <typename A>
 __device__ __forceinline__ A pow_term(A a, int ord_code, double p) {
     a = fabs(a);
     if (ord_code == 2) return a * a;
-    if (ord_code == 1) return a;
+    if (ord_code == 1 || ord_code == 0) return a;
     return (A)pow((double)a, p);
 }
 
@@ -170,10 +174,42 @@ __global__ void fastclip_partial_pow_sum(const u64* ptrs, const i64* sizes,
     }
 }
 
+// The coefficient base of norm (mode 1: clip, 2: normalise; as the kernels
+// below compute it) as two factors (c, c2), fastclip/_formulas.py's
+// coefficient_parts with log2_split 1000, operation for operation: c2 is a power
+// of two, 1 except where num / den (num = max_norm, 1 to normalise) lies beyond
+// 2**+-1000.  One float64 factor there is subnormal, 0 or inf although the scaled
+// data are representable (float64 data of norm 1e300 clipped to 1e-300 came out
+// 0; data of subnormal norm normalised came out NaN and inf); (x * c) * c2 is
+// exact up to one rounding, as |x| <= norm keeps x * c in range.
+__device__ __forceinline__ void coefficient_parts(double norm, double max_norm, double eps,
+                                                  int mode, double base, double* c,
+                                                  double* c2) {
+    const double big = 1.0715086071862673e301;  // 2**1000 exactly
+    double den = norm + eps;
+    double num = (mode == 2) ? 1.0 : max_norm;
+    bool finite = (den == den) && den <= 1.7976931348623157e308;  // not NaN, below inf
+    // num / den < 2**-1000: num * big cannot overflow (num < den / big)
+    bool under = (num > 0.0) && finite && (den / big > num);
+    // num / den > 2**1000: only a normalisation keeps it (a clip gives 1)
+    bool over = (mode == 2) && (den > 0.0) && (den * big < num);
+    if (under) {
+        *c = (num * big) / den;
+        *c2 = 1.0 / big;
+    } else if (over) {
+        *c = (num / big) / den;
+        *c2 = 1.0 * big;
+    } else {
+        *c = base;
+        *c2 = 1.0;
+    }
+}
+
 // One block: total = combine(partials); writes the norm (or the given total
-// norm) and the coefficient (mode 0: none, 1: clip min(1, c / (n + eps)),
-// 2: normalise 1 / (n + eps)).  NaN propagates into the coefficient; a zero
-// norm with eps = 0 clips by 1.
+// norm) and the coefficient.  mode 0: none; 1 (clip) and 2 (normalise): one
+// factor, coef_out[0] (the fused steps multiply it into their update); 3 (clip)
+// and 4 (normalise): the two factors of coefficient_parts, coef_out[0] = c and
+// coef_out[1] = c2, as fastclip_scale reads them.
 template <typename N>
 __global__ void fastclip_finish(const double* partials, i64 n, int ord_code, double p,
                                 double max_norm, double eps, int mode,
@@ -189,10 +225,13 @@ __global__ void fastclip_finish(const double* partials, i64 n, int ord_code, dou
         else norm = pow(v, 1.0 / p);
         if (norm_out != nullptr) norm_out[0] = (N)norm;
         if (coef_out != nullptr) {
+            int m = (mode >= 3) ? mode - 2 : mode;
             double den = norm + eps;
-            double r = (mode == 2) ? 1.0 / den : max_norm / den;
+            double r = (m == 2) ? 1.0 / den : max_norm / den;
             // clip: 1 when r >= 1, and for a zero norm with eps = 0 (0 / 0: nothing to clip)
-            coef_out[0] = (mode == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
+            r = (m == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
+            if (mode >= 3) coefficient_parts(norm, max_norm, eps, m, r, coef_out, coef_out + 1);
+            else coef_out[0] = r;
         }
     }
 }
@@ -230,13 +269,33 @@ __global__ void fastclip_tensor_norms(const double* partials, const i64* chunk_t
 template <typename A>
 __device__ __forceinline__ A scaled(A v, double c) { return (A)((double)v * c); }
 
-// dst_t = src_t * coef[0] for every tensor of the table (coef read on device).
+// v rounded to the storage type T and widened back: the value a first pass of
+// (x * c) * c2 leaves in memory (the CPU route scales by c2 in a second pass).
+template <typename T, typename A>
+__device__ __forceinline__ A stored(A v) {
+    T t[1];
+    st(t, 0, v);
+    return (A)ld(t, 0);
+}
+
+// (x * c) * c2 as two passes over memory would give it: the c2 multiply only
+// where c2 != 1 (one value per launch or per slice, so no divergence).
+template <typename T, typename A>
+__device__ __forceinline__ A scaled2(A v, double c, double c2) {
+    A r = scaled<A>(v, c);
+    return (c2 != 1.0) ? scaled<A>(stored<T, A>(r), c2) : r;
+}
+
+// dst_t = (src_t * coef[0]) * coef[1] for every tensor of the table (the two
+// factors of fastclip_finish's modes 3 and 4, read on device; callers with one
+// factor of their own pass coef[1] = 1).
 template <typename T>
 __global__ void fastclip_scale(const u64* src_ptrs, const u64* dst_ptrs, const i64* sizes,
                                const i64* chunk_tensor, const i64* chunk_start, i64 n_chunks,
                                i64 chunk_size, const double* coef) {
     typedef typename AccOf<T>::type A;
     const double c = coef[0];
+    const double c2 = coef[1];
     const int V = Vec<T>::V;
     for (i64 k = blockIdx.x; k < n_chunks; k += gridDim.x) {
         i64 t = chunk_tensor[k];
@@ -251,12 +310,14 @@ __global__ void fastclip_scale(const u64* src_ptrs, const u64* dst_ptrs, const i
                 Vec<T> in, out;
                 in.load(s + i * V);
 #pragma unroll
-                for (int j = 0; j < V; ++j) st(out.u.v, j, scaled<A>(ld(in.u.v, j), c));
+                for (int j = 0; j < V; ++j)
+                    st(out.u.v, j, scaled2<T, A>(ld(in.u.v, j), c, c2));
                 out.store(d + i * V);
             }
             done = nv * V;
         }
-        for (i64 i = done + threadIdx.x; i < n; i += blockDim.x) st(d, i, scaled<A>(ld(s, i), c));
+        for (i64 i = done + threadIdx.x; i < n; i += blockDim.x)
+            st(d, i, scaled2<T, A>(ld(s, i), c, c2));
     }
 }
 
@@ -309,7 +370,8 @@ __global__ void fastclip_cols_pow_sum(const T* x, i64 k, i64 m, int ord_code, do
     }
 }
 
-// norms and coefficients from power sums, elementwise (mode as in finish).
+// norms and coefficients from power sums, elementwise (mode as in finish; modes
+// 3 and 4 write the two factors, coefs[i] = c and coefs[n + i] = c2).
 template <typename N>
 __global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int ord_code, double p,
                                     double max_norm, double eps, int mode, N* norms_out,
@@ -319,21 +381,26 @@ __global__ void fastclip_axis_coefs(const double* pow_sums, i64 n, int ord_code,
         double norm = (ord_code == 0 || ord_code == 1) ? v : (ord_code == 2 ? sqrt(v) : pow(v, 1.0 / p));
         norms_out[i] = (N)norm;
         if (coefs != nullptr) {
+            int m = (mode >= 3) ? mode - 2 : mode;
             double den = norm + eps;
-            double r = (mode == 2) ? 1.0 / den : max_norm / den;
+            double r = (m == 2) ? 1.0 / den : max_norm / den;
             // clip: the zero-norm rule of fastclip/_formulas.py (0 / 0 gives 1, not NaN)
-            coefs[i] = (mode == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
+            r = (m == 1 && (r >= 1.0 || den == 0.0)) ? 1.0 : r;
+            if (mode >= 3) coefficient_parts(norm, max_norm, eps, m, r, coefs + i, coefs + n + i);
+            else coefs[i] = r;
         }
     }
 }
 
-// dst[i] = src[i] * coefs[i / inner % outer]: rows (inner = k, outer = m) or
-// columns (inner = 1, outer = m) of a contiguous array of n elements.
+// dst[i] = (src[i] * coefs[j]) * coefs[outer + j], j = i / inner % outer: rows
+// (inner = k, outer = m) or columns (inner = 1, outer = m) of a contiguous array
+// of n elements, with the two factors fastclip_axis_coefs writes in modes 3 and 4.
 template <typename T>
 __global__ void fastclip_axis_scale(const T* src, T* dst, i64 n, i64 inner, i64 outer,
                                     const double* coefs) {
     typedef typename AccOf<T>::type A;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        st(dst, i, scaled<A>(ld(src, i), coefs[(i / inner) % outer]));
+        i64 j = (i / inner) % outer;
+        st(dst, i, scaled2<T, A>(ld(src, i), coefs[j], coefs[outer + j]));
     }
 }

@@ -182,3 +182,90 @@ def test_mixed_cpu_and_gpu_raise_type_error():
         fastclip.global_norm([torch.ones(3, device="cuda"), torch.ones(3)])
     with pytest.raises(TypeError):
         fastclip.global_norm([torch.ones(3, device="cuda"), np.ones(3, np.float32)])
+
+
+def _two_factor_cases():
+    from _gpu_emulation import COEF_CASES
+
+    return [
+        pytest.param(data, c, ord, id=f"{name}-ord{ord}")
+        for name, data, c, ords in COEF_CASES
+        for ord in ords
+    ]
+
+
+@pytest.mark.parametrize(("data", "c", "ord"), _two_factor_cases())
+@pytest.mark.parametrize("lib", ["torch", "cupy"])
+def test_coefficients_beyond_float64_range_match_the_cpu_route(data, c, ord, lib):
+    """float64 [1e300, ...] clipped to 1e-300 with eps 0 is not 0; subnormal data
+    normalised are not NaN/inf: the device's two factors (c, c2), bit for bit the
+    CPU route's result (ord 1 and inf: the same norm), in and out of place, per row
+    beside an ordinary row, and for a global list."""
+    import reference as ref
+    from _gpu_emulation import cpu_rescale, exact_scaled
+
+    def dev(a):
+        a = np.ascontiguousarray(a)
+        return torch.tensor(a, device="cuda") if lib == "torch" else cupy.asarray(a)
+
+    def host(a):
+        return a.cpu().numpy() if lib == "torch" else cupy.asnumpy(a)
+
+    def call(a, axis=None, inplace=False):
+        kw = {"ord": ord, "eps": 0.0, "axis": axis}
+        if c is None:
+            return (fastclip.normalize_ if inplace else fastclip.normalize)(a, **kw)
+        return (fastclip.clip_by_norm_ if inplace else fastclip.clip_by_norm)(a, c, **kw)
+
+    x = np.asarray(data, np.float64)
+    n = float(ref.norm(x, ord))
+    want = x.copy() if c is not None and c >= n else exact_scaled(x, c or 1.0, n)
+    cpu = cpu_rescale(x, c, ord)
+    exact = ord in (1, np.inf)
+
+    def check(got, cpu_got, want_row=None):
+        if exact:
+            np.testing.assert_array_equal(got, cpu_got)
+        np.testing.assert_allclose(
+            got if want_row is None else got[0],
+            want if want_row is None else want_row,
+            rtol=1e-13,
+            atol=2e-323,
+        )
+
+    check(host(call(dev(x))), cpu)
+    d = dev(x)
+    call(d, inplace=True)
+    check(host(d), cpu)
+    rows = np.stack([x, np.asarray([3.0, 4.0, 12.0][: len(x)])])
+    check(host(call(dev(rows), axis=1)), cpu_rescale(rows, c, ord, axis=1), want)
+    cols = dev(rows.T)
+    call(cols, axis=0, inplace=True)
+    check(host(cols).T, cpu_rescale(rows.T.copy(), c, ord, axis=0).T, want)
+    if c is not None:
+        arrays = [x[:2].copy(), np.append(x[2:], 1e99)]
+        cpu_outs, _ = fastclip.clip_by_global_norm(arrays, c, ord=ord, eps=0.0)
+        t = float(ref.global_norm(arrays, ord))
+        devs = [dev(a) for a in arrays]
+        fastclip.clip_by_global_norm_(devs, c, ord=ord, eps=0.0)
+        for g, w, a in zip(devs, cpu_outs, arrays, strict=True):
+            if exact:
+                np.testing.assert_array_equal(host(g), np.asarray(w))
+            np.testing.assert_allclose(host(g), exact_scaled(a, c, t), rtol=1e-13, atol=2e-323)
+
+
+def test_two_factor_clip_has_no_host_sync(sync_error):
+    data, tiny = [1e300, -2e300, 3e299], [0.0, 1e-310]
+    x = torch.tensor(data, dtype=torch.float64, device="cuda")
+    y = fastclip.clip_by_norm(x, 1e-300, ord=1, eps=0.0)
+    rows = torch.stack([x, torch.tensor([3.0, 4.0, 12.0], dtype=torch.float64, device="cuda")])
+    rows_host = rows.cpu().numpy()
+    fastclip.clip_by_norm_(rows, 1e-300, ord=1, eps=0.0, axis=1)
+    w = fastclip.normalize(torch.tensor(tiny, dtype=torch.float64, device="cuda"), ord=1, eps=0.0)
+    torch.cuda.set_sync_debug_mode("default")
+    cpu = fastclip.clip_by_norm(np.asarray(data), 1e-300, ord=1, eps=0.0)
+    np.testing.assert_array_equal(y.cpu().numpy(), cpu)
+    assert np.all(np.asarray(cpu) != 0)
+    fastclip.clip_by_norm_(rows_host, 1e-300, ord=1, eps=0.0, axis=1)
+    np.testing.assert_array_equal(rows.cpu().numpy(), rows_host)
+    np.testing.assert_array_equal(w.cpu().numpy(), [0.0, 1.0])

@@ -20,7 +20,16 @@ import math
 import _gpu_emulation
 import numpy as np
 import pytest
-from _gpu_emulation import CTYPES, PCODES, mem, pow_sum, root
+from _gpu_emulation import (
+    CTYPES,
+    PCODES,
+    coefficient,
+    coefficient_parts,
+    mem,
+    pow_sum,
+    root,
+    scaled2,
+)
 
 from fastclip import _config as cfg
 from fastclip import _gpu as gpu
@@ -34,13 +43,6 @@ def _combine(vals, ord_code):
     if ord_code == 0:
         return np.nan if np.isnan(vals).any() else (vals.max() if vals.size else 0.0)
     return float(vals.sum())
-
-
-def _coef(norm, max_norm, eps, mode):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        den = norm + eps
-        r = 1.0 / den if mode == 2 else max_norm / den
-        return np.where((mode == 1) & ((r >= 1.0) | (den == 0.0)), 1.0, r)
 
 
 def _table(ptrs, sizes, ct, cs, nc):
@@ -68,20 +70,22 @@ def _emulate(name, targ):
         total = _combine(_mem(partials, int(n), np.float64), int(ord_code))
         norm = _mem(given, 1, np.float64)[0] if int(given) else root(total, int(ord_code), float(p))
         _mem(norm_out, 1, dt)[0] = norm
-        _mem(coef_out, 1, np.float64)[0] = _coef(norm, float(max_norm), float(eps), int(mode))
+        if int(mode) >= 3:  # the two factors (c, c2)
+            parts = coefficient_parts(norm, float(max_norm), float(eps), int(mode) - 2)
+            _mem(coef_out, 2, np.float64)[:] = parts
+        else:
+            _mem(coef_out, 1, np.float64)[0] = coefficient(norm, float(max_norm), float(eps), mode)
 
     def scale(grid, block, a):
         src, dst, sizes, ct, cs, nc, chunk, coef = a
         src_a, size_a, ct_a, cs_a = _table(src, sizes, ct, cs, int(nc))
         dst_a = _mem(dst, len(src_a), np.uint64)
-        c = _mem(coef, 1, np.float64)[0]
-        acc = np.float64 if dt == np.float64 else np.float32
+        c, c2 = _mem(coef, 2, np.float64)
         for k in range(int(nc)):
             t, s = int(ct_a[k]), int(cs_a[k])
             e = min(s + int(chunk), int(size_a[t]))
             x = _mem(src_a[t], size_a[t], dt)[s:e]
-            # as the CUDA source: a float64 product, rounded to the accumulator type
-            _mem(dst_a[t], size_a[t], dt)[s:e] = (x.astype(np.float64) * c).astype(acc).astype(dt)
+            _mem(dst_a[t], size_a[t], dt)[s:e] = scaled2(x, c, c2)
 
     def clamp(grid, block, a):
         src, dst, sizes, ct, cs, nc, chunk, lo, hi = a
@@ -114,15 +118,18 @@ def _emulate(name, targ):
         ps = _mem(pow_sums, int(n), np.float64)
         nv = np.array([root(v, int(ord_code), float(p)) for v in ps], np.float64)
         _mem(norms, int(n), dt)[:] = nv
-        _mem(co, int(n), np.float64)[:] = _coef(nv, float(max_norm), float(eps), int(mode))
+        if int(mode) >= 3:  # c for every slice, then c2 for every slice
+            c, c2 = coefficient_parts(nv, float(max_norm), float(eps), int(mode) - 2)
+            _mem(co, 2 * int(n), np.float64)[:] = np.concatenate([c, c2])
+        elif int(co):
+            _mem(co, int(n), np.float64)[:] = coefficient(nv, float(max_norm), float(eps), mode)
 
     def axis_scale(grid, block, a):
         src, dst, n, inner, outer, co = a
-        i = np.arange(int(n))
-        c = _mem(co, int(outer), np.float64)[(i // int(inner)) % int(outer)]
-        acc = np.float64 if dt == np.float64 else np.float32
-        x = _mem(src, int(n), dt).astype(np.float64)
-        _mem(dst, int(n), dt)[:] = (x * c).astype(acc).astype(dt)
+        j = (np.arange(int(n)) // int(inner)) % int(outer)
+        both = _mem(co, 2 * int(outer), np.float64)
+        c, c2 = both[: int(outer)][j], both[int(outer) :][j]
+        _mem(dst, int(n), dt)[:] = scaled2(_mem(src, int(n), dt), c, c2)
 
     def tensor_norms(grid, block, a):  # the non-finite diagnosis reads these
         partials, ct, nc, nt, pos, ord_code, p, out = a
@@ -342,3 +349,38 @@ def test_integer_clip_by_value_saturates_infinite_bounds(lo, hi, dtype):
     v = [min(max(e, int(info.min)), int(info.max)) for e in v]
     out = gpu.clip_by_value(HostLib, x, lo, hi, False)
     np.testing.assert_array_equal(out, np.array(v, dtype))
+
+
+@pytest.mark.parametrize("ord", list(_gpu_emulation.ORD_CODES))
+def test_coefficients_beyond_float64_range_are_two_factors(ord):
+    """float64 [1e300] clipped to 1e-300 (eps 0) is not 0, subnormal data normalised
+    are not NaN/inf: the kernels' (c, c2) of coefficient_parts, as the CPU route."""
+    _gpu_emulation.check_two_factor_cases(gpu, HostLib, ord)
+
+
+def test_two_factor_edge_values():
+    """The kernels' coefficient_parts transcription against the CPU route's own."""
+    from fastclip import _formulas
+
+    norms = np.array([1e300, 2.0, 0.0, np.nan, np.inf, 1e-310, 5e-324, 1e-300, 0.5])
+    for mode, name, c in ((1, "clip", 1e-300), (2, "normalize", 1.0), (1, "clip", 0.0)):
+        for eps in (0.0, 1e-6):
+            got = coefficient_parts(norms, c, eps, mode)
+            want = _formulas.coefficient_parts(norms, c, eps, name)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)
+    # the one-factor modes (fused steps) are unchanged: the clamped quotient
+    np.testing.assert_array_equal(
+        coefficient(norms, 1e-300, 0.0, 1), _formulas.clip_coefficients(norms, 1e-300, 0.0, "clip")
+    )
+
+
+def test_scale_with_a_given_factor_multiplies_once():
+    """scale_ passes (factor, 1): one product, as before the two-factor rule."""
+    x = np.array([3.0, -1e300, 5e-324, 7.0])
+    want = x * 1e-300
+    gpu.scale_(HostLib, [x], 1e-300)
+    np.testing.assert_array_equal(x, want)
+    y = np.array([1.5, 2.5], np.float32)
+    gpu.scale_(HostLib, [y], np.asarray(3.0))
+    np.testing.assert_array_equal(y, np.array([4.5, 7.5], np.float32))
