@@ -15,7 +15,8 @@
 // (min(1, max_norm / (norm + eps))), so the host never waits for the norm;
 // coef_host carries the sign (maximize: -1) or the whole coefficient when it
 // is known on the host.  The gradient is multiplied by c inside the update and
-// never written.
+// never written: in float32 for 16/32-bit data while c is a normal float32 (as
+// torch), else in float64 rounded once (times_coef, as the CPU kernels).
 //
 // Non-finite policy "skip" without a host sync: guard_mode says what *guard
 // points to and every thread checks it before any write, returning early so
@@ -71,6 +72,29 @@ __device__ __forceinline__ double clip_coef(const double* coef_dev, double coef_
     return coef_dev != nullptr ? coef_host * coef_dev[0] : coef_host;
 }
 
+// Whether the float64 coefficient c, as cw in the arithmetic type, kept its value
+// to within rounding (the CPU route's normal_in_type): equal (float64 data, 0,
+// inf), NaN, or a normal float32 -- not flushed to 0, not a subnormal that lost
+// digits, not overflowed to inf.
+__device__ __forceinline__ bool coef_in_range(float cw, double c) {
+    const double a = fabs((double)cw);
+    return (double)cw == c || c != c || (a >= 1.1754943508222875e-38 && a <= 3.4028234663852886e38);
+}
+__device__ __forceinline__ bool coef_in_range(double, double) { return true; }
+
+// The clipped gradient g * c: the product in the arithmetic type (torch's float32
+// clip_grad_norm_ then step) while c is representable there, else in float64
+// rounded once, as the CPU kernels do.  These kernels once always multiplied by c
+// rounded to float32: 1e30 gradients clipped to 1e-30 (c = 1e-60) came out 0 where
+// the CPU route gives 1e-30, a subnormal c lost digits, and c = 1e39 turned zero
+// gradients into NaN (0 * inf); found by compiling this file for the host and
+// comparing the CPU route bit for bit
+// (tests/gpu/emulated/test_gpu_optim_host_compiled.py).
+template <typename A>
+__device__ __forceinline__ A times_coef(A g, A c, double c64, bool in_range) {
+    return in_range ? mul(g, c) : (A)mul((double)g, c64);
+}
+
 // Columns of the AdamW hyper-parameter rows (= _optim_kernels.A_*).
 #define FC_A_DECAY 0
 #define FC_A_W1 1
@@ -95,11 +119,12 @@ __device__ __forceinline__ double clip_coef(const double* coef_dev, double coef_
 template <typename A>
 struct AdamW {
     A c, decay, w1, w1m, b2, w2, eps, neg_step, bc2;
-    bool small, amsgrad;
+    double c64;
+    bool in_range, small, amsgrad;
 
     // seg_adamw / seg_adamw_amsgrad of _optim_kernels.py, operation by operation.
     __device__ __forceinline__ void apply(A& p, A g, A& m, A& v, A& vmax) const {
-        A gi = mul(g, c);
+        A gi = times_coef(g, c, c64, in_range);
         A mi = m;
         if (small) mi = fused(w1, sub(gi, mi), mi);
         else mi = fused(w1m, sub(gi, mi), gi);
@@ -129,7 +154,9 @@ __global__ void fastclip_adamw(const u64* ptrs, i64 n_tensors, const i64* sizes,
                                double neg_step, double bc2_sqrt, int amsgrad) {
     typedef typename AccOf<T>::type A;
     if (guard_skips(guard_mode, guard)) return;  // "skip": nothing is written
-    const A c = (A)clip_coef(coef_dev, coef_host);
+    const double c64 = clip_coef(coef_dev, coef_host);
+    const A c = (A)c64;
+    const bool in_range = coef_in_range(c, c64);
     const int V = Vec<T>::V;
     for (i64 k = blockIdx.x; k < n_chunks; k += gridDim.x) {
         i64 t = chunk_tensor[k];
@@ -155,6 +182,8 @@ __global__ void fastclip_adamw(const u64* ptrs, i64 n_tensors, const i64* sizes,
             f.bc2 = (A)bc2_sqrt;
         }
         f.c = c;
+        f.c64 = c64;
+        f.in_range = in_range;
         f.w1 = (A)h_w1;
         f.w1m = sub(f.w1, (A)1);
         f.small = h_w1 < 0.5;
@@ -209,19 +238,20 @@ __global__ void fastclip_adamw(const u64* ptrs, i64 n_tensors, const i64* sizes,
 template <typename A>
 struct Sgd {
     A c, wd, mom, damp1, neg_lr;
+    double c64;
     int mode;  // 0 no momentum, 1 first step (buffer = grad), 2 momentum
-    bool nesterov, use_wd;
+    bool in_range, nesterov, use_wd;
 
     // seg_sgd of _optim_kernels.py, operation by operation.
     __device__ __forceinline__ void apply(A& p, A g, A& buf) const {
         A pi = p;
         if (mode == 0) {
-            A gi = mul(g, c);
+            A gi = times_coef(g, c, c64, in_range);
             if (use_wd) gi = fused(pi, wd, gi);
             p = fused(gi, neg_lr, pi);
             return;
         }
-        A gi = mul(g, c);
+        A gi = times_coef(g, c, c64, in_range);
         if (use_wd) gi = fused(pi, wd, gi);
         A bi;
         if (mode == 1) {
@@ -245,7 +275,9 @@ __global__ void fastclip_sgd(const u64* ptrs, i64 n_tensors, const i64* sizes,
                              int nesterov) {
     typedef typename AccOf<T>::type A;
     if (guard_skips(guard_mode, guard)) return;  // "skip": nothing is written
-    const A c = (A)clip_coef(coef_dev, coef_host);
+    const double c64 = clip_coef(coef_dev, coef_host);
+    const A c = (A)c64;
+    const bool in_range = coef_in_range(c, c64);
     const int V = Vec<T>::V;
     for (i64 k = blockIdx.x; k < n_chunks; k += gridDim.x) {
         i64 t = chunk_tensor[k];
@@ -269,6 +301,8 @@ __global__ void fastclip_sgd(const u64* ptrs, i64 n_tensors, const i64* sizes,
             f.nesterov = nesterov != 0;
         }
         f.c = c;
+        f.c64 = c64;
+        f.in_range = in_range;
         f.wd = (A)h_wd;
         f.use_wd = h_wd != 0.0;
         T* p = reinterpret_cast<T*>(ptrs[t]) + start;
