@@ -483,10 +483,11 @@ def test_sgd_max_norm_follows_the_float64_formulas(compiled: Any, dtype: str, va
 # ------------------------------------- coefficients float32 cannot hold
 
 
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("where", ["host", "device"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_coefficients_outside_float32_give_the_cpu_routes_bits(
-    compiled: Any, dtype: str, where: str
+    compiled: Any, dtype: str, where: str, maximize: bool
 ) -> None:
     """A clip coefficient that float32 would flush to 0, hold as a subnormal or
     overflow (1e30 gradients clipped to 1e-30: 1e-60) is applied in float64 and the
@@ -502,14 +503,14 @@ def test_coefficients_outside_float32_give_the_cpu_routes_bits(
             ours[k] = [torch.zeros_like(t) for t in ours[k]]
         cpu = _clone(ours)
         given: Any = torch.tensor(c, dtype=torch.float64) if where == "device" else c
-        _gpu_adamw(ours, 1, True, False, clip_coef=given)
-        _cpu_adamw(cpu, 1, True, False, c)
+        _gpu_adamw(ours, 1, True, maximize, clip_coef=given)
+        _cpu_adamw(cpu, 1, True, maximize, c)
         for got, want in zip(ours, cpu):
             _same(got, want)
         p, g, b = ours[:3]
         hv = SGD_VARIANTS[3]
-        _gpu_sgd(p, g, b, hv, None, clip_coef=given)
-        optim.sgd_step_(cpu[0], g, cpu[2], lr=0.05, clip_coef=c, **hv)
+        _gpu_sgd(p, g, b, hv, None, maximize, clip_coef=given)
+        optim.sgd_step_(cpu[0], g, cpu[2], lr=0.05, maximize=maximize, clip_coef=c, **hv)
         _same(p, cpu[0])
         _same(b, cpu[2])
 
@@ -607,7 +608,9 @@ def test_a_broken_cuda_source_is_caught(
         if which == "vector_store":
             test_adamw_gives_the_cpu_routes_bits(lib, "float32", "host", False, False)
         elif which == "coef_range":
-            test_coefficients_outside_float32_give_the_cpu_routes_bits(lib, "float32", "device")
+            test_coefficients_outside_float32_give_the_cpu_routes_bits(
+                lib, "float32", "device", True
+            )
         elif which == "guard":
             test_skip_is_decided_in_the_kernel(lib, "float32", math.nan)
         else:
