@@ -218,7 +218,9 @@ def _run(arrays: list[np.ndarray], bounds: Any, ord: float, per_layer: bool, red
 def _emulated(arrays, bounds, ord, per_layer, reduce, eps=1e-6):
     # (the emulation's weighted sum multiplies inf by a factor 0 without np.errstate)
     with pytest.MonkeyPatch.context() as mp, np.errstate(invalid="ignore"):
-        mp.setattr(_modules, "kernel", lambda feature, device, name, targ: _EMU._emulate(name, targ))
+        mp.setattr(
+            _modules, "kernel", lambda feature, device, name, targ: _EMU._emulate(name, targ)
+        )
         _tables.TABLES.clear()
         return _run(arrays, bounds, ord, per_layer, reduce, eps)
 
@@ -228,19 +230,21 @@ def _tol(dtype: Any) -> float:
 
 
 def _close(got: np.ndarray, want: np.ndarray, data: np.ndarray, reduce: Any,
-           factor_rtol: float = 0.0) -> None:  # fmt: skip
-    """Outputs within the dtype's rounding (or the factors', if coarser): relative to the
-    summed magnitudes for sums."""
+           factor_rtol: float = 0.0, mags: np.ndarray | None = None) -> None:  # fmt: skip
+    """Outputs within the dtype's rounding (or the factors', if coarser): for sums
+    relative to the summed magnitudes of the clipped rows (``mags``; of the data if not
+    given), so a sum of rows clipped to 1e-25 is checked at 1e-31, not at the data's
+    scale."""
     t = max(_tol(data.dtype.type), factor_rtol)
     g = np.asarray(got, np.float64)
+    # subnormal results (float16 below 6e-5) are exact to half their spacing only
+    bf16 = BF16 is not None and data.dtype == BF16
+    tiny = 2.0**-133 if bf16 else float(np.finfo(data.dtype).smallest_subnormal)
     if reduce is None:
-        # subnormal results (float16 below 6e-5) are exact to half their spacing only
-        bf16 = BF16 is not None and data.dtype == BF16
-        tiny = 2.0**-133 if bf16 else float(np.finfo(data.dtype).smallest_subnormal)
         np.testing.assert_allclose(g, want, rtol=t, atol=tiny)
     else:
-        scale = np.abs(np.asarray(data, np.float64)).sum(axis=0)
-        ok = (np.abs(g - want) <= t * scale + 1e-300) | (np.isnan(g) & np.isnan(want))
+        scale = np.abs(np.asarray(data, np.float64)).sum(axis=0) if mags is None else mags
+        ok = (np.abs(g - want) <= t * scale + tiny) | (np.isnan(g) & np.isnan(want))
         assert ok.all(), (g, want)
 
 
@@ -263,37 +267,47 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x, np.float64)
 
 
-def _check(arrays, bounds, ord, per_layer, reduce, eps=1e-6, oracle=None, emulation=True):
+def _check(arrays, bounds, ord, per_layer, reduce, eps=1e-6, oracle=None, emulation=True,
+           cpu_route=True):  # fmt: skip
     """The compiled kernels against the oracle (``ref.clip_per_sample``'s result, unless
-    given), the CPU route and (unless told not to) the emulation."""
+    given), the CPU route and the emulation (each unless told not to)."""
     outs, norms, n = _run(arrays, bounds, ord, per_layer, reduce, eps)
     wide = any(a.dtype == np.float64 for a in arrays)
     assert norms.dtype == (np.float64 if wide else np.float32)
     # float32 blocks for 16/32-bit data (float64 norms too where another array is float64)
     rt = 1e-12 if all(a.dtype == np.float64 for a in arrays) else 1e-6
+    given = oracle
     if oracle is None:
         oracle = ref.clip_per_sample(arrays, bounds, ord, per_layer, reduce, eps)
     r_outs, r_norms, r_n = oracle
+    mags = [None] * len(arrays)
+    if reduce is not None and given is None:
+        with np.errstate(invalid="ignore"):  # inf * 0
+            rows = ref.clip_per_sample(arrays, bounds, ord, per_layer, None, eps)[0]
+        div = arrays[0].shape[0] if reduce == "mean" else 1
+        mags = [np.abs(r).sum(axis=0) / max(div, 1) for r in rows]
     assert n == r_n
     np.testing.assert_allclose(norms, r_norms, rtol=rt)
-    for a, o, r in zip(arrays, outs, r_outs, strict=True):
+    for a, o, r, m in zip(arrays, outs, r_outs, mags, strict=True):
         assert o.dtype == a.dtype and o.shape == (a.shape if reduce is None else a.shape[1:])
-        _close(o, r, a, reduce, rt)
+        _close(o, r, a, reduce, rt, m)
+    if not cpu_route:
+        return outs, norms, n
     cpu = fastclip.clip_per_sample(
         _cpu_arrays(arrays), list(np.broadcast_to(bounds, (len(arrays),)))
         if per_layer else bounds, ord, per_layer=per_layer, reduce=reduce, eps=eps,
     )  # fmt: skip
     assert cpu.n_clipped == n
     np.testing.assert_allclose(_host(cpu.norms), norms, rtol=rt)
-    for a, o, c in zip(arrays, outs, cpu.grads, strict=True):
-        _close(o, _host(c), a, reduce, rt)
+    for a, o, c, m in zip(arrays, outs, cpu.grads, mags, strict=True):
+        _close(o, _host(c), a, reduce, rt, m)
     if not emulation:
         return outs, norms, n
     e_outs, e_norms, e_n = _emulated(arrays, bounds, ord, per_layer, reduce, eps)
     assert e_n == n
     np.testing.assert_allclose(e_norms, norms, rtol=rt)
-    for a, o, e in zip(arrays, outs, e_outs, strict=True):
-        _close(o, np.asarray(e, np.float64), a, reduce, rt)
+    for a, o, e, m in zip(arrays, outs, e_outs, mags, strict=True):
+        _close(o, np.asarray(e, np.float64), a, reduce, rt, m)
     return outs, norms, n
 
 
@@ -379,7 +393,7 @@ def test_the_cuda_source_is_opacus_flat_clipping(compiled: Any, ord: float) -> N
         a[4] = 0.0
     outs, norms, n = _run(arrays, 2.0, ord, False, "sum")
     t_outs, t_norms = _opacus([torch.from_numpy(a) for a in arrays], 2.0, ord)
-    assert norms[4] == 0.0
+    assert norms[4] == 0.0 and n == int((t_norms > 2.0).sum())
     np.testing.assert_allclose(norms, t_norms.numpy(), rtol=1e-6)
     for a, o, t in zip(arrays, outs, t_outs, strict=True):
         _close(o, t.double().numpy(), a, "sum")
@@ -400,6 +414,7 @@ def test_the_cuda_source_zero_and_non_finite_samples(compiled: Any, reduce: Any)
     for ord in (2, 1, math.inf):
         outs, norms, n = _check(arrays, 1.0, ord, False, reduce, eps=0.0)
         assert norms[1] == 0.0 and np.isnan(norms[3]) and norms[5] == np.inf
+        assert n == int(np.sum(norms > 1.0))  # NaN is not counted (NaN < 1 is false)
         t_outs, t_norms = _opacus([torch.from_numpy(a) for a in arrays], 1.0, ord)
         np.testing.assert_allclose(norms, t_norms.numpy(), rtol=1e-6)
         if reduce is None:
@@ -422,7 +437,7 @@ def test_the_cuda_source_rescales_extreme_samples(compiled: Any, ord: float,
     scales = np.array([1e200, 1.0, 1.0, 1e-200, 1e200, 3.0])
     arrays = [b * scales.reshape((6,) + (1,) * (b.ndim - 1)) for b in base]
     bounds = _medians(base, ord, per_layer)
-    _, plain, r_n = ref.clip_per_sample(base, bounds, ord, per_layer, None, 0.0)
+    _, plain, _ = ref.clip_per_sample(base, bounds, ord, per_layer, None, 0.0)
     # each sample's bound times its own scale is not one bound: clip at C, compare
     # norms (scaled) and the clipped rows of the unscaled data's oracle (scaled back)
     outs, norms, n = _run(arrays, bounds, ord, per_layer, None, 0.0)
@@ -430,10 +445,19 @@ def test_the_cuda_source_rescales_extreme_samples(compiled: Any, ord: float,
     assert np.isfinite(norms).all()
     e_outs, e_norms, e_n = _emulated(arrays, bounds, ord, per_layer, None, 0.0)
     cpu = fastclip.clip_per_sample(arrays, bounds, ord, per_layer=per_layer, reduce=None, eps=0.0)
-    assert n == e_n == cpu.n_clipped == int(np.count_nonzero(norms.reshape(-1, 6) > np.asarray(bounds).reshape(-1, 1), axis=0).astype(bool).sum())
+    assert (
+        n
+        == e_n
+        == cpu.n_clipped
+        == int(
+            np.count_nonzero(norms.reshape(-1, 6) > np.asarray(bounds).reshape(-1, 1), axis=0)
+            .astype(bool)
+            .sum()
+        )
+    )
     np.testing.assert_allclose(e_norms, norms, rtol=1e-12)
     np.testing.assert_allclose(cpu.norms, norms, rtol=1e-12)
-    for a, o, e, c in zip(arrays, outs, e_outs, cpu.grads, strict=True):
+    for o, e, c in zip(outs, e_outs, cpu.grads, strict=True):
         np.testing.assert_allclose(o, e, rtol=1e-12, atol=0.0)
         np.testing.assert_allclose(o, c, rtol=1e-12, atol=0.0)
     with np.errstate(divide="ignore"):  # a zero norm: factor 1
@@ -479,9 +503,29 @@ def test_the_cuda_source_float32_squares_beyond_float32(compiled: Any, reduce: A
     assert np.isfinite(norms).all() and norms[1] > 1e20 and 0.0 < norms[3] < 1e-19
     assert n == 4  # all but the 1e-20 and 1e-23 samples
     # (the emulation multiplies by float32 factors: the 1e20 sample's factor 5e-46 is 0
-    # there; see test_the_cuda_source_takes_tiny_factors)
-    _, norms, n = _check([x], 1e-25, 2, False, reduce, eps=0.0, emulation=False)
+    # there, see test_the_cuda_source_takes_tiny_factors; the CPU route's sum drops that
+    # sample too, see test_the_cpu_route_sums_tiny_factors_beside_larger_ones)
+    _, norms, n = _check([x], 1e-25, 2, False, reduce, eps=0.0, emulation=False,
+                         cpu_route=reduce is None)  # fmt: skip
     assert n == 6 and norms[4] > 1e-23
+
+
+@pytest.mark.xfail(strict=True, reason="CPU route: _factors_in_range rescales the factors "
+                   "only when the largest is below 2**-60, so beside a factor of 5e-3 one of "
+                   "5e-46 is 0 in float32 and its row drops out of the sum")  # fmt: skip
+def test_the_cpu_route_sums_tiny_factors_beside_larger_ones(compiled: Any) -> None:
+    """The case above, summed: the compiled kernels give the oracle's sum (within 1e-6 of
+    the clipped rows' magnitudes); the CPU route is checked against the same oracle."""
+    x = _data([(41,)], np.float32, 6, 9)[0]
+    x[1] *= np.float32(1e20)
+    x[3] *= np.float32(1e-20)
+    x[4] *= np.float32(1e-23)
+    want = ref.clip_per_sample([x], 1e-25, 2, False, "sum", 0.0)[0][0]
+    mags = np.abs(ref.clip_per_sample([x], 1e-25, 2, False, None, 0.0)[0][0]).sum(axis=0)
+    outs, _, _ = _run([x], 1e-25, 2, False, "sum", 0.0)
+    _close(outs[0], want, x, "sum", mags=mags)  # the GPU kernels: right
+    cpu = fastclip.clip_per_sample(np.array(x), 1e-25, eps=0.0)
+    _close(cpu.grads, want, x, "sum", mags=mags)  # the CPU route: about 2e-26 off
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16] + ([BF16] if BF16 is not None else []),
@@ -497,7 +541,7 @@ def test_the_cuda_source_takes_tiny_factors(compiled: Any, reduce: Any, dtype: A
     x = _data([(9,), (2, 8)], np.float64, 4, 10)
     x = [(a * big).astype(dtype) for a in x]
     for bound in (1e-25, 1e-40, big * 1e-19):
-        outs, norms, n = _check(x, bound, 2, False, reduce, eps=0.0, emulation=False)
+        outs, _, n = _check(x, bound, 2, False, reduce, eps=0.0, emulation=False)
         assert n == 4
         if dtype != np.float16 and bound != 1e-40:  # (else the results round to 0)
             assert all(np.all(np.asarray(o, np.float64) != 0.0) for o in outs)
@@ -515,19 +559,54 @@ def test_the_cuda_source_empty_batch(compiled: Any, reduce: Any) -> None:
             np.testing.assert_array_equal(o, c)
 
 
-#: deliberate breaks of the .cu, each switched on at run time by g_break (one build)
+def _per_layer_sum() -> None:
+    arrays = _data(SHAPES, np.float32, 9, 0)
+    _check(arrays, _medians(arrays, 2, True), 2, True, "sum")
+
+
+def _tiny_norms() -> None:
+    x = _data([(41,)], np.float32, 6, 9)[0]
+    x[4] *= np.float32(1e-23)
+    _check([x], 1.0, 2, False, None)
+
+
+def _tiny_factors() -> None:
+    x = [(a * 1e20).astype(np.float32) for a in _data([(9,), (2, 8)], np.float64, 4, 10)]
+    _check(x, 1e-25, 2, False, "sum", eps=0.0, emulation=False)
+
+
+#: deliberate breaks of the .cu, each switched on at run time by g_break (one build),
+#: and a check that catches it
 BREAKS = {
-    "vector loads of pass 2": ("(A)ld(v.u.v, j) * c;", "(A)ld(v.u.v, g_break == 1 ? 0 : j) * c;"),
-    "per-layer clipped count": ("clipped = clipped ||", "clipped = (g_break != 2 && clipped) ||"),
-    "row-group combine": ("for (i64 k = 0; k < n_splits;", "for (i64 k = (g_break == 3); k < n_splits;"),
-    "ragged last chunk": ("const i64 n = min(chunk, cols - start);", "const i64 n = min(chunk, cols - start - (g_break == 4));"),
-}
+    "vector loads of pass 2": (
+        "(A)ld(v.u.v, j) * c;", "(A)ld(v.u.v, g_break == 1 ? 0 : j) * c;", _per_layer_sum
+    ),
+    "per-layer clipped count": (
+        "clipped = clipped ||", "clipped = (g_break != 2 && clipped) ||", _per_layer_sum
+    ),
+    "row-group combine": (
+        "for (i64 k = 0; k < n_splits;", "for (i64 k = (g_break == 3); k < n_splits;",
+        _per_layer_sum,
+    ),
+    "ragged last chunk": (
+        "const i64 n = min(chunk, cols - start);",
+        "const i64 n = min(chunk, cols - start - (g_break == 4));",
+        _per_layer_sum,
+    ),
+    "float64 redo of float32 underflow": (
+        "const bool tiny = ord_code == 2 &&", "const bool tiny = g_break != 5 && ord_code == 2 &&",
+        _tiny_norms,
+    ),
+    "float64 rows of tiny factors": (
+        "return acc_bytes == 4 &&", "return g_break != 6 && acc_bytes == 4 &&", _tiny_factors
+    ),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[ctypes.CDLL, Any]:
     own = _modules.own_source("per_sample")
-    for old, new in BREAKS.values():
+    for old, new, _ in BREAKS.values():
         assert own.count(old) == 1, old
         own = own.replace(old, new)
     own = 'extern "C" { int g_break = 0; }\n' + own
@@ -540,13 +619,12 @@ def test_a_broken_cuda_source_is_caught(broken: tuple[ctypes.CDLL, Any],
     lib, calls = broken
     switch = ctypes.c_int.in_dll(lib, "g_break")
     _use(calls, monkeypatch)
-    arrays = _data(SHAPES, np.float32, 9, 0)
-    args = (arrays, _medians(arrays, 2, True), 2, True, "sum")
+    check = BREAKS[what][2]
     switch.value = 0
-    _check(*args)  # the hooks themselves change nothing
+    check()  # the hooks themselves change nothing
     switch.value = list(BREAKS).index(what) + 1
     try:
         with pytest.raises(AssertionError):
-            _check(*args)
+            check()
     finally:
         switch.value = 0
