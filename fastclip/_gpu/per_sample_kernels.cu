@@ -217,8 +217,9 @@ __global__ void fastclip_ps_factors(const double* partials, const i64* table, i6
 // (float32 data of norm 1e20 clipped to 1e-25: f = 5e-46) (float)f is 0.  Such a
 // row is multiplied in float64 instead (a branch uniform over the row's threads).
 // Found by running this file compiled for the host
-// (tests/gpu/emulated/test_gpu_per_sample_host_compiled.py): that sample came out
-// 0, not 5e-26, summed and unreduced, where the CPU route gave 5e-26.
+// (tests/gpu/emulated/test_gpu_per_sample_host_compiled.py): that sample's clipped
+// rows came out 0, not 5e-26 (the CPU route's and the float64 oracle's), and a
+// batch of such samples summed to 0.
 __device__ __forceinline__ bool ps_tiny_factor(double f, int acc_bytes) {
     return acc_bytes == 4 && f > 0.0 && f < 8.673617379884035e-19;  // 2**-60
 }
