@@ -1,9 +1,10 @@
 // fastclip per-sample clipping kernels (DP-SGD), CUDA C++.
 //
 // This file is compiled *appended to kernels.cu* (see _per_sample.source()): it
-// reuses its element access (ld/st, 16-byte Vec loads, AccOf), its power-sum
-// reduction chunk_pow_sum (float32 per thread with a float64 redo on overflow,
-// float64 for float64 data and general p) and block_reduce.
+// reuses its element access (ld/st, 16-byte Vec loads, AccOf), its per-thread power
+// sums thread_pow_sum and block_reduce; pass 1's ps_chunk_pow_sum is its
+// chunk_pow_sum (float32 per thread with a float64 redo on overflow, float64 for
+// float64 data and general p) with a float64 redo on float32 underflow as well.
 //
 // One [B, D] row-major (C-contiguous) per-sample gradient per launch; every
 // index is 64-bit.  The flow for K arrays:
@@ -47,6 +48,30 @@
 
 // ------------------------------------------------------------------ pass 1
 
+// Block-wide power sum of s[0:n] (as ord_code says): kernels.cu's chunk_pow_sum
+// with the CPU route's underflow rule too (F32_TINY, fastclip/_cpu/_elements.py): a
+// thread whose float32 sum of squares is below 1e-30 may have lost terms (squares of
+// |x| < ~1e-19 are float32 subnormals, below ~1e-23 they are 0) and redoes its
+// share in float64, as one whose sum is not finite does.  Found by running this
+// file compiled for the host (tests/gpu/emulated/test_gpu_per_sample_host_compiled.py):
+// a float32 sample of 41 values of ~1e-23 had the norm 0 (so a bound of 1e-25 left
+// it unclipped), one of ~1e-20 a norm 1.5e-6 off.  The redo costs one more read of
+// the thread's share of an all-zero row, as on the CPU.
+template <typename T>
+__device__ double ps_chunk_pow_sum(const T* s, i64 n, int ord_code, double p) {
+    typedef typename AccOf<T>::type A;
+    double d;
+    if (ord_code == 3) {
+        d = thread_pow_sum<T, double>(s, n, ord_code, p);
+    } else {
+        A acc = thread_pow_sum<T, A>(s, n, ord_code, p);
+        d = (double)acc;
+        const bool tiny = ord_code == 2 && sizeof(A) == 4 && acc < (A)1e-30f;
+        if ((ord_code != 0 && !isfinite(acc)) || tiny) d = thread_pow_sum<T, double>(s, n, ord_code, p);
+    }
+    return block_reduce(d, ord_code);
+}
+
 // Block-wide sum of (|s[i]| / m)^p over s[0:n], in float64 (dividing, not
 // multiplying by 1 / m, so a subnormal max does not overflow the reciprocal).
 template <typename T>
@@ -79,7 +104,7 @@ __global__ void fastclip_ps_pow_partials(const T* x, i64 rows, i64 cols, i64 chu
         const T* seg = x + b * cols + start;
         double v;
         if (mode == 2) v = chunk_scaled_pow_sum<T>(seg, n, m, p);
-        else v = chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : ord_code, p);
+        else v = ps_chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : ord_code, p);
         if (threadIdx.x == 0) partials[w] = v;
     }
 }
@@ -186,8 +211,22 @@ __global__ void fastclip_ps_factors(const double* partials, const i64* table, i6
 
 // ------------------------------------------------------------------ pass 2
 
+// A factor the float32 arithmetic of 16/32-bit rows cannot take: below 2**-60 (the
+// CPU route's threshold, fastclip/_cpu/_per_sample.py: _factors_in_range) x * f
+// may leave float32's normal range although it is representable, and below 2**-149
+// (float32 data of norm 1e20 clipped to 1e-25: f = 5e-46) (float)f is 0.  Such a
+// row is multiplied in float64 instead (a branch uniform over the row's threads).
+// Found by running this file compiled for the host
+// (tests/gpu/emulated/test_gpu_per_sample_host_compiled.py): that sample's clipped
+// rows came out 0, not 5e-26 (the CPU route's and the float64 oracle's), and a
+// batch of such samples summed to 0.
+__device__ __forceinline__ bool ps_tiny_factor(double f, int acc_bytes) {
+    return acc_bytes == 4 && f > 0.0 && f < 8.673617379884035e-19;  // 2**-60
+}
+
 // acc64[j] = sum_{b in [b0, b1)} f[b] * x[b, d + j] for j < W (W == 1: scalar
-// loads; else one 16-byte vector of W elements per row).
+// loads; else one 16-byte vector of W elements per row).  Rows of a tiny factor
+// (ps_tiny_factor) go to the float64 sums directly.
 template <typename T, int W>
 __device__ __forceinline__ void ps_weighted_cols(const T* x, i64 cols, i64 b0, i64 b1, i64 d,
                                                  const double* f, double* acc64) {
@@ -201,15 +240,21 @@ __device__ __forceinline__ void ps_weighted_cols(const T* x, i64 cols, i64 b0, i
         for (int j = 0; j < W; ++j) acc[j] = 0;
 #pragma unroll 4
         for (i64 b = r0; b < r1; ++b) {  // independent loads: unrolled to keep several in flight
-            const A c = (A)f[b];
+            const double fd = f[b];
+            const bool tiny = ps_tiny_factor(fd, (int)sizeof(A));
+            const A c = (A)fd;
             const T* row = x + b * cols + d;
             if (W == 1) {
-                acc[0] += (A)ld(row, 0) * c;
+                if (tiny) acc64[0] += (double)ld(row, 0) * fd;
+                else acc[0] += (A)ld(row, 0) * c;
             } else {
                 Vec<T> v;
                 v.load(row);
 #pragma unroll
-                for (int j = 0; j < W; ++j) acc[j] += (A)ld(v.u.v, j) * c;
+                for (int j = 0; j < W; ++j) {
+                    if (tiny) acc64[j] += (double)ld(v.u.v, j) * fd;
+                    else acc[j] += (A)ld(v.u.v, j) * c;
+                }
             }
         }
 #pragma unroll
@@ -265,7 +310,8 @@ __global__ void fastclip_ps_combine(const double* partials, i64 n_splits, i64 co
 }
 
 // reduce=None: out[b, d] = x[b, d] * f[b] for a contiguous [rows, cols] array
-// (blockIdx.y: rows, grid-stride; 16-byte vectors when both rows are aligned).
+// (blockIdx.y: rows, grid-stride; 16-byte vectors when both rows are aligned); in
+// float64 for a row of a tiny factor (ps_tiny_factor).
 template <typename T>
 __global__ void fastclip_ps_scale_rows(const T* x, i64 rows, i64 cols, const double* f,
                                        T* out) {
@@ -275,7 +321,9 @@ __global__ void fastclip_ps_scale_rows(const T* x, i64 rows, i64 cols, const dou
     const i64 stride = (i64)gridDim.x * blockDim.x;
     const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     for (i64 b = blockIdx.y; b < rows; b += gridDim.y) {
-        const A c = (A)f[b];
+        const double fd = f[b];
+        const bool tiny = ps_tiny_factor(fd, (int)sizeof(A));  // multiplied in float64
+        const A c = (A)fd;
         const T* s = x + b * cols;
         T* o = out + b * cols;
         if (vec) {
@@ -283,11 +331,13 @@ __global__ void fastclip_ps_scale_rows(const T* x, i64 rows, i64 cols, const dou
                 Vec<T> in, res;
                 in.load(s + i * V);
 #pragma unroll
-                for (int j = 0; j < V; ++j) st(res.u.v, j, (A)ld(in.u.v, j) * c);
+                for (int j = 0; j < V; ++j)
+                    st(res.u.v, j, tiny ? (A)((double)ld(in.u.v, j) * fd) : (A)ld(in.u.v, j) * c);
                 res.store(o + i * V);
             }
         } else {
-            for (i64 i = first; i < cols; i += stride) st(o, i, (A)ld(s, i) * c);
+            for (i64 i = first; i < cols; i += stride)
+                st(o, i, tiny ? (A)((double)ld(s, i) * fd) : (A)ld(s, i) * c);
         }
     }
 }
