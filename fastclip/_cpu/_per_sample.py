@@ -84,23 +84,61 @@ def clip_per_sample(
         else:
             out = _new(lib, x, tuple(x.shape[1:]))
             dst = lib.storage(out).reshape(-1)
-            f, out_scale = _factors_in_range(f, scale, wide)
             if x2.size:
-                run(
-                    "weighted_sum",
-                    x2.size,
-                    x2,
-                    f,
-                    dst,
-                    out_scale,
-                    cfg.PER_SAMPLE_COL_TILE,
-                    cfg.PER_SAMPLE_ROW_BLOCK,
-                )
+                _weighted_sum(x2, f, dst, scale, wide)
             elif dst.size:  # no rows (B == 0): the empty sum is 0
                 dst[...] = 0
         outs.append(out)
     ndt = np.dtype(np.float64 if wide else np.float32)
     return outs, lib.wrap(norms, ndt, items[0]), clipped
+
+
+def _run_weighted_sum(x2: np.ndarray, f: np.ndarray, dst: np.ndarray, scale: float) -> None:
+    args = (x2, f, dst, scale, cfg.PER_SAMPLE_COL_TILE, cfg.PER_SAMPLE_ROW_BLOCK)
+    run("weighted_sum", x2.size, *args)
+
+
+def _weighted_sum(x2: np.ndarray, f: np.ndarray, dst: np.ndarray, scale: float, wide: bool) -> None:
+    """dst = scale * sum_b f[b] * x2[b], rounded once into dst's dtype.
+
+    One launch, unless some factors of 16/32-bit rows are still below float32's
+    normal range after ``_factors_in_range`` (a factor of 5e-46 beside one of
+    5e-3: samples of norm 1e20 and 1e-23 clipped to 1e-25), which the kernel's
+    float32 factor would flush to 0 or round to a subnormal and drop those rows
+    from the sum.  Then the rows are summed in groups, each group's factors
+    rescaled by its own largest, into float64 partial sums, added in float64 and
+    rounded once (``_grouped_sums``; a rare path, and the rows it sums are
+    copied).
+    """
+    g, out_scale = _factors_in_range(f, scale, wide)
+    if wide or not _loses_digits(g):
+        _run_weighted_sum(x2, g, dst, out_scale)
+        return
+    total = np.sum(_grouped_sums(x2, f, scale), axis=0)
+    _run_weighted_sum(total.reshape(1, -1), np.ones(1), dst, 1.0)  # one rounding into dst
+
+
+def _loses_digits(f: np.ndarray) -> bool:
+    """Whether a positive factor lies below float32's smallest normal."""
+    return bool(np.any((f > 0.0) & (f < _F32_NORMAL_MIN)))
+
+
+_F32_NORMAL_MIN = float(np.finfo(np.float32).tiny)
+
+
+def _grouped_sums(x2: np.ndarray, f: np.ndarray, scale: float) -> list[np.ndarray]:
+    """float64 partial sums of ``scale * f[b] * x2[b]`` over groups of rows whose
+    factors each fit float32 once rescaled by their group's largest."""
+    g, out_scale = _factors_in_range(f, scale, False)
+    small = (g > 0.0) & (g < _F32_NORMAL_MIN)
+    if not small.any():
+        part = np.empty(x2.shape[1], np.float64)
+        _run_weighted_sum(x2, g, part, out_scale)
+        return [part]
+    parts = _grouped_sums(x2[small], f[small], scale)  # rescaled by their own largest
+    if not small.all():
+        parts += _grouped_sums(x2[~small], f[~small], scale)
+    return parts
 
 
 def _factors_in_range(f: np.ndarray, scale: float, wide: bool) -> tuple[np.ndarray, float]:

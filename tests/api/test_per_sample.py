@@ -323,3 +323,30 @@ def test_gpu_route_without_a_gpu_raises_before_any_work(monkeypatch):
     with pytest.raises(fastclip.GPUUnavailableError, match="GPU route"):
         clip_per_sample(x, 1.0)
     assert np.all(x == 1.0)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize(
+    ("lib", "dtype"), [("numpy", "float32"), ("torch", "float32"), ("torch", "bfloat16")]
+)
+def test_factors_beyond_float32_beside_ordinary_ones_are_summed(dtype, lib, reduce):
+    """Samples of norm ~1e20 and ~1e-23 clipped to 1e-25: factors 5e-46 and 5e-3 in
+    one batch.  The weighted sum takes 32- and 16-bit rows with float32 factors, where
+    5e-46 is 0: those rows dropped out of the sum (found by running the CUDA
+    per-sample kernels host-compiled against this route).  Now they are summed in
+    groups, each factor rescaled into range: the float64 oracle's sum, within the
+    clipped rows' rounding."""
+    rng = np.random.default_rng(5)
+    x64 = rng.standard_normal((6, 41))
+    x64[1] *= 1e20
+    x64[3] *= 1e-20
+    x64[4] *= 1e-23
+    x = torch.tensor(x64, dtype=getattr(torch, dtype)) if lib == "torch" else x64.astype(dtype)
+    xs = to_f64(x)
+    want = ref.clip_per_sample([xs], 1e-25, 2, False, reduce, 0.0)[0][0]
+    mags = np.abs(ref.clip_per_sample([xs], 1e-25, 2, False, None, 0.0)[0][0]).sum(axis=0)
+    got = to_f64(clip_per_sample(x, 1e-25, eps=0.0, reduce=reduce).grads)
+    scale = 1.0 / 6 if reduce == "mean" else 1.0
+    tol = (1e-6 if dtype == "float32" else 2e-2) * mags * scale
+    assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) / (mags * scale))
+    assert np.max(np.abs(want)) > 0 and np.max(np.abs(got - want)) < 0.1 * np.max(np.abs(want))
