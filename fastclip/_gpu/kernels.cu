@@ -150,10 +150,15 @@ __device__ double chunk_pow_sum(const T* s, i64 n, int ord_code, double p) {
     } else {
         A acc = thread_pow_sum<T, A>(s, n, ord_code, p);
         d = (double)acc;
-        if (ord_code != 0 && !isfinite(acc)) {
-            // float32 overflow (or NaN/inf data): redo this thread's share in float64
-            d = thread_pow_sum<T, double>(s, n, ord_code, p);
-        }
+        // float32 overflow (or NaN/inf data), or a float32 sum of squares below 1e-30
+        // that may have lost terms (squares of |x| < ~1e-19 are float32 subnormals,
+        // below ~1e-23 they are 0; the CPU route's F32_TINY rule,
+        // fastclip/_cpu/_elements.py): redo this thread's share in float64.  The
+        // underflow redo was missing: compiled for the host, the global norm of 41
+        // float32 values of 1e-23 came out 0 (tests/gpu/emulated/
+        // test_gpu_coef_host_compiled.py); it costs one more read of an all-zero share.
+        const bool tiny = ord_code == 2 && sizeof(A) == 4 && acc < (A)1e-30f;
+        if ((ord_code != 0 && !isfinite(acc)) || tiny) d = thread_pow_sum<T, double>(s, n, ord_code, p);
     }
     return block_reduce(d, ord_code);
 }

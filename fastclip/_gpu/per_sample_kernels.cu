@@ -2,9 +2,9 @@
 //
 // This file is compiled *appended to kernels.cu* (see _per_sample.source()): it
 // reuses its element access (ld/st, 16-byte Vec loads, AccOf), its per-thread power
-// sums thread_pow_sum and block_reduce; pass 1's ps_chunk_pow_sum is its
-// chunk_pow_sum (float32 per thread with a float64 redo on overflow, float64 for
-// float64 data and general p) with a float64 redo on float32 underflow as well.
+// sums thread_pow_sum and block_reduce; pass 1 uses its chunk_pow_sum (float32 per
+// thread with a float64 redo on overflow or underflow, float64 for float64 data
+// and general p).
 //
 // One [B, D] row-major (C-contiguous) per-sample gradient per launch; every
 // index is 64-bit.  The flow for K arrays:
@@ -48,30 +48,6 @@
 
 // ------------------------------------------------------------------ pass 1
 
-// Block-wide power sum of s[0:n] (as ord_code says): kernels.cu's chunk_pow_sum
-// with the CPU route's underflow rule too (F32_TINY, fastclip/_cpu/_elements.py): a
-// thread whose float32 sum of squares is below 1e-30 may have lost terms (squares of
-// |x| < ~1e-19 are float32 subnormals, below ~1e-23 they are 0) and redoes its
-// share in float64, as one whose sum is not finite does.  Found by running this
-// file compiled for the host (tests/gpu/emulated/test_gpu_per_sample_host_compiled.py):
-// a float32 sample of 41 values of ~1e-23 had the norm 0 (so a bound of 1e-25 left
-// it unclipped), one of ~1e-20 a norm 1.5e-6 off.  The redo costs one more read of
-// the thread's share of an all-zero row, as on the CPU.
-template <typename T>
-__device__ double ps_chunk_pow_sum(const T* s, i64 n, int ord_code, double p) {
-    typedef typename AccOf<T>::type A;
-    double d;
-    if (ord_code == 3) {
-        d = thread_pow_sum<T, double>(s, n, ord_code, p);
-    } else {
-        A acc = thread_pow_sum<T, A>(s, n, ord_code, p);
-        d = (double)acc;
-        const bool tiny = ord_code == 2 && sizeof(A) == 4 && acc < (A)1e-30f;
-        if ((ord_code != 0 && !isfinite(acc)) || tiny) d = thread_pow_sum<T, double>(s, n, ord_code, p);
-    }
-    return block_reduce(d, ord_code);
-}
-
 // Block-wide sum of (|s[i]| / m)^p over s[0:n], in float64 (dividing, not
 // multiplying by 1 / m, so a subnormal max does not overflow the reciprocal).
 template <typename T>
@@ -104,7 +80,7 @@ __global__ void fastclip_ps_pow_partials(const T* x, i64 rows, i64 cols, i64 chu
         const T* seg = x + b * cols + start;
         double v;
         if (mode == 2) v = chunk_scaled_pow_sum<T>(seg, n, m, p);
-        else v = ps_chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : ord_code, p);
+        else v = chunk_pow_sum<T>(seg, n, mode == 1 ? 0 : ord_code, p);
         if (threadIdx.x == 0) partials[w] = v;
     }
 }

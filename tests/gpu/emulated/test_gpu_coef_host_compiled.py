@@ -276,3 +276,39 @@ def test_the_cuda_source_max_norm_is_the_max(compiled: Any, dtype: Any) -> None:
     for axis in (1, 0):
         norms = gpu.norm(HostLib, x, 0, math.inf, (axis,), False)
         np.testing.assert_array_equal(np.asarray(norms), ref.norm(x, math.inf, axis=axis))
+
+
+@pytest.mark.parametrize("scale", [1e-23, 1e-20, 1e-17])
+def test_the_cuda_source_sums_tiny_float32_squares_in_float64(compiled: Any, scale: float) -> None:
+    """float32 data whose squares are float32 subnormals or 0 (|x| ~ 1e-23 .. 1e-17):
+    a thread's float32 sum of squares below 1e-30 is redone in float64, as on the CPU
+    route; without it the global norm of 41 values of ~1e-23 was 0."""
+    import reference as ref
+
+    import fastclip
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(41) * scale).astype(np.float32)
+    y = (rng.standard_normal((3, 7)) * scale).astype(np.float32)
+    got = float(gpu.global_norm(HostLib, [x, y], 2, 2.0))
+    want = float(ref.global_norm([x.astype(np.float64), y.astype(np.float64)]))
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got == pytest.approx(float(fastclip.global_norm([x, y])), rel=1e-6)
+    norms = np.asarray(gpu.norm(HostLib, y, 2, 2.0, (1,), False), np.float64)
+    np.testing.assert_allclose(norms, ref.norm(y.astype(np.float64), 2, axis=1), rtol=1e-6)
+
+
+def test_a_missing_underflow_redo_in_the_cuda_source_is_caught(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check above fails when chunk_pow_sum redoes only on overflow."""
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++ / c++) on PATH to build kernels.cu for the host")
+    source = _modules.source("core")
+    broken = source.replace(
+        "if ((ord_code != 0 && !isfinite(acc)) || tiny)", "if (ord_code != 0 && !isfinite(acc))"
+    )
+    assert broken != source
+    _use(_build(pathlib.Path(str(tmp_path)), broken), monkeypatch)
+    with pytest.raises(AssertionError):
+        test_the_cuda_source_sums_tiny_float32_squares_in_float64(None, 1e-23)
