@@ -19,6 +19,7 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import pathlib
 import re
@@ -29,9 +30,12 @@ import numpy as np
 import pytest
 
 from fastclip import _config as cfg
+from fastclip import _dispatch, _gpu
 from fastclip._gpu import _adapters, _modules, _tables
 
 torch = pytest.importorskip("torch")
+
+from fastclip.torch import StableSPAMAdamW  # noqa: E402
 
 
 def _load(path: pathlib.Path) -> Any:
@@ -85,8 +89,6 @@ def _build(d: pathlib.Path, src: str) -> dict[tuple[str, str], Any]:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    import ctypes
-
     lib = ctypes.CDLL(str(d / "stable.so"))
     calls = {}
     for name in NAMES:
@@ -115,8 +117,6 @@ def _steps(library: Any, monkeypatch: pytest.MonkeyPatch, dtype: str, extra: dic
     GPU driver with the emulated kernels, fused CPU route; and the float64 oracle."""
     compiled_ids: set[int] = set()
     emulated_ids: set[int] = set()
-    from fastclip import _dispatch, _gpu
-
     real = _dispatch.backend_for_step
     backend = _dispatch.Backend("gpu", _gpu, _EMU.TorchHostLib)
     current = {"compiled": False}
@@ -142,8 +142,6 @@ def _steps(library: Any, monkeypatch: pytest.MonkeyPatch, dtype: str, extra: dic
     monkeypatch.setattr(cfg, "GPU_MAX_BLOCKS", 3)  # grid-stride loops over the chunks
     monkeypatch.setattr(cfg, "GPU_CHUNK", 7)  # many chunks per array, ragged ends
     _tables.TABLES.clear()
-    from fastclip.torch import StableSPAMAdamW
-
     kw = dict(_EMU.STABLE_KW, **extra)
     names = ["float32", "float64", "float16"]
     dts = [getattr(torch, names[i % 3] if dtype == "mixed" else dtype) for i in range(4)]
@@ -186,7 +184,11 @@ def _steps(library: Any, monkeypatch: pytest.MonkeyPatch, dtype: str, extra: dic
                     close(f(sa[key]).reshape(-1), f(st[key]).reshape(-1), same)
             if half:  # keep the reference on the stored values (16-bit rounding)
                 ref[i], oracle.m[i], oracle.v[i] = f(a), f(sa["exp_avg"]), f(sa["exp_avg_sq"])
-                for key, name in (("m_max_t", "m_max"), ("m_norm_t", "m_norm"), ("v_norm_t", "v_norm")):
+                for key, name in (
+                    ("m_max_t", "m_max"),
+                    ("m_norm_t", "m_norm"),
+                    ("v_norm_t", "v_norm"),
+                ):
                     getattr(oracle, name)[i] = float(sa[key])
 
 
