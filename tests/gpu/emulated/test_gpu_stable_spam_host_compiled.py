@@ -207,10 +207,6 @@ def test_the_cuda_source_against_the_reference_the_emulation_and_the_cpu_route(
 #: deliberate breaks of spam_kernels.cu, each caught by the steps above
 BREAKS = {
     "second moment with beta1": ("f.b2 = (A)row[FC_Q_BETA2];", "f.b2 = (A)row[FC_Q_B1];"),
-    "vector loads step with a zero gradient": (
-        "f.apply(pj, ld(vg.u.v, j), mj, vj, xj);",
-        "f.apply(pj, (A)0, mj, vj, xj);",
-    ),
     "clipped sum of the tails unclipped": (
         "double c = (double)ada_clip((A)ld(g, i), hat, shrink);",
         "double c = (double)(A)ld(g, i);",
