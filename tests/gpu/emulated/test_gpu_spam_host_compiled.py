@@ -9,7 +9,7 @@ multiply-adds but the kernel's own ``fma``).  ``fastclip_spam``'s launches go to
 library through ctypes, NumPy memory as device memory, and are checked against the
 float64 reference optimizer (``tests/integration/_spam_oracles.py``) and the NumPy
 transcription of the kernel (``test_gpu_spam_emulated.py``), as that file checks its
-emulation.  (Stable-SPAM's kernels are not run here yet.)
+emulation.  (Stable-SPAM's kernels: test_gpu_stable_spam_host_compiled.py.)
 
 Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 ``_Float16`` (GCC 12, Clang 15) is on the PATH.
