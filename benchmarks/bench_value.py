@@ -6,10 +6,14 @@ Float32 CPU tensors, in place, clamped to [-1, 1] (a standard normal: about a
 third of the values change). Each layout is timed interleaved in one process:
 ``fastclip.torch.clip_grad_value_`` (the drop-in), ``fastclip.clip_by_value_``
 on the tensors (one array: the array API's call; a list: one launch for all),
-fastclip's bare ``arr_clamp`` kernel (one array only: no Python around it),
+fastclip's bare kernel (``arr_clamp``, or ``tab_clamp`` on a table packed
+before the timing: no Python around it),
 ``torch.nn.utils.clip_grad_value_`` (on the CPU its default is the loop of
 ``clamp_`` calls) and with ``foreach=True``. Medians of ``--rounds``; each
 line gives the times and torch's loop / fastclip's drop-in (>1: fastclip faster).
+A last line times the table packing of the 148 tensors (addresses, sizes,
+dtypes, overlap check) warm and right after a 40 MB in-place pass, which
+leaves the Python side's code and objects out of the caches.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch
 import fastclip
 import fastclip.torch as fct
 from fastclip import _config as cfg
+from fastclip._cpu._adapters import TorchLib
 from fastclip._cpu._launch import run
+from fastclip._cpu._pack import pack
 
 LAYOUTS = {  # name -> sizes of the tensors
     "1 x 1e5": [10**5],
@@ -51,6 +57,10 @@ def _cases(sizes: list[int]) -> dict[str, Callable[[], object]]:
     if len(grads) == 1:
         a = grads[0].numpy()
         cases["bare kernel"] = lambda: run("arr_clamp", a.size, a, a, -1.0, 1.0, True, cfg.CHUNK)
+    else:
+        t = pack(TorchLib, grads, "clip_by_value", writing=True).tables[0]
+        args = (t.addrs, t.addrs, t.sizes, t.like, -1.0, 1.0, True, cfg.CHUNK)
+        cases["bare kernel"] = lambda: run("tab_clamp", t.n, *args)
     cases["torch loop"] = lambda: torch.nn.utils.clip_grad_value_(params, 1.0, foreach=False)
     cases["torch foreach"] = lambda: torch.nn.utils.clip_grad_value_(params, 1.0, foreach=True)
     return cases
@@ -74,6 +84,25 @@ def main() -> None:
         cells = "; ".join(f"{k} {v:,.1f} us" for k, v in med.items())
         ratio = med["torch loop"] / med["fastclip.torch"]
         print(f"{name} ({np.sum(sizes):,} floats): {cells}; torch loop / drop-in {ratio:.2f}x")
+    _pack_cost(LAYOUTS["148 x GPT-2 small / 8"], args.rounds)
+
+
+def _pack_cost(sizes: list[int], rounds: int) -> None:
+    grads = [torch.randn(n) for n in sizes]
+    big = torch.randn(10**7)
+    warm: list[float] = []
+    cold: list[float] = []
+    for _ in range(rounds):
+        pack(TorchLib, grads, "clip_by_value", writing=True)
+        t0 = time.perf_counter()
+        pack(TorchLib, grads, "clip_by_value", writing=True)
+        warm.append(time.perf_counter() - t0)
+        big.mul_(1.0)  # streams 40 MB through the caches
+        t0 = time.perf_counter()
+        pack(TorchLib, grads, "clip_by_value", writing=True)
+        cold.append(time.perf_counter() - t0)
+    w, c = statistics.median(warm) * 1e6, statistics.median(cold) * 1e6
+    print(f"packing {len(sizes)} tensors: warm {w:.0f} us, right after a 40 MB pass {c:.0f} us")
 
 
 if __name__ == "__main__":
