@@ -315,6 +315,19 @@ class Backend:
                 return value
         return scalar_value(value, name)
 
+    def lazy_bound(self, value: Any, fn: str, name: str) -> Any:
+        """A size-1 dask bound of ``fastclip.fn`` (``threshold`` of
+        ``clip_by_block_rms``, ``clip_norm`` of ``clip_by_average_norm``) kept lazy:
+        on the Dask route a 0-d float64 dask array whose value rule (``>= 0``, not
+        NaN) raises the NumPy route's ValueError when computed; its shape and dtype
+        errors now.  ``value`` itself when it is no dask array (the caller checked
+        it); a dask bound with non-dask arrays: ``scalar_arg``'s TypeError.
+        """
+        if self.scalar_arg(value, name) is None or self.route != ROUTE_DASK:
+            return value
+        ops: Any = self.ops  # the Dask route's own check (only dask values reach it)
+        return ops.checked_bound(self.lib, value, fn, name)
+
     def scalar_arg(self, value: Any, name: str) -> Any:
         """A factor or total norm that stays an array: a device scalar on the GPU
         route (no host sync), a dask scalar on the Dask route (stays lazy); None

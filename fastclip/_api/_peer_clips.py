@@ -52,9 +52,7 @@ def _lazy(value: Any, items: list[Any], name: str, fn: str) -> Any:
         return value
     backend = _dispatch.backend_for(items, defer_numpy=False)
     try:
-        value = backend.scalar_arg(value, name)  # TypeError unless dask arrays
-        ops: Any = backend.ops  # the Dask route's own check (not in RouteOps)
-        return ops.checked_bound(backend.lib, value, fn, name)
+        return backend.lazy_bound(value, fn, name)  # TypeError unless dask arrays
     except (TypeError, ValueError) as e:
         raise type(e)(f"fastclip.{fn}: {e}") from None
 

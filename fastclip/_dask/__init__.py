@@ -26,11 +26,14 @@ cluster, and arrays larger than memory stream through block by block.
   ``NonFiniteNormError`` before anything is rebound: the one computing call.
 * Dask-valued arguments (``min``/``max``, ``max_norm``, ``total_norm``,
   ``factor``; ``threshold`` and ``clip_norm`` of the peers' clips, through
-  ``checked_bound``; ``clip_per_sample``'s ``max_norm``) stay lazy: their
+  ``Backend.lazy_bound`` and ``checked_bound``; ``clip_per_sample``'s ``max_norm``,
+  a list of per-array bounds holding dask scalars included) stay lazy: their
   shapes and dtypes are checked at the call, their values (``max_norm >= 0``,
   no NaN, ``min <= max``) inside the graph, raising
   the NumPy route's ValueError with its message at compute time
-  (``fastclip._dask._checks``).  An array object passed twice to an in-place
+  (``fastclip._dask._checks``).  A dask bound of unknown length (NaN chunk
+  sizes) is a ValueError at the call that says so and names
+  ``compute_chunk_sizes()``.  An array object passed twice to an in-place
   call is refused at the call, as NumPy refuses arrays that share memory.
 * ``clip_per_sample`` is a graph too (``fastclip._dask._per_sample``); its
   ``n_clipped`` is a lazy 0-d int64 dask array.

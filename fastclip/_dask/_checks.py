@@ -19,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import check_max_norm
+
 __all__ = [
     "check_distinct",
     "checked",
     "checked_bounds",
+    "check_known_length",
     "checked_layer_bounds",
     "checked_max_norm",
     "checked_scalar",
@@ -64,10 +67,34 @@ def checked(
     )
 
 
+def check_known_length(value: Any, name: str) -> None:
+    """ValueError for a dask argument whose shape is unknown (NaN chunk sizes, e.g.
+    ``b[b > 0]``): its length cannot be checked without computing it."""
+    shape = tuple(value.shape)
+    if any(math.isnan(s) for s in shape):
+        raise ValueError(
+            f"{name} is a dask array of unknown length (NaN chunk sizes, e.g. after "
+            f"boolean indexing), so its length cannot be checked without "
+            f"computing it; call {name.split('[')[0]}.compute_chunk_sizes() first "
+            f"(or persist it)"
+        )
+
+
+def _one_block(value: Any) -> Any:
+    """A size-1 dask array in one block: after ``compute_chunk_sizes()`` one of boolean
+    indexing can keep empty chunks (``((1, 0),)``), and an empty block has no value to
+    check (dask 2026.8's ``reshape(())`` of it fails with an IndexError too)."""
+    if math.prod(tuple(value.shape)) == 1 and value.npartitions > 1:
+        return value.rechunk(-1)
+    return value
+
+
 def lazy_scalar(value: Any, name: str) -> Any:
     """A size-1 real dask array, as a 0-d float64 dask array; the TypeErrors of
     ``fastclip._validate.scalar_value`` (same messages), read from the shape and
-    dtype alone."""
+    dtype alone (a ValueError for an unknown shape: ``check_known_length``)."""
+    check_known_length(value, name)
+    value = _one_block(value)
     shape = tuple(value.shape)
     if math.prod(shape) != 1:
         raise TypeError(f"{name} must be a real number or a 0-d array, got {type(value).__name__}")
@@ -100,13 +127,27 @@ def checked_scalar(fn: str, name: str, value: Any) -> Any:
     """A size-1 dask bound (``max_norm``, ``threshold``, ``clip_norm``) as a 0-d float64
     dask array: ``lazy_scalar``'s TypeErrors at the call, ``check_max_norm``'s rule in
     the graph on the value as given (its dtype and shape in the message, as on NumPy)."""
+    check_known_length(value, name)
+    value = _one_block(value)
     return lazy_scalar(checked(value, *scalar_rule(fn, name, "max_norm")), name)
 
 
 def checked_layer_bounds(fn: str, value: Any) -> Any:
     """A 1-d dask ``max_norm`` of one bound per array (``clip_per_sample(...,
     per_layer=True)``) as float64, ``check_max_norm``'s rule checked on each element in
-    the graph; the message names the first bad element, ``max_norm[k]``, as on NumPy."""
+    the graph; the message names the first bad element, ``max_norm[k]``, as on NumPy.
+
+    A list or tuple of bounds (dask scalars, numbers or both) is stacked into one:
+    each dask element checked as a scalar bound named ``max_norm[k]`` (its TypeErrors
+    now, its value rule in the graph), each number by ``check_max_norm`` now, so
+    nothing is computed."""
+    import dask.array as da
+
+    if isinstance(value, (list, tuple)):
+        # one block, as a 1-d bound: every output depends on every element's check, so
+        # one bad bound fails the whole result, as NumPy refuses the whole call
+        return da.stack([_layer_bound(fn, k, v) for k, v in enumerate(value)]).rechunk(-1)
+    check_known_length(value, "max_norm")
     dtype = np.dtype(value.dtype)
     if dtype.kind in "cb":  # fastclip._validate.scalar_value on element 0, as NumPy
         raise TypeError(f"max_norm[0] must be a real number, got an array of dtype {dtype}")
@@ -126,6 +167,16 @@ def checked_layer_bounds(fn: str, value: Any) -> Any:
     # one block (a bound per array: a few values), so its index is the element's index
     one = value.rechunk(-1)
     return checked(one, lambda b: bool(bad_at(b).any()), message).astype(np.float64)
+
+
+def _layer_bound(fn: str, k: int, value: Any) -> Any:
+    """Element ``k`` of a list of per-array bounds as a 0-d float64 dask array."""
+    import dask.array as da
+
+    name = f"max_norm[{k}]"
+    if isinstance(value, da.Array):
+        return checked_scalar(fn, name, value)
+    return da.asarray(np.float64(check_max_norm(value, name)))
 
 
 def check_distinct(arrays: list[Any]) -> None:
@@ -197,7 +248,7 @@ def checked_max_norm(fn: str, value: Any) -> Any:
 
     if math.prod(tuple(value.shape)) == 1:
         bad, message = scalar_rule(fn, "max_norm", "max_norm")
-        return checked(value, bad, message)
+        return checked(_one_block(value), bad, message)
     code = da.any(da.isnan(value)).astype(int) + 2 * da.any(value < 0).astype(int)
     return checked(
         value,

@@ -8,7 +8,8 @@ float64 blocks; ``reduce=None`` scales each sample's slice with the CPU scale
 kernels (``map_blocks``), ``"sum"``/``"mean"`` accumulate ``f_b g[b]`` in
 float64 over the batch axis and round once to the data's dtype.  ``n_clipped``
 is a lazy 0-d int64 dask array: nothing is computed by the call.  A dask
-``max_norm`` stays lazy too: its values are checked in the graph
+``max_norm`` stays lazy too (a list of per-array bounds holding dask scalars
+included): its values are checked in the graph
 (``fastclip._dask._checks``), raising the NumPy route's ValueError when computed.
 """
 
@@ -42,11 +43,12 @@ def _batch_sum(parts: np.ndarray, axis: Any, keepdims: bool, **_: Any) -> np.nda
 
 
 def _lazy_bounds(value: Any, per_layer: bool, n: int) -> Any:
-    """A dask ``max_norm`` (size 1, or with ``per_layer`` 1-d of one bound per array:
-    ``fastclip._api._per_sample`` checked its structure) as ``n`` checked float64 bounds."""
+    """A dask ``max_norm`` (size 1, or with ``per_layer`` 1-d of one bound per array, or
+    a list of them holding dask scalars: ``fastclip._api._per_sample`` checked its
+    structure) as ``n`` checked float64 bounds."""
     import dask.array as da
 
-    if per_layer and value.ndim == 1:
+    if isinstance(value, (list, tuple)) or (per_layer and value.ndim == 1):
         return checked_layer_bounds("clip_per_sample", value)
     return da.broadcast_to(checked_scalar("clip_per_sample", "max_norm", value), (n,))
 
@@ -73,7 +75,9 @@ def clip_per_sample(
     from . import _checked, _scaled
 
     _checked(items, "clip_per_sample")
-    lazy = isinstance(bounds, da.Array)  # else float64 NumPy bounds, checked by the API
+    # a dask max_norm, or a list of per-array bounds holding dask scalars: checked in the
+    # graph; else float64 NumPy bounds, checked by the API
+    lazy = isinstance(bounds, (da.Array, list, tuple))
     if lazy:
         bounds = _lazy_bounds(bounds, per_layer, len(items))
     pairs = uses_pairs(items, ord_code)
