@@ -23,9 +23,9 @@ from .._validate import check_max_norm
 
 __all__ = [
     "check_distinct",
+    "check_known_length",
     "checked",
     "checked_bounds",
-    "check_known_length",
     "checked_layer_bounds",
     "checked_max_norm",
     "checked_scalar",
