@@ -71,6 +71,14 @@ def _bound(value: Any, name: str, x: Any, xp: Any, target: tuple[int, ...], fn: 
     ):
         raise _fail(TypeError, fn, f"{name} must be real, got dtype {value.dtype}")
     shape = tuple(value.shape)
+    if any(s is None or math.isnan(s) for s in shape):  # dask after boolean indexing
+        raise _fail(
+            ValueError,
+            fn,
+            f"{name} has unknown length (shape {shape}, e.g. a dask array after boolean "
+            f"indexing), so its broadcast to shape {target} cannot be checked without "
+            f"computing it; call {name}.compute_chunk_sizes() first (or persist it)",
+        )
     try:
         grown = np.broadcast_shapes(shape, target)
     except ValueError:

@@ -22,6 +22,7 @@ any work):
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -247,6 +248,9 @@ def clip_per_sample(
     backend = _dispatch.backend_for(items, defer_numpy=False)  # no packing: check all here
     if _dispatch.is_dask_array(bounds):  # TypeError unless dask arrays; else stays lazy
         bounds = backend.scalar_arg(max_norm, "max_norm")
+    elif isinstance(bounds, list):  # holds dask scalars: TypeError unless dask arrays
+        for k, v in enumerate(bounds):
+            backend.scalar_arg(v, f"max_norm[{k}]")
     outs, norms, n_clipped = backend.clip_per_sample(
         items,
         batch,
@@ -327,6 +331,12 @@ def _check_bounds(max_norm: Any, per_layer: bool, n: int) -> Any:
     ):
         values = None if lazy else list(max_norm)
         given = max_norm.shape[0] if values is None else len(values)
+        if lazy and math.isnan(given):
+            raise ValueError(
+                "max_norm is a dask array of unknown length (NaN chunk sizes, e.g. after "
+                "boolean indexing), so its length cannot be checked without computing it; "
+                "call max_norm.compute_chunk_sizes() first (or persist it)"
+            )
         if not per_layer:
             raise ValueError("one max_norm per array needs per_layer=True")
         if given != n:
@@ -334,6 +344,8 @@ def _check_bounds(max_norm: Any, per_layer: bool, n: int) -> Any:
         if lazy:
             return max_norm
         assert values is not None
+        if any(_dispatch.is_dask_array(v) for v in values):  # checked in the Dask graph
+            return values
         return np.array([check_max_norm(v, f"max_norm[{k}]") for k, v in enumerate(values)])
     if lazy:
         return max_norm

@@ -107,14 +107,6 @@ def test_a_bad_element_of_the_list_raises_numpys_error_at_the_call(bad):
     assert PREFIX + str(got.value) == message.replace("ndarray", "Array")
 
 
-NEEDS_API = (
-    "fastclip._api._per_sample._check_bounds reads each element of a max_norm list "
-    "(computing dask scalars) and reports a dask bound's unknown length as 'got nan'; "
-    "the Dask route takes both, the API file needs the change"
-)
-
-
-@pytest.mark.xfail(reason=NEEDS_API, strict=True)
 def test_a_list_of_dask_scalars_through_clip_per_sample_stays_lazy():
     d = da.from_array(X, chunks=(4, 6))
     values = [1.0, 0.4, 0.3]
@@ -157,7 +149,6 @@ def test_a_dask_bound_of_unknown_length_is_refused_on_the_route_with_the_fix():
         np.testing.assert_allclose(o, v, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(reason=NEEDS_API, strict=True)
 def test_clip_per_sample_refuses_a_bound_of_unknown_length_with_the_fix():
     d = da.from_array(X, chunks=(4, 6))
     with pytest.raises(ValueError) as info:
@@ -215,3 +206,27 @@ def test_backend_lazy_bound_on_each_route():
     assert numpy_backend.lazy_bound(0.25, "clip_by_block_rms", "threshold") == 0.25
     with pytest.raises(TypeError, match="threshold is a dask array but the arrays are not"):
         numpy_backend.lazy_bound(da.asarray(0.25), "clip_by_block_rms", "threshold")
+
+
+@pytest.mark.parametrize("fn", ["clip_by_value", "clip_by_norm"])
+def test_array_bounds_of_unknown_length_are_refused_with_the_fix(fn):
+    x = np.arange(-4.0, 5.0).reshape(3, 3)
+    d = da.from_array(x, chunks=2)
+    raw = da.from_array(np.array([1.0, 2.0, -3.0, 4.0]), chunks=2)
+    b = raw[raw > 0]  # NaN chunk sizes
+    name = "max" if fn == "clip_by_value" else "max_norm"
+
+    def call(bound):
+        if fn == "clip_by_value":
+            return fastclip.clip_by_value(d, None, bound)
+        return fastclip.clip_by_norm(d, bound[None, :], axis=0)
+
+    with pytest.raises(ValueError, match=rf"{name} has unknown length .*compute_chunk_sizes"):
+        call(b)
+    got = call(b.compute_chunk_sizes()).compute()
+    bound = np.array([1.0, 2.0, 4.0])
+    if fn == "clip_by_value":
+        want = np.minimum(x, bound)
+    else:
+        want = ref.clip_by_norm(x, bound[None, :], axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
