@@ -198,11 +198,12 @@ def build(
     stem: str,
     source: str,
     kernels: Mapping[str, Iterable[str]],
-    on_launch: Callable[[str, str, tuple[int, ...], tuple[Any, ...]], None] | None = None,
+    on_launch: Callable[[str, str, tuple[int, ...], tuple[int, ...], tuple[Any, ...]], None]
+    | None = None,
 ) -> Kernels:
     """Compiles SHIM + ``source`` + the entry points of ``kernels`` (name -> template
     arguments) in ``directory``; each launch checks that the driver passes the kernel's
-    parameters, calls ``on_launch(name, targ, grid, args)`` and runs the blocks."""
+    parameters, calls ``on_launch(name, targ, grid, block, args)`` and runs the blocks."""
     require_compiler(stem)
     d = pathlib.Path(directory)
     code, kinds = entries(source, kernels)
@@ -229,7 +230,7 @@ def _caller(fn: Any, name: str, targ: str, kinds: str, on_launch: Any) -> Callab
     def call(grid: tuple[int, ...], block: tuple[int], args: tuple[Any, ...]) -> None:
         assert len(args) == len(kinds), "the driver's arguments are the kernel's parameters"
         if on_launch is not None:
-            on_launch(name, targ, tuple(grid), args)
+            on_launch(name, targ, tuple(grid), tuple(block), args)
         conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, kinds, strict=True)]
         gy = int(grid[1]) if len(grid) == 2 else 1
         fn(int(grid[0]), gy, int(block[0]), *conv)

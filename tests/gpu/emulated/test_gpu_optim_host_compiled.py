@@ -55,7 +55,7 @@ LAUNCHES: list[str] = []
 
 
 def _build(d: pathlib.Path, source: str) -> hc.Kernels:
-    def record(name: str, targ: str, grid: Any, args: Any) -> None:
+    def record(name: str, targ: str, grid: Any, block: Any, args: Any) -> None:
         LAUNCHES.append(name)
 
     return hc.build(d, "optim", source, KERNELS, record)
