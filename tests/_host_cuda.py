@@ -238,6 +238,14 @@ def _caller(fn: Any, name: str, targ: str, kinds: str, on_launch: Any) -> Callab
     return call
 
 
+def broken(feature: str, old: str, new: str) -> str:
+    """``_modules.source(feature)`` with its one ``old`` replaced by ``new`` (a
+    deliberate break, for the tests that show their checks catch it)."""
+    source = _modules.source(feature)
+    assert source.count(old) == 1, old
+    return source.replace(old, new)
+
+
 def use(mp: pytest.MonkeyPatch, kernel: Kernels | Callable[..., Any], **config: Any) -> None:
     """Sends the drivers' kernel lookups to ``kernel`` (compiled ``Kernels``, or a
     function of (feature, device, name, targ)), on the calling thread's "device", with

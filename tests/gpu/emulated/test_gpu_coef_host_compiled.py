@@ -127,9 +127,7 @@ def test_a_broken_c2_in_the_cuda_source_is_caught(
     tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checks above fail when the kernel's c2 is dropped (c2 forced to 1)."""
-    source = _modules.source("core")
-    broken = source.replace("return (c2 != 1.0) ?", "return false ?")
-    assert broken != source
+    broken = hc.broken("core", "return (c2 != 1.0) ?", "return false ?")
     _use(_build(pathlib.Path(str(tmp_path)), broken), monkeypatch)
     with pytest.raises(AssertionError):
         _gpu_emulation.check_two_factor_cases(gpu, HostLib, 1)
@@ -173,11 +171,11 @@ def test_a_missing_underflow_redo_in_the_cuda_source_is_caught(
     tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The check above fails when chunk_pow_sum redoes only on overflow."""
-    source = _modules.source("core")
-    broken = source.replace(
-        "if ((ord_code != 0 && !isfinite(acc)) || tiny)", "if (ord_code != 0 && !isfinite(acc))"
+    broken = hc.broken(
+        "core",
+        "if ((ord_code != 0 && !isfinite(acc)) || tiny)",
+        "if (ord_code != 0 && !isfinite(acc))",
     )
-    assert broken != source
     _use(_build(pathlib.Path(str(tmp_path)), broken), monkeypatch)
     with pytest.raises(AssertionError):
         test_the_cuda_source_sums_tiny_float32_squares_in_float64(None, 1e-23)

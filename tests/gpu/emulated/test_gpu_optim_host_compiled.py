@@ -261,13 +261,7 @@ def test_adamw_max_norm_follows_the_float64_formulas(
 
 # -------------------------------------------------------------------- SGD
 
-SGD_VARIANTS = [
-    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
-    dict(momentum=0.0, dampening=0.0, weight_decay=0.05, nesterov=False),
-    dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False),
-    dict(momentum=0.9, dampening=0.3, weight_decay=0.05, nesterov=False),
-    dict(momentum=0.8, dampening=0.0, weight_decay=0.05, nesterov=True),
-]
+SGD_VARIANTS = _EMU.SGD_VARIANTS  # momentum, dampening, weight decay, Nesterov
 
 
 def _gpu_sgd(p: list[Any], g: list[Any], b: list[Any], hv: dict[str, Any], first: Any,
@@ -476,10 +470,7 @@ def test_a_broken_cuda_source_is_caught(
     which: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each break of BREAKS, compiled, fails the check that covers it on a value."""
-    old, new = BREAKS[which]
-    source = _modules.source("optim")
-    assert source.count(old) == 1
-    lib = _build(tmp_path, source.replace(old, new))
+    lib = _build(tmp_path, hc.broken("optim", *BREAKS[which]))
     _use(lib, monkeypatch)
     with pytest.raises(AssertionError, match="Tensor-likes are not equal"):
         if which == "vector_store":
