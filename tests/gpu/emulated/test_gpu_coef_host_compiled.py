@@ -1,9 +1,9 @@
 """The core CUDA source (``kernels.cu``) compiled for the host and run under the GPU
 driver (``fastclip/_gpu/_core.py``, ``_tables.py``, ``_axes.py``), without a GPU.
 
-The shim of ``test_gpu_wide_host_compiled.py`` (every CUDA thread of a block a host
-thread, ``__syncthreads`` a barrier, ``__shfl_down_sync`` an exchange within a
-warp, ``__half`` as ``_Float16``) is reused; the driver's launches of the
+The shim of ``tests/_host_cuda.py`` (every CUDA thread of a block a host thread,
+``__syncthreads`` a barrier, ``__shfl_down_sync`` an exchange within a warp,
+``__half`` as ``_Float16``) is used; the driver's launches of the
 partial sums, ``fastclip_finish``, ``fastclip_scale``, the per-slice power sums,
 ``fastclip_axis_coefs`` and ``fastclip_axis_scale`` go to that library through
 ctypes, with NumPy memory as device memory.  So the two-factor coefficient
@@ -17,170 +17,44 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import importlib.util
 import math
 import pathlib
-import subprocess
 from typing import Any
 
 import _gpu_emulation
+import _host_cuda as hc
 import numpy as np
 import pytest
 
-from fastclip import _config as cfg
 from fastclip import _gpu as gpu
-from fastclip._gpu import _adapters, _modules, _tables
+from fastclip._gpu import _modules
 
-
-def _wide_test_module() -> Any:
-    # the shim lives in the wide norm's host-compiled test; tests/gpu/emulated is not
-    # on sys.path under --import-mode=importlib, so it is loaded from its file
-    path = pathlib.Path(__file__).with_name("test_gpu_wide_host_compiled.py")
-    spec = importlib.util.spec_from_file_location("_fastclip_wide_host_compiled", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_WIDE = _wide_test_module()
-CXX, SHIM, CTYPE = _WIDE.CXX, _WIDE.SHIM, _WIDE.CTYPE
-
-#: kernel -> (its C++ parameter types, T the element / N the norm type; the
-#: ctypes kinds: p pointer, q int64, i int, d double), in the .cu's order.
-KERNELS: dict[str, tuple[str, ...]] = {
-    "fastclip_partial_pow_sum": (
-        "const u64*",
-        "const i64*",
-        "const i64*",
-        "const i64*",
-        "i64",
-        "i64",
-        "int",
-        "double",
-        "double*",
-    ),
-    "fastclip_finish": (
-        "const double*",
-        "i64",
-        "int",
-        "double",
-        "double",
-        "double",
-        "int",
-        "const double*",
-        "N*",
-        "double*",
-    ),
-    "fastclip_scale": (
-        "const u64*",
-        "const u64*",
-        "const i64*",
-        "const i64*",
-        "const i64*",
-        "i64",
-        "i64",
-        "const double*",
-    ),
-    "fastclip_tensor_norms": (
-        "const double*",
-        "const i64*",
-        "i64",
-        "i64",
-        "const i64*",
-        "int",
-        "double",
-        "N*",
-    ),
-    "fastclip_rows_pow_sum": ("const T*", "i64", "i64", "int", "double", "double*"),
-    "fastclip_cols_pow_sum": ("const T*", "i64", "i64", "int", "double", "double*"),
-    "fastclip_axis_coefs": (
-        "const double*",
-        "i64",
-        "int",
-        "double",
-        "double",
-        "double",
-        "int",
-        "N*",
-        "double*",
-    ),
-    "fastclip_axis_scale": ("const T*", "T*", "i64", "i64", "i64", "const double*"),
-}
-NORM_KERNELS = {"fastclip_finish", "fastclip_tensor_norms", "fastclip_axis_coefs"}
+#: the kernels the core driver launches here -> their template arguments
 ELEMENTS = ("float", "double", "__half")
-
-
-def _kind(ctype: str) -> str:
-    if "*" in ctype:
-        return "p"
-    return {"i64": "q", "int": "i", "double": "d"}[ctype]
-
-
-def _entries() -> tuple[str, dict[tuple[str, str], tuple[str, str]]]:
-    """extern "C" wrappers that launch each instantiation: (source, (name, targ) ->
-    (symbol, ctypes kinds))."""
-    lines, symbols = [], {}
-    for name, params in KERNELS.items():
-        for targ in ("float", "double") if name in NORM_KERNELS else ELEMENTS:
-            typed = [p.replace("T*", f"{targ}*").replace("N*", f"{targ}*") for p in params]
-            args = ", ".join(f"{t} a{i}" for i, t in enumerate(typed))
-            names = ", ".join(f"a{i}" for i in range(len(typed)))
-            symbol = f"{name}_{targ.strip('_')}"
-            lines.append(
-                f'extern "C" void {symbol}(int grid, int block, {args}) {{\n'
-                f"    launch(grid, block, [=] {{ {name}<{targ}>({names}); }});\n}}"
-            )
-            symbols[(name, targ)] = (symbol, "".join(_kind(p) for p in params))
-    return "\n".join(lines) + "\n", symbols
-
-
-ENTRIES, SYMBOLS = _entries()
-
-
-def _build(d: pathlib.Path, source: str) -> ctypes.CDLL:
-    cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-    (d / "probe.cpp").write_text("#include <barrier>\n_Float16 h = 1;\nstd::barrier<> b(1);\n")
-    probe = subprocess.run(
-        [*cmd, str(d / "probe.cpp"), "-o", str(d / "probe.so")], capture_output=True, text=True
+KERNELS = dict.fromkeys(
+    (
+        "fastclip_partial_pow_sum",
+        "fastclip_scale",
+        "fastclip_rows_pow_sum",
+        "fastclip_cols_pow_sum",
+        "fastclip_axis_scale",
+    ),
+    ELEMENTS,
+)
+KERNELS.update(
+    dict.fromkeys(
+        ("fastclip_finish", "fastclip_tensor_norms", "fastclip_axis_coefs"), ("float", "double")
     )
-    if probe.returncode != 0:
-        pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    src = source.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
-    (d / "core.cpp").write_text(SHIM + src + ENTRIES)
-    result = subprocess.run(
-        [*cmd, str(d / "core.cpp"), "-o", str(d / "core.so")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "core.so"))
-    for symbol, kinds in SYMBOLS.values():
-        getattr(lib, symbol).argtypes = [ctypes.c_int, ctypes.c_int] + [CTYPE[k] for k in kinds]
-        getattr(lib, symbol).restype = None
-    return lib
+)
+
+
+def _build(d: pathlib.Path, source: str) -> hc.Kernels:
+    return hc.build(d, "core", source, KERNELS)
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build kernels.cu for the host")
+def library(tmp_path_factory: pytest.TempPathFactory) -> hc.Kernels:
     return _build(tmp_path_factory.mktemp("cuda_core_host"), _modules.source("core"))
-
-
-def _compiled(lib: ctypes.CDLL, name: str, targ: str) -> Any:
-    symbol, kinds = SYMBOLS[(name, targ)]
-    fn = getattr(lib, symbol)
-
-    def call(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-        assert len(args) == len(kinds), "the driver's arguments are the kernel's parameters"
-        conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, kinds, strict=True)]
-        fn(int(grid[0]), int(block[0]), *conv)
-
-    return call
 
 
 class HostLib(_gpu_emulation.HostLib):
@@ -189,20 +63,19 @@ class HostLib(_gpu_emulation.HostLib):
     )
 
 
-def _use(library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        _modules, "kernel", lambda feature, device, name, targ: _compiled(library, name, targ)
+def _use(library: hc.Kernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    hc.use(
+        monkeypatch,
+        library,
+        GPU_CHUNK=2,  # several chunks per array
+        GPU_BLOCK=64,  # two warps: the cross-warp step runs
+        GPU_FINISH_BLOCK=64,
+        GPU_MAX_BLOCKS=3,  # grid-stride loops
     )
-    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
-    monkeypatch.setattr(cfg, "GPU_CHUNK", 2)  # several chunks per array
-    monkeypatch.setattr(cfg, "GPU_BLOCK", 64)  # two warps: the cross-warp step runs
-    monkeypatch.setattr(cfg, "GPU_FINISH_BLOCK", 64)
-    monkeypatch.setattr(cfg, "GPU_MAX_BLOCKS", 3)  # grid-stride loops
-    _tables.TABLES.clear()
 
 
 @pytest.fixture
-def compiled(library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+def compiled(library: hc.Kernels, monkeypatch: pytest.MonkeyPatch) -> hc.Kernels:
     _use(library, monkeypatch)
     return library
 
@@ -254,11 +127,7 @@ def test_a_broken_c2_in_the_cuda_source_is_caught(
     tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checks above fail when the kernel's c2 is dropped (c2 forced to 1)."""
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build kernels.cu for the host")
-    source = _modules.source("core")
-    broken = source.replace("return (c2 != 1.0) ?", "return false ?")
-    assert broken != source
+    broken = hc.broken("core", "return (c2 != 1.0) ?", "return false ?")
     _use(_build(pathlib.Path(str(tmp_path)), broken), monkeypatch)
     with pytest.raises(AssertionError):
         _gpu_emulation.check_two_factor_cases(gpu, HostLib, 1)
@@ -302,13 +171,11 @@ def test_a_missing_underflow_redo_in_the_cuda_source_is_caught(
     tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The check above fails when chunk_pow_sum redoes only on overflow."""
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build kernels.cu for the host")
-    source = _modules.source("core")
-    broken = source.replace(
-        "if ((ord_code != 0 && !isfinite(acc)) || tiny)", "if (ord_code != 0 && !isfinite(acc))"
+    broken = hc.broken(
+        "core",
+        "if ((ord_code != 0 && !isfinite(acc)) || tiny)",
+        "if (ord_code != 0 && !isfinite(acc))",
     )
-    assert broken != source
     _use(_build(pathlib.Path(str(tmp_path)), broken), monkeypatch)
     with pytest.raises(AssertionError):
         test_the_cuda_source_sums_tiny_float32_squares_in_float64(None, 1e-23)

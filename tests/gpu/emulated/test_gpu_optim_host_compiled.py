@@ -2,10 +2,10 @@
 as ``_modules.source("optim")`` compiles it) built for the host and run under the GPU
 driver (``fastclip/_gpu/_optim.py``, ``_optim_plan.py``), without a GPU.
 
-The shim of ``test_gpu_wide_host_compiled.py`` (every CUDA thread of a block a host
-thread, ``__half`` as ``_Float16``, bfloat16 the upper half of a float32) is reused,
-with the correctly rounded intrinsics the optimizer kernels call (``__fmul_rn``,
-``__fmaf_rn``, ...) as the host's IEEE operations and ``std::fma``.  The driver's
+The shim of ``tests/_host_cuda.py`` (every CUDA thread of a block a host thread,
+``__half`` as ``_Float16``, bfloat16 the upper half of a float32, the correctly
+rounded intrinsics the optimizer kernels call -- ``__fmul_rn``, ``__fmaf_rn``, ... --
+as the host's IEEE operations and ``std::fma``) is used.  The driver's
 launches of ``fastclip_partial_pow_sum``, ``fastclip_finish``, ``fastclip_adamw``
 and ``fastclip_sgd`` go to that library through ctypes, with torch CPU tensors as
 device memory (so bfloat16 runs too).  The kernel text that ships -- the table
@@ -23,188 +23,66 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import importlib.util
 import math
 import pathlib
-import subprocess
 from typing import Any
 
-import _gpu_emulation
+import _host_cuda as hc
 import numpy as np
 import pytest
 import reference
 
 from fastclip import NonFiniteNormError, optim
-from fastclip import _config as cfg
 from fastclip import _gpu as G
-from fastclip._gpu import _adapters, _modules, _tables
+from fastclip._gpu import _modules, _tables
 from fastclip._hparams import adamw_hparams, sgd_hparams
 
 torch = pytest.importorskip("torch")
 
+_EMU = hc.emulated_test_module("test_gpu_optim_emulated")
+#: torch CPU tensors through the GPU adapter interface (pointers = host addresses)
+TorchLib = _EMU.TorchHostLib
 
-def _load(name: str) -> Any:
-    # tests/gpu/emulated is not on sys.path under --import-mode=importlib: by file
-    path = pathlib.Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"_fastclip_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_WIDE = _load("test_gpu_wide_host_compiled.py")
-_CORE = _load("test_gpu_coef_host_compiled.py")
-_EMU = _load("test_gpu_optim_emulated.py")
-CXX, CTYPE = _WIDE.CXX, _WIDE.CTYPE
-
-# The intrinsics of optim_kernels.cu: one IEEE operation each, correctly rounded on
-# the host as on the device (-ffp-contract=off keeps the compiler from fusing them).
-SHIM = (
-    _WIDE.SHIM
-    + r"""
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline double __dsqrt_rn(double a) { return std::sqrt(a); }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
-"""
-)
-
-_HEAD = ("const u64*", "i64", "const i64*", "const i64*", "const i64*", "i64", "i64")
-_HEAD += ("const double*", "double", "int", "const void*", "const double*")
-#: kernel -> its C++ parameter types in the .cu's order (T element, N norm type).
-KERNELS: dict[str, tuple[str, ...]] = {
-    "fastclip_partial_pow_sum": _CORE.KERNELS["fastclip_partial_pow_sum"],
-    "fastclip_finish": _CORE.KERNELS["fastclip_finish"],
-    "fastclip_adamw": (*_HEAD, *["double"] * 7, "int"),
-    "fastclip_sgd": (*_HEAD, *["double"] * 4, "int", "int"),
-}
+#: kernel -> its template arguments (T element, N norm type)
 ELEMENTS = tuple(_modules.ELEMENT_TYPES.values())
-
-
-def _entries() -> tuple[str, dict[tuple[str, str], tuple[str, str]]]:
-    """extern "C" wrappers launching each instantiation: (source, (name, targ) ->
-    (symbol, ctypes kinds))."""
-    lines, symbols = [], {}
-    for name, params in KERNELS.items():
-        for targ in _modules.NORM_TYPES if name == "fastclip_finish" else ELEMENTS:
-            typed = [p.replace("N*", f"{targ}*") for p in params]
-            args = ", ".join(f"{t} a{i}" for i, t in enumerate(typed))
-            names = ", ".join(f"a{i}" for i in range(len(typed)))
-            symbol = f"{name}_{targ.strip('_')}"
-            lines.append(
-                f'extern "C" void {symbol}(int grid, int block, {args}) {{\n'
-                f"    launch(grid, block, [=] {{ {name}<{targ}>({names}); }});\n}}"
-            )
-            symbols[(name, targ)] = (symbol, "".join(_CORE._kind(p) for p in params))
-    return "\n".join(lines) + "\n", symbols
-
-
-ENTRIES, SYMBOLS = _entries()
-
-
-def _build(d: pathlib.Path, source: str) -> ctypes.CDLL:
-    cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-    (d / "probe.cpp").write_text("#include <barrier>\n_Float16 h = 1;\nstd::barrier<> b(1);\n")
-    probe = subprocess.run(
-        [*cmd, str(d / "probe.cpp"), "-o", str(d / "probe.so")], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    src = source.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
-    (d / "optim.cpp").write_text(SHIM + src + ENTRIES)
-    result = subprocess.run(
-        [*cmd, str(d / "optim.cpp"), "-o", str(d / "optim.so")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "optim.so"))
-    for symbol, kinds in SYMBOLS.values():
-        getattr(lib, symbol).argtypes = [ctypes.c_int, ctypes.c_int] + [CTYPE[k] for k in kinds]
-        getattr(lib, symbol).restype = None
-    return lib
-
-
-def _needs_cxx() -> None:
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build optim_kernels.cu for the host")
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    _needs_cxx()
-    return _build(tmp_path_factory.mktemp("cuda_optim_host"), _modules.source("optim"))
-
-
+KERNELS = {
+    "fastclip_partial_pow_sum": ELEMENTS,
+    "fastclip_finish": _modules.NORM_TYPES,
+    "fastclip_adamw": ELEMENTS,
+    "fastclip_sgd": ELEMENTS,
+}
 LAUNCHES: list[str] = []
 
 
-def _compiled(lib: ctypes.CDLL, name: str, targ: str) -> Any:
-    symbol, kinds = SYMBOLS[(name, targ)]
-    fn = getattr(lib, symbol)
-
-    def call(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-        assert len(args) == len(kinds), "the driver's arguments are the kernel's parameters"
-        conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, kinds, strict=True)]
+def _build(d: pathlib.Path, source: str) -> hc.Kernels:
+    def record(name: str, targ: str, grid: Any, block: Any, args: Any) -> None:
         LAUNCHES.append(name)
-        fn(int(grid[0]), int(block[0]), *conv)
 
-    return call
+    return hc.build(d, "optim", source, KERNELS, record)
 
 
-class TorchLib(_gpu_emulation.HostLib):
-    """torch CPU tensors through the GPU adapter interface (pointers = host addresses)."""
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> hc.Kernels:
+    return _build(tmp_path_factory.mktemp("cuda_optim_host"), _modules.source("optim"))
 
-    name = "torch"
-    kind = staticmethod(
-        lambda x: str(x.dtype).replace("torch.", "") if x.is_floating_point() else None
+
+def _use(library: hc.Kernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    hc.use(
+        monkeypatch,
+        library,
+        GPU_CHUNK=256,  # chunks start 16-byte aligned in every dtype
+        # one warp (the norm's shuffles need whole warps): 1001 float32 take two vectors a thread
+        GPU_BLOCK=32,
+        GPU_FINISH_BLOCK=64,
+        GPU_MAX_BLOCKS=2,  # grid-stride loops over the chunks
     )
-    ptr = staticmethod(lambda x: x.data_ptr())
-    numel = staticmethod(lambda x: x.numel())
-    contiguous = staticmethod(lambda x: x.is_contiguous())
-    as_contiguous = staticmethod(lambda x: x.detach().contiguous())
-    empty = staticmethod(lambda shape, kind, like: torch.empty(shape, dtype=getattr(torch, kind)))
-    to_f64 = staticmethod(lambda v: v.detach().to(torch.float64).reshape(()))
-    upload = staticmethod(lambda buf, like: (torch.from_numpy(buf.copy()), None))
-
-    @staticmethod
-    def write_back(x: Any, values: Any) -> None:
-        x.detach().copy_(values)
-
-    @classmethod
-    def host_float(cls, x: Any) -> float:
-        cls.syncs += 1
-        return float(x.item())
-
-
-def _use(kernel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_modules, "kernel", lambda feature, device, name, targ: kernel(name, targ))
-    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
-    monkeypatch.setattr(cfg, "GPU_CHUNK", 256)  # chunks start 16-byte aligned in every dtype
-    # one warp (the norm's shuffles need whole warps): 1001 float32 take two vectors a thread
-    monkeypatch.setattr(cfg, "GPU_BLOCK", 32)
-    monkeypatch.setattr(cfg, "GPU_FINISH_BLOCK", 64)
-    monkeypatch.setattr(cfg, "GPU_MAX_BLOCKS", 2)  # grid-stride loops over the chunks
     monkeypatch.setattr(TorchLib, "syncs", 0)
-    _tables.TABLES.clear()
     LAUNCHES.clear()
 
 
 @pytest.fixture
-def compiled(library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
-    _use(lambda name, targ: _compiled(library, name, targ), monkeypatch)
+def compiled(library: hc.Kernels, monkeypatch: pytest.MonkeyPatch) -> hc.Kernels:
+    _use(library, monkeypatch)
     return library
 
 
@@ -383,13 +261,7 @@ def test_adamw_max_norm_follows_the_float64_formulas(
 
 # -------------------------------------------------------------------- SGD
 
-SGD_VARIANTS = [
-    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
-    dict(momentum=0.0, dampening=0.0, weight_decay=0.05, nesterov=False),
-    dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False),
-    dict(momentum=0.9, dampening=0.3, weight_decay=0.05, nesterov=False),
-    dict(momentum=0.8, dampening=0.0, weight_decay=0.05, nesterov=True),
-]
+SGD_VARIANTS = _EMU.SGD_VARIANTS  # momentum, dampening, weight decay, Nesterov
 
 
 def _gpu_sgd(p: list[Any], g: list[Any], b: list[Any], hv: dict[str, Any], first: Any,
@@ -598,12 +470,8 @@ def test_a_broken_cuda_source_is_caught(
     which: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each break of BREAKS, compiled, fails the check that covers it on a value."""
-    _needs_cxx()
-    old, new = BREAKS[which]
-    source = _modules.source("optim")
-    assert source.count(old) == 1
-    lib = _build(tmp_path, source.replace(old, new))
-    _use(lambda name, targ: _compiled(lib, name, targ), monkeypatch)
+    lib = _build(tmp_path, hc.broken("optim", *BREAKS[which]))
+    _use(lib, monkeypatch)
     with pytest.raises(AssertionError, match="Tensor-likes are not equal"):
         if which == "vector_store":
             test_adamw_gives_the_cpu_routes_bits(lib, "float32", "host", False, False)

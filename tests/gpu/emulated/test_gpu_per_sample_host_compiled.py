@@ -2,11 +2,11 @@
 the GPU route compiles it) built for the host and run under its GPU driver
 (``fastclip/_gpu/_per_sample.py``), without a GPU.
 
-The shim of ``test_gpu_wide_host_compiled.py`` is reused (every CUDA thread of a
-block a host thread, ``__syncthreads`` a barrier, ``__shfl_down_sync`` an exchange
-within a warp, ``__half`` as ``_Float16``, bfloat16 the upper half of a float32),
-with a launcher for the two-dimensional grids of pass 2 (``blockIdx.y``: row
-groups, rows).  The driver's launches of ``fastclip_ps_pow_partials``,
+The shim of ``tests/_host_cuda.py`` is used (every CUDA thread of a block a host
+thread, ``__syncthreads`` a barrier, ``__shfl_down_sync`` an exchange within a
+warp, ``__half`` as ``_Float16``, bfloat16 the upper half of a float32, the
+two-dimensional grids of pass 2 -- ``blockIdx.y``: row groups, rows -- run row by
+row).  The driver's launches of ``fastclip_ps_pow_partials``,
 ``fastclip_ps_factors``, ``fastclip_ps_weighted_sum``, ``fastclip_ps_combine``
 and ``fastclip_ps_scale_rows`` go to that library through ctypes, with NumPy
 memory as device memory; each kernel's parameter list is read from the .cu, so
@@ -25,170 +25,69 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import importlib.util
 import math
 import pathlib
-import re
-import subprocess
 from typing import Any
 
+import _host_cuda as hc
 import numpy as np
 import pytest
 import reference as ref
 
 import fastclip
 from fastclip import _config as cfg
-from fastclip._gpu import _adapters, _modules, _tables
+from fastclip._gpu import _modules, _tables
 from fastclip._gpu import _per_sample as gps
 
 torch = pytest.importorskip("torch")
 
-
-def _load(name: str) -> Any:
-    # tests/gpu/emulated is not on sys.path under --import-mode=importlib: load by file
-    path = pathlib.Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"_fastclip_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_WIDE = _load("test_gpu_wide_host_compiled.py")
-_EMU = _load("test_gpu_per_sample_emulated.py")
-CXX, SHIM, CTYPE = _WIDE.CXX, _WIDE.SHIM, _WIDE.CTYPE
+_EMU = hc.emulated_test_module("test_gpu_per_sample_emulated")
 HostLib = _EMU.HostLib  # registers its buffers, fills new ones with 12345 (garbage)
 BF16 = _EMU.BF16
 
-#: Two-dimensional grids: blocks run one after another, row (y) by row.
-LAUNCH2 = r"""
-template <typename F> void launch2(int gx, int gy, int block, F body) {
-    gridDim.x = gx;
-    gridDim.y = gy;
-    blockDim.x = block;
-    for (int by = 0; by < gy; ++by)
-        for (int bx = 0; bx < gx; ++bx) {
-            std::barrier<> bar(block);
-            g_block = &bar;
-            g_warps.clear();
-            for (int w = 0; w < (block + 31) / 32; ++w)
-                g_warps.emplace_back(new std::barrier<>(std::min(32, block - 32 * w)));
-            std::vector<std::thread> threads;
-            for (int t = 0; t < block; ++t)
-                threads.emplace_back([=] {
-                    threadIdx.x = t;
-                    blockIdx.x = bx;
-                    blockIdx.y = by;
-                    body();
-                });
-            for (auto& th : threads) th.join();
-        }
-}
-"""
-
-ELEMENTS = tuple(_modules.ELEMENT_TYPES.values())
-
-
-def _kind(ctype: str) -> str:
-    if "*" in ctype:
-        return "p"
-    return {"i64": "q", "int": "i", "double": "d"}[ctype]
-
-
-def _entries(own: str) -> tuple[str, dict[tuple[str, str], tuple[str, str]]]:
-    """extern "C" wrappers launching every instantiation the driver uses, each kernel's
-    parameters as the .cu declares them: (source, (name, targ) -> (symbol, ctypes kinds))."""
-    _, per_element, per_norm = _modules.FEATURES["per_sample"]
-    lines, symbols = [], {}
-    for name in per_element + per_norm:
-        match = re.search(rf"__global__ void {name}\((.*?)\)\s*{{", own, re.S)
-        assert match is not None, name
-        params = [" ".join(p.split()) for p in match.group(1).split(",")]
-        types = [p.rsplit(" ", 1)[0] for p in params]
-        for targ in _modules.NORM_TYPES if name in per_norm else ELEMENTS:
-            typed = [re.sub(r"\b(N|T)\b", targ, t) for t in types]
-            args = ", ".join(f"{t} a{i}" for i, t in enumerate(typed))
-            names = ", ".join(f"a{i}" for i in range(len(typed)))
-            symbol = f"{name}_{targ.strip('_')}"
-            lines.append(
-                f'extern "C" void {symbol}(int gx, int gy, int block, {args}) {{\n'
-                f"    launch2(gx, gy, block, [=] {{ {name}<{targ}>({names}); }});\n}}"
-            )
-            symbols[(name, targ)] = (symbol, "".join(_kind(t) for t in types))
-    return "\n".join(lines) + "\n", symbols
-
-
-def _build(
-    d: pathlib.Path, own: str, core: str | None = None
-) -> tuple[ctypes.CDLL, dict[tuple[str, str], Any]]:
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build per_sample_kernels.cu")
-    cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-    (d / "probe.cpp").write_text("#include <barrier>\n_Float16 h = 1;\nstd::barrier<> b(1);\n")
-    probe = subprocess.run(
-        [*cmd, str(d / "probe.cpp"), "-o", str(d / "probe.so")], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    entries, symbols = _entries(own)
-    core = _modules.own_source("core") if core is None else core
-    src = core + "\n" + own  # as _modules.source("per_sample")
-    src = src.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
-    (d / "per_sample.cpp").write_text(SHIM + LAUNCH2 + src + entries)
-    result = subprocess.run(
-        [*cmd, str(d / "per_sample.cpp"), "-o", str(d / "per_sample.so")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "per_sample.so"))
-    calls = {}
-    for key, (symbol, kinds) in symbols.items():
-        fn = getattr(lib, symbol)
-        fn.argtypes = [ctypes.c_int] * 3 + [CTYPE[k] for k in kinds]
-        fn.restype = None
-        calls[key] = _caller(fn, kinds)
-    return lib, calls
-
+_, _PER_ELEMENT, _PER_NORM = _modules.FEATURES["per_sample"]
+#: every instantiation the driver uses
+KERNELS = dict.fromkeys(_PER_ELEMENT, tuple(_modules.ELEMENT_TYPES.values()))
+KERNELS.update(dict.fromkeys(_PER_NORM, _modules.NORM_TYPES))
 
 #: (symbol, grid) of every compiled launch
 LAUNCHES: list[tuple[str, tuple[int, ...]]] = []
 
 
-def _caller(fn: Any, kinds: str) -> Any:
-    def call(grid: tuple[int, ...], block: tuple[int], args: tuple[Any, ...]) -> None:
-        assert len(args) == len(kinds), "the driver's arguments are the kernel's parameters"
-        assert all(isinstance(v, np.generic) for v in args), "kernel arguments are NumPy scalars"
-        assert 1 <= len(grid) <= 2 and len(block) == 1
-        assert grid[0] <= cfg.GPU_MAX_BLOCKS and (len(grid) == 1 or grid[1] <= gps.MAX_GRID_Y)
-        conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, kinds, strict=True)]
-        gy = int(grid[1]) if len(grid) == 2 else 1
-        LAUNCHES.append((fn.__name__, tuple(grid)))
-        fn(int(grid[0]), gy, int(block[0]), *conv)
+def _record(
+    name: str, targ: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]
+) -> None:
+    assert all(isinstance(v, np.generic) for v in args), "kernel arguments are NumPy scalars"
+    assert 1 <= len(grid) <= 2 and len(block) == 1
+    assert grid[0] <= cfg.GPU_MAX_BLOCKS and (len(grid) == 1 or grid[1] <= gps.MAX_GRID_Y)
+    LAUNCHES.append((hc.symbol(name, targ), grid))
 
-    return call
+
+def _build(d: pathlib.Path, own: str, core: str | None = None) -> hc.Kernels:
+    core = _modules.own_source("core") if core is None else core
+    src = core + "\n" + own  # as _modules.source("per_sample")
+    return hc.build(d, "per_sample", src, KERNELS, _record)
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Any]:
+def library(tmp_path_factory: pytest.TempPathFactory) -> hc.Kernels:
     d = tmp_path_factory.mktemp("cuda_per_sample_host")
-    return _build(d, _modules.own_source("per_sample"))[1]
+    return _build(d, _modules.own_source("per_sample"))
 
 
-def _use(calls: dict[tuple[str, str], Any], mp: pytest.MonkeyPatch, split: bool = True) -> None:
-    mp.setattr(_modules, "kernel", lambda feature, device, name, targ: calls[(name, targ)])
-    mp.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
-    mp.setattr(cfg, "GPU_BLOCK", 64)  # two warps: block_reduce's cross-warp step runs
-    mp.setattr(cfg, "GPU_FINISH_BLOCK", 64)
-    mp.setattr(cfg, "GPU_MAX_BLOCKS", 3)  # grid-stride loops
+def _use(calls: hc.Kernels, mp: pytest.MonkeyPatch, split: bool = True) -> None:
+    hc.use(
+        mp,
+        calls,
+        GPU_BLOCK=64,  # two warps: block_reduce's cross-warp step runs
+        GPU_FINISH_BLOCK=64,
+        GPU_MAX_BLOCKS=3,  # grid-stride loops
+    )
     mp.setattr(gps, "POW_CHUNK", 16)  # several chunks per row (a multiple of every V)
     mp.setattr(gps, "PASS2_BLOCK", 8)
     mp.setattr(gps, "TARGET_BLOCKS", 64 if split else 1)  # row groups + combine, or none
     mp.setattr(gps, "MIN_SPLIT_ROWS", 2)
-    _tables.TABLES.clear()
     _EMU.REGIONS.clear()
     LAUNCHES.clear()
 
@@ -606,7 +505,7 @@ BREAKS = {
 
 
 @pytest.fixture(scope="module")
-def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[ctypes.CDLL, Any]:
+def broken(tmp_path_factory: pytest.TempPathFactory) -> hc.Kernels:
     own = _modules.own_source("per_sample")
     core = _modules.own_source("core")  # kernels.cu: chunk_pow_sum's underflow redo
     for old, new, _ in BREAKS.values():
@@ -620,11 +519,10 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[ctypes.CDLL, Any]:
 
 
 @pytest.mark.parametrize("what", list(BREAKS))
-def test_a_broken_cuda_source_is_caught(broken: tuple[ctypes.CDLL, Any],
+def test_a_broken_cuda_source_is_caught(broken: hc.Kernels,
                                         monkeypatch: pytest.MonkeyPatch, what: str) -> None:  # fmt: skip
-    lib, calls = broken
-    switch = ctypes.c_int.in_dll(lib, "g_break")
-    _use(calls, monkeypatch)
+    switch = ctypes.c_int.in_dll(broken.lib, "g_break")
+    _use(broken, monkeypatch)
     check = BREAKS[what][2]
     switch.value = 0
     check()  # the hooks themselves change nothing

@@ -2,9 +2,9 @@
 and ``optim_kernels.cu`` as the GPU route does) built for the host and run under its
 GPU driver (``fastclip/_gpu/_spam.py``), without a GPU.
 
-The shim of ``test_gpu_wide_host_compiled.py`` is reused (every CUDA thread a host
-thread, ``__half`` as ``_Float16``), plus the correctly rounded intrinsics of
-``optim_kernels.cu`` as the host's IEEE operations (``-ffp-contract=off``: no fused
+The shim of ``tests/_host_cuda.py`` is used (every CUDA thread a host thread,
+``__half`` as ``_Float16``, the correctly rounded intrinsics of ``optim_kernels.cu``
+as the host's IEEE operations) (``-ffp-contract=off``: no fused
 multiply-adds but the kernel's own ``fma``).  ``fastclip_spam``'s launches go to that
 library through ctypes, NumPy memory as device memory, and are checked against the
 float64 reference optimizer (``tests/integration/_spam_oracles.py``) and the NumPy
@@ -17,128 +17,44 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import importlib.util
 import pathlib
-import re
-import subprocess
 from typing import Any
 
+import _host_cuda as hc
 import numpy as np
 import pytest
 
-from fastclip import _config as cfg
 from fastclip import _spam_hparams as H
-from fastclip._gpu import _adapters, _modules, _spam, _tables
+from fastclip._gpu import _modules, _spam
 
 torch = pytest.importorskip("torch")
 
-
-def _load(path: pathlib.Path) -> Any:
-    # tests/gpu/emulated is not on sys.path under --import-mode=importlib: load by file
-    spec = importlib.util.spec_from_file_location(f"_fastclip_{path.stem}_hc", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_HERE = pathlib.Path(__file__)
-_WIDE = _load(_HERE.with_name("test_gpu_wide_host_compiled.py"))
-_EMU = _load(_HERE.with_name("test_gpu_spam_emulated.py"))
-CXX, SHIM, CTYPE = _WIDE.CXX, _WIDE.SHIM, _WIDE.CTYPE
-
-INTRINSICS = r"""
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline double __dsqrt_rn(double a) { return std::sqrt(a); }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
-"""
-
-ELEMENTS = ("float", "double", "__half")
+_EMU = hc.emulated_test_module("test_gpu_spam_emulated")
 NAME = "fastclip_spam"
 
 
-def _kind(ctype: str) -> str:
-    if "*" in ctype:
-        return "p"
-    return {"i64": "q", "int": "i", "double": "d"}[ctype]
-
-
-def _build(d: pathlib.Path, src: str) -> dict[str, Any]:
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build spam_kernels.cu")
-    cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-    (d / "probe.cpp").write_text("#include <barrier>\n_Float16 h = 1;\nstd::barrier<> b(1);\n")
-    probe = subprocess.run(
-        [*cmd, str(d / "probe.cpp"), "-o", str(d / "probe.so")], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    match = re.search(rf"__global__ void {NAME}\((.*?)\)\s*{{", src, re.S)
-    assert match is not None
-    types = [" ".join(p.split()).rsplit(" ", 1)[0] for p in match.group(1).split(",")]
-    kinds = "".join(_kind(t) for t in types)
-    lines = []
-    for targ in ELEMENTS:
-        typed = [re.sub(r"\bT\b", targ, t) for t in types]
-        args = ", ".join(f"{t} a{i}" for i, t in enumerate(typed))
-        names = ", ".join(f"a{i}" for i in range(len(typed)))
-        lines.append(
-            f'extern "C" void spam_{targ.strip("_")}(int grid, int block, {args}) {{\n'
-            f"    launch(grid, block, [=] {{ {NAME}<{targ}>({names}); }});\n}}"
-        )
-    src = src.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
-    (d / "spam.cpp").write_text(SHIM + INTRINSICS + src + "\n".join(lines) + "\n")
-    result = subprocess.run(
-        [*cmd, str(d / "spam.cpp"), "-o", str(d / "spam.so")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "spam.so"))
-    calls = {}
-    for targ in ELEMENTS:
-        fn = getattr(lib, f"spam_{targ.strip('_')}")
-        fn.argtypes = [ctypes.c_int, ctypes.c_int] + [CTYPE[k] for k in kinds]
-        fn.restype = None
-
-        def call(grid: Any, block: Any, args: Any, fn: Any = fn) -> None:
-            assert len(args) == len(kinds), "the driver's arguments are the kernel's parameters"
-            conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, kinds, strict=True)]
-            fn(int(grid[0]), int(block[0]), *conv)
-
-        calls[targ] = call
-    return calls
+def _build(d: pathlib.Path, src: str) -> hc.Kernels:
+    return hc.build(d, "spam", src, {NAME: ("float", "double", "__half")})
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def library(tmp_path_factory: pytest.TempPathFactory) -> hc.Kernels:
     return _build(tmp_path_factory.mktemp("cuda_spam_host"), _modules.source("spam"))
 
 
 def _use(mp: pytest.MonkeyPatch, kernel: Any) -> None:
-    mp.setattr(_modules, "kernel", kernel)
-    mp.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
-    mp.setattr(cfg, "GPU_CHUNK", 7)  # many chunks per array, ragged ends
-    mp.setattr(cfg, "GPU_BLOCK", 64)
-    mp.setattr(cfg, "GPU_MAX_BLOCKS", 3)  # grid-stride loops over the chunks
-    _tables.TABLES.clear()
+    hc.use(
+        mp,
+        kernel,
+        GPU_CHUNK=7,  # many chunks per array, ragged ends
+        GPU_BLOCK=64,
+        GPU_MAX_BLOCKS=3,  # grid-stride loops over the chunks
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, "mixed"])
 def test_the_cuda_source_against_the_reference_and_the_emulation(
-    library: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dtype: Any
+    library: hc.Kernels, monkeypatch: pytest.MonkeyPatch, dtype: Any
 ) -> None:
     _steps(library, monkeypatch, dtype)
 
@@ -157,14 +73,12 @@ BREAKS = {
 def test_a_broken_cuda_source_is_caught(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, what: str
 ) -> None:
-    old, new = BREAKS[what]
-    src = _modules.source("spam")
-    assert src.count(old) == 1
+    library = _build(tmp_path, hc.broken("spam", *BREAKS[what]))
     with pytest.raises(AssertionError):
-        _steps(_build(tmp_path, src.replace(old, new)), monkeypatch, np.float32)
+        _steps(library, monkeypatch, np.float32)
 
 
-def _steps(library: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dtype: Any) -> None:
+def _steps(library: hc.Kernels, monkeypatch: pytest.MonkeyPatch, dtype: Any) -> None:
     """20 SPAM steps (resets, spike clipping, warm-up): the compiled kernel against the
     float64 reference optimizer, and against the emulation run on a copy of the state:
     float32 and float16 arrays bit for bit."""
@@ -189,7 +103,7 @@ def _steps(library: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dtype: Any)
     def compiled(feature: str, device: int, name: str, targ: str) -> Any:
         assert (feature, name) == ("spam", NAME)
         launches.append(targ)
-        return library[targ]
+        return library[(NAME, targ)]
 
     for k in range(1, 21):
         scale, reset, clips = _EMU._schedule(oracle)

@@ -3,8 +3,8 @@
 route does) built for the host and run under the GPU driver (``fastclip/_gpu/_spam.py``)
 through ``StableSPAMAdamW``, without a GPU.
 
-The shim of ``test_gpu_wide_host_compiled.py`` and the intrinsics of
-``test_gpu_spam_host_compiled.py`` are reused (every CUDA thread a host thread).  The
+The shim of ``tests/_host_cuda.py`` is used (every CUDA thread a host thread, the
+correctly rounded intrinsics as the host's IEEE operations).  The
 core's reductions the driver also launches (``fastclip_partial_pow_sum``,
 ``fastclip_tensor_norms``) stay the NumPy transcriptions of
 ``tests/_stable_spam_emulation.py``; the two Stable-SPAM kernels are the compiled
@@ -18,97 +18,30 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import importlib.util
 import pathlib
-import re
-import subprocess
 from typing import Any
 
+import _host_cuda
 import numpy as np
 import pytest
 
-from fastclip import _config as cfg
 from fastclip import _dispatch, _gpu
-from fastclip._gpu import _adapters, _modules, _tables
+from fastclip._gpu import _modules
 
 torch = pytest.importorskip("torch")
 
 from fastclip.torch import StableSPAMAdamW  # noqa: E402
 
-
-def _load(path: pathlib.Path) -> Any:
-    # tests/gpu/emulated is not on sys.path under --import-mode=importlib: load by file
-    spec = importlib.util.spec_from_file_location(f"_fastclip_{path.stem}_shc", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_HERE = pathlib.Path(__file__)
-_WIDE = _load(_HERE.with_name("test_gpu_wide_host_compiled.py"))
-_HC = _load(_HERE.with_name("test_gpu_spam_host_compiled.py"))
-_EMU = _load(_HERE.with_name("test_gpu_spam_emulated.py"))
-CXX, SHIM, CTYPE = _WIDE.CXX, _WIDE.SHIM, _WIDE.CTYPE
-ELEMENTS = ("float", "double", "__half")
+_EMU = _host_cuda.emulated_test_module("test_gpu_spam_emulated")
 NAMES = ("fastclip_stable_spam", "fastclip_clipped_sq")
 
 
-def _build(d: pathlib.Path, src: str) -> dict[tuple[str, str], Any]:
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build spam_kernels.cu")
-    cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-    (d / "probe.cpp").write_text("#include <barrier>\n_Float16 h = 1;\nstd::barrier<> b(1);\n")
-    probe = subprocess.run(
-        [*cmd, str(d / "probe.cpp"), "-o", str(d / "probe.so")], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    lines, kinds = [], {}
-    for name in NAMES:
-        match = re.search(rf"__global__ void {name}\((.*?)\)\s*{{", src, re.S)
-        assert match is not None
-        types = [" ".join(p.split()).rsplit(" ", 1)[0] for p in match.group(1).split(",")]
-        kinds[name] = "".join(_HC._kind(t) for t in types)
-        for targ in ELEMENTS:
-            typed = [re.sub(r"\bT\b", targ, t) for t in types]
-            args = ", ".join(f"{t} a{i}" for i, t in enumerate(typed))
-            names = ", ".join(f"a{i}" for i in range(len(typed)))
-            lines.append(
-                f'extern "C" void {name}_{targ.strip("_")}(int grid, int block, {args}) {{\n'
-                f"    launch(grid, block, [=] {{ {name}<{targ}>({names}); }});\n}}"
-            )
-    src = src.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
-    (d / "stable.cpp").write_text(SHIM + _HC.INTRINSICS + src + "\n".join(lines) + "\n")
-    result = subprocess.run(
-        [*cmd, str(d / "stable.cpp"), "-o", str(d / "stable.so")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "stable.so"))
-    calls = {}
-    for name in NAMES:
-        ks = kinds[name]
-        for targ in ELEMENTS:
-            fn = getattr(lib, f"{name}_{targ.strip('_')}")
-            fn.argtypes = [ctypes.c_int, ctypes.c_int] + [CTYPE[k] for k in ks]
-            fn.restype = None
-
-            def call(grid: Any, block: Any, args: Any, fn: Any = fn, ks: str = ks) -> None:
-                assert len(args) == len(ks), "the driver's arguments are the kernel's parameters"
-                conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, ks, strict=True)]
-                fn(int(grid[0]), int(block[0]), *conv)
-
-            calls[(name, targ)] = call
-    return calls
+def _build(d: pathlib.Path, src: str) -> _host_cuda.Kernels:
+    return _host_cuda.build(d, "stable", src, dict.fromkeys(NAMES, ("float", "double", "__half")))
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Any]:
+def library(tmp_path_factory: pytest.TempPathFactory) -> _host_cuda.Kernels:
     return _build(tmp_path_factory.mktemp("cuda_stable_host"), _modules.source("spam"))
 
 
@@ -136,12 +69,13 @@ def _steps(library: Any, monkeypatch: pytest.MonkeyPatch, dtype: str, extra: dic
         return _EMU._emulate(feature, device, name, targ)
 
     monkeypatch.setattr(_dispatch, "backend_for_step", pick)
-    monkeypatch.setattr(_modules, "kernel", kernel)
-    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
-    monkeypatch.setattr(cfg, "GPU_BLOCK", 64)
-    monkeypatch.setattr(cfg, "GPU_MAX_BLOCKS", 3)  # grid-stride loops over the chunks
-    monkeypatch.setattr(cfg, "GPU_CHUNK", 7)  # many chunks per array, ragged ends
-    _tables.TABLES.clear()
+    _host_cuda.use(
+        monkeypatch,
+        kernel,
+        GPU_BLOCK=64,
+        GPU_MAX_BLOCKS=3,  # grid-stride loops over the chunks
+        GPU_CHUNK=7,  # many chunks per array, ragged ends
+    )
     kw = dict(_EMU.STABLE_KW, **extra)
     names = ["float32", "float64", "float16"]
     dts = [getattr(torch, names[i % 3] if dtype == "mixed" else dtype) for i in range(4)]
@@ -218,8 +152,6 @@ BREAKS = {
 def test_a_broken_cuda_source_is_caught(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, what: str
 ) -> None:
-    old, new = BREAKS[what]
-    src = _modules.source("spam")
-    assert src.count(old) == 1
+    library = _build(tmp_path, _host_cuda.broken("spam", *BREAKS[what]))
     with pytest.raises(AssertionError):
-        _steps(_build(tmp_path, src.replace(old, new)), monkeypatch, "float32", {})
+        _steps(library, monkeypatch, "float32", {})

@@ -2,12 +2,12 @@
 driver (``fastclip/_gpu/_wide.py``), without a GPU.
 
 ``wide_kernels.cu``, appended to ``kernels.cu`` as the GPU route compiles it, is
-compiled by the host C++ compiler after a small shim: every CUDA thread of a block is a host thread, ``__syncthreads`` a block-wide barrier,
-``__shfl_down_sync`` an exchange between a warp's threads (a barrier per warp:
-only warp 0 runs ``block_reduce``'s second shuffle), ``__shared__`` a static
-array (blocks run one after another), ``__half`` is ``_Float16`` and bfloat16 the
-upper half of a float32.  The driver's launches go to that library through
-ctypes, with NumPy memory as device memory (as in ``test_gpu_wide_emulated.py``).
+compiled by the host C++ compiler after the shim of ``tests/_host_cuda.py`` (every
+CUDA thread of a block a host thread, ``__syncthreads`` a barrier,
+``__shfl_down_sync`` an exchange within a warp, ``__half`` as ``_Float16``,
+bfloat16 the upper half of a float32).  The driver's launches go to that library
+through ctypes, with NumPy memory as device memory (as in
+``test_gpu_wide_emulated.py``).
 So the kernel text that ships -- the gated modes, the finish stages, the
 warp-shuffle tree, the vector loads -- runs here against ``math.fsum``, and
 against the Python twin (tests/_gpu_wide_twin.py), bit for bit (both round
@@ -20,172 +20,39 @@ Skips, with the reason, where no C++ compiler with C++20 ``<barrier>`` and
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import shutil
-import subprocess
 from typing import Any
 
 import _gpu_wide_twin as twin
+import _host_cuda as hc
 import numpy as np
 import pytest
 
-from fastclip import _config as cfg
 from fastclip import _gpu as gpu
-from fastclip._gpu import _adapters, _modules, _tables
+from fastclip._gpu import _modules, _tables
 
-CXX = shutil.which("g++") or shutil.which("c++")
-
-SHIM = r"""
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-using std::fabs; using std::isfinite; using std::max; using std::min; using std::pow;
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __shared__ static
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
-struct uint4 { unsigned x, y, z, w; };
-struct __half { _Float16 v; };
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __half2float(__half h) { return (float)h.v; }
-inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
-inline float __bfloat162float(__nv_bfloat16 b) {
-    uint32_t u = (uint32_t)b.bits << 16; float f; std::memcpy(&f, &u, 4); return f;
+#: the instantiations the wide driver launches here (its finish: float64 norms)
+KERNELS = {
+    "fastclip_partial_pow_sum_wide": ("__half", "__nv_bfloat16", "float", "double"),
+    "fastclip_finish_wide": ("double",),
 }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t u; std::memcpy(&u, &f, 4);
-    return __nv_bfloat16{(uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
-}
-static std::barrier<>* g_block;
-static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
-static double g_exchange[1024];
-inline void __syncthreads() { g_block->arrive_and_wait(); }
-inline double __shfl_down_sync(unsigned, double v, int offset) {
-    const unsigned t = threadIdx.x;
-    std::barrier<>& warp = *g_warps[t >> 5];
-    g_exchange[t] = v;
-    warp.arrive_and_wait();
-    const unsigned src = t + offset;
-    const double r = ((t & 31) + offset < 32 && src < blockDim.x) ? g_exchange[src] : v;
-    warp.arrive_and_wait();
-    return r;
-}
-template <typename F> void launch(int grid, int block, F body) {
-    gridDim.x = grid;
-    blockDim.x = block;
-    for (int b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        g_block = &bar;
-        g_warps.clear();
-        for (int w = 0; w < (block + 31) / 32; ++w)
-            g_warps.emplace_back(new std::barrier<>(std::min(32, block - 32 * w)));
-        std::vector<std::thread> threads;
-        for (int t = 0; t < block; ++t)
-            threads.emplace_back([=] { threadIdx.x = t; blockIdx.x = b; body(); });
-        for (auto& th : threads) th.join();
-    }
-}
-"""
-
-ENTRIES = r"""
-#define PARTIAL(NAME, T)                                                              \
-extern "C" void NAME(int grid, int block, const u64* ptrs, const i64* sizes,          \
-                     const i64* ct, const i64* cs, i64 nc, i64 chunk, int ord_code,   \
-                     double p, int mode, const double* state, double* partials) {     \
-    launch(grid, block, [=] {                                                         \
-        fastclip_partial_pow_sum_wide<T>(ptrs, sizes, ct, cs, nc, chunk, ord_code, p, \
-                                         mode, state, partials);                      \
-    });                                                                               \
-}
-PARTIAL(partial_half, __half)
-PARTIAL(partial_bf16, __nv_bfloat16)
-PARTIAL(partial_float, float)
-PARTIAL(partial_double, double)
-extern "C" void finish_double(int grid, int block, const double* partials, i64 n,
-                              int ord_code, double p, int stage, double lo, double hi,
-                              double* state, double* norm_out) {
-    launch(grid, block, [=] {
-        fastclip_finish_wide<double>(partials, n, ord_code, p, stage, lo, hi, state, norm_out);
-    });
-}
-"""
-
-SYMBOLS = {
-    ("fastclip_partial_pow_sum_wide", "__half"): "partial_half",
-    ("fastclip_partial_pow_sum_wide", "__nv_bfloat16"): "partial_bf16",
-    ("fastclip_partial_pow_sum_wide", "float"): "partial_float",
-    ("fastclip_partial_pow_sum_wide", "double"): "partial_double",
-    ("fastclip_finish_wide", "double"): "finish_double",
-}
-# the kernels' parameters after (grid, block): p pointer, q int64, i int, d double
-SIGNATURES = {"partial": "ppppqqidipp", "finish": "pqididdpp"}
-CTYPE = {"p": ctypes.c_void_p, "q": ctypes.c_int64, "i": ctypes.c_int, "d": ctypes.c_double}
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++ / c++) on PATH to build wide_kernels.cu for the host")
-    d = tmp_path_factory.mktemp("cuda_host")
-    cmd = [CXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-    # the shim needs C++20's <barrier> and _Float16 (GCC 12, Clang 15): probe them first
-    (d / "probe.cpp").write_text("#include <barrier>\n_Float16 h = 1;\nstd::barrier<> b(1);\n")
-    probe = subprocess.run(
-        [*cmd, str(d / "probe.cpp"), "-o", str(d / "probe.so")], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{CXX} lacks C++20 <barrier> or _Float16: {probe.stderr[:300]}")
-    src = _modules.source("wide").replace("#include <cuda_fp16.h>", "")
-    src = src.replace("#include <cuda_bf16.h>", "")
-    (d / "wide.cpp").write_text(SHIM + src + ENTRIES)
-    result = subprocess.run(
-        [*cmd, str(d / "wide.cpp"), "-o", str(d / "wide.so")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "wide.so"))
-    for (name, _), symbol in SYMBOLS.items():
-        kinds = SIGNATURES["partial" if "partial" in name else "finish"]
-        getattr(lib, symbol).argtypes = [ctypes.c_int, ctypes.c_int] + [CTYPE[k] for k in kinds]
-        getattr(lib, symbol).restype = None
-    return lib
-
-
-def _compiled(lib: ctypes.CDLL, name: str, targ: str) -> Any:
-    fn = getattr(lib, SYMBOLS[(name, targ)])
-    kinds = SIGNATURES["partial" if "partial" in name else "finish"]
-
-    def call(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-        assert len(args) == len(kinds), "the driver's arguments are the kernel's parameters"
-        conv = [int(a) if k in "pqi" else float(a) for a, k in zip(args, kinds, strict=True)]
-        fn(int(grid[0]), int(block[0]), *conv)
-
-    return call
+def library(tmp_path_factory: pytest.TempPathFactory) -> hc.Kernels:
+    return hc.build(tmp_path_factory.mktemp("cuda_host"), "wide", _modules.source("wide"), KERNELS)
 
 
 @pytest.fixture
-def compiled(library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
-    monkeypatch.setattr(
-        _modules, "kernel", lambda feature, device, name, targ: _compiled(library, name, targ)
+def compiled(library: hc.Kernels, monkeypatch: pytest.MonkeyPatch) -> hc.Kernels:
+    hc.use(
+        monkeypatch,
+        library,
+        GPU_CHUNK=100,
+        GPU_BLOCK=64,  # two warps: the cross-warp step runs
+        GPU_FINISH_BLOCK=64,
+        GPU_MAX_BLOCKS=3,  # grid-stride loops over the chunks
     )
-    monkeypatch.setattr(_adapters, "on_device", lambda lib, like: contextlib.nullcontext())
-    monkeypatch.setattr(cfg, "GPU_CHUNK", 100)
-    monkeypatch.setattr(cfg, "GPU_BLOCK", 64)  # two warps: the cross-warp step runs
-    monkeypatch.setattr(cfg, "GPU_FINISH_BLOCK", 64)
-    monkeypatch.setattr(cfg, "GPU_MAX_BLOCKS", 3)  # grid-stride loops over the chunks
-    _tables.TABLES.clear()
     return library
 
 
