@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import reference as ref
 from _backends import CPU, WRITEABLE, Backend, assert_close, backend_params, params, sample
-from _gpu_emulation import mem
+from _gpu_emulation import coefficient, coefficient_parts, mem, scaled2
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -227,12 +227,16 @@ def _emulated_kernel(name, targ):
             x = mem(ptr_a[t], size_a[t], dt)[s : min(s + int(chunk), int(size_a[t]))]
             o[c] = _pow_sum(x, int(ord_code), float(p))
 
-    def finish(grid, block, a):
-        partials, n, ord_code, p, max_norm, eps, _mode, given, norm_out, coef_out = a
+    def finish(grid, block, a):  # kernels.cu: fastclip_finish
+        partials, n, ord_code, p, max_norm, eps, mode, given, norm_out, coef_out = a
         total = _combine(mem(partials, int(n), np.float64), int(ord_code))
         norm = mem(given, 1, np.float64)[0] if int(given) else _root(total, int(ord_code), float(p))
         mem(norm_out, 1, dt)[0] = norm
-        mem(coef_out, 1, np.float64)[0] = float(ref.coefficient(norm, float(max_norm), float(eps)))
+        if int(mode) >= 3:  # the two factors (c, c2) fastclip_scale reads
+            parts = coefficient_parts(norm, float(max_norm), float(eps), int(mode) - 2)
+            mem(coef_out, 2, np.float64)[:] = parts
+        else:
+            mem(coef_out, 1, np.float64)[0] = coefficient(norm, float(max_norm), float(eps), mode)
 
     def tensor_norms(grid, block, a):  # kernels.cu: fastclip_tensor_norms
         partials, ct, nc, nt, pos, ord_code, p, out = a
@@ -243,15 +247,16 @@ def _emulated_kernel(name, targ):
             dst = int(pos_a[t]) if pos_a.size else t
             mem(out, dst + 1, dt)[dst] = _root(v, int(ord_code), float(p))
 
-    def scale(grid, block, a):
+    def scale(grid, block, a):  # kernels.cu: fastclip_scale, (x * coef[0]) * coef[1]
         src, dst, sizes, ct, cs, nc, chunk, coef = a
         src_a, size_a, ct_a, cs_a = table(src, sizes, ct, cs, int(nc))
-        dst_a, c = mem(dst, len(src_a), np.uint64), mem(coef, 1, np.float64)[0]
+        dst_a = mem(dst, len(src_a), np.uint64)
+        c, c2 = mem(coef, 2, np.float64)
         for k in range(int(nc)):
             t, s = int(ct_a[k]), int(cs_a[k])
             e = min(s + int(chunk), int(size_a[t]))
             x = mem(src_a[t], size_a[t], dt)[s:e]
-            mem(dst_a[t], size_a[t], dt)[s:e] = (x.astype(np.float64) * c).astype(dt)
+            mem(dst_a[t], size_a[t], dt)[s:e] = scaled2(x, c, c2)
 
     return {
         "fastclip_partial_pow_sum": partial,

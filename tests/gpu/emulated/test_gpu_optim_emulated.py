@@ -100,6 +100,7 @@ def _head(a, n_lists, dt):
     acc = np.float64 if dt == np.float64 else np.float32
     if _skips(int(guard_mode), int(guard)):
         return None
+    # clip_coef: the signed coefficient in float64 (times_coef applies it)
     c = float(coef_host) * (float(_mem(coef_dev, 1, np.float64)[0]) if int(coef_dev) else 1.0)
     table = dict(
         ptrs=_mem(ptrs, n_lists * n_t, np.uint64).reshape(n_lists, n_t),
@@ -111,7 +112,7 @@ def _head(a, n_lists, dt):
         n_t=n_t,
         hparams=int(hparams),
     )
-    return table, acc, acc(c)
+    return table, acc, c
 
 
 def _chunks(tab, n_lists, dt):
@@ -139,7 +140,7 @@ def _adamw(dt):
         for t, (p, g, m, v, x) in _chunks(tab, 5, dt):
             row = rows[t] if tab["hparams"] else scal
             decay, w1, b2, w2, eps, neg_step, bc2 = (A(r) for r in row)
-            gi = g.astype(A) * c
+            gi = _gpu_emulation.times_coef(g.astype(A), c, A)
             mi = m.astype(A)
             if row[K.A_W1] < 0.5:
                 mi = _fma(w1, gi - mi, mi, A)
@@ -173,7 +174,7 @@ def _sgd(dt):
             wd, mom, damp1, neg_lr = (A(r) for r in row[:4])
             mode, nesterov = int(row[K.S_MODE]), row[K.S_NESTEROV] != 0
             pi = p.astype(A)
-            gi = g.astype(A) * c
+            gi = _gpu_emulation.times_coef(g.astype(A), c, A)
             if row[K.S_WD] != 0:
                 gi = _fma(pi, wd, gi, A)
             if mode != 0:

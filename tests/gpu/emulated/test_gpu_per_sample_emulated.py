@@ -24,7 +24,7 @@ import _gpu_emulation
 import numpy as np
 import pytest
 import reference as ref
-from _gpu_emulation import PCODES, mem, pow_sum, root
+from _gpu_emulation import PCODES, mem, pow_sum, ps_tiny_factor, root
 
 import fastclip
 from fastclip import _config as cfg
@@ -83,6 +83,8 @@ def _factor(norm, bound, eps):
 
 
 LAUNCHES: list[tuple[str, tuple, tuple, tuple]] = []
+#: per_sample_kernels.cu's FASTCLIP_PS_ROW_BLOCK: rows added in float32 per block.
+ROW_BLOCK = 64
 
 
 def _emulate(name, targ):
@@ -170,15 +172,29 @@ def _emulate(name, targ):
             count += int(hit)
         _mem(n_clipped, 1, np.float64)[0] = count
 
+    def weighted_cols(xs, fs, b0, b1):  # ps_weighted_cols, all columns at once
+        acc_t = _acc(dt)
+        acc64 = np.zeros(xs.shape[1], np.float64)
+        tiny = ps_tiny_factor(fs, acc_t)
+        for r0 in range(b0, b1, ROW_BLOCK):
+            acc = np.zeros(xs.shape[1], acc_t)  # rows of one block added in A, in order
+            for b in range(r0, min(r0 + ROW_BLOCK, b1)):
+                if tiny[b]:  # multiplied and added in float64
+                    acc64 += xs[b].astype(np.float64) * fs[b]
+                else:
+                    acc += xs[b].astype(acc_t) * acc_t(fs[b])
+            acc64 += acc.astype(np.float64)
+        return acc64
+
     def weighted_sum(a):
         x, rows, cols, f, rows_per_split, n_splits, scale, out, partials = a
         rows, cols, rps, ns = int(rows), int(cols), int(rows_per_split), int(n_splits)
-        xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(np.float64)
+        xs = _mem(x, rows * cols, dt).reshape(rows, cols)
         fs = _mem(f, rows, np.float64)
         for s in range(ns):
             b0, b1 = s * rps, min(s * rps + rps, rows)
             assert b0 < b1, "an empty row group"
-            acc = (fs[b0:b1, None] * xs[b0:b1]).sum(axis=0)
+            acc = weighted_cols(xs, fs, b0, b1)
             if ns == 1:
                 _mem(out, cols, dt)[:] = (acc * float(scale)).astype(_acc(dt)).astype(dt)
             else:
@@ -187,16 +203,23 @@ def _emulate(name, targ):
     def combine(a):
         partials, n_splits, cols, scale, out = a
         ns, cols = int(n_splits), int(cols)
-        s = _mem(partials, ns * cols, np.float64).reshape(ns, cols).sum(axis=0)
+        parts = _mem(partials, ns * cols, np.float64).reshape(ns, cols)
+        s = np.zeros(cols, np.float64)
+        for k in range(ns):  # row groups added in order
+            s += parts[k]
         _mem(out, cols, dt)[:] = (s * float(scale)).astype(_acc(dt)).astype(dt)
 
     def scale_rows(a):
         x, rows, cols, f, out = a
         rows, cols = int(rows), int(cols)
-        xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(_acc(dt))
-        c = _mem(f, rows, np.float64).astype(_acc(dt))
-        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, silently, on a GPU too
-            _mem(out, rows * cols, dt)[:] = (xs * c[:, None]).astype(dt).ravel()
+        acc_t = _acc(dt)
+        xs = _mem(x, rows * cols, dt).reshape(rows, cols)
+        fs = _mem(f, rows, np.float64)
+        tiny = ps_tiny_factor(fs, acc_t)[:, None]
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 is NaN on a GPU too
+            short = xs.astype(acc_t) * fs.astype(acc_t)[:, None]
+            wide = (xs.astype(np.float64) * fs[:, None]).astype(acc_t)
+            _mem(out, rows * cols, dt)[:] = np.where(tiny, wide, short).astype(dt).ravel()
 
     body = {
         "fastclip_ps_pow_partials": pow_partials,
