@@ -6,7 +6,8 @@ NumPy oracle of ``reference.norm``), the total is ``reference.global_norm``,
 backend matrix (NumPy, read-only NumPy, torch, array-api-strict; the GPU
 members skip without a device), Dask, and the GPU driver with its kernels
 emulated on host memory (``fastclip_tensor_norms`` transcribed from
-``kernels.cu``).
+``kernels.cu``; ``fastclip_finish`` and ``fastclip_scale`` with the two-factor
+coefficient of tests/_gpu_emulation.py, as kernels.cu computes it).
 """
 
 from __future__ import annotations
@@ -343,3 +344,32 @@ def test_gpu_route_nonfinite_indices_emulated(emulated_gpu):
     assert info.value.indices == (1, 3) and info.value.names is None
     for a, b in zip(arrays, before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("ord_code", "p"), [(1, 1.0), (0, math.inf)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_route_per_array_two_factor_coefficient_emulated(emulated_gpu, ord_code, p, inplace):
+    """float64 arrays of norm ~1e300 clipped to 1e-300 with per_array: the coefficient
+    ~1e-600 is the two factors (c, c2) of kernels.cu's fastclip_finish (mode 3) and
+    fastclip_scale's (x * c) * c2, not 0: the CPU route's bits (its norms agree for
+    ord 1 and inf), within 1e-13 of the exact rationals, and the per-array norms."""
+    gpu = emulated_gpu
+    arrays = [np.array([1e300, -2e300, 3e299]), np.array([5e299, -1e299]), np.zeros(0)]
+    work = [a.copy() for a in arrays]
+    outs, total, per = gpu.clip_global(
+        HostLib, work, 1e-300, ord_code, p, 0.0, None, False, inplace, True
+    )
+    assert (outs is work) == inplace
+    t = float(ref.global_norm(arrays, p))
+    assert float(total) == pytest.approx(t, rel=1e-15)
+    np.testing.assert_allclose(per, [ref.norm(a, p) for a in arrays], rtol=1e-15)
+    cpu, cpu_total, cpu_per = fastclip.clip_by_global_norm(
+        [a.copy() for a in arrays], 1e-300, ord=p, eps=0.0, per_array=True
+    )
+    assert float(cpu_total) == float(total)
+    np.testing.assert_array_equal(np.asarray(cpu_per), per)
+    for o, a, c in zip(outs, arrays, cpu, strict=True):
+        np.testing.assert_array_equal(o, np.asarray(c))
+        np.testing.assert_array_equal(o, _gpu_emulation.two_factor_reference(a, total, 1e-300, None))
+        np.testing.assert_allclose(o, _gpu_emulation.exact_scaled(a, 1e-300, t), rtol=1e-13)
+        assert np.all((o != 0) == (a != 0))
