@@ -93,9 +93,7 @@ def times_coef(g: np.ndarray, c64: float, acc: Any) -> np.ndarray:
     (a c float32 flushes to 0, holds as a subnormal or overflows)."""
     c = acc(c64)
     a = abs(float(c))
-    in_range = (
-        float(c) == c64 or math.isnan(c64) or F32_NORMAL[0] <= a <= F32_NORMAL[1]
-    )
+    in_range = float(c) == c64 or math.isnan(c64) or F32_NORMAL[0] <= a <= F32_NORMAL[1]
     if in_range:
         return g * c
     return (g.astype(np.float64) * c64).astype(acc)

@@ -370,6 +370,8 @@ def test_gpu_route_per_array_two_factor_coefficient_emulated(emulated_gpu, ord_c
     np.testing.assert_array_equal(np.asarray(cpu_per), per)
     for o, a, c in zip(outs, arrays, cpu, strict=True):
         np.testing.assert_array_equal(o, np.asarray(c))
-        np.testing.assert_array_equal(o, _gpu_emulation.two_factor_reference(a, total, 1e-300, None))
+        np.testing.assert_array_equal(
+            o, _gpu_emulation.two_factor_reference(a, total, 1e-300, None)
+        )
         np.testing.assert_allclose(o, _gpu_emulation.exact_scaled(a, 1e-300, t), rtol=1e-13)
         assert np.all((o != 0) == (a != 0))

@@ -779,9 +779,7 @@ def test_coefficients_outside_float32_give_the_cpu_routes_bits(dtype, where, max
             "propagate",
         )  # fmt: skip
         cb = [np.zeros_like(a) for a in cp]
-        optim.sgd_step_(
-            cp, g, cb, lr=0.05, maximize=maximize, first_step=True, clip_coef=c, **hv
-        )
+        optim.sgd_step_(cp, g, cb, lr=0.05, maximize=maximize, first_step=True, clip_coef=c, **hv)
         for got, want in zip(p + b, cp + cb, strict=True):
             np.testing.assert_array_equal(got, want)
     assert HostLib.syncs == 0
