@@ -79,6 +79,34 @@ def scaled2(x: np.ndarray, c: Any, c2: Any) -> np.ndarray:
     return np.where(c2 != 1.0, second, first).astype(dt)
 
 
+#: float32's smallest and largest normal magnitudes (optim_kernels.cu's coef_in_range).
+F32_NORMAL = (1.1754943508222875e-38, 3.4028234663852886e38)
+#: per_sample_kernels.cu's ps_tiny_factor threshold: 2**-60.
+PS_TINY = 8.673617379884035e-19
+
+
+def times_coef(g: np.ndarray, c64: float, acc: Any) -> np.ndarray:
+    """optim_kernels.cu's ``times_coef`` with ``coef_in_range``: g (already in the
+    arithmetic type ``acc``) times the float64 coefficient c64.  The product is taken
+    in ``acc`` with c rounded to it while that rounding kept c's value (float64 data,
+    0, inf, NaN, or a normal float32), else in float64 and rounded once to ``acc``
+    (a c float32 flushes to 0, holds as a subnormal or overflows)."""
+    c = acc(c64)
+    a = abs(float(c))
+    in_range = float(c) == c64 or math.isnan(c64) or F32_NORMAL[0] <= a <= F32_NORMAL[1]
+    if in_range:
+        return g * c
+    return (g.astype(np.float64) * c64).astype(acc)
+
+
+def ps_tiny_factor(f: Any, acc: Any) -> Any:
+    """per_sample_kernels.cu's ``ps_tiny_factor``: a per-sample factor the float32
+    arithmetic of 16/32-bit rows cannot take (0 < f < 2**-60); such rows are
+    multiplied in float64."""
+    f = np.asarray(f, np.float64)
+    return (np.dtype(acc).itemsize == 4) & (f > 0.0) & (f < PS_TINY)
+
+
 def mem(
     ptr: int, n: int, dtype: Any, *, null_is_empty: bool = False, regions: Any = None
 ) -> np.ndarray:

@@ -6,7 +6,8 @@ NumPy oracle of ``reference.norm``), the total is ``reference.global_norm``,
 backend matrix (NumPy, read-only NumPy, torch, array-api-strict; the GPU
 members skip without a device), Dask, and the GPU driver with its kernels
 emulated on host memory (``fastclip_tensor_norms`` transcribed from
-``kernels.cu``).
+``kernels.cu``; ``fastclip_finish`` and ``fastclip_scale`` with the two-factor
+coefficient of tests/_gpu_emulation.py, as kernels.cu computes it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import reference as ref
 from _backends import CPU, WRITEABLE, Backend, assert_close, backend_params, params, sample
-from _gpu_emulation import mem
+from _gpu_emulation import coefficient, coefficient_parts, mem, scaled2
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -227,12 +228,16 @@ def _emulated_kernel(name, targ):
             x = mem(ptr_a[t], size_a[t], dt)[s : min(s + int(chunk), int(size_a[t]))]
             o[c] = _pow_sum(x, int(ord_code), float(p))
 
-    def finish(grid, block, a):
-        partials, n, ord_code, p, max_norm, eps, _mode, given, norm_out, coef_out = a
+    def finish(grid, block, a):  # kernels.cu: fastclip_finish
+        partials, n, ord_code, p, max_norm, eps, mode, given, norm_out, coef_out = a
         total = _combine(mem(partials, int(n), np.float64), int(ord_code))
         norm = mem(given, 1, np.float64)[0] if int(given) else _root(total, int(ord_code), float(p))
         mem(norm_out, 1, dt)[0] = norm
-        mem(coef_out, 1, np.float64)[0] = float(ref.coefficient(norm, float(max_norm), float(eps)))
+        if int(mode) >= 3:  # the two factors (c, c2) fastclip_scale reads
+            parts = coefficient_parts(norm, float(max_norm), float(eps), int(mode) - 2)
+            mem(coef_out, 2, np.float64)[:] = parts
+        else:
+            mem(coef_out, 1, np.float64)[0] = coefficient(norm, float(max_norm), float(eps), mode)
 
     def tensor_norms(grid, block, a):  # kernels.cu: fastclip_tensor_norms
         partials, ct, nc, nt, pos, ord_code, p, out = a
@@ -243,15 +248,16 @@ def _emulated_kernel(name, targ):
             dst = int(pos_a[t]) if pos_a.size else t
             mem(out, dst + 1, dt)[dst] = _root(v, int(ord_code), float(p))
 
-    def scale(grid, block, a):
+    def scale(grid, block, a):  # kernels.cu: fastclip_scale, (x * coef[0]) * coef[1]
         src, dst, sizes, ct, cs, nc, chunk, coef = a
         src_a, size_a, ct_a, cs_a = table(src, sizes, ct, cs, int(nc))
-        dst_a, c = mem(dst, len(src_a), np.uint64), mem(coef, 1, np.float64)[0]
+        dst_a = mem(dst, len(src_a), np.uint64)
+        c, c2 = mem(coef, 2, np.float64)
         for k in range(int(nc)):
             t, s = int(ct_a[k]), int(cs_a[k])
             e = min(s + int(chunk), int(size_a[t]))
             x = mem(src_a[t], size_a[t], dt)[s:e]
-            mem(dst_a[t], size_a[t], dt)[s:e] = (x.astype(np.float64) * c).astype(dt)
+            mem(dst_a[t], size_a[t], dt)[s:e] = scaled2(x, c, c2)
 
     return {
         "fastclip_partial_pow_sum": partial,
@@ -338,3 +344,34 @@ def test_gpu_route_nonfinite_indices_emulated(emulated_gpu):
     assert info.value.indices == (1, 3) and info.value.names is None
     for a, b in zip(arrays, before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("ord_code", "p"), [(1, 1.0), (0, math.inf)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_route_per_array_two_factor_coefficient_emulated(emulated_gpu, ord_code, p, inplace):
+    """float64 arrays of norm ~1e300 clipped to 1e-300 with per_array: the coefficient
+    ~1e-600 is the two factors (c, c2) of kernels.cu's fastclip_finish (mode 3) and
+    fastclip_scale's (x * c) * c2, not 0: the CPU route's bits (its norms agree for
+    ord 1 and inf), within 1e-13 of the exact rationals, and the per-array norms."""
+    gpu = emulated_gpu
+    arrays = [np.array([1e300, -2e300, 3e299]), np.array([5e299, -1e299]), np.zeros(0)]
+    work = [a.copy() for a in arrays]
+    outs, total, per = gpu.clip_global(
+        HostLib, work, 1e-300, ord_code, p, 0.0, None, False, inplace, True
+    )
+    assert (outs is work) == inplace
+    t = float(ref.global_norm(arrays, p))
+    assert float(total) == pytest.approx(t, rel=1e-15)
+    np.testing.assert_allclose(per, [ref.norm(a, p) for a in arrays], rtol=1e-15)
+    cpu, cpu_total, cpu_per = fastclip.clip_by_global_norm(
+        [a.copy() for a in arrays], 1e-300, ord=p, eps=0.0, per_array=True
+    )
+    assert float(cpu_total) == float(total)
+    np.testing.assert_array_equal(np.asarray(cpu_per), per)
+    for o, a, c in zip(outs, arrays, cpu, strict=True):
+        np.testing.assert_array_equal(o, np.asarray(c))
+        np.testing.assert_array_equal(
+            o, _gpu_emulation.two_factor_reference(a, total, 1e-300, None)
+        )
+        np.testing.assert_allclose(o, _gpu_emulation.exact_scaled(a, 1e-300, t), rtol=1e-13)
+        assert np.all((o != 0) == (a != 0))

@@ -384,3 +384,20 @@ def test_scale_with_a_given_factor_multiplies_once():
     y = np.array([1.5, 2.5], np.float32)
     gpu.scale_(HostLib, [y], np.asarray(3.0))
     np.testing.assert_array_equal(y, np.array([4.5, 7.5], np.float32))
+
+
+def test_two_factors_of_float32_data():
+    """float32 data clipped below 2**-1000 times its norm: 0 after the c2 pass, as the
+    CPU route (the exact product is below float32's smallest subnormal); float32
+    subnormals normalised: finite, the CPU route's.  The numbers of
+    test_gpu_coef_host_compiled.py's test_the_cuda_source_two_factors_of_float32_data."""
+    import fastclip
+
+    x = np.array([1e30, -2e30, 4e29], np.float32)
+    out, _ = gpu.rescale(HostLib, x, 1, 1.0, None, 1e-300, 0.0, "clip", False)
+    np.testing.assert_array_equal(out, np.asarray(fastclip.clip_by_norm(x, 1e-300, ord=1, eps=0.0)))
+    np.testing.assert_array_equal(out, np.zeros(3, np.float32))
+    s = np.array([0.0, 1e-40, -3e-40], np.float32)  # float32 subnormals, normalised
+    out, _ = gpu.rescale(HostLib, s, 0, math.inf, None, 1.0, 0.0, "normalize", False)
+    np.testing.assert_array_equal(out, np.asarray(fastclip.normalize(s, ord=math.inf, eps=0.0)))
+    assert np.all(np.isfinite(out)) and out[2] == -1.0

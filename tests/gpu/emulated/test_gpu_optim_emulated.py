@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from fractions import Fraction
 
 import _gpu_emulation
 import numpy as np
@@ -100,6 +101,7 @@ def _head(a, n_lists, dt):
     acc = np.float64 if dt == np.float64 else np.float32
     if _skips(int(guard_mode), int(guard)):
         return None
+    # clip_coef: the signed coefficient in float64 (times_coef applies it)
     c = float(coef_host) * (float(_mem(coef_dev, 1, np.float64)[0]) if int(coef_dev) else 1.0)
     table = dict(
         ptrs=_mem(ptrs, n_lists * n_t, np.uint64).reshape(n_lists, n_t),
@@ -111,7 +113,7 @@ def _head(a, n_lists, dt):
         n_t=n_t,
         hparams=int(hparams),
     )
-    return table, acc, acc(c)
+    return table, acc, c
 
 
 def _chunks(tab, n_lists, dt):
@@ -124,7 +126,25 @@ def _chunks(tab, n_lists, dt):
 
 
 def _fma(a, b, c, acc):
-    return (a.astype(np.float64) * b + c).astype(acc) if acc == np.float32 else a * b + c
+    """__fmaf_rn / __fma_rn: a * b + c rounded once to ``acc``."""
+    a, b, c = np.broadcast_arrays(*(np.asarray(v, acc) for v in (a, b, c)))
+    if acc == np.float32:
+        # a * b is exact in float64; the float64 sum is rounded to odd (the sticky
+        # bit set when inexact) so that the one rounding to float32 is correct --
+        # a plain float64 sum would round twice
+        prod = a.astype(np.float64) * b
+        s = prod + c
+        bb = s - prod
+        err = (prod - (s - bb)) + (c.astype(np.float64) - bb)  # Knuth's TwoSum
+        even = (s.view(np.int64) & 1) == 0
+        bump = np.isfinite(s) & (err != 0) & even
+        s = np.where(bump, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
+    out = a * b + c  # NaN and inf as the fused operation gives them
+    for i in zip(*np.nonzero(np.isfinite(a) & np.isfinite(b) & np.isfinite(c))):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        out[i] = float(exact)  # correctly rounded (may overflow to inf)
+    return out
 
 
 def _adamw(dt):
@@ -139,7 +159,7 @@ def _adamw(dt):
         for t, (p, g, m, v, x) in _chunks(tab, 5, dt):
             row = rows[t] if tab["hparams"] else scal
             decay, w1, b2, w2, eps, neg_step, bc2 = (A(r) for r in row)
-            gi = g.astype(A) * c
+            gi = _gpu_emulation.times_coef(g.astype(A), c, A)
             mi = m.astype(A)
             if row[K.A_W1] < 0.5:
                 mi = _fma(w1, gi - mi, mi, A)
@@ -173,7 +193,7 @@ def _sgd(dt):
             wd, mom, damp1, neg_lr = (A(r) for r in row[:4])
             mode, nesterov = int(row[K.S_MODE]), row[K.S_NESTEROV] != 0
             pi = p.astype(A)
-            gi = g.astype(A) * c
+            gi = _gpu_emulation.times_coef(g.astype(A), c, A)
             if row[K.S_WD] != 0:
                 gi = _fma(pi, wd, gi, A)
             if mode != 0:
@@ -688,3 +708,78 @@ def test_fused_gpu_path_refused_step_changes_nothing(torch_route, which, nonfini
         torch.testing.assert_close(
             opt.state[p1]["momentum_buffer"], ref.state[q]["momentum_buffer"]
         )
+
+
+# ------------------------------------- coefficients float32 cannot hold
+
+
+#: Clip coefficients float32 flushes to 0 (1e-60: 1e30 gradients clipped to 1e-30),
+#: holds as a subnormal with few digits (1e-41, 3e-39) or overflows (1e39), and an
+#: ordinary one (0.37); the cases of test_gpu_optim_host_compiled.py's
+#: test_coefficients_outside_float32_give_the_cpu_routes_bits.
+OUT_OF_RANGE_COEFS = (1e-60, 1e-41, 3e-39, 1e39, 0.37)
+
+
+def _big_lists(dtype, seed):
+    """AdamW lists of 1e30 float32 gradients (1e3 in float64 and float16), seven of
+    them 0, zero moments: a flushed or overflowed coefficient shows in the moments
+    (0, or 0 * inf = NaN where the product is 0)."""
+    rng = np.random.default_rng(seed)
+    big = 1e30 if dtype == np.float32 else 1e3
+    sizes = (37, 1, 20, 9, 0)
+    p = [(rng.normal(size=n) * 2).astype(dtype) for n in sizes]
+    g = [(rng.normal(size=n) * 2 * big).astype(dtype) for n in sizes]
+    g[2][:7] = 0.0
+    m = [np.zeros(n, dtype) for n in sizes]
+    v = [np.zeros(n, dtype) for n in sizes]
+    x = [np.zeros(n, dtype) for n in sizes]
+    return p, g, m, v, x
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("where", ["host", "device"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_coefficients_outside_float32_give_the_cpu_routes_bits(dtype, where, maximize):
+    """optim_kernels.cu's times_coef, emulated: a coefficient float32 cannot hold is
+    applied in float64 and the product rounded once, as the CPU route does; AdamW
+    (amsgrad) and SGD with momentum give the CPU route's bits, and the first moment
+    is (1 - beta1) * g * c of the exact rationals to float32 rounding."""
+    import fastclip.optim as optim
+
+    hv = SGD_VARIANTS[3]
+    for c in OUT_OF_RANGE_COEFS:
+        ours = _big_lists(dtype, 9)
+        cpu = [[a.copy() for a in lst] for lst in ours]
+        given = np.asarray(c) if where == "device" else c
+        p, g, m, v, x = ours
+        hparams = F.adamw_hparams([1.0] * len(p), 1e-2, 0.85, 0.99, 1e-6, 0.1)
+        G.adamw_step_gpu(
+            HostLib, p, g, m, v, x, hparams, maximize, None, 2.0, None, given, 1e-6, "propagate"
+        )
+        cp, cg, cm, cv, cx = cpu
+        optim.adamw_step_(
+            cp, cg, cm, cv, step=1, lr=1e-2, betas=(0.85, 0.99), eps=1e-6, weight_decay=0.1,
+            max_exp_avg_sqs=cx, maximize=maximize, clip_coef=c,
+        )  # fmt: skip
+        for got, want in zip(p + m + v + x, cp + cm + cv + cx, strict=True):
+            np.testing.assert_array_equal(got, want)
+        # the first moment (1 - beta1) * g * c where it fits the dtype (not 1e30 * 1e39)
+        q = (1 - Fraction(0.85)) * Fraction(c) * (-1 if maximize else 1)
+        for mi, gi in zip(m, g, strict=True):
+            exact = np.asarray([float(Fraction(float(e)) * q) for e in gi], np.float64)
+            fits = np.abs(exact) <= np.finfo(dtype).max
+            assert fits.all() or c > 1.0
+            want = exact[fits].astype(dtype)  # float16 flushes these moments: 0 is right
+            tiny = np.finfo(dtype).smallest_subnormal
+            np.testing.assert_allclose(mi[fits], want, rtol=RTOL[dtype] / 10, atol=tiny)
+        b = [np.zeros_like(a) for a in p]
+        G.sgd_step_gpu(
+            HostLib, p, g, b, F.sgd_hparams(len(p), 0.05, hv["momentum"], hv["dampening"],
+            hv["weight_decay"], hv["nesterov"], True), maximize, None, 2.0, None, given, 1e-6,
+            "propagate",
+        )  # fmt: skip
+        cb = [np.zeros_like(a) for a in cp]
+        optim.sgd_step_(cp, g, cb, lr=0.05, maximize=maximize, first_step=True, clip_coef=c, **hv)
+        for got, want in zip(p + b, cp + cb, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert HostLib.syncs == 0

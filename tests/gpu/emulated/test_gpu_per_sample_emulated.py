@@ -24,7 +24,7 @@ import _gpu_emulation
 import numpy as np
 import pytest
 import reference as ref
-from _gpu_emulation import PCODES, mem, pow_sum, root
+from _gpu_emulation import PCODES, mem, pow_sum, ps_tiny_factor, root
 
 import fastclip
 from fastclip import _config as cfg
@@ -83,6 +83,8 @@ def _factor(norm, bound, eps):
 
 
 LAUNCHES: list[tuple[str, tuple, tuple, tuple]] = []
+#: per_sample_kernels.cu's FASTCLIP_PS_ROW_BLOCK: rows added in float32 per block.
+ROW_BLOCK = 64
 
 
 def _emulate(name, targ):
@@ -170,15 +172,29 @@ def _emulate(name, targ):
             count += int(hit)
         _mem(n_clipped, 1, np.float64)[0] = count
 
+    def weighted_cols(xs, fs, b0, b1):  # ps_weighted_cols, all columns at once
+        acc_t = _acc(dt)
+        acc64 = np.zeros(xs.shape[1], np.float64)
+        tiny = ps_tiny_factor(fs, acc_t)
+        for r0 in range(b0, b1, ROW_BLOCK):
+            acc = np.zeros(xs.shape[1], acc_t)  # rows of one block added in A, in order
+            for b in range(r0, min(r0 + ROW_BLOCK, b1)):
+                if tiny[b]:  # multiplied and added in float64
+                    acc64 += xs[b].astype(np.float64) * fs[b]
+                else:
+                    acc += xs[b].astype(acc_t) * acc_t(fs[b])
+            acc64 += acc.astype(np.float64)
+        return acc64
+
     def weighted_sum(a):
         x, rows, cols, f, rows_per_split, n_splits, scale, out, partials = a
         rows, cols, rps, ns = int(rows), int(cols), int(rows_per_split), int(n_splits)
-        xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(np.float64)
+        xs = _mem(x, rows * cols, dt).reshape(rows, cols)
         fs = _mem(f, rows, np.float64)
         for s in range(ns):
             b0, b1 = s * rps, min(s * rps + rps, rows)
             assert b0 < b1, "an empty row group"
-            acc = (fs[b0:b1, None] * xs[b0:b1]).sum(axis=0)
+            acc = weighted_cols(xs, fs, b0, b1)
             if ns == 1:
                 _mem(out, cols, dt)[:] = (acc * float(scale)).astype(_acc(dt)).astype(dt)
             else:
@@ -187,16 +203,23 @@ def _emulate(name, targ):
     def combine(a):
         partials, n_splits, cols, scale, out = a
         ns, cols = int(n_splits), int(cols)
-        s = _mem(partials, ns * cols, np.float64).reshape(ns, cols).sum(axis=0)
+        parts = _mem(partials, ns * cols, np.float64).reshape(ns, cols)
+        s = np.zeros(cols, np.float64)
+        for k in range(ns):  # row groups added in order
+            s += parts[k]
         _mem(out, cols, dt)[:] = (s * float(scale)).astype(_acc(dt)).astype(dt)
 
     def scale_rows(a):
         x, rows, cols, f, out = a
         rows, cols = int(rows), int(cols)
-        xs = _mem(x, rows * cols, dt).reshape(rows, cols).astype(_acc(dt))
-        c = _mem(f, rows, np.float64).astype(_acc(dt))
-        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, silently, on a GPU too
-            _mem(out, rows * cols, dt)[:] = (xs * c[:, None]).astype(dt).ravel()
+        acc_t = _acc(dt)
+        xs = _mem(x, rows * cols, dt).reshape(rows, cols)
+        fs = _mem(f, rows, np.float64)
+        tiny = ps_tiny_factor(fs, acc_t)[:, None]
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 is NaN on a GPU too
+            short = xs.astype(acc_t) * fs.astype(acc_t)[:, None]
+            wide = (xs.astype(np.float64) * fs[:, None]).astype(acc_t)
+            _mem(out, rows * cols, dt)[:] = np.where(tiny, wide, short).astype(dt).ravel()
 
     body = {
         "fastclip_ps_pow_partials": pow_partials,
@@ -490,3 +513,81 @@ def test_subnormal_samples_are_rescaled_by_division():
     assert n_clipped == 1  # only the second sample (norm 5 > 1e-309)
     np.testing.assert_array_equal(outs[0][0], x[0])  # factor 1
     np.testing.assert_allclose(outs[0][1], x[1] * (1e-309 / 5.0), rtol=1e-12)
+
+
+# ------------------------------------------- factors float32 arithmetic cannot take
+
+
+def _tiny_check(arrays, bound, reduce):
+    """The emulated driver (eps = 0, L2, flat) against the float64 oracle and, for
+    NumPy dtypes, the CPU route: norms to float32 rounding, outputs within 1e-6 of
+    the clipped rows' magnitudes (so rows clipped to 1e-25 are checked at ~1e-31, not
+    at the data's scale; atol the dtype's smallest subnormal).  Returns the outputs
+    and the number of clipped samples."""
+    HostLib.syncs = 0
+    _reg(*arrays)
+    outs, norms, n = gps.clip_per_sample_gpu(
+        HostLib, arrays, arrays[0].shape[0], 2, 2.0, np.asarray([bound]), False, reduce, 0.0
+    )
+    assert HostLib.syncs == 1
+    r_outs, r_norms, r_n = ref.clip_per_sample(arrays, bound, 2, False, reduce, 0.0)
+    rows = ref.clip_per_sample(arrays, bound, 2, False, None, 0.0)[0]
+    div = arrays[0].shape[0] if reduce == "mean" else 1
+    assert n == r_n
+    np.testing.assert_allclose(norms, r_norms, rtol=1e-6)
+    cpu = None
+    if all(a.dtype != BF16 for a in arrays):  # (the CPU route refuses ml_dtypes' bfloat16)
+        cpu = fastclip.clip_per_sample([np.array(a) for a in arrays], bound, 2, reduce=reduce,
+                                       eps=0.0)  # fmt: skip
+        assert cpu.n_clipped == n
+    for k, (a, o, r, rw) in enumerate(zip(arrays, outs, r_outs, rows, strict=True)):
+        assert o.dtype == a.dtype
+        bf16 = BF16 is not None and a.dtype == BF16
+        tiny = 2.0**-133 if bf16 else float(np.finfo(a.dtype).smallest_subnormal)
+        t = max(_tol(a.dtype.type), 1e-6)
+        mags = np.abs(rw) if reduce is None else np.abs(rw).sum(axis=0) / div
+        g = np.asarray(o, np.float64)
+        assert np.all(np.abs(g - r) <= t * mags + tiny), (k, g, r)
+        if cpu is not None:
+            assert np.all(np.abs(g - np.asarray(cpu.grads[k], np.float64)) <= t * mags + tiny)
+    return outs, n
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16] + ([BF16] if BF16 is not None else []),
+                         ids=lambda d: np.dtype(d).name)  # fmt: skip
+@pytest.mark.parametrize("reduce", ["sum", "mean", None])
+def test_tiny_factors_are_applied_in_float64(reduce, dtype):
+    """per_sample_kernels.cu's ps_tiny_factor, emulated: 16/32-bit samples clipped by
+    factors below float32's range (norm 3e20 or 4e4 clipped to 1e-40 or 1e-25: f down
+    to 2.5e-45, 0 as a float32 after rounding) or below 2**-60 are multiplied in
+    float64, so the clipped rows and their sums are the oracle's and the CPU route's,
+    not 0 (float16: the products lie below its range, and 0 is the oracle's answer
+    too); the data and bounds of test_gpu_per_sample_host_compiled.py's
+    test_the_cuda_source_takes_tiny_factors."""
+    big = 1e20 if dtype != np.float16 else 1e4
+    rng = np.random.default_rng(10)  # four samples, all clipped
+    x = [(rng.standard_normal((4, *c)) * (0.3 + k) * big).astype(dtype)
+         for k, c in enumerate([(9,), (2, 8)])]  # fmt: skip
+    for bound in (1e-25, 1e-40, big * 1e-19):
+        outs, n = _tiny_check(x, bound, reduce)
+        assert n == 4
+        if dtype != np.float16 and bound != 1e-40:  # (else the results round to 0)
+            assert all(np.all(np.asarray(o, np.float64) != 0.0) for o in outs)
+
+
+@pytest.mark.parametrize("reduce", ["sum", None])
+def test_tiny_factors_beside_ordinary_ones(reduce):
+    """Float32 samples of 1e20 (factor 5e-46 for a bound of 1e-25: 0 as a float32)
+    and of norm ~2 (factors ~5e-26, below 2**-60: float64 rows) beside samples of
+    1e-20 and 1e-23 (factors ~5e-6 and ~5e-3: float32 rows, one sum): the oracle's
+    rows and sums, all six samples clipped; the 1e20 sample's clipped row is not 0.  test_gpu_per_sample_host_compiled.py's
+    test_the_cuda_source_float32_squares_beyond_float32, its second case."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((6, 41)) * 0.3).astype(np.float32)
+    x[1] *= np.float32(1e20)
+    x[3] *= np.float32(1e-20)
+    x[4] *= np.float32(1e-23)
+    outs, n = _tiny_check([x], 1e-25, reduce)
+    assert n == 6
+    if reduce is None:
+        assert np.all(outs[0][1] != 0.0) and np.abs(outs[0][1]).max() < 1e-25
